@@ -1,0 +1,161 @@
+"""Build the aiohttp application: plugins, providers, routes, lifecycle."""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator, Awaitable, Callable, Sequence
+
+import aiohttp
+from aiohttp import web
+
+from .appkeys import CHAIN, CONFIG, PROVIDERS, PROXY
+from .config import Config, ConfigError
+from .context import RequestContext
+from .endpoints import ENDPOINTS, Endpoint
+from .errors import GatewayError
+from .plugins import HookChain, build_plugin_manager
+from .providers.base import Provider
+from .proxy import Proxy, new_request_id
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def resolve_providers(config: Config, chain: HookChain) -> dict[str, Provider]:
+    """Instantiate every configured provider; unknown types are config problems."""
+    types = chain.provider_types()
+    problems = []
+    providers: dict[str, Provider] = {}
+    for name, spec in config.providers.items():
+        cls = types.get(spec.type)
+        if cls is None:
+            problems.append(f"providers.{name}.type: unknown provider type '{spec.type}' "
+                            f"(known: {', '.join(sorted(types))})")
+            continue
+        providers[name] = cls(spec)
+    if problems:
+        raise ConfigError(config.source, problems)
+    return providers
+
+
+def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Application:
+    """The gateway application. Raises ConfigError or PluginError before anything starts."""
+    chain = HookChain(build_plugin_manager(config, extra_plugins))
+    providers = resolve_providers(config, chain)
+    proxy = Proxy(config, chain, providers)
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        handler_args={
+            "max_field_size": config.server.max_header_bytes,
+            "max_line_size": config.server.max_header_bytes,
+        },
+    )
+    app[CONFIG] = config
+    app[CHAIN] = chain
+    app[PROVIDERS] = providers
+    app[PROXY] = proxy
+
+    for endpoint in ENDPOINTS:
+        app.router.add_post(endpoint.path, _endpoint_handler(proxy, endpoint))
+        app.router.add_route("*", endpoint.path, _method_not_allowed)
+    app.router.add_get("/v1/models", _list_models)
+    app.router.add_get("/v1/models/{model}", _get_model)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    chain.register_routes(app, config)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_plugin_lifecycle)
+    return app
+
+
+def _endpoint_handler(proxy: Proxy, endpoint: Endpoint) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await proxy.handle(request, endpoint)
+
+    handle.__name__ = f"proxy_{endpoint.name.replace('.', '_')}"
+    return handle
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    connector = aiohttp.TCPConnector(
+        limit=config.upstream.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
+    )
+    # Never pick up proxies or credentials from the environment: the config is the only source.
+    session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=True,
+                                    skip_auto_headers=("User-Agent",))
+    app[PROXY].session = session
+    yield
+    await session.close()
+
+
+async def _plugin_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    chain = app[CHAIN]
+    await chain.startup(app, app[CONFIG])
+    yield
+    await chain.shutdown(app)
+
+
+# ------------------------------------------------------------ small routes
+
+
+async def _authenticated(request: web.Request) -> RequestContext:
+    ctx = RequestContext(request_id=new_request_id(), endpoint="models", api_format="openai",
+                         request=request, client_ip=request.remote or "")
+    await request.app[CHAIN].authenticate(ctx)
+    return ctx
+
+
+def _visible_models(request: web.Request, ctx: RequestContext) -> list[str]:
+    allowed = ctx.identity.allowed_models if ctx.identity else None
+    return [m for m in request.app[CONFIG].models if allowed is None or m in allowed]
+
+
+def _model_object(alias: str) -> dict[str, object]:
+    return {"id": alias, "object": "model", "created": 0, "owned_by": "nexgate"}
+
+
+async def _list_models(request: web.Request) -> web.Response:
+    try:
+        ctx = await _authenticated(request)
+    except GatewayError as exc:
+        return exc.response()
+    return web.json_response({"object": "list", "data": [_model_object(m) for m in _visible_models(request, ctx)]})
+
+
+async def _get_model(request: web.Request) -> web.Response:
+    try:
+        ctx = await _authenticated(request)
+    except GatewayError as exc:
+        return exc.response()
+    alias = request.match_info["model"]
+    if alias not in _visible_models(request, ctx):
+        return GatewayError(404, f"The model `{alias}` does not exist.", code="model_not_found",
+                            param="model").response()
+    return web.json_response(_model_object(alias))
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    checks = await request.app[CHAIN].ready(request.app)
+    ok = all(good for _, good in checks)
+    return web.json_response(
+        {"status": "ok" if ok else "unavailable", "checks": {name: good for name, good in checks},
+         "took_ms": round((time.perf_counter() - started) * 1000, 1)},
+        status=200 if ok else 503,
+    )
+
+
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    return GatewayError(405, f"{request.method} is not supported on {request.path}; use POST.",
+                        code="method_not_allowed", headers={"Allow": "POST"}).response()
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return GatewayError(404, f"Unknown path {request.path!r}. NexGate serves the OpenAI API under /v1/.",
+                        code="unknown_url").response()

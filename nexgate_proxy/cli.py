@@ -1,0 +1,104 @@
+"""The `nexgate` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from .config import Config, ConfigError, demo_config, load_config
+from .plugins import PluginError
+
+DEFAULT_CONFIG_PATHS = ("nexgate.yaml", "config/nexgate.yaml")
+
+
+def _find_config(path: str | None) -> str | None:
+    if path:
+        return path
+    if os.environ.get("NEXGATE_CONFIG"):
+        return os.environ["NEXGATE_CONFIG"]
+    return next((p for p in DEFAULT_CONFIG_PATHS if os.path.exists(p)), None)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    if getattr(args, "demo", False):
+        return demo_config()
+    path = _find_config(args.config)
+    if path is None:
+        raise ConfigError("nexgate", ["no config file: pass --config PATH, set NEXGATE_CONFIG, "
+                                      "or try `nexgate serve --demo`"])
+    return load_config(path)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    config = _load(args)
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    workers = args.workers or config.server.workers
+    if args.demo:
+        print(f"NexGate demo: an offline echo provider behind models {', '.join(config.models)}.\n"
+              f"Try: curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+              flush=True)
+    return serve(config, host, port, workers)
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from .app import build_app
+
+    try:
+        config = load_config(args.path)
+        build_app(config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    except PluginError as exc:
+        print(f"{args.path}: plugin problem: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.path}: ok ({len(config.providers)} providers, {len(config.models)} models)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexgate", description="NexGate LLM API gateway")
+    parser.add_argument("--log-level", default=os.environ.get("NEXGATE_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML config (default: $NEXGATE_CONFIG, ./nexgate.yaml, ./config/nexgate.yaml)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--demo", action="store_true", help="run offline with the built-in echo provider")
+    serve.set_defaults(func=_cmd_serve)
+
+    config = sub.add_parser("config", help="work with config files")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a config file; print every problem")
+    check.add_argument("path")
+    check.set_defaults(func=_cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    except PluginError as exc:
+        print(f"plugin problem: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

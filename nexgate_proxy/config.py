@@ -1,0 +1,478 @@
+"""The one YAML config file: load, interpolate ``${ENV}``, validate, freeze.
+
+Every problem is reported with the file, the key path and what to do about it,
+and all problems are reported at once. A config with any problem never starts
+the server.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+KNOWN_PROVIDER_TYPES_HINT = "openai, anthropic, echo"
+
+
+class ConfigError(Exception):
+    """The config has problems; ``problems`` lists each as "key.path: what is wrong"."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} problem(s)"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ model
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream timeouts in seconds."""
+
+    connect: float = 10.0
+    first_byte: float = 300.0
+    """Until the upstream's response headers; reasoning models can think for minutes."""
+    idle: float = 120.0
+    """Longest silence between two chunks of a response."""
+    total: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    grace_period: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_connections: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream that can serve a model alias."""
+
+    provider: str
+    model: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    alias: str
+    targets: tuple[Target, ...]
+    fallbacks: tuple[str, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    price: Price | None = None
+    free: bool = False
+    max_output_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PluginsConfig:
+    modules: tuple[str, ...] = ()
+    directory: str | None = None
+    disable: tuple[str, ...] = ()
+    entrypoints: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str = "<defaults>"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage_url: str = "sqlite:///./nexgate.db"
+    state_url: str = "memory://"
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    models: Mapping[str, ModelRoute] = field(default_factory=dict)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    plugin_config: Mapping[str, Any] = field(default_factory=dict)
+    """Free-form settings for third-party plugins, by plugin name."""
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The interpolated YAML, for sections owned by built-in plugins."""
+
+    def secrets(self) -> list[str]:
+        """Every configured credential, for log scrubbing and leak tests."""
+        return [p.api_key for p in self.providers.values() if p.api_key]
+
+
+# ------------------------------------------------------------- interpolation
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name in env and (env[name] != "" or default is None):
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(
+                f"{path}: environment variable {name} is not set "
+                f"(set it, or give a default: ${{{name}:-value}})"
+            )
+            return ""
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+# ------------------------------------------------------------------ reading
+
+
+class _Reader:
+    """Typed access to a YAML mapping that records problems with their key paths."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def mapping(self, raw: Any, path: str, known: tuple[str, ...] | None = None) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problem(path, f"expected a mapping, got {_kind(raw)}")
+            return {}
+        if known is not None:
+            for key in raw:
+                if key not in known:
+                    hint = difflib.get_close_matches(str(key), known, n=1)
+                    suggestion = f"; did you mean '{hint[0]}'?" if hint else f" (known: {', '.join(known)})"
+                    self.problem(_join(path, key), f"unknown key{suggestion}")
+        return raw
+
+    def value(
+        self,
+        section: dict[str, Any],
+        key: str,
+        path: str,
+        kind: type,
+        default: Any,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        here = _join(path, key)
+        if key not in section or section[key] is None:
+            return default
+        raw = section[key]
+        value = _coerce(raw, kind)
+        if value is None:
+            self.problem(here, f"expected {_kind_name(kind)}, got {raw!r}")
+            return default
+        if check is not None:
+            message = check(value)
+            if message:
+                self.problem(here, message)
+                return default
+        return value
+
+
+def _coerce(raw: Any, kind: type) -> Any:
+    # Values from ${ENV} arrive as strings; accept them where a number or bool is expected.
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return raw.lower() in ("true", "yes", "1")
+        return None
+    if kind is int:
+        if isinstance(raw, bool):
+            return None
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str) and re.fullmatch(r"-?\d+", raw.strip()):
+            return int(raw)
+        return None
+    if kind is float:
+        if isinstance(raw, bool):
+            return None
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        try:
+            return float(raw) if isinstance(raw, str) else None
+        except ValueError:
+            return None
+    if kind is Decimal:
+        if isinstance(raw, bool):
+            return None
+        try:
+            # str() first: a YAML float like 0.15 must become Decimal("0.15"), not its binary value.
+            return Decimal(str(raw)) if isinstance(raw, (int, float, str)) else None
+        except InvalidOperation:
+            return None
+    if kind is str:
+        return raw if isinstance(raw, str) else (str(raw) if isinstance(raw, (int, float)) else None)
+    if kind is list:
+        return raw if isinstance(raw, list) else None
+    return raw if isinstance(raw, kind) else None
+
+
+def _kind(raw: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(raw), type(raw).__name__)
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            list: "a list", Decimal: "a number"}.get(kind, kind.__name__)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a port number between 0 and 65535"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+# ---------------------------------------------------------------- sections
+
+TOP_LEVEL_KEYS = (
+    "server", "storage", "state", "upstream", "providers", "models", "plugins",
+    "plugin_config", "auth", "limits", "credits", "privacy", "payments", "admin",
+)
+"""Sections this version knows. Sections owned by built-in plugins are validated by them."""
+
+
+def _timeouts(r: _Reader, raw: Any, path: str, base: Timeouts) -> Timeouts:
+    section = r.mapping(raw, path, ("connect", "first_byte", "idle", "total"))
+    return Timeouts(
+        connect=r.value(section, "connect", path, float, base.connect, _positive),
+        first_byte=r.value(section, "first_byte", path, float, base.first_byte, _positive),
+        idle=r.value(section, "idle", path, float, base.idle, _positive),
+        total=r.value(section, "total", path, float, base.total, _positive),
+    )
+
+
+def _server(r: _Reader, raw: Any) -> ServerConfig:
+    p = "server"
+    s = r.mapping(raw, p, ("host", "port", "workers", "grace_period", "max_body_bytes",
+                           "max_header_bytes", "access_log"))
+    d = ServerConfig()
+    return ServerConfig(
+        host=r.value(s, "host", p, str, d.host),
+        port=r.value(s, "port", p, int, d.port, _port),
+        workers=r.value(s, "workers", p, int, d.workers, _positive),
+        grace_period=r.value(s, "grace_period", p, float, d.grace_period, _non_negative),
+        max_body_bytes=r.value(s, "max_body_bytes", p, int, d.max_body_bytes, _positive),
+        max_header_bytes=r.value(s, "max_header_bytes", p, int, d.max_header_bytes,
+                                 lambda v: None if v >= 1024 else "must be at least 1024"),
+        access_log=r.value(s, "access_log", p, bool, d.access_log),
+    )
+
+
+def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
+    p = "upstream"
+    s = r.mapping(raw, p, ("timeouts", "max_response_bytes", "max_connections"))
+    d = UpstreamConfig()
+    return UpstreamConfig(
+        timeouts=_timeouts(r, s.get("timeouts"), f"{p}.timeouts", d.timeouts),
+        max_response_bytes=r.value(s, "max_response_bytes", p, int, d.max_response_bytes, _positive),
+        max_connections=r.value(s, "max_connections", p, int, d.max_connections, _positive),
+    )
+
+
+def _providers(r: _Reader, raw: Any) -> dict[str, ProviderConfig]:
+    out: dict[str, ProviderConfig] = {}
+    for name, spec in r.mapping(raw, "providers").items():
+        p = f"providers.{name}"
+        s = r.mapping(spec, p, ("type", "base_url", "api_key", "headers", "options"))
+        ptype = r.value(s, "type", p, str, "")
+        if not ptype:
+            r.problem(f"{p}.type", f"required (one of: {KNOWN_PROVIDER_TYPES_HINT}, or a plugin's type)")
+        base_url = r.value(s, "base_url", p, str, "")
+        if ptype != "echo":
+            if not base_url:
+                r.problem(f"{p}.base_url", "required, e.g. https://api.openai.com/v1")
+            elif not re.match(r"^https?://[^/\s]+", base_url):
+                r.problem(f"{p}.base_url", f"must be an http(s) URL, got {base_url!r}")
+        headers = r.mapping(s.get("headers"), f"{p}.headers")
+        for hk, hv in headers.items():
+            if not isinstance(hv, str):
+                r.problem(f"{p}.headers.{hk}", "header values must be strings")
+        out[str(name)] = ProviderConfig(
+            name=str(name),
+            type=ptype,
+            base_url=base_url.rstrip("/"),
+            api_key=r.value(s, "api_key", p, str, ""),
+            headers={str(k): str(v) for k, v in headers.items()},
+            options=r.mapping(s.get("options"), f"{p}.options"),
+        )
+    return out
+
+
+def _price(r: _Reader, raw: Any, path: str) -> Price | None:
+    if raw is None:
+        return None
+    s = r.mapping(raw, path, ("input", "output", "cached_input"))
+    missing = [k for k in ("input", "output") if k not in s]
+    for k in missing:
+        r.problem(f"{path}.{k}", "required: USD per 1M tokens, e.g. 0.15")
+    values = {k: r.value(s, k, path, Decimal, None, _non_negative) for k in ("input", "output", "cached_input")}
+    if values["input"] is None or values["output"] is None:
+        return None
+    return Price(input=values["input"], output=values["output"], cached_input=values["cached_input"])
+
+
+def _models(r: _Reader, raw: Any, providers: Mapping[str, ProviderConfig], default_timeouts: Timeouts) -> dict[str, ModelRoute]:
+    models_raw = r.mapping(raw, "models")
+    out: dict[str, ModelRoute] = {}
+    for alias, spec in models_raw.items():
+        p = f"models.{alias}"
+        s = r.mapping(spec, p, ("route", "fallbacks", "timeouts", "price", "free", "max_output_tokens"))
+        targets: list[Target] = []
+        route = s.get("route")
+        if not isinstance(route, list) or not route:
+            r.problem(f"{p}.route", "required: a list of {provider, model, weight} targets")
+            route = []
+        for i, t in enumerate(route):
+            tp = f"{p}.route[{i}]"
+            ts = r.mapping(t, tp, ("provider", "model", "weight"))
+            provider = r.value(ts, "provider", tp, str, "")
+            if not provider:
+                r.problem(f"{tp}.provider", "required")
+            elif provider not in providers:
+                hint = difflib.get_close_matches(provider, list(providers), n=1)
+                known = f"did you mean '{hint[0]}'?" if hint else f"known: {', '.join(providers) or 'none'}"
+                r.problem(f"{tp}.provider", f"unknown provider '{provider}' ({known})")
+            weight = r.value(ts, "weight", tp, int, 1, _positive)
+            targets.append(Target(provider=provider, model=r.value(ts, "model", tp, str, str(alias)), weight=weight))
+        fallbacks = r.value(s, "fallbacks", p, list, [])
+        for i, fb in enumerate(fallbacks):
+            if fb not in models_raw:
+                r.problem(f"{p}.fallbacks[{i}]", f"unknown model '{fb}' (fallbacks name other models of this table)")
+            elif fb == alias:
+                r.problem(f"{p}.fallbacks[{i}]", "a model cannot fall back to itself")
+        out[str(alias)] = ModelRoute(
+            alias=str(alias),
+            targets=tuple(targets),
+            fallbacks=tuple(str(f) for f in fallbacks),
+            timeouts=_timeouts(r, s.get("timeouts"), f"{p}.timeouts", default_timeouts),
+            price=_price(r, s.get("price"), f"{p}.price"),
+            free=r.value(s, "free", p, bool, False),
+            max_output_tokens=r.value(s, "max_output_tokens", p, int, None, _positive),
+        )
+    return out
+
+
+def _plugins(r: _Reader, raw: Any) -> PluginsConfig:
+    p = "plugins"
+    s = r.mapping(raw, p, ("modules", "directory", "disable", "entrypoints"))
+    return PluginsConfig(
+        modules=tuple(str(m) for m in r.value(s, "modules", p, list, [])),
+        directory=r.value(s, "directory", p, str, None),
+        disable=tuple(str(m) for m in r.value(s, "disable", p, list, [])),
+        entrypoints=r.value(s, "entrypoints", p, bool, True),
+    )
+
+
+def _url(r: _Reader, raw: Any, path: str, default: str, schemes: tuple[str, ...]) -> str:
+    s = r.mapping(raw, path, ("url",))
+    url = r.value(s, "url", path, str, default)
+    if not url.startswith(schemes):
+        r.problem(f"{path}.url", f"must start with one of {', '.join(schemes)}, got {url.split(':', 1)[0]!r}")
+    return url
+
+
+def parse_config(data: Any, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+    """Validate a loaded YAML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    r = _Reader(problems)
+    if data is None:
+        data = {}
+    data = interpolate(data, os.environ if env is None else env, "", problems)
+    top = r.mapping(data, "", TOP_LEVEL_KEYS)
+    upstream = _upstream(r, top.get("upstream"))
+    providers = _providers(r, top.get("providers"))
+    config = Config(
+        source=source,
+        server=_server(r, top.get("server")),
+        storage_url=_url(r, top.get("storage"), "storage", "sqlite:///./nexgate.db",
+                         ("sqlite://", "postgresql://", "postgres://")),
+        state_url=_url(r, top.get("state"), "state", "memory://", ("memory://", "redis://", "rediss://", "unix://")),
+        upstream=upstream,
+        providers=providers,
+        models=_models(r, top.get("models"), providers, upstream.timeouts),
+        plugins=_plugins(r, top.get("plugins")),
+        plugin_config=r.mapping(top.get("plugin_config"), "plugin_config"),
+        raw=top,
+    )
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError(source, [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return parse_config(data, source, env)
+
+
+def demo_config() -> Config:
+    """The built-in offline demo: an echo provider behind a few model aliases."""
+    return load_config(Path(__file__).with_name("demo.yaml"))

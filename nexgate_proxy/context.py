@@ -1,0 +1,162 @@
+"""Per-request state and the typed records that hooks receive.
+
+`RequestContext` lives in memory for one request and is never persisted: it
+holds the parsed body, which is prompt content. What leaves the request is a
+`UsageRecord`, which by construction has metadata fields only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from multidict import CIMultiDictProxy
+
+    from .config import ModelRoute, Target
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who is calling, as established by an `authenticate` hook."""
+
+    account_id: str
+    """The account that pays: a user id or an organization id."""
+    key_id: str | None = None
+    key_prefix: str | None = None
+    """Short, non-secret prefix of the API key, safe to display and log."""
+    user_id: str | None = None
+    org_id: str | None = None
+    allowed_models: frozenset[str] | None = None
+    """None means every model."""
+    limits: dict[str, Any] = field(default_factory=dict)
+    """Per-key or per-org limit overrides, read by the rate limit plugin."""
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts reported by the upstream (or counted, when it could not report)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reported: bool = False
+    """True when the upstream reported the counts; False when they are estimates."""
+    stream_events: int = 0
+    """Content events relayed in a stream, the floor for an output estimate."""
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One proxied request, from the first byte in to the last record out.
+
+    Plugins keep their own per-request data in `scratch` under their own name.
+    """
+
+    request_id: str
+    endpoint: str
+    """The API operation, e.g. "chat.completions", "embeddings", "messages"."""
+    api_format: str
+    """"openai" or "anthropic": which error and stream dialect the client speaks."""
+    request: web.Request
+    client_ip: str
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    body: dict[str, Any] | None = None
+    """The parsed request body. Prompt content: never persist, log or label with it."""
+    model: str | None = None
+    """The model alias the client asked for."""
+    stream: bool = False
+    identity: Identity | None = None
+    route: ModelRoute | None = None
+    targets: list[Target] = field(default_factory=list)
+    target: Target | None = None
+    """The target that answered (or was tried last)."""
+    attempts: int = 0
+    usage: Usage = field(default_factory=Usage)
+    status: int = 0
+    error_code: str | None = None
+    client_disconnected: bool = False
+    first_byte_at: float | None = None
+    estimated_cost: Decimal | None = None
+    actual_cost: Decimal | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    """Headers hooks add to the client's response (e.g. rate limit headers)."""
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.request.headers
+
+    @property
+    def app(self) -> web.Application:
+        """The gateway application: plugins keep their per-app state under their own AppKey."""
+        return self.request.app
+
+    def latency_ms(self) -> int:
+        return int((time.perf_counter() - self.started) * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """Metadata of one request: the only thing about a request that may be stored.
+
+    Every field is a scalar of bounded size; there is deliberately no field that
+    could hold prompt or completion content.
+    """
+
+    request_id: str
+    timestamp: float
+    endpoint: str
+    model: str | None
+    provider: str | None
+    upstream_model: str | None
+    account_id: str | None
+    org_id: str | None
+    key_id: str | None
+    key_prefix: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    usage_reported: bool
+    estimated_cost: Decimal | None
+    actual_cost: Decimal | None
+    latency_ms: int
+    status: int
+    error_code: str | None
+    stream: bool
+    client_ip: str | None
+    attempts: int
+
+    @classmethod
+    def from_context(cls, ctx: RequestContext) -> UsageRecord:
+        identity = ctx.identity
+        target = ctx.target
+        usage = ctx.usage
+        return cls(
+            request_id=ctx.request_id,
+            timestamp=ctx.started_at,
+            endpoint=ctx.endpoint,
+            model=ctx.model if ctx.route is not None else None,
+            provider=target.provider if target else None,
+            upstream_model=target.model if target else None,
+            account_id=identity.account_id if identity else None,
+            org_id=identity.org_id if identity else None,
+            key_id=identity.key_id if identity else None,
+            key_prefix=identity.key_prefix if identity else None,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            usage_reported=usage.reported,
+            estimated_cost=ctx.estimated_cost,
+            actual_cost=ctx.actual_cost,
+            latency_ms=ctx.latency_ms(),
+            status=ctx.status,
+            error_code=ctx.error_code,
+            stream=ctx.stream,
+            client_ip=ctx.client_ip,
+            attempts=ctx.attempts,
+        )

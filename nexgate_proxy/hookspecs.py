@@ -1,0 +1,166 @@
+"""Every hook NexGate calls, with when it runs and what it may return.
+
+Plugins implement these with ``from nexgate_proxy import hookimpl``. Hooks take
+keyword arguments; an implementation may accept any subset of them.
+
+Request phases run in this order for each proxied request::
+
+    authenticate -> (body parsed) -> admit -> route -> reserve -> upstream
+    -> settle -> guard_record -> record
+
+Any hook of the request phases (``authenticate``, ``admit``, ``route``,
+``reserve``) may stop the request by raising
+:class:`nexgate_proxy.GatewayError`; the client then gets that status and an
+OpenAI-shaped error. ``settle``, ``guard_record`` and ``record`` always run,
+also after a rejection, an upstream failure or a client disconnect; an
+exception in one of their implementations is logged and does not stop the
+others.
+
+Implementations may be ``async def`` or plain functions; NexGate awaits
+whatever is awaitable. ``hookwrapper``/``wrapper`` implementations are not
+supported on request phases (they cannot wrap coroutines); use ``tryfirst`` /
+``trylast`` to order them instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .config import Config, Target
+    from .context import Identity, RequestContext, UsageRecord
+    from .providers.base import Provider
+
+hookspec = pluggy.HookspecMarker("nexgate")
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+@hookspec
+def nexgate_register_providers() -> dict[str, type[Provider]]:
+    """Return provider classes by their config ``type`` name.
+
+    Runs once at startup, before the routing table is resolved. Built-in types
+    (``openai``, ``anthropic``, ``echo``) are registered the same way. A type
+    registered twice is a startup error.
+    """
+
+
+@hookspec
+def nexgate_register_routes(app: web.Application, config: Config) -> None:
+    """Add HTTP routes to the gateway (admin APIs, webhooks, metrics).
+
+    Runs once while the application is built, before it starts serving. Use
+    ``app.router.add_get(...)`` and friends; paths under ``/v1/`` belong to the
+    proxy and must not be taken.
+    """
+
+
+@hookspec
+async def nexgate_startup(app: web.Application, config: Config) -> None:
+    """Open resources (connections, background tasks) when the server starts.
+
+    Runs once per worker process, before the first request. An exception here
+    stops the server from starting.
+    """
+
+
+@hookspec
+async def nexgate_shutdown(app: web.Application) -> None:
+    """Close resources and flush buffers when the server stops.
+
+    Runs once per worker process after in-flight requests finished or the
+    grace period ran out. Implementations run in reverse registration order.
+    """
+
+
+@hookspec
+async def nexgate_ready(app: web.Application) -> tuple[str, bool] | None:
+    """Report whether a dependency is reachable, for ``GET /readyz``.
+
+    Return ``(component_name, ok)``, or None to say nothing. Must answer
+    within a second; the gateway is ready when every answer is ok.
+    """
+
+
+# ---------------------------------------------------------- request phases
+
+
+@hookspec(firstresult=True)
+async def nexgate_authenticate(ctx: RequestContext) -> Identity | None:
+    """Establish who calls, from the request headers.
+
+    Runs first, before the body is read (``ctx.body`` is None). Return an
+    :class:`Identity` to accept the caller (the first one returned wins), None
+    to leave the decision to later implementations, or raise ``GatewayError``
+    (401) to reject. When no implementation returns an identity the request
+    goes on anonymous (``ctx.identity`` is None): an auth plugin that requires
+    keys must raise.
+    """
+
+
+@hookspec
+async def nexgate_admit(ctx: RequestContext) -> None:
+    """Decide whether the caller may make this request now (limits, bans, allowlists).
+
+    Runs after the body is parsed: ``ctx.model``, ``ctx.stream`` and
+    ``ctx.body`` are set. Raise ``GatewayError`` (403, 429) to refuse. Every
+    implementation runs unless one raises.
+    """
+
+
+@hookspec(firstresult=True)
+async def nexgate_route(ctx: RequestContext) -> list[Target] | None:
+    """Choose the ordered upstream targets for ``ctx.model``.
+
+    Return the targets to try in order (first one returned wins); the core
+    tries the next on a connection failure, timeout, 429 or 5xx before any
+    byte reached the client. Set ``ctx.route`` to the matched route. Raise
+    ``GatewayError`` (404) for an unknown model.
+    """
+
+
+@hookspec
+async def nexgate_reserve(ctx: RequestContext) -> None:
+    """Hold what the request may cost before it goes upstream.
+
+    Runs after ``route`` (the price depends on the model). Set
+    ``ctx.estimated_cost`` and raise ``GatewayError`` (402) when the balance
+    cannot cover it. Whatever is held here must be released in ``settle``.
+    """
+
+
+@hookspec
+async def nexgate_settle(ctx: RequestContext) -> None:
+    """Turn holds into the actual charge, or release them.
+
+    Always runs, once, when the request is over: after success, rejection,
+    upstream failure or client disconnect (``ctx.status``, ``ctx.usage``,
+    ``ctx.client_disconnected`` tell which). Set ``ctx.actual_cost``. Must not
+    raise for expected failures; it runs shielded from cancellation.
+    """
+
+
+@hookspec
+def nexgate_guard_record(record: UsageRecord, app: web.Application) -> None:
+    """Check a usage record before any sink sees it; raise ``RecordRejected`` to drop it.
+
+    Always runs after ``settle``. The redaction guard lives here: a record that
+    could carry content never reaches ``nexgate_record``.
+    """
+
+
+@hookspec
+async def nexgate_record(record: UsageRecord, app: web.Application) -> None:
+    """Receive the metadata of a finished request (metrics, usage log, billing sinks).
+
+    Always runs last, with a record that passed every ``guard_record``
+    implementation. The record holds metadata only, never content; ``app``
+    gives access to the plugin's per-app state. Keep it fast: write to a
+    buffer and flush in the background.
+    """

@@ -1,0 +1,257 @@
+"""Plugin discovery with pluggy, and the async hook chain compiled from it.
+
+pluggy registers and orders implementations; it cannot await them. So at
+startup each phase is compiled into a tuple of plain callables in pluggy's call
+order, and the request path awaits those directly: no ``pm.hook`` lookup and no
+hook machinery allocated per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import pluggy
+
+from . import RecordRejected, hookspecs
+from .context import RequestContext, UsageRecord
+from .errors import GatewayError
+
+if TYPE_CHECKING:
+    from .config import Config, Target
+
+log = logging.getLogger("nexgate.plugins")
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "nexgate_proxy.providers.openai",
+    "nexgate_proxy.providers.anthropic",
+    "nexgate_proxy.providers.echo",
+    "nexgate_plugins.routing",
+    "nexgate_plugins.metrics",
+)
+"""Built-in plugins, registered like any other. ``plugins.disable`` in the config removes one."""
+
+ENTRYPOINT_GROUP = "nexgate"
+ENTRYPOINTS_ENV = "NEXGATE_LOAD_PLUGINS"
+"""Set to 0 to skip installed entry-point plugins (e.g. to debug a broken one)."""
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or does not fit the hook specs."""
+
+
+def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -> pluggy.PluginManager:
+    """Built-ins, entry points, the config's modules and directory, then ``extra_plugins`` (embedding, tests)."""
+    pm = pluggy.PluginManager("nexgate")
+    pm.add_hookspecs(hookspecs)
+    disabled = set(config.plugins.disable)
+    for name in DEFAULT_PLUGINS:
+        if name.rsplit(".", 1)[-1] not in disabled and name not in disabled:
+            _register(pm, importlib.import_module(name), name)
+    if config.plugins.entrypoints and os.environ.get(ENTRYPOINTS_ENV, "1") != "0":
+        try:
+            pm.load_setuptools_entrypoints(ENTRYPOINT_GROUP)
+        except Exception as exc:  # a broken third-party package must name itself
+            raise PluginError(f"loading entry-point plugins of group '{ENTRYPOINT_GROUP}' failed: {exc!r}") from exc
+    for name in config.plugins.modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise PluginError(f"plugins.modules: cannot import '{name}': {exc}") from exc
+        _register(pm, module, name)
+    if config.plugins.directory:
+        for module, name in _load_directory(Path(config.plugins.directory)):
+            _register(pm, module, name)
+    for plugin in extra_plugins:
+        _register(pm, plugin, getattr(plugin, "__name__", None) or f"{type(plugin).__name__}@{id(plugin):x}")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"{exc} (is the hook name misspelt? known hooks are in nexgate_proxy/hookspecs.py)") from exc
+    return pm
+
+
+def _register(pm: pluggy.PluginManager, module: Any, name: str) -> None:
+    if pm.has_plugin(name):
+        return
+    try:
+        pm.register(module, name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin '{name}': {exc}") from exc
+
+
+def _load_directory(directory: Path) -> list[tuple[Any, str]]:
+    if not directory.is_dir():
+        raise PluginError(f"plugins.directory: '{directory}' is not a directory")
+    loaded = []
+    for path in sorted(directory.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        name = f"nexgate_dir_plugin_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise PluginError(f"plugins.directory: cannot load '{path}'")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise PluginError(f"plugins.directory: '{path}' failed to import: {exc!r}") from exc
+        loaded.append((module, f"{directory.name}/{path.name}"))
+    return loaded
+
+
+# ------------------------------------------------------------- the chain
+
+# (function, its argument names, the plugin's name)
+_Impl = tuple[Callable[..., Any], tuple[str, ...], str]
+
+
+def _compile(pm: pluggy.PluginManager, hook_name: str) -> tuple[_Impl, ...]:
+    caller = getattr(pm.hook, hook_name)
+    impls: list[_Impl] = []
+    # pluggy calls the last of get_hookimpls() first (tryfirst/trylast already sorted).
+    for impl in reversed(caller.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            raise PluginError(
+                f"plugin '{impl.plugin_name}': {hook_name} is a wrapper; NexGate runs hooks "
+                "as coroutines, which wrappers cannot wrap. Use tryfirst/trylast instead."
+            )
+        impls.append((impl.function, tuple(impl.argnames), impl.plugin_name))
+    return tuple(impls)
+
+
+async def _call(impl: _Impl, kwargs: dict[str, Any]) -> Any:
+    fn, argnames, _ = impl
+    result = fn(*[kwargs[n] for n in argnames])
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class HookChain:
+    """The compiled hook phases. The only way the core calls plugins."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._authenticate = _compile(pm, "nexgate_authenticate")
+        self._admit = _compile(pm, "nexgate_admit")
+        self._route = _compile(pm, "nexgate_route")
+        self._reserve = _compile(pm, "nexgate_reserve")
+        self._settle = _compile(pm, "nexgate_settle")
+        self._guard_record = _compile(pm, "nexgate_guard_record")
+        self._record = _compile(pm, "nexgate_record")
+        self._startup = _compile(pm, "nexgate_startup")
+        self._shutdown = _compile(pm, "nexgate_shutdown")
+        self._ready = _compile(pm, "nexgate_ready")
+        self.records_dropped = 0
+        self.hook_failures = 0
+
+    # -- request phases; these raise GatewayError to reject
+
+    async def authenticate(self, ctx: RequestContext) -> None:
+        kwargs = {"ctx": ctx}
+        for impl in self._authenticate:
+            identity = await _call(impl, kwargs)
+            if identity is not None:
+                ctx.identity = identity
+                return
+
+    async def admit(self, ctx: RequestContext) -> None:
+        kwargs = {"ctx": ctx}
+        for impl in self._admit:
+            await _call(impl, kwargs)
+
+    async def route(self, ctx: RequestContext) -> list[Target]:
+        kwargs = {"ctx": ctx}
+        for impl in self._route:
+            targets = await _call(impl, kwargs)
+            if targets is not None:
+                return targets
+        raise GatewayError(404, f"The model `{ctx.model}` does not exist.", code="model_not_found", param="model")
+
+    async def reserve(self, ctx: RequestContext) -> None:
+        kwargs = {"ctx": ctx}
+        for impl in self._reserve:
+            await _call(impl, kwargs)
+
+    # -- final phases; these always run and never raise
+
+    async def finish(self, ctx: RequestContext) -> None:
+        """settle, then guard and record the metadata. Never raises."""
+        kwargs: dict[str, Any] = {"ctx": ctx}
+        for impl in self._settle:
+            await self._run_safely(impl, kwargs)
+        record = UsageRecord.from_context(ctx)
+        kwargs = {"record": record, "app": ctx.request.app}
+        for impl in self._guard_record:
+            try:
+                await _call(impl, kwargs)
+            except RecordRejected:
+                self.records_dropped += 1
+                log.error("usage record %s dropped by guard '%s'", ctx.request_id, impl[2])
+                return
+            except Exception:
+                # A guard that fails cannot vouch for the record: fail closed.
+                self.records_dropped += 1
+                self.hook_failures += 1
+                log.error("guard '%s' failed on record %s; record dropped", impl[2], ctx.request_id)
+                return
+        for impl in self._record:
+            await self._run_safely(impl, kwargs)
+
+    async def _run_safely(self, impl: _Impl, kwargs: dict[str, Any]) -> None:
+        try:
+            await _call(impl, kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.hook_failures += 1
+            # The exception type and plugin only: messages may quote request data.
+            log.error("hook %s of plugin '%s' failed: %s", getattr(impl[0], "__name__", "?"), impl[2],
+                      type(exc).__name__)
+
+    # -- lifecycle
+
+    async def startup(self, app: Any, config: Config) -> None:
+        # Registration order: built-ins (stores, state) come up before the plugins using them.
+        for impl in reversed(self._startup):
+            await _call(impl, {"app": app, "config": config})
+
+    async def shutdown(self, app: Any) -> None:
+        # pluggy's order, the reverse of registration: users of a resource stop before it.
+        for impl in self._shutdown:
+            await self._run_safely(impl, {"app": app})
+
+    async def ready(self, app: Any) -> list[tuple[str, bool]]:
+        checks = []
+        for impl in self._ready:
+            try:
+                result = await asyncio.wait_for(_call(impl, {"app": app}), timeout=1.0)
+            except Exception:
+                result = (impl[2], False)
+            if result is not None:
+                checks.append(result)
+        return checks
+
+    def provider_types(self) -> dict[str, type]:
+        types: dict[str, type] = {}
+        for impl in _compile(self.pm, "nexgate_register_providers"):
+            result = impl[0]() or {}
+            for name, cls in result.items():
+                if name in types and types[name] is not cls:
+                    raise PluginError(f"provider type '{name}' is registered twice (by '{impl[2]}' and another plugin)")
+                types[name] = cls
+        return types
+
+    def register_routes(self, app: Any, config: Config) -> None:
+        for impl in _compile(self.pm, "nexgate_register_routes"):
+            impl[0](*[{"app": app, "config": config}[n] for n in impl[1]])

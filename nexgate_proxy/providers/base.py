@@ -1,0 +1,107 @@
+"""What every provider adapter offers the core.
+
+An adapter turns the client's request into the upstream's (URL, headers,
+credentials) and hands back an :class:`UpstreamResponse`. HTTP providers share
+one implementation; a provider that is not HTTP (the demo echo) returns its own
+response object with the same four members.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, AsyncIterator, ClassVar, Mapping, Protocol
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from ..config import ProviderConfig, Target
+    from ..context import RequestContext
+    from ..endpoints import Endpoint
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: Mapping[str, str]
+
+    def iter_chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self, limit: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class BodyTooLarge(Exception):
+    """The upstream's answer exceeded ``upstream.max_response_bytes``."""
+
+
+class HttpUpstreamResponse:
+    __slots__ = ("_resp", "status", "headers")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        return self._resp.content.iter_any()
+
+    async def read(self, limit: int) -> bytes:
+        length = self._resp.content_length
+        if length is not None and length > limit:
+            raise BodyTooLarge
+        if length is not None:
+            return await self._resp.read()
+        parts, size = [], 0
+        async for chunk in self._resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class Provider:
+    """An upstream API reachable over HTTP. Subclasses set the credentials and paths."""
+
+    type_name: ClassVar[str] = ""
+    api_formats: ClassVar[frozenset[str]] = frozenset({"openai"})
+    """Request dialects this provider speaks (see ``Endpoint.api_format``)."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self.config = config
+        self.base_url = config.base_url
+        self.static_headers = {**config.headers, **self.auth_headers()}
+
+    def auth_headers(self) -> dict[str, str]:
+        return {}
+
+    def supports(self, endpoint: Endpoint) -> bool:
+        return endpoint.api_format in self.api_formats
+
+    def url_for(self, endpoint: Endpoint) -> str:
+        return self.base_url + endpoint.upstream_path
+
+    def extra_headers(self, ctx: RequestContext) -> Mapping[str, str]:
+        """Per-request headers the upstream needs beyond the forwarded ones."""
+        return {}
+
+    async def send(
+        self,
+        ctx: RequestContext,
+        target: Target,
+        endpoint: Endpoint,
+        body: bytes,
+        headers: dict[str, str],
+        session: aiohttp.ClientSession,
+        timeout: aiohttp.ClientTimeout,
+    ) -> UpstreamResponse:
+        """Send the request; return once the upstream's status and headers arrived."""
+        headers.update(self.static_headers)
+        headers.update(self.extra_headers(ctx))
+        resp = await session.post(
+            self.url_for(endpoint), data=body, headers=headers, timeout=timeout, allow_redirects=False
+        )
+        return HttpUpstreamResponse(resp)

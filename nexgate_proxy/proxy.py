@@ -1,0 +1,316 @@
+"""The proxy path: one client request through the hook chain to an upstream and back.
+
+Kept deliberately lean: no database, no bcrypt, no blocking call. The body is
+parsed once; it is re-encoded only when the upstream needs a different one
+(another model name, usage requested in a stream, client-only keys removed).
+Streams are relayed event by event as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from .context import RequestContext
+from .errors import GatewayError
+from .headers import request_headers, response_headers
+from .providers.base import BodyTooLarge
+from .usage import StreamMeter, usage_from_body
+
+if TYPE_CHECKING:
+    from .config import Config, ModelRoute, Target, Timeouts
+    from .endpoints import Endpoint
+    from .plugins import HookChain
+    from .providers.base import Provider, UpstreamResponse
+
+log = logging.getLogger("nexgate.proxy")
+
+# Body keys that would let a client pick the upstream; never forwarded, never used.
+CLIENT_ONLY_KEYS = frozenset({"api_base", "base_url", "api_key", "api_version", "organization"})
+
+# Write errors that mean the client went away.
+_CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
+
+_UPSTREAM_TRANSPORT = (aiohttp.ClientError, OSError)
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+class Proxy:
+    def __init__(self, config: Config, chain: HookChain, providers: dict[str, Provider]) -> None:
+        self.config = config
+        self.chain = chain
+        self.providers = providers
+        self.session: aiohttp.ClientSession | None = None
+        self.max_response_bytes = config.upstream.max_response_bytes
+        self.max_body_bytes = config.server.max_body_bytes
+        self._client_timeouts: dict[str, aiohttp.ClientTimeout] = {
+            alias: aiohttp.ClientTimeout(total=None, sock_connect=route.timeouts.connect, connect=route.timeouts.connect)
+            for alias, route in config.models.items()
+        }
+
+    # ------------------------------------------------------------ entry
+
+    async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        ctx = RequestContext(
+            request_id=new_request_id(),
+            endpoint=endpoint.name,
+            api_format=endpoint.api_format,
+            request=request,
+            client_ip=request.remote or "",
+        )
+        try:
+            await self.chain.authenticate(ctx)
+            raw = await self._read_body(request)
+            body = self._parse_body(ctx, endpoint, raw)
+            await self.chain.admit(ctx)
+            ctx.targets = await self.chain.route(ctx)
+            await self.chain.reserve(ctx)
+            return await self._forward(ctx, endpoint, raw, body)
+        except GatewayError as exc:
+            ctx.status = exc.status
+            ctx.error_code = exc.code
+            return self._error_response(ctx, exc)
+        except Exception:
+            # A bug, not the client's fault. Log the type and where, never the request data.
+            ctx.status = 500
+            ctx.error_code = "internal_error"
+            log.error("internal error on %s", ctx.request_id, exc_info=True)
+            return self._error_response(ctx, GatewayError(500, "The gateway failed to handle the request.",
+                                                          code="internal_error"))
+        finally:
+            # Settle and record must run to completion even if this handler is cancelled.
+            await asyncio.shield(self.chain.finish(ctx))
+
+    def _error_response(self, ctx: RequestContext, exc: GatewayError) -> web.Response:
+        resp = exc.response()
+        if ctx.api_format == "anthropic":
+            # Anthropic's SDKs look for a top-level "type": "error"; the OpenAI shape stays intact.
+            resp.body = json.dumps({"type": "error", **exc.body()}).encode()
+        resp.headers.update(ctx.response_headers)
+        resp.headers["x-nexgate-request-id"] = ctx.request_id
+        return resp
+
+    # ----------------------------------------------------------- request
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(self.max_body_bytes) from None
+
+    def _parse_body(self, ctx: RequestContext, endpoint: Endpoint, raw: bytes) -> dict[str, Any]:
+        if not raw:
+            raise GatewayError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise GatewayError(
+                400, "We could not parse the JSON body of your request. Send valid JSON "
+                "with Content-Type: application/json.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+        model = body.get("model")
+        if model is None or model == "":
+            raise GatewayError(400, "You must provide a model parameter.", code="missing_required_parameter",
+                               param="model")
+        if not isinstance(model, str):
+            raise GatewayError(400, "The model parameter must be a string.", code="invalid_type", param="model")
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise GatewayError(400, "The stream parameter must be true or false.", code="invalid_type",
+                               param="stream")
+        ctx.body = body
+        ctx.model = model
+        ctx.stream = bool(stream) and endpoint.streams
+        return body
+
+    def _upstream_body(self, ctx: RequestContext, endpoint: Endpoint, raw: bytes, body: dict[str, Any],
+                       target: Target) -> tuple[bytes, bool]:
+        """The bytes to send upstream, and whether NexGate added usage the client did not ask for."""
+        changed = False
+        if target.model != body.get("model"):
+            body["model"] = target.model
+            changed = True
+        for key in CLIENT_ONLY_KEYS.intersection(body):
+            del body[key]
+            changed = True
+        injected = False
+        if ctx.stream and endpoint.include_usage_option:
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                injected = changed = True
+        return (json.dumps(body).encode() if changed else raw), injected
+
+    # ---------------------------------------------------------- upstream
+
+    async def _forward(self, ctx: RequestContext, endpoint: Endpoint, raw: bytes,
+                       body: dict[str, Any]) -> web.StreamResponse:
+        route = ctx.route
+        assert route is not None, "the route hook must set ctx.route"
+        timeouts = route.timeouts
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeouts.total
+        forwarded = request_headers(ctx.headers)
+        failure: GatewayError | None = None
+        last = len(ctx.targets) - 1
+        for index, target in enumerate(ctx.targets):
+            provider = self.providers[target.provider]
+            ctx.target = target
+            ctx.attempts += 1
+            payload, injected = self._upstream_body(ctx, endpoint, raw, body, target)
+            try:
+                async with asyncio.timeout_at(min(deadline, loop.time() + timeouts.first_byte)):
+                    upstream = await provider.send(ctx, target, endpoint, payload, dict(forwarded),
+                                                   self._session(), self._client_timeouts[route.alias])
+            except TimeoutError:
+                failure = GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
+                                       code="upstream_timeout")
+                continue
+            except _UPSTREAM_TRANSPORT as exc:
+                failure = GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
+                                       code="upstream_unreachable")
+                log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id,
+                            type(exc).__name__)
+                continue
+            status = upstream.status
+            if status >= 500 or status in (401, 403) or (status == 429 and index < last):
+                upstream.close()
+                failure = _upstream_status_error(target, status)
+                if status == 429:
+                    failure = GatewayError(429, f"The upstream provider '{target.provider}' is rate limited.",
+                                           code="upstream_rate_limited")
+                continue
+            return await self._relay(ctx, endpoint, upstream, injected, deadline, timeouts)
+        assert failure is not None
+        raise failure
+
+    def _session(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "the upstream session is created at startup"
+        return self.session
+
+    # ------------------------------------------------------------- relay
+
+    async def _relay(self, ctx: RequestContext, endpoint: Endpoint, upstream: UpstreamResponse,
+                     injected_usage: bool, deadline: float, timeouts: Timeouts) -> web.StreamResponse:
+        ctx.status = upstream.status
+        headers = response_headers(upstream.headers)
+        headers.update(ctx.response_headers)
+        headers["x-nexgate-request-id"] = ctx.request_id
+        content_type = upstream.headers.get("Content-Type", "")
+        if not content_type.startswith("text/event-stream"):
+            return await self._relay_body(ctx, upstream, headers, deadline, timeouts)
+        return await self._relay_stream(ctx, upstream, headers, injected_usage, deadline, timeouts)
+
+    async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
+                          deadline: float, timeouts: Timeouts) -> web.Response:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + timeouts.idle)):
+                body = await upstream.read(self.max_response_bytes)
+        except TimeoutError:
+            raise GatewayError(504, "The upstream provider stopped sending its answer.",
+                               code="upstream_timeout") from None
+        except BodyTooLarge:
+            raise GatewayError(502, "The upstream answer exceeded the gateway's size limit.",
+                               code="upstream_response_too_large") from None
+        except _UPSTREAM_TRANSPORT:
+            raise GatewayError(502, "The upstream connection broke while sending the answer.",
+                               code="upstream_interrupted") from None
+        finally:
+            upstream.close()
+        ctx.first_byte_at = loop.time()
+        if upstream.status < 400:
+            usage_from_body(ctx.usage, body)
+        return web.Response(status=upstream.status, body=body, headers=headers)
+
+    async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
+                            injected_usage: bool, deadline: float, timeouts: Timeouts) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        meter = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
+        try:
+            await response.prepare(ctx.request)
+        except _CLIENT_GONE:
+            upstream.close()
+            ctx.client_disconnected = True
+            ctx.status = 499
+            return response
+        error: GatewayError | None = None
+        client_gone = False
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + timeouts.idle)) as timer:
+                async for chunk in upstream.iter_chunks():
+                    if ctx.first_byte_at is None:
+                        ctx.first_byte_at = loop.time()
+                    out = meter.feed(chunk)
+                    if out:
+                        try:
+                            await response.write(out)
+                        except _CLIENT_GONE:
+                            client_gone = True
+                            break
+                    timer.reschedule(min(deadline, loop.time() + timeouts.idle))
+        except TimeoutError:
+            error = GatewayError(504, "The upstream provider stopped sending the stream.", code="upstream_timeout")
+        except _UPSTREAM_TRANSPORT:
+            error = _stream_broken()
+        finally:
+            upstream.close()
+        if not client_gone:
+            # A last event without its blank line is still the upstream's; a torn one is not sent.
+            tail = meter.finish() if error is None else b""
+            try:
+                if tail:
+                    await response.write(tail)
+                if error is not None:
+                    ctx.error_code = error.code
+                    await response.write(_stream_error_event(ctx, error))
+                await response.write_eof()
+            except _CLIENT_GONE:
+                client_gone = True
+        if client_gone:
+            ctx.client_disconnected = True
+            ctx.status = 499
+            ctx.error_code = "client_disconnected"
+            return response
+        return response
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"The request body is larger than this gateway accepts ({limit} bytes).",
+                        code="request_too_large")
+
+
+def _upstream_status_error(target: Target, status: int) -> GatewayError:
+    if status in (401, 403):
+        # The provider refused NexGate's own credentials: an operator problem, not the client's.
+        return GatewayError(502, f"The upstream provider '{target.provider}' refused the gateway's credentials.",
+                            code="upstream_auth_failed")
+    return GatewayError(502, f"The upstream provider '{target.provider}' failed (HTTP {status}).",
+                        code="upstream_error")
+
+
+def _stream_broken() -> GatewayError:
+    return GatewayError(502, "The upstream connection broke in the middle of the stream.",
+                        code="upstream_stream_interrupted")
+
+
+def _stream_error_event(ctx: RequestContext, error: GatewayError) -> bytes:
+    """An SSE error event the client's SDK raises on, in the client's dialect."""
+    if ctx.api_format == "anthropic":
+        payload = {"type": "error", "error": {"type": "api_error", "message": error.message}}
+        return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
+    return f"data: {json.dumps(error.body())}\n\n".encode()

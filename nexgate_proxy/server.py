@@ -1,0 +1,122 @@
+"""Run the gateway: one process, or N worker processes sharing the port.
+
+Graceful shutdown on SIGTERM/SIGINT: stop accepting, let in-flight requests
+and streams finish for up to ``server.grace_period`` seconds, then run every
+plugin's shutdown (flushing what must be flushed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+
+from aiohttp import web
+
+from .app import build_app
+from .config import Config
+from .runner import GatewayRunner
+
+log = logging.getLogger("nexgate.server")
+
+
+def _event_loop_factory() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # uvloop has no Windows build; asyncio's loop still works
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+async def serve_app(app: web.Application, config: Config, host: str, port: int, *, reuse_port: bool,
+                    stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully."""
+    runner = GatewayRunner(
+        app,
+        handle_signals=False,
+        access_log=logging.getLogger("aiohttp.access") if config.server.access_log else None,
+        shutdown_timeout=config.server.grace_period,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
+        await site.start()
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        bound = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+        log.info("NexGate %s listening on %s", os.getpid(),
+                 ", ".join(f"http://{a[0]}:{a[1]}" for a in bound) or f"{host}:{port}")
+        await stop.wait()
+        log.info("NexGate %s shutting down (grace period %ss)", os.getpid(), config.server.grace_period)
+    finally:
+        await runner.cleanup()
+
+
+def run_worker(config: Config, host: str, port: int, reuse_port: bool) -> None:
+    app = build_app(config)
+    with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
+        runner.run(serve_app(app, config, host, port, reuse_port=reuse_port))
+
+
+def serve(config: Config, host: str, port: int, workers: int) -> int:
+    """Blocking entry point of ``nexgate serve``. Returns the exit code."""
+    build_app(config)  # fail here, once, on a bad config or plugin: never half-start workers
+    if workers <= 1:
+        run_worker(config, host, port, reuse_port=False)
+        return 0
+    if port == 0:
+        log.error("--workers > 1 needs a fixed --port: each worker binds it with SO_REUSEPORT")
+        return 2
+    if not hasattr(socket, "SO_REUSEPORT"):
+        log.error("--workers > 1 needs SO_REUSEPORT, which this platform lacks")
+        return 2
+    return _supervise(config, host, port, workers)
+
+
+def _supervise(config: Config, host: str, port: int, workers: int) -> int:
+    """Start N workers on a shared port; restart one that dies; forward SIGTERM/SIGINT."""
+    context = multiprocessing.get_context("fork")
+    stopping = False
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=run_worker, args=(config, host, port, True), daemon=False)
+        process.start()
+        return process
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    procs = [start() for _ in range(workers)]
+    log.info("NexGate supervisor %s started %d workers on %s:%d", os.getpid(), workers, host, port)
+    restarts: list[float] = []
+    while not stopping:
+        time.sleep(0.2)
+        for i, proc in enumerate(procs):
+            if proc.is_alive() or stopping:
+                continue
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > workers * 5:
+                log.error("workers keep dying (%d restarts in a minute); giving up", len(restarts))
+                stopping = True
+                break
+            log.error("worker %s exited with %s; starting a new one", proc.pid, proc.exitcode)
+            procs[i] = start()
+    for proc in procs:
+        if proc.is_alive() and proc.pid:
+            os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + config.server.grace_period + 10
+    for proc in procs:
+        proc.join(max(0.1, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+    return 0 if all(p.exitcode in (0, -signal.SIGTERM) for p in procs) else 1

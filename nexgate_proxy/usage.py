@@ -1,0 +1,141 @@
+"""Token usage from upstream answers: JSON bodies and SSE streams.
+
+The stream meter sees every relayed chunk. It only parses the few events that
+carry usage (found by a substring test), so relaying stays a byte copy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from .context import Usage
+
+_EVENT_SPLIT = re.compile(rb"(\r?\n\r?\n)")
+_USAGE_MARK = b'"usage"'
+_NULL_USAGE = (b'"usage":null', b'"usage": null')
+
+
+def _int(value: Any) -> int | None:
+    # Upstream JSON is untrusted: only plain non-negative integers count.
+    return value if type(value) is int and value >= 0 else None
+
+
+def apply_usage(usage: Usage, u: Any) -> bool:
+    """Merge one usage object (OpenAI, Responses or Anthropic naming) into ``usage``."""
+    if not isinstance(u, dict):
+        return False
+    found = False
+    if "prompt_tokens" in u or "completion_tokens" in u:  # OpenAI chat, completions, embeddings
+        prompt, completion = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
+        details = u.get("prompt_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    elif "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u or (
+        "input_tokens" in u and "input_tokens_details" not in u and "total_tokens" not in u
+    ):  # Anthropic: input_tokens excludes cache reads and writes
+        base = _int(u.get("input_tokens"))
+        cache_read = _int(u.get("cache_read_input_tokens")) or 0
+        cache_write = _int(u.get("cache_creation_input_tokens")) or 0
+        prompt = None if base is None else base + cache_read + cache_write
+        completion = _int(u.get("output_tokens"))
+        cached = cache_read if "cache_read_input_tokens" in u else None
+    else:  # OpenAI Responses: input_tokens includes cached ones
+        prompt, completion = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
+        details = u.get("input_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+    if prompt is not None:
+        usage.prompt_tokens = prompt
+        found = True
+    if completion is not None:
+        usage.completion_tokens = completion
+        found = True
+    if cached is not None:
+        usage.cached_tokens = cached
+    if found:
+        usage.reported = True
+    return found
+
+
+def usage_from_body(usage: Usage, body: bytes) -> None:
+    """Read usage from a non-streamed JSON answer (all formats keep it at top-level "usage")."""
+    if _USAGE_MARK not in body:
+        return
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return
+    if isinstance(data, dict):
+        apply_usage(usage, data.get("usage"))
+
+
+class StreamMeter:
+    """Splits a relayed SSE stream into whole events and reads usage from them.
+
+    ``feed`` returns the bytes to send on: whole events only, so a client never
+    waits on a half event and a dropped event never leaves a fragment behind.
+    When ``strip_usage_chunk`` is set (NexGate asked upstream for usage the
+    client did not ask for), the usage-only chunk is removed from the output.
+    """
+
+    __slots__ = ("usage", "strip_usage_chunk", "_tail")
+
+    def __init__(self, usage: Usage, strip_usage_chunk: bool = False) -> None:
+        self.usage = usage
+        self.strip_usage_chunk = strip_usage_chunk
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._tail + chunk if self._tail else chunk
+        end = _last_event_end(data)
+        if end < 0:
+            self._tail = data
+            return b""
+        whole, self._tail = data[:end], data[end:]
+        return self._scan(whole)
+
+    def finish(self) -> bytes:
+        """What is left when the upstream ended, e.g. a last event with no blank line after it."""
+        rest, self._tail = self._tail, b""
+        return self._scan(rest) if rest.strip() else rest
+
+    def _scan(self, whole: bytes) -> bytes:
+        self.usage.stream_events += whole.count(b"data:")
+        if _USAGE_MARK not in whole:
+            return whole
+        parts = _EVENT_SPLIT.split(whole)
+        keep: list[bytes] = []
+        dropped = False
+        # parts alternate: event, separator, event, separator, ..., trailing
+        for i in range(0, len(parts), 2):
+            event = parts[i]
+            sep = parts[i + 1] if i + 1 < len(parts) else b""
+            if _USAGE_MARK in event and not any(n in event for n in _NULL_USAGE):
+                if self._read_event(event):
+                    dropped = True
+                    continue
+            keep.append(event)
+            keep.append(sep)
+        return b"".join(keep) if dropped else whole
+
+    def _read_event(self, event: bytes) -> bool:
+        """Apply the event's usage; True when the event should be dropped."""
+        payload = b"\n".join(
+            line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
+        )
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return False
+        if not isinstance(data, dict):
+            return False
+        for holder in (data, data.get("message"), data.get("response")):
+            if isinstance(holder, dict) and apply_usage(self.usage, holder.get("usage")):
+                break
+        return self.strip_usage_chunk and data.get("choices") == []
+
+
+def _last_event_end(data: bytes) -> int:
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)

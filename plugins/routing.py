@@ -1,0 +1,46 @@
+"""Routing: model alias -> ordered upstream targets, from the YAML routing table.
+
+Targets of a model are tried in a weighted random order (spreading load by
+weight), then the targets of each fallback model in turn. Only targets whose
+provider speaks the endpoint's dialect are kept.
+"""
+
+from __future__ import annotations
+
+import random
+
+from nexgate_proxy import GatewayError, RequestContext, hookimpl
+from nexgate_proxy.appkeys import CONFIG, PROVIDERS
+from nexgate_proxy.config import Target
+
+
+def weighted_order(targets: tuple[Target, ...], rand: random.Random | None = None) -> list[Target]:
+    """A random permutation in which a target comes first with probability weight / total."""
+    if len(targets) == 1:
+        return [targets[0]]
+    r = rand or random
+    # Efraimidis-Spirakis: sort by u^(1/w); the order of picks is a weighted sample without replacement.
+    return sorted(targets, key=lambda t: r.random() ** (1.0 / t.weight), reverse=True)
+
+
+@hookimpl(trylast=True)
+def nexgate_route(ctx: RequestContext) -> list[Target] | None:
+    config = ctx.app[CONFIG]
+    route = config.models.get(ctx.model or "")
+    if route is None:
+        raise GatewayError(404, f"The model `{ctx.model}` does not exist or you do not have access to it.",
+                           code="model_not_found", param="model")
+    providers = ctx.app[PROVIDERS]
+    endpoint_format = ctx.api_format
+    ordered: list[Target] = []
+    seen: set[Target] = set()
+    for alias in (route.alias, *route.fallbacks):
+        for target in weighted_order(config.models[alias].targets):
+            if target not in seen and endpoint_format in providers[target.provider].api_formats:
+                seen.add(target)
+                ordered.append(target)
+    if not ordered:
+        raise GatewayError(400, f"The model `{ctx.model}` cannot serve {ctx.request.path}.",
+                           code="unsupported_endpoint", param="model")
+    ctx.route = route
+    return ordered

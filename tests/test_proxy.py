@@ -1,0 +1,178 @@
+"""The gateway end to end: real sockets, a real fake upstream, the official SDKs."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import openai
+import pytest
+
+from tests.conftest import PROVIDER_KEY, Gateway, RecordingPlugin, gateway_config
+from tests.fakes import FakeUpstream
+
+CLIENT_KEY = "sk-client-should-never-travel"
+
+
+def openai_client(gw: Gateway, **kw) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=CLIENT_KEY, max_retries=0, **kw)
+
+
+async def test_chat_completion_bytes_and_usage(upstream: FakeUpstream, start_gateway) -> None:
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
+    client = openai_client(gw)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Hello from upstream"
+    assert raw.http_response.content == upstream.sent[-1]
+    # The alias is mapped to the upstream's model name; the client's key never travels.
+    sent = upstream.received[-1]
+    assert sent.body["model"] == "upstream-model"
+    assert sent.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert CLIENT_KEY not in json.dumps(sent.headers)
+    # Provider account details and rate limits are not relayed.
+    assert "openai-organization" not in raw.headers
+    assert "x-ratelimit-remaining-requests" not in raw.headers
+    assert raw.headers["x-request-id"] == "up-req-1"
+    assert raw.headers["x-nexgate-request-id"].startswith("req_")
+    record = recorder.records[-1]
+    assert (record.model, record.provider, record.upstream_model) == ("gpt-test", "fake", "upstream-model")
+    assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (11, 7, 3)
+    assert record.usage_reported and record.status == 200 and record.stream is False
+    assert recorder.settled == [record.request_id]
+
+
+async def test_streaming_relays_upstream_bytes(upstream: FakeUpstream, start_gateway) -> None:
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
+    client = openai_client(gw)
+    async with client.chat.completions.with_streaming_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        body = b"".join([chunk async for chunk in response.http_response.aiter_bytes()])
+    assert body == upstream.sent[-1]
+    record = recorder.records[-1]
+    assert (record.prompt_tokens, record.completion_tokens, record.stream) == (11, 3, True)
+
+
+async def test_streaming_asks_for_usage_and_hides_it_from_clients_that_did_not(
+        upstream: FakeUpstream, start_gateway) -> None:
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
+    client = openai_client(gw)
+    stream = await client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert upstream.received[-1].body["stream_options"] == {"include_usage": True}
+    # Every chunk the client sees has a choice: the usage-only chunk was for NexGate.
+    assert all(chunk.choices for chunk in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello from upstream"
+    assert recorder.records[-1].completion_tokens == 3
+    assert recorder.records[-1].usage_reported
+
+
+async def test_completions_embeddings_models(gateway: Gateway, upstream: FakeUpstream) -> None:
+    client = openai_client(gateway)
+    completion = await client.completions.create(model="gpt-test", prompt="hello")
+    assert completion.choices[0].text == " world"
+    embedding = await client.embeddings.create(model="gpt-test", input=["a", "b"])
+    assert [e.embedding for e in embedding.data] == [[0.1, 0.2, 0.3]] * 2
+    assert [r.path for r in upstream.received] == ["/v1/completions", "/v1/embeddings"]
+    models = await client.models.list()
+    assert sorted(m.id for m in models.data) == ["claude-test", "gpt-test"]
+    assert (await client.models.retrieve("gpt-test")).id == "gpt-test"
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("nope")
+
+
+async def test_responses_api_plain_and_streamed(upstream: FakeUpstream, start_gateway) -> None:
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
+    client = openai_client(gw)
+    response = await client.responses.create(model="gpt-test", input="hello")
+    assert response.output_text == "Hi there"
+    assert (recorder.records[-1].prompt_tokens, recorder.records[-1].completion_tokens) == (9, 2)
+    stream = await client.responses.create(model="gpt-test", input="hello", stream=True)
+    kinds = [event.type async for event in stream]
+    assert kinds == ["response.output_text.delta", "response.completed"]
+    assert "stream_options" not in upstream.received[-1].body
+    assert (recorder.records[-1].prompt_tokens, recorder.records[-1].completion_tokens) == (9, 2)
+
+
+async def test_anthropic_messages_through_the_anthropic_sdk(upstream: FakeUpstream, start_gateway) -> None:
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
+    client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0)
+    message = await client.messages.create(model="claude-test", max_tokens=10,
+                                           messages=[{"role": "user", "content": "salut"}])
+    assert message.content[0].text == "Bonjour"
+    sent = upstream.received[-1]
+    assert sent.path == "/v1/messages" and sent.body["model"] == "claude-upstream"
+    assert sent.headers["x-api-key"] == PROVIDER_KEY
+    assert sent.headers["anthropic-version"]
+    # Anthropic counts cache reads apart from input_tokens; NexGate bills them as prompt tokens.
+    assert (recorder.records[-1].prompt_tokens, recorder.records[-1].cached_tokens) == (17, 5)
+
+    async with client.messages.stream(model="claude-test", max_tokens=10,
+                                      messages=[{"role": "user", "content": "salut"}]) as stream:
+        text = "".join([t async for t in stream.text_stream])
+    assert text == "Bonjour"
+    assert (recorder.records[-1].prompt_tokens, recorder.records[-1].completion_tokens) == (17, 3)
+
+
+async def test_openai_models_are_not_served_on_the_anthropic_endpoint(gateway: Gateway) -> None:
+    client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key=CLIENT_KEY, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as err:
+        await client.messages.create(model="gpt-test", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["error"]["code"] == "unsupported_endpoint"
+
+
+async def test_client_cannot_choose_upstream_or_leak_credentials(gateway: Gateway, upstream: FakeUpstream) -> None:
+    client = openai_client(gateway, default_headers={"Cookie": "session=abc", "Connection": "keep-alive, X-Drop-Me",
+                                                     "X-Drop-Me": "1", "X-Forwarded-For": "6.6.6.6",
+                                                     "X-Custom": "kept"})
+    await client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hi"}],
+        extra_body={"api_base": "http://evil.example", "base_url": "http://evil.example"})
+    sent = upstream.received[-1]
+    assert "api_base" not in sent.body and "base_url" not in sent.body
+    lowered = {k.lower(): v for k, v in sent.headers.items()}
+    assert "cookie" not in lowered and "x-drop-me" not in lowered and "x-forwarded-for" not in lowered
+    assert lowered["x-custom"] == "kept"
+    assert lowered["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+async def test_fallback_to_next_target_on_upstream_failure(start_gateway, upstream: FakeUpstream) -> None:
+    broken = FakeUpstream()
+    await broken.start()
+    try:
+        broken.behaviour.status = 503
+        config = gateway_config(upstream)
+        config["providers"]["broken"] = {"type": "openai", "base_url": broken.url, "api_key": "k"}
+        config["models"]["primary"] = {"route": [{"provider": "broken", "model": "m1"}],
+                                       "fallbacks": ["gpt-test"], "free": True}
+        recorder = RecordingPlugin()
+        gw = await start_gateway(config, plugins=[recorder])
+        completion = await openai_client(gw).chat.completions.create(
+            model="primary", messages=[{"role": "user", "content": "hi"}])
+        assert completion.choices[0].message.content == "Hello from upstream"
+        assert len(broken.received) == 1 and upstream.received[-1].body["model"] == "upstream-model"
+        record = recorder.records[-1]
+        assert (record.attempts, record.provider, record.model) == (2, "fake", "primary")
+    finally:
+        await broken.stop()
+
+
+async def test_weighted_targets_spread_by_weight(start_gateway, upstream: FakeUpstream) -> None:
+    config = gateway_config(upstream)
+    config["models"]["spread"] = {"route": [{"provider": "fake", "model": "heavy", "weight": 3},
+                                            {"provider": "fake", "model": "light", "weight": 1}], "free": True}
+    gw = await start_gateway(config)
+    client = openai_client(gw)
+    for _ in range(200):
+        await client.embeddings.create(model="spread", input="x")
+    heavy = sum(1 for r in upstream.received if r.body["model"] == "heavy")
+    assert 120 <= heavy <= 180  # expected 150; far outside 5 sigma would be a bug
