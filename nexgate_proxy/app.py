@@ -16,6 +16,7 @@ from .errors import GatewayError
 from .plugins import HookChain, build_plugin_manager
 from .providers.base import Provider
 from .proxy import Proxy, new_request_id
+from .services import readiness, services_context
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,6 +65,7 @@ def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Appli
     chain.register_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", _not_found)
 
+    app.cleanup_ctx.append(services_context)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_plugin_lifecycle)
     return app
@@ -142,7 +144,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     started = time.perf_counter()
-    checks = await request.app[CHAIN].ready(request.app)
+    checks = await readiness(request.app) + await request.app[CHAIN].ready(request.app)
     ok = all(good for _, good in checks)
     return web.json_response(
         {"status": "ok" if ok else "unavailable", "checks": {name: good for name, good in checks},

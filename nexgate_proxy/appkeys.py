@@ -7,12 +7,18 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .bus import InvalidationBus
     from .config import Config
     from .plugins import HookChain
     from .providers.base import Provider
     from .proxy import Proxy
+    from .store import Store
 
 CONFIG: web.AppKey[Config] = web.AppKey("nexgate.config")
 CHAIN: web.AppKey[HookChain] = web.AppKey("nexgate.chain")
 PROVIDERS: web.AppKey[dict[str, Provider]] = web.AppKey("nexgate.providers")
 PROXY: web.AppKey[Proxy] = web.AppKey("nexgate.proxy")
+STORE: web.AppKey[Store] = web.AppKey("nexgate.store")
+"""The durable store, opened at startup (before plugins start)."""
+BUS: web.AppKey[InvalidationBus] = web.AppKey("nexgate.bus")
+"""Cross-instance invalidations (revoked keys, changed limits)."""

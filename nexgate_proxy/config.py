@@ -120,6 +120,8 @@ class Config:
     source: str = "<defaults>"
     server: ServerConfig = field(default_factory=ServerConfig)
     storage_url: str = "sqlite:///./nexgate.db"
+    storage_migrate_on_start: bool = True
+    """Apply pending migrations at start (safe with several instances); else refuse an unmigrated database."""
     state_url: str = "memory://"
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
@@ -421,8 +423,9 @@ def _plugins(r: _Reader, raw: Any) -> PluginsConfig:
     )
 
 
-def _url(r: _Reader, raw: Any, path: str, default: str, schemes: tuple[str, ...]) -> str:
-    s = r.mapping(raw, path, ("url",))
+def _url(r: _Reader, raw: Any, path: str, default: str, schemes: tuple[str, ...],
+         known: tuple[str, ...] = ("url",)) -> str:
+    s = r.mapping(raw, path, known)
     url = r.value(s, "url", path, str, default)
     if not url.startswith(schemes):
         r.problem(f"{path}.url", f"must start with one of {', '.join(schemes)}, got {url.split(':', 1)[0]!r}")
@@ -443,7 +446,9 @@ def parse_config(data: Any, source: str = "<config>", env: Mapping[str, str] | N
         source=source,
         server=_server(r, top.get("server")),
         storage_url=_url(r, top.get("storage"), "storage", "sqlite:///./nexgate.db",
-                         ("sqlite://", "postgresql://", "postgres://")),
+                         ("sqlite://", "postgresql://", "postgres://"), ("url", "migrate_on_start")),
+        storage_migrate_on_start=r.value(r.mapping(top.get("storage"), "storage"), "migrate_on_start",
+                                         "storage", bool, True),
         state_url=_url(r, top.get("state"), "state", "memory://", ("memory://", "redis://", "rediss://", "unix://")),
         upstream=upstream,
         providers=providers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
@@ -59,11 +60,15 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[StartGateway]:
-    """Start gateways on real sockets: ``await start_gateway(config_dict, plugins=[...])``."""
+async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """Start gateways on real sockets: ``await start_gateway(config_dict, plugins=[...])``.
+
+    Without a ``storage`` section each gateway gets its own SQLite file under tmp_path.
+    """
     runners: list[web.AppRunner] = []
 
     async def start(config: dict[str, Any], plugins: Sequence[object] = ()) -> Gateway:
+        config = {"storage": {"url": f"sqlite:///{tmp_path}/gw{len(runners)}.db"}, **config}
         app = build_app(parse_config(config, "test-config"), extra_plugins=plugins)
         runner = GatewayRunner(app, shutdown_timeout=1.0)
         await runner.setup()

@@ -1,0 +1,60 @@
+"""Durable store for accounts, organizations and API keys.
+
+    store = await open_store("sqlite:///nexgate.db")        # or postgresql://...
+    await store.migrate()        # `nexgate db migrate`; the gateway calls check_schema()
+    ...
+    await store.close()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._migrations import latest_version
+from .base import (
+    ROLES,
+    ApiKeyRow,
+    Conflict,
+    LastOwnerError,
+    Membership,
+    NotFound,
+    Organization,
+    Role,
+    SchemaError,
+    Store,
+    StoreError,
+    User,
+)
+
+
+async def open_store(url: str, **options: Any) -> Store:
+    """Open the backend the URL's scheme names. `options` go to that backend's `open`."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        return await SQLiteStore.open(url, **options)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return await PostgresStore.open(url, **options)
+    # Only the scheme in the message: the rest of the URL may hold a password.
+    raise ValueError(f"unsupported store URL scheme {scheme!r}: use sqlite:// or postgresql://")
+
+
+__all__ = [
+    "ROLES",
+    "ApiKeyRow",
+    "Conflict",
+    "LastOwnerError",
+    "Membership",
+    "NotFound",
+    "Organization",
+    "Role",
+    "SchemaError",
+    "Store",
+    "StoreError",
+    "User",
+    "latest_version",
+    "open_store",
+]

@@ -1,0 +1,395 @@
+"""PostgreSQL backend: asyncpg with a connection pool.
+
+The URL's query may carry server settings, which asyncpg passes through to every
+pooled connection: `postgresql://.../db?search_path=tenant_a` puts all tables in
+schema `tenant_a` (created by `migrate()` when missing).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from . import _common as common
+from ._common import API_KEY_COLUMNS, MEMBERSHIP_COLUMNS, ORG_COLUMNS, USER_COLUMNS, RowDecoder
+from ._migrations import check_version, load_migrations, refuse_newer
+from .base import (
+    ApiKeyRow,
+    Conflict,
+    LastOwnerError,
+    Membership,
+    NotFound,
+    Organization,
+    SchemaError,
+    Store,
+    StoreError,
+    User,
+)
+
+# One advisory lock for "migrating this database": gateway instances starting
+# together queue on it instead of racing each other's DDL. ("NexGate" in ASCII.)
+MIGRATION_LOCK_ID = 0x4E6578_47617465
+
+# PostgreSQL constraint names -> the keys of common.CONFLICT_MESSAGES.
+_CONFLICT_KEYS = {
+    "users_pkey": "users.id",
+    "users_external_id_key": "users.external_id",
+    "organizations_pkey": "organizations.id",
+    "memberships_pkey": "memberships.org_id,user_id",
+    "api_keys_pkey": "api_keys.id",
+    "api_keys_public_id_key": "api_keys.public_id",
+}
+
+_decode = RowDecoder()  # asyncpg already returns aware datetimes and (with our codec) decoded JSON
+
+
+@contextmanager
+def _translated(missing: str | None = None) -> Iterator[None]:
+    """Turn driver errors into store errors; our own StoreErrors pass through untouched."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        key = _CONFLICT_KEYS.get(exc.constraint_name or "", exc.constraint_name or "a unique column")
+        raise Conflict(common.conflict_message(key)) from exc
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise NotFound(missing or "a referenced row does not exist") from exc
+    except asyncpg.UndefinedTableError as exc:
+        raise SchemaError(f"{exc}: run `nexgate db migrate`") from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise StoreError(f"postgres: {exc}") from exc
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=common.dump_json, decoder=json.loads, schema="pg_catalog")
+
+
+def _updated_count(status: str) -> int:
+    """asyncpg returns the command tag, e.g. "UPDATE 3"."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def _version(conn: asyncpg.Connection) -> int:
+    # to_regclass follows search_path, so this looks in the store's own schema.
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return 0
+    return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
+
+
+async def _ensure_schema(conn: asyncpg.Connection) -> None:
+    """Create the first schema of search_path when it does not exist yet."""
+    if await conn.fetchval("SELECT current_schema()") is not None:
+        return
+    search_path = await conn.fetchval("SHOW search_path")
+    names = [n.strip().strip('"') for n in search_path.split(",")]
+    names = [n for n in names if n and n != "$user"]
+    if not names:
+        raise SchemaError("search_path names no schema to create the tables in")
+    await conn.execute(await conn.fetchval("SELECT format('CREATE SCHEMA IF NOT EXISTS %I', $1::text)", names[0]))
+
+
+async def _lock_org(conn: asyncpg.Connection, org_id: str) -> None:
+    """Serialize owner changes per org, so two concurrent removals cannot both pass the last-owner check."""
+    await conn.execute("SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE", org_id)
+
+
+async def _owner_count(conn: asyncpg.Connection, org_id: str) -> int:
+    return int(await conn.fetchval("SELECT COUNT(*) FROM memberships WHERE org_id = $1 AND role = 'owner'", org_id))
+
+
+def _last_owner(org_id: str, user_id: str) -> LastOwnerError:
+    return LastOwnerError(
+        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
+    )
+
+
+class PostgresStore(Store):
+    dialect = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10, **pool_options: Any) -> PostgresStore:
+        with _translated():
+            pool = await asyncpg.create_pool(
+                url, min_size=min_size, max_size=max_size, init=_init_connection, **pool_options
+            )
+        return cls(pool)
+
+    # --- schema and lifecycle ---------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        migrations = load_migrations(self.dialect)
+        applied: list[int] = []
+        with _translated():
+            async with self._pool.acquire() as conn:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+                    await _ensure_schema(conn)
+                    await conn.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                for migration in migrations:
+                    async with conn.transaction():
+                        # The lock is held to commit; re-reading the version under it
+                        # makes a second instance skip what the first just applied.
+                        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+                        current = await _version(conn)
+                        refuse_newer(current, self.dialect)
+                        if current >= migration.version:
+                            continue
+                        await conn.execute(migration.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                            migration.version,
+                            common.utcnow(),
+                        )
+                    applied.append(migration.version)
+        return applied
+
+    async def schema_version(self) -> int:
+        with _translated():
+            async with self._pool.acquire() as conn:
+                return await _version(conn)
+
+    async def check_schema(self) -> int:
+        return check_version(await self.schema_version(), self.dialect)
+
+    async def ping(self) -> None:
+        with _translated():
+            await self._pool.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        await self._pool.close()  # idempotent in asyncpg
+
+    # --- users -------------------------------------------------------------
+
+    async def create_user(
+        self, *, external_id: str | None = None, email: str | None = None, name: str | None = None
+    ) -> User:
+        with _translated():
+            row = await self._pool.fetchrow(
+                f"INSERT INTO users (id, external_id, email, name, created_at) VALUES ($1, $2, $3, $4, $5)"
+                f" RETURNING {USER_COLUMNS}",
+                common.new_id("usr"), external_id, email, name, common.utcnow(),
+            )
+        return _decode.user(row)
+
+    async def get_user(self, user_id: str) -> User | None:
+        with _translated():
+            row = await self._pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+        return None if row is None else _decode.user(row)
+
+    async def get_user_by_external_id(self, external_id: str) -> User | None:
+        with _translated():
+            row = await self._pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE external_id = $1", external_id)
+        return None if row is None else _decode.user(row)
+
+    async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]:
+        common.check_page(limit, offset)
+        where = "" if include_deleted else "WHERE deleted_at IS NULL"
+        with _translated():
+            rows = await self._pool.fetch(
+                f"SELECT {USER_COLUMNS} FROM users {where} ORDER BY created_at, id LIMIT $1 OFFSET $2", limit, offset
+            )
+        return [_decode.user(r) for r in rows]
+
+    async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
+        when = common.aware_utc(at, "at") if at else common.utcnow()
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                deleted = await conn.fetchval(
+                    "UPDATE users SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL RETURNING id", user_id, when
+                )
+                if deleted is None and await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id) is None:
+                    raise NotFound(f"user {user_id} does not exist")
+        return deleted is not None
+
+    # --- organizations -----------------------------------------------------
+
+    async def create_org(self, name: str, owner_user_id: str) -> Organization:
+        org_id, now = common.new_id("org"), common.utcnow()
+        with _translated(missing=f"user {owner_user_id} does not exist"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3) RETURNING {ORG_COLUMNS}",
+                    org_id, name, now,
+                )
+                await conn.execute(
+                    "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, 'owner', $3)",
+                    org_id, owner_user_id, now,
+                )
+        return _decode.org(row)
+
+    async def get_org(self, org_id: str) -> Organization | None:
+        with _translated():
+            row = await self._pool.fetchrow(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = $1", org_id)
+        return None if row is None else _decode.org(row)
+
+    async def list_orgs(self, limit: int = 100, offset: int = 0) -> list[Organization]:
+        common.check_page(limit, offset)
+        with _translated():
+            rows = await self._pool.fetch(
+                f"SELECT {ORG_COLUMNS} FROM organizations ORDER BY created_at, id LIMIT $1 OFFSET $2", limit, offset
+            )
+        return [_decode.org(r) for r in rows]
+
+    async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
+        with _translated():
+            rows = await self._pool.fetch(
+                "SELECT o.id, o.name, o.created_at, m.role FROM memberships m"
+                " JOIN organizations o ON o.id = m.org_id"
+                " WHERE m.user_id = $1 ORDER BY o.created_at, o.id",
+                user_id,
+            )
+        return [(_decode.org(r), r["role"]) for r in rows]
+
+    # --- memberships -------------------------------------------------------
+
+    async def add_member(self, org_id: str, user_id: str, role: str) -> Membership:
+        common.check_role(role)
+        with _translated(missing=f"organization {org_id} or user {user_id} does not exist"):
+            row = await self._pool.fetchrow(
+                "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)"
+                f" RETURNING {MEMBERSHIP_COLUMNS}",
+                org_id, user_id, role, common.utcnow(),
+            )
+        return _decode.membership(row)
+
+    async def set_member_role(self, org_id: str, user_id: str, role: str) -> Membership:
+        common.check_role(role)
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                await _lock_org(conn, org_id)
+                current = await conn.fetchval(
+                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
+                )
+                if current is None:
+                    raise NotFound(f"user {user_id} is not a member of organization {org_id}")
+                if current == "owner" and role != "owner" and await _owner_count(conn, org_id) <= 1:
+                    raise _last_owner(org_id, user_id)
+                row = await conn.fetchrow(
+                    "UPDATE memberships SET role = $3 WHERE org_id = $1 AND user_id = $2"
+                    f" RETURNING {MEMBERSHIP_COLUMNS}",
+                    org_id, user_id, role,
+                )
+        return _decode.membership(row)
+
+    async def remove_member(self, org_id: str, user_id: str) -> bool:
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                await _lock_org(conn, org_id)
+                current = await conn.fetchval(
+                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
+                )
+                if current is None:
+                    return False
+                if current == "owner" and await _owner_count(conn, org_id) <= 1:
+                    raise _last_owner(org_id, user_id)
+                await conn.execute("DELETE FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id)
+        return True
+
+    async def get_role(self, org_id: str, user_id: str) -> str | None:
+        with _translated():
+            return await self._pool.fetchval(
+                "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
+            )
+
+    async def list_members(self, org_id: str) -> list[Membership]:
+        with _translated():
+            rows = await self._pool.fetch(
+                f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = $1 ORDER BY created_at, user_id", org_id
+            )
+        return [_decode.membership(r) for r in rows]
+
+    # --- API keys ----------------------------------------------------------
+
+    async def create_api_key(
+        self,
+        *,
+        public_id: str,
+        prefix: str,
+        secret_hash: str,
+        name: str,
+        user_id: str | None = None,
+        org_id: str | None = None,
+        created_by: str | None = None,
+        expires_at: datetime | None = None,
+        allowed_models: list[str] | tuple[str, ...] | None = None,
+        limits: Mapping[str, Any] | None = None,
+    ) -> ApiKeyRow:
+        common.check_key_owner(user_id, org_id)
+        expires = None if expires_at is None else common.aware_utc(expires_at, "expires_at")
+        with _translated(missing="the key's user_id, org_id or created_by does not exist"):
+            row = await self._pool.fetchrow(
+                "INSERT INTO api_keys (id, public_id, prefix, secret_hash, name, user_id, org_id, created_by,"
+                " created_at, expires_at, allowed_models, limits)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                f" RETURNING {API_KEY_COLUMNS}",
+                common.new_id("key"), public_id, prefix, secret_hash, name, user_id, org_id, created_by,
+                common.utcnow(), expires,
+                common.models_for_storage(allowed_models), common.limits_for_storage(limits),
+            )
+        return _decode.api_key(row)
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
+        with _translated():
+            row = await self._pool.fetchrow(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+        return None if row is None else _decode.api_key(row)
+
+    async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
+        with _translated():
+            row = await self._pool.fetchrow(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE public_id = $1", public_id)
+        return None if row is None else _decode.api_key(row)
+
+    async def list_api_keys(
+        self, *, user_id: str | None = None, org_id: str | None = None, include_revoked: bool = False
+    ) -> list[ApiKeyRow]:
+        conditions: list[str] = []
+        params: list[Any] = []
+        if user_id is not None:
+            params.append(user_id)
+            conditions.append(f"user_id = ${len(params)}")
+        if org_id is not None:
+            params.append(org_id)
+            conditions.append(f"org_id = ${len(params)}")
+        if not include_revoked:
+            conditions.append("revoked_at IS NULL")
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        with _translated():
+            rows = await self._pool.fetch(
+                f"SELECT {API_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, id", *params
+            )
+        return [_decode.api_key(r) for r in rows]
+
+    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
+        when = common.aware_utc(at, "at") if at else common.utcnow()
+        with _translated():
+            async with self._pool.acquire() as conn:
+                revoked = await conn.fetchval(
+                    "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id",
+                    key_id, when,
+                )
+                if revoked is None and await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id) is None:
+                    raise NotFound(f"API key {key_id} does not exist")
+        return revoked is not None
+
+    async def touch_api_keys(self, last_used: Mapping[str, datetime]) -> int:
+        if not last_used:
+            return 0
+        ids = list(last_used)
+        stamps = [common.aware_utc(last_used[k], "last_used_at") for k in ids]
+        with _translated():
+            status = await self._pool.execute(
+                "UPDATE api_keys AS k SET last_used_at = v.used_at"
+                " FROM unnest($1::text[], $2::timestamptz[]) AS v(id, used_at)"
+                " WHERE k.id = v.id AND (k.last_used_at IS NULL OR k.last_used_at < v.used_at)",
+                ids, stamps,
+            )
+        return _updated_count(status)

@@ -1,0 +1,524 @@
+"""SQLite backend: stdlib sqlite3 on one dedicated worker thread.
+
+Every public method runs one function on that thread, transaction included, so
+a cancelled caller can never leave a transaction half open and the single
+connection is never shared between threads. WAL lets readers in other processes
+(the CLI, a second gateway) work while we write; busy_timeout makes writers
+queue instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from . import _common as common
+from ._common import API_KEY_COLUMNS, MEMBERSHIP_COLUMNS, ORG_COLUMNS, USER_COLUMNS, RowDecoder
+from ._migrations import check_version, load_migrations, refuse_newer
+from .base import (
+    ApiKeyRow,
+    Conflict,
+    LastOwnerError,
+    Membership,
+    NotFound,
+    Organization,
+    SchemaError,
+    Store,
+    StoreError,
+    User,
+)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+MEMORY = ":memory:"
+
+
+def parse_sqlite_url(url: str) -> str:
+    """`sqlite:///rel.db` -> "rel.db", `sqlite:////abs.db` -> "/abs.db", `sqlite://:memory:` -> ":memory:"."""
+    scheme = "sqlite://"
+    if not url.startswith(scheme):
+        raise ValueError("a SQLite URL starts with sqlite://")
+    rest = url[len(scheme) :]
+    if rest in (MEMORY, "/" + MEMORY):
+        return MEMORY
+    if not rest.startswith("/") or rest == "/":
+        raise ValueError("expected sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite://:memory:")
+    if "?" in rest or "#" in rest:
+        raise ValueError("SQLite URLs take no query parameters")
+    return rest[1:]
+
+
+# --- value encoding: fixed-width UTC text, so text order is time order ------
+
+
+def _ts(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _opt_ts(value: datetime | None) -> str | None:
+    return None if value is None else _ts(value)
+
+
+def _parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _opt_json(value: Any) -> str | None:
+    return None if value is None else common.dump_json(value)
+
+
+_decode = RowDecoder(timestamp=_parse_ts, json_value=json.loads)
+
+
+# --- worker-thread helpers -----------------------------------------------
+
+
+@contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE takes the write lock up front: no deadlocked read-to-write upgrade."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _split_statements(script: str) -> Iterator[str]:
+    """Split a migration into statements; sqlite3.complete_statement knows about triggers and quotes."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    leftover = [ln for ln in buffer.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+    if leftover:
+        raise SchemaError(f"migration ends with an incomplete statement: {leftover[0]!r}")
+
+
+def _translate(exc: sqlite3.Error, missing: str | None) -> StoreError:
+    message = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        if message.startswith("UNIQUE constraint failed: "):
+            # "memberships.org_id, memberships.user_id" -> "memberships.org_id,user_id"
+            columns = [c.strip() for c in message.split(": ", 1)[1].split(",")]
+            table = columns[0].split(".", 1)[0]
+            key = table + "." + ",".join(c.split(".", 1)[-1] for c in columns)
+            return Conflict(common.conflict_message(key))
+        if message.startswith("FOREIGN KEY constraint failed"):
+            return NotFound(missing or "a referenced row does not exist")
+    if isinstance(exc, sqlite3.OperationalError) and "no such table" in message:
+        return SchemaError(f"{message}: run `nexgate db migrate`")
+    return StoreError(f"sqlite: {message}")
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if exists is None:
+        return 0
+    return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
+
+
+def _owner_count(conn: sqlite3.Connection, org_id: str) -> int:
+    row = conn.execute(
+        "SELECT COUNT(*) FROM memberships WHERE org_id = ? AND role = 'owner'", (org_id,)
+    ).fetchone()
+    return int(row[0])
+
+
+class SQLiteStore(Store):
+    dialect = "sqlite"
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexgate-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> SQLiteStore:
+        store = cls(parse_sqlite_url(url), busy_timeout_ms=busy_timeout_ms)
+        try:
+            await store._run(store._connect)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    def _connect(self, _conn: None) -> None:
+        if self.path != MEMORY:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, sqlite3 adds none of its own.
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if self.path != MEMORY:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, much faster
+        self._conn = conn
+
+    async def _run(self, fn: Callable[..., T], *args: Any, missing: str | None = None) -> T:
+        if self._closed:
+            raise StoreError("the store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(self._call, fn, args, missing))
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...], missing: str | None) -> T:
+        """On the worker thread: run `fn(conn, *args)` and turn sqlite3 errors into store errors."""
+        if self._conn is None and fn != self._connect:  # work queued behind close()
+            raise StoreError("the store is closed")
+        try:
+            return fn(self._conn, *args)
+        except sqlite3.Error as exc:
+            raise _translate(exc, missing) from exc
+
+    # --- schema and lifecycle ---------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        migrations = load_migrations(self.dialect)
+
+        def work(conn: sqlite3.Connection) -> list[int]:
+            with _write_transaction(conn):
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+                )
+            applied: list[int] = []
+            for migration in migrations:
+                # Re-read the version under the write lock: another process may have migrated meanwhile.
+                with _write_transaction(conn):
+                    current = _version(conn)
+                    refuse_newer(current, self.dialect)
+                    if current >= migration.version:
+                        continue
+                    for statement in _split_statements(migration.sql):
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                        (migration.version, _ts(common.utcnow())),
+                    )
+                applied.append(migration.version)
+            return applied
+
+        return await self._run(work)
+
+    async def schema_version(self) -> int:
+        return await self._run(_version)
+
+    async def check_schema(self) -> int:
+        return check_version(await self.schema_version(), self.dialect)
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        if self._conn is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._conn.close)
+            self._conn = None
+        self._closed = True
+        self._executor.shutdown(wait=False)
+
+    # --- users -------------------------------------------------------------
+
+    async def create_user(
+        self, *, external_id: str | None = None, email: str | None = None, name: str | None = None
+    ) -> User:
+        user = User(
+            id=common.new_id("usr"), external_id=external_id, email=email, name=name, created_at=common.utcnow()
+        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO users (id, external_id, email, name, created_at) VALUES (?, ?, ?, ?, ?)",
+                (user.id, user.external_id, user.email, user.name, _ts(user.created_at)),
+            )
+
+        await self._run(work)
+        return user
+
+    async def get_user(self, user_id: str) -> User | None:
+        row = await self._run(self._fetch_one, f"SELECT {USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
+        return None if row is None else _decode.user(row)
+
+    async def get_user_by_external_id(self, external_id: str) -> User | None:
+        row = await self._run(
+            self._fetch_one, f"SELECT {USER_COLUMNS} FROM users WHERE external_id = ?", (external_id,)
+        )
+        return None if row is None else _decode.user(row)
+
+    async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]:
+        common.check_page(limit, offset)
+        where = "" if include_deleted else "WHERE deleted_at IS NULL"
+        rows = await self._run(
+            self._fetch_all,
+            f"SELECT {USER_COLUMNS} FROM users {where} ORDER BY created_at, id LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        return [_decode.user(r) for r in rows]
+
+    async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
+        when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                changed = conn.execute(
+                    "UPDATE users SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL", (when, user_id)
+                ).rowcount
+                if changed == 0 and conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+                    raise NotFound(f"user {user_id} does not exist")
+            return changed == 1
+
+        return await self._run(work)
+
+    # --- organizations -----------------------------------------------------
+
+    async def create_org(self, name: str, owner_user_id: str) -> Organization:
+        org = Organization(id=common.new_id("org"), name=name, created_at=common.utcnow())
+        created = _ts(org.created_at)
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write_transaction(conn):
+                conn.execute(
+                    "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?)", (org.id, name, created)
+                )
+                conn.execute(
+                    "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES (?, ?, 'owner', ?)",
+                    (org.id, owner_user_id, created),
+                )
+
+        await self._run(work, missing=f"user {owner_user_id} does not exist")
+        return org
+
+    async def get_org(self, org_id: str) -> Organization | None:
+        row = await self._run(self._fetch_one, f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = ?", (org_id,))
+        return None if row is None else _decode.org(row)
+
+    async def list_orgs(self, limit: int = 100, offset: int = 0) -> list[Organization]:
+        common.check_page(limit, offset)
+        rows = await self._run(
+            self._fetch_all,
+            f"SELECT {ORG_COLUMNS} FROM organizations ORDER BY created_at, id LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        return [_decode.org(r) for r in rows]
+
+    async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
+        rows = await self._run(
+            self._fetch_all,
+            "SELECT o.id, o.name, o.created_at, m.role FROM memberships m"
+            " JOIN organizations o ON o.id = m.org_id"
+            " WHERE m.user_id = ? ORDER BY o.created_at, o.id",
+            (user_id,),
+        )
+        return [(_decode.org(r), r["role"]) for r in rows]
+
+    # --- memberships -------------------------------------------------------
+
+    async def add_member(self, org_id: str, user_id: str, role: str) -> Membership:
+        membership = Membership(
+            org_id=org_id, user_id=user_id, role=common.check_role(role), created_at=common.utcnow()
+        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)",
+                (org_id, user_id, role, _ts(membership.created_at)),
+            )
+
+        await self._run(work, missing=f"organization {org_id} or user {user_id} does not exist")
+        return membership
+
+    async def set_member_role(self, org_id: str, user_id: str, role: str) -> Membership:
+        common.check_role(role)
+
+        def work(conn: sqlite3.Connection) -> Membership:
+            with _write_transaction(conn):
+                current = self._membership(conn, org_id, user_id)
+                if current is None:
+                    raise NotFound(f"user {user_id} is not a member of organization {org_id}")
+                if current.role == "owner" and role != "owner" and _owner_count(conn, org_id) <= 1:
+                    raise LastOwnerError(
+                        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
+                    )
+                conn.execute(
+                    "UPDATE memberships SET role = ? WHERE org_id = ? AND user_id = ?", (role, org_id, user_id)
+                )
+            return Membership(org_id=org_id, user_id=user_id, role=role, created_at=current.created_at)
+
+        return await self._run(work)
+
+    async def remove_member(self, org_id: str, user_id: str) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                current = self._membership(conn, org_id, user_id)
+                if current is None:
+                    return False
+                if current.role == "owner" and _owner_count(conn, org_id) <= 1:
+                    raise LastOwnerError(
+                        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
+                    )
+                conn.execute("DELETE FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id))
+            return True
+
+        return await self._run(work)
+
+    async def get_role(self, org_id: str, user_id: str) -> str | None:
+        row = await self._run(
+            self._fetch_one, "SELECT role FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id)
+        )
+        return None if row is None else row["role"]
+
+    async def list_members(self, org_id: str) -> list[Membership]:
+        rows = await self._run(
+            self._fetch_all,
+            f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = ? ORDER BY created_at, user_id",
+            (org_id,),
+        )
+        return [_decode.membership(r) for r in rows]
+
+    # --- API keys ----------------------------------------------------------
+
+    async def create_api_key(
+        self,
+        *,
+        public_id: str,
+        prefix: str,
+        secret_hash: str,
+        name: str,
+        user_id: str | None = None,
+        org_id: str | None = None,
+        created_by: str | None = None,
+        expires_at: datetime | None = None,
+        allowed_models: list[str] | tuple[str, ...] | None = None,
+        limits: Mapping[str, Any] | None = None,
+    ) -> ApiKeyRow:
+        common.check_key_owner(user_id, org_id)
+        models = common.models_for_storage(allowed_models)
+        limits_dict = common.limits_for_storage(limits)
+        key = ApiKeyRow(
+            id=common.new_id("key"),
+            public_id=public_id,
+            prefix=prefix,
+            secret_hash=secret_hash,
+            name=name,
+            user_id=user_id,
+            org_id=org_id,
+            created_by=created_by,
+            created_at=common.utcnow(),
+            expires_at=None if expires_at is None else common.aware_utc(expires_at, "expires_at"),
+            allowed_models=None if models is None else tuple(models),
+            limits=limits_dict,
+        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO api_keys (id, public_id, prefix, secret_hash, name, user_id, org_id, created_by,"
+                " created_at, expires_at, allowed_models, limits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.id, key.public_id, key.prefix, key.secret_hash, key.name, key.user_id, key.org_id,
+                    key.created_by, _ts(key.created_at), _opt_ts(key.expires_at), _opt_json(models),
+                    _opt_json(limits_dict),
+                ),
+            )
+
+        await self._run(work, missing="the key's user_id, org_id or created_by does not exist")
+        return key
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
+        row = await self._run(self._fetch_one, f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+        return None if row is None else _decode.api_key(row)
+
+    async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
+        row = await self._run(
+            self._fetch_one, f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE public_id = ?", (public_id,)
+        )
+        return None if row is None else _decode.api_key(row)
+
+    async def list_api_keys(
+        self, *, user_id: str | None = None, org_id: str | None = None, include_revoked: bool = False
+    ) -> list[ApiKeyRow]:
+        conditions: list[str] = []
+        params: list[Any] = []
+        if user_id is not None:
+            conditions.append("user_id = ?")
+            params.append(user_id)
+        if org_id is not None:
+            conditions.append("org_id = ?")
+            params.append(org_id)
+        if not include_revoked:
+            conditions.append("revoked_at IS NULL")
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = await self._run(
+            self._fetch_all, f"SELECT {API_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, id", tuple(params)
+        )
+        return [_decode.api_key(r) for r in rows]
+
+    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
+        when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                changed = conn.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (when, key_id)
+                ).rowcount
+                if changed == 0 and conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone() is None:
+                    raise NotFound(f"API key {key_id} does not exist")
+            return changed == 1
+
+        return await self._run(work)
+
+    async def touch_api_keys(self, last_used: Mapping[str, datetime]) -> int:
+        if not last_used:
+            return 0
+        params = []
+        for key_id, when in last_used.items():
+            stamp = _ts(common.aware_utc(when, "last_used_at"))
+            params.append((stamp, key_id, stamp))
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _write_transaction(conn):
+                cursor = conn.executemany(
+                    "UPDATE api_keys SET last_used_at = ?"
+                    " WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+                    params,
+                )
+            return cursor.rowcount
+
+        return await self._run(work)
+
+    # --- worker-thread queries ---------------------------------------------
+
+    @staticmethod
+    def _fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
+        return conn.execute(sql, params).fetchone()
+
+    @staticmethod
+    def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        return conn.execute(sql, params).fetchall()
+
+    @staticmethod
+    def _membership(conn: sqlite3.Connection, org_id: str, user_id: str) -> Membership | None:
+        row = conn.execute(
+            f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id)
+        ).fetchone()
+        return None if row is None else _decode.membership(row)
