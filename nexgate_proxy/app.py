@@ -41,6 +41,9 @@ def resolve_providers(config: Config, chain: HookChain) -> dict[str, Provider]:
 def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Application:
     """The gateway application. Raises ConfigError or PluginError before anything starts."""
     chain = HookChain(build_plugin_manager(config, extra_plugins))
+    problems = chain.check_config(config)
+    if problems:
+        raise ConfigError(config.source, problems)
     providers = resolve_providers(config, chain)
     proxy = Proxy(config, chain, providers)
     app = web.Application(

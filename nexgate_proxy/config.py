@@ -169,7 +169,7 @@ def interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[st
 # ------------------------------------------------------------------ reading
 
 
-class _Reader:
+class ConfigReader:
     """Typed access to a YAML mapping that records problems with their key paths."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -247,9 +247,11 @@ def _coerce(raw: Any, kind: type) -> Any:
             return None
         try:
             # str() first: a YAML float like 0.15 must become Decimal("0.15"), not its binary value.
-            return Decimal(str(raw)) if isinstance(raw, (int, float, str)) else None
+            value = Decimal(str(raw)) if isinstance(raw, (int, float, str)) else None
         except InvalidOperation:
             return None
+        # NaN and Infinity are no price (and NaN cannot even be compared).
+        return value if value is not None and value.is_finite() else None
     if kind is str:
         return raw if isinstance(raw, str) else (str(raw) if isinstance(raw, (int, float)) else None)
     if kind is list:
@@ -291,7 +293,7 @@ TOP_LEVEL_KEYS = (
 """Sections this version knows. Sections owned by built-in plugins are validated by them."""
 
 
-def _timeouts(r: _Reader, raw: Any, path: str, base: Timeouts) -> Timeouts:
+def _timeouts(r: ConfigReader, raw: Any, path: str, base: Timeouts) -> Timeouts:
     section = r.mapping(raw, path, ("connect", "first_byte", "idle", "total"))
     return Timeouts(
         connect=r.value(section, "connect", path, float, base.connect, _positive),
@@ -301,7 +303,7 @@ def _timeouts(r: _Reader, raw: Any, path: str, base: Timeouts) -> Timeouts:
     )
 
 
-def _server(r: _Reader, raw: Any) -> ServerConfig:
+def _server(r: ConfigReader, raw: Any) -> ServerConfig:
     p = "server"
     s = r.mapping(raw, p, ("host", "port", "workers", "grace_period", "max_body_bytes",
                            "max_header_bytes", "access_log"))
@@ -318,7 +320,7 @@ def _server(r: _Reader, raw: Any) -> ServerConfig:
     )
 
 
-def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
+def _upstream(r: ConfigReader, raw: Any) -> UpstreamConfig:
     p = "upstream"
     s = r.mapping(raw, p, ("timeouts", "max_response_bytes", "max_connections"))
     d = UpstreamConfig()
@@ -329,7 +331,7 @@ def _upstream(r: _Reader, raw: Any) -> UpstreamConfig:
     )
 
 
-def _providers(r: _Reader, raw: Any) -> dict[str, ProviderConfig]:
+def _providers(r: ConfigReader, raw: Any) -> dict[str, ProviderConfig]:
     out: dict[str, ProviderConfig] = {}
     for name, spec in r.mapping(raw, "providers").items():
         p = f"providers.{name}"
@@ -358,7 +360,7 @@ def _providers(r: _Reader, raw: Any) -> dict[str, ProviderConfig]:
     return out
 
 
-def _price(r: _Reader, raw: Any, path: str) -> Price | None:
+def _price(r: ConfigReader, raw: Any, path: str) -> Price | None:
     if raw is None:
         return None
     s = r.mapping(raw, path, ("input", "output", "cached_input"))
@@ -371,7 +373,7 @@ def _price(r: _Reader, raw: Any, path: str) -> Price | None:
     return Price(input=values["input"], output=values["output"], cached_input=values["cached_input"])
 
 
-def _models(r: _Reader, raw: Any, providers: Mapping[str, ProviderConfig], default_timeouts: Timeouts) -> dict[str, ModelRoute]:
+def _models(r: ConfigReader, raw: Any, providers: Mapping[str, ProviderConfig], default_timeouts: Timeouts) -> dict[str, ModelRoute]:
     models_raw = r.mapping(raw, "models")
     out: dict[str, ModelRoute] = {}
     for alias, spec in models_raw.items():
@@ -396,7 +398,9 @@ def _models(r: _Reader, raw: Any, providers: Mapping[str, ProviderConfig], defau
             targets.append(Target(provider=provider, model=r.value(ts, "model", tp, str, str(alias)), weight=weight))
         fallbacks = r.value(s, "fallbacks", p, list, [])
         for i, fb in enumerate(fallbacks):
-            if fb not in models_raw:
+            if isinstance(fb, (dict, list)):
+                r.problem(f"{p}.fallbacks[{i}]", f"expected a model name, got {_kind(fb)}")
+            elif fb not in models_raw:
                 r.problem(f"{p}.fallbacks[{i}]", f"unknown model '{fb}' (fallbacks name other models of this table)")
             elif fb == alias:
                 r.problem(f"{p}.fallbacks[{i}]", "a model cannot fall back to itself")
@@ -412,7 +416,7 @@ def _models(r: _Reader, raw: Any, providers: Mapping[str, ProviderConfig], defau
     return out
 
 
-def _plugins(r: _Reader, raw: Any) -> PluginsConfig:
+def _plugins(r: ConfigReader, raw: Any) -> PluginsConfig:
     p = "plugins"
     s = r.mapping(raw, p, ("modules", "directory", "disable", "entrypoints"))
     return PluginsConfig(
@@ -423,7 +427,7 @@ def _plugins(r: _Reader, raw: Any) -> PluginsConfig:
     )
 
 
-def _url(r: _Reader, raw: Any, path: str, default: str, schemes: tuple[str, ...],
+def _url(r: ConfigReader, raw: Any, path: str, default: str, schemes: tuple[str, ...],
          known: tuple[str, ...] = ("url",)) -> str:
     s = r.mapping(raw, path, known)
     url = r.value(s, "url", path, str, default)
@@ -435,7 +439,7 @@ def _url(r: _Reader, raw: Any, path: str, default: str, schemes: tuple[str, ...]
 def parse_config(data: Any, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     """Validate a loaded YAML document; raise ConfigError listing every problem."""
     problems: list[str] = []
-    r = _Reader(problems)
+    r = ConfigReader(problems)
     if data is None:
         data = {}
     data = interpolate(data, os.environ if env is None else env, "", problems)
@@ -469,6 +473,8 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text (bad byte at offset {exc.start}); save the file as UTF-8"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

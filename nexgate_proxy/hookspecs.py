@@ -52,6 +52,16 @@ def nexgate_register_providers() -> dict[str, type[Provider]]:
 
 
 @hookspec
+def nexgate_check_config(config: Config) -> list[str] | None:
+    """Validate the config sections this plugin owns; return problems as "key.path: what is wrong".
+
+    Runs once while the application is built and by ``nexgate config check``.
+    Any problem from any plugin stops the server from starting; all are
+    reported together with the core's own.
+    """
+
+
+@hookspec
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
     """Add HTTP routes to the gateway (admin APIs, webhooks, metrics).
 

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_proxy.providers.openai",
     "nexgate_proxy.providers.anthropic",
     "nexgate_proxy.providers.echo",
+    "nexgate_plugins.auth",
     "nexgate_plugins.routing",
     "nexgate_plugins.metrics",
 )
@@ -251,6 +252,12 @@ class HookChain:
                     raise PluginError(f"provider type '{name}' is registered twice (by '{impl[2]}' and another plugin)")
                 types[name] = cls
         return types
+
+    def check_config(self, config: Config) -> list[str]:
+        problems: list[str] = []
+        for impl in _compile(self.pm, "nexgate_check_config"):
+            problems += impl[0](*[{"config": config}[n] for n in impl[1]]) or []
+        return problems
 
     def register_routes(self, app: Any, config: Config) -> None:
         for impl in _compile(self.pm, "nexgate_register_routes"):

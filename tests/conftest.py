@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import secrets
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 from aiohttp import web
 
+from nexgate_proxy.accounts import create_api_key
 from nexgate_proxy.app import build_app
+from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import parse_config
 from nexgate_proxy.runner import GatewayRunner
 from tests.fakes import FakeUpstream
+from tests.services import require_postgres, require_redis
 
 PROVIDER_KEY = "sk-provider-secret-0123456789"
 
@@ -22,6 +29,9 @@ class Gateway:
     app: web.Application
     runner: web.AppRunner
     port: int
+    api_key: str
+    """A real NexGate key of a test user, created at start."""
+    user_id: str
 
     @property
     def url(self) -> str:
@@ -43,12 +53,64 @@ def gateway_config(upstream: FakeUpstream, **overrides: Any) -> dict[str, Any]:
             "gpt-test": {"route": [{"provider": "fake", "model": "upstream-model"}], "free": True},
             "claude-test": {"route": [{"provider": "fake-anthropic", "model": "claude-upstream"}], "free": True},
         },
+        "auth": {"bcrypt_rounds": 4},  # bcrypt's cost is not what these tests measure
     }
     config.update(overrides)
     return config
 
 
 StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+def with_search_path(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
+    query.append(("search_path", schema))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def store_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A URL to an empty database of the backend under test.
+
+    PostgreSQL tests each get a fresh schema (``search_path`` in the URL, which
+    asyncpg passes to the server), dropped afterwards.
+    """
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'nexgate.db'}"
+        return
+    async with fresh_postgres_schema() as url:
+        yield url
+
+
+@asynccontextmanager
+async def fresh_postgres_schema() -> AsyncIterator[str]:
+    """A URL to a new, empty PostgreSQL schema, dropped on exit."""
+    base_url = require_postgres()
+    schema = f"t_{secrets.token_hex(8)}"
+    admin = await asyncpg.connect(base_url)
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        yield with_search_path(base_url, schema)
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    async with fresh_postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return require_redis()
 
 
 @pytest.fixture
@@ -76,7 +138,9 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         await site.start()
         runners.append(runner)
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return Gateway(app, runner, port)
+        user = await app[STORE].create_user(email=f"user{len(runners)}@example.com", name="Test User")
+        key = await create_api_key(app[STORE], name="test", user_id=user.id, bcrypt_rounds=4)
+        return Gateway(app, runner, port, key.plaintext, user.id)
 
     yield start
     for runner in reversed(runners):

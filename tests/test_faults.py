@@ -16,7 +16,7 @@ from tests.fakes import FakeUpstream
 
 async def post(gw: Gateway, path: str, data: bytes | str, headers: dict[str, str] | None = None,
                method: str = "POST") -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gw.api_key}"}) as session:
         async with session.request(method, gw.url + path, data=data, headers=headers or {}) as resp:
             text = await resp.text()
             return resp.status, json.loads(text)
@@ -64,7 +64,7 @@ async def test_oversized_body_is_413(upstream: FakeUpstream, start_gateway) -> N
     # Also without a Content-Length (chunked upload).
     async def gen():
         yield big.encode()
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gw.api_key}"}) as session:
         async with session.post(gw.url + "/v1/chat/completions", data=gen()) as resp:
             assert resp.status == 413
             assert_openai_error(await resp.json(), "request_too_large")
@@ -104,7 +104,7 @@ async def test_refused_connection_is_502_without_secrets(start_gateway, upstream
     recorder = RecordingPlugin()
     gw = await start_gateway(config, plugins=[recorder])
     with pytest.raises(openai.APIStatusError) as err:
-        await openai.AsyncOpenAI(base_url=gw.openai_base, api_key="x", max_retries=0).chat.completions.create(
+        await openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0).chat.completions.create(
             model="gpt-test", messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 502
     assert err.value.body["code"] == "upstream_unreachable"
@@ -135,7 +135,7 @@ async def test_upstream_rejecting_our_key_is_not_relayed(gateway: Gateway, upstr
 async def test_upstream_client_errors_are_relayed_verbatim(gateway: Gateway, upstream: FakeUpstream) -> None:
     upstream.behaviour.status = 400
     upstream.behaviour.error_body = b'{"error": {"message": "max_tokens is too large", "type": "invalid_request_error"}}'
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gateway.api_key}"}) as session:
         async with session.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-test"}) as resp:
             assert resp.status == 400
             assert await resp.read() == upstream.behaviour.error_body
@@ -155,7 +155,7 @@ async def test_reset_mid_stream_surfaces_as_sdk_error(start_gateway, upstream: F
     recorder = RecordingPlugin()
     gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
     upstream.behaviour.cut_after_chunks = 2
-    client = openai.AsyncOpenAI(base_url=gw.openai_base, api_key="x", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0)
     stream = await client.chat.completions.create(model="gpt-test", stream=True,
                                                   messages=[{"role": "user", "content": "hi"}])
     received = []
@@ -174,7 +174,7 @@ async def test_idle_stream_times_out_with_error_event(start_gateway, upstream: F
     config["models"]["gpt-test"]["timeouts"] = {"idle": 0.3}
     gw = await start_gateway(config)
     upstream.behaviour.stall_after_chunks = 1
-    client = openai.AsyncOpenAI(base_url=gw.openai_base, api_key="x", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0)
     stream = await client.chat.completions.create(model="gpt-test", stream=True,
                                                   messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.APIError) as err:
@@ -188,7 +188,7 @@ async def test_client_disconnect_mid_stream_is_recorded(start_gateway, upstream:
     gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
     upstream.behaviour.words = ["w"] * 200
     upstream.behaviour.chunk_delay = 0.01
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gw.api_key}"}) as session:
         resp = await session.post(gw.url + "/v1/chat/completions",
                                   json={"model": "gpt-test", "stream": True, "messages": []})
         await resp.content.readline()

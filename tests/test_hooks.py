@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def client(gw) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key="k", max_retries=0)
+    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0)
 
 
 async def test_a_request_phase_can_reject_and_final_phases_still_run(upstream: FakeUpstream, start_gateway) -> None:

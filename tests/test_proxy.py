@@ -11,11 +11,8 @@ import pytest
 from tests.conftest import PROVIDER_KEY, Gateway, RecordingPlugin, gateway_config
 from tests.fakes import FakeUpstream
 
-CLIENT_KEY = "sk-client-should-never-travel"
-
-
 def openai_client(gw: Gateway, **kw) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=CLIENT_KEY, max_retries=0, **kw)
+    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0, **kw)
 
 
 async def test_chat_completion_bytes_and_usage(upstream: FakeUpstream, start_gateway) -> None:
@@ -31,7 +28,7 @@ async def test_chat_completion_bytes_and_usage(upstream: FakeUpstream, start_gat
     sent = upstream.received[-1]
     assert sent.body["model"] == "upstream-model"
     assert sent.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
-    assert CLIENT_KEY not in json.dumps(sent.headers)
+    assert gw.api_key not in json.dumps(sent.headers)
     # Provider account details and rate limits are not relayed.
     assert "openai-organization" not in raw.headers
     assert "x-ratelimit-remaining-requests" not in raw.headers
@@ -105,7 +102,7 @@ async def test_responses_api_plain_and_streamed(upstream: FakeUpstream, start_ga
 async def test_anthropic_messages_through_the_anthropic_sdk(upstream: FakeUpstream, start_gateway) -> None:
     recorder = RecordingPlugin()
     gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
-    client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=CLIENT_KEY, max_retries=0)
+    client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
     message = await client.messages.create(model="claude-test", max_tokens=10,
                                            messages=[{"role": "user", "content": "salut"}])
     assert message.content[0].text == "Bonjour"
@@ -124,7 +121,7 @@ async def test_anthropic_messages_through_the_anthropic_sdk(upstream: FakeUpstre
 
 
 async def test_openai_models_are_not_served_on_the_anthropic_endpoint(gateway: Gateway) -> None:
-    client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key=CLIENT_KEY, max_retries=0)
+    client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key=gateway.api_key, max_retries=0)
     with pytest.raises(anthropic.BadRequestError) as err:
         await client.messages.create(model="gpt-test", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert err.value.body["error"]["code"] == "unsupported_endpoint"

@@ -1,0 +1,57 @@
+"""Account operations shared by the admin API and the CLI.
+
+Creating and revoking keys in one place keeps the rules in one place: the
+plaintext exists only in the return value of ``create_api_key``, and a
+revocation is announced on the bus so every instance drops its cached copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping, Sequence
+
+from .bus import InvalidationBus
+from .keys import DEFAULT_BCRYPT_ROUNDS, generate_key, hash_secret_async
+from .store import ApiKeyRow, Store
+
+API_KEY_EVENT = "api_key"
+"""Bus message kind: the value is a key id whose cached verification must be dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    row: ApiKeyRow
+    plaintext: str
+    """Shown to its owner once; never stored or logged."""
+
+
+async def create_api_key(
+    store: Store,
+    *,
+    name: str,
+    user_id: str | None = None,
+    org_id: str | None = None,
+    created_by: str | None = None,
+    expires_at: datetime | None = None,
+    allowed_models: Sequence[str] | None = None,
+    limits: Mapping[str, Any] | None = None,
+    bcrypt_rounds: int = DEFAULT_BCRYPT_ROUNDS,
+) -> CreatedKey:
+    generated = generate_key()
+    secret_hash = await hash_secret_async(generated.secret, rounds=bcrypt_rounds)
+    row = await store.create_api_key(
+        public_id=generated.public_id, prefix=generated.prefix, secret_hash=secret_hash, name=name,
+        user_id=user_id, org_id=org_id, created_by=created_by, expires_at=expires_at,
+        allowed_models=tuple(allowed_models) if allowed_models is not None else None, limits=limits,
+    )
+    return CreatedKey(row=row, plaintext=generated.plaintext)
+
+
+async def revoke_api_key(store: Store, bus: InvalidationBus | None, key_id: str) -> bool:
+    """Revoke in the store, then tell every instance. True if this call revoked it."""
+    revoked = await store.revoke_api_key(key_id)
+    if bus is not None:
+        # Also when it was already revoked: an instance may have missed the first message.
+        await bus.publish(API_KEY_EVENT, key_id)
+    return revoked
