@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from .appkeys import CHAIN, CONFIG, PROVIDERS, PROXY
+from .clientip import client_ip
 from .config import Config, ConfigError
 from .context import RequestContext
 from .endpoints import ENDPOINTS, Endpoint
@@ -107,7 +108,8 @@ async def _plugin_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _authenticated(request: web.Request) -> RequestContext:
     ctx = RequestContext(request_id=new_request_id(), endpoint="models", api_format="openai",
-                         request=request, client_ip=request.remote or "")
+                         request=request, client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For"),
+                                                              request.app[CONFIG].server.trusted_proxies))
     await request.app[CHAIN].authenticate(ctx)
     return ctx
 

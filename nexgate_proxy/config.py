@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from .clientip import IPNetwork, parse_networks
+
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 KNOWN_PROVIDER_TYPES_HINT = "openai, anthropic, echo"
 
@@ -59,6 +61,8 @@ class ServerConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     access_log: bool = False
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    """Peers whose X-Forwarded-For is believed (load balancers in front of NexGate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +310,7 @@ def _timeouts(r: ConfigReader, raw: Any, path: str, base: Timeouts) -> Timeouts:
 def _server(r: ConfigReader, raw: Any) -> ServerConfig:
     p = "server"
     s = r.mapping(raw, p, ("host", "port", "workers", "grace_period", "max_body_bytes",
-                           "max_header_bytes", "access_log"))
+                           "max_header_bytes", "access_log", "trusted_proxies"))
     d = ServerConfig()
     return ServerConfig(
         host=r.value(s, "host", p, str, d.host),
@@ -317,7 +321,19 @@ def _server(r: ConfigReader, raw: Any) -> ServerConfig:
         max_header_bytes=r.value(s, "max_header_bytes", p, int, d.max_header_bytes,
                                  lambda v: None if v >= 1024 else "must be at least 1024"),
         access_log=r.value(s, "access_log", p, bool, d.access_log),
+        trusted_proxies=_networks(r, s, "trusted_proxies", p),
     )
+
+
+def _networks(r: ConfigReader, section: dict[str, Any], key: str, path: str) -> tuple[IPNetwork, ...]:
+    values = r.value(section, key, path, list, [])
+    networks: list[IPNetwork] = []
+    for i, value in enumerate(values):
+        try:
+            networks += parse_networks([value])
+        except ValueError as exc:
+            r.problem(f"{path}.{key}[{i}]", str(exc))
+    return tuple(networks)
 
 
 def _upstream(r: ConfigReader, raw: Any) -> UpstreamConfig:

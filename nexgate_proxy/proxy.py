@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from .clientip import client_ip
 from .context import RequestContext
 from .errors import GatewayError
 from .headers import request_headers, response_headers
@@ -52,6 +53,7 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self.max_response_bytes = config.upstream.max_response_bytes
         self.max_body_bytes = config.server.max_body_bytes
+        self.trusted_proxies = config.server.trusted_proxies
         self._client_timeouts: dict[str, aiohttp.ClientTimeout] = {
             alias: aiohttp.ClientTimeout(total=None, sock_connect=route.timeouts.connect, connect=route.timeouts.connect)
             for alias, route in config.models.items()
@@ -65,7 +67,7 @@ class Proxy:
             endpoint=endpoint.name,
             api_format=endpoint.api_format,
             request=request,
-            client_ip=request.remote or "",
+            client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For"), self.trusted_proxies),
         )
         try:
             await self.chain.authenticate(ctx)

@@ -173,3 +173,13 @@ async def test_weighted_targets_spread_by_weight(start_gateway, upstream: FakeUp
         await client.embeddings.create(model="spread", input="x")
     heavy = sum(1 for r in upstream.received if r.body["model"] == "heavy")
     assert 120 <= heavy <= 180  # expected 150; far outside 5 sigma would be a bug
+
+
+@pytest.mark.parametrize(("trusted", "expected"), [([], "127.0.0.1"), (["127.0.0.0/8"], "198.51.100.7")])
+async def test_client_ip_honours_forwarded_for_only_from_trusted_proxies(
+        upstream: FakeUpstream, start_gateway, trusted: list[str], expected: str) -> None:
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream, server={"trusted_proxies": trusted}), plugins=[recorder])
+    await openai_client(gw, default_headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.7"}).embeddings.create(
+        model="gpt-test", input="x")
+    assert recorder.records[-1].client_ip == expected
