@@ -83,6 +83,8 @@ class RequestContext:
     first_byte_at: float | None = None
     estimated_cost: Decimal | None = None
     actual_cost: Decimal | None = None
+    finished: bool = False
+    """settle/guard/record ran (they run once: before a success's last byte, else at the end)."""
     response_headers: dict[str, str] = field(default_factory=dict)
     """Headers hooks add to the client's response (e.g. rate limit headers)."""
     scratch: dict[str, Any] = field(default_factory=dict)

@@ -89,7 +89,16 @@ class Proxy:
             return self._error_response(ctx, GatewayError(500, "The gateway failed to handle the request.",
                                                           code="internal_error"))
         finally:
-            # Settle and record must run to completion even if this handler is cancelled.
+            await self._finish(ctx)
+
+    async def _finish(self, ctx: RequestContext) -> None:
+        """Run settle, guard and record once, to completion even if this handler is cancelled.
+
+        For an answer the client receives, this runs before its last byte goes out, so the
+        charge and the usage record are durable before the client can act on the answer.
+        """
+        if not ctx.finished:
+            ctx.finished = True
             await asyncio.shield(self.chain.finish(ctx))
 
     def _error_response(self, ctx: RequestContext, exc: GatewayError) -> web.Response:
@@ -209,11 +218,11 @@ class Proxy:
                      injected_usage: bool, deadline: float, timeouts: Timeouts) -> web.StreamResponse:
         ctx.status = upstream.status
         headers = response_headers(upstream.headers)
-        headers.update(ctx.response_headers)
         headers["x-nexgate-request-id"] = ctx.request_id
         content_type = upstream.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
             return await self._relay_body(ctx, upstream, headers, deadline, timeouts)
+        headers.update(ctx.response_headers)
         return await self._relay_stream(ctx, upstream, headers, injected_usage, deadline, timeouts)
 
     async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
@@ -236,6 +245,8 @@ class Proxy:
         ctx.first_byte_at = loop.time()
         if upstream.status < 400:
             usage_from_body(ctx.usage, body)
+        await self._finish(ctx)
+        headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
@@ -272,8 +283,10 @@ class Proxy:
         finally:
             upstream.close()
         if not client_gone:
-            # A last event without its blank line is still the upstream's; a torn one is not sent.
+            # The held final event (and a last one without its blank line) go out after settle.
             tail = meter.finish() if error is None else b""
+            if error is None:
+                await self._finish(ctx)
             try:
                 if tail:
                     await response.write(tail)

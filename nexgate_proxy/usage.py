@@ -69,21 +69,29 @@ def usage_from_body(usage: Usage, body: bytes) -> None:
         apply_usage(usage, data.get("usage"))
 
 
+# The event that ends a stream in each dialect; it is held back until the request is settled.
+_TERMINAL_MARKS = (b"[DONE]", b"message_stop", b"response.completed", b"response.incomplete", b"response.failed")
+
+
 class StreamMeter:
     """Splits a relayed SSE stream into whole events and reads usage from them.
 
     ``feed`` returns the bytes to send on: whole events only, so a client never
     waits on a half event and a dropped event never leaves a fragment behind.
-    When ``strip_usage_chunk`` is set (NexGate asked upstream for usage the
-    client did not ask for), the usage-only chunk is removed from the output.
+    The stream's final event (``[DONE]``, ``message_stop``, ``response.completed``)
+    is held back and returned by ``finish``, so the gateway can settle before
+    the client sees the end. When ``strip_usage_chunk`` is set (NexGate asked
+    upstream for usage the client did not ask for), the usage-only chunk is
+    removed from the output.
     """
 
-    __slots__ = ("usage", "strip_usage_chunk", "_tail")
+    __slots__ = ("usage", "strip_usage_chunk", "_tail", "_held")
 
     def __init__(self, usage: Usage, strip_usage_chunk: bool = False) -> None:
         self.usage = usage
         self.strip_usage_chunk = strip_usage_chunk
         self._tail = b""
+        self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._tail + chunk if self._tail else chunk
@@ -92,12 +100,26 @@ class StreamMeter:
             self._tail = data
             return b""
         whole, self._tail = data[:end], data[end:]
-        return self._scan(whole)
+        out = self._scan(whole)
+        if self._held:  # something came after the final event: it was not final after all
+            out, self._held = self._held + out, b""
+        return self._hold_terminal(out)
 
     def finish(self) -> bytes:
-        """What is left when the upstream ended, e.g. a last event with no blank line after it."""
+        """The held final event and whatever is left when the upstream ended."""
         rest, self._tail = self._tail, b""
-        return self._scan(rest) if rest.strip() else rest
+        held, self._held = self._held, b""
+        return held + (self._scan(rest) if rest.strip() else rest)
+
+    def _hold_terminal(self, out: bytes) -> bytes:
+        if not out:
+            return out
+        start = _last_event_start(out)
+        last = out[start:]
+        if any(mark in last for mark in _TERMINAL_MARKS):
+            self._held = last
+            return out[:start]
+        return out
 
     def _scan(self, whole: bytes) -> bytes:
         self.usage.stream_events += whole.count(b"data:")
@@ -133,6 +155,14 @@ class StreamMeter:
             if isinstance(holder, dict) and apply_usage(self.usage, holder.get("usage")):
                 break
         return self.strip_usage_chunk and data.get("choices") == []
+
+
+def _last_event_start(data: bytes) -> int:
+    """Where the last whole event of ``data`` (which ends with a blank line) begins."""
+    body = data.rstrip(b"\r\n")
+    lf = body.rfind(b"\n\n")
+    crlf = body.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def _last_event_end(data: bytes) -> int:

@@ -1,0 +1,102 @@
+"""Usage is read from every dialect, and the stream relay keeps events whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from nexgate_proxy import hookimpl
+from nexgate_proxy.context import Usage
+from nexgate_proxy.usage import StreamMeter, usage_from_body
+from tests.conftest import gateway_config
+from tests.fakes import FakeUpstream
+
+
+def openai_chunk(content: str) -> bytes:
+    return f'data: {{"choices": [{{"index": 0, "delta": {{"content": "{content}"}}}}], "usage": null}}\n\n'.encode()
+
+
+USAGE_CHUNK = b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}\n\n'
+STREAM = openai_chunk("a") + openai_chunk("b") + USAGE_CHUNK + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 64, len(STREAM)])
+def test_any_chunking_relays_the_same_whole_events(size: int) -> None:
+    usage = Usage()
+    meter = StreamMeter(usage)
+    out = b"".join(meter.feed(STREAM[i:i + size]) for i in range(0, len(STREAM), size))
+    assert b"[DONE]" not in out  # held until settled
+    out += meter.finish()
+    assert out == STREAM
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.reported) == (5, 2, True)
+
+
+def test_usage_chunk_is_stripped_when_nexgate_asked_for_it() -> None:
+    usage = Usage()
+    meter = StreamMeter(usage, strip_usage_chunk=True)
+    out = meter.feed(STREAM) + meter.finish()
+    assert out == openai_chunk("a") + openai_chunk("b") + b"data: [DONE]\n\n"
+    assert usage.completion_tokens == 2
+
+
+def test_crlf_streams_and_a_last_event_without_blank_line() -> None:
+    stream = b'data: {"x": 1}\r\n\r\ndata: {"usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
+    usage = Usage()
+    meter = StreamMeter(usage)
+    assert meter.feed(stream) == b'data: {"x": 1}\r\n\r\n'
+    assert meter.finish().endswith(b"4}}")
+    assert (usage.prompt_tokens, usage.completion_tokens) == (3, 4)
+
+
+def test_an_event_after_a_terminal_one_releases_it() -> None:
+    meter = StreamMeter(Usage())
+    assert meter.feed(b"data: [DONE]\n\n") == b""
+    assert meter.feed(b"data: late\n\n") == b"data: [DONE]\n\ndata: late\n\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"usage": {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}},
+         (10, 2, 4)),
+        ({"usage": {"input_tokens": 9, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 1},
+                    "total_tokens": 12}}, (9, 3, 1)),
+        ({"usage": {"input_tokens": 5, "output_tokens": 3, "cache_read_input_tokens": 7,
+                    "cache_creation_input_tokens": 2}}, (14, 3, 7)),
+        ({"usage": {"prompt_tokens": -1, "completion_tokens": "9"}}, (0, 0, 0)),  # untrusted junk is ignored
+        ({"usage": None}, (0, 0, 0)),
+    ],
+)
+def test_usage_from_json_bodies(body: dict, expected: tuple[int, int, int]) -> None:
+    usage = Usage()
+    usage_from_body(usage, json.dumps(body).encode())
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == expected
+
+
+async def test_settle_runs_before_the_client_sees_the_end_of_a_stream(upstream: FakeUpstream,
+                                                                       start_gateway) -> None:
+    loop = asyncio.get_running_loop()
+    marks: dict[str, float] = {}
+
+    class SlowSettle:
+        @hookimpl
+        async def nexgate_settle(self, ctx):
+            marks["settle_start"] = loop.time()
+            await asyncio.sleep(0.3)
+            marks["settle_end"] = loop.time()
+
+    gw = await start_gateway(gateway_config(upstream), plugins=[SlowSettle()])
+    upstream.behaviour.chunk_delay = 0.05
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gw.api_key}"}) as session:
+        async with session.post(gw.openai_base + "/chat/completions",
+                                json={"model": "gpt-test", "stream": True, "messages": []}) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: {") and "first_event" not in marks:
+                    marks["first_event"] = loop.time()
+                if line.startswith(b"data: [DONE]"):
+                    marks["done"] = loop.time()
+    assert marks["first_event"] < marks["settle_start"]  # streaming was not held back
+    assert marks["done"] >= marks["settle_end"]          # but the end was, until settled
