@@ -1,4 +1,4 @@
-"""Durable store for accounts, organizations and API keys.
+"""Durable store for accounts, organizations, API keys, usage records and money.
 
     store = await open_store("sqlite:///nexgate.db")        # or postgresql://...
     await store.migrate()        # `nexgate db migrate`; the gateway calls check_schema()
@@ -12,17 +12,27 @@ from typing import Any
 
 from ._migrations import latest_version
 from .base import (
+    LEDGER_KINDS,
+    MAX_PICO,
+    MIN_PICO,
+    PICO_PER_USD,
     ROLES,
     ApiKeyRow,
     Conflict,
+    GroupBy,
     LastOwnerError,
+    LedgerEntry,
+    LedgerKind,
     Membership,
+    NewLedgerEntry,
     NotFound,
     Organization,
     Role,
     SchemaError,
     Store,
     StoreError,
+    UsageRow,
+    UsageTotal,
     User,
 )
 
@@ -43,17 +53,27 @@ async def open_store(url: str, **options: Any) -> Store:
 
 
 __all__ = [
+    "LEDGER_KINDS",
+    "MAX_PICO",
+    "MIN_PICO",
+    "PICO_PER_USD",
     "ROLES",
     "ApiKeyRow",
     "Conflict",
+    "GroupBy",
     "LastOwnerError",
+    "LedgerEntry",
+    "LedgerKind",
     "Membership",
+    "NewLedgerEntry",
     "NotFound",
     "Organization",
     "Role",
     "SchemaError",
     "Store",
     "StoreError",
+    "UsageRow",
+    "UsageTotal",
     "User",
     "latest_version",
     "open_store",

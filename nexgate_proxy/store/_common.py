@@ -6,10 +6,26 @@ import base64
 import json
 import secrets
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from .base import ROLES, ApiKeyRow, Membership, Organization, User
+from .base import (
+    CREDIT_KINDS,
+    GROUP_BYS,
+    LEDGER_KINDS,
+    MAX_PICO,
+    MIN_PICO,
+    ROLES,
+    ApiKeyRow,
+    LedgerEntry,
+    Membership,
+    NewLedgerEntry,
+    Organization,
+    UsageRow,
+    UsageTotal,
+    User,
+)
 
 # Column lists, in the order the *_from_row functions read them.
 USER_COLUMNS = "id, external_id, email, name, created_at, deleted_at"
@@ -19,6 +35,18 @@ API_KEY_COLUMNS = (
     "id, public_id, prefix, secret_hash, name, user_id, org_id, created_by, created_at,"
     " last_used_at, expires_at, revoked_at, allowed_models, limits"
 )
+USAGE_FIELDS = (
+    "request_id", "ts", "endpoint", "model", "provider", "upstream_model", "account_id", "org_id", "key_id",
+    "key_prefix", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated", "estimated_cost_pico",
+    "actual_cost_pico", "latency_ms", "status", "error_code", "stream", "client_ip", "attempts",
+)  # fmt: skip
+"""usage_records columns = UsageRow fields, in this order."""
+USAGE_COLUMNS = ", ".join(USAGE_FIELDS)
+LEDGER_COLUMNS = "id, account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
+LEDGER_INSERT_COLUMNS = "account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
+
+REQUEST_SOURCE = "request"
+"""The ledger source of the debits record_usage applies; their external_id is the request id."""
 
 
 def new_id(kind: str) -> str:
@@ -54,6 +82,12 @@ def check_page(limit: int, offset: int) -> None:
         raise ValueError("limit and offset must not be negative")
 
 
+def check_group_by(group_by: str) -> str:
+    if group_by not in GROUP_BYS:
+        raise ValueError(f"group_by must be one of {', '.join(GROUP_BYS)}, got {group_by!r}")
+    return group_by
+
+
 def models_for_storage(allowed_models: list[str] | tuple[str, ...] | None) -> list[str] | None:
     if allowed_models is None:
         return None
@@ -64,6 +98,103 @@ def models_for_storage(allowed_models: list[str] | tuple[str, ...] | None) -> li
 
 def limits_for_storage(limits: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None if limits is None else dict(limits)
+
+
+# --- money and usage --------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+_COUNT_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "latency_ms", "status", "attempts")
+
+
+def check_pico(value: Any, what: str) -> int:
+    """An exact pico-USD amount: an int (never a float, Decimal or bool) that fits a BIGINT."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} must be an int of pico-USD, got {type(value).__name__}")
+    if not MIN_PICO <= value <= MAX_PICO:
+        raise ValueError(f"{what} {value} is outside the BIGINT range (about ±9.2 million USD)")
+    return value
+
+
+def check_ledger_entry(entry: NewLedgerEntry) -> NewLedgerEntry:
+    if entry.kind not in LEDGER_KINDS:
+        raise ValueError(f"ledger kind must be one of {', '.join(LEDGER_KINDS)}, got {entry.kind!r}")
+    amount = check_pico(entry.amount_pico, "amount_pico")
+    if amount == 0:
+        raise ValueError("a ledger entry moves money: amount_pico must not be 0")
+    if entry.kind in CREDIT_KINDS and amount < 0:
+        raise ValueError(f"a {entry.kind} credits the account: amount_pico must be positive, got {amount}")
+    if entry.kind == "debit" and amount > 0:
+        raise ValueError(f"a debit takes from the account: amount_pico must be negative, got {amount}")
+    for name in ("account_id", "source", "external_id"):
+        value = getattr(entry, name)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"a ledger entry needs a non-empty {name}")
+    return entry
+
+
+def check_usage_row(row: UsageRow) -> UsageRow:
+    """Refuse what one backend would store and the other reject; return the row with ts in UTC."""
+    if not isinstance(row.request_id, str) or not row.request_id:
+        raise ValueError("a usage row needs a non-empty request_id")
+    for name in ("estimated_cost_pico", "actual_cost_pico"):
+        value = getattr(row, name)
+        if value is not None and check_pico(value, name) < 0:
+            raise ValueError(f"{name} must not be negative, got {value} (request {row.request_id})")
+    for name in _COUNT_FIELDS:
+        value = getattr(row, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT32_MAX:
+            raise ValueError(f"{name} must be an int in 0..{INT32_MAX}, got {value!r} (request {row.request_id})")
+    return replace(row, ts=aware_utc(row.ts, "ts"))
+
+
+def debit_for(row: UsageRow) -> NewLedgerEntry | None:
+    """The ledger entry a newly stored usage row applies, if it costs anything."""
+    if row.account_id is None or not row.actual_cost_pico:
+        return None
+    return NewLedgerEntry(
+        account_id=row.account_id,
+        kind="debit",
+        amount_pico=-row.actual_cost_pico,
+        source=REQUEST_SOURCE,
+        external_id=row.request_id,
+        request_id=row.request_id,
+    )
+
+
+OUT_OF_RANGE = "a balance would leave the BIGINT range (about ±9.2 million USD): nothing was applied"
+
+Filter = tuple[str, Any]
+"""("column op", value): each backend adds its own placeholder."""
+
+
+def usage_filters(
+    *,
+    account_id: str | None,
+    org_id: str | None,
+    key_id: str | None,
+    model: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    require_scope: bool,
+) -> list[Filter]:
+    if require_scope and account_id is None and org_id is None and key_id is None:
+        raise ValueError("list_usage needs at least one of account_id, org_id or key_id")
+    filters: list[Filter] = [
+        (f"{column} =", value)
+        for column, value in (("account_id", account_id), ("org_id", org_id), ("key_id", key_id), ("model", model))
+        if value is not None
+    ]
+    return filters + time_filters("ts", since, until)
+
+
+def time_filters(column: str, since: datetime | None, until: datetime | None) -> list[Filter]:
+    """since inclusive, until exclusive: consecutive periods never count a row twice."""
+    filters: list[Filter] = []
+    if since is not None:
+        filters.append((f"{column} >=", aware_utc(since, "since")))
+    if until is not None:
+        filters.append((f"{column} <", aware_utc(until, "until")))
+    return filters
 
 
 # --- rows -> dataclasses ---------------------------------------------------
@@ -128,6 +259,57 @@ class RowDecoder:
         )
 
 
+    def usage(self, row: Any) -> UsageRow:
+        return UsageRow(
+            request_id=row["request_id"],
+            ts=self._ts(row["ts"]),
+            endpoint=row["endpoint"],
+            model=row["model"],
+            provider=row["provider"],
+            upstream_model=row["upstream_model"],
+            account_id=row["account_id"],
+            org_id=row["org_id"],
+            key_id=row["key_id"],
+            key_prefix=row["key_prefix"],
+            prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+            cached_tokens=row["cached_tokens"],
+            usage_estimated=bool(row["usage_estimated"]),
+            estimated_cost_pico=row["estimated_cost_pico"],
+            actual_cost_pico=row["actual_cost_pico"],
+            latency_ms=row["latency_ms"],
+            status=row["status"],
+            error_code=row["error_code"],
+            stream=bool(row["stream"]),
+            client_ip=row["client_ip"],
+            attempts=row["attempts"],
+        )
+
+    def ledger_entry(self, row: Any) -> LedgerEntry:
+        return LedgerEntry(
+            id=row["id"],
+            account_id=row["account_id"],
+            kind=row["kind"],
+            amount_pico=row["amount_pico"],
+            source=row["source"],
+            external_id=row["external_id"],
+            request_id=row["request_id"],
+            description=row["description"],
+            created_at=self._ts(row["created_at"]),
+        )
+
+    @staticmethod
+    def usage_total(row: Any, cost_pico: int) -> UsageTotal:
+        """The cost comes apart: each backend sums it its own exact way."""
+        return UsageTotal(
+            group=row["grp"],
+            requests=int(row["requests"]),
+            prompt_tokens=int(row["prompt_tokens"]),
+            completion_tokens=int(row["completion_tokens"]),
+            cost_pico=cost_pico,
+        )
+
+
 def dump_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -144,6 +326,8 @@ CONFLICT_MESSAGES = {
     "api_keys.id": "an API key with this id already exists",
     "api_keys.public_id": "an API key with this public_id already exists",
 }
+# usage_records, ledger_entries, balances and webhook_events never raise Conflict:
+# every insert into them is ON CONFLICT DO NOTHING (that is their idempotency).
 
 
 def conflict_message(key: str) -> str:

@@ -1,4 +1,4 @@
-"""The durable store: accounts, organizations and API keys.
+"""The durable store: accounts, organizations, API keys, usage and money.
 
 `Store` is the one interface the gateway codes against; `sqlite.py` and
 `postgres.py` implement it. Rows come back as frozen dataclasses with
@@ -7,18 +7,37 @@ timezone-aware UTC datetimes, whatever the backend.
 Lookups (`get_*`) return None for a missing row; operations on something that
 must exist (adding a member to an unknown org, revoking an unknown key) raise
 `NotFound`.
+
+Money is exact: integer pico-USD (1 pUSD = 1e-12 USD) in Python ints and BIGINT
+columns, never floats. A BIGINT holds at most 2**63 - 1 pUSD, about 9.2 million
+USD (9,223,372.036854775807): the bound, either sign, of any one amount, of any
+one balance and of the net change one call makes to one account. An operation
+that would cross it fails as a whole with StoreError and changes nothing.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 Role = Literal["owner", "admin", "member"]
 ROLES: tuple[str, ...] = ("owner", "admin", "member")
+
+LedgerKind = Literal["payment", "debit", "refund", "dispute", "grant", "adjustment"]
+LEDGER_KINDS: tuple[str, ...] = ("payment", "debit", "refund", "dispute", "grant", "adjustment")
+CREDIT_KINDS: tuple[str, ...] = ("payment", "grant")
+"""Kinds whose amount must be positive; a "debit" must be negative, the others may be either."""
+
+GroupBy = Literal["day", "model", "key"]
+GROUP_BYS: tuple[str, ...] = ("day", "model", "key")
+
+PICO_PER_USD = 10**12
+MAX_PICO = 2**63 - 1
+"""The largest BIGINT: about 9.2 million USD. Balances and amounts stay within MIN_PICO..MAX_PICO."""
+MIN_PICO = -(2**63)
 
 
 # --- errors ---------------------------------------------------------------
@@ -106,11 +125,93 @@ class ApiKeyRow:
         return self.expires_at is None or now < self.expires_at
 
 
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Metadata of one request, as stored in usage_records.
+
+    Scalars only: there is deliberately no field (and no column) that could hold
+    prompt or completion content. Costs are pico-USD ints, None when unknown.
+    """
+
+    request_id: str
+    ts: datetime
+    """When the request started; timezone-aware (naive datetimes are refused)."""
+    endpoint: str
+    model: str | None
+    provider: str | None
+    upstream_model: str | None
+    account_id: str | None
+    """The account that pays (user or organization id); None for unauthenticated requests."""
+    org_id: str | None
+    key_id: str | None
+    key_prefix: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    usage_estimated: bool
+    """True when the token counts are our estimate, not the upstream's report."""
+    estimated_cost_pico: int | None
+    actual_cost_pico: int | None
+    """What the request is charged: record_usage debits it from account_id when positive."""
+    latency_ms: int
+    status: int
+    error_code: str | None
+    stream: bool
+    client_ip: str | None
+    """Personal data: clear_client_ips nulls it after the retention period."""
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    group: str
+    """'YYYY-MM-DD' (UTC) by day, the model alias by model, the key id by key; '' when that column is empty."""
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_pico: int
+    """Sum of actual_cost_pico, what was charged (rows without a cost count as 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewLedgerEntry:
+    """A movement of money to apply.
+
+    (source, external_id) makes it idempotent: the same pair is applied at most
+    once, whatever calls carry it. Source "request" is record_usage's own.
+    """
+
+    account_id: str
+    kind: str
+    """One of LEDGER_KINDS."""
+    amount_pico: int
+    """Signed and non-zero: credits positive, debits negative."""
+    source: str
+    """Who says so: "stripe", "request", "admin"..."""
+    external_id: str
+    """The source's own id of this movement (a payment intent, a request id...)."""
+    request_id: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: int
+    account_id: str
+    kind: str
+    amount_pico: int
+    source: str
+    external_id: str
+    request_id: str | None
+    description: str | None
+    created_at: datetime
+
+
 # --- interface ------------------------------------------------------------
 
 
 class Store(abc.ABC):
-    """Async access to accounts and API keys. Open one with `open_store(url)`."""
+    """Async access to accounts, API keys, usage and money. Open one with `open_store(url)`."""
 
     dialect: str
     """"sqlite" or "postgres": which migrations directory applies."""
@@ -241,3 +342,102 @@ class Store(abc.ABC):
 
         Returns how many rows changed; unknown ids are ignored.
         """
+
+    # usage
+
+    @abc.abstractmethod
+    async def record_usage(self, rows: Sequence[UsageRow]) -> int:
+        """Store a batch of usage records and debit their cost, all in ONE transaction.
+
+        A row whose request_id is already stored is skipped. A newly stored row with
+        an account_id and a positive actual_cost_pico also applies the ledger entry
+        (account_id, "debit", -actual_cost_pico, source "request", external_id =
+        request_id). Replaying a batch, even concurrently from two processes, changes
+        nothing. Returns how many rows were new; the first of two rows with the same
+        request_id wins. A bad row (naive ts, a cost that is not a non-negative int,
+        a count outside 0..2**31-1) raises ValueError/TypeError before anything is written.
+        """
+
+    @abc.abstractmethod
+    async def list_usage(
+        self,
+        *,
+        account_id: str | None = None,
+        org_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[UsageRow]:
+        """Newest first. Filters combine with AND; since is inclusive, until exclusive.
+
+        At least one of account_id / org_id / key_id is required (ValueError otherwise).
+        """
+
+    @abc.abstractmethod
+    async def usage_totals(
+        self,
+        *,
+        account_id: str | None = None,
+        org_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        group_by: GroupBy,
+    ) -> list[UsageTotal]:
+        """Totals per UTC day, model or key, ordered by group; filters as in list_usage.
+
+        Without account_id / org_id / key_id it totals every account (admin use).
+        """
+
+    @abc.abstractmethod
+    async def clear_client_ips(self, before: datetime) -> int:
+        """Null client_ip on usage records older than `before`; return how many changed.
+
+        The data-retention job: no other column is touched.
+        """
+
+    # money
+
+    @abc.abstractmethod
+    async def apply_ledger_entry(self, entry: NewLedgerEntry) -> bool:
+        """Append the entry and move the balance, in one transaction.
+
+        False (and no change) when its (source, external_id) was already applied.
+        ValueError for an unknown kind, a zero amount or a sign the kind forbids,
+        TypeError for a non-int amount.
+        """
+
+    @abc.abstractmethod
+    async def apply_webhook(
+        self, source: str, event_id: str, event_type: str, entries: Sequence[NewLedgerEntry]
+    ) -> bool:
+        """Record a payment provider's event and apply its entries, in ONE transaction.
+
+        False (and no change) when (source, event_id) was seen before. An entry whose
+        (source, external_id) was already applied (by another event carrying the same
+        payment) is skipped. True when the event was new.
+        """
+
+    @abc.abstractmethod
+    async def get_balance(self, account_id: str) -> int:
+        """The running balance in pico-USD; 0 for an account with no entries."""
+
+    @abc.abstractmethod
+    async def ledger_sum(self, account_id: str) -> int:
+        """SUM of the account's ledger entries: always equal to get_balance (an invariant check)."""
+
+    @abc.abstractmethod
+    async def list_ledger(
+        self,
+        account_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[LedgerEntry]:
+        """The account's entries, newest first; since is inclusive, until exclusive (on created_at)."""

@@ -8,7 +8,7 @@ schema `tenant_a` (created by `migrate()` when missing).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -16,18 +16,34 @@ from typing import Any
 import asyncpg
 
 from . import _common as common
-from ._common import API_KEY_COLUMNS, MEMBERSHIP_COLUMNS, ORG_COLUMNS, USER_COLUMNS, RowDecoder
+from ._common import (
+    API_KEY_COLUMNS,
+    LEDGER_COLUMNS,
+    LEDGER_INSERT_COLUMNS,
+    MEMBERSHIP_COLUMNS,
+    ORG_COLUMNS,
+    USAGE_COLUMNS,
+    USAGE_FIELDS,
+    USER_COLUMNS,
+    Filter,
+    RowDecoder,
+)
 from ._migrations import check_version, load_migrations, refuse_newer
 from .base import (
     ApiKeyRow,
     Conflict,
+    GroupBy,
     LastOwnerError,
+    LedgerEntry,
     Membership,
+    NewLedgerEntry,
     NotFound,
     Organization,
     SchemaError,
     Store,
     StoreError,
+    UsageRow,
+    UsageTotal,
     User,
 )
 
@@ -60,6 +76,8 @@ def _translated(missing: str | None = None) -> Iterator[None]:
         raise NotFound(missing or "a referenced row does not exist") from exc
     except asyncpg.UndefinedTableError as exc:
         raise SchemaError(f"{exc}: run `nexgate db migrate`") from exc
+    except asyncpg.NumericValueOutOfRangeError as exc:
+        raise StoreError(common.OUT_OF_RANGE) from exc
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise StoreError(f"postgres: {exc}") from exc
 
@@ -99,6 +117,97 @@ async def _lock_org(conn: asyncpg.Connection, org_id: str) -> None:
 
 async def _owner_count(conn: asyncpg.Connection, org_id: str) -> int:
     return int(await conn.fetchval("SELECT COUNT(*) FROM memberships WHERE org_id = $1 AND role = 'owner'", org_id))
+
+
+# --- usage and money: set-based statements, one round trip per batch ---------
+# Rows travel as one array per column (unnest). Inserts go in key order and
+# balances in account order, so concurrent batches take their locks in the same
+# order and cannot deadlock each other. Within a key, input order (ordinality)
+# decides: the first of two rows with the same key wins, as in SQLite.
+
+_USAGE_TYPES = {
+    "request_id": "text", "ts": "timestamptz", "endpoint": "text", "model": "text", "provider": "text",
+    "upstream_model": "text", "account_id": "text", "org_id": "text", "key_id": "text", "key_prefix": "text",
+    "prompt_tokens": "integer", "completion_tokens": "integer", "cached_tokens": "integer",
+    "usage_estimated": "boolean", "estimated_cost_pico": "bigint", "actual_cost_pico": "bigint",
+    "latency_ms": "integer", "status": "integer", "error_code": "text", "stream": "boolean", "client_ip": "text",
+    "attempts": "integer",
+}  # fmt: skip
+
+_LEDGER_INPUT = (
+    "unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[]) WITH ORDINALITY"
+    " AS e(account_id, kind, amount_pico, source, external_id, request_id, description, n)"
+)
+
+
+def _move_balances(entries: str, now: str) -> str:
+    """Add the appended entries (a CTE with account_id, amount_pico) to the balances.
+
+    SUM(bigint) is numeric: the cast, like the addition, fails rather than wrap
+    (NumericValueOutOfRange -> StoreError), rolling the whole statement back.
+    """
+    return (
+        "INSERT INTO balances (account_id, balance_pico, updated_at)"
+        f" SELECT account_id, SUM(amount_pico)::bigint, {now} FROM {entries} GROUP BY account_id ORDER BY account_id"
+        " ON CONFLICT (account_id) DO UPDATE"
+        " SET balance_pico = balances.balance_pico + EXCLUDED.balance_pico, updated_at = EXCLUDED.updated_at"
+    )
+
+
+_RECORD_USAGE = f"""
+WITH input AS (
+    SELECT * FROM unnest({", ".join(f"${i}::{_USAGE_TYPES[f]}[]" for i, f in enumerate(USAGE_FIELDS, 1))})
+        WITH ORDINALITY AS t({USAGE_COLUMNS}, n)
+), new_usage AS (
+    INSERT INTO usage_records ({USAGE_COLUMNS}) SELECT {USAGE_COLUMNS} FROM input ORDER BY request_id, n
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id, account_id, actual_cost_pico
+), new_entries AS (
+    INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})
+    SELECT account_id, 'debit', -actual_cost_pico, '{common.REQUEST_SOURCE}', request_id, request_id, NULL, $23
+    FROM new_usage WHERE account_id IS NOT NULL AND actual_cost_pico > 0 ORDER BY request_id
+    ON CONFLICT (source, external_id) DO NOTHING
+    RETURNING account_id, amount_pico
+), moved AS (
+    {_move_balances("new_entries", "$23")}
+)
+SELECT COUNT(*) FROM new_usage
+"""
+
+_APPLY_ENTRIES = f"""
+WITH new_entries AS (
+    INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})
+    SELECT account_id, kind, amount_pico, source, external_id, request_id, description, $8
+    FROM {_LEDGER_INPUT} ORDER BY source, external_id, n
+    ON CONFLICT (source, external_id) DO NOTHING
+    RETURNING account_id, amount_pico
+), moved AS (
+    {_move_balances("new_entries", "$8")}
+)
+SELECT COUNT(*) FROM new_entries
+"""
+
+_GROUP_EXPRESSIONS = {
+    "day": "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "model": "COALESCE(model, '')",
+    "key": "COALESCE(key_id, '')",
+}
+
+
+def _columns(items: Sequence[Any], fields: Sequence[str]) -> list[list[Any]]:
+    """Rows of dataclasses -> one list per field, the shape unnest takes."""
+    return [[getattr(item, name) for item in items] for name in fields]
+
+
+_ENTRY_FIELDS = ("account_id", "kind", "amount_pico", "source", "external_id", "request_id", "description")
+
+
+def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
+    """`WHERE a = $1 AND ts >= $2` and its parameters; more placeholders may follow from len(params) + 1."""
+    if not filters:
+        return "", []
+    clause = " AND ".join(f"{condition} ${i}" for i, (condition, _) in enumerate(filters, 1))
+    return f"WHERE {clause}", [value for _, value in filters]
 
 
 def _last_owner(org_id: str, user_id: str) -> LastOwnerError:
@@ -393,3 +502,134 @@ class PostgresStore(Store):
                 ids, stamps,
             )
         return _updated_count(status)
+
+    # --- usage -------------------------------------------------------------
+
+    async def record_usage(self, rows: Sequence[UsageRow]) -> int:
+        checked = [common.check_usage_row(r) for r in rows]
+        if not checked:
+            return 0
+        with _translated():
+            # One statement, so one transaction: usage rows, their debits and the balances.
+            return int(await self._pool.fetchval(_RECORD_USAGE, *_columns(checked, USAGE_FIELDS), common.utcnow()))
+
+    async def list_usage(
+        self,
+        *,
+        account_id: str | None = None,
+        org_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[UsageRow]:
+        common.check_page(limit, offset)
+        where, params = _where(
+            common.usage_filters(
+                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
+                require_scope=True,
+            )
+        )
+        n = len(params)
+        with _translated():
+            rows = await self._pool.fetch(
+                f"SELECT {USAGE_COLUMNS} FROM usage_records {where}"
+                f" ORDER BY ts DESC, request_id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
+                *params, limit, offset,
+            )
+        return [_decode.usage(r) for r in rows]
+
+    async def usage_totals(
+        self,
+        *,
+        account_id: str | None = None,
+        org_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        group_by: GroupBy,
+    ) -> list[UsageTotal]:
+        group = _GROUP_EXPRESSIONS[common.check_group_by(group_by)]
+        where, params = _where(
+            common.usage_filters(
+                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
+                require_scope=False,
+            )
+        )
+        with _translated():
+            rows = await self._pool.fetch(
+                f"SELECT {group} AS grp, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
+                " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
+                " COALESCE(SUM(actual_cost_pico), 0) AS cost_pico"
+                f" FROM usage_records {where} GROUP BY grp ORDER BY grp",
+                *params,
+            )
+        return [_decode.usage_total(r, int(r["cost_pico"])) for r in rows]  # SUM(bigint) is an exact Decimal
+
+    async def clear_client_ips(self, before: datetime) -> int:
+        cutoff = common.aware_utc(before, "before")
+        with _translated():
+            status = await self._pool.execute(
+                "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND ts < $1", cutoff
+            )
+        return _updated_count(status)
+
+    # --- money -------------------------------------------------------------
+
+    async def apply_ledger_entry(self, entry: NewLedgerEntry) -> bool:
+        common.check_ledger_entry(entry)
+        with _translated():
+            applied = await self._pool.fetchval(_APPLY_ENTRIES, *_columns([entry], _ENTRY_FIELDS), common.utcnow())
+        return applied == 1
+
+    async def apply_webhook(
+        self, source: str, event_id: str, event_type: str, entries: Sequence[NewLedgerEntry]
+    ) -> bool:
+        checked = [common.check_ledger_entry(e) for e in entries]
+        now = common.utcnow()
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                # A concurrent duplicate waits here on the primary key, then finds it taken.
+                new = await conn.fetchval(
+                    "INSERT INTO webhook_events (source, event_id, event_type, received_at) VALUES ($1, $2, $3, $4)"
+                    " ON CONFLICT (source, event_id) DO NOTHING RETURNING true",
+                    source, event_id, event_type, now,
+                )
+                if new and checked:
+                    await conn.fetchval(_APPLY_ENTRIES, *_columns(checked, _ENTRY_FIELDS), now)
+        return bool(new)
+
+    async def get_balance(self, account_id: str) -> int:
+        with _translated():
+            balance = await self._pool.fetchval("SELECT balance_pico FROM balances WHERE account_id = $1", account_id)
+        return 0 if balance is None else balance
+
+    async def ledger_sum(self, account_id: str) -> int:
+        with _translated():
+            total = await self._pool.fetchval(
+                "SELECT COALESCE(SUM(amount_pico), 0) FROM ledger_entries WHERE account_id = $1", account_id
+            )
+        return int(total)  # SUM(bigint) is numeric: an exact Decimal
+
+    async def list_ledger(
+        self,
+        account_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[LedgerEntry]:
+        common.check_page(limit, offset)
+        where, params = _where([("account_id =", account_id), *common.time_filters("created_at", since, until)])
+        n = len(params)
+        with _translated():
+            rows = await self._pool.fetch(
+                f"SELECT {LEDGER_COLUMNS} FROM ledger_entries {where}"
+                f" ORDER BY created_at DESC, id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
+                *params, limit, offset,
+            )
+        return [_decode.ledger_entry(r) for r in rows]

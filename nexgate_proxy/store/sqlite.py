@@ -14,25 +14,43 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from . import _common as common
-from ._common import API_KEY_COLUMNS, MEMBERSHIP_COLUMNS, ORG_COLUMNS, USER_COLUMNS, RowDecoder
+from ._common import (
+    API_KEY_COLUMNS,
+    LEDGER_COLUMNS,
+    LEDGER_INSERT_COLUMNS,
+    MEMBERSHIP_COLUMNS,
+    ORG_COLUMNS,
+    USAGE_COLUMNS,
+    USAGE_FIELDS,
+    USER_COLUMNS,
+    Filter,
+    RowDecoder,
+)
 from ._migrations import check_version, load_migrations, refuse_newer
 from .base import (
+    MAX_PICO,
+    MIN_PICO,
     ApiKeyRow,
     Conflict,
+    GroupBy,
     LastOwnerError,
+    LedgerEntry,
     Membership,
+    NewLedgerEntry,
     NotFound,
     Organization,
     SchemaError,
     Store,
     StoreError,
+    UsageRow,
+    UsageTotal,
     User,
 )
 
@@ -77,6 +95,37 @@ def _opt_json(value: Any) -> str | None:
 
 
 _decode = RowDecoder(timestamp=_parse_ts, json_value=json.loads)
+
+
+def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
+    """`WHERE a = ? AND ts >= ?` and its parameters; datetimes as stored text."""
+    if not filters:
+        return "", []
+    clause = " AND ".join(f"{condition} ?" for condition, _ in filters)
+    params = [_ts(v) if isinstance(v, datetime) else v for _, v in filters]
+    return f"WHERE {clause}", params
+
+
+def _usage_params(row: UsageRow) -> tuple[Any, ...]:
+    values = [getattr(row, name) for name in USAGE_FIELDS]
+    values[USAGE_FIELDS.index("ts")] = _ts(row.ts)
+    return tuple(values)
+
+
+_INSERT_USAGE = (
+    f"INSERT INTO usage_records ({USAGE_COLUMNS}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})"
+    " ON CONFLICT (request_id) DO NOTHING"
+)
+
+_COST_SPLIT = 10**6
+"""SQLite's SUM fails past 2**63 pUSD, which a busy gateway's all-time cost per model
+can reach: sum the millions and the remainders apart (costs are never negative), add in Python."""
+
+_GROUP_EXPRESSIONS = {
+    "day": "substr(ts, 1, 10)",  # stored as UTC ISO text: the first 10 characters are the UTC date
+    "model": "COALESCE(model, '')",
+    "key": "COALESCE(key_id, '')",
+}
 
 
 # --- worker-thread helpers -----------------------------------------------
@@ -131,6 +180,62 @@ def _version(conn: sqlite3.Connection) -> int:
     if exists is None:
         return 0
     return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
+
+
+def _insert_ledger_entries(conn: sqlite3.Connection, entries: Sequence[NewLedgerEntry], created: str) -> int:
+    """Append the entries not applied before and move their accounts' balances (inside a transaction).
+
+    Returns how many were appended.
+    """
+    changes: dict[str, int] = {}
+    appended = 0
+    for entry in entries:
+        inserted = conn.execute(
+            f"INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (source, external_id) DO NOTHING",
+            (
+                entry.account_id, entry.kind, entry.amount_pico, entry.source, entry.external_id,
+                entry.request_id, entry.description, created,
+            ),
+        ).rowcount
+        if inserted:
+            appended += 1
+            changes[entry.account_id] = changes.get(entry.account_id, 0) + entry.amount_pico
+    _add_to_balances(conn, changes, created)
+    return appended
+
+
+def _add_to_balances(conn: sqlite3.Connection, changes: Mapping[str, int], updated: str) -> None:
+    """Add in Python, not SQL: SQLite turns an overflowing integer sum into an inexact REAL.
+
+    The net change must fit a BIGINT too, as PostgreSQL needs it to.
+    """
+    for account_id, change in sorted(changes.items()):
+        row = conn.execute("SELECT balance_pico FROM balances WHERE account_id = ?", (account_id,)).fetchone()
+        balance = (0 if row is None else row[0]) + change
+        if not (MIN_PICO <= change <= MAX_PICO and MIN_PICO <= balance <= MAX_PICO):
+            raise StoreError(common.OUT_OF_RANGE)
+        conn.execute(
+            "INSERT INTO balances (account_id, balance_pico, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (account_id) DO UPDATE SET balance_pico = excluded.balance_pico,"
+            " updated_at = excluded.updated_at",
+            (account_id, balance, updated),
+        )
+
+
+def _ledger_sum(conn: sqlite3.Connection, account_id: str) -> int:
+    try:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(amount_pico), 0) FROM ledger_entries WHERE account_id = ?", (account_id,)
+        ).fetchone()
+        return int(row[0])
+    except sqlite3.OperationalError as exc:
+        # SQLite's SUM fails when a running total passes ±2**63 on the way, even if
+        # the result fits (a big credit then a big debit): add in Python instead.
+        if "integer overflow" not in str(exc):
+            raise
+        rows = conn.execute("SELECT amount_pico FROM ledger_entries WHERE account_id = ?", (account_id,))
+        return sum(r[0] for r in rows)
 
 
 def _owner_count(conn: sqlite3.Connection, org_id: str) -> int:
@@ -505,6 +610,147 @@ class SQLiteStore(Store):
             return cursor.rowcount
 
         return await self._run(work)
+
+    # --- usage -------------------------------------------------------------
+
+    async def record_usage(self, rows: Sequence[UsageRow]) -> int:
+        checked = [common.check_usage_row(r) for r in rows]
+        if not checked:
+            return 0
+        now = _ts(common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _write_transaction(conn):
+                new = [row for row in checked if conn.execute(_INSERT_USAGE, _usage_params(row)).rowcount]
+                debits = [d for d in map(common.debit_for, new) if d is not None]
+                _insert_ledger_entries(conn, debits, now)
+            return len(new)
+
+        return await self._run(work)
+
+    async def list_usage(
+        self,
+        *,
+        account_id: str | None = None,
+        org_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[UsageRow]:
+        common.check_page(limit, offset)
+        where, params = _where(
+            common.usage_filters(
+                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
+                require_scope=True,
+            )
+        )
+        rows = await self._run(
+            self._fetch_all,
+            f"SELECT {USAGE_COLUMNS} FROM usage_records {where} ORDER BY ts DESC, request_id DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_decode.usage(r) for r in rows]
+
+    async def usage_totals(
+        self,
+        *,
+        account_id: str | None = None,
+        org_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        group_by: GroupBy,
+    ) -> list[UsageTotal]:
+        group = _GROUP_EXPRESSIONS[common.check_group_by(group_by)]
+        where, params = _where(
+            common.usage_filters(
+                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
+                require_scope=False,
+            )
+        )
+        rows = await self._run(
+            self._fetch_all,
+            f"SELECT {group} AS grp, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
+            " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
+            f" COALESCE(SUM(actual_cost_pico / {_COST_SPLIT}), 0) AS cost_high,"
+            f" COALESCE(SUM(actual_cost_pico % {_COST_SPLIT}), 0) AS cost_low"
+            f" FROM usage_records {where} GROUP BY grp ORDER BY grp",
+            tuple(params),
+        )
+        return [_decode.usage_total(r, r["cost_high"] * _COST_SPLIT + r["cost_low"]) for r in rows]
+
+    async def clear_client_ips(self, before: datetime) -> int:
+        cutoff = _ts(common.aware_utc(before, "before"))
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _write_transaction(conn):
+                return conn.execute(
+                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND ts < ?", (cutoff,)
+                ).rowcount
+
+        return await self._run(work)
+
+    # --- money -------------------------------------------------------------
+
+    async def apply_ledger_entry(self, entry: NewLedgerEntry) -> bool:
+        common.check_ledger_entry(entry)
+        now = _ts(common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                return _insert_ledger_entries(conn, [entry], now) == 1
+
+        return await self._run(work)
+
+    async def apply_webhook(
+        self, source: str, event_id: str, event_type: str, entries: Sequence[NewLedgerEntry]
+    ) -> bool:
+        checked = [common.check_ledger_entry(e) for e in entries]
+        now = _ts(common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                new = conn.execute(
+                    "INSERT INTO webhook_events (source, event_id, event_type, received_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (source, event_id) DO NOTHING",
+                    (source, event_id, event_type, now),
+                ).rowcount
+                if new:
+                    _insert_ledger_entries(conn, checked, now)
+            return bool(new)
+
+        return await self._run(work)
+
+    async def get_balance(self, account_id: str) -> int:
+        row = await self._run(
+            self._fetch_one, "SELECT balance_pico FROM balances WHERE account_id = ?", (account_id,)
+        )
+        return 0 if row is None else row[0]
+
+    async def ledger_sum(self, account_id: str) -> int:
+        return await self._run(_ledger_sum, account_id)
+
+    async def list_ledger(
+        self,
+        account_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[LedgerEntry]:
+        common.check_page(limit, offset)
+        where, params = _where([("account_id =", account_id), *common.time_filters("created_at", since, until)])
+        rows = await self._run(
+            self._fetch_all,
+            f"SELECT {LEDGER_COLUMNS} FROM ledger_entries {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_decode.ledger_entry(r) for r in rows]
 
     # --- worker-thread queries ---------------------------------------------
 
