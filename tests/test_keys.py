@@ -6,6 +6,8 @@ import re
 import time
 
 import pytest
+
+import nexgate_proxy.keys as keys_module
 from multidict import CIMultiDict
 
 from nexgate_proxy import keys
@@ -98,23 +100,13 @@ def test_whitespace_around_a_valid_key_is_rejected() -> None:
     assert parse_key(key + "\n") is None
 
 
-def test_oversized_input_is_rejected_fast() -> None:
-    huge = "ngk_" + "a" * 10_000_000
-    started = time.perf_counter()
-    for _ in range(1000):
-        assert parse_key(huge) is None
-    assert time.perf_counter() - started < 0.1
+def test_oversized_input_is_rejected_before_any_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoMatching:
+        def fullmatch(self, text: str) -> None:
+            raise AssertionError("an oversized key must be refused before the regex runs")
 
-
-def test_garbage_rejection_is_cheap() -> None:
-    samples = ["ngk_abcdefghijkl_" + "a" * 38, "x" * 200, "ngk_" + "!" * 150]
-    started = time.perf_counter()
-    for _ in range(10_000):
-        for sample in samples:
-            parse_key(sample)
-    # 30k rejections; bcrypt at cost 12 would take ~an hour for this.
-    assert time.perf_counter() - started < 1.0
-
+    monkeypatch.setattr(keys_module, "_KEY_PATTERN", NoMatching())
+    assert parse_key("ngk_" + "a" * 10_000_000) is None
 
 def test_hash_is_not_the_secret_and_verifies() -> None:
     key = generate_key()

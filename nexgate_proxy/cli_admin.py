@@ -1,0 +1,470 @@
+"""Operator commands: ``nexgate db|users|orgs|keys ...``, straight against the store.
+
+``register(subparsers)`` adds them to the ``nexgate`` command; until that is
+wired, ``python -m nexgate_proxy.cli_admin ...`` runs them too.
+
+Every command takes ``--config PATH`` (default: ``$NEXGATE_CONFIG``,
+``./nexgate.yaml``, ``./config/nexgate.yaml``) or ``--storage-url URL``, and
+``--json`` for machine-readable output (the admin API's JSON shapes). Errors
+print one line and exit with 1; never a traceback. ``keys revoke`` and
+``orgs remove-member`` announce revocations on the config's state store
+(``state.url``), so running gateways drop the keys at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from .config import Config, ConfigError, load_config
+from .store import ROLES, Conflict, LastOwnerError, NotFound, SchemaError, Store, StoreError, latest_version, open_store
+
+DEFAULT_CONFIG_PATHS = ("nexgate.yaml", "config/nexgate.yaml")
+"""Same lookup as ``nexgate serve`` (nexgate_proxy.cli)."""
+CONNECT_TIMEOUT = 10.0
+
+
+class CliError(Exception):
+    """A problem to report on one line, exit code 1."""
+
+
+@dataclass
+class Env:
+    args: argparse.Namespace
+    config: Config | None
+    storage_url: str
+    state_url: str
+
+    @property
+    def json(self) -> bool:
+        return bool(self.args.json)
+
+
+Command = Callable[[Env, Store], Awaitable[int | None]]
+
+
+# ----------------------------------------------------------------- plumbing
+
+
+def _find_config(path: str | None) -> str | None:
+    if path:
+        return path
+    if os.environ.get("NEXGATE_CONFIG"):
+        return os.environ["NEXGATE_CONFIG"]
+    return next((p for p in DEFAULT_CONFIG_PATHS if os.path.exists(p)), None)
+
+
+def _environment(args: argparse.Namespace) -> Env:
+    config: Config | None = None
+    if args.config or not args.storage_url:
+        path = _find_config(args.config)
+        if path is None:
+            raise CliError("no config file: pass --config PATH or --storage-url URL, or set NEXGATE_CONFIG")
+        config = load_config(path)
+    storage_url = args.storage_url or (config.storage_url if config else "")
+    state_url = getattr(args, "state_url", None) or (config.state_url if config else "memory://")
+    return Env(args, config, storage_url, state_url)
+
+
+def _describe(url: str) -> str:
+    """The database, for messages: never the URL's password."""
+    if url.startswith("sqlite:"):
+        return url
+    scheme, _, rest = url.partition("://")
+    host = rest.rsplit("@", 1)[-1].split("?", 1)[0]
+    return f"{scheme}://{host}"
+
+
+async def _open(env: Env, *, creating: bool = False) -> Store:
+    url = env.storage_url
+    scheme = url.split(":", 1)[0].lower()
+    options: dict[str, Any] = {}
+    if scheme == "sqlite":
+        from .store.sqlite import MEMORY, parse_sqlite_url
+
+        try:
+            path = parse_sqlite_url(url)
+        except ValueError as exc:
+            raise CliError(f"bad storage URL: {exc}") from None
+        if not creating and path != MEMORY and not os.path.exists(path):
+            raise CliError(f"the database {path} does not exist: run `nexgate db migrate` to create it")
+    elif scheme in ("postgresql", "postgres"):
+        options = {"min_size": 1, "max_size": 2, "timeout": CONNECT_TIMEOUT}
+    try:
+        return await open_store(url, **options)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except StoreError as exc:
+        raise CliError(f"cannot open the database {_describe(url)}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _runner(command: Command, *, creating: bool = False, checked: bool = True) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(_execute(command, args, creating=creating, checked=checked))
+        except CliError as exc:
+            print(f"nexgate: error: {exc}", file=sys.stderr)
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+        except LastOwnerError as exc:
+            print(f"nexgate: error: {exc}", file=sys.stderr)
+        except NotFound as exc:
+            print(f"nexgate: error: not found: {exc}", file=sys.stderr)
+        except Conflict as exc:
+            print(f"nexgate: error: conflict: {exc}", file=sys.stderr)
+        except SchemaError as exc:
+            print(f"nexgate: error: {exc}", file=sys.stderr)
+        except StoreError as exc:
+            print(f"nexgate: error: the database failed: {_first_line(exc)}", file=sys.stderr)
+        except KeyboardInterrupt:
+            return 130
+        except Exception as exc:  # no traceback for the operator; the type says where to look
+            print(f"nexgate: error: unexpected {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+async def _execute(command: Command, args: argparse.Namespace, *, creating: bool, checked: bool) -> int:
+    env = _environment(args)
+    store = await _open(env, creating=creating)
+    async with store:
+        if checked:
+            await store.check_schema()
+        return int(await command(env, store) or 0)
+
+
+def _emit(env: Env, data: Any, human: str | Sequence[str]) -> None:
+    if env.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(human if isinstance(human, str) else "\n".join(human))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[title for _, title in columns]]
+    cells += [["-" if row.get(key) is None else str(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def _views() -> Any:
+    from nexgate_plugins import admin_api  # the admin API's JSON shapes and account rules
+
+    return admin_api
+
+
+async def _existing_user(store: Store, user_id: str) -> Any:
+    user = await store.get_user(user_id)
+    if user is None or user.deleted_at is not None:
+        raise CliError(f"no such user: {user_id}")
+    return user
+
+
+async def _existing_org(store: Store, org_id: str) -> Any:
+    org = await store.get_org(org_id)
+    if org is None:
+        raise CliError(f"no such organization: {org_id}")
+    return org
+
+
+async def _with_bus(env: Env, work: Callable[[Any], Awaitable[Any]], announced: Callable[[Any], bool]) -> Any:
+    """Run `work(bus)` with the state store's bus; warn when other gateways could not be told."""
+    from .bus import open_bus
+
+    try:
+        bus = open_bus(env.state_url)
+    except ValueError as exc:
+        raise CliError(f"bad state URL: {exc}") from None
+    await bus.start()
+    try:
+        result = await work(bus)
+        reached = getattr(bus, "connected", True)
+    finally:
+        await bus.close()
+    if announced(result):
+        if env.state_url.startswith("memory:"):
+            print("note: no shared state store (state.url is memory://): running gateways drop revoked keys "
+                  "when their key cache expires (auth.cache_ttl, 60 s by default)", file=sys.stderr)
+        elif not reached:
+            print("warning: the state store (state.url) did not answer: running gateways drop revoked keys "
+                  "when their key cache expires (auth.cache_ttl, 60 s by default)", file=sys.stderr)
+    return result
+
+
+# ----------------------------------------------------------------- commands
+
+
+async def _db_migrate(env: Env, store: Store) -> int:
+    applied = await store.migrate()
+    version = await store.schema_version()
+    message = (f"Applied migration(s) {', '.join(map(str, applied))}; the database is at version {version}."
+               if applied else f"The database is up to date (version {version}).")
+    _emit(env, {"applied": applied, "version": version}, message)
+    return 0
+
+
+async def _db_status(env: Env, store: Store) -> int:
+    version = await store.schema_version()
+    latest = latest_version(store.dialect)
+    pending = list(range(version + 1, latest + 1))
+    if version > latest:
+        state = f"newer than this NexGate knows (version {version} > {latest}): upgrade NexGate"
+    elif pending:
+        state = f"{len(pending)} migration(s) pending: run `nexgate db migrate`"
+    else:
+        state = "up to date"
+    _emit(env, {"backend": store.dialect, "version": version, "latest": latest, "pending": pending,
+                "up_to_date": version == latest},
+          [f"backend: {store.dialect}", f"schema version: {version} (this NexGate: {latest})", f"status: {state}"])
+    return 0
+
+
+async def _users_create(env: Env, store: Store) -> int:
+    args = env.args
+    if args.email is not None and "@" not in args.email:
+        raise CliError(f"--email {args.email!r} is not an email address")
+    user = await store.create_user(external_id=args.external_id, email=args.email, name=args.name)
+    _emit(env, _views().user_json(user), f"Created user {user.id}" + (f" <{user.email}>" if user.email else ""))
+    return 0
+
+
+async def _users_list(env: Env, store: Store) -> int:
+    users = await store.list_users(env.args.limit, env.args.offset, include_deleted=env.args.include_deleted)
+    data = [_views().user_json(u) for u in users]
+    _emit(env, data, _table(data, [("id", "ID"), ("email", "EMAIL"), ("name", "NAME"),
+                                   ("external_id", "EXTERNAL ID"), ("created_at", "CREATED")]))
+    return 0
+
+
+async def _orgs_create(env: Env, store: Store) -> int:
+    name = env.args.name.strip()
+    if not name:
+        raise CliError("--name must not be empty")
+    owner = await _existing_user(store, env.args.owner)
+    org = await store.create_org(name, owner.id)
+    _emit(env, {**_views().org_json(org), "owner_user_id": owner.id},
+          f"Created organization {org.id} ({org.name}), owned by {owner.id}")
+    return 0
+
+
+async def _orgs_list(env: Env, store: Store) -> int:
+    views = _views()
+    if env.args.user:
+        await _existing_user(store, env.args.user)
+        data = [views.org_json(org, role) for org, role in await store.list_orgs_for_user(env.args.user)]
+        columns = [("id", "ID"), ("name", "NAME"), ("role", "ROLE"), ("created_at", "CREATED")]
+    else:
+        data = [views.org_json(org) for org in await store.list_orgs(env.args.limit, env.args.offset)]
+        columns = [("id", "ID"), ("name", "NAME"), ("created_at", "CREATED")]
+    _emit(env, data, _table(data, columns))
+    return 0
+
+
+async def _orgs_add_member(env: Env, store: Store) -> int:
+    org = await _existing_org(store, env.args.org_id)
+    user = await _existing_user(store, env.args.user_id)
+    membership = await store.add_member(org.id, user.id, env.args.role)
+    _emit(env, _views().member_json(membership, user), f"Added {user.id} to {org.id} as {membership.role}")
+    return 0
+
+
+async def _orgs_remove_member(env: Env, store: Store) -> int:
+    org = await _existing_org(store, env.args.org_id)
+    user_id = env.args.user_id
+    revoked = await _with_bus(env, lambda bus: _views().remove_member(store, bus, org.id, user_id), bool)
+    if revoked is None:
+        raise CliError(f"{user_id} is not a member of {org.id}")
+    lines = [f"Removed {user_id} from {org.id}"]
+    if revoked:
+        lines.append(f"Revoked the organization keys they created: {', '.join(revoked)}")
+    _emit(env, {"object": "organization.member.deleted", "org_id": org.id, "user_id": user_id, "deleted": True,
+                "revoked_key_ids": revoked}, lines)
+    return 0
+
+
+async def _keys_create(env: Env, store: Store) -> int:
+    from nexgate_plugins.auth import parse_auth_settings
+
+    from .accounts import create_api_key
+
+    args = env.args
+    views = _views()
+    expires_at = None
+    if args.expires_at is not None:
+        try:
+            expires_at = views.parse_expires_at(args.expires_at)
+        except ValueError as exc:
+            raise CliError(f"--expires-at {exc}") from None
+    limits = None
+    if args.limits is not None:
+        try:
+            limits = json.loads(args.limits)
+        except ValueError:
+            raise CliError("--limits must be a JSON object, e.g. '{\"rpm\": 60}'") from None
+        if not isinstance(limits, dict):
+            raise CliError("--limits must be a JSON object, e.g. '{\"rpm\": 60}'")
+    name = args.name.strip()
+    if not name:
+        raise CliError("--name must not be empty")
+    if args.user:
+        owner: dict[str, str] = {"user_id": (await _existing_user(store, args.user)).id}
+    else:
+        owner = {"org_id": (await _existing_org(store, args.org)).id}
+    rounds = parse_auth_settings(env.config, []).bcrypt_rounds if env.config else None
+    created = await create_api_key(store, name=name, **owner, expires_at=expires_at,
+                                   allowed_models=args.allowed_model or None, limits=limits,
+                                   **({"bcrypt_rounds": rounds} if rounds else {}))
+    body = {**views.key_json(created.row), "key": created.plaintext}
+    whose = f"user {args.user}" if args.user else f"organization {args.org}"
+    _emit(env, body, [f"Created API key {created.row.id} ({name}) for {whose}.",
+                      "The key, shown this once (store it now):", created.plaintext])
+    return 0
+
+
+async def _keys_list(env: Env, store: Store) -> int:
+    args = env.args
+    if args.user:
+        await _existing_user(store, args.user)
+    if args.org:
+        await _existing_org(store, args.org)
+    rows = await store.list_api_keys(user_id=args.user, org_id=args.org, include_revoked=args.include_revoked)
+    data = [_views().key_json(r) for r in rows]
+    shown = [{**item, "owner": item["user_id"] or item["org_id"]} for item in data]
+    _emit(env, data, _table(shown, [("id", "ID"), ("name", "NAME"), ("prefix", "PREFIX"), ("owner", "OWNER"),
+                                   ("created_at", "CREATED"), ("last_used_at", "LAST USED"),
+                                   ("expires_at", "EXPIRES"), ("revoked_at", "REVOKED")]))
+    return 0
+
+
+async def _keys_revoke(env: Env, store: Store) -> int:
+    from .accounts import revoke_api_key
+
+    key_id = env.args.key_id
+    if await store.get_api_key(key_id) is None:
+        raise CliError(f"no such API key: {key_id}")
+    newly = await _with_bus(env, lambda bus: revoke_api_key(store, bus, key_id), lambda _: True)
+    row = await store.get_api_key(key_id)
+    _emit(env, _views().key_json(row) if row else {"id": key_id},
+          f"Revoked API key {key_id}" if newly else f"API key {key_id} was already revoked")
+    return 0
+
+
+# ------------------------------------------------------------------- parser
+
+
+def _add(group: Any, name: str, help_text: str, command: Command, common: argparse.ArgumentParser,
+         **runner: bool) -> argparse.ArgumentParser:
+    parser = group.add_parser(name, help=help_text, description=help_text, parents=[common])
+    parser.set_defaults(func=_runner(command, **runner))
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return value
+
+
+def _page(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=_non_negative, default=100, help="at most this many (default 100)")
+    parser.add_argument("--offset", type=_non_negative, default=0, help="skip this many")
+
+
+def register(subparsers: Any) -> None:
+    """Add the db, users, orgs and keys commands to the `nexgate` argparse subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help="YAML config (default: $NEXGATE_CONFIG, ./nexgate.yaml, ./config/nexgate.yaml)")
+    common.add_argument("--storage-url", metavar="URL",
+                        help="the database (sqlite:///path.db or postgresql://...) instead of the config's")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    with_state = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_state.add_argument("--state-url", metavar="URL",
+                            help="the state store (redis://...) to announce revocations on (default: the config's)")
+
+    db = subparsers.add_parser("db", help="the account database's schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    _add(db_sub, "migrate", "apply pending schema migrations (creates a SQLite file)", _db_migrate, common,
+         creating=True, checked=False)
+    _add(db_sub, "status", "show the schema version and pending migrations", _db_status, common, checked=False)
+
+    users = subparsers.add_parser("users", help="manage users")
+    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="COMMAND")
+    p = _add(users_sub, "create", "create a user", _users_create, common)
+    p.add_argument("--email")
+    p.add_argument("--name")
+    p.add_argument("--external-id", help="the identity provider's user id (Clerk `sub`)")
+    p = _add(users_sub, "list", "list users", _users_list, common)
+    _page(p)
+    p.add_argument("--include-deleted", action="store_true")
+
+    orgs = subparsers.add_parser("orgs", help="manage organizations and their members")
+    orgs_sub = orgs.add_subparsers(dest="orgs_command", required=True, metavar="COMMAND")
+    p = _add(orgs_sub, "create", "create an organization with its owner", _orgs_create, common)
+    p.add_argument("--name", required=True)
+    p.add_argument("--owner", required=True, metavar="USER_ID", help="the user who owns it")
+    p = _add(orgs_sub, "list", "list organizations (all, or one user's with their role)", _orgs_list, common)
+    p.add_argument("--user", metavar="USER_ID", help="only this user's organizations")
+    _page(p)
+    p = _add(orgs_sub, "add-member", "add a user to an organization", _orgs_add_member, common)
+    p.add_argument("org_id")
+    p.add_argument("user_id")
+    p.add_argument("--role", choices=ROLES, default="member")
+    p = _add(orgs_sub, "remove-member",
+             "remove a member; revokes the organization keys they created", _orgs_remove_member, with_state)
+    p.add_argument("org_id")
+    p.add_argument("user_id")
+
+    keys = subparsers.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    p = _add(keys_sub, "create", "create an API key and print it once", _keys_create, common)
+    p.add_argument("--name", required=True)
+    owner = p.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--user", metavar="USER_ID", help="a personal key of this user")
+    owner.add_argument("--org", metavar="ORG_ID", help="a key of this organization")
+    p.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2030-01-31T00:00:00Z (needs a timezone)")
+    p.add_argument("--allowed-model", action="append", metavar="MODEL",
+                   help="a model alias the key may use (repeat; default: every model)")
+    p.add_argument("--limits", metavar="JSON", help="limit overrides as a JSON object")
+    p = _add(keys_sub, "list", "list API keys (metadata only)", _keys_list, common)
+    owner = p.add_mutually_exclusive_group()
+    owner.add_argument("--user", metavar="USER_ID")
+    owner.add_argument("--org", metavar="ORG_ID")
+    p.add_argument("--include-revoked", action="store_true")
+    p = _add(keys_sub, "revoke", "revoke an API key on every gateway at once", _keys_revoke, with_state)
+    p.add_argument("key_id")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexgate", description="NexGate account administration")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
