@@ -22,10 +22,9 @@ from .services import readiness, services_context
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def resolve_providers(config: Config, chain: HookChain) -> dict[str, Provider]:
-    """Instantiate every configured provider; unknown types are config problems."""
+def resolve_providers(config: Config, chain: HookChain, problems: list[str]) -> dict[str, Provider]:
+    """Instantiate every configured provider; unknown types are added to ``problems``."""
     types = chain.provider_types()
-    problems = []
     providers: dict[str, Provider] = {}
     for name, spec in config.providers.items():
         cls = types.get(spec.type)
@@ -34,18 +33,17 @@ def resolve_providers(config: Config, chain: HookChain) -> dict[str, Provider]:
                             f"(known: {', '.join(sorted(types))})")
             continue
         providers[name] = cls(spec)
-    if problems:
-        raise ConfigError(config.source, problems)
     return providers
 
 
 def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Application:
     """The gateway application. Raises ConfigError or PluginError before anything starts."""
     chain = HookChain(build_plugin_manager(config, extra_plugins))
-    problems = chain.check_config(config)
+    problems: list[str] = []
+    providers = resolve_providers(config, chain, problems)
+    problems += chain.check_config(config)
     if problems:
         raise ConfigError(config.source, problems)
-    providers = resolve_providers(config, chain)
     proxy = Proxy(config, chain, providers)
     app = web.Application(
         client_max_size=config.server.max_body_bytes,

@@ -40,10 +40,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     port = config.server.port if args.port is None else args.port
     workers = args.workers or config.server.workers
     if args.demo:
-        print(f"NexGate demo: an offline echo provider behind models {', '.join(config.models)}.\n"
-              f"Try: curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
-              flush=True)
+        from .demo import DemoSeed
+
+        # The demo's store lives in memory: one process, or each worker would have its own.
+        return serve(config, host, port, 1, extra_plugins=[DemoSeed(host, port)])
     return serve(config, host, port, workers)
 
 
@@ -63,6 +63,28 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _port(text: str) -> int:
+    # Without this check 70000 would silently bind port 70000 % 65536.
+    port = _int_or_none(text)
+    if port is None or not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return port
+
+
+def _workers(text: str) -> int:
+    workers = _int_or_none(text)
+    if workers is None or workers < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of worker processes")
+    return workers
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nexgate", description="NexGate LLM API gateway")
     parser.add_argument("--log-level", default=os.environ.get("NEXGATE_LOG_LEVEL", "INFO"),
@@ -72,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="YAML config (default: $NEXGATE_CONFIG, ./nexgate.yaml, ./config/nexgate.yaml)")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--port", type=_port)
+    serve.add_argument("--workers", type=_workers, help="worker processes sharing the port (SO_REUSEPORT)")
     serve.add_argument("--demo", action="store_true", help="run offline with the built-in echo provider")
     serve.set_defaults(func=_cmd_serve)
 
@@ -82,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config file; print every problem")
     check.add_argument("path")
     check.set_defaults(func=_cmd_config_check)
+
+    from . import cli_admin
+
+    cli_admin.register(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -83,21 +83,23 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    """One upstream that can serve a model alias."""
-
-    provider: str
-    model: str
-    weight: int = 1
-
-
-@dataclass(frozen=True, slots=True)
 class Price:
     """USD per million tokens."""
 
     input: Decimal
     output: Decimal
     cached_input: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream that can serve a model alias."""
+
+    provider: str
+    model: str
+    weight: int = 1
+    price: Price | None = None
+    """What this target costs: its own ``price``, else its model's; None when unpriced or free."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +294,7 @@ def _non_negative(v: Any) -> str | None:
 
 TOP_LEVEL_KEYS = (
     "server", "storage", "state", "upstream", "providers", "models", "plugins",
-    "plugin_config", "auth", "limits", "credits", "privacy", "payments", "admin",
+    "plugin_config", "auth", "limits", "credits", "usage", "privacy", "payments", "admin",
 )
 """Sections this version knows. Sections owned by built-in plugins are validated by them."""
 
@@ -402,7 +404,7 @@ def _models(r: ConfigReader, raw: Any, providers: Mapping[str, ProviderConfig], 
             route = []
         for i, t in enumerate(route):
             tp = f"{p}.route[{i}]"
-            ts = r.mapping(t, tp, ("provider", "model", "weight"))
+            ts = r.mapping(t, tp, ("provider", "model", "weight", "price"))
             provider = r.value(ts, "provider", tp, str, "")
             if not provider:
                 r.problem(f"{tp}.provider", "required")
@@ -411,7 +413,8 @@ def _models(r: ConfigReader, raw: Any, providers: Mapping[str, ProviderConfig], 
                 known = f"did you mean '{hint[0]}'?" if hint else f"known: {', '.join(providers) or 'none'}"
                 r.problem(f"{tp}.provider", f"unknown provider '{provider}' ({known})")
             weight = r.value(ts, "weight", tp, int, 1, _positive)
-            targets.append(Target(provider=provider, model=r.value(ts, "model", tp, str, str(alias)), weight=weight))
+            targets.append(Target(provider=provider, model=r.value(ts, "model", tp, str, str(alias)), weight=weight,
+                                  price=_price(r, ts.get("price"), f"{tp}.price")))
         fallbacks = r.value(s, "fallbacks", p, list, [])
         for i, fb in enumerate(fallbacks):
             if isinstance(fb, (dict, list)):
@@ -420,13 +423,19 @@ def _models(r: ConfigReader, raw: Any, providers: Mapping[str, ProviderConfig], 
                 r.problem(f"{p}.fallbacks[{i}]", f"unknown model '{fb}' (fallbacks name other models of this table)")
             elif fb == alias:
                 r.problem(f"{p}.fallbacks[{i}]", "a model cannot fall back to itself")
+        price = _price(r, s.get("price"), f"{p}.price")
+        free = r.value(s, "free", p, bool, False)
+        if free and price is not None:
+            r.problem(f"{p}.free", "a model is either free or has a price, not both")
+        if free:
+            price = Price(input=Decimal(0), output=Decimal(0), cached_input=Decimal(0))
         out[str(alias)] = ModelRoute(
             alias=str(alias),
-            targets=tuple(targets),
+            targets=tuple(replace(t, price=t.price or price) for t in targets),
             fallbacks=tuple(str(f) for f in fallbacks),
             timeouts=_timeouts(r, s.get("timeouts"), f"{p}.timeouts", default_timeouts),
-            price=_price(r, s.get("price"), f"{p}.price"),
-            free=r.value(s, "free", p, bool, False),
+            price=price,
+            free=free,
             max_output_tokens=r.value(s, "max_output_tokens", p, int, None, _positive),
         )
     return out

@@ -35,7 +35,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_proxy.providers.echo",
     "nexgate_plugins.auth",
     "nexgate_plugins.routing",
+    "nexgate_plugins.credits",
+    "nexgate_plugins.usage_log",
     "nexgate_plugins.metrics",
+    "nexgate_plugins.admin_api",
 )
 """Built-in plugins, registered like any other. ``plugins.disable`` in the config removes one."""
 

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from typing import Sequence
 
 from aiohttp import web
 
@@ -44,7 +45,10 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # e.g. the port is in use: say so, without a traceback
+            raise SystemExit(f"nexgate: cannot listen: {exc.strerror or exc}") from None
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,18 +62,31 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
         await runner.cleanup()
 
 
-def run_worker(config: Config, host: str, port: int, reuse_port: bool) -> None:
-    app = build_app(config)
+def run_worker(config: Config, host: str, port: int, reuse_port: bool,
+               extra_plugins: Sequence[object] = ()) -> None:
+    app = build_app(config, extra_plugins)
     with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
         runner.run(serve_app(app, config, host, port, reuse_port=reuse_port))
 
 
-def serve(config: Config, host: str, port: int, workers: int) -> int:
+def _run_forked_worker(config: Config, host: str, port: int) -> None:
+    # A forked worker inherits the supervisor's handlers, which only set the supervisor's
+    # flag: a SIGTERM before the worker's loop installs its own would be ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    run_worker(config, host, port, reuse_port=True)
+
+
+def serve(config: Config, host: str, port: int, workers: int, extra_plugins: Sequence[object] = ()) -> int:
     """Blocking entry point of ``nexgate serve``. Returns the exit code."""
-    build_app(config)  # fail here, once, on a bad config or plugin: never half-start workers
+    build_app(config, extra_plugins)  # fail here, once, on a bad config or plugin: never half-start workers
     if workers <= 1:
-        run_worker(config, host, port, reuse_port=False)
+        run_worker(config, host, port, reuse_port=False, extra_plugins=extra_plugins)
         return 0
+    if config.state_url.startswith("memory://"):
+        log.error("--workers > 1 needs shared state (state.url: redis://...): with memory:// each worker "
+                  "would keep its own rate limits and credit holds")
+        return 2
     if port == 0:
         log.error("--workers > 1 needs a fixed --port: each worker binds it with SO_REUSEPORT")
         return 2
@@ -85,7 +102,7 @@ def _supervise(config: Config, host: str, port: int, workers: int) -> int:
     stopping = False
 
     def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=run_worker, args=(config, host, port, True), daemon=False)
+        process = context.Process(target=_run_forked_worker, args=(config, host, port), daemon=False)
         process.start()
         return process
 

@@ -125,12 +125,14 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     """Start gateways on real sockets: ``await start_gateway(config_dict, plugins=[...])``.
 
-    Without a ``storage`` section each gateway gets its own SQLite file under tmp_path.
+    Without ``storage`` / ``usage`` sections each gateway gets its own SQLite file
+    and outbox directory under tmp_path.
     """
     runners: list[web.AppRunner] = []
 
     async def start(config: dict[str, Any], plugins: Sequence[object] = ()) -> Gateway:
-        config = {"storage": {"url": f"sqlite:///{tmp_path}/gw{len(runners)}.db"}, **config}
+        config = {"storage": {"url": f"sqlite:///{tmp_path}/gw{len(runners)}.db"},
+                  "usage": {"outbox_dir": str(tmp_path / f"outbox{len(runners)}")}, **config}
         app = build_app(parse_config(config, "test-config"), extra_plugins=plugins)
         runner = GatewayRunner(app, shutdown_timeout=1.0)
         await runner.setup()

@@ -109,6 +109,7 @@ class FakeUpstream:
                                            **b.extra_headers})
         await resp.prepare(request)
         sent = bytearray()
+        delay = b.chunk_delay  # fixed per stream: a test may change the behaviour for later requests
         for i, event in enumerate(events):
             if b.cut_after_chunks is not None and i >= b.cut_after_chunks:
                 self.sent.append(bytes(sent))
@@ -118,8 +119,8 @@ class FakeUpstream:
             if b.stall_after_chunks is not None and i >= b.stall_after_chunks:
                 self.sent.append(bytes(sent))
                 await asyncio.sleep(3600)
-            if b.chunk_delay:
-                await asyncio.sleep(b.chunk_delay)
+            if delay:
+                await asyncio.sleep(delay)
             await resp.write(event)
             sent += event
         self.sent.append(bytes(sent))

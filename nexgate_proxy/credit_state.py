@@ -1,0 +1,215 @@
+"""Hot credit state shared by gateway instances: cached balances and open holds.
+
+The durable truth is the ledger in the store. Here, per account, live the
+balance as last loaded (minus charges settled since) and the holds of requests
+in flight; a reservation succeeds atomically only if ``balance - holds - amount``
+stays above ``-overdraft``. Holds expire, so a dead instance's holds free
+themselves. Redis does it in one Lua call; without Redis, a dict does it.
+
+Amounts here are integer nano-USD, rounded up from the ledger's pico-USD: Lua
+numbers are doubles, exact to 2**53, which in nano-USD is about 9 million USD
+per account. Rounding up only ever makes the gateway more careful.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+log = logging.getLogger("nexgate.credits")
+
+PICO_PER_NANO = 1000
+KEY_TTL_SECONDS = 24 * 3600
+
+
+def nano_ceil(pico: int) -> int:
+    return -(-pico // PICO_PER_NANO)
+
+
+def nano_floor(pico: int) -> int:
+    return pico // PICO_PER_NANO
+
+
+class CreditStateUnavailable(Exception):
+    """The hot state (Redis) did not answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    ok: bool
+    available_nano: int
+    """Balance minus holds after this reservation (before it, when refused)."""
+
+
+BalanceLoader = Callable[[], Awaitable[int]]
+"""Returns the account's durable balance in pico-USD."""
+
+
+class CreditState(abc.ABC):
+    @abc.abstractmethod
+    async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
+                      hold_seconds: float, load_balance: BalanceLoader) -> Reservation: ...
+
+    @abc.abstractmethod
+    async def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
+        """Release the request's hold and take its actual cost off the cached balance."""
+
+    @abc.abstractmethod
+    async def credit(self, account_id: str, amount_nano: int) -> None:
+        """A payment or grant arrived: raise the cached balance (if one is cached)."""
+
+    @abc.abstractmethod
+    async def available(self, account_id: str) -> int | None:
+        """Cached balance minus open holds, or None when nothing is cached."""
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryCreditState(CreditState):
+    """One process: exact and lock-free (the event loop serialises every call)."""
+
+    def __init__(self) -> None:
+        self._balance: dict[str, int] = {}
+        self._holds: dict[str, dict[str, tuple[int, float]]] = {}
+
+    async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
+                      hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
+        if account_id not in self._balance:
+            loaded = nano_floor(await load_balance())
+            self._balance.setdefault(account_id, loaded)  # another request may have loaded it meanwhile
+        now = time.monotonic()
+        holds = self._holds.setdefault(account_id, {})
+        for rid in [rid for rid, (_, expiry) in holds.items() if expiry <= now]:
+            del holds[rid]
+        available = self._balance[account_id] - sum(amount for amount, _ in holds.values())
+        if available - amount_nano < -overdraft_nano:
+            return Reservation(False, available)
+        holds[request_id] = (amount_nano, now + hold_seconds)
+        return Reservation(True, available - amount_nano)
+
+    async def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
+        self._holds.get(account_id, {}).pop(request_id, None)
+        if account_id in self._balance:
+            self._balance[account_id] -= cost_nano
+
+    async def credit(self, account_id: str, amount_nano: int) -> None:
+        if account_id in self._balance:
+            self._balance[account_id] += amount_nano
+
+    async def available(self, account_id: str) -> int | None:
+        if account_id not in self._balance:
+            return None
+        return self._balance[account_id] - sum(a for a, _ in self._holds.get(account_id, {}).values())
+
+
+_RESERVE = """
+local bal = redis.call('GET', KEYS[1])
+if not bal then
+  if ARGV[6] == '' then return {-1, 0} end
+  redis.call('SET', KEYS[1], ARGV[6], 'NX')
+  bal = redis.call('GET', KEYS[1])
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[3])
+for _, rid in ipairs(expired) do
+  local amount = redis.call('HGET', KEYS[3], rid)
+  if amount then
+    redis.call('DECRBY', KEYS[2], amount)
+    redis.call('HDEL', KEYS[3], rid)
+  end
+  redis.call('ZREM', KEYS[4], rid)
+end
+local available = tonumber(bal) - tonumber(redis.call('GET', KEYS[2]) or '0')
+local amount = tonumber(ARGV[2])
+if available - amount < -tonumber(ARGV[5]) then return {0, available} end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('INCRBY', KEYS[2], ARGV[2])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
+return {1, available - amount}
+"""
+
+_SETTLE = """
+local amount = redis.call('HGET', KEYS[3], ARGV[1])
+if amount then
+  redis.call('DECRBY', KEYS[2], amount)
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
+if tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DECRBY', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+_CREDIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
+return false
+"""
+
+_AVAILABLE = """
+local bal = redis.call('GET', KEYS[1])
+if not bal then return false end
+return tonumber(bal) - tonumber(redis.call('GET', KEYS[2]) or '0')
+"""
+
+
+class RedisCreditState(CreditState):
+    """Shared by every instance using the same Redis; one round trip per reserve and per settle."""
+
+    def __init__(self, url: str, *, prefix: str = "nexgate:cr", timeout: float = 1.0) -> None:
+        import redis.asyncio as redis_asyncio
+
+        self._redis = redis_asyncio.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                             decode_responses=False)
+        self._prefix = prefix
+        self._reserve = self._redis.register_script(_RESERVE)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._credit = self._redis.register_script(_CREDIT)
+        self._available = self._redis.register_script(_AVAILABLE)
+
+    def _keys(self, account_id: str) -> list[str]:
+        # One hash tag per account keeps its keys on one Redis Cluster slot.
+        base = f"{self._prefix}:{{{account_id}}}"
+        return [f"{base}:bal", f"{base}:held", f"{base}:holds", f"{base}:exp"]
+
+    async def _call(self, script, keys: list[str], args: list[object]):  # type: ignore[no-untyped-def]
+        try:
+            return await script(keys=keys, args=args)
+        except Exception as exc:  # redis errors, timeouts, connection refused
+            raise CreditStateUnavailable(type(exc).__name__) from None
+
+    async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
+                      hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
+        keys = self._keys(account_id)
+        now = time.time()
+        args: list[object] = [request_id, amount_nano, now, now + hold_seconds, overdraft_nano, "", KEY_TTL_SECONDS]
+        status, available = await self._call(self._reserve, keys, args)
+        if status == -1:
+            args[5] = nano_floor(await load_balance())
+            status, available = await self._call(self._reserve, keys, args)
+        return Reservation(status == 1, int(available))
+
+    async def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
+        await self._call(self._settle, self._keys(account_id), [request_id, cost_nano])
+
+    async def credit(self, account_id: str, amount_nano: int) -> None:
+        await self._call(self._credit, self._keys(account_id), [amount_nano])
+
+    async def available(self, account_id: str) -> int | None:
+        value = await self._call(self._available, self._keys(account_id), [])
+        return None if value is None else int(value)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def open_credit_state(url: str, **options: object) -> CreditState:
+    if url.startswith("memory://"):
+        return MemoryCreditState()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisCreditState(url, **options)  # type: ignore[arg-type]
+    raise ValueError(f"unsupported state URL scheme {url.split(':', 1)[0]!r}")

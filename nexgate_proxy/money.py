@@ -1,0 +1,70 @@
+"""Exact money: integer pico-USD (1 pUSD = 1e-12 USD).
+
+One token of the cheapest models costs a few hundredths of a micro-dollar, so
+micro-USD would round it away; pico-USD represents every price with up to six
+decimals per million tokens exactly. Prices in the YAML are USD per million
+tokens; one token then costs ``price * 10**6`` pUSD, an integer.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from .config import Price
+from .context import Usage
+
+PICO_PER_USD = 10**12
+_PICO_PER_TOKEN_PER_USD_PER_MTOK = 10**6
+
+
+def usd_to_pico(usd: Decimal) -> int:
+    pico = usd * PICO_PER_USD
+    if pico != pico.to_integral_value():
+        raise ValueError(f"{usd} USD is finer than one pico-dollar")
+    return int(pico)
+
+
+def pico_to_usd(pico: int) -> Decimal:
+    """Exact: a Decimal with up to 12 decimals."""
+    return Decimal(pico).scaleb(-12)
+
+
+def format_usd(pico: int) -> str:
+    """Plain decimal string without exponent or trailing zeros, e.g. "0.000123"."""
+    text = format(pico_to_usd(pico), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def per_token_pico(usd_per_mtok: Decimal) -> int:
+    """pUSD per token for a price in USD per million tokens; exact or ValueError."""
+    value = usd_per_mtok * _PICO_PER_TOKEN_PER_USD_PER_MTOK
+    if value != value.to_integral_value():
+        raise ValueError(f"price {usd_per_mtok} has more than 6 decimals per million tokens")
+    return int(value)
+
+
+def price_problem(price: Price) -> str | None:
+    """Why a price cannot be charged exactly, or None."""
+    for name in ("input", "output", "cached_input"):
+        value = getattr(price, name)
+        if value is None:
+            continue
+        try:
+            per_token_pico(value)
+        except ValueError:
+            return f"{name}: {value} has more than 6 decimals per million tokens, which NexGate cannot charge exactly"
+    return None
+
+
+def cost_pico(price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+    """The exact cost of a call. Cached prompt tokens cost ``cached_input`` when the price has one."""
+    cached = min(cached_tokens, prompt_tokens) if price.cached_input is not None else 0
+    return (
+        (prompt_tokens - cached) * per_token_pico(price.input)
+        + cached * per_token_pico(price.cached_input or Decimal(0))
+        + completion_tokens * per_token_pico(price.output)
+    )
+
+
+def usage_cost_pico(price: Price, usage: Usage) -> int:
+    return cost_pico(price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
