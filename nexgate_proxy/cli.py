@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.set_defaults(func=_cmd_config_check)
 
-    from . import cli_admin
+    from . import cli_admin, cli_billing
 
     cli_admin.register(sub)
+    cli_billing.register(sub)
     return parser
 
 

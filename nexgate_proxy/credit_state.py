@@ -75,12 +75,17 @@ class MemoryCreditState(CreditState):
     def __init__(self) -> None:
         self._balance: dict[str, int] = {}
         self._holds: dict[str, dict[str, tuple[int, float]]] = {}
+        self._credits_seen: dict[str, int] = {}
+        """Per account, how many credits arrived: a load that saw a credit race by loads again."""
 
     async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
                       hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
-        if account_id not in self._balance:
+        while account_id not in self._balance:
+            version = self._credits_seen.get(account_id, 0)
             loaded = nano_floor(await load_balance())
-            self._balance.setdefault(account_id, loaded)  # another request may have loaded it meanwhile
+            # A credit booked while we read may or may not be in `loaded`: read again to be sure.
+            if self._credits_seen.get(account_id, 0) == version:
+                self._balance.setdefault(account_id, loaded)  # another request may have loaded it meanwhile
         now = time.monotonic()
         holds = self._holds.setdefault(account_id, {})
         for rid in [rid for rid, (_, expiry) in holds.items() if expiry <= now]:
@@ -97,6 +102,7 @@ class MemoryCreditState(CreditState):
             self._balance[account_id] -= cost_nano
 
     async def credit(self, account_id: str, amount_nano: int) -> None:
+        self._credits_seen[account_id] = self._credits_seen.get(account_id, 0) + 1
         if account_id in self._balance:
             self._balance[account_id] += amount_nano
 
@@ -109,7 +115,9 @@ class MemoryCreditState(CreditState):
 _RESERVE = """
 local bal = redis.call('GET', KEYS[1])
 if not bal then
-  if ARGV[6] == '' then return {-1, 0} end
+  local version = redis.call('GET', KEYS[5]) or '0'
+  -- A credit booked since the caller read the version may be missing from its load: load again.
+  if ARGV[6] == '' or ARGV[8] ~= version then return {-1, version} end
   redis.call('SET', KEYS[1], ARGV[6], 'NX')
   bal = redis.call('GET', KEYS[1])
 end
@@ -146,6 +154,8 @@ return 1
 """
 
 _CREDIT = """
+redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
 if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
 return false
 """
@@ -174,7 +184,7 @@ class RedisCreditState(CreditState):
     def _keys(self, account_id: str) -> list[str]:
         # One hash tag per account keeps its keys on one Redis Cluster slot.
         base = f"{self._prefix}:{{{account_id}}}"
-        return [f"{base}:bal", f"{base}:held", f"{base}:holds", f"{base}:exp"]
+        return [f"{base}:bal", f"{base}:held", f"{base}:holds", f"{base}:exp", f"{base}:credits"]
 
     async def _call(self, script, keys: list[str], args: list[object]):  # type: ignore[no-untyped-def]
         try:
@@ -186,18 +196,20 @@ class RedisCreditState(CreditState):
                       hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
         keys = self._keys(account_id)
         now = time.time()
-        args: list[object] = [request_id, amount_nano, now, now + hold_seconds, overdraft_nano, "", KEY_TTL_SECONDS]
-        status, available = await self._call(self._reserve, keys, args)
-        if status == -1:
+        args: list[object] = [request_id, amount_nano, now, now + hold_seconds, overdraft_nano, "", KEY_TTL_SECONDS,
+                              ""]
+        status, value = await self._call(self._reserve, keys, args)
+        while status == -1:  # not cached: load it, unless a credit races the load (then load again)
+            args[7] = value
             args[5] = nano_floor(await load_balance())
-            status, available = await self._call(self._reserve, keys, args)
-        return Reservation(status == 1, int(available))
+            status, value = await self._call(self._reserve, keys, args)
+        return Reservation(status == 1, int(value))
 
     async def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
         await self._call(self._settle, self._keys(account_id), [request_id, cost_nano])
 
     async def credit(self, account_id: str, amount_nano: int) -> None:
-        await self._call(self._credit, self._keys(account_id), [amount_nano])
+        await self._call(self._credit, self._keys(account_id), [amount_nano, KEY_TTL_SECONDS])
 
     async def available(self, account_id: str) -> int | None:
         value = await self._call(self._available, self._keys(account_id), [])

@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_plugins.auth",
     "nexgate_plugins.routing",
     "nexgate_plugins.credits",
+    "nexgate_plugins.payments",
     "nexgate_plugins.usage_log",
     "nexgate_plugins.metrics",
     "nexgate_plugins.admin_api",

@@ -1,4 +1,4 @@
-"""The admin HTTP API under ``/admin/v1/``: users, organizations, members and API keys.
+"""The admin HTTP API under ``/admin/v1/``: users, organizations, members, API keys and money.
 
 Who calls is decided on every request from ``Authorization: Bearer <token>``:
 
@@ -18,6 +18,13 @@ Rules, in short:
   and owners see its members and manage its keys; only owners manage members,
   and a member may leave; an organization always keeps an owner (409);
 * organization admins never see members' personal keys.
+
+Money (``/balance``, ``/transactions``, ``/usage``, ``/usage/totals``,
+``/statements/{YYYY-MM}``) is per account, named by ``?account=``: a user sees
+their own (the default), an organization's admins and owners see the
+organization's, and the superadmin sees any. Nobody else's personal account
+is visible: asking for it answers 404. Amounts are exact decimal strings
+(``*_usd``) with the integer pico-USD beside them (``*_pico``), never floats.
 
 Removing a member also revokes the organization keys that member created: they
 saw the plaintext, and removal must end their access to the organization.
@@ -45,6 +52,19 @@ from nexgate_proxy.appkeys import BUS, STORE
 from nexgate_proxy.bus import InvalidationBus
 from nexgate_proxy.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
 from nexgate_proxy.config import Config
+from nexgate_proxy.statements import (
+    Account,
+    balance_json,
+    build_statement,
+    find_account,
+    parse_month,
+    parse_time,
+    render_statement_html,
+    statement_json,
+    transaction_json,
+    usage_json,
+    usage_total_json,
+)
 from nexgate_proxy.store import (
     ROLES,
     ApiKeyRow,
@@ -57,6 +77,7 @@ from nexgate_proxy.store import (
     StoreError,
     User,
 )
+from nexgate_proxy.store.base import GROUP_BYS
 from nexgate_plugins.admin_openapi import build_openapi
 from nexgate_plugins.auth import AuthSettings, parse_auth_settings
 
@@ -711,6 +732,138 @@ async def delete_key(request: web.Request, caller: Caller) -> web.Response:
     return web.json_response(key_json(await store.get_api_key(row.id) or row))
 
 
+# ------------------------------------------------------------------ money
+
+
+async def _account(request: web.Request, caller: Caller) -> Account:
+    """The account named by ``?account=`` (default: the caller's own) if the caller may see its money.
+
+    Own personal account: yes. An organization: its admins and owners (403 for
+    plain members, 404 for outsiders). Anybody else's personal account: 404, as
+    an unknown id. The superadmin: any existing account, and must name it.
+    """
+    store = request.app[STORE]
+    account_id = request.query.get("account")
+    if account_id is None:
+        if caller.superadmin:
+            raise _bad("account", "The superadmin has no account of its own: pass ?account=<user or organization id>.")
+        assert caller.user is not None
+        account_id = caller.user.id
+    if not _is_id(account_id):
+        raise GatewayError(404, "No such account.", code="not_found", param="account")
+    if caller.superadmin:
+        account = await find_account(store, account_id)
+        if account is None:
+            raise GatewayError(404, "No such account.", code="not_found", param="account")
+        return account
+    assert caller.user is not None
+    if account_id == caller.user.id:
+        user = caller.user
+        return Account(user.id, "user", user.name or user.email)
+    org = await store.get_org(account_id)
+    if org is None:
+        raise GatewayError(404, "No such account.", code="not_found", param="account")
+    role = await store.get_role(org.id, caller.user.id)
+    if role is None:
+        raise GatewayError(404, "No such account.", code="not_found", param="account")
+    if role not in ADMIN_ROLES:
+        raise _forbidden("Only the organization's admins and owners may see its balance, transactions and usage.")
+    return Account(org.id, "organization", org.name)
+
+
+def _query_time(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return parse_time(raw)
+    except ValueError as exc:
+        raise _bad(name, f"'{name}' {exc}.") from None
+
+
+def _period(request: web.Request) -> tuple[datetime | None, datetime | None]:
+    since, until = _query_time(request, "since"), _query_time(request, "until")
+    if since is not None and until is not None and since >= until:
+        raise _bad("until", "'until' must be after 'since'.")
+    return since, until
+
+
+def _usage_filters(request: web.Request) -> dict[str, Any]:
+    since, until = _period(request)
+    model = request.query.get("model")
+    if model is not None and (not model or len(model) > MAX_NAME_LENGTH or not _clean_text(model)):
+        raise _bad("model", "'model' must be a model name.")
+    key_id = request.query.get("key_id")
+    if key_id is not None and not _is_id(key_id):
+        raise _bad("key_id", "'key_id' must be an API key id.")
+    return {"since": since, "until": until, "model": model, "key_id": key_id}
+
+
+async def get_balance(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account",))
+    account = await _account(request, caller)
+    balance = await request.app[STORE].get_balance(account.id)
+    return web.json_response(balance_json(account.id, account.type, balance))
+
+
+async def list_transactions(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account", "since", "until", "limit", "offset"))
+    account = await _account(request, caller)
+    since, until = _period(request)
+    limit, offset = _page(request)
+    entries = await request.app[STORE].list_ledger(account.id, since=since, until=until, limit=limit + 1,
+                                                   offset=offset)
+    return _list([transaction_json(e) for e in entries[:limit]], len(entries) > limit)
+
+
+async def list_usage(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account", "since", "until", "model", "key_id", "limit", "offset"))
+    account = await _account(request, caller)
+    filters = _usage_filters(request)
+    limit, offset = _page(request)
+    rows = await request.app[STORE].list_usage(account_id=account.id, **filters, limit=limit + 1, offset=offset)
+    return _list([usage_json(r) for r in rows[:limit]], len(rows) > limit)
+
+
+async def get_usage_totals(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account", "since", "until", "model", "key_id", "group_by"))
+    account = await _account(request, caller)
+    filters = _usage_filters(request)
+    group_by = request.query.get("group_by", "day")
+    if group_by not in GROUP_BYS:
+        raise _bad("group_by", f"'group_by' must be one of {', '.join(GROUP_BYS)}.")
+    totals = await request.app[STORE].usage_totals(account_id=account.id, **filters,
+                                                   group_by=group_by)  # type: ignore[arg-type]
+    return _list([usage_total_json(t, group_by) for t in totals])
+
+
+_HTML_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+async def get_statement(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account", "format"))
+    month = request.match_info["month"]
+    try:
+        parse_month(month)
+    except ValueError as exc:
+        raise _bad("month", f"The statement period {exc}.") from None
+    fmt = request.query.get("format")
+    if fmt is None:
+        fmt = "html" if "text/html" in request.headers.get("Accept", "") else "json"
+    if fmt not in ("json", "html"):
+        raise _bad("format", "'format' must be json or html.")
+    account = await _account(request, caller)
+    statement = await build_statement(request.app[STORE], account, month)
+    if fmt == "json":
+        return web.json_response(statement_json(statement))
+    return web.Response(text=render_statement_html(statement), content_type="text/html", charset="utf-8",
+                        headers=_HTML_HEADERS)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(build_openapi())
 
@@ -734,6 +887,11 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/keys", list_keys),
     ("GET", "/keys/{key_id}", get_key),
     ("DELETE", "/keys/{key_id}", delete_key),
+    ("GET", "/balance", get_balance),
+    ("GET", "/transactions", list_transactions),
+    ("GET", "/usage", list_usage),
+    ("GET", "/usage/totals", get_usage_totals),
+    ("GET", "/statements/{month}", get_statement),
 )
 """(method, path under /admin/v1, handler): the authenticated endpoints."""
 

@@ -17,6 +17,16 @@ _NULLABLE_STRING = {"type": ["string", "null"]}
 _TIMESTAMP = {"type": "string", "format": "date-time", "description": "ISO-8601, UTC (`Z`)."}
 _NULLABLE_TIMESTAMP = {"type": ["string", "null"], "format": "date-time", "description": "ISO-8601, UTC (`Z`)."}
 _ROLE = {"type": "string", "enum": ["owner", "admin", "member"]}
+_USD = {"type": "string", "pattern": r"^-?\d+(\.\d{1,12})?$",
+        "description": "Exact decimal US dollars (never a float), e.g. `12.5` or `-0.0000275`."}
+_NULLABLE_USD = {**_USD, "type": ["string", "null"]}
+_PICO = {"type": "integer", "description": "The same amount in integer pico-USD (1e-12 USD)."}
+_NULLABLE_PICO = {**_PICO, "type": ["integer", "null"]}
+_ACCOUNT_TYPE = {"type": "string", "enum": ["user", "organization"]}
+
+
+def _money(name: str, nullable: bool = False) -> dict[str, Any]:
+    return {f"{name}_usd": _NULLABLE_USD if nullable else _USD, f"{name}_pico": _NULLABLE_PICO if nullable else _PICO}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -122,6 +132,102 @@ _SCHEMAS: dict[str, Any] = {
                 "org_role": _NULLABLE_STRING, "org_slug": _NULLABLE_STRING,
             }, "The session token's claims (v1 `org_*` or v2 `o`); informational, they grant nothing.")]},
     }),
+    "Balance": _object(["object", "account_id", "account_type", "currency", "balance_usd", "balance_pico"], {
+        "object": {"const": "balance"},
+        "account_id": {"type": "string"},
+        "account_type": _ACCOUNT_TYPE,
+        "currency": {"const": "usd"},
+        **_money("balance"),
+    }, "The account's prepaid balance: the sum of its ledger."),
+    "Transaction": _object(
+        ["object", "id", "account_id", "kind", "amount_usd", "amount_pico", "source", "external_id", "request_id",
+         "description", "created_at"], {
+            "object": {"const": "transaction"},
+            "id": {"type": "integer"},
+            "account_id": {"type": "string"},
+            "kind": {"type": "string", "enum": ["payment", "debit", "refund", "dispute", "grant", "adjustment"]},
+            **_money("amount"),
+            "source": {"type": "string", "description": "`request` for usage debits, `dodopayments`, `admin`..."},
+            "external_id": {"type": "string", "description": "The source's id: applied at most once."},
+            "request_id": _NULLABLE_STRING,
+            "description": _NULLABLE_STRING,
+            "created_at": _TIMESTAMP,
+        }, "A ledger entry, signed: credits positive, debits negative."),
+    "UsageRecord": _object(
+        ["object", "request_id", "ts", "endpoint", "model", "provider", "upstream_model", "account_id", "org_id",
+         "key_id", "key_prefix", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated",
+         "estimated_cost_usd", "estimated_cost_pico", "actual_cost_usd", "actual_cost_pico", "latency_ms", "status",
+         "error_code", "stream", "attempts"], {
+            "object": {"const": "usage_record"},
+            "request_id": {"type": "string"},
+            "ts": {**_TIMESTAMP, "description": "When the request started (UTC)."},
+            "endpoint": {"type": "string"},
+            "model": _NULLABLE_STRING,
+            "provider": _NULLABLE_STRING,
+            "upstream_model": _NULLABLE_STRING,
+            "account_id": _NULLABLE_STRING,
+            "org_id": _NULLABLE_STRING,
+            "key_id": _NULLABLE_STRING,
+            "key_prefix": _NULLABLE_STRING,
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            "cached_tokens": {"type": "integer"},
+            "usage_estimated": {"type": "boolean", "description": "Token counts are NexGate's estimate."},
+            **_money("estimated_cost", nullable=True),
+            **_money("actual_cost", nullable=True),
+            "latency_ms": {"type": "integer"},
+            "status": {"type": "integer"},
+            "error_code": _NULLABLE_STRING,
+            "stream": {"type": "boolean"},
+            "attempts": {"type": "integer"},
+        }, "Metadata of one request: never its content, nor the client IP."),
+    "UsageTotal": _object(
+        ["object", "group_by", "group", "requests", "prompt_tokens", "completion_tokens", "cost_usd", "cost_pico"], {
+            "object": {"const": "usage_total"},
+            "group_by": {"type": "string", "enum": ["day", "model", "key"]},
+            "group": {"type": "string", "description": "`YYYY-MM-DD` (UTC), the model, or the key id; '' if none."},
+            "requests": {"type": "integer"},
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            **_money("cost"),
+        }),
+    "StatementTransaction": _object(
+        ["date", "kind", "source", "description", "amount_usd", "amount_pico", "count", "id", "external_id"], {
+            "date": _TIMESTAMP,
+            "kind": {"type": "string"},
+            "source": {"type": "string"},
+            "description": _NULLABLE_STRING,
+            **_money("amount"),
+            "count": {"type": "integer", "minimum": 1,
+                      "description": "Ledger entries summed: a day's request debits are one line."},
+            "id": {"type": ["integer", "null"], "description": "The ledger entry; null for summed lines."},
+            "external_id": _NULLABLE_STRING,
+        }),
+    "Statement": _object(
+        ["object", "account_id", "account_type", "account_name", "month", "period_start", "period_end", "currency",
+         "opening_balance_usd", "opening_balance_pico", "credits_usd", "credits_pico", "debits_usd", "debits_pico",
+         "closing_balance_usd", "closing_balance_pico", "transactions", "usage_by_model", "generated_at", "final"], {
+            "object": {"const": "statement"},
+            "account_id": {"type": "string"},
+            "account_type": _ACCOUNT_TYPE,
+            "account_name": _NULLABLE_STRING,
+            "month": {"type": "string", "pattern": r"^\d{4}-\d{2}$"},
+            "period_start": _TIMESTAMP,
+            "period_end": {**_TIMESTAMP, "description": "Exclusive: the first instant of the next month."},
+            "currency": {"const": "usd"},
+            **_money("opening_balance"),
+            **_money("credits"),
+            **_money("debits"),
+            **_money("closing_balance"),
+            "transactions": {"type": "array", "items": _ref("StatementTransaction"),
+                             "description": "Oldest first; opening + the sum of their amounts = closing."},
+            "usage_by_model": {"type": "array", "items": _ref("UsageTotal")},
+            "generated_at": _TIMESTAMP,
+            "final": {"type": "boolean", "description": "False while the month is still running."},
+        }, "One UTC month of an account's ledger."),
+    "TransactionList": _list_of("Transaction"),
+    "UsageRecordList": _list_of("UsageRecord"),
+    "UsageTotalList": _list_of("UsageTotal"),
     "UserList": _list_of("User"),
     "OrganizationList": _list_of("Organization"),
     "MemberList": _list_of("Member"),
@@ -171,12 +277,12 @@ def _json(schema: str, description: str) -> dict[str, Any]:
 
 def _op(operation_id: str, summary: str, ok: tuple[str, str, str], *errors: str,
         body: str | None = None, parameters: list[dict[str, Any]] | None = None,
-        description: str | None = None) -> dict[str, Any]:
+        description: str | None = None, tag: str | None = None) -> dict[str, Any]:
     status, schema, what = ok
     responses: dict[str, Any] = {status: _json(schema, what)}
     for name in ("BadRequest", "Unauthorized", *errors):
         responses[_STATUS[name]] = {"$ref": f"#/components/responses/{name}"}
-    op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": [operation_id.split("_")[-1]],
+    op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": [tag or operation_id.split("_")[-1]],
                           "responses": responses}
     if description:
         op["description"] = description
@@ -200,6 +306,35 @@ _PAGE = [
     _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Rows to skip."),
 ]
 _INCLUDE_REVOKED = _query("include_revoked", {"type": "boolean", "default": False}, "Also list revoked keys.")
+_ACCOUNT = _query("account", {"type": "string"},
+                  "A user or organization id. Default: the caller's own account (the superadmin must give one).")
+_PERIOD = [
+    _query("since", {"type": "string", "format": "date-time"},
+           "Inclusive. ISO-8601 with a timezone (`2025-01-01T00:00:00Z`), or a date (UTC midnight)."),
+    _query("until", {"type": "string", "format": "date-time"}, "Exclusive; same format as `since`."),
+]
+_USAGE_FILTERS = [
+    _query("model", {"type": "string"}, "Only this model alias."),
+    _query("key_id", {"type": "string"}, "Only requests made with this API key."),
+]
+_MONEY_ACCESS = ("Your own account; an organization's for its admins and owners (403 for members); any for the "
+                 "superadmin. Other users' personal accounts answer 404.")
+
+
+def _statement_op() -> dict[str, Any]:
+    op = _op("get_statements", "A monthly statement, as JSON or a printable HTML page",
+             ("200", "Statement", "The statement."), "Forbidden", "NotFound",
+             parameters=[{"name": "month", "in": "path", "required": True,
+                          "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"},
+                          "description": "The UTC calendar month, `YYYY-MM`."},
+                         _ACCOUNT,
+                         _query("format", {"type": "string", "enum": ["json", "html"]},
+                                "Default: html when the Accept header asks for text/html, else json.")],
+             description="Opening balance, every transaction of the month (a day's request debits summed into "
+                         "one line), closing balance, and usage totals by model. " + _MONEY_ACCESS)
+    op["responses"]["200"]["content"]["text/html"] = {"schema": {"type": "string"}}
+    return op
+
 
 _PATHS: dict[str, Any] = {
     "/admin/v1/openapi.json": {"get": {
@@ -262,6 +397,31 @@ _PATHS: dict[str, Any] = {
                               "Whose keys: the caller's own (default); any user's for the superadmin."),
                        _INCLUDE_REVOKED]),
     },
+    "/admin/v1/balance": {
+        "get": _op("get_balance", "An account's balance", ("200", "Balance", "The balance."), "Forbidden", "NotFound",
+                   parameters=[_ACCOUNT], description=_MONEY_ACCESS),
+    },
+    "/admin/v1/transactions": {
+        "get": _op("list_transactions", "An account's ledger, newest first",
+                   ("200", "TransactionList", "Ledger entries."), "Forbidden", "NotFound",
+                   parameters=[_ACCOUNT, *_PERIOD, *_PAGE], description=_MONEY_ACCESS),
+    },
+    "/admin/v1/usage": {
+        "get": _op("list_usage", "An account's usage records, newest first",
+                   ("200", "UsageRecordList", "Usage records (metadata only)."), "Forbidden", "NotFound",
+                   parameters=[_ACCOUNT, *_PERIOD, *_USAGE_FILTERS, *_PAGE], description=_MONEY_ACCESS),
+    },
+    "/admin/v1/usage/totals": {
+        "get": _op("get_usage_totals", "An account's usage totals per day, model or key",
+                   ("200", "UsageTotalList", "Totals, ordered by group."), "Forbidden", "NotFound",
+                   parameters=[_ACCOUNT, *_PERIOD, *_USAGE_FILTERS,
+                               _query("group_by", {"type": "string", "enum": ["day", "model", "key"], "default": "day"},
+                                      "What to total by: UTC day, model alias, or API key.")],
+                   description=_MONEY_ACCESS, tag="usage"),
+    },
+    "/admin/v1/statements/{month}": {
+        "get": _statement_op(),
+    },
     "/admin/v1/keys/{key_id}": {
         "get": _op("get_keys", "An API key's metadata", ("200", "ApiKey", "Key metadata."), "Forbidden", "NotFound",
                    parameters=[_path("key_id")]),
@@ -280,7 +440,8 @@ def _document() -> dict[str, Any]:
         "info": {
             "title": "NexGate admin API",
             "version": __version__,
-            "description": "Users, organizations, members and API keys of a NexGate gateway. Authenticate with "
+            "description": "Users, organizations, members, API keys, balances, usage and statements of a NexGate "
+                           "gateway. Authenticate with "
                            "the bootstrap admin token or a Clerk session token as a bearer token.",
         },
         "servers": [{"url": "/"}],

@@ -155,3 +155,30 @@ async def test_two_instances_share_one_balance(upstream: FakeUpstream, start_gat
     rows = await store.list_usage(account_id=first.user_id, limit=1000)
     assert sum(r.actual_cost_pico or 0 for r in rows) == usd_to_pico(Decimal("0.00007"))
     assert await store.get_balance(first.user_id) == 0 == await store.ledger_sum(first.user_id)
+
+
+@pytest.mark.redis
+async def test_a_credit_racing_the_first_balance_load_is_not_lost_on_redis(redis_url: str) -> None:
+    import secrets
+
+    from nexgate_proxy.credit_state import RedisCreditState
+
+    state = RedisCreditState(redis_url, prefix=f"nexgate:test:{secrets.token_hex(4)}")
+    ledger = {"balance": 0}
+    loads = 0
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        value = ledger["balance"]
+        if loads == 1:  # the payment is booked and announced while this read is in flight
+            ledger["balance"] += 100_000
+            await state.credit("acct", 100)
+        return value
+
+    try:
+        reservation = await state.reserve("acct", "r1", 0, 0, 60, load)
+        assert reservation.ok and loads == 2
+        assert await state.available("acct") == 100
+    finally:
+        await state.close()

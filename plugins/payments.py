@@ -1,0 +1,529 @@
+"""Payments: DodoPayments webhooks buy prepaid credits, refunds and lost disputes take them back.
+
+``POST /webhooks/dodopayments`` (registered only when ``payments.dodopayments``
+is configured) accepts Standard Webhooks deliveries:
+
+* the signature is checked first, on the raw body: ``webhook-signature`` holds
+  one or more space-separated ``v1,<base64>`` HMAC-SHA256 signatures of
+  ``{webhook-id}.{webhook-timestamp}.{body}``; any configured secret
+  (``whsec_<base64>``; several during a rotation) may match, compared in
+  constant time. ``webhook-timestamp`` must be within ``tolerance_seconds`` of
+  now, either way;
+* ``payment.succeeded`` credits the account named in the payment's metadata
+  (``account_metadata_key``) with the credit configured for each product of its
+  cart, times the quantity: what the product buys, not the taxed total paid;
+* ``refund.succeeded`` and ``dispute.lost`` debit that account the refunded
+  (disputed) share of what the payment credited, rounded up to the pico-dollar.
+
+Money moves exactly once: each entry carries (``dodopayments``,
+``payment:<id>`` / ``refund:<id>`` / ``dispute:<id>``), which the ledger applies
+at most once whatever delivery carries it, and the delivery is recorded under
+its webhook id. After a new entry, the hot credit state is told (a failure
+there is only logged: the ledger is the truth).
+
+Answers: 200 processed (or a duplicate); 202 acknowledged but nothing to do
+(an event type, product or account NexGate does not handle, with a warning in
+the log: retrying would not change anything); 400 malformed (missing headers,
+bad JSON, wrong field types); 401 bad signature or stale timestamp; 413 body
+too large; 503 the store is unavailable (the sender retries). Never a 500,
+which would make the sender retry an event that can never succeed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from nexgate_proxy import GatewayError, hookimpl
+from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.config import Config, ConfigReader
+from nexgate_proxy.credit_state import nano_floor
+from nexgate_proxy.money import format_usd, usd_to_pico
+from nexgate_proxy.statements import find_account
+from nexgate_proxy.store import MAX_PICO, LedgerEntry, NewLedgerEntry, Store, StoreError
+
+log = logging.getLogger("nexgate.payments")
+
+SOURCE = "dodopayments"
+WEBHOOK_PATH = "/webhooks/dodopayments"
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+MAX_SIGNATURE_HEADER = 8 * 1024
+MAX_ID_LENGTH = 255
+MAX_QUANTITY = 1_000_000
+SCAN_LIMIT = 200_000
+"""Ledger entries read at most when looking for a refunded payment without a store index."""
+
+_HEADER_ID = re.compile(r"[\x21-\x7e]{1,255}")
+_ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PAID = re.compile(r"; paid (\d{1,18}) ([A-Za-z]{3})$")
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True, slots=True)
+class DodoSettings:
+    secrets: tuple[bytes, ...] = field(repr=False)
+    """Decoded HMAC keys; any one may sign (rotation)."""
+    products: Mapping[str, int]
+    """Product id -> pico-USD credited per unit bought."""
+    tolerance_seconds: int = 300
+    account_metadata_key: str = "nexgate_account_id"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentSettings:
+    dodopayments: DodoSettings | None = None
+
+
+def decode_secret(secret: str) -> bytes:
+    """``whsec_<base64>`` (the prefix is optional) -> the HMAC key. ValueError when it is not one."""
+    text = secret.strip()
+    if text.startswith("whsec_"):
+        text = text[len("whsec_"):]
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not a webhook secret: expected whsec_ followed by base64 (copy it from the "
+                         "DodoPayments dashboard)") from None
+    if len(key) < 16:
+        raise ValueError("is too short to be a webhook secret (fewer than 16 bytes)")
+    return key
+
+
+def parse_payment_settings(config: Config, problems: list[str]) -> PaymentSettings:
+    r = ConfigReader(problems)
+    section = r.mapping(config.raw.get("payments"), "payments", ("dodopayments",))
+    if section.get("dodopayments") is None:
+        return PaymentSettings()
+    p = "payments.dodopayments"
+    s = r.mapping(section["dodopayments"], p, ("webhook_secrets", "tolerance_seconds", "account_metadata_key",
+                                               "products", "max_body_bytes"))
+    secrets: list[bytes] = []
+    raw_secrets = s.get("webhook_secrets")
+    if not isinstance(raw_secrets, list) or not raw_secrets:
+        r.problem(f"{p}.webhook_secrets", 'required: a list of webhook signing secrets, e.g. '
+                  '["${DODO_WEBHOOK_SECRET}"] (two during a rotation)')
+    else:
+        for i, raw in enumerate(raw_secrets):
+            here = f"{p}.webhook_secrets[{i}]"
+            if not isinstance(raw, str) or not raw.strip():
+                r.problem(here, "empty: set the secret (is its environment variable set?)")
+                continue
+            try:
+                secrets.append(decode_secret(raw))
+            except ValueError as exc:
+                r.problem(here, str(exc))  # never the value: it is a secret
+    key = r.value(s, "account_metadata_key", p, str, "nexgate_account_id",
+                  lambda v: None if 0 < len(v) <= 100 else "must be a non-empty metadata key")
+    products: dict[str, int] = {}
+    raw_products = r.mapping(s.get("products"), f"{p}.products")
+    if not raw_products:
+        r.problem(f"{p}.products", 'required: the products that buy credits, e.g. {prod_xxx: {credit_usd: "10"}}')
+    for product_id, spec in raw_products.items():
+        here = f"{p}.products.{product_id}"
+        ps = r.mapping(spec, here, ("credit_usd",))
+        if "credit_usd" not in ps:
+            r.problem(f"{here}.credit_usd", 'required: the USD of credits one unit buys, e.g. "10"')
+            continue
+        usd = r.value(ps, "credit_usd", here, Decimal, None,
+                      lambda v: None if v > 0 else "must be greater than 0")
+        if usd is None:
+            continue
+        try:
+            pico = usd_to_pico(usd)
+        except ValueError:
+            r.problem(f"{here}.credit_usd", "has more than 12 decimals (finer than a pico-dollar)")
+            continue
+        if pico > MAX_PICO:
+            r.problem(f"{here}.credit_usd", "is larger than a balance can hold")
+            continue
+        products[str(product_id)] = pico
+    settings = DodoSettings(
+        secrets=tuple(secrets),
+        products=products,
+        tolerance_seconds=r.value(s, "tolerance_seconds", p, int, 300,
+                                  lambda v: None if 1 <= v <= 3600 else "must be between 1 and 3600"),
+        account_metadata_key=key,
+        max_body_bytes=r.value(s, "max_body_bytes", p, int, DEFAULT_MAX_BODY_BYTES,
+                               lambda v: None if 1024 <= v <= 16 * 1024 * 1024
+                               else "must be between 1024 and 16777216"),
+    )
+    return PaymentSettings(dodopayments=settings)
+
+
+PAYMENTS: web.AppKey[PaymentSettings] = web.AppKey("nexgate_plugins.payments", PaymentSettings)
+
+
+# ------------------------------------------------------------ verification
+
+
+class Rejected(Exception):
+    """A delivery answered with a 4xx; the message is safe to return."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+    def response(self) -> web.Response:
+        return GatewayError(self.status, self.message, code=self.code, param=self.param).response()
+
+
+def sign(secret: bytes, webhook_id: str, timestamp: str, body: bytes) -> str:
+    """The ``v1`` signature (base64) of a delivery: senders and tests use it too."""
+    digest = hmac.new(secret, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def verify(settings: DodoSettings, headers: Mapping[str, str], body: bytes, now: float | None = None) -> str:
+    """Check a delivery's Standard Webhooks headers and signature; return its webhook id. Raises Rejected."""
+    webhook_id = headers.get("webhook-id")
+    timestamp = headers.get("webhook-timestamp")
+    signatures = headers.get("webhook-signature")
+    for name, value in (("webhook-id", webhook_id), ("webhook-timestamp", timestamp),
+                        ("webhook-signature", signatures)):
+        if not value:
+            raise Rejected(400, "missing_header", f"The {name} header is required.", name)
+    assert webhook_id is not None and timestamp is not None and signatures is not None
+    if _HEADER_ID.fullmatch(webhook_id) is None:
+        raise Rejected(400, "invalid_header", "The webhook-id header is malformed.", "webhook-id")
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        raise Rejected(400, "invalid_header", "The webhook-timestamp header must be Unix seconds.",
+                       "webhook-timestamp")
+    if len(signatures) > MAX_SIGNATURE_HEADER:
+        raise Rejected(400, "invalid_header", "The webhook-signature header is too long.", "webhook-signature")
+    now = time.time() if now is None else now
+    if abs(now - int(timestamp)) > settings.tolerance_seconds:
+        raise Rejected(401, "invalid_signature", "The webhook timestamp is outside the allowed tolerance.",
+                       "webhook-timestamp")
+    offered = []
+    for item in signatures.split():
+        version, _, value = item.partition(",")
+        if version == "v1" and value:
+            offered.append(value.encode("ascii", "replace"))
+    matched = False
+    for secret in settings.secrets:
+        expected = sign(secret, webhook_id, timestamp, body).encode("ascii")
+        for candidate in offered:
+            # Every comparison runs (no early exit): the time says nothing about which one matched.
+            matched |= hmac.compare_digest(expected, candidate)
+    if not matched:
+        raise Rejected(401, "invalid_signature", "No valid signature.", "webhook-signature")
+    return webhook_id
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise Rejected(413, "body_too_large", f"The body is larger than {limit} bytes.")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise Rejected(413, "body_too_large", f"The body is larger than {limit} bytes.")
+    return bytes(body)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_event(body: bytes) -> tuple[str, dict[str, Any]]:
+    """(type, data) of a verified body. Raises Rejected (400) when it is not an event."""
+    try:
+        event = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise Rejected(400, "invalid_json", "The body is not valid JSON.") from None
+    if not isinstance(event, dict):
+        raise Rejected(400, "invalid_event", "The body must be a JSON object.")
+    event_type = event.get("type")
+    if not isinstance(event_type, str) or not event_type or len(event_type) > 100:
+        raise Rejected(400, "invalid_event", "The event has no 'type'.", "type")
+    data = event.get("data")
+    if not isinstance(data, dict):
+        data = {}
+    return event_type, data
+
+
+# ------------------------------------------------------------------- events
+
+
+class Ignored(Exception):
+    """A verified event NexGate does nothing with: acknowledged with 202 and a warning."""
+
+
+def _text(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or _HEADER_ID.fullmatch(value) is None:
+        raise Rejected(400, "invalid_event", f"'data.{name}' must be an id string.", f"data.{name}")
+    return value
+
+
+_ZERO_DECIMAL = frozenset("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split())
+_THREE_DECIMAL = frozenset("BHD IQD JOD KWD LYD OMR TND".split())
+
+
+def _minor_units(value: Any, name: str, currency: Any = None) -> int:
+    """A non-negative amount in the currency's smallest unit.
+
+    An integer, or a string: digits are smallest units (DodoPayments sends a
+    dispute's amount as a string), a decimal like "11.80" is major units.
+    """
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, str) and value.isascii() and 0 < len(value) <= 24:
+        text = value.strip()
+        if text.isdigit():
+            value = int(text)
+        elif re.fullmatch(r"\d+\.\d+", text):
+            code = currency.upper() if isinstance(currency, str) else ""
+            exponent = 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
+            units = Decimal(text).scaleb(exponent)
+            value = int(units) if units == units.to_integral_value() else None
+    if not isinstance(value, int) or value < 0 or value > 10**18:
+        raise Rejected(400, "invalid_event", f"'data.{name}' must be a non-negative integer amount.",
+                       f"data.{name}")
+    return value
+
+
+def _metadata(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    metadata = data.get("metadata")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise Rejected(400, "invalid_event", "'data.metadata' must be an object.", "data.metadata")
+    return metadata
+
+
+def _metadata_account(settings: DodoSettings, data: Mapping[str, Any]) -> str | None:
+    value = _metadata(data).get(settings.account_metadata_key)
+    if isinstance(value, str) and _ACCOUNT_ID.fullmatch(value.strip()):
+        return value.strip()
+    return None
+
+
+async def payment_entry(settings: DodoSettings, store: Store, data: Mapping[str, Any]) -> NewLedgerEntry:
+    payment_id = _text(data, "payment_id")
+    _metadata(data)  # validated here: a malformed one is a 400 whatever the cart holds
+    cart = data.get("product_cart")
+    if cart is None:
+        raise Ignored(f"payment {payment_id} has no product cart")
+    if not isinstance(cart, list):
+        raise Rejected(400, "invalid_event", "'data.product_cart' must be a list.", "data.product_cart")
+    credit = 0
+    bought: list[str] = []
+    unknown: list[str] = []
+    for item in cart:
+        if not isinstance(item, dict):
+            raise Rejected(400, "invalid_event", "'data.product_cart' items must be objects.", "data.product_cart")
+        product_id = _text(item, "product_id")
+        quantity = item.get("quantity", 1)
+        if isinstance(quantity, bool) or not isinstance(quantity, int) or not 1 <= quantity <= MAX_QUANTITY:
+            raise Rejected(400, "invalid_event", "'quantity' must be a positive integer.", "data.product_cart")
+        per_unit = settings.products.get(product_id)
+        if per_unit is None:
+            unknown.append(product_id)
+            continue
+        credit += per_unit * quantity
+        bought.append(f"{quantity} x {product_id}")
+    if unknown:
+        log.warning("DodoPayments payment %s: product(s) %s buy no credits (not in payments.dodopayments.products)",
+                    payment_id, ", ".join(unknown))
+    if credit == 0:
+        raise Ignored(f"payment {payment_id} buys no configured product")
+    if credit > MAX_PICO:
+        log.error("DodoPayments payment %s: %s USD of credits is more than a balance can hold; grant it by hand",
+                  payment_id, format_usd(credit))
+        raise Ignored(f"payment {payment_id}: amount out of range")
+    account_id = _metadata_account(settings, data)
+    if account_id is None:
+        log.error("DodoPayments payment %s: no account in metadata.%s; %s USD of credits not granted (pass the "
+                  "NexGate account id in the checkout's metadata)", payment_id, settings.account_metadata_key,
+                  format_usd(credit))
+        raise Ignored(f"payment {payment_id} names no account")
+    if await find_account(store, account_id) is None:
+        log.error("DodoPayments payment %s: metadata names unknown account %s; %s USD of credits not granted",
+                  payment_id, account_id, format_usd(credit))
+        raise Ignored(f"payment {payment_id} names an unknown account")
+    description = f"DodoPayments payment {payment_id}: {', '.join(bought)}"
+    total = data.get("total_amount")
+    currency = data.get("currency")
+    if isinstance(total, int) and not isinstance(total, bool) and 0 <= total < 10**18 and \
+            isinstance(currency, str) and re.fullmatch(r"[A-Za-z]{3}", currency):
+        description = f"{description[:400]}; paid {total} {currency.upper()}"
+    return NewLedgerEntry(account_id=account_id, kind="payment", amount_pico=credit, source=SOURCE,
+                          external_id=f"payment:{payment_id}", description=description)
+
+
+async def find_payment(store: Store, payment_id: str, account_hint: str | None) -> LedgerEntry | None:
+    """The ledger entry that credited this payment, or None when it is unknown here."""
+    external_id = f"payment:{payment_id}"
+    lookup = getattr(store, "get_ledger_entry", None)
+    if callable(lookup):  # one indexed query, when the store offers it
+        entry = await lookup(SOURCE, external_id)
+        return entry if isinstance(entry, LedgerEntry) else None
+    if account_hint is None:
+        return None
+    offset = 0
+    while offset < SCAN_LIMIT:
+        page = await store.list_ledger(account_hint, limit=1000, offset=offset)
+        for entry in page:
+            if entry.source == SOURCE and entry.external_id == external_id:
+                return entry
+        if len(page) < 1000:
+            return None
+        offset += 1000
+    log.warning("DodoPayments payment %s: not among the newest %d entries of %s", payment_id, SCAN_LIMIT,
+                account_hint)
+    return None
+
+
+def share(credited: int, amount: int, paid: int) -> int:
+    """``credited * amount / paid``, rounded up, at most ``credited``: the part of a payment's credit to take back."""
+    if paid <= 0 or amount >= paid:
+        return credited
+    return min(credited, -(-credited * amount // paid))
+
+
+async def reversal_entry(settings: DodoSettings, store: Store, data: Mapping[str, Any], kind: str,
+                         id_field: str) -> NewLedgerEntry:
+    """The debit of a refund (kind "refund") or a lost dispute (kind "dispute")."""
+    reversal_id = _text(data, id_field)
+    payment_id = _text(data, "payment_id")
+    amount = _minor_units(data.get("amount"), "amount", data.get("currency"))
+    payment = await find_payment(store, payment_id, _metadata_account(settings, data))
+    if payment is None or payment.amount_pico <= 0:
+        log.warning("DodoPayments %s %s: payment %s credited nothing here; nothing debited", kind, reversal_id,
+                    payment_id)
+        raise Ignored(f"{kind} {reversal_id}: unknown payment {payment_id}")
+    paid = _PAID.search(payment.description or "")
+    if paid is None:
+        log.warning("DodoPayments %s %s: the amount paid for %s is unknown; nothing debited (debit by hand)",
+                    kind, reversal_id, payment_id)
+        raise Ignored(f"{kind} {reversal_id}: amount paid unknown")
+    currency = data.get("currency")
+    if isinstance(currency, str) and currency.upper() != paid.group(2).upper():
+        log.warning("DodoPayments %s %s is in %s, payment %s was in %s; taking the share as if the same",
+                    kind, reversal_id, currency[:8], payment_id, paid.group(2))
+    debit = share(payment.amount_pico, amount, int(paid.group(1)))
+    if debit == 0:
+        raise Ignored(f"{kind} {reversal_id}: zero amount")
+    noun = "refund" if kind == "refund" else "lost dispute"
+    return NewLedgerEntry(
+        account_id=payment.account_id, kind=kind, amount_pico=-debit, source=SOURCE,
+        external_id=f"{kind}:{reversal_id}",
+        description=f"DodoPayments {noun} {reversal_id} of payment {payment_id}: {amount} of {paid.group(1)} "
+                    f"{paid.group(2)}")
+
+
+async def entries_for(settings: DodoSettings, store: Store, event_type: str,
+                      data: Mapping[str, Any]) -> list[NewLedgerEntry]:
+    if event_type == "payment.succeeded":
+        return [await payment_entry(settings, store, data)]
+    if event_type == "refund.succeeded":
+        return [await reversal_entry(settings, store, data, "refund", "refund_id")]
+    if event_type == "dispute.lost":
+        return [await reversal_entry(settings, store, data, "dispute", "dispute_id")]
+    raise Ignored(f"event type {event_type[:100]!r} is not handled")
+
+
+# ------------------------------------------------------------------ handler
+
+
+async def _tell_hot_state(app: web.Application, entry: NewLedgerEntry) -> None:
+    from nexgate_plugins.credits import CREDITS
+
+    credits = app.get(CREDITS)
+    state = credits.state if credits is not None else None
+    if state is None:
+        return
+    try:
+        await state.credit(entry.account_id, nano_floor(entry.amount_pico))
+    except Exception as exc:  # the ledger has it; the cached balance catches up when it is reloaded
+        log.warning("could not update the cached balance of %s after %s (%s)", entry.account_id,
+                    entry.external_id, type(exc).__name__)
+
+
+async def process(app: web.Application, settings: DodoSettings, headers: Mapping[str, str],
+                  body: bytes) -> tuple[int, dict[str, Any]]:
+    """Verify and apply one delivery: (status, JSON answer). Raises Rejected and StoreError."""
+    webhook_id = verify(settings, headers, body)
+    event_type, data = parse_event(body)
+    store = app[STORE]
+    try:
+        entries = await entries_for(settings, store, event_type, data)
+    except Ignored as why:
+        # Not recorded as processed: once the config names the product or the
+        # payment, a resend of the same delivery is applied.
+        log.warning("DodoPayments webhook %s (%s) acknowledged, nothing done: %s", webhook_id, event_type,
+                    str(why))
+        return 202, {"received": True, "status": "ignored", "webhook_id": webhook_id}
+    # The ledger applies each (source, external_id) once, whichever delivery
+    # carries it: so a crash between the two calls loses nothing, and the
+    # hot state is told only by the one call that really applied the entry.
+    applied = [entry for entry in entries if await store.apply_ledger_entry(entry)]
+    await store.apply_webhook(SOURCE, webhook_id, event_type, entries)
+    for entry in applied:
+        log.info("DodoPayments %s: %s %s USD to %s", webhook_id, entry.kind, format_usd(entry.amount_pico),
+                 entry.account_id)
+        await _tell_hot_state(app, entry)
+    return 200, {"received": True, "status": "applied" if applied else "duplicate", "webhook_id": webhook_id}
+
+
+async def dodopayments_webhook(request: web.Request) -> web.Response:
+    settings = request.app[PAYMENTS].dodopayments
+    assert settings is not None
+    try:
+        body = await read_body(request, settings.max_body_bytes)
+        status, answer = await process(request.app, settings, request.headers, body)
+        return web.json_response(answer, status=status)
+    except Rejected as exc:
+        if exc.status == 401:
+            log.warning("DodoPayments webhook refused: %s", exc.message)
+        return exc.response()
+    except StoreError as exc:
+        log.error("DodoPayments webhook: the store failed (%s); the sender will retry", type(exc).__name__)
+        return GatewayError(503, "The account database is unavailable; retry later.",
+                            code="store_unavailable").response()
+    except Exception:
+        # Retried by the sender: once fixed, the payment is still credited.
+        log.exception("DodoPayments webhook: unexpected error")
+        return GatewayError(503, "The webhook could not be processed; retry later.",
+                            code="webhook_failed").response()
+
+
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    return GatewayError(405, f"{request.method} is not supported on {request.path}; use POST.",
+                        code="method_not_allowed", headers={"Allow": "POST"}).response()
+
+
+# -------------------------------------------------------------------- hooks
+
+
+@hookimpl
+def nexgate_check_config(config: Config) -> list[str]:
+    problems: list[str] = []
+    parse_payment_settings(config, problems)
+    return problems
+
+
+@hookimpl
+def nexgate_register_routes(app: web.Application, config: Config) -> None:
+    settings = parse_payment_settings(config, [])
+    app[PAYMENTS] = settings
+    if settings.dodopayments is not None:
+        resource = app.router.add_resource(WEBHOOK_PATH)
+        resource.add_route("POST", dodopayments_webhook)
+        resource.add_route("*", _method_not_allowed)
