@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -87,9 +88,9 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         limit=config.upstream.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
     )
     # Never pick up proxies or credentials from the environment: the config is the only source.
-    session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=True,
-                                    skip_auto_headers=("User-Agent",))
+    session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=True)
     app[PROXY].session = session
+    app[PROXY].loop = asyncio.get_running_loop()
     yield
     await session.close()
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from .estimate import estimate_prompt_tokens
+
 if TYPE_CHECKING:
     from aiohttp import web
     from multidict import CIMultiDictProxy
@@ -67,6 +69,7 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     body: dict[str, Any] | None = None
     """The parsed request body. Prompt content: never persist, log or label with it."""
+    body_size: int = 0
     model: str | None = None
     """The model alias the client asked for."""
     stream: bool = False
@@ -88,6 +91,7 @@ class RequestContext:
     response_headers: dict[str, str] = field(default_factory=dict)
     """Headers hooks add to the client's response (e.g. rate limit headers)."""
     scratch: dict[str, Any] = field(default_factory=dict)
+    _prompt_estimate: int | None = field(default=None, init=False, repr=False)
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -97,6 +101,12 @@ class RequestContext:
     def app(self) -> web.Application:
         """The gateway application: plugins keep their per-app state under their own AppKey."""
         return self.request.app
+
+    def prompt_estimate(self) -> int:
+        """Worst-case prompt tokens of the body, computed once per request (credits and limits share it)."""
+        if self._prompt_estimate is None:
+            self._prompt_estimate = estimate_prompt_tokens(self.body or {}, self.body_size)
+        return self._prompt_estimate
 
     def latency_ms(self) -> int:
         return int((time.perf_counter() - self.started) * 1000)

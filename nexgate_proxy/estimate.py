@@ -18,7 +18,13 @@ _OUTPUT_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens"
 _MAX_DEPTH = 32
 
 
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+SMALL_BODY_BYTES = 16 * 1024
+"""Below this, the whole body's size is the estimate: cheaper than walking it, and an over-estimate."""
+
+
+def estimate_prompt_tokens(body: dict[str, Any], body_size: int | None = None) -> int:
+    if body_size is not None and body_size <= SMALL_BODY_BYTES:
+        return body_size // BYTES_PER_TOKEN + 8
     total = 0
     for key in ("messages", "input", "prompt", "system", "instructions", "tools", "functions"):
         value = body.get(key)

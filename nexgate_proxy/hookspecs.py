@@ -151,8 +151,9 @@ async def nexgate_settle(ctx: RequestContext) -> None:
 
     Always runs, once, when the request is over: after success, rejection,
     upstream failure or client disconnect (``ctx.status``, ``ctx.usage``,
-    ``ctx.client_disconnected`` tell which). Set ``ctx.actual_cost``. Must not
-    raise for expected failures; it runs shielded from cancellation.
+    ``ctx.client_disconnected`` tell which). For an answer the client
+    receives it runs before the answer's last byte goes out. Set
+    ``ctx.actual_cost``. Must not raise for expected failures.
     """
 
 

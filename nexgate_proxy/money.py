@@ -8,6 +8,7 @@ tokens; one token then costs ``price * 10**6`` pUSD, an integer.
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal
 
 from .config import Price
@@ -56,14 +57,20 @@ def price_problem(price: Price) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _rates(price: Price) -> tuple[int, int | None, int]:
+    """Integer pUSD per token (input, cached input, output): Decimal arithmetic once per price."""
+    cached = per_token_pico(price.cached_input) if price.cached_input is not None else None
+    return per_token_pico(price.input), cached, per_token_pico(price.output)
+
+
 def cost_pico(price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
     """The exact cost of a call. Cached prompt tokens cost ``cached_input`` when the price has one."""
-    cached = min(cached_tokens, prompt_tokens) if price.cached_input is not None else 0
-    return (
-        (prompt_tokens - cached) * per_token_pico(price.input)
-        + cached * per_token_pico(price.cached_input or Decimal(0))
-        + completion_tokens * per_token_pico(price.output)
-    )
+    rate_in, rate_cached, rate_out = _rates(price)
+    if rate_cached is None:
+        return prompt_tokens * rate_in + completion_tokens * rate_out
+    cached = min(cached_tokens, prompt_tokens)
+    return (prompt_tokens - cached) * rate_in + cached * rate_cached + completion_tokens * rate_out
 
 
 def usage_cost_pico(price: Price, usage: Usage) -> int:

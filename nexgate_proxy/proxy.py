@@ -9,9 +9,11 @@ Streams are relayed event by event as they arrive.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -41,8 +43,13 @@ _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionR
 _UPSTREAM_TRANSPORT = (aiohttp.ClientError, OSError)
 
 
+_ID_PREFIX = f"req_{os.urandom(8).hex()}"
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """Unique across processes (a random 64-bit prefix per process) and cheap: no syscall per request."""
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 class Proxy:
@@ -51,6 +58,8 @@ class Proxy:
         self.chain = chain
         self.providers = providers
         self.session: aiohttp.ClientSession | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """Set at startup; cached because get_running_loop() costs a getpid() per call."""
         self.max_response_bytes = config.upstream.max_response_bytes
         self.max_body_bytes = config.server.max_body_bytes
         self.trusted_proxies = config.server.trusted_proxies
@@ -92,14 +101,17 @@ class Proxy:
             await self._finish(ctx)
 
     async def _finish(self, ctx: RequestContext) -> None:
-        """Run settle, guard and record once, to completion even if this handler is cancelled.
+        """Run settle, guard and record once.
 
         For an answer the client receives, this runs before its last byte goes out, so the
         charge and the usage record are durable before the client can act on the answer.
+        That ordering is also why no shield (a task per request) is needed: aiohttp cancels a
+        handler only when a shutdown's grace period runs out, and a handler cancelled here has
+        not delivered its answer; the holds it leaves expire on their own.
         """
         if not ctx.finished:
             ctx.finished = True
-            await asyncio.shield(self.chain.finish(ctx))
+            await self.chain.finish(ctx)
 
     def _error_response(self, ctx: RequestContext, exc: GatewayError) -> web.Response:
         resp = exc.response()
@@ -143,6 +155,7 @@ class Proxy:
             raise GatewayError(400, "The stream parameter must be true or false.", code="invalid_type",
                                param="stream")
         ctx.body = body
+        ctx.body_size = len(raw)
         ctx.model = model
         ctx.stream = bool(stream) and endpoint.streams
         return body
@@ -150,20 +163,24 @@ class Proxy:
     def _upstream_body(self, ctx: RequestContext, endpoint: Endpoint, raw: bytes, body: dict[str, Any],
                        target: Target) -> tuple[bytes, bool]:
         """The bytes to send upstream, and whether NexGate added usage the client did not ask for."""
-        changed = False
-        if target.model != body.get("model"):
-            body["model"] = target.model
-            changed = True
-        for key in CLIENT_ONLY_KEYS.intersection(body):
-            del body[key]
-            changed = True
-        injected = False
+        model_changed = target.model != ctx.model
+        inject = False
         if ctx.stream and endpoint.include_usage_option:
             options = body.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage") is True):
-                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-                injected = changed = True
-        return (json.dumps(body).encode() if changed else raw), injected
+            inject = not (isinstance(options, dict) and options.get("include_usage") is True)
+        stripped = not CLIENT_ONLY_KEYS.isdisjoint(body)
+        if not (model_changed or inject or stripped):
+            return raw, False
+        if not stripped:
+            patched = _patch_raw(raw, ctx.model or "", target.model if model_changed else None, inject)
+            if patched is not None:
+                return patched, inject
+        body = {k: v for k, v in body.items() if k not in CLIENT_ONLY_KEYS}
+        body["model"] = target.model
+        if inject:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return json.dumps(body).encode(), inject
 
     # ---------------------------------------------------------- upstream
 
@@ -172,7 +189,7 @@ class Proxy:
         route = ctx.route
         assert route is not None, "the route hook must set ctx.route"
         timeouts = route.timeouts
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         deadline = loop.time() + timeouts.total
         forwarded = request_headers(ctx.headers)
         failure: GatewayError | None = None
@@ -227,7 +244,7 @@ class Proxy:
 
     async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
                           deadline: float, timeouts: Timeouts) -> web.Response:
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(min(deadline, loop.time() + timeouts.idle)):
                 body = await upstream.read(self.max_response_bytes)
@@ -251,7 +268,7 @@ class Proxy:
 
     async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
                             injected_usage: bool, deadline: float, timeouts: Timeouts) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         response = web.StreamResponse(status=upstream.status, headers=headers)
         meter = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
         try:
@@ -302,6 +319,39 @@ class Proxy:
             ctx.error_code = "client_disconnected"
             return response
         return response
+
+
+_MODEL_KEY = b'"model"'
+_COLON = re.compile(rb"\s*:\s*")
+_USAGE_OPTION = b',"stream_options":{"include_usage":true}}'
+
+
+def _patch_raw(raw: bytes, alias: str, new_model: str | None, inject_usage: bool) -> bytes | None:
+    """Edit the client's bytes in place of re-encoding the whole body, when that is safe.
+
+    Swaps the model's value when ``"model"`` occurs exactly once and holds the alias as
+    json.dumps writes it; appends the usage option when the body has no stream_options.
+    None means "re-encode instead".
+    """
+    if new_model is not None:
+        if raw.count(_MODEL_KEY) != 1:
+            return None
+        colon = _COLON.match(raw, raw.index(_MODEL_KEY) + len(_MODEL_KEY))
+        if colon is None:
+            return None
+        start = colon.end()
+        old_value = json.dumps(alias).encode()
+        if not raw.startswith(old_value, start):
+            return None
+        raw = raw[:start] + json.dumps(new_model).encode() + raw[start + len(old_value):]
+    if inject_usage:
+        if b'"stream_options"' in raw:
+            return None
+        body = raw.rstrip()
+        if not body.endswith(b"}"):
+            return None
+        raw = body[:-1] + _USAGE_OPTION
+    return raw
 
 
 def _too_large(limit: int) -> GatewayError:

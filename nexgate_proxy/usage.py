@@ -14,7 +14,8 @@ from .context import Usage
 
 _EVENT_SPLIT = re.compile(rb"(\r?\n\r?\n)")
 _USAGE_MARK = b'"usage"'
-_NULL_USAGE = (b'"usage":null', b'"usage": null')
+# Streams repeat "usage":null in every chunk once usage is requested; only an object is worth parsing.
+_USAGE_OBJECT = (b'"usage":{', b'"usage": {')
 
 
 def _int(value: Any) -> int | None:
@@ -57,10 +58,28 @@ def apply_usage(usage: Usage, u: Any) -> bool:
     return found
 
 
+_DECODER = json.JSONDecoder()
+
+
 def usage_from_body(usage: Usage, body: bytes) -> None:
-    """Read usage from a non-streamed JSON answer (all formats keep it at top-level "usage")."""
-    if _USAGE_MARK not in body:
+    """Read usage from a non-streamed JSON answer (all formats keep it at top-level "usage").
+
+    Answers put usage last; decoding just that object from the last ``"usage":`` avoids
+    parsing the whole answer (embeddings can be megabytes). Falls back to a full parse.
+    """
+    at = body.rfind(_USAGE_MARK)
+    if at < 0:
         return
+    try:
+        text = body[at + len(_USAGE_MARK):].decode()
+        start = text.index(":") + 1
+        while text[start] in " \t\r\n":
+            start += 1
+        value, _ = _DECODER.raw_decode(text, start)
+        if isinstance(value, dict) and apply_usage(usage, value):
+            return
+    except (ValueError, IndexError, UnicodeDecodeError):
+        pass
     try:
         data = json.loads(body)
     except ValueError:
@@ -123,7 +142,7 @@ class StreamMeter:
 
     def _scan(self, whole: bytes) -> bytes:
         self.usage.stream_events += whole.count(b"data:")
-        if _USAGE_MARK not in whole:
+        if _USAGE_OBJECT[0] not in whole and _USAGE_OBJECT[1] not in whole:
             return whole
         parts = _EVENT_SPLIT.split(whole)
         keep: list[bytes] = []
@@ -132,7 +151,7 @@ class StreamMeter:
         for i in range(0, len(parts), 2):
             event = parts[i]
             sep = parts[i + 1] if i + 1 < len(parts) else b""
-            if _USAGE_MARK in event and not any(n in event for n in _NULL_USAGE):
+            if _USAGE_OBJECT[0] in event or _USAGE_OBJECT[1] in event:
                 if self._read_event(event):
                     dropped = True
                     continue

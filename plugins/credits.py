@@ -29,7 +29,7 @@ from nexgate_proxy.credit_state import (
     nano_ceil,
     open_credit_state,
 )
-from nexgate_proxy.estimate import estimate_prompt_tokens, requested_output_cap
+from nexgate_proxy.estimate import requested_output_cap
 from nexgate_proxy.money import cost_pico, format_usd, pico_to_usd, price_problem, usd_to_pico
 from nexgate_proxy.store import Store, StoreError
 
@@ -148,7 +148,7 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
     prices = [t.price for t in ctx.targets if t.price is not None]
     if not prices:
         return
-    prompt = estimate_prompt_tokens(ctx.body)
+    prompt = ctx.prompt_estimate()
     output = 0
     if ctx.endpoint != "embeddings":
         route_cap = ctx.route.max_output_tokens if ctx.route else None
@@ -185,7 +185,7 @@ def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> tuple[int, int, 
     if not served and not usage.stream_events:
         return 0, 0, 0  # refused before or by the upstream: no work, no charge
     # A stream cut short, or an upstream that did not report: input as estimated, output as relayed.
-    prompt = hold.prompt_estimate if hold else (estimate_prompt_tokens(ctx.body) if ctx.body else 0)
+    prompt = hold.prompt_estimate if hold else (ctx.prompt_estimate() if ctx.body else 0)
     return prompt, usage.stream_events, 0
 
 

@@ -24,14 +24,24 @@ class GatewayMetrics:
                                  ("endpoint",), registry=self.registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 
+        # Labelled children by label values: .labels() costs a lock and a tuple per call.
+        self._children: dict[tuple[str, str, int], tuple] = {}
+
     def observe(self, record: UsageRecord) -> None:
-        model = record.model or "-"
-        self.requests.labels(record.endpoint, model, str(record.status)).inc()
-        self.latency.labels(record.endpoint).observe(record.latency_ms / 1000)
+        key = (record.endpoint, record.model or "-", record.status)
+        children = self._children.get(key)
+        if children is None:
+            endpoint, model, status = key
+            children = self._children[key] = (
+                self.requests.labels(endpoint, model, str(status)), self.latency.labels(endpoint),
+                self.tokens.labels(model, "prompt"), self.tokens.labels(model, "completion"))
+        requests, latency, prompt, completion = children
+        requests.inc()
+        latency.observe(record.latency_ms / 1000)
         if record.prompt_tokens:
-            self.tokens.labels(model, "prompt").inc(record.prompt_tokens)
+            prompt.inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.tokens.labels(model, "completion").inc(record.completion_tokens)
+            completion.inc(record.completion_tokens)
 
 
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("nexgate_plugins.metrics", GatewayMetrics)

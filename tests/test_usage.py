@@ -100,3 +100,29 @@ async def test_settle_runs_before_the_client_sees_the_end_of_a_stream(upstream: 
                     marks["done"] = loop.time()
     assert marks["first_event"] < marks["settle_start"]  # streaming was not held back
     assert marks["done"] >= marks["settle_end"]          # but the end was, until settled
+
+
+@pytest.mark.parametrize(
+    ("raw", "alias", "new", "inject", "expected"),
+    [
+        (b'{"model": "a", "x": 1}', "a", "b", False, {"model": "b", "x": 1}),
+        (b'{"model":"a","stream":true}', "a", "b", True,
+         {"model": "b", "stream": True, "stream_options": {"include_usage": True}}),
+        (b'{"model":"a","stream":true}\n', "a", None, True,
+         {"model": "a", "stream": True, "stream_options": {"include_usage": True}}),
+    ],
+)
+def test_patched_bodies_are_the_json_the_upstream_should_get(raw, alias, new, inject, expected) -> None:
+    from nexgate_proxy.proxy import _patch_raw
+
+    assert json.loads(_patch_raw(raw, alias, new, inject)) == expected
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "a", "tools": [{"model": "a"}]}',      # "model" twice: not safe to patch
+    b'{"model": "\\u0061"}',                             # escaped differently than json.dumps would
+])
+def test_unsafe_bodies_are_not_patched(raw: bytes) -> None:
+    from nexgate_proxy.proxy import _patch_raw
+
+    assert _patch_raw(raw, "a", "b", False) is None
