@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_proxy.providers.anthropic",
     "nexgate_proxy.providers.echo",
     "nexgate_plugins.auth",
+    "nexgate_plugins.ratelimit",
     "nexgate_plugins.routing",
     "nexgate_plugins.credits",
     "nexgate_plugins.payments",

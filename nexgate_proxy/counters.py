@@ -1,0 +1,1038 @@
+"""Hot counters for rate limits: sliding-window logs, token budgets, concurrency leases, bans.
+
+One interface, two backends, chosen by ``state.url``:
+
+* ``MemoryCounters`` (``memory://``): dicts and deques in this process.
+* ``RedisCounters`` (``redis://``, ``rediss://``, ``unix://``): the same
+  semantics in Lua, so every check of a request is one atomic round trip
+  shared by every gateway instance.
+
+The algorithm is a sliding-window log: a request (or a token reservation) is an
+entry timestamped when it was taken and counted until exactly one window later.
+Unlike fixed windows it allows no double burst at window edges, and unlike a
+token bucket it never allows more than ``limit`` in any window, so "100 per
+minute" means at most 100 in any 60 seconds. An entry costs a few dozen bytes
+for the window's length; limits of a few thousand per minute are cheap.
+
+``acquire`` is all-or-nothing: it checks every limit of a request and takes
+all of them, or refuses without taking any. Concurrency slots are leases that
+expire (``lease_ms``), renewed in the background while the request is in
+flight, so a crashed instance frees its slots within one lease.
+
+Redis trouble never hangs a request: every call has a tight timeout, and after
+a few consecutive failures a circuit breaker opens and calls fail at once
+(``CountersUnavailable``) until a background probe sees Redis answer again.
+The caller decides whether that means "limit in-process" or "refuse".
+The Redis backend speaks RESP itself over one pipelined connection per
+process (redis-py's per-call overhead was larger than the rest of a request).
+
+Redis time (``TIME``) is the clock of the Redis backend, so instances with
+skewed clocks still agree on windows. Keys are ``<prefix>:<kind>:<subject>``
+and expire on their own when idle. (All keys of one call must live on one
+node: Redis Cluster is not supported.)
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+log = logging.getLogger("nexgate.counters")
+
+REQUESTS = "r"
+"""A sliding-window count of requests; ``amount`` is 1."""
+TOKENS = "t"
+"""A sliding-window sum of tokens; ``amount`` is the reservation, corrected in ``settle``."""
+CONCURRENCY = "c"
+"""Leases of requests in flight; ``window_ms`` is the lease."""
+
+DEFAULT_PREFIX = "nexgate:rl"
+
+
+class CountersUnavailable(Exception):
+    """The backend did not answer in time, or its circuit breaker is open."""
+
+
+@dataclass(slots=True)
+class Check:
+    """One limit to check and take for a request."""
+
+    kind: str
+    subject: str
+    """Who the limit is for, e.g. ``key:<id>``, ``org:<id>``, ``ip:<address>``."""
+    limit: int
+    amount: int = 1
+    window_ms: int = 60_000
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    refused: int = -1
+    """Index of the check that refused; -1 when allowed, ``BANNED`` when the ban subject is banned."""
+    retry_ms: int = 0
+    """On refusal: how long until the refused check could pass."""
+    remaining: list[int] = field(default_factory=list)
+    """When allowed, per check: what is left in the window after this request."""
+    reset_ms: list[int] = field(default_factory=list)
+    """When allowed, per check: until the oldest counted entry leaves the window (0 for concurrency)."""
+
+
+BANNED = -2
+
+
+@dataclass(slots=True)
+class Release:
+    """What ``settle`` undoes or corrects for a request that acquired."""
+
+    kind: str
+    """TOKENS (correct the reservation to ``actual``) or CONCURRENCY (free the slot)."""
+    subject: str
+    reserved: int = 0
+    actual: int = 0
+    window_ms: int = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class BruteForce:
+    max_failures: int = 20
+    """Failed authentications from one IP within ``window_ms`` that ban it."""
+    max_key_failures: int = 0
+    """Failures against one public key id within the window after which every IP failing on it is banned (0: off)."""
+    window_ms: int = 300_000
+    ban_ms: int = 900_000
+
+
+@dataclass(slots=True)
+class Noted:
+    ban_ms: int = 0
+    """> 0: the IP is banned for this long."""
+    block_ms: int = 0
+    """> 0: the IP's request rate is used up for this long."""
+    new_ban: bool = False
+    """This call created the ban (announce it to other instances)."""
+
+
+class Counters(abc.ABC):
+    """The hot-state interface rate limiting codes against."""
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @abc.abstractmethod
+    async def acquire(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
+        """Check every limit and take them all, or none. ``member`` is the request's unique id."""
+
+    @abc.abstractmethod
+    async def settle(self, member: str, releases: Sequence[Release]) -> None:
+        """Correct token reservations to actual usage and free concurrency slots."""
+
+    @abc.abstractmethod
+    async def note(self, member: str, ip: Check | None, ip_subject: str | None,
+                   failure: BruteForce | None = None, key_subject: str | None = None) -> Noted:
+        """Count a request that never reached ``acquire`` against its IP, and a failed authentication.
+
+        ``ip``, if given, is a REQUESTS check taken unconditionally (the request happened) but never past
+        its limit; ``failure``, if given, counts one failure for ``ip_subject`` (and ``key_subject``) and
+        bans the IP past the thresholds. The answer also reports an existing ban of ``ip_subject``.
+        """
+
+
+# ------------------------------------------------------------------ memory
+
+
+class _TokenLog:
+    __slots__ = ("entries", "index", "total")
+
+    def __init__(self) -> None:
+        self.entries: deque[list] = deque()  # [timestamp_ms, tokens, member]
+        self.index: dict[str, list] = {}
+        self.total = 0
+
+    def prune(self, cutoff: int) -> None:
+        entries = self.entries
+        while entries and entries[0][0] <= cutoff:
+            _, tokens, member = entries.popleft()
+            self.total -= tokens
+            self.index.pop(member, None)
+
+
+class MemoryCounters(Counters):
+    """Every limit in this process: exact for one instance, per instance for several."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, sweep_interval: float = 30.0) -> None:
+        self._clock = clock
+        self._sweep_interval = sweep_interval
+        self._requests: dict[str, deque[int]] = {}
+        self._tokens: dict[str, _TokenLog] = {}
+        self._leases: dict[str, set[str]] = {}
+        self._bans: dict[str, int] = {}
+        self._failures: dict[str, list[int]] = {}  # subject -> [count, expires_at_ms]
+        self._windows: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def start(self) -> None:
+        if self._sweeper is None and self._sweep_interval > 0:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="nexgate-counters-sweep")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def acquire(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
+        return self.acquire_now(member, checks, ban_subject)
+
+    def acquire_now(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
+        now = self._now()
+        if ban_subject is not None:
+            until = self._bans.get(ban_subject)
+            if until is not None:
+                if until > now:
+                    return Decision(False, BANNED, until - now)
+                del self._bans[ban_subject]
+        used: list[int] = []
+        for i, check in enumerate(checks):
+            kind = check.kind
+            if kind == TOKENS:
+                tlog = self._tokens.get(check.subject)
+                u = 0
+                if tlog is not None:
+                    tlog.prune(now - check.window_ms)
+                    u = tlog.total
+                if u + check.amount > check.limit:
+                    return Decision(False, i, _tokens_wait(tlog, u + check.amount - check.limit,
+                                                           check.window_ms, now))
+            elif kind == CONCURRENCY:
+                leases = self._leases.get(check.subject)
+                u = len(leases) if leases else 0
+                if u + 1 > check.limit:
+                    return Decision(False, i, 1000)
+            else:
+                rlog = self._requests.get(check.subject)
+                u = 0
+                if rlog is not None:
+                    cutoff = now - check.window_ms
+                    while rlog and rlog[0] <= cutoff:
+                        rlog.popleft()
+                    u = len(rlog)
+                if u + 1 > check.limit:
+                    assert rlog is not None
+                    return Decision(False, i, rlog[u - check.limit] + check.window_ms - now)
+            used.append(u)
+        remaining: list[int] = []
+        reset: list[int] = []
+        for check, u in zip(checks, used):
+            kind = check.kind
+            if kind == CONCURRENCY:
+                self._leases.setdefault(check.subject, set()).add(member)
+                remaining.append(check.limit - u - 1)
+                reset.append(0)
+                continue
+            if kind == TOKENS:
+                tlog = self._tokens.get(check.subject)
+                if tlog is None:
+                    tlog = self._tokens[check.subject] = _TokenLog()
+                entry = [now, check.amount, member]
+                tlog.entries.append(entry)
+                tlog.index[member] = entry
+                tlog.total += check.amount
+                oldest = tlog.entries[0][0]
+            else:
+                rlog = self._requests.get(check.subject)
+                if rlog is None:
+                    rlog = self._requests[check.subject] = deque()
+                rlog.append(now)
+                oldest = rlog[0]
+            self._windows[check.subject] = check.window_ms
+            remaining.append(check.limit - u - check.amount)
+            reset.append(oldest + check.window_ms - now)
+        return Decision(True, -1, 0, remaining, reset)
+
+    async def settle(self, member: str, releases: Sequence[Release]) -> None:
+        self.settle_now(member, releases)
+
+    def settle_now(self, member: str, releases: Sequence[Release]) -> None:
+        for release in releases:
+            if release.kind == TOKENS:
+                tlog = self._tokens.get(release.subject)
+                entry = tlog.index.get(member) if tlog is not None else None
+                if entry is not None and tlog is not None:
+                    tlog.total += release.actual - entry[1]
+                    entry[1] = release.actual
+            else:
+                leases = self._leases.get(release.subject)
+                if leases is not None:
+                    leases.discard(member)
+                    if not leases:
+                        del self._leases[release.subject]
+
+    async def note(self, member: str, ip: Check | None, ip_subject: str | None,
+                   failure: BruteForce | None = None, key_subject: str | None = None) -> Noted:
+        now = self._now()
+        noted = Noted()
+        if ip is not None:
+            rlog = self._requests.get(ip.subject)
+            if rlog is None:
+                rlog = self._requests[ip.subject] = deque()
+            cutoff = now - ip.window_ms
+            while rlog and rlog[0] <= cutoff:
+                rlog.popleft()
+            if len(rlog) < ip.limit:
+                rlog.append(now)
+                self._windows[ip.subject] = ip.window_ms
+            if len(rlog) >= ip.limit:
+                noted.block_ms = rlog[len(rlog) - ip.limit] + ip.window_ms - now
+        if ip_subject is None:
+            return noted
+        if failure is not None:
+            count = self._count_failure("f:" + ip_subject, failure.window_ms, now)
+            key_count = self._count_failure("f:" + key_subject, failure.window_ms, now) if key_subject else 0
+            if (failure.max_failures > 0 and count >= failure.max_failures) or (
+                    failure.max_key_failures > 0 and key_count >= failure.max_key_failures):
+                until = self._bans.get(ip_subject)
+                if until is None or until <= now:
+                    self._bans[ip_subject] = now + failure.ban_ms
+                    noted.new_ban = True
+                self._failures.pop("f:" + ip_subject, None)
+        until = self._bans.get(ip_subject)
+        if until is not None and until > now:
+            noted.ban_ms = until - now
+        return noted
+
+    def _count_failure(self, subject: str, window_ms: int, now: int) -> int:
+        entry = self._failures.get(subject)
+        if entry is None or entry[1] <= now:
+            entry = self._failures[subject] = [0, now + window_ms]
+        entry[0] += 1
+        return entry[0]
+
+    def sweep(self) -> None:
+        """Drop whatever has fully expired (idle subjects), so memory follows the active set."""
+        now = self._now()
+        for subject, rlog in list(self._requests.items()):
+            window = self._windows.get(subject, 60_000)
+            if not rlog or rlog[-1] <= now - window:
+                del self._requests[subject]
+                self._windows.pop(subject, None)
+        for subject, tlog in list(self._tokens.items()):
+            tlog.prune(now - self._windows.get(subject, 60_000))
+            if not tlog.entries:
+                del self._tokens[subject]
+        for subject, until in list(self._bans.items()):
+            if until <= now:
+                del self._bans[subject]
+        for subject, (_, expires) in list(self._failures.items()):
+            if expires <= now:
+                del self._failures[subject]
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            self.sweep()
+
+    def __len__(self) -> int:
+        return len(self._requests) + len(self._tokens) + len(self._leases) + len(self._bans) + len(self._failures)
+
+
+def _tokens_wait(tlog: _TokenLog | None, need: int, window_ms: int, now: int) -> int:
+    freed = 0
+    if tlog is not None:
+        for ts, tokens, _ in tlog.entries:
+            freed += tokens
+            if freed >= need:
+                return ts + window_ms - now
+    return window_ms
+
+
+# ------------------------------------------------------------------- redis
+
+_LUA_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function resum(log, sum, window)
+  local all = redis.call('ZRANGE', log, 0, -1)
+  local s = 0
+  for _, m in ipairs(all) do s = s + (tonumber(string.match(m, ':(%d+)$')) or 0) end
+  if #all == 0 then redis.call('DEL', sum) else redis.call('SET', sum, s, 'PX', window) end
+  return s
+end
+"""
+
+ACQUIRE_LUA = _LUA_COMMON + """
+-- KEYS: [ban], then per check: r -> log | t -> log, sum | c -> leases
+-- ARGV: member, has_ban, n, then kind, limit, amount, window_ms per check
+local now = now_ms()
+local member = ARGV[1]
+local k = 1
+if ARGV[2] == '1' then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then return {-2, ttl} end
+  k = 2
+end
+local n = tonumber(ARGV[3])
+local kinds, limits, amounts, windows, logs, sums, used = {}, {}, {}, {}, {}, {}, {}
+local a = 4
+for i = 1, n do
+  local kind = ARGV[a]
+  local limit = tonumber(ARGV[a + 1])
+  local amount = tonumber(ARGV[a + 2])
+  local window = tonumber(ARGV[a + 3])
+  a = a + 4
+  local log = KEYS[k]
+  k = k + 1
+  local u
+  if kind == 't' then
+    local sum = KEYS[k]
+    k = k + 1
+    sums[i] = sum
+    local cutoff = now - window
+    local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
+    if #old > 0 then
+      local freed = 0
+      for _, m in ipairs(old) do freed = freed + (tonumber(string.match(m, ':(%d+)$')) or 0) end
+      redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
+      if redis.call('EXISTS', sum) == 1 then
+        u = redis.call('DECRBY', sum, freed)
+        if u < 0 then u = resum(log, sum, window) end
+      else
+        u = resum(log, sum, window)
+      end
+    else
+      local s = redis.call('GET', sum)
+      if s then u = tonumber(s) else u = resum(log, sum, window) end
+    end
+    if u + amount > limit then
+      local need = u + amount - limit
+      local freed = 0
+      local entries = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
+      for j = 1, #entries, 2 do
+        freed = freed + (tonumber(string.match(entries[j], ':(%d+)$')) or 0)
+        if freed >= need then return {i - 1, tonumber(entries[j + 1]) + window - now} end
+      end
+      return {i - 1, window}
+    end
+  elseif kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', log, '-inf', now)
+    u = redis.call('ZCARD', log)
+    if u + 1 > limit then return {i - 1, 1000} end
+  else
+    redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window)
+    u = redis.call('ZCARD', log)
+    if u + 1 > limit then
+      local e = redis.call('ZRANGE', log, u - limit, u - limit, 'WITHSCORES')
+      return {i - 1, tonumber(e[2]) + window - now}
+    end
+  end
+  kinds[i], limits[i], amounts[i], windows[i], logs[i], used[i] = kind, limit, amount, window, log, u
+end
+local out = {-1, 0}
+for i = 1, n do
+  local kind, log, window = kinds[i], logs[i], windows[i]
+  if kind == 'c' then
+    redis.call('ZADD', log, now + window, member)
+    redis.call('PEXPIRE', log, window)
+    out[#out + 1] = limits[i] - used[i] - 1
+    out[#out + 1] = 0
+  else
+    if kind == 't' then
+      redis.call('ZADD', log, now, member .. ':' .. amounts[i])
+      redis.call('INCRBY', sums[i], amounts[i])
+      redis.call('PEXPIRE', sums[i], window)
+    else
+      redis.call('ZADD', log, now, member)
+    end
+    redis.call('PEXPIRE', log, window)
+    local e = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+    out[#out + 1] = limits[i] - used[i] - amounts[i]
+    out[#out + 1] = tonumber(e[2]) + window - now
+  end
+end
+return out
+"""
+
+SETTLE_LUA = _LUA_COMMON + """
+-- KEYS per release: t -> log, sum | c -> leases
+-- ARGV: member, n, then kind, reserved, actual, window_ms per release
+local member = ARGV[1]
+local n = tonumber(ARGV[2])
+local k, a = 1, 3
+for i = 1, n do
+  local kind = ARGV[a]
+  local reserved = tonumber(ARGV[a + 1])
+  local actual = tonumber(ARGV[a + 2])
+  local window = tonumber(ARGV[a + 3])
+  a = a + 4
+  if kind == 't' then
+    local log, sum = KEYS[k], KEYS[k + 1]
+    k = k + 2
+    if reserved ~= actual then
+      local old = member .. ':' .. reserved
+      local score = redis.call('ZSCORE', log, old)
+      if score then
+        redis.call('ZREM', log, old)
+        if actual > 0 then redis.call('ZADD', log, score, member .. ':' .. actual) end
+        if redis.call('EXISTS', sum) == 1 then
+          local s = redis.call('INCRBY', sum, actual - reserved)
+          if s < 0 then resum(log, sum, window) end
+        else
+          resum(log, sum, window)
+        end
+      end
+    end
+  else
+    redis.call('ZREM', KEYS[k], member)
+    k = k + 1
+  end
+end
+return 0
+"""
+
+NOTE_LUA = _LUA_COMMON + """
+-- KEYS: ip log, ip failures, key failures, ban
+-- ARGV: member, ip_limit, ip_window, failed, max_failures, max_key_failures, failure_window, ban_ms, has_key
+local now = now_ms()
+local block = 0
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  local log, window = KEYS[1], tonumber(ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window)
+  local u = redis.call('ZCARD', log)
+  if u < limit then
+    redis.call('ZADD', log, now, ARGV[1])
+    redis.call('PEXPIRE', log, window)
+    u = u + 1
+  end
+  if u >= limit then
+    local e = redis.call('ZRANGE', log, u - limit, u - limit, 'WITHSCORES')
+    block = tonumber(e[2]) + window - now
+  end
+end
+local created = 0
+if ARGV[4] == '1' then
+  local max_failures, max_key_failures = tonumber(ARGV[5]), tonumber(ARGV[6])
+  local fwindow = tonumber(ARGV[7])
+  local f = redis.call('INCR', KEYS[2])
+  if f == 1 then redis.call('PEXPIRE', KEYS[2], fwindow) end
+  local kf = 0
+  if ARGV[9] == '1' then
+    kf = redis.call('INCR', KEYS[3])
+    if kf == 1 then redis.call('PEXPIRE', KEYS[3], fwindow) end
+  end
+  if (max_failures > 0 and f >= max_failures) or (max_key_failures > 0 and kf >= max_key_failures) then
+    if redis.call('SET', KEYS[4], '1', 'PX', tonumber(ARGV[8]), 'NX') then created = 1 end
+    redis.call('DEL', KEYS[2])
+  end
+end
+local ban = 0
+if KEYS[4] ~= '' then
+  local ttl = redis.call('PTTL', KEYS[4])
+  if ttl > 0 then ban = ttl end
+end
+return {ban, block, created}
+"""
+
+RENEW_LUA = """
+-- KEYS: lease sets; ARGV: lease_ms, then one member per key
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + lease, ARGV[i + 1])
+  redis.call('PEXPIRE', key, lease)
+end
+return #KEYS
+"""
+
+
+class CircuitBreaker:
+    """Opens after ``threshold`` consecutive failures; closed again by a successful probe."""
+
+    def __init__(self, threshold: int = 3) -> None:
+        self.threshold = threshold
+        self.consecutive = 0
+        self.open = False
+        self.opened = 0
+        """How many times it opened (for metrics)."""
+
+    def success(self) -> None:
+        self.consecutive = 0
+
+    def failure(self) -> bool:
+        """Record a failure; True if this one opened the breaker."""
+        self.consecutive += 1
+        if not self.open and self.consecutive >= self.threshold:
+            self.open = True
+            self.opened += 1
+            return True
+        return False
+
+    def close(self) -> None:
+        self.open = False
+        self.consecutive = 0
+
+
+# ------------------------------------------------------- a lean RESP client
+
+# redis-py costs ~150 us of CPU per call (pool, command machinery, parsing): more than the rest of a
+# proxied request. The limits need four commands (EVALSHA, SCRIPT LOAD, PING and the handshake), so they
+# speak RESP themselves over ONE pipelined connection per process: calls made in the same loop
+# iteration go out in one write, replies are matched to callers in order, and a caller that timed out
+# leaves its reply to be skipped, so the connection stays usable.
+
+
+class RespError(Exception):
+    """An error reply from Redis (``-ERR ...``, ``-NOSCRIPT ...``)."""
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def _parse(buf: bytearray, pos: int) -> tuple[object, int]:
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete
+    kind = buf[pos]
+    line = bytes(buf[pos + 1:end])
+    pos = end + 2
+    if kind == 58:  # ':' integer
+        return int(line), pos
+    if kind == 42:  # '*' array
+        n = int(line)
+        if n < 0:
+            return None, pos
+        items = []
+        for _ in range(n):
+            item, pos = _parse(buf, pos)
+            items.append(item)
+        return items, pos
+    if kind == 36:  # '$' bulk string
+        n = int(line)
+        if n < 0:
+            return None, pos
+        if len(buf) < pos + n + 2:
+            raise _Incomplete
+        return bytes(buf[pos:pos + n]), pos + n + 2
+    if kind == 43:  # '+' simple string
+        return line.decode(), pos
+    if kind == 45:  # '-' error
+        return RespError(line.decode(errors="replace")), pos
+    raise ConnectionError(f"unexpected RESP type byte {kind!r}")
+
+
+def encode_command(*args: object) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        else:
+            data = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _RespProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.waiters: deque[asyncio.Future] = deque()
+        self.buffer = bytearray()
+        self.closed = False
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def call(self, payload: bytes) -> asyncio.Future:
+        if self.closed:
+            raise ConnectionError("connection closed")
+        future = self.loop.create_future()
+        self.waiters.append(future)
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.closed:
+            out, self._out = self._out, []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        pos = 0
+        waiters = self.waiters
+        try:
+            while waiters:
+                try:
+                    value, pos_after = _parse(buf, pos)
+                except _Incomplete:
+                    break
+                pos = pos_after
+                future = waiters.popleft()
+                if not future.done():  # a caller that timed out is skipped, in order
+                    if isinstance(value, RespError):
+                        future.set_exception(value)
+                    else:
+                        future.set_result(value)
+            if buf and not waiters and pos == 0:
+                raise ConnectionError("reply without a request")
+        except (ConnectionError, ValueError) as exc:
+            self.abort(exc)
+            return
+        if pos:
+            del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("connection closed by Redis"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.closed = True
+        self._out.clear()
+        while self.waiters:
+            future = self.waiters.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError(f"Redis connection lost ({type(exc).__name__})"))
+                future.exception()  # retrieved: its caller may be gone
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        self._fail(exc or ConnectionError("connection aborted"))
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None
+    """A unix socket (``unix://``) instead of host and port."""
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    verify_tls: bool = True
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS), ``unix:///path[?db=N]``."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    query = parse_qs(parts.query)
+    db_text = (query.get("db") or [""])[0]
+    if not db_text and scheme != "unix":
+        db_text = parts.path.lstrip("/")
+    try:
+        db = int(db_text or 0)
+    except ValueError:
+        raise ValueError(f"the Redis database in the URL must be a number, got {db_text!r}") from None
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    if scheme == "unix":
+        return RedisAddress(path=unquote(parts.path), db=db, username=username, password=password)
+    if scheme not in ("redis", "rediss"):
+        raise ValueError(f"not a Redis URL: {scheme!r}")
+    verify = (query.get("ssl_cert_reqs") or ["required"])[0].lower() not in ("none", "optional")
+    return RedisAddress(host=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=db, username=username,
+                        password=password, tls=scheme == "rediss", verify_tls=verify)
+
+
+async def open_resp(address: RedisAddress, client_name: str | None = None) -> _RespProtocol:
+    """Connect and authenticate; the caller bounds the time."""
+    loop = asyncio.get_running_loop()
+    ssl_context = None
+    if address.tls:
+        import ssl
+
+        ssl_context = ssl.create_default_context()
+        if not address.verify_tls:
+            ssl_context.check_hostname = False
+            ssl_context.verify_mode = ssl.CERT_NONE
+    if address.path is not None:
+        _, protocol = await loop.create_unix_connection(_RespProtocol, address.path)
+    else:
+        _, protocol = await loop.create_connection(_RespProtocol, address.host, address.port, ssl=ssl_context)
+    try:
+        handshake = []
+        if address.password is not None:
+            auth = ("AUTH", address.username, address.password) if address.username else ("AUTH", address.password)
+            handshake.append(protocol.call(encode_command(*auth)))
+        if address.db:
+            handshake.append(protocol.call(encode_command("SELECT", address.db)))
+        if client_name:
+            handshake.append(protocol.call(encode_command("CLIENT", "SETNAME", client_name)))
+        for reply in handshake:
+            await reply
+    except BaseException:
+        protocol.abort()
+        raise
+    return protocol
+
+
+# ------------------------------------------------------------------- redis
+
+
+class RedisCounters(Counters):
+    """The limits in Redis: one EVALSHA per call, a tight timeout, a circuit breaker."""
+
+    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1,
+                 breaker_threshold: int = 3, probe_interval: float = 0.5, max_probe_interval: float = 5.0,
+                 lease_renew_interval: float | None = None, client_name: str = "nexgate-ratelimit") -> None:
+        import hashlib
+
+        self.url = url
+        self.address = parse_redis_url(url)
+        self.prefix = prefix
+        self.timeout = timeout
+        self.connect_timeout = max(timeout, 1.0)
+        self.probe_interval = probe_interval
+        self.max_probe_interval = max_probe_interval
+        self.lease_renew_interval = lease_renew_interval
+        self.client_name = client_name
+        self.breaker = CircuitBreaker(breaker_threshold)
+        self.failures = 0
+        """Calls that failed (timeout, connection, server error)."""
+        self.round_trips = 0
+        """EVALSHA calls sent: one request and one reply each (several may share one TCP write)."""
+        self._scripts = {name: (lua.encode(), hashlib.sha1(lua.encode()).hexdigest())
+                         for name, lua in (("acquire", ACQUIRE_LUA), ("settle", SETTLE_LUA),
+                                           ("note", NOTE_LUA), ("renew", RENEW_LUA))}
+        self._conn: _RespProtocol | None = None
+        self._connecting: asyncio.Future[_RespProtocol] | None = None
+        self._leases: dict[str, tuple[tuple[str, int], ...]] = {}
+        """member -> (lease key, lease_ms) of its concurrency slots, renewed while in flight."""
+        self._prober: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._last_warning = 0.0
+
+    def key(self, kind: str, subject: str) -> str:
+        return f"{self.prefix}:{kind}:{subject}"
+
+    async def start(self) -> None:
+        # Connect and load the scripts now, so no request pays for it; an absent Redis is not fatal here.
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                self._conn = await self._open()
+        except Exception as exc:
+            self._fail(exc)
+        self._renewer = asyncio.create_task(self._renew_forever(), name="nexgate-ratelimit-leases")
+
+    async def close(self) -> None:
+        for task in (self._prober, self._renewer, self._connecting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._prober = self._renewer = self._connecting = None
+        if self._conn is not None:
+            self._conn.abort()
+            self._conn = None
+
+    # -- the connection
+
+    async def _open(self) -> _RespProtocol:
+        conn = await open_resp(self.address, self.client_name)
+        try:
+            loads = [conn.call(encode_command("SCRIPT", "LOAD", lua)) for lua, _ in self._scripts.values()]
+            for reply in loads:
+                await reply
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _connection(self) -> _RespProtocol:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._connect_once())
+            # Waiters may all time out; the outcome is still retrieved.
+            self._connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(self._connecting)
+
+    async def _connect_once(self) -> _RespProtocol:
+        async with asyncio.timeout(self.connect_timeout):
+            conn = await self._open()
+        self._conn = conn
+        return conn
+
+    async def call(self, script: str, keys: Sequence[str], args: Sequence[object],
+                   timeout: float | None = None) -> object:
+        """EVALSHA one of the scripts: one round trip, bounded by the timeout; CountersUnavailable on failure."""
+        if self.breaker.open:
+            raise CountersUnavailable("circuit open")
+        lua, sha = self._scripts[script]
+        try:
+            async with asyncio.timeout(timeout or self.timeout):
+                conn = await self._connection()
+                self.round_trips += 1
+                payload = encode_command("EVALSHA", sha, len(keys), *keys, *args)
+                try:
+                    result = await conn.call(payload)
+                except RespError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    # Redis restarted and lost its script cache: load and run again, once.
+                    loaded = await conn.call(encode_command("SCRIPT", "LOAD", lua))
+                    sha = loaded.decode() if isinstance(loaded, bytes) else sha
+                    self._scripts[script] = (lua, sha)
+                    self.round_trips += 1
+                    result = await conn.call(encode_command("EVALSHA", sha, len(keys), *keys, *args))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # timeouts, connection errors, error replies: all mean "no answer"
+            self._fail(exc)
+            raise CountersUnavailable(type(exc).__name__) from None
+        self.breaker.success()
+        return result
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.breaker.failure():
+            log.warning("rate limit state (Redis) failed %d times in a row (%s); circuit open, "
+                        "probing in the background", self.breaker.threshold, type(exc).__name__)
+            if self._conn is not None:
+                self._conn.abort()  # a wedged connection is not reused; the probe opens a fresh one
+                self._conn = None
+            if self._prober is None or self._prober.done():
+                self._prober = asyncio.create_task(self._probe_until_up(), name="nexgate-ratelimit-probe")
+        else:
+            now = time.monotonic()
+            if now - self._last_warning > 10.0:
+                self._last_warning = now
+                log.warning("rate limit state (Redis) call failed: %s", type(exc).__name__)
+
+    async def _probe_until_up(self) -> None:
+        interval = self.probe_interval
+        while self.breaker.open:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    conn = await self._open()
+                    await conn.call(encode_command("PING"))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                interval = min(interval * 2, self.max_probe_interval)
+                continue
+            self._conn = conn
+            self.breaker.close()
+            log.warning("rate limit state (Redis) answers again; circuit closed")
+
+    # -- the operations
+
+    async def acquire(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
+        keys: list[str] = []
+        args: list[object] = [member, 0, len(checks)]
+        if ban_subject is not None:
+            keys.append(self.key("ban", ban_subject))
+            args[1] = 1
+        leases: list[tuple[str, int]] = []
+        for check in checks:
+            key = self.key(check.kind, check.subject)
+            keys.append(key)
+            if check.kind == TOKENS:
+                keys.append(self.key("ts", check.subject))
+            elif check.kind == CONCURRENCY:
+                leases.append((key, check.window_ms))
+            args += (check.kind, check.limit, check.amount, check.window_ms)
+        result = await self.call("acquire", keys, args)
+        assert isinstance(result, list)
+        status = result[0]
+        if status != -1:
+            return Decision(False, status, result[1])
+        if leases:
+            self._leases[member] = tuple(leases)
+        return Decision(True, -1, 0, result[2::2], result[3::2])
+
+    async def settle(self, member: str, releases: Sequence[Release]) -> None:
+        self._leases.pop(member, None)
+        keys: list[str] = []
+        args: list[object] = [member, len(releases)]
+        for release in releases:
+            keys.append(self.key(release.kind, release.subject))
+            if release.kind == TOKENS:
+                keys.append(self.key("ts", release.subject))
+            args += (release.kind, release.reserved, release.actual, release.window_ms)
+        await self.call("settle", keys, args)
+
+    async def note(self, member: str, ip: Check | None, ip_subject: str | None,
+                   failure: BruteForce | None = None, key_subject: str | None = None) -> Noted:
+        keys = [
+            self.key(REQUESTS, ip.subject) if ip is not None else "",
+            self.key("f", ip_subject) if ip_subject else "",
+            self.key("f", key_subject) if key_subject else "",
+            self.key("ban", ip_subject) if ip_subject else "",
+        ]
+        f = failure if failure is not None and ip_subject else None
+        args = [member, ip.limit if ip is not None else 0, ip.window_ms if ip is not None else 0,
+                1 if f else 0, f.max_failures if f else 0, f.max_key_failures if f else 0,
+                f.window_ms if f else 0, f.ban_ms if f else 0, 1 if key_subject else 0]
+        result = await self.call("note", keys, args)
+        assert isinstance(result, list)
+        return Noted(result[0], result[1], bool(result[2]))
+
+    # -- concurrency leases of requests still in flight
+
+    async def renew_leases(self) -> int:
+        """Extend every lease this instance holds; returns how many were renewed."""
+        if not self._leases or self.breaker.open:
+            return 0
+        by_lease: dict[int, list[tuple[str, str]]] = {}
+        for member, leases in list(self._leases.items()):
+            for key, lease_ms in leases:
+                by_lease.setdefault(lease_ms, []).append((key, member))
+        renewed = 0
+        for lease_ms, pairs in by_lease.items():
+            for start in range(0, len(pairs), 500):
+                chunk = pairs[start:start + 500]
+                try:
+                    await self.call("renew", [k for k, _ in chunk], [lease_ms, *[m for _, m in chunk]],
+                                    timeout=max(self.timeout, 1.0))
+                except CountersUnavailable:
+                    return renewed
+                renewed += len(chunk)
+        return renewed
+
+    async def _renew_forever(self) -> None:
+        while True:
+            shortest = min((lease for leases in self._leases.values() for _, lease in leases), default=60_000)
+            interval = self.lease_renew_interval or max(0.05, shortest / 3000)
+            await asyncio.sleep(interval)
+            await self.renew_leases()
+
+
+def open_counters(url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1, **options: object) -> Counters:
+    """``memory://`` for one process; ``redis://``, ``rediss://`` or ``unix://`` to share with other instances."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "memory":
+        return MemoryCounters()
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisCounters(url, prefix=prefix, timeout=timeout, **options)  # type: ignore[arg-type]
+    raise ValueError(f"unsupported state URL scheme {scheme!r} (use memory://, redis://, rediss:// or unix://)")
