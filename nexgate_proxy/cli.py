@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logscrub import install as install_log_scrubber
+
+    install_log_scrubber()
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""Operator commands: ``nexgate db|users|orgs|keys ...``, straight against the store.
+"""Operator commands: ``nexgate db|users|orgs|keys|retention ...``, straight against the store.
 
 ``register(subparsers)`` adds them to the ``nexgate`` command; until that is
 wired, ``python -m nexgate_proxy.cli_admin ...`` runs them too.
@@ -8,13 +8,17 @@ Every command takes ``--config PATH`` (default: ``$NEXGATE_CONFIG``,
 ``--json`` for machine-readable output (the admin API's JSON shapes). Errors
 print one line and exit with 1; never a traceback. ``keys revoke`` and
 ``orgs remove-member`` announce revocations on the config's state store
-(``state.url``), so running gateways drop the keys at once.
+(``state.url``), so running gateways drop the keys at once; so does
+``users delete`` (account deletion: see ``nexgate_plugins.privacy_api``).
+``users export`` writes a user's data as JSON or a zip of CSVs, and
+``retention run`` clears client IPs older than ``privacy.ip_retention_days``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -363,6 +367,85 @@ async def _keys_revoke(env: Env, store: Store) -> int:
     return 0
 
 
+async def _users_delete(env: Env, store: Store) -> int:
+    from nexgate_plugins.privacy_api import delete_account, deletion_json
+
+    user_id = env.args.user_id
+    if not env.args.yes:
+        raise CliError(f"deleting {user_id} anonymizes the account and revokes its keys; it cannot be undone: "
+                       "pass --yes")
+    if await store.get_user(user_id) is None:
+        raise CliError(f"no such user: {user_id}")
+    result = await _with_bus(env, lambda bus: delete_account(store, bus, user_id), lambda r: bool(r.key_ids))
+    if result.already_deleted:
+        lines = [f"User {user_id} was already deleted; nothing changed."]
+    else:
+        lines = [f"Deleted user {user_id}: email, name and external id cleared; usage, ledger and balance kept "
+                 "under the anonymous id."]
+        if result.revoked_key_ids:
+            lines.append(f"Revoked keys: {', '.join(result.revoked_key_ids)}")
+        if result.left_org_ids:
+            lines.append(f"Left organizations: {', '.join(result.left_org_ids)}")
+        if result.cleared_ips:
+            lines.append(f"Cleared the client IP of {result.cleared_ips} usage records.")
+    _emit(env, deletion_json(result), lines)
+    return 0
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write personal data readable by the owner only; replace the file whole, never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+async def _users_export(env: Env, store: Store) -> int:
+    from nexgate_plugins.privacy_api import build_export, export_csv_zip, export_json_bytes
+
+    args = env.args
+    output = args.output
+    if args.format == "csv" and output in (None, "-"):
+        raise CliError("--format csv writes a zip: pass --output FILE")
+    try:
+        document = await build_export(store, args.user_id)
+    except NotFound:
+        raise CliError(f"no such user: {args.user_id}") from None
+    data = export_json_bytes(document) if args.format == "json" else export_csv_zip(document)
+    if output in (None, "-"):
+        sys.stdout.write(data.decode("utf-8"))
+        return 0
+    _write_private(output, data)
+    summary = {"object": "user.export.written", "user_id": args.user_id, "format": args.format, "output": output,
+               "bytes": len(data), "usage_records": len(document["usage"]), "ledger_entries": len(document["ledger"])}
+    _emit(env, summary, f"Wrote the data of {args.user_id} to {output} ({args.format}, {len(data)} bytes: "
+                        f"{len(document['usage'])} usage records, {len(document['ledger'])} ledger entries).")
+    return 0
+
+
+async def _retention_run(env: Env, store: Store) -> int:
+    from nexgate_plugins.redaction import parse_privacy_settings, run_retention
+
+    days = env.args.days
+    if days is None:
+        problems: list[str] = []
+        settings = parse_privacy_settings(env.config, problems) if env.config else None
+        if problems:
+            raise ConfigError(env.config.source if env.config else "config", problems)
+        days = settings.ip_retention_days if settings else 30
+    cleared = await run_retention(store, days)
+    _emit(env, {"ip_retention_days": days, "cleared": cleared},
+          f"Cleared the client IP of {cleared} usage records older than {days} days.")
+    return 0
+
+
 # ------------------------------------------------------------------- parser
 
 
@@ -389,7 +472,7 @@ def _page(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add the db, users, orgs and keys commands to the `nexgate` argparse subparsers."""
+    """Add the db, users, orgs, keys and retention commands to the `nexgate` argparse subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH",
                         help="YAML config (default: $NEXGATE_CONFIG, ./nexgate.yaml, ./config/nexgate.yaml)")
@@ -415,6 +498,16 @@ def register(subparsers: Any) -> None:
     p = _add(users_sub, "list", "list users", _users_list, common)
     _page(p)
     p.add_argument("--include-deleted", action="store_true")
+    p = _add(users_sub, "delete", "delete an account: revoke its keys, leave its organizations, clear its "
+             "personal data (usage and ledger stay, anonymous); idempotent", _users_delete, with_state)
+    p.add_argument("user_id")
+    p.add_argument("--yes", action="store_true", help="confirm: the deletion cannot be undone")
+    p = _add(users_sub, "export", "write everything stored about a user's personal account", _users_export,
+             common)
+    p.add_argument("user_id")
+    p.add_argument("--format", choices=("json", "csv"), default="json",
+                   help="json: one document; csv: a zip of one CSV per section")
+    p.add_argument("--output", metavar="FILE", help="where to write it, mode 0600 (json: default standard output)")
 
     orgs = subparsers.add_parser("orgs", help="manage organizations and their members")
     orgs_sub = orgs.add_subparsers(dest="orgs_command", required=True, metavar="COMMAND")
@@ -452,6 +545,13 @@ def register(subparsers: Any) -> None:
     p = _add(keys_sub, "revoke", "revoke an API key on every gateway at once", _keys_revoke, with_state)
     p.add_argument("key_id")
 
+    retention = subparsers.add_parser("retention", help="data retention jobs")
+    retention_sub = retention.add_subparsers(dest="retention_command", required=True, metavar="COMMAND")
+    p = _add(retention_sub, "run", "clear client IPs of usage records older than privacy.ip_retention_days now "
+             "(gateways also do it hourly)", _retention_run, common)
+    p.add_argument("--days", type=_non_negative, metavar="N",
+                   help="override privacy.ip_retention_days (default: the config's, else 30)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nexgate", description="NexGate account administration")
@@ -461,8 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .logscrub import install as install_log_scrubber
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_scrubber()
     return int(args.func(args))
 
 

@@ -40,6 +40,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_plugins.payments",
     "nexgate_plugins.usage_log",
     "nexgate_plugins.metrics",
+    "nexgate_plugins.redaction",
+    "nexgate_plugins.privacy_api",
     "nexgate_plugins.admin_api",
 )
 """Built-in plugins, registered like any other. ``plugins.disable`` in the config removes one."""
@@ -58,6 +60,11 @@ def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -
     pm = pluggy.PluginManager("nexgate")
     pm.add_hookspecs(hookspecs)
     disabled = set(config.plugins.disable)
+    if disabled & {"redaction", "nexgate_plugins.redaction"}:
+        # A disabled plugin cannot refuse for itself: the privacy guard may only go when explicitly allowed.
+        from nexgate_plugins.redaction import refuse_unguarded
+
+        refuse_unguarded(config)
     for name in DEFAULT_PLUGINS:
         if name.rsplit(".", 1)[-1] not in disabled and name not in disabled:
             _register(pm, importlib.import_module(name), name)

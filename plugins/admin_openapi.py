@@ -435,6 +435,12 @@ _PATHS: dict[str, Any] = {
 
 @cache
 def _document() -> dict[str, Any]:
+    # Imported here: privacy_api imports admin_api, which imports this module.
+    from nexgate_plugins.privacy_api import OPENAPI_PATHS, OPENAPI_SCHEMAS
+
+    paths = copy.deepcopy(_PATHS)
+    for path, operations in OPENAPI_PATHS.items():
+        paths.setdefault(path, {}).update(operations)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -446,13 +452,13 @@ def _document() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": _PATHS,
+        "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
                 "description": "The admin token (its SHA-256 is `auth.admin_token_sha256`) or a Clerk session JWT.",
             }},
-            "schemas": _SCHEMAS,
+            "schemas": {**_SCHEMAS, **OPENAPI_SCHEMAS},
             "responses": {name: _json("Error", text) for name, text in _ERRORS.items()},
         },
     }

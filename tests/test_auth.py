@@ -9,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 
 import aiohttp
 import anthropic
-import asyncpg
 import openai
 import pytest
 
@@ -18,6 +17,7 @@ from nexgate_proxy.appkeys import BUS, STORE
 from nexgate_proxy.keys import generate_key
 from nexgate_plugins.auth import AUTH
 from tests.conftest import Gateway, gateway_config
+from tests.dbdump import dump_database
 from tests.fakes import FakeUpstream
 
 
@@ -151,23 +151,3 @@ async def test_plaintext_keys_never_reach_the_database(store_url: str, upstream:
     dump = await dump_database(store_url, backend)
     assert gw.api_key not in dump and secret_part[:20] not in dump
     assert gw.api_key[:16] in dump  # the public prefix is stored, as promised
-
-
-async def dump_database(url: str, backend: str) -> str:
-    """Every row of every table, as text."""
-    if backend == "sqlite":
-        import sqlite3
-
-        path = url.removeprefix("sqlite:///")
-        with sqlite3.connect(path) as conn:
-            return "\n".join(conn.iterdump())
-    conn = await asyncpg.connect(url)
-    try:
-        tables = await conn.fetch("SELECT table_name FROM information_schema.tables "
-                                  "WHERE table_schema = current_schema()")
-        rows = []
-        for t in tables:
-            rows += [str(dict(r)) for r in await conn.fetch(f'SELECT * FROM "{t["table_name"]}"')]
-        return "\n".join(rows)
-    finally:
-        await conn.close()

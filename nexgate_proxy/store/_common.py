@@ -18,6 +18,7 @@ from .base import (
     MIN_PICO,
     ROLES,
     ApiKeyRow,
+    LastOwnerError,
     LedgerEntry,
     Membership,
     NewLedgerEntry,
@@ -44,6 +45,21 @@ USAGE_FIELDS = (
 USAGE_COLUMNS = ", ".join(USAGE_FIELDS)
 LEDGER_COLUMNS = "id, account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
 LEDGER_INSERT_COLUMNS = "account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
+
+DELETED_KEY_NAME = "deleted"
+"""What anonymize_user renames a deleted user's personal keys to: their names are the user's own words."""
+
+# anonymize_user: the keys an account deletion ends, the usage rows whose IP it clears.
+USER_KEYS_CONDITION = "(user_id = {user} OR (org_id IS NOT NULL AND created_by = {user}))"
+"""The user's personal keys and the organization keys they created (they saw the plaintext)."""
+
+
+def last_owner_of(user_id: str, org_ids: list[str]) -> LastOwnerError:
+    return LastOwnerError(
+        f"user {user_id} is the last owner of organization(s) {', '.join(org_ids)}: make another member "
+        "owner of each first, then delete the account"
+    )
+
 
 REQUEST_SOURCE = "request"
 """The ledger source of the debits record_usage applies; their external_id is the request id."""

@@ -78,6 +78,24 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class AnonymizedUser:
+    """What `Store.anonymize_user` did (account deletion)."""
+
+    user: User
+    """The row afterwards: no email, name or external_id; deleted_at set."""
+    revoked_key_ids: tuple[str, ...]
+    """Keys this call revoked: the user's personal keys and the organization keys they created."""
+    key_ids: tuple[str, ...]
+    """Every key the user owns or created, revoked now or before: announce them all on the bus."""
+    left_org_ids: tuple[str, ...]
+    """Organizations whose membership this call removed."""
+    cleared_ips: int
+    """Usage records whose client_ip this call nulled."""
+    already_deleted: bool
+    """True when the user was already anonymized and this call changed nothing."""
+
+
+@dataclass(frozen=True, slots=True)
 class Organization:
     id: str
     name: str
@@ -263,6 +281,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
         """Soft-delete (set deleted_at); False if already deleted, NotFound if unknown."""
+
+    @abc.abstractmethod
+    async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
+        """Delete an account's personal data, in ONE transaction; NotFound if the user is unknown.
+
+        Refuses with LastOwnerError (and changes nothing) when the user is the last owner
+        of an organization. Otherwise: revokes the user's personal keys and the
+        organization keys they created (and renames the personal keys, whose names are
+        the user's own words, to "deleted"); removes their memberships; nulls email,
+        name and external_id and sets deleted_at (kept if already set); nulls client_ip
+        on the usage records of their account and of the keys they owned or created.
+        The user row, its id, usage records, ledger entries and balance stay: money
+        history is kept under the now anonymous id. Calling it again changes nothing
+        (``already_deleted``).
+        """
 
     # organizations
 

@@ -30,6 +30,7 @@ from ._common import (
 )
 from ._migrations import check_version, load_migrations, refuse_newer
 from .base import (
+    AnonymizedUser,
     ApiKeyRow,
     Conflict,
     GroupBy,
@@ -319,6 +320,53 @@ class PostgresStore(Store):
                 if deleted is None and await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id) is None:
                     raise NotFound(f"user {user_id} does not exist")
         return deleted is not None
+
+    async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
+        when = common.aware_utc(at, "at") if at else common.utcnow()
+        keys = common.USER_KEYS_CONDITION.format(user="$1")
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                if await conn.fetchval("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id) is None:
+                    raise NotFound(f"user {user_id} does not exist")
+                # Lock the user's organizations (in id order, like every owner change) so a concurrent
+                # role change or removal cannot leave one without an owner.
+                await conn.execute(
+                    "SELECT 1 FROM organizations WHERE id IN (SELECT org_id FROM memberships WHERE user_id = $1)"
+                    " ORDER BY id FOR UPDATE", user_id,
+                )
+                sole = [r["org_id"] for r in await conn.fetch(
+                    "SELECT m.org_id FROM memberships m WHERE m.user_id = $1 AND m.role = 'owner' AND"
+                    " (SELECT COUNT(*) FROM memberships o WHERE o.org_id = m.org_id AND o.role = 'owner') <= 1"
+                    " ORDER BY m.org_id", user_id)]
+                if sole:
+                    raise common.last_owner_of(user_id, sole)
+                key_rows = await conn.fetch(
+                    f"SELECT id, revoked_at FROM api_keys WHERE {keys} ORDER BY created_at, id", user_id
+                )
+                await conn.execute(
+                    f"UPDATE api_keys SET revoked_at = $2 WHERE {keys} AND revoked_at IS NULL", user_id, when
+                )
+                renamed = _updated_count(await conn.execute(
+                    "UPDATE api_keys SET name = $2 WHERE user_id = $1 AND name <> $2", user_id, common.DELETED_KEY_NAME
+                ))
+                left = [r["org_id"] for r in await conn.fetch(
+                    "DELETE FROM memberships WHERE user_id = $1 RETURNING org_id", user_id)]
+                cleared = _updated_count(await conn.execute(
+                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND"
+                    f" (account_id = $1 OR key_id IN (SELECT id FROM api_keys WHERE {keys}))", user_id,
+                ))
+                changed = _updated_count(await conn.execute(
+                    "UPDATE users SET email = NULL, name = NULL, external_id = NULL,"
+                    " deleted_at = COALESCE(deleted_at, $2) WHERE id = $1 AND (email IS NOT NULL"
+                    " OR name IS NOT NULL OR external_id IS NOT NULL OR deleted_at IS NULL)", user_id, when,
+                ))
+                row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+        revoked = tuple(r["id"] for r in key_rows if r["revoked_at"] is None)
+        return AnonymizedUser(
+            user=_decode.user(row), revoked_key_ids=revoked, key_ids=tuple(r["id"] for r in key_rows),
+            left_org_ids=tuple(sorted(left)), cleared_ips=cleared,
+            already_deleted=not (revoked or renamed or left or cleared or changed),
+        )
 
     # --- organizations -----------------------------------------------------
 

@@ -37,6 +37,7 @@ from ._migrations import check_version, load_migrations, refuse_newer
 from .base import (
     MAX_PICO,
     MIN_PICO,
+    AnonymizedUser,
     ApiKeyRow,
     Conflict,
     GroupBy,
@@ -392,6 +393,50 @@ class SQLiteStore(Store):
                 if changed == 0 and conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                     raise NotFound(f"user {user_id} does not exist")
             return changed == 1
+
+        return await self._run(work)
+
+    async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
+        when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
+        keys = common.USER_KEYS_CONDITION.format(user=":user")
+
+        def work(conn: sqlite3.Connection) -> AnonymizedUser:
+            args = {"user": user_id, "when": when, "deleted": common.DELETED_KEY_NAME}
+            with _write_transaction(conn):
+                if conn.execute("SELECT 1 FROM users WHERE id = :user", args).fetchone() is None:
+                    raise NotFound(f"user {user_id} does not exist")
+                sole = [r[0] for r in conn.execute(
+                    "SELECT m.org_id FROM memberships m WHERE m.user_id = :user AND m.role = 'owner' AND"
+                    " (SELECT COUNT(*) FROM memberships o WHERE o.org_id = m.org_id AND o.role = 'owner') <= 1"
+                    " ORDER BY m.org_id", args)]
+                if sole:
+                    raise common.last_owner_of(user_id, sole)
+                key_rows = conn.execute(
+                    f"SELECT id, revoked_at FROM api_keys WHERE {keys} ORDER BY created_at, id", args
+                ).fetchall()
+                conn.execute(f"UPDATE api_keys SET revoked_at = :when WHERE {keys} AND revoked_at IS NULL", args)
+                renamed = conn.execute(
+                    "UPDATE api_keys SET name = :deleted WHERE user_id = :user AND name <> :deleted", args
+                ).rowcount
+                left = [r[0] for r in conn.execute(
+                    "SELECT org_id FROM memberships WHERE user_id = :user ORDER BY org_id", args)]
+                conn.execute("DELETE FROM memberships WHERE user_id = :user", args)
+                cleared = conn.execute(
+                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND"
+                    f" (account_id = :user OR key_id IN (SELECT id FROM api_keys WHERE {keys}))", args
+                ).rowcount
+                changed = conn.execute(
+                    "UPDATE users SET email = NULL, name = NULL, external_id = NULL,"
+                    " deleted_at = COALESCE(deleted_at, :when) WHERE id = :user AND (email IS NOT NULL"
+                    " OR name IS NOT NULL OR external_id IS NOT NULL OR deleted_at IS NULL)", args
+                ).rowcount
+                user = _decode.user(conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE id = :user", args).fetchone())
+            revoked = tuple(r["id"] for r in key_rows if r["revoked_at"] is None)
+            return AnonymizedUser(
+                user=user, revoked_key_ids=revoked, key_ids=tuple(r["id"] for r in key_rows),
+                left_org_ids=tuple(left), cleared_ips=cleared,
+                already_deleted=not (revoked or renamed or left or cleared or changed),
+            )
 
         return await self._run(work)
 

@@ -1,0 +1,559 @@
+"""The redaction guard: privacy enforced at every place data leaves a request.
+
+A request's content (prompt, completion, stream chunks, upstream error bodies)
+lives in memory only. What may be kept is metadata, and this plugin checks it
+at each persistence boundary, failing closed:
+
+* **Usage records** (``nexgate_guard_record``): before any sink (the usage
+  log and its outbox/spool files, the store, metrics, billing sinks) sees a
+  record, every field is checked against an allowlist of types, sizes and
+  charsets: ids and key prefixes match strict patterns, ``model`` is a
+  configured alias or None, ``provider``/``upstream_model`` come from the
+  config, ``endpoint`` is a known operation, ``error_code`` is snake_case
+  (every NexGate code is), ``client_ip`` is an IP address. A record that fails
+  is dropped from every sink (``RecordRejected``), counted in
+  ``nexgate_redaction_dropped_total{sink="record"}`` and logged by request id
+  and field name, never by value. Since the usage log writes only records that
+  passed, its outbox and the store see only checked metadata.
+* **Usage rows** (:func:`guarded_sink`): the same rules for rows read back from
+  spool files (a replay), for the usage log to wrap its store sink with;
+  dropped rows count as ``sink="usage_row"``.
+* **Log records and error reports**: :mod:`nexgate_proxy.logscrub` is
+  installed on the root handlers while the app is built and again at start:
+  keys, tokens and the configured provider keys are masked, request data in
+  arguments and exception messages is withheld (``sink="log"`` counts records
+  the scrubber had to replace).
+* **Metric labels**: the metrics plugin labels from records that passed this
+  guard: endpoint (a fixed set), model (a configured alias or ``-``), status.
+
+It also runs the **IP retention** job: client IPs in usage records are nulled
+once older than ``privacy.ip_retention_days`` (default 30), at start and every
+hour (idempotent: several instances need no leader). ``nexgate retention run``
+does the same on demand.
+
+The guard cannot be turned off silently: listing ``redaction`` in
+``plugins.disable`` refuses to start unless ``privacy.allow_unguarded: true``
+is also set (:func:`refuse_unguarded`, called by the plugin manager).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, logscrub
+from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.config import Config, ConfigError, ConfigReader
+from nexgate_proxy.endpoints import ENDPOINTS
+from nexgate_proxy.store import Store, StoreError, UsageRow
+
+log = logging.getLogger("nexgate.privacy")
+
+NAME = "redaction"
+RETENTION_INTERVAL = 3600.0
+"""Seconds between two runs of the IP retention job."""
+RETENTION_RETRY = 300.0
+"""Seconds before retrying a run that failed (the store was unreachable)."""
+SINKS = ("record", "usage_row", "log")
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacySettings:
+    ip_retention_days: int = 30
+    """Client IPs in usage records are nulled once older than this; 0 clears them at every run (hourly)."""
+    allow_unguarded: bool = False
+    """Consent to run with the redaction plugin disabled (``plugins.disable: [redaction]``)."""
+
+
+MAX_RETENTION_DAYS = 3650
+
+
+def parse_privacy_settings(config: Config, problems: list[str]) -> PrivacySettings:
+    r = ConfigReader(problems)
+    p = "privacy"
+    s = r.mapping(config.raw.get("privacy"), p, ("ip_retention_days", "allow_unguarded"))
+    d = PrivacySettings()
+    return PrivacySettings(
+        ip_retention_days=r.value(
+            s, "ip_retention_days", p, int, d.ip_retention_days,
+            lambda v: None if 0 <= v <= MAX_RETENTION_DAYS else f"must be between 0 and {MAX_RETENTION_DAYS} days"),
+        allow_unguarded=r.value(s, "allow_unguarded", p, bool, d.allow_unguarded),
+    )
+
+
+def is_disabled(config: Config) -> bool:
+    """True when ``plugins.disable`` names this plugin."""
+    return bool({NAME, f"nexgate_plugins.{NAME}"} & set(config.plugins.disable))
+
+
+def refuse_unguarded(config: Config) -> None:
+    """Raise ConfigError if the guard is disabled without ``privacy.allow_unguarded: true``; else warn loudly.
+
+    The plugin manager calls this when ``plugins.disable`` names ``redaction``:
+    a disabled plugin cannot speak for itself.
+    """
+    if not is_disabled(config):
+        return
+    problems: list[str] = []
+    settings = parse_privacy_settings(config, problems)
+    if not problems and not settings.allow_unguarded:
+        problems.append(
+            "plugins.disable: 'redaction' is the privacy guard (it keeps content out of the usage log, the "
+            "store, logs and metrics, and clears old client IPs); to run without it anyway, also set "
+            "privacy.allow_unguarded: true")
+    if problems:
+        raise ConfigError(config.source, problems)
+    log.warning("PRIVACY GUARD DISABLED: plugins.disable names 'redaction' and privacy.allow_unguarded is true. "
+                "Usage records, spool files, logs and metrics are NOT checked for content, and client IPs are "
+                "NOT cleared after privacy.ip_retention_days. Do not run like this in production.")
+
+
+# -------------------------------------------------------------------- rules
+
+_REQUEST_ID = re.compile(r"req_[0-9a-f]{16,64}")
+_ACCOUNT_ID = re.compile(r"[a-z][a-z0-9]{0,15}_[A-Za-z0-9]{1,64}")
+"""NexGate ids (usr_..., org_..., key_...): a short kind, an underscore, letters and digits."""
+_KEY_PREFIX = re.compile(r"[a-z]{2,8}_[0-9A-Za-z]{1,16}")
+"""A display prefix (ngk_ + the 12-char public id): never long enough to hold a secret."""
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+"""Model and provider names in rows read back from spool files (the config may have changed since)."""
+
+KNOWN_ERROR_CODES = frozenset({
+    "invalid_json", "missing_required_parameter", "invalid_type", "model_not_found", "unsupported_endpoint",
+    "request_too_large", "internal_error", "upstream_timeout", "upstream_unreachable", "upstream_error",
+    "upstream_auth_failed", "upstream_rate_limited", "upstream_response_too_large", "upstream_interrupted",
+    "upstream_stream_interrupted", "client_disconnected", "missing_api_key", "invalid_api_key",
+    "model_not_allowed", "insufficient_credits", "credits_unavailable", "rate_limit_requests",
+    "rate_limit_tokens", "concurrency_limit", "ip_rate_limit", "ip_not_allowed", "ip_banned",
+    "rate_limit_unavailable",
+})
+"""The codes NexGate's core and built-in plugins set; other plugins' codes must match the snake_case pattern."""
+
+_MIN_TIMESTAMP = 946_684_800.0  # 2000-01-01
+_MAX_INT = 2**63 - 1
+_MAX_COST = Decimal(10**9)
+_MAX_IP_LENGTH = 45
+
+_MAX_TIMESTAMP_SKEW = 86_400.0
+
+_request_id_ok = _REQUEST_ID.fullmatch
+_account_id_ok = _ACCOUNT_ID.fullmatch
+_key_prefix_ok = _KEY_PREFIX.fullmatch
+_error_code_ok_re = _ERROR_CODE.fullmatch
+_name_ok = _NAME.fullmatch
+
+_IP_CACHE_SIZE = 4096
+_valid_ips: dict[str, bool] = {}
+"""Addresses already checked: parsing one costs microseconds, and clients repeat."""
+
+
+def _is_int(value: Any, low: int = 0, high: int = _MAX_INT) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+_CACHE_SIZE = 65_536
+_good_ids: set[str] = set()
+_good_prefixes: set[str] = set()
+"""Ids and key prefixes already checked: the same accounts and keys come back on every request."""
+
+
+def _remember(cache: set[str], value: str) -> bool:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache.add(value)
+    return True
+
+
+def _id_ok(value: Any) -> bool:
+    return value is None or value in _good_ids or (
+        type(value) is str and len(value) <= 80 and _account_id_ok(value) is not None and _remember(_good_ids, value))
+
+
+def _prefix_ok(value: Any) -> bool:
+    return value is None or value in _good_prefixes or (
+        type(value) is str and len(value) <= 25 and _key_prefix_ok(value) is not None
+        and _remember(_good_prefixes, value))
+
+
+def _row_name_ok(value: Any, allowed: frozenset[str]) -> bool:
+    return value is None or (type(value) is str and (value in allowed or (len(value) <= 200
+                                                                          and _name_ok(value) is not None)))
+
+
+def _member(value: Any, allowed: frozenset[str]) -> bool:
+    return value is None or (type(value) is str and value in allowed)
+
+
+def valid_ip(value: Any) -> bool:
+    """None, "" (no peer) or an IP address (no IPv6 zone: a zone id is free text)."""
+    if value is None or value == "":
+        return True
+    if type(value) is not str or len(value) > _MAX_IP_LENGTH or "%" in value:
+        return False
+    known = _valid_ips.get(value)
+    if known is not None:
+        return known
+    try:
+        ipaddress.ip_address(value)
+        ok = True
+    except ValueError:
+        ok = False
+    if len(_valid_ips) >= _IP_CACHE_SIZE:
+        _valid_ips.clear()
+    _valid_ips[value] = ok
+    return ok
+
+
+def _cost_ok(value: Any) -> bool:
+    return value is None or (type(value) is Decimal and value.is_finite() and -_MAX_COST < value < _MAX_COST)
+
+
+def _pico_ok(value: Any) -> bool:
+    return value is None or _is_int(value, -_MAX_INT - 1, _MAX_INT)
+
+
+def _error_code_ok(value: Any) -> bool:
+    return value is None or (type(value) is str and (value in KNOWN_ERROR_CODES or (
+        len(value) <= 64 and _error_code_ok_re(value) is not None)))
+
+
+def _timestamp_ok(value: Any) -> bool:
+    return (type(value) in (float, int) and math.isfinite(value)
+            and _MIN_TIMESTAMP <= value <= time.time() + _MAX_TIMESTAMP_SKEW)
+
+
+Rule = tuple[str, Callable[["Guard", Any], bool]]
+
+# One rule per field, in field order; checked first to last, the first failure names the field.
+_RECORD_RULES: tuple[Rule, ...] = (
+    ("request_id", lambda g, r: type(r.request_id) is str and _request_id_ok(r.request_id) is not None),
+    ("timestamp", lambda g, r: _timestamp_ok(r.timestamp)),
+    ("endpoint", lambda g, r: type(r.endpoint) is str and r.endpoint in g.endpoints),
+    ("model", lambda g, r: _member(r.model, g.models)),
+    ("provider", lambda g, r: _member(r.provider, g.providers)),
+    ("upstream_model", lambda g, r: _member(r.upstream_model, g.upstream_models)),
+    ("account_id", lambda g, r: _id_ok(r.account_id)),
+    ("org_id", lambda g, r: _id_ok(r.org_id)),
+    ("key_id", lambda g, r: _id_ok(r.key_id)),
+    ("key_prefix", lambda g, r: _prefix_ok(r.key_prefix)),
+    ("prompt_tokens", lambda g, r: _is_int(r.prompt_tokens, -_MAX_INT)),
+    ("completion_tokens", lambda g, r: _is_int(r.completion_tokens, -_MAX_INT)),
+    ("cached_tokens", lambda g, r: _is_int(r.cached_tokens, -_MAX_INT)),
+    ("usage_reported", lambda g, r: type(r.usage_reported) is bool),
+    ("estimated_cost", lambda g, r: _cost_ok(r.estimated_cost)),
+    ("actual_cost", lambda g, r: _cost_ok(r.actual_cost)),
+    ("latency_ms", lambda g, r: _is_int(r.latency_ms)),
+    ("status", lambda g, r: _is_int(r.status, 0, 999)),
+    ("error_code", lambda g, r: _error_code_ok(r.error_code)),
+    ("stream", lambda g, r: type(r.stream) is bool),
+    ("client_ip", lambda g, r: valid_ip(r.client_ip)),
+    ("attempts", lambda g, r: _is_int(r.attempts, 0, 1000)),
+)
+
+# Rows read back from spool files: model and provider names may predate the current config.
+_ROW_RULES: tuple[Rule, ...] = (
+    ("request_id", lambda g, r: type(r.request_id) is str and _request_id_ok(r.request_id) is not None),
+    ("ts", lambda g, r: isinstance(r.ts, datetime) and r.ts.tzinfo is not None),
+    ("endpoint", lambda g, r: type(r.endpoint) is str and r.endpoint in g.endpoints),
+    ("model", lambda g, r: _row_name_ok(r.model, g.models)),
+    ("provider", lambda g, r: _row_name_ok(r.provider, g.providers)),
+    ("upstream_model", lambda g, r: _row_name_ok(r.upstream_model, g.upstream_models)),
+    ("account_id", lambda g, r: _id_ok(r.account_id)),
+    ("org_id", lambda g, r: _id_ok(r.org_id)),
+    ("key_id", lambda g, r: _id_ok(r.key_id)),
+    ("key_prefix", lambda g, r: _prefix_ok(r.key_prefix)),
+    ("prompt_tokens", lambda g, r: _is_int(r.prompt_tokens)),
+    ("completion_tokens", lambda g, r: _is_int(r.completion_tokens)),
+    ("cached_tokens", lambda g, r: _is_int(r.cached_tokens)),
+    ("usage_estimated", lambda g, r: type(r.usage_estimated) is bool),
+    ("estimated_cost_pico", lambda g, r: _pico_ok(r.estimated_cost_pico)),
+    ("actual_cost_pico", lambda g, r: _pico_ok(r.actual_cost_pico)),
+    ("latency_ms", lambda g, r: _is_int(r.latency_ms)),
+    ("status", lambda g, r: _is_int(r.status, 0, 999)),
+    ("error_code", lambda g, r: _error_code_ok(r.error_code)),
+    ("stream", lambda g, r: type(r.stream) is bool),
+    ("client_ip", lambda g, r: valid_ip(r.client_ip)),
+    ("attempts", lambda g, r: _is_int(r.attempts, 0, 1000)),
+)
+
+RECORD_RULES_COMPLETE = [n for n, _ in _RECORD_RULES] == [f.name for f in fields(UsageRecord)]
+ROW_RULES_COMPLETE = [n for n, _ in _ROW_RULES] == [f.name for f in fields(UsageRow)]
+"""False when a field was added to UsageRecord / UsageRow without a rule here: then nothing passes."""
+_UNRULED = "the record has fields the redaction guard has no rule for"
+
+
+def _first_problem(guard: Guard, item: Any, rules: tuple[Rule, ...], complete: bool) -> str | None:
+    for name, ok in rules:
+        if not ok(guard, item):
+            return f"field '{name}' is not allowed metadata"
+    return None if complete else _UNRULED
+
+
+class Guard:
+    """The allowlist, built from the config once; per-app counters of what it dropped."""
+
+    def __init__(self, config: Config) -> None:
+        self.models = frozenset(config.models)
+        self.providers = frozenset(config.providers)
+        self.upstream_models = frozenset(t.model for route in config.models.values() for t in route.targets)
+        self.endpoints = frozenset(e.name for e in ENDPOINTS)
+        self.dropped: Counter[str] = Counter({sink: 0 for sink in SINKS[:2]})
+
+    # -- usage records (live, before every sink)
+
+    def record_problem(self, record: Any) -> str | None:
+        """What is wrong with a record (a field name and the rule; never its value), or None."""
+        if type(record) is not UsageRecord:
+            return f"not a UsageRecord ({type(record).__name__})"
+        if RECORD_RULES_COMPLETE and self._record_ok(record):
+            return None  # the fast path, on every request: one expression, no call per field
+        return _first_problem(self, record, _RECORD_RULES, RECORD_RULES_COMPLETE)
+
+    def _record_ok(self, r: UsageRecord) -> bool:
+        """The same rules as _RECORD_RULES, inlined (tests check that both agree)."""
+        ip = r.client_ip
+        return (
+            type(r.request_id) is str and _request_id_ok(r.request_id) is not None
+            and type(r.timestamp) is float and _MIN_TIMESTAMP <= r.timestamp <= time.time() + _MAX_TIMESTAMP_SKEW
+            and r.endpoint in self.endpoints and type(r.endpoint) is str
+            and (r.model is None or (type(r.model) is str and r.model in self.models))
+            and (r.provider is None or (type(r.provider) is str and r.provider in self.providers))
+            and (r.upstream_model is None or (type(r.upstream_model) is str
+                                              and r.upstream_model in self.upstream_models))
+            and _id_ok(r.account_id) and (r.org_id is None or _id_ok(r.org_id))
+            and _id_ok(r.key_id) and _prefix_ok(r.key_prefix)
+            and type(r.prompt_tokens) is int and -_MAX_INT <= r.prompt_tokens <= _MAX_INT
+            and type(r.completion_tokens) is int and -_MAX_INT <= r.completion_tokens <= _MAX_INT
+            and type(r.cached_tokens) is int and -_MAX_INT <= r.cached_tokens <= _MAX_INT
+            and type(r.usage_reported) is bool
+            and _cost_ok(r.estimated_cost) and _cost_ok(r.actual_cost)
+            and type(r.latency_ms) is int and 0 <= r.latency_ms <= _MAX_INT
+            and type(r.status) is int and 0 <= r.status <= 999
+            and (r.error_code is None or _error_code_ok(r.error_code))
+            and type(r.stream) is bool
+            and (ip is None or ip == "" or _valid_ips.get(ip) is True or valid_ip(ip))
+            and type(r.attempts) is int and 0 <= r.attempts <= 1000
+        )
+
+    def check_record(self, record: Any) -> None:
+        try:
+            problem = self.record_problem(record)
+        except Exception as exc:  # a guard that cannot decide fails closed
+            problem = f"the check failed ({type(exc).__name__})"
+        if problem is not None:
+            self.reject("record", _request_id(record), problem)
+            raise RecordRejected(problem)
+
+    # -- usage rows (spool files read back, the store sink)
+
+    def row_problem(self, row: Any) -> str | None:
+        if type(row) is not UsageRow:
+            return f"not a UsageRow ({type(row).__name__})"
+        return _first_problem(self, row, _ROW_RULES, ROW_RULES_COMPLETE)
+
+    def admit_rows(self, rows: Sequence[UsageRow]) -> list[UsageRow]:
+        """The rows that pass; the others are counted and logged (by request id only)."""
+        kept = []
+        for row in rows:
+            try:
+                problem = self.row_problem(row)
+            except Exception as exc:
+                problem = f"the check failed ({type(exc).__name__})"
+            if problem is None:
+                kept.append(row)
+            else:
+                self.reject("usage_row", _request_id(row), problem)
+        return kept
+
+    def reject(self, sink: str, request_id: str, problem: str) -> None:
+        self.dropped[sink] += 1
+        log.error("redaction guard: %s %s dropped from the %s sink: %s", "usage record" if sink == "record"
+                  else "usage row", request_id, sink, problem)
+
+
+def _request_id(item: Any) -> str:
+    """The item's request id when it is one (so it may be logged), else a placeholder."""
+    value = getattr(item, "request_id", None)
+    if type(value) is str and _REQUEST_ID.fullmatch(value):
+        return value
+    return "(request id withheld)"
+
+
+# ---------------------------------------------------------------- retention
+
+
+async def run_retention(store: Store, days: int, now: datetime | None = None) -> int:
+    """Null the client IP of usage records older than ``days``; return how many changed. Idempotent."""
+    if type(days) is not int or not 0 <= days <= MAX_RETENTION_DAYS:
+        raise ValueError(f"ip_retention_days must be an integer between 0 and {MAX_RETENTION_DAYS}")
+    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
+    return await store.clear_client_ips(cutoff)
+
+
+@dataclass
+class PrivacyState:
+    settings: PrivacySettings
+    guard: Guard
+    task: asyncio.Task[None] | None = None
+    retention_runs: int = 0
+    retention_failures: int = 0
+    ips_cleared: int = 0
+    last_retention: float | None = None
+    """Epoch seconds of the last successful run."""
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+
+PRIVACY: web.AppKey[PrivacyState] = web.AppKey("nexgate_plugins.redaction", PrivacyState)
+
+
+async def _retention_loop(app: web.Application) -> None:
+    state = app[PRIVACY]
+    while True:
+        delay = RETENTION_INTERVAL
+        try:
+            cleared = await run_retention(app[STORE], state.settings.ip_retention_days)
+        except asyncio.CancelledError:
+            raise
+        except StoreError as exc:
+            state.retention_failures += 1
+            delay = min(RETENTION_RETRY, RETENTION_INTERVAL)
+            log.warning("IP retention run failed (%s); retrying in %d s", type(exc).__name__, delay)
+        except Exception:
+            state.retention_failures += 1
+            delay = min(RETENTION_RETRY, RETENTION_INTERVAL)
+            log.exception("IP retention run failed; retrying in %d s", delay)
+        else:
+            state.retention_runs += 1
+            state.ips_cleared += cleared
+            state.last_retention = time.time()
+            if cleared:
+                log.info("IP retention: cleared the client IP of %d usage records older than %d days", cleared,
+                         state.settings.ip_retention_days)
+        logscrub.install(state.secrets)  # handlers added since the last run get the filter too
+        await asyncio.sleep(delay)
+
+
+# -------------------------------------------------------------------- sinks
+
+
+def guarded_sink(app: web.Application, sink: Callable[[Sequence[UsageRow]], Awaitable[int]]
+                 ) -> Callable[[Sequence[UsageRow]], Awaitable[int]]:
+    """Wrap the usage log's store sink: rows that fail the guard are dropped (and counted) before the store.
+
+    Without this plugin loaded (``privacy.allow_unguarded``), the sink is returned as it is.
+    """
+    state = app.get(PRIVACY)
+    if state is None:
+        return sink
+    guard = state.guard
+
+    async def send(rows: Sequence[UsageRow]) -> int:
+        kept = guard.admit_rows(rows)
+        return await sink(kept) if kept else 0
+
+    return send
+
+
+def _config_secrets(config: Config) -> tuple[str, ...]:
+    found = list(config.secrets())
+    for provider in config.providers.values():
+        for name, value in provider.headers.items():
+            if re.search(r"(?i)auth|key|token|secret", name):
+                found.append(value.split(" ", 1)[-1])  # "Bearer xyz" -> "xyz"
+    return tuple(found)
+
+
+# -------------------------------------------------------------------- hooks
+
+
+@hookimpl
+def nexgate_check_config(config: Config) -> list[str]:
+    problems: list[str] = []
+    parse_privacy_settings(config, problems)
+    return problems
+
+
+@hookimpl
+def nexgate_register_routes(app: web.Application, config: Config) -> None:
+    secrets = _config_secrets(config)
+    app[PRIVACY] = PrivacyState(settings=parse_privacy_settings(config, []), guard=Guard(config), secrets=secrets)
+    logscrub.install(secrets)
+
+
+@hookimpl
+async def nexgate_startup(app: web.Application) -> None:
+    state = app[PRIVACY]
+    logscrub.install(state.secrets)  # handlers configured after the app was built
+    _register_metrics(app, state)
+    state.task = asyncio.create_task(_retention_loop(app), name="nexgate-ip-retention")
+
+
+@hookimpl
+async def nexgate_shutdown(app: web.Application) -> None:
+    state = app.get(PRIVACY)
+    if state is not None and state.task is not None:
+        state.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.task
+        state.task = None
+
+
+@hookimpl
+def nexgate_guard_record(record: UsageRecord, app: web.Application) -> None:
+    state = app.get(PRIVACY)
+    if state is None:
+        raise RecordRejected("the redaction guard is not set up")
+    state.guard.check_record(record)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _register_metrics(app: web.Application, state: PrivacyState) -> None:
+    """Counters on the metrics plugin's registry, read when /metrics is scraped."""
+    try:
+        from nexgate_plugins.metrics import METRICS
+    except ImportError:
+        return
+    metrics = app.get(METRICS)
+    if metrics is None:
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class _Collector:
+        def collect(self) -> Any:
+            dropped = CounterMetricFamily(
+                "nexgate_redaction_dropped", "Records the redaction guard kept from a sink (fail closed).",
+                labels=("sink",))
+            for sink in SINKS[:2]:
+                dropped.add_metric((sink,), state.guard.dropped[sink])
+            dropped.add_metric(("log",), logscrub.STATS["failed"])
+            yield dropped
+            yield CounterMetricFamily("nexgate_log_redactions", "Log records in which a secret was masked.",
+                                      value=logscrub.STATS["scrubbed"])
+            yield CounterMetricFamily("nexgate_log_withheld", "Log records with an argument or exception "
+                                      "message withheld as possible request data.", value=logscrub.STATS["withheld"])
+            yield CounterMetricFamily("nexgate_retention_ips_cleared", "Usage records whose client IP the "
+                                      "retention job cleared (this process).", value=state.ips_cleared)
+            yield CounterMetricFamily("nexgate_retention_failures", "Failed IP retention runs (this process).",
+                                      value=state.retention_failures)
+            yield GaugeMetricFamily("nexgate_retention_last_success_timestamp_seconds",
+                                    "When the IP retention job last succeeded (0: not yet).",
+                                    value=state.last_retention or 0)
+
+    metrics.registry.register(_Collector())  # type: ignore[arg-type]
