@@ -38,6 +38,7 @@ large enough for the whole run).
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,13 @@ def gateway_setup(upstream_url: str, port: int, workdir: Path) -> GatewaySetup:
     }
     setup = GatewaySetup(config=config)
     plugins = set(DEFAULT_PLUGINS)
+    # NEXGATE_BENCH_DISABLE=credits,usage_log,... measures the chain without some built-ins,
+    # to see what each costs. The reported figures use the full chain (nothing disabled).
+    disabled = [name for name in os.environ.get("NEXGATE_BENCH_DISABLE", "").split(",") if name]
+    if disabled:
+        config.setdefault("plugins", {})["disable"] = disabled
+        config["privacy"] = {"allow_unguarded": "redaction" in disabled}
+        plugins -= {f"nexgate_plugins.{name}" for name in disabled}
     if "nexgate_plugins.usage_log" in plugins:
         # The durable usage log spools to disk before the store: keep it in the temp dir.
         config["usage"] = {"outbox_dir": str(workdir / "outbox")}

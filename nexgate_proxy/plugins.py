@@ -124,8 +124,8 @@ def _load_directory(directory: Path) -> list[tuple[Any, str]]:
 
 # ------------------------------------------------------------- the chain
 
-# (function, its argument names, the plugin's name)
-_Impl = tuple[Callable[..., Any], tuple[str, ...], str]
+# (function, its argument names, the plugin's name, whether it is a coroutine function)
+_Impl = tuple[Callable[..., Any], tuple[str, ...], str, bool]
 
 
 def _compile(pm: pluggy.PluginManager, hook_name: str) -> tuple[_Impl, ...]:
@@ -138,14 +138,16 @@ def _compile(pm: pluggy.PluginManager, hook_name: str) -> tuple[_Impl, ...]:
                 f"plugin '{impl.plugin_name}': {hook_name} is a wrapper; NexGate runs hooks "
                 "as coroutines, which wrappers cannot wrap. Use tryfirst/trylast instead."
             )
-        impls.append((impl.function, tuple(impl.argnames), impl.plugin_name))
+        impls.append((impl.function, tuple(impl.argnames), impl.plugin_name,
+                      inspect.iscoroutinefunction(impl.function)))
     return tuple(impls)
 
 
 async def _call(impl: _Impl, kwargs: dict[str, Any]) -> Any:
-    fn, argnames, _ = impl
+    fn, argnames, _, is_async = impl
     result = fn(*[kwargs[n] for n in argnames])
-    if inspect.isawaitable(result):
+    # Decided at startup for coroutine functions; a plain function may still return an awaitable.
+    if is_async or (result is not None and inspect.isawaitable(result)):
         result = await result
     return result
 

@@ -304,13 +304,11 @@ class Proxy:
             tail = meter.finish() if error is None else b""
             if error is None:
                 await self._finish(ctx)
+            if error is not None:
+                ctx.error_code = error.code
+                tail += _stream_error_event(ctx, error)
             try:
-                if tail:
-                    await response.write(tail)
-                if error is not None:
-                    ctx.error_code = error.code
-                    await response.write(_stream_error_event(ctx, error))
-                await response.write_eof()
+                await response.write_eof(tail)  # the last bytes and the end of the body in one send
             except _CLIENT_GONE:
                 client_gone = True
         if client_gone:

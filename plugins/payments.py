@@ -62,8 +62,6 @@ DEFAULT_MAX_BODY_BYTES = 256 * 1024
 MAX_SIGNATURE_HEADER = 8 * 1024
 MAX_ID_LENGTH = 255
 MAX_QUANTITY = 1_000_000
-SCAN_LIMIT = 200_000
-"""Ledger entries read at most when looking for a refunded payment without a store index."""
 
 _HEADER_ID = re.compile(r"[\x21-\x7e]{1,255}")
 _ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -367,27 +365,9 @@ async def payment_entry(settings: DodoSettings, store: Store, data: Mapping[str,
                           external_id=f"payment:{payment_id}", description=description)
 
 
-async def find_payment(store: Store, payment_id: str, account_hint: str | None) -> LedgerEntry | None:
-    """The ledger entry that credited this payment, or None when it is unknown here."""
-    external_id = f"payment:{payment_id}"
-    lookup = getattr(store, "get_ledger_entry", None)
-    if callable(lookup):  # one indexed query, when the store offers it
-        entry = await lookup(SOURCE, external_id)
-        return entry if isinstance(entry, LedgerEntry) else None
-    if account_hint is None:
-        return None
-    offset = 0
-    while offset < SCAN_LIMIT:
-        page = await store.list_ledger(account_hint, limit=1000, offset=offset)
-        for entry in page:
-            if entry.source == SOURCE and entry.external_id == external_id:
-                return entry
-        if len(page) < 1000:
-            return None
-        offset += 1000
-    log.warning("DodoPayments payment %s: not among the newest %d entries of %s", payment_id, SCAN_LIMIT,
-                account_hint)
-    return None
+async def find_payment(store: Store, payment_id: str) -> LedgerEntry | None:
+    """The ledger entry that credited this payment, or None when it is unknown here (one indexed query)."""
+    return await store.get_ledger_entry(SOURCE, f"payment:{payment_id}")
 
 
 def share(credited: int, amount: int, paid: int) -> int:
@@ -403,7 +383,7 @@ async def reversal_entry(settings: DodoSettings, store: Store, data: Mapping[str
     reversal_id = _text(data, id_field)
     payment_id = _text(data, "payment_id")
     amount = _minor_units(data.get("amount"), "amount", data.get("currency"))
-    payment = await find_payment(store, payment_id, _metadata_account(settings, data))
+    payment = await find_payment(store, payment_id)
     if payment is None or payment.amount_pico <= 0:
         log.warning("DodoPayments %s %s: payment %s credited nothing here; nothing debited", kind, reversal_id,
                     payment_id)

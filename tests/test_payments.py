@@ -259,6 +259,16 @@ async def test_refunds_and_lost_disputes_debit_their_share(durable_gw: Gateway) 
     assert entries["payment:pay_r"].amount_pico == usd("20")
 
 
+async def test_a_dispute_without_metadata_debits_the_paying_account(durable_gw: Gateway) -> None:
+    # DodoPayments' dispute payloads carry no metadata: the payment's own ledger entry names the account.
+    gw = durable_gw
+    assert (await deliver(gw, payment(gw.user_id, "pay_d", total=2360)))[0] == 200
+    assert (await deliver(gw, dispute("pay_d", "dsp_nometa", "1180")))[0] == 200
+    assert await assert_consistent(gw) == usd("10")
+    entries = {e.external_id: e for e in await ledger(gw)}
+    assert entries["dispute:dsp_nometa"].account_id == gw.user_id
+
+
 async def test_refund_shares_round_up_to_the_pico_dollar(upstream, start_gateway) -> None:
     gw = await start(start_gateway, upstream)
     await deliver(gw, payment(gw.user_id, "pay_odd", cart=[{"product_id": "prod_tiny", "quantity": 10}], total=3))

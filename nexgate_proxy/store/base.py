@@ -464,6 +464,10 @@ class Store(abc.ABC):
         """SUM of the account's ledger entries: always equal to get_balance (an invariant check)."""
 
     @abc.abstractmethod
+    async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
+        """The entry booked under (source, external_id), e.g. the credit of a payment; one indexed query."""
+
+    @abc.abstractmethod
     async def list_ledger(
         self,
         account_id: str,

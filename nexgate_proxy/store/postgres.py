@@ -662,6 +662,14 @@ class PostgresStore(Store):
             )
         return int(total)  # SUM(bigint) is numeric: an exact Decimal
 
+    async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
+        with _translated():
+            row = await self._pool.fetchrow(
+                f"SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE source = $1 AND external_id = $2",
+                source, external_id,
+            )
+        return None if row is None else _decode.ledger_entry(row)
+
     async def list_ledger(
         self,
         account_id: str,

@@ -107,10 +107,13 @@ def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
     return f"WHERE {clause}", params
 
 
-def _usage_params(row: UsageRow) -> tuple[Any, ...]:
+_TS_FIELD = USAGE_FIELDS.index("ts")
+
+
+def _usage_params(row: UsageRow) -> list[Any]:
     values = [getattr(row, name) for name in USAGE_FIELDS]
-    values[USAGE_FIELDS.index("ts")] = _ts(row.ts)
-    return tuple(values)
+    values[_TS_FIELD] = _ts(row.ts)
+    return values
 
 
 _INSERT_USAGE = (
@@ -778,6 +781,14 @@ class SQLiteStore(Store):
 
     async def ledger_sum(self, account_id: str) -> int:
         return await self._run(_ledger_sum, account_id)
+
+    async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
+        row = await self._run(
+            self._fetch_one,
+            f"SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE source = ? AND external_id = ?",
+            (source, external_id),
+        )
+        return None if row is None else _decode.ledger_entry(row)
 
     async def list_ledger(
         self,
