@@ -117,6 +117,14 @@ async def _seed_account(storage_url: str, credits_usd: int | None) -> str:
         await store.migrate()
         user = await store.create_user(name="benchmark")
         created = await create_api_key(store, name="benchmark", user_id=user.id)
+        # NEXGATE_BENCH_EXTRA_KEYS=100000: more keys in the store, to show lookups do not grow with them.
+        # Their hash is a placeholder (never verified): bcrypt for 100,000 keys would take hours.
+        from nexgate_proxy.keys import generate_key
+
+        for _ in range(int(os.environ.get("NEXGATE_BENCH_EXTRA_KEYS", "0"))):
+            extra = generate_key()
+            await store.create_api_key(public_id=extra.public_id, prefix=extra.prefix, user_id=user.id,
+                                       secret_hash="$2b$12$" + "x" * 53, name="filler")
         if credits_usd:
             from decimal import Decimal
 

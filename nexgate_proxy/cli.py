@@ -8,24 +8,15 @@ import os
 import sys
 from typing import Sequence
 
-from .config import Config, ConfigError, demo_config, load_config
+from .config import Config, ConfigError, demo_config, find_config, load_config
 from .plugins import PluginError
 
-DEFAULT_CONFIG_PATHS = ("nexgate.yaml", "config/nexgate.yaml")
-
-
-def _find_config(path: str | None) -> str | None:
-    if path:
-        return path
-    if os.environ.get("NEXGATE_CONFIG"):
-        return os.environ["NEXGATE_CONFIG"]
-    return next((p for p in DEFAULT_CONFIG_PATHS if os.path.exists(p)), None)
 
 
 def _load(args: argparse.Namespace) -> Config:
     if getattr(args, "demo", False):
         return demo_config()
-    path = _find_config(args.config)
+    path = find_config(args.config)
     if path is None:
         raise ConfigError("nexgate", ["no config file: pass --config PATH, set NEXGATE_CONFIG, "
                                       "or try `nexgate serve --demo`"])

@@ -26,10 +26,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, find_config, load_config
 from .store import ROLES, Conflict, LastOwnerError, NotFound, SchemaError, Store, StoreError, latest_version, open_store
 
-DEFAULT_CONFIG_PATHS = ("nexgate.yaml", "config/nexgate.yaml")
 """Same lookup as ``nexgate serve`` (nexgate_proxy.cli)."""
 CONNECT_TIMEOUT = 10.0
 
@@ -56,18 +55,10 @@ Command = Callable[[Env, Store], Awaitable[int | None]]
 # ----------------------------------------------------------------- plumbing
 
 
-def _find_config(path: str | None) -> str | None:
-    if path:
-        return path
-    if os.environ.get("NEXGATE_CONFIG"):
-        return os.environ["NEXGATE_CONFIG"]
-    return next((p for p in DEFAULT_CONFIG_PATHS if os.path.exists(p)), None)
-
-
 def _environment(args: argparse.Namespace) -> Env:
     config: Config | None = None
     if args.config or not args.storage_url:
-        path = _find_config(args.config)
+        path = find_config(args.config)
         if path is None:
             raise CliError("no config file: pass --config PATH or --storage-url URL, or set NEXGATE_CONFIG")
         config = load_config(path)

@@ -491,6 +491,18 @@ def parse_config(data: Any, source: str = "<config>", env: Mapping[str, str] | N
     return config
 
 
+DEFAULT_CONFIG_PATHS = ("nexgate.yaml", "config/nexgate.yaml")
+
+
+def find_config(path: str | None) -> str | None:
+    """The config file to use: the one given, else $NEXGATE_CONFIG, else the first default that exists."""
+    if path:
+        return path
+    if os.environ.get("NEXGATE_CONFIG"):
+        return os.environ["NEXGATE_CONFIG"]
+    return next((p for p in DEFAULT_CONFIG_PATHS if os.path.exists(p)), None)
+
+
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML config file."""
     source = str(path)

@@ -27,7 +27,7 @@ from .providers.base import BodyTooLarge
 from .usage import StreamMeter, usage_from_body
 
 if TYPE_CHECKING:
-    from .config import Config, ModelRoute, Target, Timeouts
+    from .config import Config, Target, Timeouts
     from .endpoints import Endpoint
     from .plugins import HookChain
     from .providers.base import Provider, UpstreamResponse
