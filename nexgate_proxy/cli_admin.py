@@ -1,7 +1,6 @@
 """Operator commands: ``nexgate db|users|orgs|keys|retention ...``, straight against the store.
 
-``register(subparsers)`` adds them to the ``nexgate`` command; until that is
-wired, ``python -m nexgate_proxy.cli_admin ...`` runs them too.
+``register(subparsers)`` adds them to the ``nexgate`` command (nexgate_proxy.cli).
 
 Every command takes ``--config PATH`` (default: ``$NEXGATE_CONFIG``,
 ``./nexgate.yaml``, ``./config/nexgate.yaml``) or ``--storage-url URL``, and
@@ -20,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -542,23 +540,3 @@ def register(subparsers: Any) -> None:
              "(gateways also do it hourly)", _retention_run, common)
     p.add_argument("--days", type=_non_negative, metavar="N",
                    help="override privacy.ip_retention_days (default: the config's, else 30)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nexgate", description="NexGate account administration")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .logscrub import install as install_log_scrubber
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_log_scrubber()
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
 """Operator commands for money: ``nexgate credits grant|balance`` and ``nexgate usage export``.
 
-``register(subparsers)`` adds them to the ``nexgate`` command; until that is
-wired, ``python -m nexgate_proxy.cli_billing ...`` runs them too. Same
+``register(subparsers)`` adds them to the ``nexgate`` command. Same
 conventions as ``nexgate_proxy.cli_admin``: ``--config PATH`` or
 ``--storage-url URL``, ``--json``, one-line errors with exit code 1.
 
@@ -20,14 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import sys
 import tempfile
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 from .cli_admin import CliError, Env, _add, _emit
 from .credit_state import nano_floor, open_credit_state
@@ -238,23 +236,3 @@ def register(subparsers: Any) -> None:
     p.add_argument("--since", metavar="ISO8601", help="from this time, inclusive (e.g. 2025-01-01 or ...T00:00:00Z)")
     p.add_argument("--until", metavar="ISO8601", help="until this time, exclusive (default: now)")
     p.add_argument("--output", "-o", metavar="FILE", help="write to FILE (default: standard output)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nexgate", description="NexGate credits and usage")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .logscrub import install as install_log_scrubber
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_log_scrubber()
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

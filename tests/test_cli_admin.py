@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from nexgate_proxy import cli_admin
+from nexgate_proxy import cli, cli_admin
 from tests.conftest import Gateway, gateway_config
 from tests.fakes import FakeUpstream
 
@@ -29,7 +29,7 @@ class Cli:
 
     async def __call__(self, *argv: str) -> tuple[int, str, str]:
         self.capsys.readouterr()
-        code = await asyncio.to_thread(cli_admin.main, [*argv, *self.common])
+        code = await asyncio.to_thread(cli.main, [*argv, *self.common])
         out, err = self.capsys.readouterr()
         assert "Traceback" not in out + err
         return code, out, err
@@ -161,10 +161,10 @@ def test_register_adds_the_commands_to_a_parent_cli(tmp_path: Path, capsys: pyte
 
 
 async def nexgate(cwd: Path, *argv: str) -> tuple[int, str, str]:
-    """`python -m nexgate_proxy.cli_admin ...` as a real subprocess."""
+    """`python -m nexgate_proxy.cli ...` as a real subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "NEXGATE_CONFIG"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nexgate_proxy.cli_admin", *argv, cwd=cwd, env=env,
+        sys.executable, "-m", "nexgate_proxy.cli", *argv, cwd=cwd, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), timeout=60)
     assert b"Traceback" not in out + err, err.decode()

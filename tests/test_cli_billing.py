@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nexgate_proxy import cli_admin, cli_billing
+from nexgate_proxy import cli, cli_billing
 from nexgate_proxy.credit_state import RedisCreditState
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.statements import USAGE_CSV_COLUMNS
@@ -32,7 +32,7 @@ class Cli:
 
     async def __call__(self, *argv: str) -> tuple[int, str, str]:
         self.capsys.readouterr()
-        code = await asyncio.to_thread(cli_billing.main, [*argv, *self.common])
+        code = await asyncio.to_thread(cli.main, [*argv, *self.common])
         out, err = self.capsys.readouterr()
         assert "Traceback" not in out + err
         return code, out, err
@@ -50,7 +50,7 @@ class Cli:
 
 
 async def migrated(url: str) -> None:
-    assert await asyncio.to_thread(cli_admin.main, ["db", "migrate", "--storage-url", url]) == 0
+    assert await asyncio.to_thread(cli.main, ["db", "migrate", "--storage-url", url]) == 0
 
 
 def usd(text: str) -> int:
@@ -183,7 +183,7 @@ def test_the_commands_run_as_a_real_process(tmp_path: Path) -> None:
     import subprocess
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    assert cli_admin.main(["db", "migrate", "--storage-url", url]) == 0
+    assert cli.main(["db", "migrate", "--storage-url", url]) == 0
 
     async def user() -> str:
         async with await open_store(url) as store:
@@ -191,11 +191,11 @@ def test_the_commands_run_as_a_real_process(tmp_path: Path) -> None:
 
     user_id = asyncio.run(user())
     env = {**os.environ, "NEXGATE_CONFIG": ""}
-    done = subprocess.run([sys.executable, "-m", "nexgate_proxy.cli_billing", "credits", "grant", user_id, "3",
+    done = subprocess.run([sys.executable, "-m", "nexgate_proxy.cli", "credits", "grant", user_id, "3",
                            "--reason", "cli", "--ref", secrets.token_hex(4), "--storage-url", url, "--json"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["balance_usd"] == "3"
-    done = subprocess.run([sys.executable, "-m", "nexgate_proxy.cli_billing", "credits", "balance", "usr_x",
+    done = subprocess.run([sys.executable, "-m", "nexgate_proxy.cli", "credits", "balance", "usr_x",
                            "--storage-url", url], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and done.stderr.startswith("nexgate: error: no such account")

@@ -13,7 +13,7 @@ import pytest
 
 import nexgate_plugins.privacy_api as privacy_api
 import nexgate_plugins.redaction as redaction
-from nexgate_proxy import cli_admin, logscrub
+from nexgate_proxy import cli, logscrub
 from nexgate_proxy.context import RequestContext
 from nexgate_proxy.keys import generate_key
 from tests.conftest import PROVIDER_KEY, Gateway, gateway_config
@@ -204,7 +204,7 @@ def test_the_admin_cli_installs_the_scrubber(tmp_path: Path, capsys: pytest.Capt
     fresh = logging.StreamHandler()
     root.addHandler(fresh)
     try:
-        assert cli_admin.main(["db", "migrate", "--storage-url", f"sqlite:///{tmp_path}/cli.db"]) == 0
+        assert cli.main(["db", "migrate", "--storage-url", f"sqlite:///{tmp_path}/cli.db"]) == 0
         assert logscrub.installed_on(fresh)
     finally:
         root.removeHandler(fresh)

@@ -24,7 +24,7 @@ import nexgate_plugins.privacy_api as privacy_api
 import nexgate_plugins.redaction as redaction
 from nexgate_plugins.admin_openapi import build_openapi
 from nexgate_plugins.usage_log import OUTBOX
-from nexgate_proxy import Identity, RecordRejected, UsageRecord, cli_admin, hookimpl
+from nexgate_proxy import Identity, RecordRejected, UsageRecord, cli, hookimpl
 from nexgate_proxy.app import build_app
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
@@ -79,7 +79,7 @@ class Cli:
 
     async def __call__(self, *argv: str) -> tuple[int, str, str]:
         self.capsys.readouterr()
-        code = await asyncio.to_thread(cli_admin.main, [*argv, *self.common])
+        code = await asyncio.to_thread(cli.main, [*argv, *self.common])
         out, err = self.capsys.readouterr()
         assert "Traceback" not in out + err
         return code, out, err

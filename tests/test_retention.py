@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import nexgate_plugins.redaction as redaction
-from nexgate_proxy import cli_admin
+from nexgate_proxy import cli
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.store import NewLedgerEntry, Store, StoreError, UsageRow, open_store
 from nexgate_proxy.store.postgres import PostgresStore
@@ -179,7 +179,7 @@ async def test_retention_from_the_cli(store: Store, store_url: str, tmp_path: Pa
 
     def run(*argv: str) -> tuple[int, str, str]:
         capsys.readouterr()
-        code = cli_admin.main(list(argv))
+        code = cli.main(list(argv))
         out, err = capsys.readouterr()
         assert "Traceback" not in out + err
         return code, out, err
