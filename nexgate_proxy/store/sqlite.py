@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -279,9 +280,22 @@ class SQLiteStore(Store):
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
         if self.path != MEMORY:
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, much faster
         self._conn = conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching to WAL can answer "database is locked" at once, without the busy handler, while
+        # another process opens the same new file (several workers starting together): retry.
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     async def _run(self, fn: Callable[..., T], *args: Any, missing: str | None = None) -> T:
         if self._closed:

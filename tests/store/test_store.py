@@ -517,3 +517,23 @@ async def test_postgres_creates_a_missing_search_path_schema(store_url: str) -> 
 async def test_postgres_unreachable_is_a_store_error() -> None:
     with pytest.raises(StoreError):
         await open_store("postgresql://postgres@127.0.0.1:1/test", timeout=2)
+
+
+def test_many_processes_can_open_a_new_sqlite_file_at_once(tmp_path) -> None:
+    """Workers starting together all open (and switch to WAL) the same new database file."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, sys\n"
+        "from nexgate_proxy.store import open_store\n"
+        "async def main():\n"
+        "    store = await open_store(sys.argv[1])\n"
+        "    await store.migrate()\n"
+        "    await store.close()\n"
+        "asyncio.run(main())\n"
+    )
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", script, url], stderr=subprocess.PIPE) for _ in range(12)]
+    results = [(p.wait(60), p.stderr.read().decode()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
