@@ -217,9 +217,6 @@ class Proxy:
             if status >= 500 or status in (401, 403) or (status == 429 and index < last):
                 upstream.close()
                 failure = _upstream_status_error(target, status)
-                if status == 429:
-                    failure = GatewayError(429, f"The upstream provider '{target.provider}' is rate limited.",
-                                           code="upstream_rate_limited")
                 continue
             return await self._relay(ctx, endpoint, upstream, injected, deadline, timeouts)
         assert failure is not None
@@ -358,6 +355,9 @@ def _too_large(limit: int) -> GatewayError:
 
 
 def _upstream_status_error(target: Target, status: int) -> GatewayError:
+    if status == 429:  # only when a later target was tried too; the last target's 429 is relayed as sent
+        return GatewayError(429, f"The upstream provider '{target.provider}' is rate limited.",
+                            code="upstream_rate_limited")
     if status in (401, 403):
         # The provider refused NexGate's own credentials: an operator problem, not the client's.
         return GatewayError(502, f"The upstream provider '{target.provider}' refused the gateway's credentials.",

@@ -200,3 +200,13 @@ async def test_client_disconnect_mid_stream_is_recorded(start_gateway, upstream:
     record = recorder.records[-1]
     assert record.status == 499 and record.error_code == "client_disconnected"
     assert record.usage_reported is False
+
+
+async def test_a_providers_429_is_relayed_as_sent(gateway: Gateway, upstream: FakeUpstream) -> None:
+    # Distinct from NexGate's own 429s (rate_limit_requests, ...): the provider's body and status pass through.
+    upstream.behaviour.status = 429
+    upstream.behaviour.error_body = b'{"error": {"message": "slow down", "type": "rate_limit_error", "code": null}}'
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gateway.api_key}"}) as session:
+        async with session.post(gateway.url + "/v1/chat/completions", json={"model": "gpt-test"}) as resp:
+            assert resp.status == 429
+            assert await resp.read() == upstream.behaviour.error_body
