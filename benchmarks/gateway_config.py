@@ -63,12 +63,14 @@ def gateway_setup(upstream_url: str, port: int, workdir: Path) -> GatewaySetup:
     """The gateway config pointing ``bench-model`` at the fake upstream (``type: openai``)."""
     from nexgate_proxy.plugins import DEFAULT_PLUGINS
 
-    storage_url = f"sqlite:///{workdir / 'nexgate-bench.db'}"
+    # NEXGATE_BENCH_STORAGE_URL / NEXGATE_BENCH_STATE_URL: the scale-out stores (PostgreSQL, Redis).
+    # A PostgreSQL URL should name an empty schema (?search_path=...): the run adds rows to it.
+    storage_url = os.environ.get("NEXGATE_BENCH_STORAGE_URL") or f"sqlite:///{workdir / 'nexgate-bench.db'}"
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "workers": 1, "access_log": False,
                    "grace_period": 1},
         "storage": {"url": storage_url},
-        "state": {"url": "memory://"},
+        "state": {"url": os.environ.get("NEXGATE_BENCH_STATE_URL", "memory://")},
         "providers": {
             "fake": {"type": "openai", "base_url": f"{upstream_url.rstrip('/')}/v1", "api_key": "sk-bench-upstream"},
         },

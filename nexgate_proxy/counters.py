@@ -41,7 +41,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 log = logging.getLogger("nexgate.counters")
 
@@ -797,22 +797,27 @@ async def open_resp(address: RedisAddress, client_name: str | None = None) -> _R
 # ------------------------------------------------------------------- redis
 
 
-class RedisCounters(Counters):
-    """The limits in Redis: one EVALSHA per call, a tight timeout, a circuit breaker."""
+class RedisScripts:
+    """Lua scripts run on one pipelined RESP connection per process.
 
-    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1,
+    One EVALSHA per call, bounded by a tight timeout; a script Redis forgot (restart) is loaded
+    again once. After ``breaker_threshold`` consecutive failures a circuit breaker answers at once
+    with ``CountersUnavailable`` until a background probe sees Redis again, so a dead Redis costs
+    nothing per request. Used by the rate limits and by the credit holds.
+    """
+
+    def __init__(self, url: str, scripts: Mapping[str, str], *, label: str, timeout: float = 0.1,
                  breaker_threshold: int = 3, probe_interval: float = 0.5, max_probe_interval: float = 5.0,
-                 lease_renew_interval: float | None = None, client_name: str = "nexgate-ratelimit") -> None:
+                 client_name: str = "nexgate") -> None:
         import hashlib
 
         self.url = url
         self.address = parse_redis_url(url)
-        self.prefix = prefix
+        self.label = label
         self.timeout = timeout
         self.connect_timeout = max(timeout, 1.0)
         self.probe_interval = probe_interval
         self.max_probe_interval = max_probe_interval
-        self.lease_renew_interval = lease_renew_interval
         self.client_name = client_name
         self.breaker = CircuitBreaker(breaker_threshold)
         self.failures = 0
@@ -820,18 +825,11 @@ class RedisCounters(Counters):
         self.round_trips = 0
         """EVALSHA calls sent: one request and one reply each (several may share one TCP write)."""
         self._scripts = {name: (lua.encode(), hashlib.sha1(lua.encode()).hexdigest())
-                         for name, lua in (("acquire", ACQUIRE_LUA), ("settle", SETTLE_LUA),
-                                           ("note", NOTE_LUA), ("renew", RENEW_LUA))}
+                         for name, lua in scripts.items()}
         self._conn: _RespProtocol | None = None
         self._connecting: asyncio.Future[_RespProtocol] | None = None
-        self._leases: dict[str, tuple[tuple[str, int], ...]] = {}
-        """member -> (lease key, lease_ms) of its concurrency slots, renewed while in flight."""
         self._prober: asyncio.Task[None] | None = None
-        self._renewer: asyncio.Task[None] | None = None
         self._last_warning = 0.0
-
-    def key(self, kind: str, subject: str) -> str:
-        return f"{self.prefix}:{kind}:{subject}"
 
     async def start(self) -> None:
         # Connect and load the scripts now, so no request pays for it; an absent Redis is not fatal here.
@@ -840,15 +838,14 @@ class RedisCounters(Counters):
                 self._conn = await self._open()
         except Exception as exc:
             self._fail(exc)
-        self._renewer = asyncio.create_task(self._renew_forever(), name="nexgate-ratelimit-leases")
 
     async def close(self) -> None:
-        for task in (self._prober, self._renewer, self._connecting):
+        for task in (self._prober, self._connecting):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._prober = self._renewer = self._connecting = None
+        self._prober = self._connecting = None
         if self._conn is not None:
             self._conn.abort()
             self._conn = None
@@ -915,18 +912,18 @@ class RedisCounters(Counters):
     def _fail(self, exc: BaseException) -> None:
         self.failures += 1
         if self.breaker.failure():
-            log.warning("rate limit state (Redis) failed %d times in a row (%s); circuit open, "
-                        "probing in the background", self.breaker.threshold, type(exc).__name__)
+            log.warning("%s (Redis) failed %d times in a row (%s); circuit open, probing in the background",
+                        self.label, self.breaker.threshold, type(exc).__name__)
             if self._conn is not None:
                 self._conn.abort()  # a wedged connection is not reused; the probe opens a fresh one
                 self._conn = None
             if self._prober is None or self._prober.done():
-                self._prober = asyncio.create_task(self._probe_until_up(), name="nexgate-ratelimit-probe")
+                self._prober = asyncio.create_task(self._probe_until_up(), name=f"{self.client_name}-probe")
         else:
             now = time.monotonic()
             if now - self._last_warning > 10.0:
                 self._last_warning = now
-                log.warning("rate limit state (Redis) call failed: %s", type(exc).__name__)
+                log.warning("%s (Redis) call failed: %s", self.label, type(exc).__name__)
 
     async def _probe_until_up(self) -> None:
         interval = self.probe_interval
@@ -943,7 +940,39 @@ class RedisCounters(Counters):
                 continue
             self._conn = conn
             self.breaker.close()
-            log.warning("rate limit state (Redis) answers again; circuit closed")
+            log.warning("%s (Redis) answers again; circuit closed", self.label)
+
+
+class RedisCounters(RedisScripts, Counters):
+    """The limits in Redis: one EVALSHA per call, a tight timeout, a circuit breaker."""
+
+    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1,
+                 breaker_threshold: int = 3, probe_interval: float = 0.5, max_probe_interval: float = 5.0,
+                 lease_renew_interval: float | None = None, client_name: str = "nexgate-ratelimit") -> None:
+        super().__init__(url, {"acquire": ACQUIRE_LUA, "settle": SETTLE_LUA, "note": NOTE_LUA, "renew": RENEW_LUA},
+                         label="rate limit state", timeout=timeout, breaker_threshold=breaker_threshold,
+                         probe_interval=probe_interval, max_probe_interval=max_probe_interval,
+                         client_name=client_name)
+        self.prefix = prefix
+        self.lease_renew_interval = lease_renew_interval
+        self._leases: dict[str, tuple[tuple[str, int], ...]] = {}
+        """member -> (lease key, lease_ms) of its concurrency slots, renewed while in flight."""
+        self._renewer: asyncio.Task[None] | None = None
+
+    def key(self, kind: str, subject: str) -> str:
+        return f"{self.prefix}:{kind}:{subject}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._renewer = asyncio.create_task(self._renew_forever(), name="nexgate-ratelimit-leases")
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._renewer
+            self._renewer = None
+        await super().close()
 
     # -- the operations
 

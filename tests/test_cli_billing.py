@@ -121,7 +121,11 @@ async def test_a_grant_raises_the_balance_running_gateways_cached(tmp_path: Path
         code, out, err = await cli("credits", "grant", user.id, "1", "--reason", "support")
         assert code == 0 and "did not answer" in err and "Granted $1" in out
     finally:
-        await state._redis.delete(*state._keys(user.id))
+        import redis.asyncio as redis_asyncio
+
+        cleanup = redis_asyncio.from_url(redis_url)
+        await cleanup.delete(*state._keys(user.id))
+        await cleanup.aclose()
         await state.close()
 
 
