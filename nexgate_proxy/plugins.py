@@ -46,6 +46,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 """Built-in plugins, registered like any other. ``plugins.disable`` in the config removes one."""
 
+ON_DISABLED = "nexgate_on_disabled"
+"""A built-in module may define ``nexgate_on_disabled(config)``: called when ``plugins.disable`` names it,
+to refuse (raise ConfigError) or warn."""
+
 ENTRYPOINT_GROUP = "nexgate"
 ENTRYPOINTS_ENV = "NEXGATE_LOAD_PLUGINS"
 """Set to 0 to skip installed entry-point plugins (e.g. to debug a broken one)."""
@@ -60,14 +64,13 @@ def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -
     pm = pluggy.PluginManager("nexgate")
     pm.add_hookspecs(hookspecs)
     disabled = set(config.plugins.disable)
-    if disabled & {"redaction", "nexgate_plugins.redaction"}:
-        # A disabled plugin cannot refuse for itself: the privacy guard may only go when explicitly allowed.
-        from nexgate_plugins.redaction import refuse_unguarded
-
-        refuse_unguarded(config)
     for name in DEFAULT_PLUGINS:
+        module = importlib.import_module(name)
         if name.rsplit(".", 1)[-1] not in disabled and name not in disabled:
-            _register(pm, importlib.import_module(name), name)
+            _register(pm, module, name)
+        elif hasattr(module, ON_DISABLED):
+            # A disabled plugin registers no hooks, so it gets this one say: refuse (e.g. the privacy guard).
+            getattr(module, ON_DISABLED)(config)
     if config.plugins.entrypoints and os.environ.get(ENTRYPOINTS_ENV, "1") != "0":
         try:
             pm.load_setuptools_entrypoints(ENTRYPOINT_GROUP)

@@ -33,7 +33,7 @@ does the same on demand.
 
 The guard cannot be turned off silently: listing ``redaction`` in
 ``plugins.disable`` refuses to start unless ``privacy.allow_unguarded: true``
-is also set (:func:`refuse_unguarded`, called by the plugin manager).
+is also set (:func:`nexgate_on_disabled`, called by the plugin manager).
 """
 
 from __future__ import annotations
@@ -100,11 +100,11 @@ def is_disabled(config: Config) -> bool:
     return bool({NAME, f"nexgate_plugins.{NAME}"} & set(config.plugins.disable))
 
 
-def refuse_unguarded(config: Config) -> None:
+def nexgate_on_disabled(config: Config) -> None:
     """Raise ConfigError if the guard is disabled without ``privacy.allow_unguarded: true``; else warn loudly.
 
-    The plugin manager calls this when ``plugins.disable`` names ``redaction``:
-    a disabled plugin cannot speak for itself.
+    The plugin manager calls this when ``plugins.disable`` names ``redaction``
+    (see ``nexgate_proxy.plugins.ON_DISABLED``).
     """
     if not is_disabled(config):
         return

@@ -15,35 +15,10 @@ import openai
 import pytest
 import yaml
 
-from nexgate_proxy import cli, cli_admin
+from nexgate_proxy import cli_admin
+from tests.cli_runner import Cli
 from tests.conftest import Gateway, gateway_config
 from tests.fakes import FakeUpstream
-
-
-class Cli:
-    """Runs `nexgate ...` in-process (on a worker thread: the commands call asyncio.run)."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str], *common: str) -> None:
-        self.capsys = capsys
-        self.common = list(common)
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = await asyncio.to_thread(cli.main, [*argv, *self.common])
-        out, err = self.capsys.readouterr()
-        assert "Traceback" not in out + err
-        return code, out, err
-
-    async def json(self, *argv: str) -> Any:
-        code, out, err = await self(*argv, "--json")
-        assert code == 0, err
-        return json.loads(out)
-
-    async def fails(self, *argv: str) -> str:
-        code, out, err = await self(*argv)
-        assert code == 1, (argv, out, err)
-        assert err.startswith("nexgate: error: ") and len(err.strip().splitlines()) == 1, err
-        return err
 
 
 async def test_accounts_from_the_command_line(store_url: str, backend: str,

@@ -12,7 +12,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,32 +20,7 @@ from nexgate_proxy.credit_state import RedisCreditState
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.statements import USAGE_CSV_COLUMNS
 from nexgate_proxy.store import UsageRow, open_store
-
-
-class Cli:
-    """Runs `nexgate credits|usage ...` in-process (on a worker thread: the commands call asyncio.run)."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str], *common: str) -> None:
-        self.capsys = capsys
-        self.common = list(common)
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = await asyncio.to_thread(cli.main, [*argv, *self.common])
-        out, err = self.capsys.readouterr()
-        assert "Traceback" not in out + err
-        return code, out, err
-
-    async def json(self, *argv: str) -> Any:
-        code, out, err = await self(*argv, "--json")
-        assert code == 0, err
-        return json.loads(out)
-
-    async def fails(self, *argv: str) -> str:
-        code, out, err = await self(*argv)
-        assert code == 1, (argv, out, err)
-        assert err.startswith("nexgate: error: ") and len(err.strip().splitlines()) == 1, err
-        return err
+from tests.cli_runner import Cli
 
 
 async def migrated(url: str) -> None:

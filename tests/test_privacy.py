@@ -24,13 +24,13 @@ import nexgate_plugins.privacy_api as privacy_api
 import nexgate_plugins.redaction as redaction
 from nexgate_plugins.admin_openapi import build_openapi
 from nexgate_plugins.usage_log import OUTBOX
-from nexgate_proxy import Identity, RecordRejected, UsageRecord, cli, hookimpl
+from nexgate_proxy import Identity, RecordRejected, UsageRecord, hookimpl
 from nexgate_proxy.app import build_app
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_proxy.money import format_usd
-from nexgate_proxy.plugins import DEFAULT_PLUGINS
 from nexgate_proxy.store import NewLedgerEntry, Store, UsageRow
+from tests.cli_runner import Cli
 from tests.conftest import Gateway, RecordingPlugin, gateway_config
 from tests.fakes import Behaviour, FakeUpstream
 from tests.privacy_helpers import (
@@ -68,21 +68,6 @@ async def money(store: Store, account_id: str) -> tuple[Any, ...]:
     return (await store.get_balance(account_id), await store.ledger_sum(account_id),
             await store.list_ledger(account_id, limit=1000),
             await store.usage_totals(account_id=account_id, group_by="model"))
-
-
-class Cli:
-    """`nexgate ...` (the admin commands) in-process, on a worker thread (they call asyncio.run)."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str], *common: str) -> None:
-        self.capsys = capsys
-        self.common = list(common)
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = await asyncio.to_thread(cli.main, [*argv, *self.common])
-        out, err = self.capsys.readouterr()
-        assert "Traceback" not in out + err
-        return code, out, err
 
 
 # ------------------------------------------------------------------ deletion
@@ -526,20 +511,18 @@ def test_the_guard_cannot_be_disabled_silently(caplog: pytest.LogCaptureFixture)
     base = guard_config().raw
     disabled = parse_config({**base, "plugins": {"disable": ["redaction"]}})
     with pytest.raises(ConfigError) as refused:
-        redaction.refuse_unguarded(disabled)
+        redaction.nexgate_on_disabled(disabled)
     assert "privacy.allow_unguarded: true" in str(refused.value)
     by_module = parse_config({**base, "plugins": {"disable": ["nexgate_plugins.redaction"]}})
     with pytest.raises(ConfigError):
-        redaction.refuse_unguarded(by_module)
+        redaction.nexgate_on_disabled(by_module)
     consented = parse_config({**base, "plugins": {"disable": ["redaction"]}, "privacy": {"allow_unguarded": True}})
     caplog.set_level(logging.WARNING)
-    redaction.refuse_unguarded(consented)
+    redaction.nexgate_on_disabled(consented)
     assert "PRIVACY GUARD DISABLED" in caplog.text
-    redaction.refuse_unguarded(guard_config())  # enabled: nothing to say
+    redaction.nexgate_on_disabled(guard_config())  # enabled: nothing to say
 
 
-@pytest.mark.skipif("nexgate_plugins.redaction" not in DEFAULT_PLUGINS,
-                    reason="the redaction plugin is not a default plugin yet (DEFAULT_PLUGINS)")
 def test_the_gateway_refuses_to_start_unguarded_without_consent(caplog: pytest.LogCaptureFixture) -> None:
     base = guard_config().raw
     with pytest.raises(ConfigError, match="allow_unguarded"):

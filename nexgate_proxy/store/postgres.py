@@ -311,15 +311,7 @@ class PostgresStore(Store):
         return [_decode.user(r) for r in rows]
 
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
-        when = common.aware_utc(at, "at") if at else common.utcnow()
-        with _translated():
-            async with self._pool.acquire() as conn, conn.transaction():
-                deleted = await conn.fetchval(
-                    "UPDATE users SET deleted_at = $2 WHERE id = $1 AND deleted_at IS NULL RETURNING id", user_id, when
-                )
-                if deleted is None and await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id) is None:
-                    raise NotFound(f"user {user_id} does not exist")
-        return deleted is not None
+        return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
 
     async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
         when = common.aware_utc(at, "at") if at else common.utcnow()
@@ -526,16 +518,19 @@ class PostgresStore(Store):
         return [_decode.api_key(r) for r in rows]
 
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
+        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}")
+
+    async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str) -> bool:
+        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row."""
         when = common.aware_utc(at, "at") if at else common.utcnow()
         with _translated():
-            async with self._pool.acquire() as conn:
-                revoked = await conn.fetchval(
-                    "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id",
-                    key_id, when,
+            async with self._pool.acquire() as conn, conn.transaction():
+                stamped = await conn.fetchval(
+                    f"UPDATE {table} SET {column} = $2 WHERE id = $1 AND {column} IS NULL RETURNING id", row_id, when
                 )
-                if revoked is None and await conn.fetchval("SELECT 1 FROM api_keys WHERE id = $1", key_id) is None:
-                    raise NotFound(f"API key {key_id} does not exist")
-        return revoked is not None
+                if stamped is None and await conn.fetchval(f"SELECT 1 FROM {table} WHERE id = $1", row_id) is None:
+                    raise NotFound(f"{what} does not exist")
+        return stamped is not None
 
     async def touch_api_keys(self, last_used: Mapping[str, datetime]) -> int:
         if not last_used:

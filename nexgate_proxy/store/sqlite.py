@@ -400,18 +400,7 @@ class SQLiteStore(Store):
         return [_decode.user(r) for r in rows]
 
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
-        when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
-
-        def work(conn: sqlite3.Connection) -> bool:
-            with _write_transaction(conn):
-                changed = conn.execute(
-                    "UPDATE users SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL", (when, user_id)
-                ).rowcount
-                if changed == 0 and conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
-                    raise NotFound(f"user {user_id} does not exist")
-            return changed == 1
-
-        return await self._run(work)
+        return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
 
     async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
         when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
@@ -641,15 +630,19 @@ class SQLiteStore(Store):
         return [_decode.api_key(r) for r in rows]
 
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
+        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}")
+
+    async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str) -> bool:
+        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row."""
         when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
 
         def work(conn: sqlite3.Connection) -> bool:
             with _write_transaction(conn):
                 changed = conn.execute(
-                    "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (when, key_id)
+                    f"UPDATE {table} SET {column} = ? WHERE id = ? AND {column} IS NULL", (when, row_id)
                 ).rowcount
-                if changed == 0 and conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone() is None:
-                    raise NotFound(f"API key {key_id} does not exist")
+                if changed == 0 and conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)).fetchone() is None:
+                    raise NotFound(f"{what} does not exist")
             return changed == 1
 
         return await self._run(work)
