@@ -44,7 +44,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def session_ctx(app: web.Application):
     connector = aiohttp.TCPConnector(limit=1000, ttl_dns_cache=300)
-    app[SESSION] = aiohttp.ClientSession(connector=connector, trust_env=False)
+    # The same session settings as NexGate's (no cookie jar), so the ceiling is a fair one.
+    app[SESSION] = aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
     yield
     await app[SESSION].close()
 

@@ -2,7 +2,8 @@
 
 import pluggy
 
-from .context import Identity, RequestContext, Usage, UsageRecord
+from .context import Identity, RequestContext, Usage
+from .records import UsageRecord
 from .errors import GatewayError
 
 __version__ = "0.1.0"

@@ -88,7 +88,9 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         limit=config.upstream.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
     )
     # Never pick up proxies or credentials from the environment: the config is the only source.
-    session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=True)
+    # No cookie jar: a cookie one client's call received must never ride along on another's.
+    session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=True,
+                                    cookie_jar=aiohttp.DummyCookieJar())
     app[PROXY].session = session
     app[PROXY].loop = asyncio.get_running_loop()
     yield

@@ -2,17 +2,18 @@
 
 `RequestContext` lives in memory for one request and is never persisted: it
 holds the parsed body, which is prompt content. What leaves the request is a
-`UsageRecord`, which by construction has metadata fields only.
+`UsageRecord` (nexgate_proxy.records), which by construction has metadata fields only.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .estimate import estimate_prompt_tokens
+from .records import UsageRecord
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -84,8 +85,10 @@ class RequestContext:
     error_code: str | None = None
     client_disconnected: bool = False
     first_byte_at: float | None = None
-    estimated_cost: Decimal | None = None
-    actual_cost: Decimal | None = None
+    estimated_cost_pico: int | None = None
+    """The worst case the reserve phase held, in pico-USD (see nexgate_proxy.money)."""
+    actual_cost_pico: int | None = None
+    """What settle charged, in pico-USD."""
     finished: bool = False
     """settle/guard/record ran (they run once: before a success's last byte, else at the end)."""
     response_headers: dict[str, str] = field(default_factory=dict)
@@ -112,63 +115,40 @@ class RequestContext:
         return int((time.perf_counter() - self.started) * 1000)
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """Metadata of one request: the only thing about a request that may be stored.
+_INT32_MAX = 2**31 - 1
 
-    Every field is a scalar of bounded size; there is deliberately no field that
-    could hold prompt or completion content.
-    """
 
-    request_id: str
-    timestamp: float
-    endpoint: str
-    model: str | None
-    provider: str | None
-    upstream_model: str | None
-    account_id: str | None
-    org_id: str | None
-    key_id: str | None
-    key_prefix: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    usage_reported: bool
-    estimated_cost: Decimal | None
-    actual_cost: Decimal | None
-    latency_ms: int
-    status: int
-    error_code: str | None
-    stream: bool
-    client_ip: str | None
-    attempts: int
+def _count(value: int) -> int:
+    # Token counts come from upstreams; an absurd one must not make the record unstorable.
+    return value if 0 <= value <= _INT32_MAX else min(max(value, 0), _INT32_MAX)
 
-    @classmethod
-    def from_context(cls, ctx: RequestContext) -> UsageRecord:
-        identity = ctx.identity
-        target = ctx.target
-        usage = ctx.usage
-        return cls(
-            request_id=ctx.request_id,
-            timestamp=ctx.started_at,
-            endpoint=ctx.endpoint,
-            model=ctx.model if ctx.route is not None else None,
-            provider=target.provider if target else None,
-            upstream_model=target.model if target else None,
-            account_id=identity.account_id if identity else None,
-            org_id=identity.org_id if identity else None,
-            key_id=identity.key_id if identity else None,
-            key_prefix=identity.key_prefix if identity else None,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
-            usage_reported=usage.reported,
-            estimated_cost=ctx.estimated_cost,
-            actual_cost=ctx.actual_cost,
-            latency_ms=ctx.latency_ms(),
-            status=ctx.status,
-            error_code=ctx.error_code,
-            stream=ctx.stream,
-            client_ip=ctx.client_ip,
-            attempts=ctx.attempts,
-        )
+
+def usage_record(ctx: RequestContext) -> UsageRecord:
+    """The metadata of a finished request (built positionally: this runs on every request)."""
+    identity = ctx.identity
+    target = ctx.target
+    usage = ctx.usage
+    return UsageRecord(
+        ctx.request_id,
+        datetime.fromtimestamp(ctx.started_at, UTC),
+        ctx.endpoint,
+        ctx.model if ctx.route is not None else None,
+        target.provider if target else None,
+        target.model if target else None,
+        identity.account_id if identity else None,
+        identity.org_id if identity else None,
+        identity.key_id if identity else None,
+        identity.key_prefix if identity else None,
+        _count(usage.prompt_tokens),
+        _count(usage.completion_tokens),
+        _count(usage.cached_tokens),
+        not usage.reported,
+        ctx.estimated_cost_pico,
+        ctx.actual_cost_pico,
+        ctx.latency_ms(),
+        ctx.status,
+        ctx.error_code,
+        ctx.stream,
+        ctx.client_ip or None,
+        ctx.attempts,
+    )

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from .config import Config, Target
-    from .context import Identity, RequestContext, UsageRecord
+    from .context import Identity, RequestContext
+    from .records import UsageRecord
     from .providers.base import Provider
 
 hookspec = pluggy.HookspecMarker("nexgate")
@@ -140,7 +141,7 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
     """Hold what the request may cost before it goes upstream.
 
     Runs after ``route`` (the price depends on the model). Set
-    ``ctx.estimated_cost`` and raise ``GatewayError`` (402) when the balance
+    ``ctx.estimated_cost_pico`` (integer pico-USD) and raise ``GatewayError`` (402) when the balance
     cannot cover it. Whatever is held here must be released in ``settle``.
     """
 
@@ -153,7 +154,7 @@ async def nexgate_settle(ctx: RequestContext) -> None:
     upstream failure or client disconnect (``ctx.status``, ``ctx.usage``,
     ``ctx.client_disconnected`` tell which). For an answer the client
     receives it runs before the answer's last byte goes out. Set
-    ``ctx.actual_cost``. Must not raise for expected failures.
+    ``ctx.actual_cost_pico`` (integer pico-USD). Must not raise for expected failures.
     """
 
 
@@ -171,7 +172,9 @@ async def nexgate_record(record: UsageRecord, app: web.Application) -> None:
     """Receive the metadata of a finished request (metrics, usage log, billing sinks).
 
     Always runs last, with a record that passed every ``guard_record``
-    implementation. The record holds metadata only, never content; ``app``
+    implementation. The record (``nexgate_proxy.records.UsageRecord``, an
+    immutable named tuple shaped like a stored usage row) holds metadata only,
+    never content; ``app``
     gives access to the plugin's per-app state. Keep it fast: write to a
     buffer and flush in the background.
     """

@@ -31,9 +31,12 @@ def pico_to_usd(pico: int) -> Decimal:
 
 
 def format_usd(pico: int) -> str:
-    """Plain decimal string without exponent or trailing zeros, e.g. "0.000123"."""
-    text = format(pico_to_usd(pico), "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    """Plain decimal string without exponent or trailing zeros, e.g. "0.000123" (integer maths: per request)."""
+    whole, fraction = divmod(abs(pico), PICO_PER_USD)
+    sign = "-" if pico < 0 else ""
+    if not fraction:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{fraction:012d}".rstrip("0")
 
 
 def per_token_pico(usd_per_mtok: Decimal) -> int:

@@ -26,39 +26,35 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
-from .store import UsageRow
+from .store import UsageRecord
 
 log = logging.getLogger("nexgate.outbox")
 
-Sink = Callable[[Sequence[UsageRow]], Awaitable[int]]
+Sink = Callable[[Sequence[UsageRecord]], Awaitable[int]]
 
 
-_FIELDS = tuple(UsageRow.__dataclass_fields__)
-_TS = _FIELDS.index("ts")
+_FIELD_COUNT = len(UsageRecord._fields)
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def encode_row(row: UsageRow) -> bytes:
-    """One line: the row's values in field order (no per-row dict: this runs on every request)."""
-    values = [getattr(row, name) for name in _FIELDS]
-    values[_TS] = row.ts.timestamp()
-    return _encode(values).encode() + b"\n"
+def encode_row(row: UsageRecord) -> bytes:
+    """One line: the record's values in field order, ts as epoch seconds (this runs on every request)."""
+    return _encode((row[0], row[1].timestamp(), *row[2:])).encode() + b"\n"
 
 
-def decode_row(line: bytes) -> UsageRow:
+def decode_row(line: bytes) -> UsageRecord:
     values = json.loads(line)
-    if not isinstance(values, list) or len(values) != len(_FIELDS):
+    if not isinstance(values, list) or len(values) != _FIELD_COUNT:
         raise ValueError("not a usage row")
-    data = dict(zip(_FIELDS, values))
-    data["ts"] = datetime.fromtimestamp(data["ts"], timezone.utc)
-    return UsageRow(**data)
+    values[1] = datetime.fromtimestamp(values[1], timezone.utc)
+    return UsageRecord(*values)
 
 
 @dataclass
 class _Segment:
     path: Path
     fd: int
-    rows: list[UsageRow] = field(default_factory=list)
+    rows: list[UsageRecord] = field(default_factory=list)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -79,7 +75,7 @@ def _open_locked(path: Path, create: bool) -> int | None:
     return fd
 
 
-def _read_rows(fd: int, path: Path) -> list[UsageRow]:
+def _read_rows(fd: int, path: Path) -> list[UsageRecord]:
     rows = []
     with open(fd, "rb", closefd=False) as f:
         f.seek(0)
@@ -143,7 +139,7 @@ class Outbox:
 
     # ------------------------------------------------------------- append
 
-    def append(self, row: UsageRow) -> None:
+    def append(self, row: UsageRecord) -> None:
         """Durable against a process kill once this returns (page cache); fsync'd each flush."""
         assert self._active is not None, "the outbox is started with the gateway"
         os.write(self._active.fd, encode_row(row))
@@ -204,7 +200,7 @@ class Outbox:
         self._orphans_left = False
         return sent
 
-    async def _send(self, rows: Sequence[UsageRow]) -> None:
+    async def _send(self, rows: Sequence[UsageRecord]) -> None:
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
             try:
@@ -218,7 +214,7 @@ class Outbox:
                     except (ValueError, TypeError) as exc:
                         self._set_aside(row, exc)
 
-    def _set_aside(self, row: UsageRow, exc: Exception) -> None:
+    def _set_aside(self, row: UsageRecord, exc: Exception) -> None:
         self.rejected += 1
         log.error("usage row %s refused by the store (%s); kept in rejected.jsonl", row.request_id,
                   type(exc).__name__)

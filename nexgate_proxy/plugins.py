@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import pluggy
 
 from . import RecordRejected, hookspecs
-from .context import RequestContext, UsageRecord
+from .context import RequestContext, usage_record
 from .errors import GatewayError
 
 if TYPE_CHECKING:
@@ -127,12 +127,30 @@ def _load_directory(directory: Path) -> list[tuple[Any, str]]:
 
 # ------------------------------------------------------------- the chain
 
-# (function, its argument names, the plugin's name, whether it is a coroutine function)
-_Impl = tuple[Callable[..., Any], tuple[str, ...], str, bool]
+class _Impl:
+    """One implementation, ready to call with the hook's arguments in the spec's order."""
+
+    __slots__ = ("call", "is_async", "plugin", "name")
+
+    def __init__(self, call: Callable[..., Any], is_async: bool, plugin: str, name: str) -> None:
+        self.call = call
+        self.name = name
+        self.is_async = is_async
+        """Decided at startup; a plain function may still return an awaitable (checked when not None)."""
+        self.plugin = plugin
+
+
+def _positional(fn: Callable[..., Any], argnames: tuple[str, ...], spec: tuple[str, ...]) -> Callable[..., Any]:
+    """``fn`` taking the spec's arguments positionally: itself when it takes them all in order."""
+    if argnames == spec:
+        return fn
+    picks = tuple(spec.index(name) for name in argnames)
+    return lambda *args: fn(*[args[i] for i in picks])
 
 
 def _compile(pm: pluggy.PluginManager, hook_name: str) -> tuple[_Impl, ...]:
     caller = getattr(pm.hook, hook_name)
+    spec = tuple(caller.spec.argnames) if caller.spec is not None else ()
     impls: list[_Impl] = []
     # pluggy calls the last of get_hookimpls() first (tryfirst/trylast already sorted).
     for impl in reversed(caller.get_hookimpls()):
@@ -141,22 +159,28 @@ def _compile(pm: pluggy.PluginManager, hook_name: str) -> tuple[_Impl, ...]:
                 f"plugin '{impl.plugin_name}': {hook_name} is a wrapper; NexGate runs hooks "
                 "as coroutines, which wrappers cannot wrap. Use tryfirst/trylast instead."
             )
-        impls.append((impl.function, tuple(impl.argnames), impl.plugin_name,
-                      inspect.iscoroutinefunction(impl.function)))
+        impls.append(_Impl(_positional(impl.function, tuple(impl.argnames), spec),
+                           inspect.iscoroutinefunction(impl.function), impl.plugin_name,
+                           getattr(impl.function, "__name__", hook_name)))
     return tuple(impls)
 
 
-async def _call(impl: _Impl, kwargs: dict[str, Any]) -> Any:
-    fn, argnames, _, is_async = impl
-    result = fn(*[kwargs[n] for n in argnames])
-    # Decided at startup for coroutine functions; a plain function may still return an awaitable.
-    if is_async or (result is not None and inspect.isawaitable(result)):
+_isawaitable = inspect.isawaitable
+
+
+async def _call(impl: _Impl, *args: Any) -> Any:
+    result = impl.call(*args)
+    if impl.is_async or (result is not None and _isawaitable(result)):
         result = await result
     return result
 
 
 class HookChain:
-    """The compiled hook phases. The only way the core calls plugins."""
+    """The compiled hook phases. The only way the core calls plugins.
+
+    The request phases inline what ``_call`` does: they run several times per request,
+    and a coroutine per implementation call is measurable there.
+    """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
@@ -176,65 +200,73 @@ class HookChain:
     # -- request phases; these raise GatewayError to reject
 
     async def authenticate(self, ctx: RequestContext) -> None:
-        kwargs = {"ctx": ctx}
         for impl in self._authenticate:
-            identity = await _call(impl, kwargs)
+            identity = impl.call(ctx)
+            if impl.is_async or (identity is not None and _isawaitable(identity)):
+                identity = await identity
             if identity is not None:
                 ctx.identity = identity
                 return
 
     async def admit(self, ctx: RequestContext) -> None:
-        kwargs = {"ctx": ctx}
-        for impl in self._admit:
-            await _call(impl, kwargs)
+        await self._each(self._admit, ctx)
 
     async def route(self, ctx: RequestContext) -> list[Target]:
-        kwargs = {"ctx": ctx}
         for impl in self._route:
-            targets = await _call(impl, kwargs)
+            targets = impl.call(ctx)
+            if impl.is_async or (targets is not None and _isawaitable(targets)):
+                targets = await targets
             if targets is not None:
                 return targets
         raise GatewayError(404, f"The model `{ctx.model}` does not exist.", code="model_not_found", param="model")
 
     async def reserve(self, ctx: RequestContext) -> None:
-        kwargs = {"ctx": ctx}
-        for impl in self._reserve:
-            await _call(impl, kwargs)
+        await self._each(self._reserve, ctx)
+
+    @staticmethod
+    async def _each(impls: tuple[_Impl, ...], *args: Any) -> None:
+        for impl in impls:
+            result = impl.call(*args)
+            if impl.is_async or (result is not None and _isawaitable(result)):
+                await result
 
     # -- final phases; these always run and never raise
 
     async def finish(self, ctx: RequestContext) -> None:
         """settle, then guard and record the metadata. Never raises."""
-        kwargs: dict[str, Any] = {"ctx": ctx}
         for impl in self._settle:
-            await self._run_safely(impl, kwargs)
-        record = UsageRecord.from_context(ctx)
-        kwargs = {"record": record, "app": ctx.request.app}
+            await self._run_safely(impl, ctx)
+        record = usage_record(ctx)
+        app = ctx.request.app
         for impl in self._guard_record:
             try:
-                await _call(impl, kwargs)
+                result = impl.call(record, app)
+                if impl.is_async or (result is not None and _isawaitable(result)):
+                    await result
             except RecordRejected:
                 self.records_dropped += 1
-                log.error("usage record %s dropped by guard '%s'", ctx.request_id, impl[2])
+                log.error("usage record %s dropped by guard '%s'", ctx.request_id, impl.plugin)
                 return
             except Exception:
                 # A guard that fails cannot vouch for the record: fail closed.
                 self.records_dropped += 1
                 self.hook_failures += 1
-                log.error("guard '%s' failed on record %s; record dropped", impl[2], ctx.request_id)
+                log.error("guard '%s' failed on record %s; record dropped", impl.plugin, ctx.request_id)
                 return
         for impl in self._record:
-            await self._run_safely(impl, kwargs)
+            await self._run_safely(impl, record, app)
 
-    async def _run_safely(self, impl: _Impl, kwargs: dict[str, Any]) -> None:
+    async def _run_safely(self, impl: _Impl, *args: Any) -> None:
         try:
-            await _call(impl, kwargs)
+            result = impl.call(*args)
+            if impl.is_async or (result is not None and _isawaitable(result)):
+                await result
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.hook_failures += 1
             # The exception type and plugin only: messages may quote request data.
-            log.error("hook %s of plugin '%s' failed: %s", getattr(impl[0], "__name__", "?"), impl[2],
+            log.error("hook %s of plugin '%s' failed: %s", impl.name, impl.plugin,
                       type(exc).__name__)
 
     # -- lifecycle
@@ -242,20 +274,20 @@ class HookChain:
     async def startup(self, app: Any, config: Config) -> None:
         # Registration order: built-ins (stores, state) come up before the plugins using them.
         for impl in reversed(self._startup):
-            await _call(impl, {"app": app, "config": config})
+            await _call(impl, app, config)
 
     async def shutdown(self, app: Any) -> None:
         # pluggy's order, the reverse of registration: users of a resource stop before it.
         for impl in self._shutdown:
-            await self._run_safely(impl, {"app": app})
+            await self._run_safely(impl, app)
 
     async def ready(self, app: Any) -> list[tuple[str, bool]]:
         checks = []
         for impl in self._ready:
             try:
-                result = await asyncio.wait_for(_call(impl, {"app": app}), timeout=1.0)
+                result = await asyncio.wait_for(_call(impl, app), timeout=1.0)
             except Exception:
-                result = (impl[2], False)
+                result = (impl.plugin, False)
             if result is not None:
                 checks.append(result)
         return checks
@@ -263,19 +295,19 @@ class HookChain:
     def provider_types(self) -> dict[str, type]:
         types: dict[str, type] = {}
         for impl in _compile(self.pm, "nexgate_register_providers"):
-            result = impl[0]() or {}
+            result = impl.call() or {}
             for name, cls in result.items():
                 if name in types and types[name] is not cls:
-                    raise PluginError(f"provider type '{name}' is registered twice (by '{impl[2]}' and another plugin)")
+                    raise PluginError(f"provider type '{name}' is registered twice (by '{impl.plugin}' and another plugin)")
                 types[name] = cls
         return types
 
     def check_config(self, config: Config) -> list[str]:
         problems: list[str] = []
         for impl in _compile(self.pm, "nexgate_check_config"):
-            problems += impl[0](*[{"config": config}[n] for n in impl[1]]) or []
+            problems += impl.call(config) or []
         return problems
 
     def register_routes(self, app: Any, config: Config) -> None:
         for impl in _compile(self.pm, "nexgate_register_routes"):
-            impl[0](*[{"app": app, "config": config}[n] for n in impl[1]])
+            impl.call(app, config)

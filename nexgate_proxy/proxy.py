@@ -63,8 +63,11 @@ class Proxy:
         self.max_response_bytes = config.upstream.max_response_bytes
         self.max_body_bytes = config.server.max_body_bytes
         self.trusted_proxies = config.server.trusted_proxies
+        # sock_connect bounds opening a connection. No `connect`: it also covers taking a pooled
+        # connection, and aiohttp would arm a timer per request for it; the first-byte timer
+        # around the whole send already bounds that wait.
         self._client_timeouts: dict[str, aiohttp.ClientTimeout] = {
-            alias: aiohttp.ClientTimeout(total=None, sock_connect=route.timeouts.connect, connect=route.timeouts.connect)
+            alias: aiohttp.ClientTimeout(total=None, sock_connect=route.timeouts.connect)
             for alias, route in config.models.items()
         }
 

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .money import format_usd
-from .store import LedgerEntry, Store, UsageRow, UsageTotal
+from .store import LedgerEntry, Store, UsageRecord, UsageTotal
 
 log = logging.getLogger("nexgate.statements")
 
@@ -74,7 +74,7 @@ USAGE_CSV_COLUMNS: tuple[str, ...] = (
 """The usage view's fields, in export order. The client IP is personal data and never shown."""
 
 
-def usage_json(row: UsageRow) -> dict[str, Any]:
+def usage_json(row: UsageRecord) -> dict[str, Any]:
     return {
         "object": "usage_record", "request_id": row.request_id, "ts": iso(row.ts), "endpoint": row.endpoint,
         "model": row.model, "provider": row.provider, "upstream_model": row.upstream_model,
@@ -352,7 +352,7 @@ Period: {_e(iso(s.start))} to {_e(iso(s.end))} (UTC, end exclusive)<br>
 """
 
 
-def usage_csv_row(row: UsageRow) -> list[Any]:
+def usage_csv_row(row: UsageRecord) -> list[Any]:
     view = usage_json(row)
     return ["" if view[c] is None else view[c] for c in USAGE_CSV_COLUMNS]
 

@@ -14,6 +14,7 @@ cost off the cached balance. The ledger debit is booked with the usage row
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from decimal import Decimal
@@ -30,7 +31,7 @@ from nexgate_proxy.credit_state import (
     open_credit_state,
 )
 from nexgate_proxy.estimate import requested_output_cap
-from nexgate_proxy.money import cost_pico, format_usd, pico_to_usd, price_problem, usd_to_pico
+from nexgate_proxy.money import cost_pico, format_usd, price_problem, usd_to_pico
 from nexgate_proxy.store import Store, StoreError
 
 log = logging.getLogger("nexgate.credits")
@@ -109,8 +110,14 @@ class _Hold:
     prompt_estimate: int
 
 
-def _worst_price(prices: list[Price]) -> Price:
+@functools.lru_cache(maxsize=1024)
+def _worst_price_of(prices: tuple[Price, ...]) -> Price:
     return Price(input=max(p.input for p in prices), output=max(p.output for p in prices), cached_input=None)
+
+
+def _worst_price(prices: list[Price]) -> Price:
+    """The priciest input and output rates of a request's targets (it may end on any of them)."""
+    return prices[0] if len(prices) == 1 else _worst_price_of(tuple(prices))
 
 
 @hookimpl
@@ -145,16 +152,23 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
     identity = ctx.identity
     if credits.state is None or identity is None or ctx.body is None:
         return
-    prices = [t.price for t in ctx.targets if t.price is not None]
-    if not prices:
-        return
+    targets = ctx.targets
+    if len(targets) == 1:  # the usual case: no list, no combined price
+        price = targets[0].price
+        if price is None:
+            return
+    else:
+        prices = [t.price for t in targets if t.price is not None]
+        if not prices:
+            return
+        price = _worst_price(prices)
     prompt = ctx.prompt_estimate()
     output = 0
     if ctx.endpoint != "embeddings":
         route_cap = ctx.route.max_output_tokens if ctx.route else None
         output = requested_output_cap(ctx.body) or route_cap or credits.settings.default_max_output_tokens
-    worst = cost_pico(_worst_price(prices), prompt, output)
-    ctx.estimated_cost = pico_to_usd(worst)
+    worst = cost_pico(price, prompt, output)
+    ctx.estimated_cost_pico = worst
     if worst == 0:
         return
     account = identity.account_id
@@ -205,7 +219,7 @@ async def nexgate_settle(ctx: RequestContext) -> None:
             # The usage record shows what was charged; usage_reported=False marks it estimated.
             ctx.usage.prompt_tokens, ctx.usage.completion_tokens = prompt, completion
     if price is not None or hold is not None:
-        ctx.actual_cost = pico_to_usd(cost)
+        ctx.actual_cost_pico = cost
         ctx.response_headers[COST_HEADER] = format_usd(cost)
     if hold is None and cost == 0:
         return

@@ -54,7 +54,7 @@ from nexgate_proxy.appkeys import BUS, STORE
 from nexgate_proxy.bus import InvalidationBus
 from nexgate_proxy.config import Config
 from nexgate_proxy.money import format_usd
-from nexgate_proxy.store import AnonymizedUser, LastOwnerError, LedgerEntry, NotFound, Store, StoreError, UsageRow
+from nexgate_proxy.store import AnonymizedUser, LastOwnerError, LedgerEntry, NotFound, Store, StoreError, UsageRecord
 from nexgate_plugins.admin_api import ADMIN, Caller, authenticate, iso, key_json, user_json
 
 log = logging.getLogger("nexgate.privacy")
@@ -99,7 +99,7 @@ BALANCE_COLUMNS = ("account_id", "balance_pico", "balance_usd")
 KEY_COLUMNS = ("id", "name", "prefix", "user_id", "org_id", "created_by", "created_at", "last_used_at",
                "expires_at", "revoked_at", "allowed_models", "limits")
 MEMBERSHIP_COLUMNS = ("org_id", "org_name", "role", "created_at")
-USAGE_COLUMNS = tuple(f.name for f in fields(UsageRow))
+USAGE_COLUMNS = UsageRecord._fields
 LEDGER_COLUMNS = tuple(f.name for f in fields(LedgerEntry))
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("user", USER_COLUMNS), ("balance", BALANCE_COLUMNS), ("api_keys", KEY_COLUMNS),
@@ -110,7 +110,7 @@ TEXT_COLUMNS = frozenset({"external_id", "email", "name", "org_name", "descripti
 """Free text someone typed: escaped in CSV when a spreadsheet would read it as a formula."""
 
 
-def usage_json(row: UsageRow) -> dict[str, Any]:
+def usage_json(row: UsageRecord) -> dict[str, Any]:
     data = {name: getattr(row, name) for name in USAGE_COLUMNS}
     data["ts"] = iso(row.ts)
     return data
@@ -122,8 +122,8 @@ def ledger_json(entry: LedgerEntry) -> dict[str, Any]:
     return data
 
 
-async def _all_usage(store: Store, account_id: str, until: datetime) -> list[UsageRow]:
-    rows: dict[str, UsageRow] = {}
+async def _all_usage(store: Store, account_id: str, until: datetime) -> list[UsageRecord]:
+    rows: dict[str, UsageRecord] = {}
     offset = 0
     while True:
         page = await store.list_usage(account_id=account_id, until=until, limit=PAGE_SIZE, offset=offset)

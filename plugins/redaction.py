@@ -15,9 +15,8 @@ at each persistence boundary, failing closed:
   ``nexgate_redaction_dropped_total{sink="record"}`` and logged by request id
   and field name, never by value. Since the usage log writes only records that
   passed, its outbox and the store see only checked metadata.
-* **Usage rows** (:func:`guarded_sink`): the same rules for rows read back from
-  spool files (a replay), for the usage log to wrap its store sink with;
-  dropped rows count as ``sink="usage_row"``.
+  Spool files hold only records that passed; a replay decodes them strictly
+  and the store refuses malformed values (``rejected.jsonl``).
 * **Log records and error reports**: :mod:`nexgate_proxy.logscrub` is
   installed on the root handlers while the app is built and again at start:
   keys, tokens and the configured provider keys are masked, request data in
@@ -42,14 +41,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -57,7 +54,7 @@ from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, logscrub
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import Config, ConfigError, ConfigReader
 from nexgate_proxy.endpoints import ENDPOINTS
-from nexgate_proxy.store import Store, StoreError, UsageRow
+from nexgate_proxy.store import Store, StoreError
 
 log = logging.getLogger("nexgate.privacy")
 
@@ -66,7 +63,7 @@ RETENTION_INTERVAL = 3600.0
 """Seconds between two runs of the IP retention job."""
 RETENTION_RETRY = 300.0
 """Seconds before retrying a run that failed (the store was unreachable)."""
-SINKS = ("record", "usage_row", "log")
+SINKS = ("record", "log")
 
 # ------------------------------------------------------------------ settings
 
@@ -146,7 +143,6 @@ KNOWN_ERROR_CODES = frozenset({
 
 _MIN_TIMESTAMP = 946_684_800.0  # 2000-01-01
 _MAX_INT = 2**63 - 1
-_MAX_COST = Decimal(10**9)
 _MAX_IP_LENGTH = 45
 
 _MAX_TIMESTAMP_SKEW = 86_400.0
@@ -219,12 +215,9 @@ def valid_ip(value: Any) -> bool:
     return ok
 
 
-def _cost_ok(value: Any) -> bool:
-    return value is None or (type(value) is Decimal and value.is_finite() and -_MAX_COST < value < _MAX_COST)
-
-
 def _pico_ok(value: Any) -> bool:
-    return value is None or _is_int(value, -_MAX_INT - 1, _MAX_INT)
+    """None (nothing priced) or a cost: never negative."""
+    return value is None or (type(value) is int and 0 <= value <= _MAX_INT)
 
 
 def _error_code_ok(value: Any) -> bool:
@@ -232,9 +225,10 @@ def _error_code_ok(value: Any) -> bool:
         len(value) <= 64 and _error_code_ok_re(value) is not None)))
 
 
-def _timestamp_ok(value: Any) -> bool:
-    return (type(value) in (float, int) and math.isfinite(value)
-            and _MIN_TIMESTAMP <= value <= time.time() + _MAX_TIMESTAMP_SKEW)
+def _ts_ok(value: Any) -> bool:
+    """An aware UTC datetime between 2000 and a day from now."""
+    return (type(value) is datetime and value.tzinfo is timezone.utc
+            and _MIN_TIMESTAMP <= value.timestamp() <= time.time() + _MAX_TIMESTAMP_SKEW)
 
 
 Rule = tuple[str, Callable[["Guard", Any], bool]]
@@ -242,37 +236,11 @@ Rule = tuple[str, Callable[["Guard", Any], bool]]
 # One rule per field, in field order; checked first to last, the first failure names the field.
 _RECORD_RULES: tuple[Rule, ...] = (
     ("request_id", lambda g, r: type(r.request_id) is str and _request_id_ok(r.request_id) is not None),
-    ("timestamp", lambda g, r: _timestamp_ok(r.timestamp)),
+    ("ts", lambda g, r: _ts_ok(r.ts)),
     ("endpoint", lambda g, r: type(r.endpoint) is str and r.endpoint in g.endpoints),
     ("model", lambda g, r: _member(r.model, g.models)),
     ("provider", lambda g, r: _member(r.provider, g.providers)),
     ("upstream_model", lambda g, r: _member(r.upstream_model, g.upstream_models)),
-    ("account_id", lambda g, r: _id_ok(r.account_id)),
-    ("org_id", lambda g, r: _id_ok(r.org_id)),
-    ("key_id", lambda g, r: _id_ok(r.key_id)),
-    ("key_prefix", lambda g, r: _prefix_ok(r.key_prefix)),
-    ("prompt_tokens", lambda g, r: _is_int(r.prompt_tokens, -_MAX_INT)),
-    ("completion_tokens", lambda g, r: _is_int(r.completion_tokens, -_MAX_INT)),
-    ("cached_tokens", lambda g, r: _is_int(r.cached_tokens, -_MAX_INT)),
-    ("usage_reported", lambda g, r: type(r.usage_reported) is bool),
-    ("estimated_cost", lambda g, r: _cost_ok(r.estimated_cost)),
-    ("actual_cost", lambda g, r: _cost_ok(r.actual_cost)),
-    ("latency_ms", lambda g, r: _is_int(r.latency_ms)),
-    ("status", lambda g, r: _is_int(r.status, 0, 999)),
-    ("error_code", lambda g, r: _error_code_ok(r.error_code)),
-    ("stream", lambda g, r: type(r.stream) is bool),
-    ("client_ip", lambda g, r: valid_ip(r.client_ip)),
-    ("attempts", lambda g, r: _is_int(r.attempts, 0, 1000)),
-)
-
-# Rows read back from spool files: model and provider names may predate the current config.
-_ROW_RULES: tuple[Rule, ...] = (
-    ("request_id", lambda g, r: type(r.request_id) is str and _request_id_ok(r.request_id) is not None),
-    ("ts", lambda g, r: isinstance(r.ts, datetime) and r.ts.tzinfo is not None),
-    ("endpoint", lambda g, r: type(r.endpoint) is str and r.endpoint in g.endpoints),
-    ("model", lambda g, r: _row_name_ok(r.model, g.models)),
-    ("provider", lambda g, r: _row_name_ok(r.provider, g.providers)),
-    ("upstream_model", lambda g, r: _row_name_ok(r.upstream_model, g.upstream_models)),
     ("account_id", lambda g, r: _id_ok(r.account_id)),
     ("org_id", lambda g, r: _id_ok(r.org_id)),
     ("key_id", lambda g, r: _id_ok(r.key_id)),
@@ -291,9 +259,8 @@ _ROW_RULES: tuple[Rule, ...] = (
     ("attempts", lambda g, r: _is_int(r.attempts, 0, 1000)),
 )
 
-RECORD_RULES_COMPLETE = [n for n, _ in _RECORD_RULES] == [f.name for f in fields(UsageRecord)]
-ROW_RULES_COMPLETE = [n for n, _ in _ROW_RULES] == [f.name for f in fields(UsageRow)]
-"""False when a field was added to UsageRecord / UsageRow without a rule here: then nothing passes."""
+RECORD_RULES_COMPLETE = [n for n, _ in _RECORD_RULES] == list(UsageRecord._fields)
+"""False when a field was added to UsageRecord without a rule here: then nothing passes."""
 _UNRULED = "the record has fields the redaction guard has no rule for"
 
 
@@ -312,7 +279,7 @@ class Guard:
         self.providers = frozenset(config.providers)
         self.upstream_models = frozenset(t.model for route in config.models.values() for t in route.targets)
         self.endpoints = frozenset(e.name for e in ENDPOINTS)
-        self.dropped: Counter[str] = Counter({sink: 0 for sink in SINKS[:2]})
+        self.dropped: Counter[str] = Counter({"record": 0})
 
     # -- usage records (live, before every sink)
 
@@ -329,7 +296,7 @@ class Guard:
         ip = r.client_ip
         return (
             type(r.request_id) is str and _request_id_ok(r.request_id) is not None
-            and type(r.timestamp) is float and _MIN_TIMESTAMP <= r.timestamp <= time.time() + _MAX_TIMESTAMP_SKEW
+            and _ts_ok(r.ts)
             and r.endpoint in self.endpoints and type(r.endpoint) is str
             and (r.model is None or (type(r.model) is str and r.model in self.models))
             and (r.provider is None or (type(r.provider) is str and r.provider in self.providers))
@@ -337,11 +304,11 @@ class Guard:
                                               and r.upstream_model in self.upstream_models))
             and _id_ok(r.account_id) and (r.org_id is None or _id_ok(r.org_id))
             and _id_ok(r.key_id) and _prefix_ok(r.key_prefix)
-            and type(r.prompt_tokens) is int and -_MAX_INT <= r.prompt_tokens <= _MAX_INT
-            and type(r.completion_tokens) is int and -_MAX_INT <= r.completion_tokens <= _MAX_INT
-            and type(r.cached_tokens) is int and -_MAX_INT <= r.cached_tokens <= _MAX_INT
-            and type(r.usage_reported) is bool
-            and _cost_ok(r.estimated_cost) and _cost_ok(r.actual_cost)
+            and type(r.prompt_tokens) is int and 0 <= r.prompt_tokens <= _MAX_INT
+            and type(r.completion_tokens) is int and 0 <= r.completion_tokens <= _MAX_INT
+            and type(r.cached_tokens) is int and 0 <= r.cached_tokens <= _MAX_INT
+            and type(r.usage_estimated) is bool
+            and _pico_ok(r.estimated_cost_pico) and _pico_ok(r.actual_cost_pico)
             and type(r.latency_ms) is int and 0 <= r.latency_ms <= _MAX_INT
             and type(r.status) is int and 0 <= r.status <= 999
             and (r.error_code is None or _error_code_ok(r.error_code))
@@ -359,31 +326,9 @@ class Guard:
             self.reject("record", _request_id(record), problem)
             raise RecordRejected(problem)
 
-    # -- usage rows (spool files read back, the store sink)
-
-    def row_problem(self, row: Any) -> str | None:
-        if type(row) is not UsageRow:
-            return f"not a UsageRow ({type(row).__name__})"
-        return _first_problem(self, row, _ROW_RULES, ROW_RULES_COMPLETE)
-
-    def admit_rows(self, rows: Sequence[UsageRow]) -> list[UsageRow]:
-        """The rows that pass; the others are counted and logged (by request id only)."""
-        kept = []
-        for row in rows:
-            try:
-                problem = self.row_problem(row)
-            except Exception as exc:
-                problem = f"the check failed ({type(exc).__name__})"
-            if problem is None:
-                kept.append(row)
-            else:
-                self.reject("usage_row", _request_id(row), problem)
-        return kept
-
     def reject(self, sink: str, request_id: str, problem: str) -> None:
         self.dropped[sink] += 1
-        log.error("redaction guard: %s %s dropped from the %s sink: %s", "usage record" if sink == "record"
-                  else "usage row", request_id, sink, problem)
+        log.error("redaction guard: usage record %s dropped from every sink: %s", request_id, problem)
 
 
 def _request_id(item: Any) -> str:
@@ -449,24 +394,6 @@ async def _retention_loop(app: web.Application) -> None:
 
 
 # -------------------------------------------------------------------- sinks
-
-
-def guarded_sink(app: web.Application, sink: Callable[[Sequence[UsageRow]], Awaitable[int]]
-                 ) -> Callable[[Sequence[UsageRow]], Awaitable[int]]:
-    """Wrap the usage log's store sink: rows that fail the guard are dropped (and counted) before the store.
-
-    Without this plugin loaded (``privacy.allow_unguarded``), the sink is returned as it is.
-    """
-    state = app.get(PRIVACY)
-    if state is None:
-        return sink
-    guard = state.guard
-
-    async def send(rows: Sequence[UsageRow]) -> int:
-        kept = guard.admit_rows(rows)
-        return await sink(kept) if kept else 0
-
-    return send
 
 
 def _config_secrets(config: Config) -> tuple[str, ...]:
@@ -540,8 +467,7 @@ def _register_metrics(app: web.Application, state: PrivacyState) -> None:
             dropped = CounterMetricFamily(
                 "nexgate_redaction_dropped", "Records the redaction guard kept from a sink (fail closed).",
                 labels=("sink",))
-            for sink in SINKS[:2]:
-                dropped.add_metric((sink,), state.guard.dropped[sink])
+            dropped.add_metric(("record",), state.guard.dropped["record"])
             dropped.add_metric(("log",), logscrub.STATS["failed"])
             yield dropped
             yield CounterMetricFamily("nexgate_log_redactions", "Log records in which a secret was masked.",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
@@ -18,9 +17,7 @@ from aiohttp import web
 from nexgate_proxy import UsageRecord, hookimpl
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import Config, ConfigReader
-from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.outbox import Outbox
-from nexgate_proxy.store import UsageRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,41 +41,6 @@ def parse_usage_settings(config: Config, problems: list[str]) -> UsageSettings:
                                lambda v: None if 0 < v <= 60 else "must be between 0 and 60 seconds"),
         batch_size=r.value(s, "batch_size", "usage", int, d.batch_size,
                            lambda v: None if 1 <= v <= 10_000 else "must be between 1 and 10000"),
-    )
-
-
-_MAX_INT32 = 2**31 - 1
-
-
-def _count(value: int) -> int:
-    # Token counts come from upstreams; an absurd one must not make the row unstorable.
-    return min(max(value, 0), _MAX_INT32)
-
-
-def usage_row(record: UsageRecord) -> UsageRow:
-    return UsageRow(
-        request_id=record.request_id,
-        ts=datetime.fromtimestamp(record.timestamp, timezone.utc),
-        endpoint=record.endpoint,
-        model=record.model,
-        provider=record.provider,
-        upstream_model=record.upstream_model,
-        account_id=record.account_id,
-        org_id=record.org_id,
-        key_id=record.key_id,
-        key_prefix=record.key_prefix,
-        prompt_tokens=_count(record.prompt_tokens),
-        completion_tokens=_count(record.completion_tokens),
-        cached_tokens=_count(record.cached_tokens),
-        usage_estimated=not record.usage_reported,
-        estimated_cost_pico=None if record.estimated_cost is None else usd_to_pico(record.estimated_cost),
-        actual_cost_pico=None if record.actual_cost is None else usd_to_pico(record.actual_cost),
-        latency_ms=record.latency_ms,
-        status=record.status,
-        error_code=record.error_code,
-        stream=record.stream,
-        client_ip=record.client_ip or None,
-        attempts=record.attempts,
     )
 
 
@@ -117,4 +79,4 @@ async def nexgate_shutdown(app: web.Application) -> None:
 def nexgate_record(record: UsageRecord, app: web.Application) -> None:
     if record.status == 401:
         return
-    app[OUTBOX].append(usage_row(record))
+    app[OUTBOX].append(record)

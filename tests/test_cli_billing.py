@@ -19,7 +19,7 @@ from nexgate_proxy import cli, cli_billing
 from nexgate_proxy.credit_state import RedisCreditState
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.statements import USAGE_CSV_COLUMNS
-from nexgate_proxy.store import UsageRow, open_store
+from nexgate_proxy.store import UsageRecord, open_store
 from tests.cli_runner import Cli
 
 
@@ -104,8 +104,8 @@ async def test_a_grant_raises_the_balance_running_gateways_cached(tmp_path: Path
 
 
 def usage_row(account: str, request_id: str, ts: datetime, model: str = "gpt-x", cost: int = 1_000,
-              key_id: str = "key_a") -> UsageRow:
-    return UsageRow(request_id=request_id, ts=ts, endpoint="chat.completions", model=model, provider="fake",
+              key_id: str = "key_a") -> UsageRecord:
+    return UsageRecord(request_id=request_id, ts=ts, endpoint="chat.completions", model=model, provider="fake",
                     upstream_model="up", account_id=account, org_id=None, key_id=key_id, key_prefix="ngk_ab",
                     prompt_tokens=10, completion_tokens=5, cached_tokens=0, usage_estimated=False,
                     estimated_cost_pico=2_000, actual_cost_pico=cost, latency_ms=12, status=200, error_code=None,

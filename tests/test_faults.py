@@ -166,7 +166,7 @@ async def test_reset_mid_stream_surfaces_as_sdk_error(start_gateway, upstream: F
     assert "broke" in err.value.message
     record = recorder.records[-1]
     assert record.error_code == "upstream_stream_interrupted"
-    assert record.usage_reported is False and record.stream
+    assert record.usage_estimated is True and record.stream
 
 
 async def test_idle_stream_times_out_with_error_event(start_gateway, upstream: FakeUpstream) -> None:
@@ -199,7 +199,7 @@ async def test_client_disconnect_mid_stream_is_recorded(start_gateway, upstream:
         await asyncio.sleep(0.05)
     record = recorder.records[-1]
     assert record.status == 499 and record.error_code == "client_disconnected"
-    assert record.usage_reported is False
+    assert record.usage_estimated is True
 
 
 async def test_a_providers_429_is_relayed_as_sent(gateway: Gateway, upstream: FakeUpstream) -> None:

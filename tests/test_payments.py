@@ -529,3 +529,24 @@ async def test_a_credit_during_the_first_balance_load_is_not_lost() -> None:
 
     await asyncio.gather(state.reserve("acct", "r1", 0, 0, 60, load), pay())
     assert await state.available("acct") == ledger["balance"]
+
+
+async def test_a_memory_hold_that_never_settles_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that never settled (a cancelled handler) must not pin the balance forever."""
+    clock = [1_000.0]
+    monkeypatch.setattr("nexgate_proxy.credit_state.time.monotonic", lambda: clock[0])
+    state = MemoryCreditState()
+
+    async def load() -> int:
+        return 100 * 1000  # 100 nano-USD, in pico
+
+    assert (await state.reserve("acct", "lost", 80, 0, 30, load)).ok
+    refused = await state.reserve("acct", "next", 80, 0, 30, load)
+    assert not refused.ok and refused.available_nano == 20
+    clock[0] += 31  # past the lost hold's expiry: a refusal sweeps first, so this one passes
+    assert (await state.reserve("acct", "next", 80, 0, 30, load)).ok
+    assert await state.available("acct") == 20
+    await state.settle("acct", "lost", 0)  # a late settle of the expired hold changes nothing
+    assert await state.available("acct") == 20
+    await state.settle("acct", "next", 50)
+    assert await state.available("acct") == 50

@@ -37,7 +37,7 @@ async def test_chat_completion_bytes_and_usage(upstream: FakeUpstream, start_gat
     record = recorder.records[-1]
     assert (record.model, record.provider, record.upstream_model) == ("gpt-test", "fake", "upstream-model")
     assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (11, 7, 3)
-    assert record.usage_reported and record.status == 200 and record.stream is False
+    assert not record.usage_estimated and record.status == 200 and record.stream is False
     assert recorder.settled == [record.request_id]
 
 
@@ -68,7 +68,7 @@ async def test_streaming_asks_for_usage_and_hides_it_from_clients_that_did_not(
     assert all(chunk.choices for chunk in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello from upstream"
     assert recorder.records[-1].completion_tokens == 3
-    assert recorder.records[-1].usage_reported
+    assert not recorder.records[-1].usage_estimated
 
 
 async def test_completions_embeddings_models(gateway: Gateway, upstream: FakeUpstream) -> None:
@@ -140,6 +140,21 @@ async def test_client_cannot_choose_upstream_or_leak_credentials(gateway: Gatewa
     assert "cookie" not in lowered and "x-drop-me" not in lowered and "x-forwarded-for" not in lowered
     assert lowered["x-custom"] == "kept"
     assert lowered["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+async def test_a_cookie_an_upstream_sets_never_reaches_the_next_call(start_gateway, upstream: FakeUpstream) -> None:
+    # Providers do set cookies (load balancer affinity); one client's must not ride along on another's call.
+    # A host name, not an IP: aiohttp's cookie jar would ignore cookies from an IP address anyway.
+    config = gateway_config(upstream)
+    config["providers"]["fake"]["base_url"] = upstream.url.replace("127.0.0.1", "localhost")
+    gateway = await start_gateway(config)
+    upstream.behaviour.extra_headers = {"Set-Cookie": "affinity=client-a; Path=/"}
+    client = openai_client(gateway)
+    await client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "first"}])
+    upstream.behaviour.extra_headers = {}
+    await client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "second"}])
+    assert len(upstream.received) == 2
+    assert all("cookie" not in {k.lower() for k in r.headers} for r in upstream.received)
 
 
 async def test_fallback_to_next_target_on_upstream_failure(start_gateway, upstream: FakeUpstream) -> None:

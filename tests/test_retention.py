@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -18,7 +17,7 @@ import yaml
 import nexgate_plugins.redaction as redaction
 from nexgate_proxy import cli
 from nexgate_proxy.appkeys import STORE
-from nexgate_proxy.store import NewLedgerEntry, Store, StoreError, UsageRow, open_store
+from nexgate_proxy.store import NewLedgerEntry, Store, StoreError, UsageRecord, open_store
 from nexgate_proxy.store.postgres import PostgresStore
 from nexgate_proxy.store.sqlite import SQLiteStore
 from tests.conftest import Gateway, gateway_config
@@ -28,8 +27,8 @@ from tests.privacy_helpers import PLUGINS, chat, flush
 ACCOUNT = "usr_retention"
 
 
-def row(number: int, age: timedelta, ip: str | None = "198.51.100.7", now: datetime | None = None) -> UsageRow:
-    return UsageRow(
+def row(number: int, age: timedelta, ip: str | None = "198.51.100.7", now: datetime | None = None) -> UsageRecord:
+    return UsageRecord(
         request_id=f"req_{number:024x}", ts=(now or datetime.now(UTC)) - age, endpoint="chat.completions",
         model="gpt-test", provider="fake", upstream_model="upstream-model", account_id=ACCOUNT, org_id=None,
         key_id="key_r", key_prefix="ngk_retention", prompt_tokens=10, completion_tokens=5, cached_tokens=0,
@@ -78,7 +77,7 @@ async def test_records_older_than_the_window_lose_their_ip_and_totals_stay(store
                                 rows[4].request_id: None, rows[5].request_id: None}
     # Only the IP changed: every other column, the aggregates, the ledger and the balance are intact.
     for r in await store.list_usage(account_id=ACCOUNT):
-        assert r == replace(full[r.request_id], client_ip=r.client_ip)
+        assert r == full[r.request_id]._replace(client_ip=r.client_ip)
     assert await snapshot(store) == before
     assert await redaction.run_retention(store, 30, now=now) == 0  # idempotent
     # 0 days: nothing is kept past the next run.

@@ -32,7 +32,7 @@ from .base import (
     SchemaError,
     Store,
     StoreError,
-    UsageRow,
+    UsageRecord,
     UsageTotal,
     User,
 )
@@ -74,7 +74,7 @@ __all__ = [
     "SchemaError",
     "Store",
     "StoreError",
-    "UsageRow",
+    "UsageRecord",
     "UsageTotal",
     "User",
     "latest_version",

@@ -6,10 +6,10 @@ import base64
 import json
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from ..records import USAGE_FIELDS
 from .base import (
     CREDIT_KINDS,
     GROUP_BYS,
@@ -23,7 +23,7 @@ from .base import (
     Membership,
     NewLedgerEntry,
     Organization,
-    UsageRow,
+    UsageRecord,
     UsageTotal,
     User,
 )
@@ -36,12 +36,6 @@ API_KEY_COLUMNS = (
     "id, public_id, prefix, secret_hash, name, user_id, org_id, created_by, created_at,"
     " last_used_at, expires_at, revoked_at, allowed_models, limits"
 )
-USAGE_FIELDS = (
-    "request_id", "ts", "endpoint", "model", "provider", "upstream_model", "account_id", "org_id", "key_id",
-    "key_prefix", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated", "estimated_cost_pico",
-    "actual_cost_pico", "latency_ms", "status", "error_code", "stream", "client_ip", "attempts",
-)  # fmt: skip
-"""usage_records columns = UsageRow fields, in this order."""
 USAGE_COLUMNS = ", ".join(USAGE_FIELDS)
 LEDGER_COLUMNS = "id, account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
 LEDGER_INSERT_COLUMNS = "account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
@@ -148,8 +142,24 @@ def check_ledger_entry(entry: NewLedgerEntry) -> NewLedgerEntry:
     return entry
 
 
-def check_usage_row(row: UsageRow) -> UsageRow:
+def _plainly_valid(row: UsageRecord) -> bool:
+    """The gateway's own rows, in one expression (this runs once per request)."""
+    e, a = row.estimated_cost_pico, row.actual_cost_pico
+    return (type(row.request_id) is str and row.request_id != "" and row.ts.tzinfo is UTC
+            and (e is None or (type(e) is int and 0 <= e <= MAX_PICO))
+            and (a is None or (type(a) is int and 0 <= a <= MAX_PICO))
+            and type(row.prompt_tokens) is int and 0 <= row.prompt_tokens <= INT32_MAX
+            and type(row.completion_tokens) is int and 0 <= row.completion_tokens <= INT32_MAX
+            and type(row.cached_tokens) is int and 0 <= row.cached_tokens <= INT32_MAX
+            and type(row.latency_ms) is int and 0 <= row.latency_ms <= INT32_MAX
+            and type(row.status) is int and 0 <= row.status <= INT32_MAX
+            and type(row.attempts) is int and 0 <= row.attempts <= INT32_MAX)
+
+
+def check_usage_row(row: UsageRecord) -> UsageRecord:
     """Refuse what one backend would store and the other reject; return the row with ts in UTC."""
+    if _plainly_valid(row):
+        return row
     if not isinstance(row.request_id, str) or not row.request_id:
         raise ValueError("a usage row needs a non-empty request_id")
     for name in ("estimated_cost_pico", "actual_cost_pico"):
@@ -162,21 +172,7 @@ def check_usage_row(row: UsageRow) -> UsageRow:
             raise ValueError(f"{name} must be an int in 0..{INT32_MAX}, got {value!r} (request {row.request_id})")
     if row.ts.tzinfo is UTC:  # the gateway's own rows: skip the copy (this runs once per request)
         return row
-    return replace(row, ts=aware_utc(row.ts, "ts"))
-
-
-def debit_for(row: UsageRow) -> NewLedgerEntry | None:
-    """The ledger entry a newly stored usage row applies, if it costs anything."""
-    if row.account_id is None or not row.actual_cost_pico:
-        return None
-    return NewLedgerEntry(
-        account_id=row.account_id,
-        kind="debit",
-        amount_pico=-row.actual_cost_pico,
-        source=REQUEST_SOURCE,
-        external_id=row.request_id,
-        request_id=row.request_id,
-    )
+    return row._replace(ts=aware_utc(row.ts, "ts"))
 
 
 OUT_OF_RANGE = "a balance would leave the BIGINT range (about ±9.2 million USD): nothing was applied"
@@ -277,8 +273,8 @@ class RowDecoder:
         )
 
 
-    def usage(self, row: Any) -> UsageRow:
-        return UsageRow(
+    def usage(self, row: Any) -> UsageRecord:
+        return UsageRecord(
             request_id=row["request_id"],
             ts=self._ts(row["ts"]),
             endpoint=row["endpoint"],

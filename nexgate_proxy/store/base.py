@@ -1,8 +1,8 @@
 """The durable store: accounts, organizations, API keys, usage and money.
 
 `Store` is the one interface the gateway codes against; `sqlite.py` and
-`postgres.py` implement it. Rows come back as frozen dataclasses with
-timezone-aware UTC datetimes, whatever the backend.
+`postgres.py` implement it. Rows come back as frozen dataclasses (usage rows as
+`UsageRecord` named tuples) with timezone-aware UTC datetimes, whatever the backend.
 
 Lookups (`get_*`) return None for a missing row; operations on something that
 must exist (adding a member to an unknown org, revoking an unknown key) raise
@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
+
+from ..records import UsageRecord
 
 Role = Literal["owner", "admin", "member"]
 ROLES: tuple[str, ...] = ("owner", "admin", "member")
@@ -141,43 +143,6 @@ class ApiKeyRow:
         if self.revoked_at is not None:
             return False
         return self.expires_at is None or now < self.expires_at
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    """Metadata of one request, as stored in usage_records.
-
-    Scalars only: there is deliberately no field (and no column) that could hold
-    prompt or completion content. Costs are pico-USD ints, None when unknown.
-    """
-
-    request_id: str
-    ts: datetime
-    """When the request started; timezone-aware (naive datetimes are refused)."""
-    endpoint: str
-    model: str | None
-    provider: str | None
-    upstream_model: str | None
-    account_id: str | None
-    """The account that pays (user or organization id); None for unauthenticated requests."""
-    org_id: str | None
-    key_id: str | None
-    key_prefix: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    usage_estimated: bool
-    """True when the token counts are our estimate, not the upstream's report."""
-    estimated_cost_pico: int | None
-    actual_cost_pico: int | None
-    """What the request is charged: record_usage debits it from account_id when positive."""
-    latency_ms: int
-    status: int
-    error_code: str | None
-    stream: bool
-    client_ip: str | None
-    """Personal data: clear_client_ips nulls it after the retention period."""
-    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +344,7 @@ class Store(abc.ABC):
     # usage
 
     @abc.abstractmethod
-    async def record_usage(self, rows: Sequence[UsageRow]) -> int:
+    async def record_usage(self, rows: Sequence[UsageRecord]) -> int:
         """Store a batch of usage records and debit their cost, all in ONE transaction.
 
         A row whose request_id is already stored is skipped. A newly stored row with
@@ -403,7 +368,7 @@ class Store(abc.ABC):
         until: datetime | None = None,
         limit: int = 100,
         offset: int = 0,
-    ) -> list[UsageRow]:
+    ) -> list[UsageRecord]:
         """Newest first. Filters combine with AND; since is inclusive, until exclusive.
 
         At least one of account_id / org_id / key_id is required (ValueError otherwise).

@@ -43,7 +43,7 @@ from .base import (
     SchemaError,
     Store,
     StoreError,
-    UsageRow,
+    UsageRecord,
     UsageTotal,
     User,
 )
@@ -548,13 +548,14 @@ class PostgresStore(Store):
 
     # --- usage -------------------------------------------------------------
 
-    async def record_usage(self, rows: Sequence[UsageRow]) -> int:
+    async def record_usage(self, rows: Sequence[UsageRecord]) -> int:
         checked = [common.check_usage_row(r) for r in rows]
         if not checked:
             return 0
         with _translated():
             # One statement, so one transaction: usage rows, their debits and the balances.
-            return int(await self._pool.fetchval(_RECORD_USAGE, *_columns(checked, USAGE_FIELDS), common.utcnow()))
+            columns = [list(column) for column in zip(*checked)]  # a record is its row: transpose for unnest
+            return int(await self._pool.fetchval(_RECORD_USAGE, *columns, common.utcnow()))
 
     async def list_usage(
         self,
@@ -567,7 +568,7 @@ class PostgresStore(Store):
         until: datetime | None = None,
         limit: int = 100,
         offset: int = 0,
-    ) -> list[UsageRow]:
+    ) -> list[UsageRecord]:
         common.check_page(limit, offset)
         where, params = _where(
             common.usage_filters(

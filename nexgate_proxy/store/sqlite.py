@@ -51,7 +51,7 @@ from .base import (
     SchemaError,
     Store,
     StoreError,
-    UsageRow,
+    UsageRecord,
     UsageTotal,
     User,
 )
@@ -108,13 +108,9 @@ def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
     return f"WHERE {clause}", params
 
 
-_TS_FIELD = USAGE_FIELDS.index("ts")
-
-
-def _usage_params(row: UsageRow) -> list[Any]:
-    values = [getattr(row, name) for name in USAGE_FIELDS]
-    values[_TS_FIELD] = _ts(row.ts)
-    return values
+def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
+    # The record's fields are the columns, in order; only ts needs its stored text form.
+    return (row[0], _ts(row[1]), *row[2:])
 
 
 _INSERT_USAGE = (
@@ -187,27 +183,72 @@ def _version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
 
 
+def _new_usage_rows(conn: sqlite3.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """The rows whose request id is not stored yet (first of each id): a replay books nothing twice.
+
+    Asked in batches inside the write transaction, so nothing can slip in between; the
+    inserts then go in one executemany instead of one statement per row.
+    """
+    by_id: dict[str, UsageRecord] = {}
+    for row in rows:
+        by_id.setdefault(row.request_id, row)
+    ids = list(by_id)
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        chunk = ids[start:start + _IDS_PER_QUERY]
+        marks = ", ".join("?" * len(chunk))
+        for (stored,) in conn.execute(f"SELECT request_id FROM usage_records WHERE request_id IN ({marks})", chunk):
+            del by_id[stored]
+    return list(by_id.values())
+
+
+_IDS_PER_QUERY = 500
+
+
+_INSERT_LEDGER = (
+    f"INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (source, external_id) DO NOTHING"
+)
+
+
 def _insert_ledger_entries(conn: sqlite3.Connection, entries: Sequence[NewLedgerEntry], created: str) -> int:
     """Append the entries not applied before and move their accounts' balances (inside a transaction).
 
     Returns how many were appended.
     """
+    return _insert_ledger_params(conn, [
+        (e.account_id, e.kind, e.amount_pico, e.source, e.external_id, e.request_id, e.description, created)
+        for e in entries])
+
+
+def _request_debits(rows: Sequence[UsageRecord], created: str) -> list[tuple[Any, ...]]:
+    """The debits (LEDGER_INSERT_COLUMNS rows) newly stored usage rows book: their cost, when they have one."""
+    return [(row.account_id, "debit", -row.actual_cost_pico, common.REQUEST_SOURCE, row.request_id, row.request_id,
+             None, created) for row in rows if row.account_id is not None and row.actual_cost_pico]
+
+
+def _insert_ledger_params(conn: sqlite3.Connection, params: Sequence[tuple[Any, ...]]) -> int:
+    """Insert ledger rows, skipping those applied before, and move the balances; return how many were new.
+
+    The usual case (every row is new: a batch of request debits) is one executemany; when
+    some were applied before, that is undone and each row is inserted on its own to learn which.
+    """
+    if not params:
+        return 0
+    conn.execute("SAVEPOINT ledger_batch")
+    before = conn.total_changes
+    conn.executemany(_INSERT_LEDGER, params)
+    if conn.total_changes - before == len(params):
+        conn.execute("RELEASE ledger_batch")
+        fresh = params
+    else:
+        conn.execute("ROLLBACK TO ledger_batch")
+        conn.execute("RELEASE ledger_batch")
+        fresh = [p for p in params if conn.execute(_INSERT_LEDGER, p).rowcount]
     changes: dict[str, int] = {}
-    appended = 0
-    for entry in entries:
-        inserted = conn.execute(
-            f"INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (source, external_id) DO NOTHING",
-            (
-                entry.account_id, entry.kind, entry.amount_pico, entry.source, entry.external_id,
-                entry.request_id, entry.description, created,
-            ),
-        ).rowcount
-        if inserted:
-            appended += 1
-            changes[entry.account_id] = changes.get(entry.account_id, 0) + entry.amount_pico
-    _add_to_balances(conn, changes, created)
-    return appended
+    for account_id, _, amount, *_rest in fresh:
+        changes[account_id] = changes.get(account_id, 0) + amount
+    _add_to_balances(conn, changes, params[0][-1])
+    return len(fresh)
 
 
 def _add_to_balances(conn: sqlite3.Connection, changes: Mapping[str, int], updated: str) -> None:
@@ -668,7 +709,7 @@ class SQLiteStore(Store):
 
     # --- usage -------------------------------------------------------------
 
-    async def record_usage(self, rows: Sequence[UsageRow]) -> int:
+    async def record_usage(self, rows: Sequence[UsageRecord]) -> int:
         checked = [common.check_usage_row(r) for r in rows]
         if not checked:
             return 0
@@ -676,9 +717,9 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> int:
             with _write_transaction(conn):
-                new = [row for row in checked if conn.execute(_INSERT_USAGE, _usage_params(row)).rowcount]
-                debits = [d for d in map(common.debit_for, new) if d is not None]
-                _insert_ledger_entries(conn, debits, now)
+                new = _new_usage_rows(conn, checked)
+                conn.executemany(_INSERT_USAGE, map(_usage_params, new))
+                _insert_ledger_params(conn, _request_debits(new, now))
             return len(new)
 
         return await self._run(work)
@@ -694,7 +735,7 @@ class SQLiteStore(Store):
         until: datetime | None = None,
         limit: int = 100,
         offset: int = 0,
-    ) -> list[UsageRow]:
+    ) -> list[UsageRecord]:
         common.check_page(limit, offset)
         where, params = _where(
             common.usage_filters(
