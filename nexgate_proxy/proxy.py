@@ -25,9 +25,10 @@ from .errors import GatewayError
 from .headers import request_headers, response_headers
 from .providers.base import BodyTooLarge
 from .usage import StreamMeter, usage_from_body
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from .config import Config, Target, Timeouts
+    from .config import Config, Target
     from .endpoints import Endpoint
     from .plugins import HookChain
     from .providers.base import Provider, UpstreamResponse
@@ -193,7 +194,7 @@ class Proxy:
         assert route is not None, "the route hook must set ctx.route"
         timeouts = route.timeouts
         loop = self.loop or asyncio.get_running_loop()
-        deadline = loop.time() + timeouts.total
+        watchdog = Watchdog(loop, loop.time() + timeouts.total)
         forwarded = request_headers(ctx.headers)
         failure: GatewayError | None = None
         last = len(ctx.targets) - 1
@@ -202,8 +203,9 @@ class Proxy:
             ctx.target = target
             ctx.attempts += 1
             payload, injected = self._upstream_body(ctx, endpoint, raw, body, target)
+            watchdog.expect(timeouts.first_byte)
             try:
-                async with asyncio.timeout_at(min(deadline, loop.time() + timeouts.first_byte)):
+                with watchdog:
                     upstream = await provider.send(ctx, target, endpoint, payload, dict(forwarded),
                                                    self._session(), self._client_timeouts[route.alias])
             except TimeoutError:
@@ -221,7 +223,7 @@ class Proxy:
                 upstream.close()
                 failure = _upstream_status_error(target, status)
                 continue
-            return await self._relay(ctx, endpoint, upstream, injected, deadline, timeouts)
+            return await self._relay(ctx, endpoint, upstream, injected, watchdog, timeouts.idle)
         assert failure is not None
         raise failure
 
@@ -232,21 +234,22 @@ class Proxy:
     # ------------------------------------------------------------- relay
 
     async def _relay(self, ctx: RequestContext, endpoint: Endpoint, upstream: UpstreamResponse,
-                     injected_usage: bool, deadline: float, timeouts: Timeouts) -> web.StreamResponse:
+                     injected_usage: bool, watchdog: Watchdog, idle: float) -> web.StreamResponse:
         ctx.status = upstream.status
         headers = response_headers(upstream.headers)
         headers["x-nexgate-request-id"] = ctx.request_id
         content_type = upstream.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
-            return await self._relay_body(ctx, upstream, headers, deadline, timeouts)
+            return await self._relay_body(ctx, upstream, headers, watchdog, idle)
         headers.update(ctx.response_headers)
-        return await self._relay_stream(ctx, upstream, headers, injected_usage, deadline, timeouts)
+        return await self._relay_stream(ctx, upstream, headers, injected_usage, watchdog, idle)
 
     async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
-                          deadline: float, timeouts: Timeouts) -> web.Response:
+                          watchdog: Watchdog, idle: float) -> web.Response:
         loop = self.loop or asyncio.get_running_loop()
+        watchdog.expect(idle)
         try:
-            async with asyncio.timeout_at(min(deadline, loop.time() + timeouts.idle)):
+            with watchdog:
                 body = await upstream.read(self.max_response_bytes)
         except TimeoutError:
             raise GatewayError(504, "The upstream provider stopped sending its answer.",
@@ -267,7 +270,7 @@ class Proxy:
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
-                            injected_usage: bool, deadline: float, timeouts: Timeouts) -> web.StreamResponse:
+                            injected_usage: bool, watchdog: Watchdog, idle: float) -> web.StreamResponse:
         loop = self.loop or asyncio.get_running_loop()
         response = web.StreamResponse(status=upstream.status, headers=headers)
         meter = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
@@ -280,8 +283,9 @@ class Proxy:
             return response
         error: GatewayError | None = None
         client_gone = False
+        watchdog.expect(idle)
         try:
-            async with asyncio.timeout_at(min(deadline, loop.time() + timeouts.idle)) as timer:
+            with watchdog:
                 async for chunk in upstream.iter_chunks():
                     if ctx.first_byte_at is None:
                         ctx.first_byte_at = loop.time()
@@ -292,7 +296,7 @@ class Proxy:
                         except _CLIENT_GONE:
                             client_gone = True
                             break
-                    timer.reschedule(min(deadline, loop.time() + timeouts.idle))
+                    watchdog.expect(idle)
         except TimeoutError:
             error = GatewayError(504, "The upstream provider stopped sending the stream.", code="upstream_timeout")
         except _UPSTREAM_TRANSPORT:

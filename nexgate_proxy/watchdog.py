@@ -1,0 +1,73 @@
+"""One timer for every wait limit of a request: first byte, idle gaps, the total deadline.
+
+``asyncio.timeout`` arms a timer handle per context and another per
+``reschedule``; a stream relay that moves its idle limit on every event would pay
+that per event. Here moving the limit is writing a number: the timer, when it
+fires before the current limit, re-arms itself for it (only a limit moved
+earlier re-arms at once, which is rare).
+
+Inside ``with watchdog:`` a wait that outlives the limit is cancelled and
+surfaces as ``TimeoutError`` when the block exits, as with ``asyncio.timeout``;
+a cancellation from elsewhere (shutdown) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+
+
+class Watchdog:
+    __slots__ = ("_loop", "_deadline", "_due", "_handle", "_task", "_cancelling", "expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self._loop = loop
+        self._deadline = deadline
+        """The request's total deadline (loop time): no limit goes past it."""
+        self._due = deadline
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+        self._cancelling = 0
+        self.expired = False
+
+    def expect(self, within: float) -> None:
+        """The next progress must come within ``within`` seconds (and before the deadline)."""
+        due = self._loop.time() + within
+        if due > self._deadline:
+            due = self._deadline
+        self._due = due
+        handle = self._handle
+        if handle is not None and due < handle.when():
+            handle.cancel()
+            self._handle = self._loop.call_at(due, self._fire)
+
+    def __enter__(self) -> Watchdog:
+        task = asyncio.current_task(self._loop)
+        assert task is not None, "a watchdog guards a task"
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._handle = self._loop.call_at(self._due, self._fire)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self.expired:
+            assert self._task is not None
+            # As asyncio.timeout does: only our own cancellation becomes a TimeoutError.
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
+
+    def _fire(self) -> None:
+        # Progress moved the limit since this was armed. (Timers may fire up to the clock's
+        # resolution early: a millisecond of slack keeps that from re-arming in a loop.)
+        if self._loop.time() + 0.001 < self._due:
+            self._handle = self._loop.call_at(self._due, self._fire)
+            return
+        self._handle = None
+        self.expired = True
+        assert self._task is not None
+        self._task.cancel()
