@@ -142,22 +142,19 @@ class StreamMeter:
 
     def _scan(self, whole: bytes) -> bytes:
         self.usage.stream_events += whole.count(b"data:")
-        if _USAGE_OBJECT[0] not in whole and _USAGE_OBJECT[1] not in whole:
-            return whole
-        parts = _EVENT_SPLIT.split(whole)
-        keep: list[bytes] = []
-        dropped = False
-        # parts alternate: event, separator, event, separator, ..., trailing
-        for i in range(0, len(parts), 2):
-            event = parts[i]
-            sep = parts[i + 1] if i + 1 < len(parts) else b""
-            if _USAGE_OBJECT[0] in event or _USAGE_OBJECT[1] in event:
-                if self._read_event(event):
-                    dropped = True
-                    continue
-            keep.append(event)
-            keep.append(sep)
-        return b"".join(keep) if dropped else whole
+        at = _find_usage_object(whole, 0)
+        # Only the events holding a usage object are parsed (usually one per stream): find each
+        # one's bounds around its match instead of splitting every event out.
+        while at >= 0:
+            start = _event_start(whole, at)
+            separator = _EVENT_SPLIT.search(whole, at)
+            end, after = (separator.start(), separator.end()) if separator else (len(whole), len(whole))
+            if self._read_event(whole[start:end]):
+                whole = whole[:start] + whole[after:]
+                at = _find_usage_object(whole, start)
+            else:
+                at = _find_usage_object(whole, after)
+        return whole
 
     def _read_event(self, event: bytes) -> bool:
         """Apply the event's usage; True when the event should be dropped."""
@@ -174,6 +171,25 @@ class StreamMeter:
             if isinstance(holder, dict) and apply_usage(self.usage, holder.get("usage")):
                 break
         return self.strip_usage_chunk and data.get("choices") == []
+
+
+def _find_usage_object(data: bytes, start: int) -> int:
+    first = data.find(_USAGE_OBJECT[0], start)
+    second = data.find(_USAGE_OBJECT[1], start)
+    return second if first < 0 else first if second < 0 else min(first, second)
+
+
+_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")  # what _EVENT_SPLIT matches
+
+
+def _event_start(data: bytes, at: int) -> int:
+    """Where the event holding position ``at`` begins: just after the last blank line before it."""
+    start = 0
+    for sep in _SEPARATORS:
+        found = data.rfind(sep, 0, at)
+        if found >= 0 and found + len(sep) > start:
+            start = found + len(sep)
+    return start
 
 
 def _last_event_start(data: bytes) -> int:

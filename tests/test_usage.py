@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nexgate_proxy import hookimpl
 from nexgate_proxy.context import Usage
@@ -40,6 +43,44 @@ def test_usage_chunk_is_stripped_when_nexgate_asked_for_it() -> None:
     out = meter.feed(STREAM) + meter.finish()
     assert out == openai_chunk("a") + openai_chunk("b") + b"data: [DONE]\n\n"
     assert usage.completion_tokens == 2
+
+
+def _reference_scan(whole: bytes, strip: bool) -> tuple[bytes, int]:
+    """The obvious algorithm: split every event out, drop stripped usage-only events."""
+    kept, completion = [], 0
+    parts = re.split(rb"(\r?\n\r?\n)", whole)
+    for i in range(0, len(parts), 2):
+        event, sep = parts[i], parts[i + 1] if i + 1 < len(parts) else b""
+        if b'"usage":{' in event or b'"usage": {' in event:
+            data = json.loads(b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines()
+                                         if line.startswith(b"data:")))
+            completion = data["usage"]["completion_tokens"]
+            if strip and data.get("choices") == []:
+                continue
+        kept += [event, sep]
+    return b"".join(kept), completion
+
+
+EVENTS = st.sampled_from([
+    b'data: {"choices": [{"delta": {"content": "x"}}], "usage": null}',
+    b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}',
+    b'data: {"choices": [{"delta": {}}], "usage":{"prompt_tokens": 6, "completion_tokens": 3}}',
+    b'event: ping\ndata: {"usage": {"prompt_tokens": 1, "completion_tokens": 9}}',
+    b": comment",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(st.tuples(EVENTS, st.sampled_from([b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n"])),
+                       min_size=1, max_size=8), strip=st.booleans())
+def test_usage_events_are_found_and_stripped_as_when_every_event_is_split_out(events: list, strip: bool) -> None:
+    whole = b"".join(event + sep for event, sep in events)
+    usage = Usage()
+    out = StreamMeter(usage, strip_usage_chunk=strip)._scan(whole)
+    expected, completion = _reference_scan(whole, strip)
+    assert out == expected
+    assert usage.completion_tokens == completion
+    assert usage.stream_events == whole.count(b"data:")
 
 
 def test_crlf_streams_and_a_last_event_without_blank_line() -> None:
