@@ -194,36 +194,39 @@ class Proxy:
         assert route is not None, "the route hook must set ctx.route"
         timeouts = route.timeouts
         loop = self.loop or asyncio.get_running_loop()
-        watchdog = Watchdog(loop, loop.time() + timeouts.total)
+        watchdog = Watchdog(loop, loop.time() + timeouts.total, min(timeouts.first_byte, timeouts.idle))
         forwarded = request_headers(ctx.headers)
         failure: GatewayError | None = None
         last = len(ctx.targets) - 1
-        for index, target in enumerate(ctx.targets):
-            provider = self.providers[target.provider]
-            ctx.target = target
-            ctx.attempts += 1
-            payload, injected = self._upstream_body(ctx, endpoint, raw, body, target)
-            watchdog.expect(timeouts.first_byte)
-            try:
-                with watchdog:
-                    upstream = await provider.send(ctx, target, endpoint, payload, dict(forwarded),
-                                                   self._session(), self._client_timeouts[route.alias])
-            except TimeoutError:
-                failure = GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
-                                       code="upstream_timeout")
-                continue
-            except _UPSTREAM_TRANSPORT as exc:
-                failure = GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
-                                       code="upstream_unreachable")
-                log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id,
-                            type(exc).__name__)
-                continue
-            status = upstream.status
-            if status >= 500 or status in (401, 403) or (status == 429 and index < last):
-                upstream.close()
-                failure = _upstream_status_error(target, status)
-                continue
-            return await self._relay(ctx, endpoint, upstream, injected, watchdog, timeouts.idle)
+        try:
+            for index, target in enumerate(ctx.targets):
+                provider = self.providers[target.provider]
+                ctx.target = target
+                ctx.attempts += 1
+                payload, injected = self._upstream_body(ctx, endpoint, raw, body, target)
+                watchdog.expect(timeouts.first_byte)
+                try:
+                    with watchdog:
+                        upstream = await provider.send(ctx, target, endpoint, payload, dict(forwarded),
+                                                       self._session(), self._client_timeouts[route.alias])
+                except TimeoutError:
+                    failure = GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
+                                           code="upstream_timeout")
+                    continue
+                except _UPSTREAM_TRANSPORT as exc:
+                    failure = GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
+                                           code="upstream_unreachable")
+                    log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id,
+                                type(exc).__name__)
+                    continue
+                status = upstream.status
+                if status >= 500 or status in (401, 403) or (status == 429 and index < last):
+                    upstream.close()
+                    failure = _upstream_status_error(target, status)
+                    continue
+                return await self._relay(ctx, endpoint, upstream, injected, watchdog, timeouts.idle)
+        finally:
+            watchdog.close()
         assert failure is not None
         raise failure
 

@@ -18,16 +18,21 @@ from types import TracebackType
 
 
 class Watchdog:
-    __slots__ = ("_loop", "_deadline", "_due", "_handle", "_task", "_cancelling", "expired")
+    __slots__ = ("_loop", "_deadline", "_shortest", "_due", "_handle", "_task", "_cancelling", "_active",
+                 "expired")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float, shortest: float) -> None:
         self._loop = loop
         self._deadline = deadline
         """The request's total deadline (loop time): no limit goes past it."""
+        self._shortest = shortest
+        """The shortest limit ``expect`` will be given: the timer is first armed that far ahead, so a
+        later, shorter limit never needs it re-armed earlier; a longer one re-arms it when it fires."""
         self._due = deadline
         self._handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
         self._cancelling = 0
+        self._active = False
         self.expired = False
 
     def expect(self, within: float) -> None:
@@ -46,28 +51,37 @@ class Watchdog:
         assert task is not None, "a watchdog guards a task"
         self._task = task
         self._cancelling = task.cancelling()
+        self._active = True
         self.expired = False
-        self._handle = self._loop.call_at(self._due, self._fire)
+        if self._handle is None:  # one timer for the whole request: blocks after the first reuse it
+            first = self._loop.time() + self._shortest
+            self._handle = self._loop.call_at(first if first < self._due else self._due, self._fire)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._active = False
         if self.expired:
             assert self._task is not None
             # As asyncio.timeout does: only our own cancellation becomes a TimeoutError.
             if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
 
+    def close(self) -> None:
+        """The request is over: disarm."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
     def _fire(self) -> None:
+        self._handle = None
+        if not self._active:
+            return  # between two blocks: the next one arms again
         # Progress moved the limit since this was armed. (Timers may fire up to the clock's
         # resolution early: a millisecond of slack keeps that from re-arming in a loop.)
         if self._loop.time() + 0.001 < self._due:
             self._handle = self._loop.call_at(self._due, self._fire)
             return
-        self._handle = None
         self.expired = True
         assert self._task is not None
         self._task.cancel()

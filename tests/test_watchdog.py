@@ -11,7 +11,7 @@ from nexgate_proxy.watchdog import Watchdog
 
 async def test_a_wait_past_the_limit_becomes_a_timeout() -> None:
     loop = asyncio.get_running_loop()
-    watchdog = Watchdog(loop, loop.time() + 60)
+    watchdog = Watchdog(loop, loop.time() + 60, 0.05)
     watchdog.expect(0.05)
     with pytest.raises(TimeoutError):
         with watchdog:
@@ -24,7 +24,7 @@ async def test_a_wait_past_the_limit_becomes_a_timeout() -> None:
 async def test_progress_moves_the_limit_and_the_total_deadline_caps_it() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    watchdog = Watchdog(loop, started + 0.4)
+    watchdog = Watchdog(loop, started + 0.4, 0.1)
     watchdog.expect(0.1)
     with pytest.raises(TimeoutError):
         with watchdog:
@@ -37,7 +37,7 @@ async def test_progress_moves_the_limit_and_the_total_deadline_caps_it() -> None
 
 async def test_a_limit_moved_earlier_applies_at_once() -> None:
     loop = asyncio.get_running_loop()
-    watchdog = Watchdog(loop, loop.time() + 60)
+    watchdog = Watchdog(loop, loop.time() + 60, 30)
     watchdog.expect(30)
     with pytest.raises(TimeoutError):
         with watchdog:
@@ -47,19 +47,35 @@ async def test_a_limit_moved_earlier_applies_at_once() -> None:
 
 async def test_a_wait_that_finishes_in_time_is_untouched_and_disarms() -> None:
     loop = asyncio.get_running_loop()
-    watchdog = Watchdog(loop, loop.time() + 60)
+    watchdog = Watchdog(loop, loop.time() + 60, 0.05)
     watchdog.expect(0.05)
     with watchdog:
         await asyncio.sleep(0)
     await asyncio.sleep(0.1)  # past the limit, outside the block: nothing fires
     assert not watchdog.expired
+    watchdog.close()
+
+
+async def test_one_timer_serves_consecutive_blocks_and_the_longer_first_limit() -> None:
+    # The send waits under the first-byte limit (long), the read under the idle limit (short).
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog(loop, loop.time() + 60, shortest=0.05)
+    watchdog.expect(0.3)  # first byte: longer than the timer's first arm...
+    with watchdog:
+        await asyncio.sleep(0.15)  # ...so its early firing re-arms instead of cancelling
+    assert not watchdog.expired
+    watchdog.expect(0.05)  # idle
+    with pytest.raises(TimeoutError):
+        with watchdog:
+            await asyncio.sleep(5)
+    watchdog.close()
 
 
 async def test_a_cancellation_from_elsewhere_passes_through() -> None:
     loop = asyncio.get_running_loop()
 
     async def guarded() -> None:
-        watchdog = Watchdog(loop, loop.time() + 60)
+        watchdog = Watchdog(loop, loop.time() + 60, 30)
         watchdog.expect(30)
         with watchdog:
             await asyncio.sleep(5)
