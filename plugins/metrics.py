@@ -6,42 +6,92 @@ client typed, so cardinality stays bounded and no content reaches a label.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from typing import Any, Iterator
+
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from nexgate_proxy import UsageRecord, hookimpl
 from nexgate_proxy.config import Config
 
 
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BUCKETS_MS = tuple(bound * 1000 for bound in _LATENCY_BUCKETS)
+
+
+class _Series:
+    """What one (endpoint, model, status) has seen: plain ints, read when /metrics is scraped."""
+
+    __slots__ = ("requests", "prompt_tokens", "completion_tokens", "latency_ms_sum", "latency_counts")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.latency_ms_sum = 0
+        self.latency_counts = [0] * (len(_BUCKETS_MS) + 1)  # the last one is +Inf
+
+
 class GatewayMetrics:
+    """Request, token and latency metrics, counted in plain Python per request.
+
+    prometheus_client's labelled children take a lock per increment (several per
+    request); the event loop is the only writer here, so the counts are plain
+    ints and a collector turns them into the usual families when scraped.
+    """
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("nexgate_requests", "Proxied requests by outcome.",
-                                ("endpoint", "model", "status"), registry=self.registry)
-        self.tokens = Counter("nexgate_tokens", "Tokens reported by upstreams.",
-                              ("model", "kind"), registry=self.registry)
-        self.latency = Histogram("nexgate_request_duration_seconds", "Time from request to last byte.",
-                                 ("endpoint",), registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-
-        # Labelled children by label values: .labels() costs a lock and a tuple per call.
-        self._children: dict[tuple[str, str, int], tuple] = {}
+        self._series: dict[tuple[str, str, int], _Series] = {}
+        self.registry.register(_Collector(self._series))  # type: ignore[arg-type]
 
     def observe(self, record: UsageRecord) -> None:
         key = (record.endpoint, record.model or "-", record.status)
-        children = self._children.get(key)
-        if children is None:
-            endpoint, model, status = key
-            children = self._children[key] = (
-                self.requests.labels(endpoint, model, str(status)), self.latency.labels(endpoint),
-                self.tokens.labels(model, "prompt"), self.tokens.labels(model, "completion"))
-        requests, latency, prompt, completion = children
-        requests.inc()
-        latency.observe(record.latency_ms / 1000)
-        if record.prompt_tokens:
-            prompt.inc(record.prompt_tokens)
-        if record.completion_tokens:
-            completion.inc(record.completion_tokens)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series()
+        series.requests += 1
+        series.prompt_tokens += record.prompt_tokens
+        series.completion_tokens += record.completion_tokens
+        series.latency_ms_sum += record.latency_ms
+        series.latency_counts[bisect_left(_BUCKETS_MS, record.latency_ms)] += 1
+
+
+class _Collector:
+    def __init__(self, series: dict[tuple[str, str, int], _Series]) -> None:
+        self._series = series
+
+    def collect(self) -> Iterator[Any]:
+        requests = CounterMetricFamily("nexgate_requests", "Proxied requests by outcome.",
+                                       labels=("endpoint", "model", "status"))
+        tokens = CounterMetricFamily("nexgate_tokens", "Tokens reported by upstreams.", labels=("model", "kind"))
+        latency = HistogramMetricFamily("nexgate_request_duration_seconds", "Time from request to last byte.",
+                                        labels=("endpoint",))
+        by_model: dict[str, list[int]] = {}
+        by_endpoint: dict[str, tuple[list[int], list[int]]] = {}
+        for (endpoint, model, status), series in list(self._series.items()):
+            requests.add_metric((endpoint, model, str(status)), series.requests)
+            totals = by_model.setdefault(model, [0, 0])
+            totals[0] += series.prompt_tokens
+            totals[1] += series.completion_tokens
+            counts, latency_sum = by_endpoint.setdefault(endpoint, ([0] * len(series.latency_counts), [0]))
+            for i, count in enumerate(series.latency_counts):
+                counts[i] += count
+            latency_sum[0] += series.latency_ms_sum
+        for model, (prompt, completion) in by_model.items():
+            tokens.add_metric((model, "prompt"), prompt)
+            tokens.add_metric((model, "completion"), completion)
+        for endpoint, (counts, latency_sum) in by_endpoint.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric((endpoint,), buckets, latency_sum[0] / 1000)
+        yield requests
+        yield tokens
+        yield latency
 
 
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("nexgate_plugins.metrics", GatewayMetrics)

@@ -6,6 +6,7 @@ import inspect
 import textwrap
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
@@ -159,3 +160,23 @@ def test_every_hook_is_documented(hook: str) -> None:
     assert spec.__doc__ and len(spec.__doc__.strip()) > 40, f"{hook} needs a docstring saying when it runs"
     docs = (ROOT / "docs" / "plugins.md").read_text()
     assert f"### `{hook}`" in docs, f"docs/plugins.md has no section for {hook}"
+
+
+async def test_metrics_count_requests_tokens_and_latency_from_records(start_gateway, upstream: FakeUpstream) -> None:
+    gw = await start_gateway(gateway_config(upstream))
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.api_key, max_retries=0)
+    for _ in range(3):
+        await client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.url + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="gpt-test",status="200"} 3.0' in text
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="-",status="404"} 1.0' in text
+    # The fake upstream reports 11 prompt and 7 completion tokens per answer.
+    assert 'nexgate_tokens_total{kind="prompt",model="gpt-test"} 33.0' in text
+    assert 'nexgate_tokens_total{kind="completion",model="gpt-test"} 21.0' in text
+    assert 'nexgate_request_duration_seconds_count{endpoint="chat.completions"} 4.0' in text
+    assert 'nexgate_request_duration_seconds_bucket{endpoint="chat.completions",le="+Inf"} 4.0' in text
