@@ -218,8 +218,9 @@ class Outbox:
         self.rejected += 1
         log.error("usage row %s refused by the store (%s); kept in rejected.jsonl", row.request_id,
                   type(exc).__name__)
+        # Kept for an operator to inspect, outside the store's IP retention: without the client IP.
         with open(self.directory / "rejected.jsonl", "ab") as f:
-            f.write(encode_row(row))
+            f.write(encode_row(row._replace(client_ip=None)))
 
     async def _run(self) -> None:
         backoff = self.flush_interval

@@ -183,3 +183,34 @@ async def test_a_database_outage_loses_nothing_and_books_nothing_twice(
         assert await store.get_balance(gw.user_id) == usd_to_pico(Decimal(1)) - sum(r.actual_cost_pico for r in rows)
     finally:
         await proxy.cut()
+
+
+async def test_a_row_the_store_refuses_is_set_aside_without_its_client_ip(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from nexgate_proxy.outbox import Outbox, decode_row
+    from nexgate_proxy.records import UsageRecord
+
+    def row(request_id: str, tokens: int) -> UsageRecord:
+        return UsageRecord(request_id, datetime.now(UTC), "chat.completions", "m", "p", "u", "usr_a", None, None,
+                           None, tokens, 1, 0, False, None, None, 3, 200, None, False, "203.0.113.9", 1)
+
+    stored: list[str] = []
+
+    async def sink(rows: list[UsageRecord]) -> int:
+        if any(r.prompt_tokens < 0 for r in rows):
+            raise ValueError("prompt_tokens must be an int in 0..2147483647")  # what the store says
+        stored.extend(r.request_id for r in rows)
+        return len(rows)
+
+    outbox = Outbox(tmp_path, sink)
+    await outbox.start()
+    for request_id, tokens in (("req_a", 1), ("req_bad", -5), ("req_c", 2)):
+        outbox.append(row(request_id, tokens))
+    assert await outbox.flush()
+    await outbox.stop()
+    assert stored == ["req_a", "req_c"] and outbox.rejected == 1
+    [kept] = (tmp_path / "rejected.jsonl").read_bytes().splitlines()
+    assert decode_row(kept) == row("req_bad", -5)._replace(ts=decode_row(kept).ts, client_ip=None)
+    assert b"203.0.113.9" not in (tmp_path / "rejected.jsonl").read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["rejected.jsonl"]  # the segment itself is gone
