@@ -14,7 +14,8 @@ plugin is in ``DEFAULT_PLUGINS``):
   hit, as in production.
 * credits: grants that user ``BENCH_CREDITS_USD``, so every request is priced,
   held and settled, and none is refused for want of credit.
-* ratelimit: per-key rpm and tpm limits far above what a run reaches.
+* ratelimit: per-key rpm and tpm limits far above what a run reaches
+  (``NEXGATE_BENCH_LIMITS=rpm`` or ``all``, i.e. with concurrency, to choose others).
 * usage_log: its outbox directory in the temp dir.
 
 Extending it when a built-in plugin joins
@@ -96,13 +97,25 @@ def gateway_setup(upstream_url: str, port: int, workdir: Path) -> GatewaySetup:
         config["usage"] = {"outbox_dir": str(workdir / "outbox")}
     if "nexgate_plugins.ratelimit" in plugins:
         # Limits a production key would have, far above what the run reaches: the checks are
-        # measured (rpm and tpm on the key, in the in-process hot state), never a 429.
-        config["limits"] = {"key": {"rpm": 1_000_000_000, "tpm": 1_000_000_000_000}}
+        # measured (on the key, in the hot state of NEXGATE_BENCH_STATE_URL), never a 429.
+        config["limits"] = {"key": bench_limits(os.environ.get("NEXGATE_BENCH_LIMITS", "rpm+tpm"))}
     if "nexgate_plugins.auth" in plugins:
         config["auth"] = {"required": True}
         grant = BENCH_CREDITS_USD if "nexgate_plugins.credits" in plugins else None
         setup.headers["Authorization"] = f"Bearer {asyncio.run(_seed_account(storage_url, grant))}"
     return setup
+
+
+BENCH_LIMITS = {"rpm": 1_000_000_000, "tpm": 1_000_000_000_000, "concurrent": 1_000_000}
+
+
+def bench_limits(names: str) -> dict[str, int]:
+    """NEXGATE_BENCH_LIMITS: which key limits are on, e.g. "rpm", "rpm+tpm" (the default) or "all"."""
+    chosen = list(BENCH_LIMITS) if names == "all" else [n for n in names.replace(",", "+").split("+") if n]
+    unknown = set(chosen) - set(BENCH_LIMITS)
+    if unknown or not chosen:
+        raise SystemExit(f"NEXGATE_BENCH_LIMITS: expected rpm, tpm, concurrent joined by '+', or 'all'; got {names!r}")
+    return {name: BENCH_LIMITS[name] for name in chosen}
 
 
 BENCH_CREDITS_USD = 1000

@@ -19,6 +19,11 @@ all of them, or refuses without taking any. Concurrency slots are leases that
 expire (``lease_ms``), renewed in the background while the request is in
 flight, so a crashed instance frees its slots within one lease.
 
+``settle_soon`` is the settle nobody waits for: in Redis, the releases of all
+requests settled within one loop iteration travel in one EVALSHA, which takes
+its place in the pipeline at the first of them, so every later call sees them
+done. ``close`` sends what is still waiting.
+
 Redis trouble never hangs a request: every call has a tight timeout, and after
 a few consecutive failures a circuit breaker opens and calls fail at once
 (``CountersUnavailable``) until a background probe sees Redis answer again.
@@ -136,6 +141,15 @@ class Counters(abc.ABC):
     async def settle(self, member: str, releases: Sequence[Release]) -> None:
         """Correct token reservations to actual usage and free concurrency slots."""
 
+    def settle_soon(self, member: str, releases: Sequence[Release]) -> None:
+        """``settle`` without waiting for it: for the hot path, where nobody waits for the outcome.
+
+        Every later call on this backend sees it done. Raises ``CountersUnavailable`` only when it is
+        known at once that it cannot be done (the leases and reservations then expire on their own).
+        """
+        task = asyncio.ensure_future(self.settle(member, releases))
+        task.add_done_callback(_retrieve)
+
     @abc.abstractmethod
     async def note(self, member: str, ip: Check | None, ip_subject: str | None,
                    failure: BruteForce | None = None, key_subject: str | None = None) -> Noted:
@@ -157,6 +171,12 @@ class _TokenLog:
         self.entries: deque[list] = deque()  # [timestamp_ms, tokens, member]
         self.index: dict[str, list] = {}
         self.total = 0
+
+    def add(self, now: int, tokens: int, member: str) -> None:
+        entry = [now, tokens, member]
+        self.entries.append(entry)
+        self.index[member] = entry
+        self.total += tokens
 
     def prune(self, cutoff: int) -> None:
         entries = self.entries
@@ -198,31 +218,18 @@ class MemoryCounters(Counters):
         return self.acquire_now(member, checks, ban_subject)
 
     def acquire_now(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
-        now = self._now()
-        if ban_subject is not None:
+        now = int(self._clock() * 1000)
+        if ban_subject is not None and self._bans:
             until = self._bans.get(ban_subject)
             if until is not None:
                 if until > now:
                     return Decision(False, BANNED, until - now)
                 del self._bans[ban_subject]
-        used: list[int] = []
+        # First pass: check every limit, remembering each one's log so the second pass looks nothing up.
+        found: list = []
         for i, check in enumerate(checks):
             kind = check.kind
-            if kind == TOKENS:
-                tlog = self._tokens.get(check.subject)
-                u = 0
-                if tlog is not None:
-                    tlog.prune(now - check.window_ms)
-                    u = tlog.total
-                if u + check.amount > check.limit:
-                    return Decision(False, i, _tokens_wait(tlog, u + check.amount - check.limit,
-                                                           check.window_ms, now))
-            elif kind == CONCURRENCY:
-                leases = self._leases.get(check.subject)
-                u = len(leases) if leases else 0
-                if u + 1 > check.limit:
-                    return Decision(False, i, 1000)
-            else:
+            if kind == REQUESTS:
                 rlog = self._requests.get(check.subject)
                 u = 0
                 if rlog is not None:
@@ -230,40 +237,63 @@ class MemoryCounters(Counters):
                     while rlog and rlog[0] <= cutoff:
                         rlog.popleft()
                     u = len(rlog)
+                    if u >= check.limit:
+                        return Decision(False, i, rlog[u - check.limit] + check.window_ms - now)
+                elif check.limit < 1:
+                    return Decision(False, i, check.window_ms)
+                found.append((rlog, u))
+            elif kind == TOKENS:
+                tlog = self._tokens.get(check.subject)
+                u = 0
+                if tlog is not None:
+                    entries = tlog.entries
+                    if entries and entries[0][0] <= now - check.window_ms:
+                        tlog.prune(now - check.window_ms)
+                    u = tlog.total
+                if u + check.amount > check.limit:
+                    return Decision(False, i, _tokens_wait(tlog, u + check.amount - check.limit,
+                                                           check.window_ms, now))
+                found.append((tlog, u))
+            else:
+                leases = self._leases.get(check.subject)
+                u = len(leases) if leases else 0
                 if u + 1 > check.limit:
-                    assert rlog is not None
-                    return Decision(False, i, rlog[u - check.limit] + check.window_ms - now)
-            used.append(u)
+                    return Decision(False, i, 1000)
+                found.append((leases, u))
+        # Second pass: take them all.
         remaining: list[int] = []
         reset: list[int] = []
-        for check, u in zip(checks, used):
+        windows = self._windows
+        for check, (log, u) in zip(checks, found):
             kind = check.kind
-            if kind == CONCURRENCY:
-                self._leases.setdefault(check.subject, set()).add(member)
+            subject = check.subject
+            if kind == REQUESTS:
+                if log is None:  # setdefault: the same subject may appear twice
+                    log = self._requests.setdefault(subject, deque())
+                log.append(now)
+                oldest = log[0]
+            elif kind == TOKENS:
+                if log is None:
+                    log = self._tokens.setdefault(subject, _TokenLog())
+                log.add(now, check.amount, member)
+                oldest = log.entries[0][0]
+            else:
+                if log is None:
+                    log = self._leases.setdefault(subject, set())
+                log.add(member)
                 remaining.append(check.limit - u - 1)
                 reset.append(0)
                 continue
-            if kind == TOKENS:
-                tlog = self._tokens.get(check.subject)
-                if tlog is None:
-                    tlog = self._tokens[check.subject] = _TokenLog()
-                entry = [now, check.amount, member]
-                tlog.entries.append(entry)
-                tlog.index[member] = entry
-                tlog.total += check.amount
-                oldest = tlog.entries[0][0]
-            else:
-                rlog = self._requests.get(check.subject)
-                if rlog is None:
-                    rlog = self._requests[check.subject] = deque()
-                rlog.append(now)
-                oldest = rlog[0]
-            self._windows[check.subject] = check.window_ms
+            if windows.get(subject) != check.window_ms:
+                windows[subject] = check.window_ms
             remaining.append(check.limit - u - check.amount)
             reset.append(oldest + check.window_ms - now)
         return Decision(True, -1, 0, remaining, reset)
 
     async def settle(self, member: str, releases: Sequence[Release]) -> None:
+        self.settle_now(member, releases)
+
+    def settle_soon(self, member: str, releases: Sequence[Release]) -> None:
         self.settle_now(member, releases)
 
     def settle_now(self, member: str, releases: Sequence[Release]) -> None:
@@ -347,6 +377,12 @@ class MemoryCounters(Counters):
 
     def __len__(self) -> int:
         return len(self._requests) + len(self._tokens) + len(self._leases) + len(self._bans) + len(self._failures)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    # Nobody waits for it: read the outcome so that asyncio does not log it as never retrieved.
+    if not future.cancelled():
+        future.exception()
 
 
 def _tokens_wait(tlog: _TokenLog | None, need: int, window_ms: int, now: int) -> int:
@@ -468,40 +504,45 @@ return out
 """
 
 SETTLE_LUA = _LUA_COMMON + """
+-- Many requests' releases in one call (those that arrive within one loop iteration travel together).
 -- KEYS per release: t -> log, sum | c -> leases
--- ARGV: member, n, then kind, reserved, actual, window_ms per release
-local member = ARGV[1]
-local n = tonumber(ARGV[2])
-local k, a = 1, 3
-for i = 1, n do
-  local kind = ARGV[a]
-  local reserved = tonumber(ARGV[a + 1])
-  local actual = tonumber(ARGV[a + 2])
-  local window = tonumber(ARGV[a + 3])
-  a = a + 4
-  if kind == 't' then
-    local log, sum = KEYS[k], KEYS[k + 1]
-    k = k + 2
-    if reserved ~= actual then
-      local old = member .. ':' .. reserved
-      local score = redis.call('ZSCORE', log, old)
-      if score then
-        redis.call('ZREM', log, old)
-        if actual > 0 then redis.call('ZADD', log, score, member .. ':' .. actual) end
-        if redis.call('EXISTS', sum) == 1 then
-          local s = redis.call('INCRBY', sum, actual - reserved)
-          if s < 0 then resum(log, sum, window) end
-        else
-          resum(log, sum, window)
+-- ARGV: m, then per request: member, n, then kind, reserved, actual, window_ms per release
+local m = tonumber(ARGV[1])
+local k, a = 1, 2
+for _ = 1, m do
+  local member = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  for i = 1, n do
+    local kind = ARGV[a]
+    local reserved = tonumber(ARGV[a + 1])
+    local actual = tonumber(ARGV[a + 2])
+    local window = tonumber(ARGV[a + 3])
+    a = a + 4
+    if kind == 't' then
+      local log, sum = KEYS[k], KEYS[k + 1]
+      k = k + 2
+      if reserved ~= actual then
+        local old = member .. ':' .. reserved
+        local score = redis.call('ZSCORE', log, old)
+        if score then
+          redis.call('ZREM', log, old)
+          if actual > 0 then redis.call('ZADD', log, score, member .. ':' .. actual) end
+          if redis.call('EXISTS', sum) == 1 then
+            local s = redis.call('INCRBY', sum, actual - reserved)
+            if s < 0 then resum(log, sum, window) end
+          else
+            resum(log, sum, window)
+          end
         end
       end
+    else
+      redis.call('ZREM', KEYS[k], member)
+      k = k + 1
     end
-  else
-    redis.call('ZREM', KEYS[k], member)
-    k = k + 1
   end
 end
-return 0
+return m
 """
 
 NOTE_LUA = _LUA_COMMON + """
@@ -650,6 +691,11 @@ def encode_command(*args: object) -> bytes:
     return b"".join(parts)
 
 
+def _time_out(reply: asyncio.Future) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError())  # its reply, when it comes, is skipped
+
+
 class _RespProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -657,13 +703,18 @@ class _RespProtocol(asyncio.Protocol):
         self.waiters: deque[asyncio.Future] = deque()
         self.buffer = bytearray()
         self.closed = False
-        self._out: list[bytes] = []
+        self._out: list[bytes | Callable[[], bytes]] = []
         self._flush_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def call(self, payload: bytes) -> asyncio.Future:
+    def call(self, payload: bytes | Callable[[], bytes]) -> asyncio.Future:
+        """Queue one command; its reply resolves the future. Calls of one loop iteration share a write.
+
+        ``payload`` may be a function that builds the command when the write goes out: the command
+        keeps its place in the pipeline, and whatever is added to it until then still travels in it.
+        """
         if self.closed:
             raise ConnectionError("connection closed")
         future = self.loop.create_future()
@@ -678,7 +729,8 @@ class _RespProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.closed:
             out, self._out = self._out, []
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            parts = [part if part.__class__ is bytes else part() for part in out]  # type: ignore[operator]
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
@@ -884,6 +936,33 @@ class RedisScripts:
         """EVALSHA one of the scripts: one round trip, bounded by the timeout; CountersUnavailable on failure."""
         if self.breaker.open:
             raise CountersUnavailable("circuit open")
+        conn = self._conn
+        if conn is None or conn.closed:
+            return await self._call_connecting(script, keys, args, timeout)
+        self.round_trips += 1
+        reply = conn.call(encode_command("EVALSHA", self._scripts[script][1], len(keys), *keys, *args))
+        # A timer on the reply bounds it as asyncio.timeout() would, for a fraction of the CPU per call.
+        timer = conn.loop.call_later(timeout or self.timeout, _time_out, reply)
+        try:
+            result = await reply
+        except asyncio.CancelledError:
+            raise
+        except RespError as exc:
+            if str(exc).startswith("NOSCRIPT"):
+                return await self._call_connecting(script, keys, args, timeout)  # loads it again
+            self._fail(exc)
+            raise CountersUnavailable(type(exc).__name__) from None
+        except Exception as exc:  # timeouts, connection errors: all mean "no answer"
+            self._fail(exc)
+            raise CountersUnavailable(type(exc).__name__) from None
+        finally:
+            timer.cancel()
+        self.breaker.success()
+        return result
+
+    async def _call_connecting(self, script: str, keys: Sequence[str], args: Sequence[object],
+                               timeout: float | None) -> object:
+        """``call`` when there is no connection yet, or Redis forgot the script."""
         lua, sha = self._scripts[script]
         try:
             async with asyncio.timeout(timeout or self.timeout):
@@ -958,6 +1037,10 @@ class RedisCounters(RedisScripts, Counters):
         self._leases: dict[str, tuple[tuple[str, int], ...]] = {}
         """member -> (lease key, lease_ms) of its concurrency slots, renewed while in flight."""
         self._renewer: asyncio.Task[None] | None = None
+        self._batch: _SettleBatch | None = None
+        """The settle call still open for more requests' releases (until its write goes out)."""
+        self._unanswered: set[_SettleBatch] = set()
+        """Settle calls sent or about to be, not yet answered: close() waits for them."""
 
     def key(self, kind: str, subject: str) -> str:
         return f"{self.prefix}:{kind}:{subject}"
@@ -972,6 +1055,10 @@ class RedisCounters(RedisScripts, Counters):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._renewer
             self._renewer = None
+        # Releases still on their way go out first: each is bounded by the call timeout.
+        waiting = [batch.finished for batch in self._unanswered]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.connect_timeout)
         await super().close()
 
     # -- the operations
@@ -1001,15 +1088,84 @@ class RedisCounters(RedisScripts, Counters):
         return Decision(True, -1, 0, result[2::2], result[3::2])
 
     async def settle(self, member: str, releases: Sequence[Release]) -> None:
+        batch = self._settle_into_batch(member, releases)
+        if batch is not None:
+            await asyncio.shield(batch.finished)  # raises CountersUnavailable as any call would
+
+    def settle_soon(self, member: str, releases: Sequence[Release]) -> None:
+        self._settle_into_batch(member, releases)
+
+    # -- settles travel in batches
+
+    def _settle_into_batch(self, member: str, releases: Sequence[Release]) -> _SettleBatch | None:
         self._leases.pop(member, None)
-        keys: list[str] = []
-        args: list[object] = [member, len(releases)]
-        for release in releases:
-            keys.append(self.key(release.kind, release.subject))
-            if release.kind == TOKENS:
-                keys.append(self.key("ts", release.subject))
-            args += (release.kind, release.reserved, release.actual, release.window_ms)
-        await self.call("settle", keys, args)
+        if not releases:
+            return None
+        batch = self._batch
+        if batch is None or batch.sealed or batch.requests >= MAX_SETTLES_PER_CALL:
+            batch = self._open_batch()
+        batch.add(member, releases, self.key)
+        return batch
+
+    def _open_batch(self) -> _SettleBatch:
+        if self.breaker.open:
+            raise CountersUnavailable("circuit open")
+        conn = self._conn
+        if conn is None or conn.closed:
+            # No connection at hand: a task waits for one, as call() would, and sends the batch then.
+            batch = self._batch = _SettleBatch(asyncio.get_running_loop())
+            self._unanswered.add(batch)
+            asyncio.ensure_future(self._send_when_connected(batch)).add_done_callback(_retrieve)
+            return batch
+        batch = self._batch = _SettleBatch(conn.loop)
+        self._unanswered.add(batch)
+        self.round_trips += 1
+        # The call takes its place in the pipeline now (later calls queue behind it, so they see these
+        # releases done) and is encoded when the write goes out, carrying every release added until then.
+        reply = conn.call(lambda: self._seal(batch))
+        timer = conn.loop.call_later(self.timeout, _time_out, reply)
+        reply.add_done_callback(lambda done: self._answered(batch, done, timer))
+        return batch
+
+    def _seal(self, batch: _SettleBatch) -> bytes:
+        batch.sealed = True
+        if self._batch is batch:
+            self._batch = None
+        return encode_command("EVALSHA", self._scripts["settle"][1], len(batch.keys), *batch.keys,
+                              batch.requests, *batch.args)
+
+    def _answered(self, batch: _SettleBatch, reply: asyncio.Future, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        # Also when it failed before its write went out (connection lost, timed out): no more joins it.
+        batch.sealed = True
+        if self._batch is batch:
+            self._batch = None
+        exc = reply.exception() if not reply.cancelled() else asyncio.CancelledError()
+        if exc is None:
+            self.breaker.success()
+            batch.finish(None)
+        elif isinstance(exc, RespError) and str(exc).startswith("NOSCRIPT"):
+            # Redis restarted and lost its scripts: call() loads them and sends the batch again.
+            asyncio.ensure_future(self._send_when_connected(batch)).add_done_callback(_retrieve)
+        else:
+            self._fail(exc)
+            batch.finish(CountersUnavailable(type(exc).__name__))
+        if batch.finished.done():
+            self._unanswered.discard(batch)
+
+    async def _send_when_connected(self, batch: _SettleBatch) -> None:
+        batch.sealed = True
+        if self._batch is batch:
+            self._batch = None
+        outcome: BaseException | None = CountersUnavailable("not sent")
+        try:
+            await self.call("settle", batch.keys, [batch.requests, *batch.args])
+            outcome = None
+        except CountersUnavailable as exc:
+            outcome = exc
+        finally:  # also when cancelled: whoever waits for the batch is answered
+            batch.finish(outcome)
+            self._unanswered.discard(batch)
 
     async def note(self, member: str, ip: Check | None, ip_subject: str | None,
                    failure: BruteForce | None = None, key_subject: str | None = None) -> Noted:
@@ -1055,6 +1211,44 @@ class RedisCounters(RedisScripts, Counters):
             interval = self.lease_renew_interval or max(0.05, shortest / 3000)
             await asyncio.sleep(interval)
             await self.renew_leases()
+
+
+MAX_SETTLES_PER_CALL = 200
+"""Requests whose releases share one settle call, at most (bounds the time the script runs)."""
+
+
+class _SettleBatch:
+    """The releases of several requests, sent as one EVALSHA of the settle script."""
+
+    __slots__ = ("keys", "args", "requests", "sealed", "finished")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.keys: list[str] = []
+        self.args: list[object] = []
+        self.requests = 0
+        self.sealed = False
+        """Encoded (or handed to call()): later releases go into a new batch."""
+        self.finished: asyncio.Future[None] = loop.create_future()
+        """Resolved when Redis answered; CountersUnavailable when it did not."""
+
+    def add(self, member: str, releases: Sequence[Release], key: Callable[[str, str], str]) -> None:
+        args = self.args
+        args += (member, len(releases))
+        for release in releases:
+            self.keys.append(key(release.kind, release.subject))
+            if release.kind == TOKENS:
+                self.keys.append(key("ts", release.subject))
+            args += (release.kind, release.reserved, release.actual, release.window_ms)
+        self.requests += 1
+
+    def finish(self, exc: BaseException | None) -> None:
+        if self.finished.done():
+            return
+        if exc is None:
+            self.finished.set_result(None)
+        else:
+            self.finished.set_exception(exc)
+            self.finished.exception()  # retrieved: usually nobody waits for a settle
 
 
 def open_counters(url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1, **options: object) -> Counters:

@@ -9,7 +9,9 @@ Phases:
   requests per minute, the key's and org's tokens per minute (reserved from an
   estimate) and concurrency slots. Sets the ``x-ratelimit-*`` headers.
 * ``settle``: corrects the token reservation to real usage and frees the
-  concurrency slots (one round trip, only when TPM or concurrency applied).
+  concurrency slots (only when TPM or concurrency applied). Nobody waits for
+  it: in Redis the releases of every request settled in one loop iteration
+  travel in one call, which later calls queue behind.
   A request that never reached ``admit`` (failed authentication, bad body) is
   counted against its IP there, and a 401 counts as a failed authentication
   per IP and per public key id; past the threshold the IP is banned on every
@@ -18,7 +20,8 @@ Phases:
 Limits come from the ``limits:`` section, overridden per key by the key row's
 ``limits`` JSON (``rpm``, ``tpm``, ``concurrent``, ``allow``, ``deny``) and per
 organization by ``limits.orgs.<org_id>``. With nothing configured no hot-state
-call is made at all.
+call is made at all. The checks of an identity are compiled once (``_Plan``),
+and with in-process state admit and settle run without a coroutine.
 
 Redis failure: ``redis_failure: open`` (default) limits in-process with a
 warning and a counter; ``closed`` refuses with 503. Calls have a tight timeout
@@ -33,11 +36,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Awaitable, Mapping, Sequence
 
 from aiohttp import web
 
-from nexgate_proxy import GatewayError, RequestContext, hookimpl
+from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
 from nexgate_proxy.appkeys import BUS
 from nexgate_proxy.clientip import IPNetwork, parse_networks
 from nexgate_proxy.config import Config, ConfigReader
@@ -283,26 +286,78 @@ def format_duration(ms: int) -> str:
     if ms <= 0:
         return "0s"
     if ms < 1000:
-        return f"{ms}ms"
+        return _MILLISECONDS[ms]
+    if ms < 60_000:  # what almost every reset header is: looked up, not formatted
+        whole, fraction = divmod(ms, 1000)
+        return str(whole) + _FRACTIONS[fraction]
     hours, rest = divmod(ms, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
-    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    whole, fraction = divmod(rest, 1000)
     out = f"{hours}h" if hours else ""
-    if hours or minutes:
-        out += f"{minutes}m"
-    return out + seconds + "s"
+    return out + f"{minutes}m{whole}" + _FRACTIONS[fraction]
+
+
+_MILLISECONDS = [f"{ms}ms" for ms in range(1000)]
+_FRACTIONS = ["s"] + [f".{fraction:03d}".rstrip("0") + "s" for fraction in range(1, 1000)]
+"""The seconds' tail by milliseconds: 0 -> "s", 500 -> ".5s", 25 -> ".025s"."""
 
 
 @dataclass(slots=True)
-class _Request:
-    """What this plugin did for one request, for settle."""
+class _Plan:
+    """One identity's checks, compiled once and reused while the identity object stays the same.
 
-    backend: Counters | None = None
-    releases: list[Release] | None = None
+    Auth hands out the same ``Identity`` for every request of a cached key, so a request builds no
+    checks, subjects or releases of its own beyond its token reservation.
+    """
+
+    identity: Identity | None
+    limits: Mapping[str, Any] | None
+    org_id: str | None
+    rules: KeyRules | None
+    """The key's own IP lists, when it has any."""
+    checks: tuple[Check, ...]
+    """Key and org checks; a TOKENS check is a template whose amount each request sets."""
+    scopes: tuple[str, ...]
+    tpm: int
+    """The smallest TPM limit of the checks (0: none, the request's tokens are not estimated)."""
+    leases: tuple[Release, ...]
+    """The concurrency slots settle frees; the same for every request."""
+    token_subjects: tuple[str, ...]
+    """Where settle corrects the token reservation."""
+    tokens_at: tuple[int, ...]
+    """Positions of the TOKENS checks in ``checks``."""
+    header_slots: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    """Without, then with the IP's check in front: positions of the REQUESTS and of the TOKENS checks."""
 
 
-_LOCAL = _Request()
+def _header_slots(checks: Sequence[Check]) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    requests = tuple(i for i, c in enumerate(checks) if c.kind == REQUESTS)
+    tokens = tuple(i for i, c in enumerate(checks) if c.kind == TOKENS)
+    return (requests, tokens), ((0, *(i + 1 for i in requests)), tuple(i + 1 for i in tokens))
+
+
+_NO_PLAN = _Plan(None, None, None, None, (), (), 0, (), (), (), _header_slots(()))
+
+
+@dataclass(slots=True)
+class _Admitted:
+    """What admit took for one request, for settle."""
+
+    backend: Counters
+    plan: _Plan
+    tokens: int
+
+
+_LOCAL = object()
 """Refused without a state call: nothing to settle, nothing to count."""
+_NOTHING_TO_SETTLE = object()
+"""Admitted with requests-per-minute checks only: settle has nothing to undo."""
+
+
+@lru_cache(maxsize=16384)
+def _ip_check(subject: str, limit: int) -> Check:
+    # Shared, never mutated: the backends only read checks.
+    return Check(REQUESTS, subject, limit)
 
 
 class RateLimiter:
@@ -325,8 +380,12 @@ class RateLimiter:
         """ip subject -> monotonic time the ban ends (learned locally, from the state, or the bus)."""
         self._blocked: dict[str, tuple[float, str, int]] = {}
         """subject -> (until, refusal code, limit): a used-up request rate, refused without a round trip."""
-        self._rules: dict[str, tuple[Mapping[str, Any], KeyRules]] = {}
+        self._plans: dict[str, _Plan] = {}
+        """key id -> its compiled checks (see ``_Plan``)."""
         self._warned_rules: set[str] = set()
+        self.ip_subjects = bool(s.ip_rpm or s.brute_force)
+        self._in_process = True
+        """The state is a MemoryCounters: called directly, without a coroutine."""
         self._bus: Any = None
         # counters for metrics and tests
         self.refused: dict[str, int] = {}
@@ -340,6 +399,7 @@ class RateLimiter:
         self._bus = bus
         self.backend = open_counters(self.state_url, prefix=self.settings.redis_prefix,
                                      timeout=self.settings.redis_timeout_ms / 1000)
+        self._in_process = isinstance(self.backend, MemoryCounters)
         await self.backend.start()
         await self.fallback.start()
         if bus is not None:
@@ -425,52 +485,44 @@ class RateLimiter:
 
     # -- admit: one round trip
 
-    def rules_for(self, key_id: str, limits: Mapping[str, Any]) -> KeyRules:
-        cached = self._rules.get(key_id)
-        if cached is not None and cached[0] is limits:
-            return cached[1]
+    def rules_for(self, key_subject: str, limits: Mapping[str, Any]) -> KeyRules:
+        """A key row's overrides (the plan cache keeps them); a malformed entry is warned about once."""
         rules, bad = parse_key_rules(limits, self.settings.key)
-        if bad and key_id not in self._warned_rules:
-            self._warned_rules.add(key_id)
+        if bad and key_subject not in self._warned_rules:
+            if len(self._warned_rules) >= MAX_LOCAL_ENTRIES:
+                self._warned_rules.clear()
+            self._warned_rules.add(key_subject)
             log.warning("API key %s has malformed limits %s: bad numbers fall back to the defaults, a bad "
-                        "allow/deny list refuses every IP", key_id, sorted(bad))
-        if len(self._rules) >= MAX_LOCAL_ENTRIES:
-            self._rules.clear()
-        self._rules[key_id] = (limits, rules)
+                        "allow/deny list refuses every IP", key_subject, sorted(bad))
         return rules
 
-    async def admit(self, ctx: RequestContext) -> None:
-        s = self.settings
-        identity = ctx.identity
-        quota = s.key
-        org_quota: Quota | None = None
-        key_subject = org_subject = None
-        if identity is not None:
-            key_subject = "key:" + (identity.key_id or identity.account_id)
-            if identity.limits:
-                rules = self.rules_for(key_subject, identity.limits)
-                quota = rules.quota
-                if rules.allow or rules.deny:
-                    address, _ = _ip_info(ctx.client_ip, s.ipv6_prefix)
-                    if address is None or (rules.deny and _in(address, rules.deny)) or (
-                            rules.allow and not _in(address, rules.allow)):
-                        self._count_refusal("ip_not_allowed")
-                        raise _not_allowed(for_key=True)
-            if identity.org_id:
-                org_subject = "org:" + identity.org_id
-                org_quota = s.orgs.get(identity.org_id, s.org)
-        else:
-            quota = Quota()
-        _, ip_subject = _ip_info(ctx.client_ip, s.ipv6_prefix) if (s.ip_rpm or s.brute_force) else (None, "")
+    def plan_for(self, identity: Identity) -> _Plan:
+        key_id = identity.key_id or identity.account_id
+        plan = self._plans.get(key_id)
+        if plan is not None and plan.identity is identity and plan.limits is identity.limits \
+                and plan.org_id == identity.org_id:
+            return plan
+        plan = self._compile(identity, "key:" + key_id)
+        if len(self._plans) >= MAX_LOCAL_ENTRIES:
+            self._plans.clear()
+        self._plans[key_id] = plan
+        return plan
 
+    def _compile(self, identity: Identity, key_subject: str) -> _Plan:
+        s = self.settings
+        quota = s.key
+        rules: KeyRules | None = None
+        if identity.limits:
+            rules = self.rules_for(key_subject, identity.limits)
+            quota = rules.quota
+        org_subject = org_quota = None
+        if identity.org_id:
+            org_subject = "org:" + identity.org_id
+            org_quota = s.orgs.get(identity.org_id, s.org)
         checks: list[Check] = []
         scopes: list[str] = []
-        if s.ip_rpm and ip_subject:
-            checks.append(Check(REQUESTS, ip_subject, s.ip_rpm))
-            scopes.append("ip")
-        tokens = 0
-        if (quota.tpm or (org_quota is not None and org_quota.tpm)) and ctx.body is not None:
-            tokens = self.estimate_tokens(ctx)
+        leases: list[Release] = []
+        token_subjects: list[str] = []
         for subject, q, scope in ((key_subject, quota, "key"), (org_subject, org_quota, "org")):
             if subject is None or q is None or not q:
                 continue
@@ -478,46 +530,70 @@ class RateLimiter:
                 checks.append(Check(REQUESTS, subject, q.rpm))
                 scopes.append(scope)
             if q.tpm:
-                if tokens > q.tpm:
-                    self._count_refusal("rate_limit_tokens")
-                    raise _too_large(tokens, q.tpm, scope)
-                checks.append(Check(TOKENS, subject, q.tpm, tokens))
+                checks.append(Check(TOKENS, subject, q.tpm, 0))
                 scopes.append(scope)
+                token_subjects.append(subject)
             if q.concurrent:
                 checks.append(Check(CONCURRENCY, subject, q.concurrent, 1, self.lease_ms))
                 scopes.append(scope)
+                leases.append(Release(CONCURRENCY, subject, 1, 0, self.lease_ms))
+        tpm = min((c.limit for c in checks if c.kind == TOKENS), default=0)
+        own_ips = rules if rules is not None and (rules.allow or rules.deny) else None
+        return _Plan(identity, identity.limits, identity.org_id, own_ips, tuple(checks), tuple(scopes), tpm,
+                     tuple(leases), tuple(token_subjects),
+                     tuple(i for i, c in enumerate(checks) if c.kind == TOKENS), _header_slots(checks))
+
+    async def admit(self, ctx: RequestContext) -> None:
+        """Check and take every limit of the request, or refuse it (the hook calls ``admit_now``)."""
+        pending = self.admit_now(ctx)
+        if pending is not None:
+            await pending
+
+    def admit_now(self, ctx: RequestContext) -> Awaitable[None] | None:
+        """In-process state: decided at once, returns None. Shared state: returns the round trip to await.
+
+        Sync on purpose: the hook chain calls a plain function without a coroutine, and awaits what it
+        returns, so the in-process path costs no coroutine at all.
+        """
+        s = self.settings
+        identity = ctx.identity
+        plan = self.plan_for(identity) if identity is not None else _NO_PLAN
+        if plan.rules is not None:
+            self._check_key_ips(ctx, plan.rules)
+        checks: Sequence[Check] = plan.checks
+        tokens = 0
+        if plan.tpm:
+            if ctx.body is not None:
+                tokens = self.estimate_tokens(ctx)
+                if tokens > plan.tpm:
+                    self._refuse_too_large(plan, tokens)
+            checks = list(checks)
+            for i in plan.tokens_at:  # the templates stay untouched: other requests share them
+                template = checks[i]
+                checks[i] = Check(TOKENS, template.subject, template.limit, tokens)
+        ip_subject = _ip_info(ctx.client_ip, s.ipv6_prefix)[1] if self.ip_subjects else ""
+        with_ip = bool(s.ip_rpm and ip_subject)
+        if with_ip:
+            checks = [_ip_check(ip_subject, s.ip_rpm), *checks]
         if not checks:
-            return
+            return None
         # Bans are known locally (own failures, the bus); the state is asked too when it is asked anyway.
         ban_subject = ip_subject if (s.brute_force and ip_subject) else None
-        # A request rate known to be used up is refused without asking the state again.
         if self._blocked:
-            for check, scope in zip(checks, scopes):
-                if check.kind == REQUESTS:
-                    blocked = self._blocked_ms(check.subject)
-                    if blocked is not None:
-                        ctx.scratch[NAME] = _LOCAL
-                        self._count_refusal(blocked[1])
-                        raise self._rate_error(blocked[1], blocked[0], blocked[2], scope)
-        state = _Request()
-        ctx.scratch[NAME] = state
-        decision = await self._acquire(ctx, state, checks, ban_subject)
-        if not decision.allowed:
-            self._refused(ctx, decision, checks, scopes)
-        self._set_headers(ctx, decision, checks)
-        releases = None
-        for check in checks:
-            if check.kind == TOKENS or check.kind == CONCURRENCY:
-                if releases is None:
-                    releases = []
-                releases.append(Release(check.kind, check.subject, check.amount, 0, check.window_ms))
-        state.releases = releases
+            self._refuse_if_blocked(ctx, checks, plan, with_ip)
+        ctx.scratch[NAME] = _NOTHING_TO_SETTLE  # until something was taken
+        self.round_trip_calls += 1
+        if not self._in_process:
+            return self._admit_shared(ctx, plan, checks, with_ip, tokens, ban_subject)
+        backend = self.backend
+        decision = backend.acquire_now(ctx.request_id, checks, ban_subject)  # type: ignore[attr-defined]
+        self._admitted(ctx, plan, checks, with_ip, tokens, decision, backend)
+        return None
 
-    async def _acquire(self, ctx: RequestContext, state: _Request, checks: list[Check],
-                       ban_subject: str | None) -> Decision:
+    async def _admit_shared(self, ctx: RequestContext, plan: _Plan, checks: Sequence[Check], with_ip: bool,
+                            tokens: int, ban_subject: str | None) -> None:
         backend = self.backend
         try:
-            self.round_trip_calls += 1
             decision = await backend.acquire(ctx.request_id, checks, ban_subject)
         except CountersUnavailable:
             if self.fail_closed:
@@ -526,11 +602,42 @@ class RateLimiter:
                                    code="rate_limit_unavailable", headers={"Retry-After": "1"}) from None
             self.fallback_decisions += 1
             backend = self.fallback
-            decision = self.fallback.acquire_now(ctx.request_id, checks, ban_subject)
-        state.backend = backend
-        return decision
+            decision = backend.acquire_now(ctx.request_id, checks, ban_subject)
+        self._admitted(ctx, plan, checks, with_ip, tokens, decision, backend)
 
-    def _refused(self, ctx: RequestContext, decision: Decision, checks: list[Check], scopes: list[str]) -> None:
+    def _admitted(self, ctx: RequestContext, plan: _Plan, checks: Sequence[Check], with_ip: bool, tokens: int,
+                  decision: Decision, backend: Counters) -> None:
+        if not decision.allowed:
+            self._refused(ctx, decision, checks, _scopes(plan, with_ip))
+        self._set_headers(ctx.response_headers, decision, checks, plan.header_slots[with_ip])
+        if plan.token_subjects or plan.leases:
+            ctx.scratch[NAME] = _Admitted(backend, plan, tokens)
+
+    def _check_key_ips(self, ctx: RequestContext, rules: KeyRules) -> None:
+        address, _ = _ip_info(ctx.client_ip, self.settings.ipv6_prefix)
+        if address is None or (rules.deny and _in(address, rules.deny)) or (
+                rules.allow and not _in(address, rules.allow)):
+            self._count_refusal("ip_not_allowed")
+            raise _not_allowed(for_key=True)
+
+    def _refuse_too_large(self, plan: _Plan, tokens: int) -> None:
+        for check, scope in zip(plan.checks, plan.scopes):
+            if check.kind == TOKENS and tokens > check.limit:
+                self._count_refusal("rate_limit_tokens")
+                raise _too_large(tokens, check.limit, scope)
+
+    def _refuse_if_blocked(self, ctx: RequestContext, checks: Sequence[Check], plan: _Plan, with_ip: bool) -> None:
+        # A request rate known to be used up is refused without asking the state again.
+        for check, scope in zip(checks, _scopes(plan, with_ip)):
+            if check.kind == REQUESTS:
+                blocked = self._blocked_ms(check.subject)
+                if blocked is not None:
+                    ctx.scratch[NAME] = _LOCAL
+                    self._count_refusal(blocked[1])
+                    raise self._rate_error(blocked[1], blocked[0], blocked[2], scope)
+
+    def _refused(self, ctx: RequestContext, decision: Decision, checks: Sequence[Check],
+                 scopes: Sequence[str]) -> None:
         retry = max(decision.retry_ms, 1)
         if decision.refused == BANNED:
             _, subject = _ip_info(ctx.client_ip, self.settings.ipv6_prefix)
@@ -568,24 +675,23 @@ class RateLimiter:
                       f"Please try again in {wait}."
         return GatewayError(429, message, code=code, headers=_retry_headers(retry_ms))
 
-    def _set_headers(self, ctx: RequestContext, decision: Decision, checks: list[Check]) -> None:
-        best_r = best_t = -1
-        for i, check in enumerate(checks):
-            if check.kind == REQUESTS:
-                if best_r < 0 or decision.remaining[i] < decision.remaining[best_r]:
-                    best_r = i
-            elif check.kind == TOKENS:
-                if best_t < 0 or decision.remaining[i] < decision.remaining[best_t]:
-                    best_t = i
-        headers = ctx.response_headers
-        if best_r >= 0:
-            headers["x-ratelimit-limit-requests"] = str(checks[best_r].limit)
-            headers["x-ratelimit-remaining-requests"] = str(max(decision.remaining[best_r], 0))
-            headers["x-ratelimit-reset-requests"] = format_duration(decision.reset_ms[best_r])
-        if best_t >= 0:
-            headers["x-ratelimit-limit-tokens"] = str(checks[best_t].limit)
-            headers["x-ratelimit-remaining-tokens"] = str(max(decision.remaining[best_t], 0))
-            headers["x-ratelimit-reset-tokens"] = format_duration(decision.reset_ms[best_t])
+    def _set_headers(self, headers: dict[str, str], decision: Decision, checks: Sequence[Check],
+                     slots: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        """The tightest requests limit and the tightest tokens limit, as OpenAI reports them."""
+        remaining = decision.remaining
+        requests_at, tokens_at = slots
+        if requests_at:
+            best = requests_at[0] if len(requests_at) == 1 else min(requests_at, key=remaining.__getitem__)
+            left = remaining[best]
+            headers["x-ratelimit-limit-requests"] = _limit_text(checks[best].limit)
+            headers["x-ratelimit-remaining-requests"] = str(left) if left > 0 else "0"
+            headers["x-ratelimit-reset-requests"] = format_duration(decision.reset_ms[best])
+        if tokens_at:
+            best = tokens_at[0] if len(tokens_at) == 1 else min(tokens_at, key=remaining.__getitem__)
+            left = remaining[best]
+            headers["x-ratelimit-limit-tokens"] = _limit_text(checks[best].limit)
+            headers["x-ratelimit-remaining-tokens"] = str(left) if left > 0 else "0"
+            headers["x-ratelimit-reset-tokens"] = format_duration(decision.reset_ms[best])
 
     def estimate_tokens(self, ctx: RequestContext) -> int:
         """Prompt estimated from the body (kept nowhere) plus the output the request may produce."""
@@ -601,26 +707,25 @@ class RateLimiter:
     # -- settle
 
     async def settle(self, ctx: RequestContext) -> None:
-        state: _Request | None = ctx.scratch.get(NAME)
+        """Give back what admit took (the hook calls ``settle_now``)."""
+        pending = self.settle_now(ctx)
+        if pending is not None:
+            await pending
+
+    def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:
+        """Correct the token reservation and free the slots without waiting: in-process at once, in Redis
+        batched with the other releases of this loop iteration. Returns the IP note to await, if any."""
+        state = ctx.scratch.get(NAME)
         if state is None:
-            if self.note_needed:
-                await self._note(ctx)
-            return
-        if state.releases and state.backend is not None:
-            usage = ctx.usage
-            actual_tokens = usage.prompt_tokens + usage.completion_tokens
-            for release in state.releases:
-                if release.kind == TOKENS:
-                    if actual_tokens:
-                        release.actual = actual_tokens
-                    elif ctx.first_byte_at is not None and (ctx.status < 400 or ctx.client_disconnected):
-                        release.actual = release.reserved  # answered without counts: keep the estimate
-                    # else nothing was generated (refused, failed upstream, an error answer): release it all
-            try:
-                self.round_trip_calls += 1
-                await state.backend.settle(ctx.request_id, state.releases)
-            except CountersUnavailable:
-                pass  # leases and reservations expire on their own
+            return self._note(ctx) if self.note_needed else None
+        if state.__class__ is not _Admitted:
+            return None  # refused, or nothing taken that settle must give back
+        self.round_trip_calls += 1
+        try:
+            state.backend.settle_soon(ctx.request_id, _releases(ctx, state))
+        except CountersUnavailable:
+            pass  # leases and reservations expire on their own
+        return None
 
     async def _note(self, ctx: RequestContext) -> None:
         s = self.settings
@@ -658,6 +763,37 @@ class RateLimiter:
 
     def _count_refusal(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
+
+
+def _scopes(plan: _Plan, with_ip: bool) -> tuple[str, ...]:
+    return ("ip", *plan.scopes) if with_ip else plan.scopes
+
+
+def _releases(ctx: RequestContext, state: _Admitted) -> Sequence[Release]:
+    """The token corrections (to the request's real usage) and the slots to free."""
+    plan = state.plan
+    if not plan.token_subjects:
+        return plan.leases
+    usage = ctx.usage
+    actual = usage.prompt_tokens + usage.completion_tokens
+    if not actual and ctx.first_byte_at is not None and (ctx.status < 400 or ctx.client_disconnected):
+        actual = state.tokens  # answered without counts: keep the estimate
+    # else nothing was generated (refused, failed upstream, an error answer): release it all
+    tokens = [Release(TOKENS, subject, state.tokens, actual, WINDOW_MS) for subject in plan.token_subjects]
+    return tokens + list(plan.leases) if plan.leases else tokens
+
+
+_LIMIT_TEXTS: dict[int, str] = {}
+
+
+def _limit_text(limit: int) -> str:
+    # A handful of configured limits, each written on every response: made into text once.
+    text = _LIMIT_TEXTS.get(limit)
+    if text is None:
+        if len(_LIMIT_TEXTS) >= 4096:
+            _LIMIT_TEXTS.clear()
+        text = _LIMIT_TEXTS[limit] = str(limit)
+    return text
 
 
 _SCOPE_TEXT = {"key": "on this API key", "org": "for your organization", "ip": "for your IP address"}
@@ -730,18 +866,24 @@ def nexgate_authenticate(ctx: RequestContext) -> None:
     return None
 
 
+# admit and settle are plain functions that return an awaitable only when there is one to wait for
+# (the chain awaits it): with in-process state a request costs no coroutine here.
+
+
 @hookimpl
-async def nexgate_admit(ctx: RequestContext) -> None:
+def nexgate_admit(ctx: RequestContext) -> Awaitable[None] | None:
     limiter = ctx.app[LIMITER]
     if limiter.has_defaults or (ctx.identity is not None and ctx.identity.limits):
-        await limiter.admit(ctx)
+        return limiter.admit_now(ctx)
+    return None
 
 
 @hookimpl
-async def nexgate_settle(ctx: RequestContext) -> None:
+def nexgate_settle(ctx: RequestContext) -> Awaitable[None] | None:
     limiter = ctx.app[LIMITER]
     if limiter.note_needed or NAME in ctx.scratch:
-        await limiter.settle(ctx)
+        return limiter.settle_now(ctx)
+    return None
 
 
 # ------------------------------------------------------------------ metrics

@@ -339,3 +339,88 @@ def test_open_counters_by_url() -> None:
     assert isinstance(open_counters("redis://127.0.0.1:6379/0"), RedisCounters)
     with pytest.raises(ValueError, match="unsupported"):
         open_counters("mysql://x")
+
+
+# ------------------------------------------------------- settles travel in batches
+
+
+async def test_a_settle_not_waited_for_is_seen_by_the_next_call(counters: Counters) -> None:
+    slot = Check(CONCURRENCY, "key:soon", 1)
+    tokens = Check(TOKENS, "key:soon", 100, amount=80)
+    a = member()
+    assert (await counters.acquire(a, [slot, tokens])).allowed
+    counters.settle_soon(a, [Release(TOKENS, "key:soon", 80, 30), Release(CONCURRENCY, "key:soon")])
+    # No await in between: the next call still finds the slot free and the reservation corrected.
+    after = await counters.acquire(member(), [slot, Check(TOKENS, "key:soon", 100, amount=10)])
+    assert after.allowed and after.remaining == [0, 60]
+
+
+@pytest.mark.redis
+async def test_settles_of_one_loop_iteration_share_one_round_trip() -> None:
+    counters = RedisCounters(require_redis(), prefix=f"test:rl:{secrets.token_hex(6)}", timeout=1.0)
+    await counters.start()
+    calls = wire_commands(counters)
+    try:
+        members = [member() for _ in range(30)]
+        checks = [Check(TOKENS, "key:batch", 3000, amount=100), Check(CONCURRENCY, "key:batch", 30)]
+        await asyncio.gather(*[counters.acquire(m, checks) for m in members])
+        assert not (await counters.acquire(member(), checks)).allowed  # every slot taken
+        calls.clear()
+        for m in members:
+            counters.settle_soon(m, [Release(TOKENS, "key:batch", 100, 40), Release(CONCURRENCY, "key:batch")])
+        after = await counters.acquire(member(), checks)
+        # 30 requests' releases in one EVALSHA, then the acquire: every slot free, every reservation corrected.
+        assert calls == ["EVALSHA", "EVALSHA"]
+        assert after.allowed and after.remaining == [3000 - 30 * 40 - 100, 29]
+    finally:
+        await counters.close()
+
+
+@pytest.mark.redis
+async def test_close_sends_the_settles_still_waiting() -> None:
+    prefix = f"test:rl:{secrets.token_hex(6)}"
+    leaving, staying = redis_pair(prefix, timeout=1.0)
+    await leaving.start()
+    await staying.start()
+    try:
+        slot = Check(CONCURRENCY, "key:closing", 1)
+        m = member()
+        assert (await leaving.acquire(m, [slot])).allowed
+        leaving.settle_soon(m, [Release(CONCURRENCY, "key:closing")])
+        await leaving.close()  # shutdown: the release goes out before the connection closes
+        assert (await staying.acquire(member(), [slot])).allowed
+    finally:
+        await staying.close()
+
+
+@pytest.mark.redis
+async def test_a_settle_that_times_out_counts_as_a_failure_and_the_connection_stays_in_step() -> None:
+    counters = RedisCounters(require_redis(), prefix=f"test:rl:{secrets.token_hex(6)}", timeout=0.05)
+    await counters.start()
+    conn = counters._conn
+    assert conn is not None
+    try:
+        slot = Check(CONCURRENCY, "key:slow", 2)
+        a = member()
+        assert (await counters.acquire(a, [slot])).allowed
+        deliver = conn.data_received
+        loop = asyncio.get_running_loop()
+        conn.data_received = lambda data: loop.call_later(0.1, deliver, data)  # type: ignore[method-assign]
+        with pytest.raises(CountersUnavailable):
+            await counters.settle(a, [Release(CONCURRENCY, "key:slow")])
+        assert counters.failures == 1 and not counters.breaker.open
+        await asyncio.sleep(0.15)  # the late reply arrives with nobody waiting for it
+        conn.data_received = deliver  # type: ignore[method-assign]
+        # Redis did free the slot; the next call gets its own reply, not the stale one.
+        assert (await counters.acquire(member(), [slot])).remaining == [1]
+        assert counters._conn is conn
+    finally:
+        await counters.close()
+
+
+async def test_an_open_circuit_refuses_a_settle_at_once() -> None:
+    counters = RedisCounters(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.05)
+    counters.breaker.open = True
+    with pytest.raises(CountersUnavailable):
+        counters.settle_soon(member(), [Release(CONCURRENCY, "key:x")])
+    await counters.close()

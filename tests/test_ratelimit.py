@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
+from nexgate_proxy import Identity, RequestContext
 from nexgate_proxy.accounts import create_api_key
 from nexgate_proxy.app import build_app
 from nexgate_proxy.appkeys import STORE
@@ -25,7 +26,7 @@ from nexgate_proxy.estimate import estimate_prompt_tokens
 from nexgate_proxy.keys import generate_key
 from nexgate_proxy.store import open_store
 from nexgate_plugins.auth import AUTH
-from nexgate_plugins.ratelimit import LIMITER, format_duration
+from nexgate_plugins.ratelimit import LIMITER, LimitSettings, Quota, RateLimiter, format_duration
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeUpstream
 from tests.test_counters import wire_commands
@@ -519,3 +520,55 @@ async def test_a_relayed_provider_429_is_told_apart(upstream: FakeUpstream, star
     assert body["error"]["code"] not in ("rate_limit_requests", "rate_limit_tokens", "concurrency_limit",
                                          "ip_rate_limit")
     assert headers["x-ratelimit-remaining-requests"] == "99"  # our own budget, still reported
+
+
+# ------------------------------------------------------ compiled per identity
+
+
+def _request_for(identity: Identity, n: int) -> RequestContext:
+    return RequestContext(request_id=f"req_plan_{n}", endpoint="chat.completions", api_format="openai",
+                          request=None, client_ip="192.0.2.10", body=dict(HI), body_size=60, model="gpt-test",
+                          identity=identity)
+
+
+async def test_checks_compiled_per_identity_follow_a_changed_key() -> None:
+    limiter = RateLimiter(LimitSettings(key=Quota(rpm=1)))
+    first = Identity(account_id="usr_1", key_id="key_plan")
+    ctx = _request_for(first, 1)
+    await limiter.admit(ctx)
+    assert ctx.response_headers["x-ratelimit-remaining-requests"] == "0"
+    # Auth hands out a new identity when the key row changed: its new limits apply at once.
+    raised = Identity(account_id="usr_1", key_id="key_plan", limits={"rpm": 3})
+    ctx = _request_for(raised, 2)
+    await limiter.admit(ctx)
+    assert ctx.response_headers["x-ratelimit-limit-requests"] == "3"
+    assert ctx.response_headers["x-ratelimit-remaining-requests"] == "1"
+    # The same identity object moved to an organization with its own limit: that one counts too.
+    limiter = RateLimiter(LimitSettings(key=Quota(rpm=10), org=Quota(rpm=2, tpm=10_000)))
+    moving = Identity(account_id="usr_2", key_id="key_moving")
+    await limiter.admit(_request_for(moving, 4))
+    moving.org_id = "org_plan"
+    ctx = _request_for(moving, 5)
+    await limiter.admit(ctx)
+    assert ctx.response_headers["x-ratelimit-limit-requests"] == "2"
+    assert "x-ratelimit-limit-tokens" in ctx.response_headers
+
+
+async def test_settle_gives_back_only_what_admit_took() -> None:
+    limiter = RateLimiter(LimitSettings(key=Quota(rpm=100, tpm=5000, concurrent=1)))
+    identity = Identity(account_id="usr_3", key_id="key_settle")
+    ctx = _request_for(identity, 1)
+    await limiter.admit(ctx)
+    reserved = 5000 - int(ctx.response_headers["x-ratelimit-remaining-tokens"])
+    ctx.status, ctx.first_byte_at = 200, time.perf_counter()
+    ctx.usage.prompt_tokens, ctx.usage.completion_tokens = 11, 7
+    await limiter.settle(ctx)
+    again = _request_for(identity, 2)
+    await limiter.admit(again)  # the slot was freed, and the reservation corrected to 18 tokens
+    assert again.response_headers["x-ratelimit-remaining-tokens"] == str(5000 - 18 - reserved)
+    # A request with requests-per-minute limits only has nothing to give back.
+    rpm_only = RateLimiter(LimitSettings(key=Quota(rpm=100)))
+    ctx = _request_for(identity, 3)
+    await rpm_only.admit(ctx)
+    await rpm_only.settle(ctx)
+    assert rpm_only.round_trip_calls == 1
