@@ -3,6 +3,8 @@
 Creating and revoking keys in one place keeps the rules in one place: the
 plaintext exists only in the return value of ``create_api_key``, and a
 revocation is announced on the bus so every instance drops its cached copy.
+An organization's limit overrides are announced the same way: the cached
+identities of its keys carry them.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Any, Mapping, Sequence
 
 from .bus import InvalidationBus
 from .keys import DEFAULT_BCRYPT_ROUNDS, generate_key, hash_secret_async
-from .store import ApiKeyRow, Store
+from .store import ApiKeyRow, Organization, Store
 
 API_KEY_EVENT = "api_key"
 """Bus message kind: the value is a key id whose cached verification must be dropped."""
+ORG_EVENT = "org"
+"""Bus message kind: the value is an organization id; the cached identities of its keys must be dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +59,15 @@ async def revoke_api_key(store: Store, bus: InvalidationBus | None, key_id: str)
         # Also when it was already revoked: an instance may have missed the first message.
         await bus.publish(API_KEY_EVENT, key_id)
     return revoked
+
+
+async def set_org_limits(store: Store, bus: InvalidationBus | None, org_id: str,
+                         limits: Mapping[str, Any] | None) -> Organization:
+    """Replace the organization's limit overrides ({} or None removes them), then tell every instance.
+
+    NotFound (nothing published) for an unknown organization.
+    """
+    org = await store.set_org_limits(org_id, dict(limits) if limits else None)
+    if bus is not None:
+        await bus.publish(ORG_EVENT, org_id)
+    return org

@@ -8,7 +8,8 @@ Every command takes ``--config PATH`` (default: ``$NEXGATE_CONFIG``,
 print one line and exit with 1; never a traceback. ``keys revoke`` and
 ``orgs remove-member`` announce revocations on the config's state store
 (``state.url``), so running gateways drop the keys at once; so does
-``users delete`` (account deletion: see ``nexgate_plugins.privacy_api``).
+``users delete`` (account deletion: see ``nexgate_plugins.privacy_api``), and
+``orgs limits`` announces an organization's new rate-limit overrides.
 ``users export`` writes a user's data as JSON or a zip of CSVs, and
 ``retention run`` clears client IPs older than ``privacy.ip_retention_days``.
 """
@@ -174,7 +175,8 @@ async def _existing_org(store: Store, org_id: str) -> Any:
     return org
 
 
-async def _with_bus(env: Env, work: Callable[[Any], Awaitable[Any]], announced: Callable[[Any], bool]) -> Any:
+async def _with_bus(env: Env, work: Callable[[Any], Awaitable[Any]], announced: Callable[[Any], bool],
+                    what: str = "drop revoked keys") -> Any:
     """Run `work(bus)` with the state store's bus; warn when other gateways could not be told."""
     from .bus import open_bus
 
@@ -190,10 +192,10 @@ async def _with_bus(env: Env, work: Callable[[Any], Awaitable[Any]], announced: 
         await bus.close()
     if announced(result):
         if env.state_url.startswith("memory:"):
-            print("note: no shared state store (state.url is memory://): running gateways drop revoked keys "
+            print(f"note: no shared state store (state.url is memory://): running gateways {what} "
                   "when their key cache expires (auth.cache_ttl, 60 s by default)", file=sys.stderr)
         elif not reached:
-            print("warning: the state store (state.url) did not answer: running gateways drop revoked keys "
+            print(f"warning: the state store (state.url) did not answer: running gateways {what} "
                   "when their key cache expires (auth.cache_ttl, 60 s by default)", file=sys.stderr)
     return result
 
@@ -286,6 +288,38 @@ async def _orgs_remove_member(env: Env, store: Store) -> int:
         lines.append(f"Revoked the organization keys they created: {', '.join(revoked)}")
     _emit(env, {"object": "organization.member.deleted", "org_id": org.id, "user_id": user_id, "deleted": True,
                 "revoked_key_ids": revoked}, lines)
+    return 0
+
+
+def _org_limits_argument(env: Env) -> dict[str, Any] | None:
+    """--limits JSON or --clear, checked by the admin API's rules (unknown names are refused)."""
+    from . import GatewayError
+
+    if env.args.clear:
+        return None
+    try:
+        raw = json.loads(env.args.limits)
+    except ValueError:
+        raise CliError("--limits must be a JSON object, e.g. '{\"rpm\": 600}'") from None
+    if not isinstance(raw, dict):
+        raise CliError("--limits must be a JSON object, e.g. '{\"rpm\": 600}'")
+    try:
+        return _views().parse_org_limits(raw)
+    except GatewayError as exc:
+        raise CliError(f"--limits: {exc.message}") from None
+
+
+async def _orgs_limits(env: Env, store: Store) -> int:
+    from .accounts import set_org_limits
+
+    limits = _org_limits_argument(env)
+    org = await _existing_org(store, env.args.org_id)
+    updated = await _with_bus(env, lambda bus: set_org_limits(store, bus, org.id, limits), lambda _: True,
+                              "apply the new limits")
+    shown = json.dumps(dict(updated.limits), sort_keys=True) if updated.limits else None
+    _emit(env, _views().org_json(updated),
+          f"Set the limits of {org.id} to {shown}" if shown else
+          f"Removed the limit overrides of {org.id}: the config's limits apply")
     return 0
 
 
@@ -514,6 +548,14 @@ def register(subparsers: Any) -> None:
              "remove a member; revokes the organization keys they created", _orgs_remove_member, with_state)
     p.add_argument("org_id")
     p.add_argument("user_id")
+    p = _add(orgs_sub, "limits", "set or remove an organization's rate-limit overrides (over the config's "
+             "limits.orgs and limits.org), on every gateway at once", _orgs_limits, with_state)
+    p.add_argument("org_id")
+    change = p.add_mutually_exclusive_group(required=True)
+    change.add_argument("--limits", metavar="JSON",
+                        help="the overrides as a JSON object, replacing any before, e.g. '{\"rpm\": 600, "
+                             "\"tpm\": 200000, \"concurrent\": 20}' (0 = no limit)")
+    change.add_argument("--clear", action="store_true", help="remove the overrides")
 
     keys = subparsers.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")

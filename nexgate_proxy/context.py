@@ -37,6 +37,8 @@ class Identity:
     """None means every model."""
     limits: dict[str, Any] = field(default_factory=dict)
     """Per-key or per-org limit overrides, read by the rate limit plugin."""
+    org_limits: dict[str, Any] = field(default_factory=dict)
+    """Per-org limit overrides from the store, read by the rate limit plugin."""
 
 
 @dataclass(slots=True)

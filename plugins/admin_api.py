@@ -29,6 +29,11 @@ is visible: asking for it answers 404. Amounts are exact decimal strings
 Removing a member also revokes the organization keys that member created: they
 saw the plaintext, and removal must end their access to the organization.
 
+An organization's rate-limit overrides (``PATCH /orgs/{org_id}``, ``limits``)
+are the operator's abuse control: only the superadmin sets them, and only the
+superadmin's view of an organization shows them (members never see them, so
+org owners cannot learn or raise their own ceiling through this API).
+
 The OpenAPI document of this API is served at ``GET /admin/v1/openapi.json``
 (without authentication: it describes the API, not its data).
 """
@@ -36,6 +41,7 @@ The OpenAPI document of this API is served at ``GET /admin/v1/openapi.json``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -47,7 +53,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, hookimpl
-from nexgate_proxy.accounts import create_api_key, revoke_api_key
+from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
 from nexgate_proxy.appkeys import BUS, STORE
 from nexgate_proxy.bus import InvalidationBus
 from nexgate_proxy.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
@@ -80,6 +86,7 @@ from nexgate_proxy.store import (
 from nexgate_proxy.store.base import GROUP_BYS
 from nexgate_plugins.admin_openapi import build_openapi
 from nexgate_plugins.auth import AuthSettings, parse_auth_settings
+from nexgate_plugins.ratelimit import Quota
 
 log = logging.getLogger("nexgate.admin")
 
@@ -92,6 +99,11 @@ MAX_ALLOWED_MODELS = 256
 MAX_LIMITS = 32
 MAX_PAGE = 1000
 ADMIN_ROLES = frozenset({"owner", "admin"})
+
+ORG_LIMIT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Quota))
+"""What the rate limiter reads from an organization's override: its quota (rpm, tpm, concurrent)."""
+MAX_LIMIT_VALUE = 2**53 - 1
+"""Counters are Lua numbers (doubles) in Redis: larger integers would not count exactly."""
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _LIMIT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -114,9 +126,12 @@ def user_json(user: User) -> dict[str, Any]:
 
 
 def org_json(org: Organization, role: str | None = None) -> dict[str, Any]:
-    """``role`` is the caller's role in it (None for the superadmin)."""
-    return {"object": "organization", "id": org.id, "name": org.name, "created_at": iso(org.created_at),
-            "role": role}
+    """``role`` is the caller's role in it (None for the superadmin, whose view alone has ``limits``)."""
+    body: dict[str, Any] = {"object": "organization", "id": org.id, "name": org.name,
+                            "created_at": iso(org.created_at), "role": role}
+    if role is None:
+        body["limits"] = dict(org.limits) if org.limits is not None else None
+    return body
 
 
 def member_json(membership: Membership, user: User | None) -> dict[str, Any]:
@@ -270,8 +285,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-async def _body(request: web.Request, fields: Mapping[str, type | tuple[type, ...]]) -> dict[str, Any]:
-    """The JSON object body, with only known fields of the right JSON types (null = absent)."""
+async def _body(request: web.Request, fields: Mapping[str, type | tuple[type, ...]],
+                keep_null: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object body, with only known fields of the right JSON types (null = absent, except in keep_null)."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise GatewayError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
     try:
@@ -299,7 +315,7 @@ async def _body(request: web.Request, fields: Mapping[str, type | tuple[type, ..
             raise _bad(key, f"'{key}' must be {_type_name(expected)}.")
         if not isinstance(value, expected):
             raise _bad(key, f"'{key}' must be {_type_name(expected)}.")
-    return {k: v for k, v in data.items() if v is not None}
+    return {k: v for k, v in data.items() if v is not None or k in keep_null}
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
@@ -385,6 +401,25 @@ def _limits(data: Mapping[str, Any]) -> dict[str, Any] | None:
         ):
             raise _bad("limits", f"'limits.{name}' must be a non-negative number or a short string.")
     return dict(limits)
+
+
+def parse_org_limits(value: Any) -> dict[str, Any] | None:
+    """An organization's overrides: a key's ``limits`` rules, limited to the names the rate limiter reads.
+
+    None (and ``{}``) mean no override. Raises a 400 GatewayError naming ``limits``.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad("limits", "'limits' must be an object such as {\"rpm\": 600}, or null to remove the overrides.")
+    limits = _limits({"limits": value}) or {}
+    for name, number in limits.items():
+        if name not in ORG_LIMIT_NAMES:
+            known = ", ".join(ORG_LIMIT_NAMES)
+            raise _bad("limits", f"'limits.{name}' is not an organization limit (known: {known}).")
+        if not isinstance(number, int) or number > MAX_LIMIT_VALUE:
+            raise _bad("limits", f"'limits.{name}' must be a whole number from 0 (no limit) to {MAX_LIMIT_VALUE}.")
+    return limits or None
 
 
 def _expires_at(data: Mapping[str, Any]) -> datetime | None:
@@ -594,6 +629,19 @@ async def get_org(request: web.Request, caller: Caller) -> web.Response:
     _query(request, ())
     org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
     return web.json_response(org_json(org, role))
+
+
+async def update_org(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    org, _ = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
+    _require_superadmin(caller)  # limits are the operator's abuse control: owners must not raise their own
+    data = await _body(request, {"limits": dict}, keep_null=("limits",))
+    if "limits" not in data:
+        raise _bad("limits", "'limits' is required: an object such as {\"rpm\": 600}, or null to remove them.")
+    limits = parse_org_limits(data["limits"])
+    updated = await set_org_limits(request.app[STORE], request.app[BUS], org.id, limits)
+    log.info("organization %s limits set to %s", org.id, limits)
+    return web.json_response(org_json(updated))
 
 
 async def list_members(request: web.Request, caller: Caller) -> web.Response:
@@ -878,6 +926,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/orgs", create_org),
     ("GET", "/orgs", list_orgs),
     ("GET", "/orgs/{org_id}", get_org),
+    ("PATCH", "/orgs/{org_id}", update_org),
     ("GET", "/orgs/{org_id}/members", list_members),
     ("POST", "/orgs/{org_id}/members", add_member),
     ("PATCH", "/orgs/{org_id}/members/{user_id}", update_member),

@@ -23,6 +23,18 @@ _NULLABLE_USD = {**_USD, "type": ["string", "null"]}
 _PICO = {"type": "integer", "description": "The same amount in integer pico-USD (1e-12 USD)."}
 _NULLABLE_PICO = {**_PICO, "type": ["integer", "null"]}
 _ACCOUNT_TYPE = {"type": "string", "enum": ["user", "organization"]}
+_LIMIT_VALUE = {"type": "integer", "minimum": 0, "maximum": 2**53 - 1}
+_ORG_LIMITS = {
+    "type": ["object", "null"],
+    "properties": {
+        "rpm": {**_LIMIT_VALUE, "description": "Requests per minute of all the organization's keys; 0: none."},
+        "tpm": {**_LIMIT_VALUE, "description": "Tokens per minute of all the organization's keys; 0: none."},
+        "concurrent": {**_LIMIT_VALUE, "description": "Requests in flight at once; 0: none."},
+    },
+    "additionalProperties": False,
+    "description": "The operator's overrides of the organization's rate limits, per name over "
+                   "`limits.orgs.<org_id>` and then `limits.org` of the YAML config; null: none.",
+}
 
 
 def _money(name: str, nullable: bool = False) -> dict[str, Any]:
@@ -78,6 +90,7 @@ _SCHEMAS: dict[str, Any] = {
         "created_at": _TIMESTAMP,
         "role": {"oneOf": [_ROLE, {"type": "null"}],
                  "description": "The caller's role in it; null for the superadmin."},
+        "limits": {**_ORG_LIMITS, "description": "Present for the superadmin only. " + _ORG_LIMITS["description"]},
     }),
     "Member": _object(["object", "org_id", "user_id", "role", "email", "name", "created_at"], {
         "object": {"const": "organization.member"},
@@ -246,6 +259,7 @@ _SCHEMAS: dict[str, Any] = {
         "role": {**_ROLE, "default": "member"},
     }),
     "UpdateMember": _object(["role"], {"role": _ROLE}),
+    "UpdateOrganization": _object(["limits"], {"limits": _ORG_LIMITS}),
     "CreateApiKey": _object(["name"], {
         "name": {"type": "string", "minLength": 1, "maxLength": 200},
         "org_id": {"type": "string", "description": "Create an organization key (caller: its admin or owner)."},
@@ -365,6 +379,12 @@ _PATHS: dict[str, Any] = {
     "/admin/v1/orgs/{org_id}": {
         "get": _op("get_orgs", "An organization (its members)", ("200", "Organization", "The organization."),
                    "NotFound", parameters=[_path("org_id")]),
+        "patch": _op("update_orgs", "Set or remove an organization's rate-limit overrides (superadmin)",
+                     ("200", "Organization", "The organization, with its limits."), "Forbidden", "NotFound",
+                     body="UpdateOrganization", parameters=[_path("org_id")],
+                     description="Replaces the overrides as a whole; `null` or `{}` removes them. Unknown names "
+                                 "are refused with 400. Takes effect at once on every gateway sharing the state "
+                                 "store. Members get 403, outsiders 404."),
     },
     "/admin/v1/orgs/{org_id}/members": {
         "get": _op("list_members", "Members (admins and owners)", ("200", "MemberList", "The members."),

@@ -8,8 +8,14 @@ A request's key is checked in this order, cheapest first:
 3. the store, by public id (one indexed query), then bcrypt off the event loop.
    Concurrent first uses of one key share one verification.
 
+A verified key of an organization also carries the organization's limit
+overrides from the store (``Identity.org_limits``), read once at verification
+time, never per request.
+
 Revocation reaches the cache through the invalidation bus (every instance
-sharing Redis); the cache TTL bounds staleness if a message is ever lost.
+sharing Redis), and so does a change of an organization's limits: its keys'
+cached identities are dropped and verified again on their next use. The cache
+TTL bounds staleness if a message is ever lost.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
-from nexgate_proxy.accounts import API_KEY_EVENT
+from nexgate_proxy.accounts import API_KEY_EVENT, ORG_EVENT
 from nexgate_proxy.appkeys import BUS, STORE
 from nexgate_proxy.bus import EVICT_ALL
 from nexgate_proxy.clerk import ClerkVerifier
@@ -142,6 +148,8 @@ class KeyCache:
         self._verified: dict[bytes, _Verified] = {}
         self._digest_by_key_id: dict[str, bytes] = {}
         self._refused: dict[bytes, float] = {}
+        self.generation = 0
+        """Counts invalidations: a verification that overlapped one must not cache what it read before it."""
 
     def get(self, digest: bytes, now: float) -> _Verified | None:
         entry = self._verified.get(digest)
@@ -175,11 +183,21 @@ class KeyCache:
         self._refused[digest] = now + self.negative_ttl
 
     def evict_key(self, key_id: str) -> None:
+        self.generation += 1
         digest = self._digest_by_key_id.pop(key_id, None)
         if digest is not None:
             self._verified.pop(digest, None)
 
+    def evict_org(self, org_id: str) -> int:
+        """Drop the identities of the organization's keys; returns how many. A scan: only admin actions call it."""
+        self.generation += 1
+        stale = [digest for digest, entry in self._verified.items() if entry.identity.org_id == org_id]
+        for digest in stale:
+            self._drop(digest)
+        return len(stale)
+
     def clear(self) -> None:
+        self.generation += 1
         self._verified.clear()
         self._digest_by_key_id.clear()
         self._refused.clear()
@@ -212,7 +230,8 @@ class KeyAuthenticator:
         self.store: Store | None = None
         self.bcrypt_calls = 0
         self.store_lookups = 0
-        self._inflight: dict[bytes, asyncio.Future[Identity]] = {}
+        self.org_lookups = 0
+        self._inflight: dict[bytes, asyncio.Future[_Verified]] = {}
         self._last_used: dict[str, float] = {}
         self._toucher: asyncio.Task[None] | None = None
 
@@ -234,16 +253,13 @@ class KeyAuthenticator:
         """Verify a key not in the cache; concurrent callers with the same key share one verification."""
         pending = self._inflight.get(digest)
         if pending is not None:
-            await asyncio.shield(pending)
-            entry = self.cache.get(digest, time.monotonic())
-            if entry is None:
-                raise _invalid()
-            return entry
-        future: asyncio.Future[Identity] = asyncio.get_running_loop().create_future()
+            # The result itself, not a cache read: it is not cached when an invalidation overlapped it.
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_Verified] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
             entry = await self._verify(plaintext, digest)
-            future.set_result(entry.identity)
+            future.set_result(entry)
             return entry
         except BaseException as exc:
             future.set_exception(exc if isinstance(exc, Exception) else GatewayError(401, "Cancelled."))
@@ -254,6 +270,7 @@ class KeyAuthenticator:
 
     async def _verify(self, plaintext: str, digest: bytes) -> _Verified:
         now = time.monotonic()
+        generation = self.cache.generation
         parsed = parse_key(plaintext)
         if parsed is None:
             self.cache.refuse(digest, now)
@@ -276,16 +293,33 @@ class KeyAuthenticator:
         if row.revoked_at is not None:
             self.cache.refuse(digest, now)
             raise GatewayError(401, "This API key has been revoked.", code="invalid_api_key")
-        entry = _Verified(identity=_identity(row), expires_at=_epoch(row.expires_at),
+        org_limits = await self._org_limits(row.org_id) if row.org_id else {}
+        entry = _Verified(identity=_identity(row, org_limits), expires_at=_epoch(row.expires_at),
                           fresh_until=now + self.settings.cache_ttl)
-        self.cache.put(digest, entry)
+        if self.cache.generation == generation:
+            self.cache.put(digest, entry)
         return entry
+
+    async def _org_limits(self, org_id: str) -> dict[str, Any]:
+        """The organization's overrides from the store, read once per verification."""
+        assert self.store is not None
+        try:
+            self.org_lookups += 1
+            org = await self.store.get_org(org_id)
+        except StoreError:
+            log.error("organization lookup failed: the store is unavailable")
+            raise GatewayError(503, "The gateway cannot verify API keys right now; retry shortly.",
+                               code="auth_unavailable") from None
+        return dict(org.limits or {}) if org is not None else {}
 
     def on_invalidation(self, kind: str, value: str) -> None:
         if kind == EVICT_ALL:
             self.cache.clear()
         elif kind == API_KEY_EVENT:
             self.cache.evict_key(value)
+        elif kind == ORG_EVENT:
+            # Only this org's keys: EVICT_ALL would cost a bcrypt for every cached key.
+            self.cache.evict_org(value)
 
     # -- last-used times, written in batches off the request path
 
@@ -318,7 +352,7 @@ class KeyAuthenticator:
                 self._last_used.setdefault(key_id, at)
 
 
-def _identity(row: ApiKeyRow) -> Identity:
+def _identity(row: ApiKeyRow, org_limits: dict[str, Any]) -> Identity:
     return Identity(
         account_id=row.owner_id,
         key_id=row.id,
@@ -327,6 +361,7 @@ def _identity(row: ApiKeyRow) -> Identity:
         org_id=row.org_id,
         allowed_models=frozenset(row.allowed_models) if row.allowed_models is not None else None,
         limits=dict(row.limits or {}),
+        org_limits=org_limits,
     )
 
 

@@ -138,7 +138,7 @@ async def test_openapi_document_matches_the_routes(gateway: Gateway) -> None:
     document = build_openapi()
     documented = {(method, path) for path, ops in document["paths"].items() for method in ops}
     assert registered == documented
-    assert len(registered) == 24
+    assert len(registered) == 25
 
     async with aiohttp.ClientSession() as session:
         async with session.get(gateway.url + "/admin/v1/openapi.json") as resp:
@@ -182,7 +182,11 @@ async def test_responses_carry_exactly_the_documented_fields(admin: Admin) -> No
     assert set(me.body["clerk"]) == set(clerk_schema["properties"])
     assert set(me.body) == fields("Caller") and set(me.body["user"]) == fields("User")
     org = await admin.call("POST", "/orgs", token, json_body={"name": "Doc"})
-    assert set(org.body) == fields("Organization")
+    assert set(org.body) == fields("Organization") - {"limits"}  # the superadmin's view alone has limits
+    assert set((await admin.call("GET", f"/orgs/{org.body['id']}")).body) == fields("Organization")
+    patched = await admin.call("PATCH", f"/orgs/{org.body['id']}", json_body={"limits": {"rpm": 1}})
+    assert set(patched.body) == fields("Organization")
+    assert set(patched.body["limits"]) <= set(schemas["UpdateOrganization"]["properties"]["limits"]["properties"])
     members = await admin.call("GET", f"/orgs/{org.body['id']}/members", token)
     assert set(members.body) == fields("MemberList") and set(members.body["data"][0]) == fields("Member")
     key = await admin.call("POST", "/keys", token, json_body={"name": "doc", "org_id": org.body["id"]})
@@ -415,6 +419,72 @@ async def test_superadmin_creates_orgs_for_users(admin: Admin) -> None:
     frank, _ = await admin.user("user_frank")
     reply = await admin.call("POST", "/orgs", frank, json_body={"name": "Evil", "owner_user_id": erin_id})
     assert reply.status == 403 and reply.error["param"] == "owner_user_id"
+
+
+# ------------------------------------------------------- organization limits
+
+
+async def test_only_the_superadmin_sets_an_orgs_limits(admin: Admin) -> None:
+    owner, _ = await admin.user("user_limits_owner")
+    _, member_id = await admin.user("user_limits_member")
+    outsider, _ = await admin.user("user_limits_outsider")
+    org = await org_with(admin, owner, "Limited", **{member_id: "admin"})
+    path = f"/orgs/{org}"
+    assert (await admin.call("GET", path)).body["limits"] is None
+
+    limits = {"rpm": 600, "tpm": 200000, "concurrent": 0}
+    updated = await admin.call("PATCH", path, json_body={"limits": limits})
+    assert updated.status == 200, updated.body
+    assert updated.body["limits"] == limits and updated.body["id"] == org and updated.body["role"] is None
+    assert (await admin.call("GET", path)).body["limits"] == limits
+    assert [o["limits"] for o in (await admin.call("GET", "/orgs")).body["data"] if o["id"] == org] == [limits]
+
+    # Owners may not raise their own ceiling, and members never see it; outsiders learn nothing.
+    refused = await admin.call("PATCH", path, owner, json_body={"limits": {"rpm": 10**9}})
+    assert refused.status == 403 and refused.error["code"] == "forbidden"
+    assert (await admin.call("PATCH", path, outsider, json_body={"limits": {"rpm": 1}})).status == 404
+    assert "limits" not in (await admin.call("GET", path, owner)).body
+    assert all("limits" not in o for o in (await admin.call("GET", "/me", owner)).body["orgs"])
+    assert (await admin.call("GET", path)).body["limits"] == limits  # unchanged by the refused calls
+
+    replaced = await admin.call("PATCH", path, json_body={"limits": {"tpm": 5}})
+    assert replaced.body["limits"] == {"tpm": 5}  # a replacement, not a merge
+    for clearing in (None, {}):
+        assert (await admin.call("PATCH", path, json_body={"limits": {"rpm": 1}})).status == 200
+        cleared = await admin.call("PATCH", path, json_body={"limits": clearing})
+        assert cleared.status == 200 and cleared.body["limits"] is None, clearing
+
+    unknown = await admin.call("PATCH", "/orgs/org_doesnotexist", json_body={"limits": {"rpm": 1}})
+    assert unknown.status == 404 and unknown.error["code"] == "not_found"
+
+
+async def test_bad_org_limits_are_400_with_the_field_named(admin: Admin) -> None:
+    owner, _ = await admin.user("user_limits_bad")
+    org = await org_with(admin, owner, "Strict")
+    path = f"/orgs/{org}"
+    cases: list[tuple[Any, str | None, str]] = [
+        ({}, "limits", "required"),
+        ({"limit": {"rpm": 1}}, "limit", "Unknown field"),
+        ({"limits": [1]}, "limits", "must be an object"),
+        ({"limits": "rpm=1"}, "limits", "must be an object"),
+        ({"limits": {"rpd": 5}}, "limits", "not an organization limit"),
+        ({"limits": {"allow": "10.0.0.0/8"}}, "limits", "not an organization limit"),
+        ({"limits": {"bad name": 1}}, "limits", "invalid name"),
+        ({"limits": {"rpm": -1}}, "limits", "non-negative"),
+        ({"limits": {"rpm": True}}, "limits", "non-negative"),
+        ({"limits": {"rpm": 1.5}}, "limits", "whole number"),
+        ({"limits": {"rpm": "60"}}, "limits", "whole number"),
+        ({"limits": {"tpm": 2**53}}, "limits", "whole number"),
+        ({"limits": {f"x{i}": 1 for i in range(33)}}, "limits", "at most"),
+    ]
+    for body, param, words in cases:
+        reply = await admin.call("PATCH", path, json_body=body)
+        assert reply.status == 400, (body, reply.body)
+        assert reply.error["param"] == param and words in reply.error["message"], (body, reply.body)
+    for raw in (b"{not json", b"null", b'{"limits": NaN}'):
+        reply = await admin.call("PATCH", path, data=raw)
+        assert reply.status == 400 and reply.error["code"] == "invalid_request", (raw, reply.body)
+    assert (await admin.call("GET", path)).body["limits"] is None  # nothing bad was stored
 
 
 # -------------------------------------------------------------------- keys

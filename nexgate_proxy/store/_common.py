@@ -30,7 +30,7 @@ from .base import (
 
 # Column lists, in the order the *_from_row functions read them.
 USER_COLUMNS = "id, external_id, email, name, created_at, deleted_at"
-ORG_COLUMNS = "id, name, created_at"
+ORG_COLUMNS = "id, name, created_at, limits"
 MEMBERSHIP_COLUMNS = "org_id, user_id, role, created_at"
 API_KEY_COLUMNS = (
     "id, public_id, prefix, secret_hash, name, user_id, org_id, created_by, created_at,"
@@ -241,7 +241,9 @@ class RowDecoder:
         )
 
     def org(self, row: Any) -> Organization:
-        return Organization(id=row["id"], name=row["name"], created_at=self._ts(row["created_at"]))
+        limits = row["limits"]
+        return Organization(id=row["id"], name=row["name"], created_at=self._ts(row["created_at"]),
+                            limits=None if limits is None else self._json(limits))
 
     def membership(self, row: Any) -> Membership:
         return Membership(

@@ -102,6 +102,8 @@ class Organization:
     id: str
     name: str
     created_at: datetime
+    limits: Mapping[str, Any] | None = field(default=None, hash=False)
+    """Rate-limit overrides set by the operator (``rpm``, ``tpm``, ``concurrent``); None = the YAML limits apply."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +279,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
         """The user's organizations with the user's role in each."""
+
+    @abc.abstractmethod
+    async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
+        """Replace the organization's limit overrides (None removes them); NotFound if the org is unknown.
+
+        Returns the updated row. Callers announce the change on the bus (``accounts.set_org_limits``).
+        """
 
     # memberships
 

@@ -392,12 +392,22 @@ class PostgresStore(Store):
     async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
         with _translated():
             rows = await self._pool.fetch(
-                "SELECT o.id, o.name, o.created_at, m.role FROM memberships m"
+                "SELECT o.id, o.name, o.created_at, o.limits, m.role FROM memberships m"
                 " JOIN organizations o ON o.id = m.org_id"
                 " WHERE m.user_id = $1 ORDER BY o.created_at, o.id",
                 user_id,
             )
         return [(_decode.org(r), r["role"]) for r in rows]
+
+    async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
+        with _translated():
+            row = await self._pool.fetchrow(
+                f"UPDATE organizations SET limits = $2 WHERE id = $1 RETURNING {ORG_COLUMNS}",
+                org_id, common.limits_for_storage(limits),
+            )
+        if row is None:
+            raise NotFound(f"organization {org_id} does not exist")
+        return _decode.org(row)
 
     # --- memberships -------------------------------------------------------
 

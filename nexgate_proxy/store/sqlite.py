@@ -522,12 +522,23 @@ class SQLiteStore(Store):
     async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
         rows = await self._run(
             self._fetch_all,
-            "SELECT o.id, o.name, o.created_at, m.role FROM memberships m"
+            "SELECT o.id, o.name, o.created_at, o.limits, m.role FROM memberships m"
             " JOIN organizations o ON o.id = m.org_id"
             " WHERE m.user_id = ? ORDER BY o.created_at, o.id",
             (user_id,),
         )
         return [(_decode.org(r), r["role"]) for r in rows]
+
+    async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
+        stored = _opt_json(common.limits_for_storage(limits))
+
+        def work(conn: sqlite3.Connection) -> sqlite3.Row:
+            with _write_transaction(conn):
+                if conn.execute("UPDATE organizations SET limits = ? WHERE id = ?", (stored, org_id)).rowcount == 0:
+                    raise NotFound(f"organization {org_id} does not exist")
+                return conn.execute(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = ?", (org_id,)).fetchone()
+
+        return _decode.org(await self._run(work))
 
     # --- memberships -------------------------------------------------------
 

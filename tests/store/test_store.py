@@ -220,6 +220,29 @@ async def test_list_orgs_and_orgs_for_user(store: Store) -> None:
     assert await store.list_orgs_for_user("usr_nobody") == []
 
 
+async def test_org_limits_round_trip(store: Store) -> None:
+    owner = await store.create_user()
+    org = await store.create_org("Acme", owner.id)
+    assert org.limits is None and (await store.get_org(org.id)).limits is None
+    limits = {"rpm": 600, "tpm": 200000, "concurrent": 0}
+    updated = await store.set_org_limits(org.id, limits)
+    assert (updated.id, updated.name, updated.created_at) == (org.id, org.name, org.created_at)
+    assert updated.limits == limits
+    assert await store.get_org(org.id) == updated
+    assert await store.list_orgs() == [updated]
+    assert await store.list_orgs_for_user(owner.id) == [(updated, "owner")]
+    replaced = await store.set_org_limits(org.id, {"rpm": 5})
+    assert replaced.limits == {"rpm": 5}  # replaced as a whole, not merged
+    cleared = await store.set_org_limits(org.id, None)
+    assert cleared.limits is None and await store.get_org(org.id) == cleared
+
+
+async def test_org_limits_of_an_unknown_org_are_not_found(store: Store) -> None:
+    with pytest.raises(NotFound, match="org_missing"):
+        await store.set_org_limits("org_missing", {"rpm": 1})
+    assert await store.list_orgs() == []
+
+
 # --- memberships ------------------------------------------------------------
 
 
