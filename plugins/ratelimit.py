@@ -312,6 +312,7 @@ class _Plan:
 
     identity: Identity | None
     limits: Mapping[str, Any] | None
+    org_limits: Mapping[str, Any] | None
     org_id: str | None
     rules: KeyRules | None
     """The key's own IP lists, when it has any."""
@@ -336,7 +337,7 @@ def _header_slots(checks: Sequence[Check]) -> tuple[tuple[tuple[int, ...], tuple
     return (requests, tokens), ((0, *(i + 1 for i in requests)), tuple(i + 1 for i in tokens))
 
 
-_NO_PLAN = _Plan(None, None, None, None, (), (), 0, (), (), (), _header_slots(()))
+_NO_PLAN = _Plan(None, None, None, None, None, (), (), 0, (), (), (), _header_slots(()))
 
 
 @dataclass(slots=True)
@@ -496,11 +497,20 @@ class RateLimiter:
                         "allow/deny list refuses every IP", key_subject, sorted(bad))
         return rules
 
+    def _org_quota(self, org_subject: str, overrides: Mapping[str, Any], base: Quota) -> Quota:
+        """The org's quota with the store's overrides (rpm, tpm, concurrent; orgs have no IP lists)."""
+        rules, bad = parse_key_rules(overrides, base)
+        if bad and org_subject not in self._warned_rules:
+            self._warned_rules.add(org_subject)
+            log.warning("organization %s has malformed limits %s: they fall back to the configured ones",
+                        org_subject, sorted(bad))
+        return rules.quota
+
     def plan_for(self, identity: Identity) -> _Plan:
         key_id = identity.key_id or identity.account_id
         plan = self._plans.get(key_id)
         if plan is not None and plan.identity is identity and plan.limits is identity.limits \
-                and plan.org_id == identity.org_id:
+                and plan.org_limits is identity.org_limits and plan.org_id == identity.org_id:
             return plan
         plan = self._compile(identity, "key:" + key_id)
         if len(self._plans) >= MAX_LOCAL_ENTRIES:
@@ -519,6 +529,8 @@ class RateLimiter:
         if identity.org_id:
             org_subject = "org:" + identity.org_id
             org_quota = s.orgs.get(identity.org_id, s.org)
+            if identity.org_limits:  # the store's override, name by name over the YAML's
+                org_quota = self._org_quota(org_subject, identity.org_limits, org_quota)
         checks: list[Check] = []
         scopes: list[str] = []
         leases: list[Release] = []
@@ -539,7 +551,8 @@ class RateLimiter:
                 leases.append(Release(CONCURRENCY, subject, 1, 0, self.lease_ms))
         tpm = min((c.limit for c in checks if c.kind == TOKENS), default=0)
         own_ips = rules if rules is not None and (rules.allow or rules.deny) else None
-        return _Plan(identity, identity.limits, identity.org_id, own_ips, tuple(checks), tuple(scopes), tpm,
+        return _Plan(identity, identity.limits, identity.org_limits, identity.org_id, own_ips, tuple(checks),
+                     tuple(scopes), tpm,
                      tuple(leases), tuple(token_subjects),
                      tuple(i for i, c in enumerate(checks) if c.kind == TOKENS), _header_slots(checks))
 
@@ -873,7 +886,8 @@ def nexgate_authenticate(ctx: RequestContext) -> None:
 @hookimpl
 def nexgate_admit(ctx: RequestContext) -> Awaitable[None] | None:
     limiter = ctx.app[LIMITER]
-    if limiter.has_defaults or (ctx.identity is not None and ctx.identity.limits):
+    identity = ctx.identity
+    if limiter.has_defaults or (identity is not None and (identity.limits or identity.org_limits)):
         return limiter.admit_now(ctx)
     return None
 

@@ -93,9 +93,9 @@ async def test_an_org_change_drops_only_that_orgs_cached_identities(upstream: Fa
         await chat(gw, plaintext)
     assert recorder.last.org_limits == {} and auth.bcrypt_calls == 3
 
-    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"tpm": 1000})  # the memory bus delivers at once
+    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"tpm": 100_000})  # the memory bus delivers at once
     await chat(gw, key)
-    assert recorder.last.org_limits == {"tpm": 1000}
+    assert recorder.last.org_limits == {"tpm": 100_000}
     for plaintext in (other_key, gw.api_key):
         await chat(gw, plaintext)
         assert recorder.last.org_limits == {}
@@ -193,3 +193,44 @@ async def test_the_command_reaches_a_running_gateway(
     assert await events.next() == org_id
     await chat(gw, key)
     assert recorder.last.org_limits == {"rpm": 7}
+
+
+# ------------------------------------------------------------------ enforced
+
+
+async def rpm_refusals(gw: Gateway, key: str, attempts: int) -> tuple[int, list[str]]:
+    """How many of ``attempts`` calls passed, and the codes of the refused ones."""
+    client = openai.AsyncOpenAI(base_url=gw.openai_base, api_key=key, max_retries=0)
+    passed, codes = 0, []
+    for _ in range(attempts):
+        try:
+            await client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+            passed += 1
+        except openai.RateLimitError as exc:
+            codes.append(exc.body["code"])  # type: ignore[index]
+    return passed, codes
+
+
+async def test_the_store_override_is_what_the_rate_limiter_enforces(upstream: FakeUpstream, start_gateway) -> None:
+    # YAML: no org limits at all. The store's override alone must apply to the org's keys.
+    gw = await start_gateway(gateway_config(upstream))
+    org_id, key = await org_and_key(gw)
+    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"rpm": 3})
+    assert await rpm_refusals(gw, key, 5) == (3, ["rate_limit_requests"] * 2)
+    another_key = await create_api_key(gw.app[STORE], name="second", org_id=org_id, bcrypt_rounds=4)
+    passed, codes = await rpm_refusals(gw, another_key.plaintext, 1)  # the org's limit, shared by its keys
+    assert (passed, codes) == (0, ["rate_limit_requests"])
+    assert await rpm_refusals(gw, gw.api_key, 2) == (2, [])  # a personal key is not the org's
+
+
+async def test_the_override_goes_over_the_yaml_name_by_name(upstream: FakeUpstream, start_gateway) -> None:
+    config = gateway_config(upstream, limits={"org": {"rpm": 2, "tpm": 1_000_000}})
+    gw = await start_gateway(config)
+    org_id, key = await org_and_key(gw)
+    assert (await rpm_refusals(gw, key, 3))[0] == 2  # the YAML default for orgs
+    # 0 lifts the YAML's rpm; tpm is not named, so the YAML's stays.
+    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"rpm": 0})
+    assert await rpm_refusals(gw, key, 4) == (4, [])
+    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"tpm": 1})  # back to the YAML rpm, tiny tpm
+    passed, codes = await rpm_refusals(gw, key, 1)
+    assert (passed, codes) == (0, ["rate_limit_tokens"])
