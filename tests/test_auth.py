@@ -64,6 +64,26 @@ async def test_a_valid_key_is_bcrypt_verified_once_then_cached(gateway: Gateway)
     assert auth.bcrypt_calls == 1 and auth.store_lookups == 1
 
 
+async def test_a_due_cache_entry_is_checked_against_the_store_without_a_new_bcrypt(
+        upstream: FakeUpstream, start_gateway) -> None:
+    # A hot key's entry falls due every cache_ttl; its requests wait for the check, so it must
+    # be a row lookup, not a bcrypt. The row is still what decides: revoked means refused.
+    gw = await start_gateway(gateway_config(upstream, auth={"bcrypt_rounds": 4, "cache_ttl": 0.05}))
+    auth = gw.app[AUTH]
+    await chat(gw, gw.api_key)
+    for _ in range(3):
+        await asyncio.sleep(0.06)
+        assert await chat(gw, gw.api_key) == "Hello from upstream"
+    assert (auth.store_lookups, auth.bcrypt_calls) == (4, 1)
+    row = (await gw.app[STORE].list_api_keys(user_id=gw.user_id))[0]
+    await revoke_api_key(gw.app[STORE], None, row.id)  # no bus: only the due check can see it
+    await asyncio.sleep(0.06)
+    with pytest.raises(openai.AuthenticationError) as err:
+        await chat(gw, gw.api_key)
+    assert "revoked" in err.value.body["message"]  # type: ignore[index]
+    assert auth.bcrypt_calls == 1
+
+
 async def test_wrong_secret_is_refused_and_repeats_cost_nothing(gateway: Gateway) -> None:
     auth = gateway.app[AUTH]
     row = (await gateway.app[STORE].list_api_keys(user_id=gateway.user_id))[0]
