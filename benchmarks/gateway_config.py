@@ -60,8 +60,11 @@ class GatewaySetup:
     """Extra environment variables for the gateway process."""
 
 
-def gateway_setup(upstream_url: str, port: int, workdir: Path) -> GatewaySetup:
-    """The gateway config pointing ``bench-model`` at the fake upstream (``type: openai``)."""
+def gateway_setup(upstream_url: str, port: int, workdir: Path, disable: list[str] | None = None) -> GatewaySetup:
+    """The gateway config pointing ``bench-model`` at the fake upstream (``type: openai``).
+
+    ``disable``: built-ins to switch off (``run.py --variant``); None reads NEXGATE_BENCH_DISABLE.
+    """
     from nexgate_proxy.plugins import DEFAULT_PLUGINS
 
     # NEXGATE_BENCH_STORAGE_URL / NEXGATE_BENCH_STATE_URL: the scale-out stores (PostgreSQL, Redis).
@@ -87,7 +90,9 @@ def gateway_setup(upstream_url: str, port: int, workdir: Path) -> GatewaySetup:
     plugins = set(DEFAULT_PLUGINS)
     # NEXGATE_BENCH_DISABLE=credits,usage_log,... measures the chain without some built-ins,
     # to see what each costs. The reported figures use the full chain (nothing disabled).
-    disabled = [name for name in os.environ.get("NEXGATE_BENCH_DISABLE", "").split(",") if name]
+    if disable is None:
+        disable = [name for name in os.environ.get("NEXGATE_BENCH_DISABLE", "").split(",") if name]
+    disabled = list(disable)
     if disabled:
         config.setdefault("plugins", {})["disable"] = disabled
         config["privacy"] = {"allow_unguarded": "redaction" in disabled}
@@ -148,7 +153,7 @@ async def _seed_account(storage_url: str, credits_usd: int | None) -> str:
 
             await store.apply_ledger_entry(NewLedgerEntry(
                 account_id=user.id, kind="grant", amount_pico=usd_to_pico(Decimal(credits_usd)),
-                source="admin", external_id="benchmark-grant", description="benchmark"))
+                source="admin", external_id=f"benchmark-grant-{user.id}", description="benchmark"))
     finally:
         await store.close()
     return created.plaintext

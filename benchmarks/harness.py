@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "wrk_post.lua"
@@ -120,6 +120,26 @@ def repin(pid: int, core: int | None) -> None:
     if core is None:
         return
     subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(pid)], check=True, stdout=subprocess.DEVNULL)
+
+
+def local_service_pids(urls: Sequence[str]) -> list[int]:
+    """The local PostgreSQL / Redis server processes behind these URLs (none for remote hosts or SQLite)."""
+    from urllib.parse import urlsplit
+
+    names = set()
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            continue
+        if parts.scheme.startswith("postgres"):
+            names.add("postgres")
+        elif parts.scheme.startswith("redis"):
+            names.add("redis-server")
+    pids = []
+    for name in sorted(names):
+        found = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+        pids += [int(pid) for pid in found]
+    return pids
 
 
 @dataclass
@@ -268,7 +288,8 @@ while time.monotonic() < end:
 class Stack:
     """The fake upstream, the bare proxy and NexGate, each pinned, in one temp dir."""
 
-    def __init__(self, *, pin: bool, spin: bool = True, with_bare: bool = True, with_gateway: bool = True) -> None:
+    def __init__(self, *, pin: bool, spin: bool = True, with_bare: bool = True, with_gateway: bool = True,
+                 variants: Sequence[tuple[str, list[str]]] = (), services: Sequence[str] = ()) -> None:
         cores = cores_available()
         self.pinned = pin and len(cores) >= 2
         self.spin = spin
@@ -285,6 +306,12 @@ class Stack:
         self.bare: Server | None = None
         self.gateway: Server | None = None
         self.gateway_headers: dict[str, str] = {}
+        self.service_urls = tuple(services)
+        """The gateway's PostgreSQL / Redis URLs: local servers are part of the stack (see start)."""
+        self.service_pids: list[int] = []
+        self.variants: list[tuple[str, Server]] = []
+        """(label, NexGate with some built-ins disabled): measured beside the full chain."""
+        self._headers: dict[str, dict[str, str]] = {}
         if with_bare:
             port = free_port()
             self.bare = Server("bare proxy", [py, str(HERE / "bare_proxy.py"), "--port", str(port),
@@ -308,11 +335,50 @@ class Stack:
                                   port, self.sut_core, self.tmp / "nexgate.log", env=setup.env,
                                   cwd=self.tmp)  # relative paths of any plugin land in the temp dir
             self.servers.append(self.gateway)
+            self._headers[self.gateway.name] = self.gateway_headers
+            for index, (label, disable) in enumerate(variants):
+                self.variants.append((label, self._variant(index, label, disable, gateway_setup,
+                                                           write_gateway_config)))
         self.body_files = {}
         for stream in (False, True):
             f = self.tmp / f"body-{'stream' if stream else 'json'}.json"
             f.write_bytes(request_body(stream))
             self.body_files[stream] = f
+
+    def _variant(self, index: int, label: str, disable: list[str], gateway_setup: Any,
+                 write_gateway_config: Any) -> Server:
+        """Another NexGate, in a directory of its own (its own SQLite file, outbox and account)."""
+        workdir = self.tmp / f"variant-{index}"
+        workdir.mkdir()
+        port = free_port()
+        setup = gateway_setup(self.upstream.url, port, workdir, disable=disable)
+        config_path = write_gateway_config(setup, workdir / "nexgate-bench.yaml")
+        server = Server(f"NexGate {label}", [*nexgate_command(), "--log-level", "WARNING", "serve",
+                                             "--config", str(config_path)],
+                        port, self.sut_core, workdir / "nexgate.log", env=setup.env, cwd=workdir)
+        self.servers.append(server)
+        self._headers[server.name] = dict(setup.headers)
+        return server
+
+    def headers_for(self, server: Server) -> dict[str, str]:
+        """The headers every request to ``server`` carries (a NexGate's API key; none for the others)."""
+        return self._headers.get(server.name, {})
+
+    def _pin_services(self) -> None:
+        """Local PostgreSQL and Redis serve NexGate: they run on the load core, not the measured one, and
+        their CPU is the benchmark's own (a round is not 'disturbed' by them)."""
+        self.service_pids = local_service_pids(self.service_urls)
+        if not self.pinned:
+            return
+        for pid in self.service_pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", str(self.load_core), str(pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _unpin_services(self) -> None:
+        every = ",".join(str(c) for c in cores_available())
+        for pid in self.service_pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", every, str(pid)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
 
     def start(self) -> None:
         if self.spin:
@@ -329,23 +395,28 @@ class Stack:
         if self.bare:
             # No GET route on the bare proxy: wait for its port, then check a real request below.
             _wait_port(self.bare.port, 15, self.bare)
-        if self.gateway:
-            self.gateway.wait_ready("/healthz", timeout=30)
+        for gateway in [self.gateway, *(server for _, server in self.variants)]:
+            if gateway:
+                gateway.wait_ready("/healthz", timeout=30)
         # Correctness first: every path returns the fake upstream's answer, streamed or not.
         for stream in (False, True):
             check_chat(self.upstream.port, stream)
             if self.bare:
                 check_chat(self.bare.port, stream)
-            if self.gateway:
-                hdrs = check_chat(self.gateway.port, stream, self.gateway_headers)
-                if "x-nexgate-request-id" not in hdrs:
-                    raise RuntimeError("the gateway's answer lacks x-nexgate-request-id: is it NexGate?")
+            for gateway in [self.gateway, *(server for _, server in self.variants)]:
+                if gateway:
+                    hdrs = check_chat(gateway.port, stream, self.headers_for(gateway))
+                    if "x-nexgate-request-id" not in hdrs:
+                        raise RuntimeError(f"{gateway.name}'s answer lacks x-nexgate-request-id: is it NexGate?")
+        self._pin_services()  # after the gateways connected: their PostgreSQL backends exist now
 
     def own_cpu_seconds(self) -> float:
-        """CPU time of every long-running process of this benchmark (servers and spinners)."""
-        return sum(s.cpu_seconds() for s in self.servers + self.spinners)
+        """CPU time of every long-running process of this benchmark (servers, spinners, local services)."""
+        return (sum(s.cpu_seconds() for s in self.servers + self.spinners)
+                + sum(proc_cpu_seconds(pid) for pid in self.service_pids))
 
     def close(self) -> None:
+        self._unpin_services()
         for s in reversed(self.servers + self.spinners):
             try:
                 s.stop()

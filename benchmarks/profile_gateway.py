@@ -159,7 +159,6 @@ def profile_one(stack: Stack, server: Server, stream: bool, args: argparse.Names
             other_s += used
             per_thread[name] += used
     n = max(1, clean["requests"])
-    clean_us = (main_s + other_s) * 1e6 / n
     result: dict[str, Any] = {}
 
     def load() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -102,12 +103,12 @@ def phase(stack: Stack, rows: list[Row], *, stream: bool, connections: int, warm
         for key, _ in rows
     }
     for key, server in rows:
-        headers = stack.gateway_headers if server is stack.gateway else {}
+        headers = stack.headers_for(server)
         with placed(stack, key):
             run_wrk(server.port, connections, warmup, stack.body_files[stream], headers, stack.load_core)
     for r in range(rounds):
         for key, server in (rows if r % 2 == 0 else rows[::-1]):
-            headers = stack.gateway_headers if server is stack.gateway else {}
+            headers = stack.headers_for(server)
             a = acc[key]
             while True:
                 with placed(stack, key):
@@ -175,15 +176,49 @@ def phase(stack: Stack, rows: list[Row], *, stream: bool, connections: int, warm
 def run_all(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     assert stack.bare and stack.gateway
     rows: list[Row] = [("upstream", stack.upstream), ("bare", stack.bare), ("nexgate", stack.gateway)]
+    # Variants (--variant) are throughput rows only: interleaved with the full chain, so "with X vs
+    # without X" shares any drift of the machine, like NexGate vs the bare proxy does.
+    throughput_rows = rows + [(variant_key(label), server) for label, server in stack.variants]
     results: dict[str, Any] = {"throughput": {}, "latency": {}}
     for mode, stream in (("json", False), ("stream", True)):
         results["throughput"][mode] = phase(
-            stack, rows, stream=stream, connections=args.connections, warmup=args.warmup,
+            stack, throughput_rows, stream=stream, connections=args.connections, warmup=args.warmup,
             duration=args.duration, rounds=args.rounds, label=f"{mode} tput")
         results["latency"][mode] = phase(
             stack, rows, stream=stream, connections=1, warmup=args.latency_warmup,
             duration=args.latency_duration, rounds=args.rounds, label=f"{mode} lat")
     return results
+
+
+def variant_key(label: str) -> str:
+    return f"variant:{label}"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """--variant 'no credits=credits' or 'no limits=ratelimit' (several plugins: 'a,b')."""
+    label, sep, plugins = text.partition("=")
+    names = [p.strip() for p in plugins.split(",") if p.strip()]
+    if not sep or not label.strip() or not names:
+        raise argparse.ArgumentTypeError("expected LABEL=PLUGIN[,PLUGIN...], e.g. 'no credits=credits'")
+    return label.strip(), names
+
+
+def variant_costs(results: dict[str, Any]) -> dict[str, Any]:
+    """What the plugins a variant disables cost the full chain: by rps and by CPU per request."""
+    out: dict[str, Any] = {}
+    for mode, rows in results["throughput"].items():
+        full = rows["nexgate"]
+        for key, row in rows.items():
+            if not key.startswith("variant:"):
+                continue
+            out.setdefault(key.removeprefix("variant:"), {})[mode] = {
+                "rps_without": row["rps"], "rps_with": full["rps"],
+                "rps_cost": round(1 - full["rps"] / row["rps"], 3),
+                "cpu_us_per_req_without": row["server_cpu_us_per_req"],
+                "cpu_us_per_req_with": full["server_cpu_us_per_req"],
+                "cpu_cost": round(1 - row["server_cpu_us_per_req"] / full["server_cpu_us_per_req"], 3),
+            }
+    return out
 
 
 def checks(results: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +289,12 @@ def print_report(results: dict[str, Any], chk: dict[str, Any], meta: dict[str, A
             print(f"{names[key]:<20}{mode:<8}{t['rps']:>11.0f}{vs:>9}{t['server_cpu_us_per_req']:>12.1f}"
                   f"{load:>11}{t['latency_us']['p99'] / 1000:>9.1f}"
                   f"{l['latency_us']['p50'] / 1000:>9.3f}{l['latency_us']['p99'] / 1000:>9.3f}{added:>9}")
+        for key, t in tp[mode].items():
+            if key.startswith("variant:"):
+                name = "NexGate " + key.removeprefix("variant:")
+                print(f"{name[:19]:<20}{mode:<8}{t['rps']:>11.0f}{t['rps'] / bare_rps:>9.0%}"
+                      f"{t['server_cpu_us_per_req']:>12.1f}{t['load_core_util']:>11.0%}"
+                      f"{t['latency_us']['p99'] / 1000:>9.1f}{'-':>9}{'-':>9}{'-':>9}")
         print()
     print(f"rps, CPU us/req, load core and p99@c{c} (ms) come from the {c}-connection runs; p50/p99 ms from the "
           "1-connection runs.\n"
@@ -268,6 +309,11 @@ def print_report(results: dict[str, Any], chk: dict[str, Any], meta: dict[str, A
         print(f"!! Other processes on this machine used up to {meta['foreign_cpu_util_max']:.0%} of a core during "
               "some kept rounds: the rps figures are disturbed (CPU us/req much less so); run again on a "
               "quiet machine.\n")
+    for label, modes in meta.get("variant_costs", {}).items():
+        for mode, v in modes.items():
+            print(f"[cost] {mode}: NexGate {label}: {v['rps_without']:.0f} rps, full chain {v['rps_with']:.0f} rps: "
+                  f"the disabled part costs {v['rps_cost']:.0%} of throughput ({v['cpu_cost']:.0%} by CPU per "
+                  f"request: {v['cpu_us_per_req_with'] - v['cpu_us_per_req_without']:+.1f} us)")
     for mode in ("json", "stream"):
         k = chk[mode]
         label = "non-streaming" if mode == "json" else "streaming"
@@ -305,14 +351,16 @@ def metadata_block(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     if stack.pinned:
         pinning = (f"server under test (bare proxy / NexGate) on core {stack.sut_core}; fake upstream + wrk on core "
                    f"{stack.load_core}; for the 'upstream direct' rows the fake upstream moves to core "
-                   f"{stack.sut_core}")
+                   f"{stack.sut_core}"
+                   + (f"; local PostgreSQL/Redis ({len(stack.service_pids)} processes) on core {stack.load_core}"
+                      if stack.service_pids else ""))
     else:
         pinning = "none (--no-pin or fewer than 2 cores)"
     return {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git_commit": commit,
         "cpu": cpu,
-        "cores": len(__import__("os").sched_getaffinity(0)),
+        "cores": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "versions": {d: version(d) for d in ("nexgate", "aiohttp", "uvloop", "pluggy", "multidict", "yarl")},
         "wrk": wrk_version(),
@@ -343,6 +391,9 @@ def main() -> int:
     parser.add_argument("--rev", help="benchmark NexGate as committed at this git revision (e.g. HEAD) "
                                       "instead of the work tree")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="LABEL=PLUGINS",
+                        help="also run NexGate with these built-ins disabled and report what they cost, e.g. "
+                             "--variant 'without credits=credits' (repeatable)")
     args = parser.parse_args()
     RETRY_BUDGET.seconds = args.retry_budget
     if args.quick:
@@ -351,7 +402,8 @@ def main() -> int:
     source = use_source(args.rev)
 
     started = time.perf_counter()
-    stack = Stack(pin=not args.no_pin, spin=not args.no_spin)
+    services = [os.environ.get(name, "") for name in ("NEXGATE_BENCH_STORAGE_URL", "NEXGATE_BENCH_STATE_URL")]
+    stack = Stack(pin=not args.no_pin, spin=not args.no_spin, variants=args.variant, services=services)
     print(f"Starting fake upstream, bare proxy and NexGate in {stack.tmp} ...", flush=True)
     with stack:
         meta = metadata_block(stack, args)
@@ -365,6 +417,7 @@ def main() -> int:
     meta["foreign_cpu_util_max"] = max(row["foreign_cpu_util_max"] for ph in results.values()
                                        for mode in ph.values() for row in mode.values())
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    meta["variant_costs"] = variant_costs(results)
     print_report(results, chk, meta)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, **results, "checks": chk,
