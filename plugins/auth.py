@@ -152,25 +152,24 @@ class KeyCache:
         self._digest_by_key_id: dict[str, bytes] = {}
         self._refused: dict[bytes, float] = {}
         self._due: dict[bytes, _Verified] = {}
-        """Entries past fresh_until, kept until their key is checked again (see verified_hash)."""
+        """Retired entries, kept until their key is checked again (see verified_hash)."""
         self.generation = 0
         """Counts invalidations: a verification that overlapped one must not cache what it read before it."""
 
     def get(self, digest: bytes, now: float) -> _Verified | None:
         entry = self._verified.get(digest)
         if entry is not None and entry.fresh_until <= now:
-            self._drop(digest)
-            if len(self._due) >= self.max_size:
-                self._due.clear()
-            self._due[digest] = entry
+            self._retire(digest)
             return None
         return entry
 
     def verified_hash(self, digest: bytes) -> str | None:
-        """The hash this exact key (same SHA-256) was verified against before its entry fell due.
+        """The stored hash this exact key (same SHA-256) was verified against before its entry was retired.
 
-        Re-checking a hot key every ``ttl`` must not cost a bcrypt: its requests wait for the
-        check, so a bcrypt there is a stall of a quarter second for all of them, every minute.
+        An entry is retired when it falls due (every ``ttl``) or is invalidated (revocation, an org's
+        new limits, a bus reconnect). Checking the key again reads its row (revoked? expired? new
+        limits?) but needs no bcrypt while the row holds that hash: a hot key's requests wait for the
+        check, and a bcrypt there is a quarter-second stall for all of them.
         """
         entry = self._due.pop(digest, None)
         return None if entry is None else entry.secret_hash
@@ -201,30 +200,33 @@ class KeyCache:
 
     def evict_key(self, key_id: str) -> None:
         self.generation += 1
-        digest = self._digest_by_key_id.pop(key_id, None)
+        digest = self._digest_by_key_id.get(key_id)
         if digest is not None:
-            self._verified.pop(digest, None)
-        for due, entry in list(self._due.items()):
-            if entry.identity.key_id == key_id:
-                del self._due[due]
+            self._retire(digest)
 
     def evict_org(self, org_id: str) -> int:
-        """Drop the identities of the organization's keys; returns how many. A scan: only admin actions call it."""
+        """Retire the identities of the organization's keys; returns how many. A scan: only admin actions call it."""
         self.generation += 1
         stale = [digest for digest, entry in self._verified.items() if entry.identity.org_id == org_id]
         for digest in stale:
-            self._drop(digest)
-        for due, entry in list(self._due.items()):
-            if entry.identity.org_id == org_id:
-                del self._due[due]
+            self._retire(digest)
         return len(stale)
 
     def clear(self) -> None:
+        """Everything may have changed (the bus reconnected): every key is checked against its row again."""
         self.generation += 1
-        self._verified.clear()
-        self._digest_by_key_id.clear()
+        for digest in list(self._verified):
+            self._retire(digest)
         self._refused.clear()
-        self._due.clear()
+
+    def _retire(self, digest: bytes) -> None:
+        """Out of the cache, into ``_due``: the next use re-reads the key's row, without a bcrypt."""
+        entry = self._verified.get(digest)
+        self._drop(digest)
+        if entry is not None:
+            if len(self._due) >= self.max_size:
+                self._due.clear()
+            self._due[digest] = entry
 
     def _drop(self, digest: bytes) -> None:
         entry = self._verified.pop(digest, None)
