@@ -60,6 +60,11 @@ class CreditState(abc.ABC):
         """Release the request's hold and take its actual cost off the cached balance."""
 
     @abc.abstractmethod
+    def settle_soon(self, account_id: str, request_id: str, cost_nano: int) -> None:
+        """``settle`` without waiting for it (the hot path). Every later call sees it done; a lost one
+        leaves a hold that expires. CreditStateUnavailable only when that is known at once."""
+
+    @abc.abstractmethod
     async def credit(self, account_id: str, amount_nano: int) -> None:
         """A payment or grant arrived: raise the cached balance (if one is cached)."""
 
@@ -132,6 +137,9 @@ class MemoryCreditState(CreditState):
         return bool(expired)
 
     async def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
+        self.settle_soon(account_id, request_id, cost_nano)
+
+    def settle_soon(self, account_id: str, request_id: str, cost_nano: int) -> None:
         account = self._accounts.get(account_id)
         if account is None:
             return
@@ -207,7 +215,8 @@ return tonumber(bal) - tonumber(redis.call('GET', KEYS[2]) or '0')
 
 
 class RedisCreditState(CreditState):
-    """Shared by every instance using the same Redis; one round trip per reserve and per settle.
+    """Shared by every instance using the same Redis; one round trip per reserve and per settle
+    (the hot path's settle is not waited for: it keeps its place in the pipeline).
 
     Speaks RESP through the rate limiter's lean client (``RedisScripts``): redis-py costs more CPU
     per call than the rest of a proxied request.
@@ -244,6 +253,12 @@ class RedisCreditState(CreditState):
 
     async def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
         await self._call("settle", account_id, [request_id, cost_nano])
+
+    def settle_soon(self, account_id: str, request_id: str, cost_nano: int) -> None:
+        try:
+            self._redis.call_soon("settle", self._keys(account_id), [request_id, cost_nano])
+        except CountersUnavailable as exc:
+            raise CreditStateUnavailable(str(exc)) from None
 
     async def credit(self, account_id: str, amount_nano: int) -> None:
         await self._call("credit", account_id, [amount_nano, KEY_TTL_SECONDS])

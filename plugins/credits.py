@@ -204,7 +204,7 @@ def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> tuple[int, int, 
 
 
 @hookimpl
-async def nexgate_settle(ctx: RequestContext) -> None:
+def nexgate_settle(ctx: RequestContext) -> None:
     credits = ctx.app[CREDITS]
     hold: _Hold | None = ctx.scratch.get("credits")
     if credits.state is None or ctx.identity is None:
@@ -224,7 +224,8 @@ async def nexgate_settle(ctx: RequestContext) -> None:
     if hold is None and cost == 0:
         return
     try:
-        await credits.state.settle(ctx.identity.account_id, ctx.request_id, nano_ceil(cost))
+        # Not waited for: it keeps its place in Redis' pipeline, so the account's next reserve sees it.
+        credits.state.settle_soon(ctx.identity.account_id, ctx.request_id, nano_ceil(cost))
     except CreditStateUnavailable:
         # The hold expires by itself; the debit is still booked through the usage row.
         log.warning("could not release the hold of %s: credit state unavailable", ctx.request_id)

@@ -182,3 +182,33 @@ async def test_a_credit_racing_the_first_balance_load_is_not_lost_on_redis(redis
         assert await state.available("acct") == 100
     finally:
         await state.close()
+
+
+@pytest.mark.redis
+async def test_a_settle_not_waited_for_is_seen_by_the_next_call_on_redis(redis_url: str) -> None:
+    import secrets
+
+    from nexgate_proxy.credit_state import CreditStateUnavailable, RedisCreditState
+
+    state = RedisCreditState(redis_url, prefix=f"nexgate:test:{secrets.token_hex(4)}")
+
+    async def load() -> int:
+        return 1_000 * 1000  # 1,000 nano-USD, in pico
+
+    try:
+        assert (await state.reserve("acct", "r1", 600, 0, 60, load)).ok
+        assert not (await state.reserve("acct", "r2", 600, 0, 60, load)).ok  # r1's hold is in the way
+        state.settle_soon("acct", "r1", 150)  # the hot path does not wait for it...
+        reservation = await state.reserve("acct", "r2", 600, 0, 60, load)  # ...the next call sees it done
+        assert reservation.ok and reservation.available_nano == 1_000 - 150 - 600
+        state.settle_soon("acct", "r2", 0)
+        assert await state.available("acct") == 850
+        assert state._redis.failures == 0
+
+        # A circuit already open is known at once, and the plugin then leaves the hold to expire.
+        for _ in range(state._redis.breaker.threshold):
+            state._redis.breaker.failure()
+        with pytest.raises(CreditStateUnavailable):
+            state.settle_soon("acct", "r3", 1)
+    finally:
+        await state.close()
