@@ -255,6 +255,20 @@ def parse_key_rules(limits: Mapping[str, Any], default: Quota) -> tuple[KeyRules
     return KeyRules(Quota(*values), nets[0], nets[1]), bad
 
 
+_REQUEST_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+_TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+
+
+def _put_tightest(headers: dict[str, str], names: tuple[str, str, str], positions: tuple[int, ...],
+                  decision: Decision, checks: Sequence[Check]) -> None:
+    remaining = decision.remaining
+    best = positions[0] if len(positions) == 1 else min(positions, key=remaining.__getitem__)
+    left = remaining[best]
+    headers[names[0]] = _limit_text(checks[best].limit)
+    headers[names[1]] = str(left) if left > 0 else "0"
+    headers[names[2]] = format_duration(decision.reset_ms[best])
+
+
 _EVERYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
@@ -691,20 +705,11 @@ class RateLimiter:
     def _set_headers(self, headers: dict[str, str], decision: Decision, checks: Sequence[Check],
                      slots: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
         """The tightest requests limit and the tightest tokens limit, as OpenAI reports them."""
-        remaining = decision.remaining
         requests_at, tokens_at = slots
         if requests_at:
-            best = requests_at[0] if len(requests_at) == 1 else min(requests_at, key=remaining.__getitem__)
-            left = remaining[best]
-            headers["x-ratelimit-limit-requests"] = _limit_text(checks[best].limit)
-            headers["x-ratelimit-remaining-requests"] = str(left) if left > 0 else "0"
-            headers["x-ratelimit-reset-requests"] = format_duration(decision.reset_ms[best])
+            _put_tightest(headers, _REQUEST_HEADERS, requests_at, decision, checks)
         if tokens_at:
-            best = tokens_at[0] if len(tokens_at) == 1 else min(tokens_at, key=remaining.__getitem__)
-            left = remaining[best]
-            headers["x-ratelimit-limit-tokens"] = _limit_text(checks[best].limit)
-            headers["x-ratelimit-remaining-tokens"] = str(left) if left > 0 else "0"
-            headers["x-ratelimit-reset-tokens"] = format_duration(decision.reset_ms[best])
+            _put_tightest(headers, _TOKEN_HEADERS, tokens_at, decision, checks)
 
     def estimate_tokens(self, ctx: RequestContext) -> int:
         """Prompt estimated from the body (kept nowhere) plus the output the request may produce."""
