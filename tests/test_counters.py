@@ -424,3 +424,33 @@ async def test_an_open_circuit_refuses_a_settle_at_once() -> None:
     with pytest.raises(CountersUnavailable):
         counters.settle_soon(member(), [Release(CONCURRENCY, "key:x")])
     await counters.close()
+
+
+class _NullTransport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_replies_split_anywhere_resolve_in_order_and_garbage_closes_the_connection() -> None:
+    from nexgate_proxy.counters import RespError, _RespProtocol
+
+    protocol = _RespProtocol()
+    protocol.connection_made(_NullTransport())  # type: ignore[arg-type]
+    first, second, third = (protocol.call(b"x") for _ in range(3))
+    replies = b"*3\r\n:1\r\n:-7\r\n$3\r\nabc\r\n-NOSCRIPT No matching script\r\n:42\r\n"
+    for i in range(len(replies)):  # one byte at a time: every split point
+        protocol.data_received(replies[i:i + 1])
+    assert first.result() == [1, -7, b"abc"] and third.result() == 42
+    assert isinstance(second.exception(), RespError) and str(second.exception()).startswith("NOSCRIPT")
+
+    pending = protocol.call(b"y")
+    protocol.data_received(b"?not RESP\r\n")
+    assert protocol.closed and isinstance(pending.exception(), ConnectionError)
+
+    spoken_to = _RespProtocol()
+    spoken_to.connection_made(_NullTransport())  # type: ignore[arg-type]
+    spoken_to.data_received(b":1\r\n")  # a reply nobody asked for: the stream is out of step
+    assert spoken_to.closed
