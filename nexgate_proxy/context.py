@@ -36,7 +36,7 @@ class Identity:
     allowed_models: frozenset[str] | None = None
     """None means every model."""
     limits: dict[str, Any] = field(default_factory=dict)
-    """Per-key or per-org limit overrides, read by the rate limit plugin."""
+    """Per-key limit overrides (rpm, tpm, concurrent, allow, deny), read by the rate limit plugin."""
     org_limits: dict[str, Any] = field(default_factory=dict)
     """Per-org limit overrides from the store, read by the rate limit plugin."""
 
