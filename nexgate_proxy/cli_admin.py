@@ -494,8 +494,8 @@ def _page(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offset", type=_non_negative, default=0, help="skip this many")
 
 
-def register(subparsers: Any) -> None:
-    """Add the db, users, orgs, keys and retention commands to the `nexgate` argparse subparsers."""
+def option_parents(state_url_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The options every store command takes, and the same plus --state-url (what it is used for)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH",
                         help="YAML config (default: $NEXGATE_CONFIG, ./nexgate.yaml, ./config/nexgate.yaml)")
@@ -503,8 +503,14 @@ def register(subparsers: Any) -> None:
                         help="the database (sqlite:///path.db or postgresql://...) instead of the config's")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     with_state = argparse.ArgumentParser(add_help=False, parents=[common])
-    with_state.add_argument("--state-url", metavar="URL",
-                            help="the state store (redis://...) to announce revocations on (default: the config's)")
+    with_state.add_argument("--state-url", metavar="URL", help=f"the state store (redis://...) {state_url_help} "
+                                                               "(default: the config's)")
+    return common, with_state
+
+
+def register(subparsers: Any) -> None:
+    """Add the db, users, orgs, keys and retention commands to the `nexgate` argparse subparsers."""
+    common, with_state = option_parents("to announce revocations and changes on")
 
     db = subparsers.add_parser("db", help="the account database's schema")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")

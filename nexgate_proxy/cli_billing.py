@@ -16,7 +16,6 @@ conventions as ``nexgate_proxy.cli_admin``: ``--config PATH`` or
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -27,7 +26,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import IO, Any
 
-from .cli_admin import CliError, Env, _add, _emit
+from .cli_admin import CliError, Env, _add, _emit, option_parents
 from .credit_state import nano_floor, open_credit_state
 from .money import format_usd, usd_to_pico
 from .statements import (
@@ -205,16 +204,7 @@ async def _usage_export(env: Env, store: Store) -> int:
 
 def register(subparsers: Any) -> None:
     """Add the credits and usage commands to the `nexgate` argparse subparsers."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
-                        help="YAML config (default: $NEXGATE_CONFIG, ./nexgate.yaml, ./config/nexgate.yaml)")
-    common.add_argument("--storage-url", metavar="URL",
-                        help="the database (sqlite:///path.db or postgresql://...) instead of the config's")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    with_state = argparse.ArgumentParser(add_help=False, parents=[common])
-    with_state.add_argument("--state-url", metavar="URL",
-                            help="the state store (redis://...) whose cached balances to update "
-                                 "(default: the config's)")
+    common, with_state = option_parents("whose cached balances to update")
 
     credits = subparsers.add_parser("credits", help="prepaid credits: grant, balance")
     credits_sub = credits.add_subparsers(dest="credits_command", required=True, metavar="COMMAND")

@@ -7,7 +7,7 @@ client typed, so cardinality stays bounded and no content reaches a label.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -95,6 +95,21 @@ class _Collector:
 
 
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("nexgate_plugins.metrics", GatewayMetrics)
+
+
+class _FunctionCollector:
+    def __init__(self, collect: Callable[[], Iterator[Any]]) -> None:
+        self.collect = collect
+
+
+def add_collector(app: web.Application, collect: Callable[[], Iterator[Any]]) -> None:
+    """Metric families another plugin exports at ``GET /metrics``, computed only when scraped.
+
+    ``collect`` yields prometheus_client metric families. Without this plugin (disabled) it is a no-op.
+    """
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        metrics.registry.register(_FunctionCollector(collect))  # type: ignore[arg-type]
 
 
 @hookimpl

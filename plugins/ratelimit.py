@@ -36,10 +36,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Awaitable, Mapping, Sequence
+from typing import Any, Awaitable, Iterator, Mapping, Sequence
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from nexgate_plugins.metrics import add_collector
 from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
 from nexgate_proxy.appkeys import BUS
 from nexgate_proxy.clientip import IPNetwork, parse_networks
@@ -909,35 +911,25 @@ def nexgate_settle(ctx: RequestContext) -> Awaitable[None] | None:
 
 
 def _register_metrics(app: web.Application, limiter: RateLimiter) -> None:
-    """Counters on the built-in metrics plugin's registry, read only when /metrics is scraped."""
-    try:
-        from nexgate_plugins.metrics import METRICS
-    except ImportError:
-        return
-    metrics = app.get(METRICS)
-    if metrics is None:
-        return
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    """Counters exported by the metrics plugin, read only when /metrics is scraped."""
+    def collect() -> Iterator[Any]:
+        refused = CounterMetricFamily("nexgate_ratelimit_refused", "Requests refused by NexGate's limits.",
+                                      labels=("code",))
+        for code, n in sorted(limiter.refused.items()):
+            refused.add_metric((code,), n)
+        yield refused
+        yield CounterMetricFamily("nexgate_ratelimit_fallback",
+                                  "Limit checks done in-process because the shared state was unavailable.",
+                                  value=limiter.fallback_decisions)
+        yield CounterMetricFamily("nexgate_ratelimit_unavailable",
+                                  "Requests refused with 503 because the shared state was unavailable.",
+                                  value=limiter.unavailable)
+        redis = limiter.redis
+        yield CounterMetricFamily("nexgate_ratelimit_state_failures",
+                                  "Failed or timed-out calls to the shared rate limit state.",
+                                  value=redis.failures if redis else 0)
+        yield GaugeMetricFamily("nexgate_ratelimit_circuit_open",
+                                "1 while calls to the shared rate limit state are skipped.",
+                                value=1 if redis and redis.breaker.open else 0)
 
-    class _Collector:
-        def collect(self) -> Any:
-            refused = CounterMetricFamily("nexgate_ratelimit_refused", "Requests refused by NexGate's limits.",
-                                          labels=("code",))
-            for code, n in sorted(limiter.refused.items()):
-                refused.add_metric((code,), n)
-            yield refused
-            yield CounterMetricFamily("nexgate_ratelimit_fallback",
-                                      "Limit checks done in-process because the shared state was unavailable.",
-                                      value=limiter.fallback_decisions)
-            yield CounterMetricFamily("nexgate_ratelimit_unavailable",
-                                      "Requests refused with 503 because the shared state was unavailable.",
-                                      value=limiter.unavailable)
-            redis = limiter.redis
-            yield CounterMetricFamily("nexgate_ratelimit_state_failures",
-                                      "Failed or timed-out calls to the shared rate limit state.",
-                                      value=redis.failures if redis else 0)
-            yield GaugeMetricFamily("nexgate_ratelimit_circuit_open",
-                                    "1 while calls to the shared rate limit state are skipped.",
-                                    value=1 if redis and redis.breaker.open else 0)
-
-    metrics.registry.register(_Collector())  # type: ignore[arg-type]
+    add_collector(app, collect)

@@ -46,10 +46,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from nexgate_plugins.metrics import add_collector
 from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, logscrub
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import Config, ConfigError, ConfigReader
@@ -452,34 +454,24 @@ def nexgate_guard_record(record: UsageRecord, app: web.Application) -> None:
 
 
 def _register_metrics(app: web.Application, state: PrivacyState) -> None:
-    """Counters on the metrics plugin's registry, read when /metrics is scraped."""
-    try:
-        from nexgate_plugins.metrics import METRICS
-    except ImportError:
-        return
-    metrics = app.get(METRICS)
-    if metrics is None:
-        return
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    """Counters exported by the metrics plugin, read only when /metrics is scraped."""
+    def collect() -> Iterator[Any]:
+        dropped = CounterMetricFamily(
+            "nexgate_redaction_dropped", "Records the redaction guard kept from a sink (fail closed).",
+            labels=("sink",))
+        dropped.add_metric(("record",), state.guard.dropped["record"])
+        dropped.add_metric(("log",), logscrub.STATS["failed"])
+        yield dropped
+        yield CounterMetricFamily("nexgate_log_redactions", "Log records in which a secret was masked.",
+                                  value=logscrub.STATS["scrubbed"])
+        yield CounterMetricFamily("nexgate_log_withheld", "Log records with an argument or exception "
+                                  "message withheld as possible request data.", value=logscrub.STATS["withheld"])
+        yield CounterMetricFamily("nexgate_retention_ips_cleared", "Usage records whose client IP the "
+                                  "retention job cleared (this process).", value=state.ips_cleared)
+        yield CounterMetricFamily("nexgate_retention_failures", "Failed IP retention runs (this process).",
+                                  value=state.retention_failures)
+        yield GaugeMetricFamily("nexgate_retention_last_success_timestamp_seconds",
+                                "When the IP retention job last succeeded (0: not yet).",
+                                value=state.last_retention or 0)
 
-    class _Collector:
-        def collect(self) -> Any:
-            dropped = CounterMetricFamily(
-                "nexgate_redaction_dropped", "Records the redaction guard kept from a sink (fail closed).",
-                labels=("sink",))
-            dropped.add_metric(("record",), state.guard.dropped["record"])
-            dropped.add_metric(("log",), logscrub.STATS["failed"])
-            yield dropped
-            yield CounterMetricFamily("nexgate_log_redactions", "Log records in which a secret was masked.",
-                                      value=logscrub.STATS["scrubbed"])
-            yield CounterMetricFamily("nexgate_log_withheld", "Log records with an argument or exception "
-                                      "message withheld as possible request data.", value=logscrub.STATS["withheld"])
-            yield CounterMetricFamily("nexgate_retention_ips_cleared", "Usage records whose client IP the "
-                                      "retention job cleared (this process).", value=state.ips_cleared)
-            yield CounterMetricFamily("nexgate_retention_failures", "Failed IP retention runs (this process).",
-                                      value=state.retention_failures)
-            yield GaugeMetricFamily("nexgate_retention_last_success_timestamp_seconds",
-                                    "When the IP retention job last succeeded (0: not yet).",
-                                    value=state.last_retention or 0)
-
-    metrics.registry.register(_Collector())  # type: ignore[arg-type]
+    add_collector(app, collect)

@@ -274,32 +274,11 @@ class RowDecoder:
             limits=None if limits is None else self._json(limits),
         )
 
-
     def usage(self, row: Any) -> UsageRecord:
-        return UsageRecord(
-            request_id=row["request_id"],
-            ts=self._ts(row["ts"]),
-            endpoint=row["endpoint"],
-            model=row["model"],
-            provider=row["provider"],
-            upstream_model=row["upstream_model"],
-            account_id=row["account_id"],
-            org_id=row["org_id"],
-            key_id=row["key_id"],
-            key_prefix=row["key_prefix"],
-            prompt_tokens=row["prompt_tokens"],
-            completion_tokens=row["completion_tokens"],
-            cached_tokens=row["cached_tokens"],
-            usage_estimated=bool(row["usage_estimated"]),
-            estimated_cost_pico=row["estimated_cost_pico"],
-            actual_cost_pico=row["actual_cost_pico"],
-            latency_ms=row["latency_ms"],
-            status=row["status"],
-            error_code=row["error_code"],
-            stream=bool(row["stream"]),
-            client_ip=row["client_ip"],
-            attempts=row["attempts"],
-        )
+        """Read with USAGE_COLUMNS: the columns are the record's fields. SQLite keeps booleans as 0/1."""
+        record = UsageRecord._make(row[name] for name in USAGE_FIELDS)
+        return record._replace(ts=self._ts(record.ts), usage_estimated=bool(record.usage_estimated),
+                               stream=bool(record.stream))
 
     def ledger_entry(self, row: Any) -> LedgerEntry:
         return LedgerEntry(
