@@ -918,36 +918,6 @@ class RedisScripts:
         self.breaker.success()
         return result
 
-    def call_soon(self, script: str, keys: Sequence[str], args: Sequence[object]) -> None:
-        """``call`` without waiting for the reply, for the hot path where nobody needs it.
-
-        The command keeps its place in the pipeline, so every later call sees it done. A failure
-        counts toward the circuit breaker as a call's would; ``CountersUnavailable`` only when the
-        circuit is already open.
-        """
-        if self.breaker.open:
-            raise CountersUnavailable("circuit open")
-        conn = self._conn
-        if conn is None or conn.closed:
-            asyncio.ensure_future(self.call(script, keys, args)).add_done_callback(_retrieve)
-            return
-        self.round_trips += 1
-        reply = conn.call(encode_command("EVALSHA", self._scripts[script][1], len(keys), *keys, *args))
-        timer = conn.loop.call_later(self.timeout, _time_out, reply)
-        reply.add_done_callback(lambda done: self._answered_soon(done, timer, script, keys, args))
-
-    def _answered_soon(self, reply: asyncio.Future, timer: asyncio.TimerHandle, script: str,
-                       keys: Sequence[str], args: Sequence[object]) -> None:
-        timer.cancel()
-        exc = reply.exception() if not reply.cancelled() else asyncio.CancelledError()
-        if exc is None:
-            self.breaker.success()
-        elif isinstance(exc, RespError) and str(exc).startswith("NOSCRIPT"):
-            # Redis restarted and lost its scripts: call() loads them and sends it again.
-            asyncio.ensure_future(self.call(script, keys, args)).add_done_callback(_retrieve)
-        else:
-            self._fail(exc)
-
     async def _call_connecting(self, script: str, keys: Sequence[str], args: Sequence[object],
                                timeout: float | None) -> object:
         """``call`` when there is no connection yet, or Redis forgot the script."""

@@ -223,9 +223,6 @@ def nexgate_settle(ctx: RequestContext) -> None:
         ctx.response_headers[COST_HEADER] = format_usd(cost)
     if hold is None and cost == 0:
         return
-    try:
-        # Not waited for: it keeps its place in Redis' pipeline, so the account's next reserve sees it.
-        credits.state.settle_soon(ctx.identity.account_id, ctx.request_id, nano_ceil(cost))
-    except CreditStateUnavailable:
-        # The hold expires by itself; the debit is still booked through the usage row.
-        log.warning("could not release the hold of %s: credit state unavailable", ctx.request_id)
+    # In process: on Redis, the hold came from this instance's lease (see credit_redis). The debit
+    # itself is booked through the usage row.
+    credits.state.settle(ctx.identity.account_id, ctx.request_id, nano_ceil(cost))

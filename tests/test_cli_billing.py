@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nexgate_proxy import cli, cli_billing
-from nexgate_proxy.credit_state import RedisCreditState
+from nexgate_proxy.credit_redis import RedisCreditState
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.statements import USAGE_CSV_COLUMNS
 from nexgate_proxy.store import UsageRecord, open_store

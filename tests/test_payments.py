@@ -492,7 +492,7 @@ def test_the_memory_credit_state_never_overdraws_and_ends_at_the_ledger(
                     cost = holds.pop(rid) * op[2] // 100
                     ledger["balance"] -= cost
                     ledger["settled"] += cost
-                    await state.settle("acct", rid, cost)
+                    state.settle("acct", rid, cost)
             else:
                 ledger["balance"] += op[1]
                 ledger["credits"] += op[1]
@@ -505,7 +505,7 @@ def test_the_memory_credit_state_never_overdraws_and_ends_at_the_ledger(
             cost = holds.pop(rid)
             ledger["balance"] -= cost
             ledger["settled"] += cost
-            await state.settle("acct", rid, cost)
+            state.settle("acct", rid, cost)
             await check()
         available = await state.available("acct")
         if available is not None:  # cached: exactly the ledger
@@ -546,7 +546,7 @@ async def test_a_memory_hold_that_never_settles_expires(monkeypatch: pytest.Monk
     clock[0] += 31  # past the lost hold's expiry: a refusal sweeps first, so this one passes
     assert (await state.reserve("acct", "next", 80, 0, 30, load)).ok
     assert await state.available("acct") == 20
-    await state.settle("acct", "lost", 0)  # a late settle of the expired hold changes nothing
+    state.settle("acct", "lost", 0)  # a late settle of the expired hold changes nothing
     assert await state.available("acct") == 20
-    await state.settle("acct", "next", 50)
+    state.settle("acct", "next", 50)
     assert await state.available("acct") == 50
