@@ -256,7 +256,7 @@ class RedisCreditState(CreditState):
         # The request takes what room there is now and asks Redis for the rest, holding all of it at
         # once: requests served while the call is out see the room already taken.
         room = max(account.free, 0)
-        need = amount - room
+        need = max(amount - room, 0)
         generation = account.generation
         account.holds[request_id] = (amount, expiry, generation)
         account.held += amount
