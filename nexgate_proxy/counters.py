@@ -60,6 +60,8 @@ CONCURRENCY = "c"
 """Leases of requests in flight; ``window_ms`` is the lease."""
 
 DEFAULT_PREFIX = "nexgate:rl"
+LEASE_SPAN_MS = 1000
+"""How long a window lease serves requests; its entries are timestamped at its end (see window_leases)."""
 
 
 class CountersUnavailable(Exception):
@@ -138,6 +140,10 @@ class Counters(abc.ABC):
     @abc.abstractmethod
     async def acquire(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
         """Check every limit and take them all, or none. ``member`` is the request's unique id."""
+
+    def admit_locally(self, member: str, checks: Sequence[Check]) -> Decision | None:
+        """Admit without a round trip, against room this instance holds, or None (call ``acquire``)."""
+        return None
 
     @abc.abstractmethod
     async def settle(self, member: str, releases: Sequence[Release]) -> None:
@@ -400,6 +406,7 @@ def _tokens_wait(tlog: _TokenLog | None, need: int, window_ms: int, now: int) ->
 # ------------------------------------------------------------------- redis
 
 _LUA_COMMON = """
+local SPAN = """ + str(LEASE_SPAN_MS) + """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -408,14 +415,16 @@ local function resum(log, sum, window)
   local all = redis.call('ZRANGE', log, 0, -1)
   local s = 0
   for _, m in ipairs(all) do s = s + (tonumber(string.match(m, ':(%d+)$')) or 0) end
-  if #all == 0 then redis.call('DEL', sum) else redis.call('SET', sum, s, 'PX', window) end
+  if #all == 0 then redis.call('DEL', sum) else redis.call('SET', sum, s, 'PX', window + SPAN) end
   return s
 end
 """
 
 ACQUIRE_LUA = _LUA_COMMON + """
 -- KEYS: [ban], then per check: r -> log | t -> log, sum | c -> leases
--- ARGV: member, has_ban, n, then kind, limit, amount, window_ms per check
+-- ARGV: member, has_ban, n, lease prefix, then kind, limit, amount, window_ms, lease per check
+-- A lease (window_leases) is granted only while the window stays at most half used; log keys
+-- live one span longer than the window, for the leased entries timestamped a span ahead.
 local now = now_ms()
 local member = ARGV[1]
 local k = 1
@@ -425,14 +434,15 @@ if ARGV[2] == '1' then
   k = 2
 end
 local n = tonumber(ARGV[3])
-local kinds, limits, amounts, windows, logs, sums, used = {}, {}, {}, {}, {}, {}, {}
-local a = 4
+local kinds, limits, amounts, windows, logs, sums, used, leases = {}, {}, {}, {}, {}, {}, {}, {}
+local a = 5
 for i = 1, n do
   local kind = ARGV[a]
   local limit = tonumber(ARGV[a + 1])
   local amount = tonumber(ARGV[a + 2])
   local window = tonumber(ARGV[a + 3])
-  a = a + 4
+  leases[i] = tonumber(ARGV[a + 4])
+  a = a + 5
   local log = KEYS[k]
   k = k + 1
   local u
@@ -481,6 +491,7 @@ for i = 1, n do
   kinds[i], limits[i], amounts[i], windows[i], logs[i], used[i] = kind, limit, amount, window, log, u
 end
 local out = {-1, 0}
+local prefix = ARGV[4]
 for i = 1, n do
   local kind, log, window = kinds[i], logs[i], windows[i]
   if kind == 'c' then
@@ -488,18 +499,25 @@ for i = 1, n do
     redis.call('PEXPIRE', log, window)
     out[#out + 1] = limits[i] - used[i] - 1
     out[#out + 1] = 0
+    out[#out + 1] = 0
   else
+    local lease = leases[i]
+    if lease > 0 and (used[i] + amounts[i] + lease) * 2 > limits[i] then lease = 0 end
+    local base = prefix .. ':' .. (i - 1)
     if kind == 't' then
       redis.call('ZADD', log, now, member .. ':' .. amounts[i])
-      redis.call('INCRBY', sums[i], amounts[i])
-      redis.call('PEXPIRE', sums[i], window)
+      redis.call('INCRBY', sums[i], amounts[i] + lease)
+      if lease > 0 then redis.call('ZADD', log, now + SPAN, base .. ':' .. lease) end
+      redis.call('PEXPIRE', sums[i], window + SPAN)
     else
       redis.call('ZADD', log, now, member)
+      for s = 1, lease do redis.call('ZADD', log, now + SPAN, base .. ':' .. s) end
     end
-    redis.call('PEXPIRE', log, window)
+    redis.call('PEXPIRE', log, window + SPAN)
     local e = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
     out[#out + 1] = limits[i] - used[i] - amounts[i]
     out[#out + 1] = tonumber(e[2]) + window - now
+    out[#out + 1] = lease
   end
 end
 return out
@@ -559,7 +577,7 @@ if limit > 0 then
   local u = redis.call('ZCARD', log)
   if u < limit then
     redis.call('ZADD', log, now, ARGV[1])
-    redis.call('PEXPIRE', log, window)
+    redis.call('PEXPIRE', log, window + SPAN)
     u = u + 1
   end
   if u >= limit then
@@ -601,6 +619,35 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, lease)
 end
 return #KEYS
+"""
+
+
+WINDOW_LEASES_LUA = _LUA_COMMON + """
+-- Ended window leases (see window_leases): unused request entries go, token entries are rewritten.
+-- Per lease, ARGV kind, base, a, b, window_ms; KEYS r -> log | t -> log, sum.
+-- r: remove base:a .. base:b. t: the entry base:a becomes base:b (removed when b is 0).
+local k = 1
+for a = 1, #ARGV, 5 do
+  local base, x, y, window = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  if ARGV[a] == 'r' then
+    for s = x, y do redis.call('ZREM', KEYS[k], base .. ':' .. s) end
+    k = k + 1
+  else
+    local log, sum = KEYS[k], KEYS[k + 1]
+    k = k + 2
+    local score = redis.call('ZSCORE', log, base .. ':' .. x)
+    if score then
+      redis.call('ZREM', log, base .. ':' .. x)
+      if y > 0 then redis.call('ZADD', log, score, base .. ':' .. y) end
+      if redis.call('EXISTS', sum) == 1 then
+        if redis.call('INCRBY', sum, y - x) < 0 then resum(log, sum, window) end
+      else
+        resum(log, sum, window)
+      end
+    end
+  end
+end
+return k - 1
 """
 
 
@@ -986,7 +1033,8 @@ class RedisCounters(RedisScripts, Counters):
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1,
                  breaker_threshold: int = 3, probe_interval: float = 0.5, max_probe_interval: float = 5.0,
                  lease_renew_interval: float | None = None, client_name: str = "nexgate-ratelimit") -> None:
-        super().__init__(url, {"acquire": ACQUIRE_LUA, "settle": SETTLE_LUA, "note": NOTE_LUA, "renew": RENEW_LUA},
+        super().__init__(url, {"acquire": ACQUIRE_LUA, "settle": SETTLE_LUA, "note": NOTE_LUA, "renew": RENEW_LUA,
+                               "leases": WINDOW_LEASES_LUA},
                          label="rate limit state", timeout=timeout, breaker_threshold=breaker_threshold,
                          probe_interval=probe_interval, max_probe_interval=max_probe_interval,
                          client_name=client_name)
@@ -999,6 +1047,10 @@ class RedisCounters(RedisScripts, Counters):
         """The settle call still open for more requests' releases (until its write goes out)."""
         self._unanswered: set[_SettleBatch] = set()
         """Settle calls sent or about to be, not yet answered: close() waits for them."""
+        from .window_leases import WindowLeases
+
+        self.window_leases = WindowLeases()
+        self._window_keeper: asyncio.Task[None] | None = None
 
     def key(self, kind: str, subject: str) -> str:
         return f"{self.prefix}:{kind}:{subject}"
@@ -1006,13 +1058,18 @@ class RedisCounters(RedisScripts, Counters):
     async def start(self) -> None:
         await super().start()
         self._renewer = asyncio.create_task(self._renew_forever(), name="nexgate-ratelimit-leases")
+        self._window_keeper = asyncio.create_task(self._end_window_leases_forever(),
+                                                  name="nexgate-ratelimit-window-leases")
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._renewer
-            self._renewer = None
+        for task in (self._renewer, self._window_keeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._renewer = self._window_keeper = None
+        with contextlib.suppress(CountersUnavailable):  # what is not given back counts one window more
+            await self.end_window_leases(closing=True)
         # Releases still on their way go out first: each is bounded by the call timeout.
         waiting = [batch.finished for batch in self._unanswered]
         if waiting:
@@ -1022,28 +1079,45 @@ class RedisCounters(RedisScripts, Counters):
     # -- the operations
 
     async def acquire(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
+        window_leases = self.window_leases
+        sent = time.monotonic()
+        sizes = window_leases.wanted(checks, sent)
+        prefix = window_leases.prefix() if any(sizes) else ""
         keys: list[str] = []
-        args: list[object] = [member, 0, len(checks)]
+        args: list[object] = [member, 0, len(checks), prefix]
         if ban_subject is not None:
             keys.append(self.key("ban", ban_subject))
             args[1] = 1
         leases: list[tuple[str, int]] = []
-        for check in checks:
+        for check, size in zip(checks, sizes):
             key = self.key(check.kind, check.subject)
             keys.append(key)
             if check.kind == TOKENS:
                 keys.append(self.key("ts", check.subject))
             elif check.kind == CONCURRENCY:
                 leases.append((key, check.window_ms))
-            args += (check.kind, check.limit, check.amount, check.window_ms)
-        result = await self.call("acquire", keys, args)
+            args += (check.kind, check.limit, check.amount, check.window_ms, size)
+        try:
+            result = await self.call("acquire", keys, args)
+        finally:
+            if prefix:
+                window_leases.answered(checks, sizes)
         assert isinstance(result, list)
         status = result[0]
         if status != -1:
             return Decision(False, status, result[1])
         if leases:
             self._leases[member] = tuple(leases)
-        return Decision(True, -1, 0, result[2::2], result[3::2])
+        decision = Decision(True, -1, 0, result[2::3], result[3::3])
+        if prefix:
+            window_leases.granted(prefix, checks, result[4::3], decision, sent)
+        return decision
+
+    def admit_locally(self, member: str, checks: Sequence[Check]) -> Decision | None:
+        window_leases = self.window_leases
+        if not window_leases:
+            return None
+        return window_leases.admit(member, checks, time.monotonic())
 
     async def settle(self, member: str, releases: Sequence[Release]) -> None:
         batch = self._settle_into_batch(member, releases)
@@ -1053,11 +1127,26 @@ class RedisCounters(RedisScripts, Counters):
     def settle_soon(self, member: str, releases: Sequence[Release]) -> None:
         self._settle_into_batch(member, releases)
 
+    # -- window leases (see window_leases)
+
+    async def end_window_leases(self, closing: bool = False) -> int:
+        """Give back what ended leases did not use, and correct token leases to their usage."""
+        keys, args = self.window_leases.due(time.monotonic(), self.key, closing)
+        if not args:
+            return 0
+        return await self.call("leases", keys, args, timeout=max(self.timeout, 1.0))  # type: ignore[return-value]
+
+    async def _end_window_leases_forever(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SPAN_MS / 4000)
+            with contextlib.suppress(CountersUnavailable):
+                await self.end_window_leases()
+
     # -- settles travel in batches
 
     def _settle_into_batch(self, member: str, releases: Sequence[Release]) -> _SettleBatch | None:
         self._leases.pop(member, None)
-        if not releases:
+        if not releases or (self.window_leases.served and self.window_leases.settle(member, releases)):
             return None
         batch = self._batch
         if batch is None or batch.sealed or batch.requests >= MAX_SETTLES_PER_CALL:

@@ -612,9 +612,13 @@ class RateLimiter:
             self._refuse_if_blocked(ctx, checks, plan, with_ip)
         ctx.scratch[NAME] = _NOTHING_TO_SETTLE  # until something was taken
         self.round_trip_calls += 1
-        if not self._in_process:
-            return self._admit_shared(ctx, plan, checks, with_ip, tokens, ban_subject)
         backend = self.backend
+        if not self._in_process:
+            decision = backend.admit_locally(ctx.request_id, checks)  # room leased from Redis earlier
+            if decision is None:
+                return self._admit_shared(ctx, plan, checks, with_ip, tokens, ban_subject)
+            self._admitted(ctx, plan, checks, with_ip, tokens, decision, backend)
+            return None
         decision = backend.acquire_now(ctx.request_id, checks, ban_subject)  # type: ignore[attr-defined]
         self._admitted(ctx, plan, checks, with_ip, tokens, decision, backend)
         return None

@@ -1,0 +1,203 @@
+"""Window leases: room in a shared sliding window that one instance uses without asking Redis.
+
+An admit that goes to Redis may also ask, per requests or tokens limit, for a lease: ``size``
+more entries added to the shared log *now*, timestamped at the end of the lease's span (Redis
+time + ``LEASE_SPAN_MS``). Until that end the instance admits requests against the lease in
+process: one awaited round trip per lease instead of one per request.
+
+Why this stays exact: an entry counts until one window after its timestamp, and a leased entry's
+timestamp is never earlier than the request that uses it (it is used before the span ends). So
+every request is counted at least as long as if it had been logged when it came, in the log
+every instance checks: "at most ``limit`` in any window" holds across instances. What a lease
+costs is caution: an unused entry counts until it is given back (right after the span; a dead
+instance's, for one window), and a used one up to one span longer than needed. Redis grants a
+lease only while the window is at most half used, so near a limit every request is decided by
+Redis, one by one, and no room is left stranded on another instance.
+
+Token leases hold ``size`` tokens in one entry; requests served from it take their estimate and
+settle to their real usage in process. When the span ends, the entry is rewritten to what the
+requests served from it used (open ones at their estimate, corrected again when they settle).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Callable, Sequence
+
+from .counters import LEASE_SPAN_MS, REQUESTS, TOKENS, Check, Decision, Release
+
+LEASE_SHARE = 32
+"""A lease takes at most 1/LEASE_SHARE of a limit..."""
+MAX_LEASE_REQUESTS = 256
+"""...and room for at most this many requests..."""
+MIN_LEASE_REQUESTS = 4
+"""...and at least this many, else none is taken (small limits are decided by Redis each time)."""
+CLOCK_MARGIN = 0.05
+"""Seconds a lease stops early, for clock rate differences between this host and Redis."""
+
+
+_LEASED = (REQUESTS, TOKENS)
+
+
+def lease_size(check: Check) -> int:
+    """The lease to ask for with this check (0: none)."""
+    if check.kind == REQUESTS:
+        size = min(check.limit // LEASE_SHARE, MAX_LEASE_REQUESTS)
+        return size if size >= MIN_LEASE_REQUESTS else 0
+    if check.kind == TOKENS and check.amount > 0:
+        size = min(check.limit // LEASE_SHARE, check.amount * MAX_LEASE_REQUESTS)
+        return size if size >= check.amount * MIN_LEASE_REQUESTS else 0
+    return 0
+
+
+class WindowLease:
+    __slots__ = ("kind", "subject", "base", "size", "used", "open", "recorded", "end", "remaining", "reset_at",
+                 "window_ms")
+
+    def __init__(self, kind: str, subject: str, base: str, size: int, end: float, remaining: int,
+                 reset_at: float, window_ms: int) -> None:
+        self.kind = kind
+        self.subject = subject
+        self.base = base
+        """Its entries in Redis: ``base:1`` .. ``base:size`` (requests), ``base:<tokens>`` (tokens)."""
+        self.size = size
+        self.used = 0
+        """Requests: entries used. Tokens: estimates of open requests plus the usage of settled ones."""
+        self.open = 0
+        """Tokens: requests served from it that have not settled."""
+        self.recorded = size
+        """Tokens: what its entry in Redis holds."""
+        self.end = end
+        self.remaining = remaining
+        """What Redis reported left in the window when it granted the lease (the lease not counted)."""
+        self.reset_at = reset_at
+        self.window_ms = window_ms
+
+    def has_room(self, amount: int) -> bool:
+        """Room for one more request (``amount``: its tokens, for a token lease)."""
+        return self.used + (1 if self.kind == REQUESTS else amount) <= self.size
+
+
+class WindowLeases:
+    """This instance's window leases, by limit; ended ones go back to Redis in batches."""
+
+    def __init__(self) -> None:
+        self.active: dict[tuple[str, str], WindowLease] = {}
+        self.asking: set[tuple[str, str]] = set()
+        """Limits a lease is being asked for: concurrent admits do not ask again."""
+        self.ending: list[WindowLease] = []
+        self.served: dict[str, list[WindowLease]] = {}
+        """member -> the token leases it was admitted from (its settle corrects them)."""
+        self._instance = secrets.token_hex(6)
+        self._calls = 0
+
+    def wanted(self, checks: Sequence[Check], now: float) -> list[int]:
+        """Per check, the lease to ask for: none where a lease with room is held or being asked for.
+
+        The caller reports back with ``answered``."""
+        sizes = []
+        active = self.active
+        for check in checks:
+            size = lease_size(check)
+            if size:
+                key = (check.kind, check.subject)
+                lease = active.get(key)
+                if key in self.asking or (lease is not None and now < lease.end and lease.has_room(check.amount)):
+                    size = 0
+                else:
+                    self.asking.add(key)
+            sizes.append(size)
+        return sizes
+
+    def answered(self, checks: Sequence[Check], sizes: Sequence[int]) -> None:
+        """The admit that asked for ``sizes`` came back (granted or not, or failed)."""
+        for check, size in zip(checks, sizes):
+            if size:
+                self.asking.discard((check.kind, check.subject))
+
+    def prefix(self) -> str:
+        self._calls += 1
+        return f"L:{self._instance}:{self._calls}"
+
+    def granted(self, prefix: str, checks: Sequence[Check], sizes: Sequence[int], decision: Decision,
+                sent: float) -> None:
+        """Redis granted ``sizes`` (0: none) with the admit sent at ``sent``."""
+        end = sent + LEASE_SPAN_MS / 1000 - CLOCK_MARGIN
+        for i, (check, size) in enumerate(zip(checks, sizes)):
+            if not size:
+                continue
+            key = (check.kind, check.subject)
+            old = self.active.get(key)
+            if old is not None:
+                self.ending.append(old)
+            self.active[key] = WindowLease(check.kind, check.subject, f"{prefix}:{i}", size, end,
+                                           decision.remaining[i], sent + decision.reset_ms[i] / 1000,
+                                           check.window_ms)
+
+    def admit(self, member: str, checks: Sequence[Check], now: float) -> Decision | None:
+        """Admit against leases held here, or None when some check has none with room (ask Redis)."""
+        active = self.active
+        leases = []
+        for check in checks:
+            lease = active.get((check.kind, check.subject))
+            if lease is None or now >= lease.end:
+                return None
+            if check.kind not in _LEASED or not lease.has_room(check.amount):
+                return None
+            leases.append(lease)
+        remaining = []
+        reset = []
+        served = None
+        for check, lease in zip(checks, leases):
+            if check.kind == REQUESTS:
+                lease.used += 1
+            else:
+                lease.used += check.amount
+                lease.open += 1
+                if served is None:
+                    served = self.served[member] = []
+                served.append(lease)
+            remaining.append(lease.remaining - lease.used)
+            reset.append(max(int((lease.reset_at - now) * 1000), 0))
+        return Decision(True, -1, 0, remaining, reset)
+
+    def settle(self, member: str, releases: Sequence[Release]) -> bool:
+        """Correct the token leases a locally admitted request used; False if it was not admitted here."""
+        leases = self.served.pop(member, None)
+        if leases is None:
+            return False
+        for lease in leases:
+            for release in releases:
+                if release.kind == TOKENS and release.subject == lease.subject:
+                    lease.used += release.actual - release.reserved
+                    lease.open -= 1
+                    break
+        return True
+
+    def due(self, now: float, key: Callable[[str, str], str], closing: bool = False) -> tuple[list[str], list[object]]:
+        """What ended leases give back or correct, as the leases script's keys and args."""
+        for k, lease in list(self.active.items()):
+            if closing or now >= lease.end:
+                del self.active[k]
+                self.ending.append(lease)
+        keys: list[str] = []
+        args: list[object] = []
+        still: list[WindowLease] = []
+        for lease in self.ending:
+            if lease.kind == REQUESTS:
+                if lease.used < lease.size:
+                    keys.append(key(REQUESTS, lease.subject))
+                    args += (REQUESTS, lease.base, lease.used + 1, lease.size, lease.window_ms)
+                continue
+            target = max(lease.used, 0)
+            if target != lease.recorded:
+                keys += (key(TOKENS, lease.subject), key("ts", lease.subject))
+                args += (TOKENS, lease.base, lease.recorded, target, lease.window_ms)
+                lease.recorded = target
+            if lease.open > 0 and not closing:
+                still.append(lease)  # its open requests correct it again when they settle
+        self.ending = still
+        return keys, args
+
+    def __bool__(self) -> bool:
+        return bool(self.active)
