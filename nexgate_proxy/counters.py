@@ -19,6 +19,9 @@ all of them, or refuses without taking any. Concurrency slots are leases that
 expire (``lease_ms``), renewed in the background while the request is in
 flight, so a crashed instance frees its slots within one lease.
 
+Busy limits are mostly admitted without a round trip: an admit that goes to Redis may also
+lease room in the window, which this instance then uses in process (``window_leases``).
+
 ``settle_soon`` is the settle nobody waits for: in Redis, the releases of all
 requests settled within one loop iteration travel in one EVALSHA, which takes
 its place in the pipeline at the first of them, so every later call sees them
@@ -418,6 +421,25 @@ local function resum(log, sum, window)
   if #all == 0 then redis.call('DEL', sum) else redis.call('SET', sum, s, 'PX', window + SPAN) end
   return s
 end
+-- Tokens in a window: what left it is dropped from the log and the running sum first.
+local function tokens_used(log, sum, window, now)
+  local cutoff = now - window
+  local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
+  if #old > 0 then
+    local freed = 0
+    for _, m in ipairs(old) do freed = freed + (tonumber(string.match(m, ':(%d+)$')) or 0) end
+    redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
+    if redis.call('EXISTS', sum) == 1 then
+      local u = redis.call('DECRBY', sum, freed)
+      if u < 0 then u = resum(log, sum, window) end
+      return u
+    end
+    return resum(log, sum, window)
+  end
+  local s = redis.call('GET', sum)
+  if s then return tonumber(s) end
+  return resum(log, sum, window)
+end
 """
 
 ACQUIRE_LUA = _LUA_COMMON + """
@@ -450,22 +472,7 @@ for i = 1, n do
     local sum = KEYS[k]
     k = k + 1
     sums[i] = sum
-    local cutoff = now - window
-    local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
-    if #old > 0 then
-      local freed = 0
-      for _, m in ipairs(old) do freed = freed + (tonumber(string.match(m, ':(%d+)$')) or 0) end
-      redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
-      if redis.call('EXISTS', sum) == 1 then
-        u = redis.call('DECRBY', sum, freed)
-        if u < 0 then u = resum(log, sum, window) end
-      else
-        u = resum(log, sum, window)
-      end
-    else
-      local s = redis.call('GET', sum)
-      if s then u = tonumber(s) else u = resum(log, sum, window) end
-    end
+    u = tokens_used(log, sum, window, now)
     if u + amount > limit then
       local need = u + amount - limit
       local freed = 0
@@ -619,6 +626,50 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, lease)
 end
 return #KEYS
+"""
+
+
+LEASE_AHEAD_LUA = _LUA_COMMON + """
+-- Window leases asked ahead of need (see window_leases), with no request entry of their own.
+-- KEYS per check: r -> log | t -> log, sum. ARGV: prefix, then kind, limit, window_ms, lease per check.
+-- Returns per check: granted, left in the window before the lease, reset.
+local now = now_ms()
+local out = {}
+local k, i = 1, 0
+for a = 2, #ARGV, 4 do
+  local kind, limit, window, lease = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local base = ARGV[1] .. ':' .. i
+  i = i + 1
+  local log = KEYS[k]
+  local u
+  if kind == 't' then
+    local sum = KEYS[k + 1]
+    k = k + 2
+    u = tokens_used(log, sum, window, now)
+    if (u + lease) * 2 > limit then lease = 0 end
+    if lease > 0 then
+      redis.call('ZADD', log, now + SPAN, base .. ':' .. lease)
+      redis.call('INCRBY', sum, lease)
+      redis.call('PEXPIRE', sum, window + SPAN)
+    end
+  else
+    k = k + 1
+    redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window)
+    u = redis.call('ZCARD', log)
+    if (u + lease) * 2 > limit then lease = 0 end
+    for s = 1, lease do redis.call('ZADD', log, now + SPAN, base .. ':' .. s) end
+  end
+  local reset = window
+  if lease > 0 then
+    redis.call('PEXPIRE', log, window + SPAN)
+    local e = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+    reset = tonumber(e[2]) + window - now
+  end
+  out[#out + 1] = lease
+  out[#out + 1] = limit - u
+  out[#out + 1] = reset
+end
+return out
 """
 
 
@@ -1034,7 +1085,7 @@ class RedisCounters(RedisScripts, Counters):
                  breaker_threshold: int = 3, probe_interval: float = 0.5, max_probe_interval: float = 5.0,
                  lease_renew_interval: float | None = None, client_name: str = "nexgate-ratelimit") -> None:
         super().__init__(url, {"acquire": ACQUIRE_LUA, "settle": SETTLE_LUA, "note": NOTE_LUA, "renew": RENEW_LUA,
-                               "leases": WINDOW_LEASES_LUA},
+                               "lease_ahead": LEASE_AHEAD_LUA, "leases": WINDOW_LEASES_LUA},
                          label="rate limit state", timeout=timeout, breaker_threshold=breaker_threshold,
                          probe_interval=probe_interval, max_probe_interval=max_probe_interval,
                          client_name=client_name)
@@ -1051,6 +1102,7 @@ class RedisCounters(RedisScripts, Counters):
 
         self.window_leases = WindowLeases()
         self._window_keeper: asyncio.Task[None] | None = None
+        self._asking_ahead: set[asyncio.Future[None]] = set()
 
     def key(self, kind: str, subject: str) -> str:
         return f"{self.prefix}:{kind}:{subject}"
@@ -1117,7 +1169,44 @@ class RedisCounters(RedisScripts, Counters):
         window_leases = self.window_leases
         if not window_leases:
             return None
-        return window_leases.admit(member, checks, time.monotonic())
+        decision = window_leases.admit(member, checks, time.monotonic())
+        if window_leases.running_low:
+            self._lease_ahead(window_leases.take_running_low())
+        return decision
+
+    def _lease_ahead(self, checks: list[Check]) -> None:
+        """Ask for the next leases of limits whose lease is half used, so no request waits for them."""
+        if self.breaker.open:
+            return
+        window_leases = self.window_leases
+        sizes = window_leases.wanted(checks, time.monotonic(), ahead=True)
+        if not any(sizes):
+            return
+        asked = [(check, size) for check, size in zip(checks, sizes) if size]
+        prefix = window_leases.prefix()
+        keys: list[str] = []
+        args: list[object] = [prefix]
+        for check, size in asked:
+            keys.append(self.key(check.kind, check.subject))
+            if check.kind == TOKENS:
+                keys.append(self.key("ts", check.subject))
+            args += (check.kind, check.limit, check.window_ms, size)
+        task = asyncio.ensure_future(self._ask_ahead(prefix, asked, keys, args, time.monotonic()))
+        self._asking_ahead.add(task)
+        task.add_done_callback(self._asking_ahead.discard)
+        task.add_done_callback(_retrieve)
+
+    async def _ask_ahead(self, prefix: str, asked: list[tuple[Check, int]], keys: list[str], args: list[object],
+                         sent: float) -> None:
+        checks = [check for check, _ in asked]
+        try:
+            result = await self.call("lease_ahead", keys, args)
+        except CountersUnavailable:
+            return
+        finally:
+            self.window_leases.answered(checks, [size for _, size in asked])
+        assert isinstance(result, list)
+        self.window_leases.granted_ahead(prefix, checks, result, sent)
 
     async def settle(self, member: str, releases: Sequence[Release]) -> None:
         batch = self._settle_into_batch(member, releases)
@@ -1131,6 +1220,8 @@ class RedisCounters(RedisScripts, Counters):
 
     async def end_window_leases(self, closing: bool = False) -> int:
         """Give back what ended leases did not use, and correct token leases to their usage."""
+        if closing and self._asking_ahead:  # a lease granted after this would stay taken for a window
+            await asyncio.wait(set(self._asking_ahead), timeout=max(self.timeout, 1.0))
         keys, args = self.window_leases.due(time.monotonic(), self.key, closing)
         if not args:
             return 0

@@ -79,30 +79,38 @@ class WindowLease:
 
 
 class WindowLeases:
-    """This instance's window leases, by limit; ended ones go back to Redis in batches."""
+    """This instance's window leases, by limit; ended ones go back to Redis in batches.
+
+    Per limit, the lease in use (``active``) and the next one (``queued``), asked for in the
+    background when the one in use is half used, so that busy limits never wait for Redis.
+    """
 
     def __init__(self) -> None:
         self.active: dict[tuple[str, str], WindowLease] = {}
+        self.queued: dict[tuple[str, str], WindowLease] = {}
+        self.ending: list[WindowLease] = []
         self.asking: set[tuple[str, str]] = set()
         """Limits a lease is being asked for: concurrent admits do not ask again."""
-        self.ending: list[WindowLease] = []
+        self.running_low: list[Check] = []
+        """Checks whose lease in use is half used and that have no next one: ask ahead."""
         self.served: dict[str, list[WindowLease]] = {}
         """member -> the token leases it was admitted from (its settle corrects them)."""
         self._instance = secrets.token_hex(6)
         self._calls = 0
 
-    def wanted(self, checks: Sequence[Check], now: float) -> list[int]:
-        """Per check, the lease to ask for: none where a lease with room is held or being asked for.
+    def wanted(self, checks: Sequence[Check], now: float, ahead: bool = False) -> list[int]:
+        """Per check, the lease to ask for: none where one is held with room, queued, or being asked for.
 
-        The caller reports back with ``answered``."""
+        The caller reports back with ``answered``.
+        """
         sizes = []
-        active = self.active
         for check in checks:
             size = lease_size(check)
             if size:
                 key = (check.kind, check.subject)
-                lease = active.get(key)
-                if key in self.asking or (lease is not None and now < lease.end and lease.has_room(check.amount)):
+                lease = self.active.get(key)
+                if key in self.asking or key in self.queued or (
+                        not ahead and lease is not None and now < lease.end and lease.has_room(check.amount)):
                     size = 0
                 else:
                     self.asking.add(key)
@@ -110,7 +118,7 @@ class WindowLeases:
         return sizes
 
     def answered(self, checks: Sequence[Check], sizes: Sequence[int]) -> None:
-        """The admit that asked for ``sizes`` came back (granted or not, or failed)."""
+        """The call that asked for ``sizes`` came back (granted or not, or failed)."""
         for check, size in zip(checks, sizes):
             if size:
                 self.asking.discard((check.kind, check.subject))
@@ -121,28 +129,52 @@ class WindowLeases:
 
     def granted(self, prefix: str, checks: Sequence[Check], sizes: Sequence[int], decision: Decision,
                 sent: float) -> None:
-        """Redis granted ``sizes`` (0: none) with the admit sent at ``sent``."""
-        end = sent + LEASE_SPAN_MS / 1000 - CLOCK_MARGIN
+        """An admit sent at ``sent`` was granted leases of ``sizes`` (0: none)."""
         for i, (check, size) in enumerate(zip(checks, sizes)):
-            if not size:
-                continue
-            key = (check.kind, check.subject)
-            old = self.active.get(key)
+            if size:
+                self._add(WindowLease(check.kind, check.subject, f"{prefix}:{i}", size, _end(sent),
+                                      decision.remaining[i], sent + decision.reset_ms[i] / 1000, check.window_ms))
+
+    def granted_ahead(self, prefix: str, checks: Sequence[Check], reply: Sequence[int], sent: float) -> None:
+        """Leases asked ahead: per check, (granted, left before the lease, reset ms) in ``reply``."""
+        for i, check in enumerate(checks):
+            size, left, reset_ms = reply[3 * i:3 * i + 3]
+            if size:
+                self._add(WindowLease(check.kind, check.subject, f"{prefix}:{i}", size, _end(sent), left,
+                                      sent + reset_ms / 1000, check.window_ms))
+
+    def _add(self, lease: WindowLease) -> None:
+        key = (lease.kind, lease.subject)
+        if key in self.active:
+            old = self.queued.pop(key, None)
             if old is not None:
                 self.ending.append(old)
-            self.active[key] = WindowLease(check.kind, check.subject, f"{prefix}:{i}", size, end,
-                                           decision.remaining[i], sent + decision.reset_ms[i] / 1000,
-                                           check.window_ms)
+            self.queued[key] = lease
+        else:
+            self.active[key] = lease
+
+    def _usable(self, key: tuple[str, str], amount: int, now: float) -> WindowLease | None:
+        """The lease to admit from: the one in use, else the next one (which then takes its place)."""
+        lease = self.active.get(key)
+        if lease is not None and now < lease.end and lease.has_room(amount):
+            return lease
+        queued = self.queued.get(key)
+        if queued is None or now >= queued.end or not queued.has_room(amount):
+            return None
+        del self.queued[key]
+        if lease is not None:
+            self.ending.append(lease)
+        self.active[key] = queued
+        return queued
 
     def admit(self, member: str, checks: Sequence[Check], now: float) -> Decision | None:
         """Admit against leases held here, or None when some check has none with room (ask Redis)."""
-        active = self.active
         leases = []
         for check in checks:
-            lease = active.get((check.kind, check.subject))
-            if lease is None or now >= lease.end:
+            if check.kind not in _LEASED:
                 return None
-            if check.kind not in _LEASED or not lease.has_room(check.amount):
+            lease = self._usable((check.kind, check.subject), check.amount, now)
+            if lease is None:
                 return None
             leases.append(lease)
         remaining = []
@@ -159,7 +191,15 @@ class WindowLeases:
                 served.append(lease)
             remaining.append(lease.remaining - lease.used)
             reset.append(max(int((lease.reset_at - now) * 1000), 0))
+            if lease.used * 2 >= lease.size:
+                key = (lease.kind, lease.subject)
+                if key not in self.queued and key not in self.asking:
+                    self.running_low.append(check)
         return Decision(True, -1, 0, remaining, reset)
+
+    def take_running_low(self) -> list[Check]:
+        low, self.running_low = self.running_low, []
+        return low
 
     def settle(self, member: str, releases: Sequence[Release]) -> bool:
         """Correct the token leases a locally admitted request used; False if it was not admitted here."""
@@ -176,10 +216,11 @@ class WindowLeases:
 
     def due(self, now: float, key: Callable[[str, str], str], closing: bool = False) -> tuple[list[str], list[object]]:
         """What ended leases give back or correct, as the leases script's keys and args."""
-        for k, lease in list(self.active.items()):
-            if closing or now >= lease.end:
-                del self.active[k]
-                self.ending.append(lease)
+        for table in (self.active, self.queued):
+            for k, lease in list(table.items()):
+                if closing or now >= lease.end:
+                    del table[k]
+                    self.ending.append(lease)
         keys: list[str] = []
         args: list[object] = []
         still: list[WindowLease] = []
@@ -200,4 +241,9 @@ class WindowLeases:
         return keys, args
 
     def __bool__(self) -> bool:
-        return bool(self.active)
+        return bool(self.active or self.queued)
+
+
+def _end(sent: float) -> float:
+    """When a lease granted by a call sent at ``sent`` stops serving (its entries' timestamp, early)."""
+    return sent + LEASE_SPAN_MS / 1000 - CLOCK_MARGIN
