@@ -932,6 +932,9 @@ def _register_metrics(app: web.Application, limiter: RateLimiter) -> None:
         yield CounterMetricFamily("nexgate_ratelimit_state_failures",
                                   "Failed or timed-out calls to the shared rate limit state.",
                                   value=redis.failures if redis else 0)
+        yield CounterMetricFamily("nexgate_ratelimit_leased_admits",
+                                  "Requests admitted from window leases this instance holds, without a Redis call.",
+                                  value=redis.local_admits if redis else 0)
         yield GaugeMetricFamily("nexgate_ratelimit_circuit_open",
                                 "1 while calls to the shared rate limit state are skipped.",
                                 value=1 if redis and redis.breaker.open else 0)

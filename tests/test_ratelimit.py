@@ -173,6 +173,9 @@ async def test_redis_round_trips_per_request(upstream: FakeUpstream, start_gatew
             assert status == 200
             remaining.append(int(headers["x-ratelimit-remaining-requests"]))
     assert remaining == list(range(999, 979, -1))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw2.url + "/metrics") as resp:
+            assert "nexgate_ratelimit_leased_admits_total 19.0" in await resp.text()
     # (a second call only if the lease's span ended meanwhile: its unused entries go back)
     assert 1 <= calls2.count("EVALSHA") <= 2 and set(calls2) == {"EVALSHA"}
 

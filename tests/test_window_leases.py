@@ -113,7 +113,7 @@ async def test_the_next_lease_is_asked_for_ahead_so_no_request_waits(pair) -> No
     # The first request asks Redis and waits; after it, none (unless an ask ahead took longer than
     # half a lease of requests: on a loaded machine one or two may then ask themselves).
     assert 1 <= waited <= 3
-    assert first.round_trips <= 1 + 1000 // 128 + 1  # plus one ask ahead per half lease
+    assert first.round_trips <= 1 + 1000 // 128 + 1  # plus an ask ahead per lease (and per token lease)
     await first.end_window_leases(closing=True)
     assert len(await log_of(first, REQUESTS, "key:steady")) == 1000
     assert int(await command("GET", first.key("ts", "key:steady"))) == 1000 * 25
@@ -143,7 +143,7 @@ async def test_token_leases_settle_to_real_usage(pair) -> None:
         decision = await admit(first, who, checks)
         assert decision.allowed
         served.append(who)
-    assert first.round_trips == 1  # one admit leased 500 * 256 tokens; nine came from it
+    assert first.round_trips == 1  # one admit leased 500 * 512 tokens; nine came from it
     for who in served:
         first.settle_soon(who, [Release(TOKENS, "key:t", 500, 20)])
     await asyncio.sleep(LEASE_SPAN_MS / 1000 + 0.4)
@@ -188,7 +188,7 @@ def test_lease_sizes() -> None:
 
     assert lease_size(Check(REQUESTS, "k", 100)) == 0  # 100 // 32 = 3: too small to lease
     assert lease_size(Check(REQUESTS, "k", 3200)) == 100
-    assert lease_size(Check(REQUESTS, "k", 10**9)) == 256
-    assert lease_size(Check(TOKENS, "k", 10**9, 500)) == 500 * 256
+    assert lease_size(Check(REQUESTS, "k", 10**9)) == 512
+    assert lease_size(Check(TOKENS, "k", 10**9, 500)) == 500 * 512
     assert lease_size(Check(TOKENS, "k", 10_000, 500)) == 0  # 312 tokens: not 4 requests' worth
     assert lease_size(Check(TOKENS, "k", 10**9, 0)) == 0
