@@ -29,10 +29,14 @@ from .counters import LEASE_SPAN_MS, REQUESTS, TOKENS, Check, Decision, Release
 
 LEASE_SHARE = 32
 """A lease takes at most 1/LEASE_SHARE of a limit..."""
-MAX_LEASE_REQUESTS = 512
+MAX_LEASE_REQUESTS = 4096
 """...and room for at most this many requests..."""
 MIN_LEASE_REQUESTS = 4
 """...and at least this many, else none is taken (small limits are decided by Redis each time)."""
+FIRST_LEASE_REQUESTS = 16
+"""A limit's first lease has room for this many requests. A lease a quarter used before its end
+doubles the next one, one ending more than half unused halves it: leases follow the request rate,
+so a quiet limit leases (and gives back) little, and a busy one rarely asks."""
 ASK_AHEAD_AT = 4
 """The next lease is asked for when the one in use is 1/ASK_AHEAD_AT used: under load an awaited
 round trip takes a few event-loop turns (tens of ms at 32 connections), time for ~100 requests."""
@@ -43,13 +47,13 @@ CLOCK_MARGIN = 0.05
 _LEASED = (REQUESTS, TOKENS)
 
 
-def lease_size(check: Check) -> int:
-    """The lease to ask for with this check (0: none)."""
+def lease_size(check: Check, requests: int = MAX_LEASE_REQUESTS) -> int:
+    """The lease to ask for with this check, room for at most ``requests`` requests (0: none)."""
     if check.kind == REQUESTS:
-        size = min(check.limit // LEASE_SHARE, MAX_LEASE_REQUESTS)
+        size = min(check.limit // LEASE_SHARE, requests)
         return size if size >= MIN_LEASE_REQUESTS else 0
     if check.kind == TOKENS and check.amount > 0:
-        size = min(check.limit // LEASE_SHARE, check.amount * MAX_LEASE_REQUESTS)
+        size = min(check.limit // LEASE_SHARE, check.amount * requests)
         return size if size >= check.amount * MIN_LEASE_REQUESTS else 0
     return 0
 
@@ -101,6 +105,8 @@ class WindowLeases:
         """Checks whose lease in use is a quarter used or near its end, with no next one: ask ahead."""
         self.served: dict[str, list[WindowLease]] = {}
         """member -> the token leases it was admitted from (its settle corrects them)."""
+        self.scale: dict[tuple[str, str], int] = {}
+        """Per limit, the requests' worth its next lease is asked for (see FIRST_LEASE_REQUESTS)."""
         self._instance = secrets.token_hex(6)
         self._calls = 0
 
@@ -111,9 +117,9 @@ class WindowLeases:
         """
         sizes = []
         for check in checks:
-            size = lease_size(check)
+            key = (check.kind, check.subject)
+            size = lease_size(check, self.scale.get(key, FIRST_LEASE_REQUESTS))
             if size:
-                key = (check.kind, check.subject)
                 lease = self.active.get(key)
                 if key in self.asking or key in self.queued or (
                         not ahead and lease is not None and now < lease.end and lease.has_room(check.amount)):
@@ -154,7 +160,7 @@ class WindowLeases:
         if key in self.active:
             old = self.queued.pop(key, None)
             if old is not None:
-                self.ending.append(old)
+                self._retire(old)
             self.queued[key] = lease
         else:
             self.active[key] = lease
@@ -169,15 +175,26 @@ class WindowLeases:
             return None
         if now >= queued.end:  # ended unused: it goes back, and the next admit asks for another
             del self.queued[key]
-            self.ending.append(queued)
+            self._retire(queued)
             return None
         if not queued.has_room(amount):
             return None
         del self.queued[key]
         if lease is not None:
-            self.ending.append(lease)
+            self._retire(lease)
         self.active[key] = queued
         return queued
+
+    def _retire(self, lease: WindowLease) -> None:
+        """No more admits from it: what it did not use goes back with the next ``due``."""
+        self.ending.append(lease)
+        if lease.used * 2 < lease.size:  # the rate fell: lease less
+            key = (lease.kind, lease.subject)
+            scale = self.scale.get(key, FIRST_LEASE_REQUESTS) // 2
+            if scale > FIRST_LEASE_REQUESTS:
+                self.scale[key] = scale
+            else:
+                self.scale.pop(key, None)
 
     def admit(self, member: str, checks: Sequence[Check], now: float) -> Decision | None:
         """Admit against leases held here, or None when some check has none with room (ask Redis)."""
@@ -203,10 +220,13 @@ class WindowLeases:
                 served.append(lease)
             remaining.append(lease.remaining - lease.used)
             reset.append(max(int((lease.reset_at - now) * 1000), 0))
-            if lease.used * ASK_AHEAD_AT >= lease.size or now >= lease.ask_at:
+            busy = lease.used * ASK_AHEAD_AT >= lease.size
+            if busy or now >= lease.ask_at:
                 key = (lease.kind, lease.subject)
                 if key not in self.queued and key not in self.asking:
                     self.running_low.append(check)
+                    if busy:
+                        self.scale[key] = min(self.scale.get(key, FIRST_LEASE_REQUESTS) * 2, MAX_LEASE_REQUESTS)
         return Decision(True, -1, 0, remaining, reset)
 
     def take_running_low(self) -> list[Check]:
@@ -232,7 +252,7 @@ class WindowLeases:
             for k, lease in list(table.items()):
                 if closing or now >= lease.end:
                     del table[k]
-                    self.ending.append(lease)
+                    self._retire(lease)
         keys: list[str] = []
         args: list[object] = []
         still: list[WindowLease] = []
