@@ -1179,7 +1179,7 @@ class RedisCounters(RedisScripts, Counters):
         return decision
 
     def _lease_ahead(self, checks: list[Check]) -> None:
-        """Ask for the next leases of limits whose lease is half used, so no request waits for them."""
+        """Ask in the background for the next leases of these limits, so no request waits for them."""
         if self.breaker.open:
             return
         window_leases = self.window_leases

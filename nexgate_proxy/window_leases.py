@@ -107,6 +107,9 @@ class WindowLeases:
         """member -> the token leases it was admitted from (its settle corrects them)."""
         self.scale: dict[tuple[str, str], int] = {}
         """Per limit, the requests' worth its next lease is asked for (see FIRST_LEASE_REQUESTS)."""
+        self.seen: dict[tuple[str, str], float] = {}
+        """Per limit, when a request last went to Redis for it: a lease is asked for only by the second
+        within a span, so a quiet limit never leases (and gives back) room it does not use."""
         self._instance = secrets.token_hex(6)
         self._calls = 0
 
@@ -116,9 +119,15 @@ class WindowLeases:
         The caller reports back with ``answered``.
         """
         sizes = []
+        span = LEASE_SPAN_MS / 1000
         for check in checks:
             key = (check.kind, check.subject)
             size = lease_size(check, self.scale.get(key, FIRST_LEASE_REQUESTS))
+            if size and not ahead:
+                last = self.seen.get(key)
+                self.seen[key] = now
+                if last is None or now - last > span:
+                    size = 0
             if size:
                 lease = self.active.get(key)
                 if key in self.asking or key in self.queued or (
@@ -248,6 +257,10 @@ class WindowLeases:
 
     def due(self, now: float, key: Callable[[str, str], str], closing: bool = False) -> tuple[list[str], list[object]]:
         """What ended leases give back or correct, as the leases script's keys and args."""
+        span = LEASE_SPAN_MS / 1000
+        for k, last in list(self.seen.items()):
+            if now - last > span:
+                del self.seen[k]
         for table in (self.active, self.queued):
             for k, lease in list(table.items()):
                 if closing or now >= lease.end:

@@ -84,17 +84,29 @@ async def test_leased_entries_are_timestamped_a_span_ahead_and_unused_ones_go_ba
     first, _ = pair
     checks = [Check(REQUESTS, "key:a", 3200)]
     before = await redis_now_ms(first)
-    assert (await first.acquire(member(), checks)).allowed  # a limit's first lease: 16 entries
+    assert (await first.acquire(member(), checks)).allowed  # the first request of a span: no lease
+    assert not first.window_leases
+    assert (await first.acquire(member(), checks)).allowed  # the second: a limit's first lease, 16 entries
     for _ in range(3):  # (a quarter used would ask for the next one)
         assert first.admit_locally(member(), checks) is not None  # no round trip
     log = await log_of(first, REQUESTS, "key:a")
     leased = [score for name, score in log if name.startswith("L:")]
-    assert len(log) == 17 and len(leased) == 16
+    assert len(log) == 2 + 16 and len(leased) == 16
     # Counted no earlier than any request using them can come: exact at the window's edges.
     assert min(leased) >= before + LEASE_SPAN_MS
     await asyncio.sleep(LEASE_SPAN_MS / 1000 + 0.4)  # the span ends; the keeper gives back the rest
     assert first.admit_locally(member(), checks) is None
-    assert len(await log_of(first, REQUESTS, "key:a")) == 1 + 3
+    assert len(await log_of(first, REQUESTS, "key:a")) == 2 + 3
+
+
+async def test_a_quiet_limit_leases_nothing(pair) -> None:
+    first, _ = pair
+    checks = [Check(REQUESTS, "key:quiet", 3200)]
+    for _ in range(3):
+        assert (await first.acquire(member(), checks)).allowed
+        assert not first.window_leases
+        first.window_leases.seen.clear()  # as if a span had passed since the last request
+    assert len(await log_of(first, REQUESTS, "key:quiet")) == 3
 
 
 async def test_the_next_lease_is_asked_for_ahead_so_no_request_waits(pair) -> None:
@@ -110,10 +122,10 @@ async def test_the_next_lease_is_asked_for_ahead_so_no_request_waits(pair) -> No
         assert decision.allowed
         first.settle_soon(who, [Release(TOKENS, "key:steady", 300, 25)])
         await asyncio.sleep(0.0003)  # requests come one after another; the asks ahead go out meanwhile
-    # The first request asks Redis and waits. While the leases are still small (16, 32, ... requests'
+    # The first two requests ask Redis and wait (the second leases). While the leases are still small (16, 32, ... requests'
     # worth), an ask ahead may come after the lease is spent and a request then asks itself; once
     # they have grown, none does. (Leased one by one, all 1000 would ask.)
-    assert 1 <= waited <= 10
+    assert 2 <= waited <= 11
     # Leases double from 16 requests' worth while a quarter goes before their end: few asks.
     assert first.round_trips <= 30
     await first.end_window_leases(closing=True)
@@ -145,14 +157,16 @@ async def test_token_leases_settle_to_real_usage(pair) -> None:
         decision = await admit(first, who, checks)
         assert decision.allowed
         served.append(who)
-    assert first.round_trips == 1  # one admit leased 500 * 512 tokens; nine came from it
+    # Two admits went to Redis, the second leasing 500 * 16 tokens; eight came from the lease.
+    assert first.round_trips == 2
     for who in served:
         first.settle_soon(who, [Release(TOKENS, "key:t", 500, 20)])
     await asyncio.sleep(LEASE_SPAN_MS / 1000 + 0.4)
     log = await log_of(first, TOKENS, "key:t")
     amounts = sorted(int(name.rsplit(":", 1)[1]) for name, _ in log)
-    # The first request's own entry (settled through the batch) and the lease, rewritten to its usage.
-    assert amounts == [20, 9 * 20]
+    # The first two requests' own entries (settled through the batch) and the lease, rewritten to
+    # its usage (a lease asked ahead and not used is gone).
+    assert amounts == [20, 20, 8 * 20]
     total = await command("GET", first.key("ts", "key:t"))
     assert int(total) == 10 * 20
 
@@ -160,7 +174,10 @@ async def test_token_leases_settle_to_real_usage(pair) -> None:
 async def test_an_open_request_keeps_its_estimate_until_it_settles(pair) -> None:
     first, _ = pair
     checks = [Check(TOKENS, "key:open", 1_000_000, 500)]
-    assert (await first.acquire(member(), checks)).allowed
+    for _ in range(2):  # the second leases
+        who = member()
+        assert (await first.acquire(who, checks)).allowed
+        first.settle_soon(who, [Release(TOKENS, "key:open", 500, 500)])
     late = member()
     assert first.admit_locally(late, checks) is not None
     await asyncio.sleep(LEASE_SPAN_MS / 1000 + 0.4)
