@@ -209,7 +209,10 @@ class HookChain:
                 return
 
     async def admit(self, ctx: RequestContext) -> None:
-        await self._each(self._admit, ctx)
+        for impl in self._admit:
+            result = impl.call(ctx)
+            if impl.is_async or (result is not None and _isawaitable(result)):
+                await result
 
     async def route(self, ctx: RequestContext) -> list[Target]:
         for impl in self._route:
@@ -221,12 +224,8 @@ class HookChain:
         raise GatewayError(404, f"The model `{ctx.model}` does not exist.", code="model_not_found", param="model")
 
     async def reserve(self, ctx: RequestContext) -> None:
-        await self._each(self._reserve, ctx)
-
-    @staticmethod
-    async def _each(impls: tuple[_Impl, ...], *args: Any) -> None:
-        for impl in impls:
-            result = impl.call(*args)
+        for impl in self._reserve:
+            result = impl.call(ctx)
             if impl.is_async or (result is not None and _isawaitable(result)):
                 await result
 
@@ -234,8 +233,16 @@ class HookChain:
 
     async def finish(self, ctx: RequestContext) -> None:
         """settle, then guard and record the metadata. Never raises."""
+        # Each implementation inline (no coroutine per call): this runs for every request.
         for impl in self._settle:
-            await self._run_safely(impl, ctx)
+            try:
+                result = impl.call(ctx)
+                if impl.is_async or (result is not None and _isawaitable(result)):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(impl, exc)
         record = usage_record(ctx)
         app = ctx.request.app
         for impl in self._guard_record:
@@ -254,20 +261,19 @@ class HookChain:
                 log.error("guard '%s' failed on record %s; record dropped", impl.plugin, ctx.request_id)
                 return
         for impl in self._record:
-            await self._run_safely(impl, record, app)
+            try:
+                result = impl.call(record, app)
+                if impl.is_async or (result is not None and _isawaitable(result)):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(impl, exc)
 
-    async def _run_safely(self, impl: _Impl, *args: Any) -> None:
-        try:
-            result = impl.call(*args)
-            if impl.is_async or (result is not None and _isawaitable(result)):
-                await result
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.hook_failures += 1
-            # The exception type and plugin only: messages may quote request data.
-            log.error("hook %s of plugin '%s' failed: %s", impl.name, impl.plugin,
-                      type(exc).__name__)
+    def _failed(self, impl: _Impl, exc: Exception) -> None:
+        self.hook_failures += 1
+        # The exception type and plugin only: messages may quote request data.
+        log.error("hook %s of plugin '%s' failed: %s", impl.name, impl.plugin, type(exc).__name__)
 
     # -- lifecycle
 
@@ -279,7 +285,12 @@ class HookChain:
     async def shutdown(self, app: Any) -> None:
         # pluggy's order, the reverse of registration: users of a resource stop before it.
         for impl in self._shutdown:
-            await self._run_safely(impl, app)
+            try:
+                await _call(impl, app)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed(impl, exc)
 
     async def ready(self, app: Any) -> list[tuple[str, bool]]:
         checks = []
