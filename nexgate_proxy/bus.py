@@ -34,6 +34,8 @@ import redis.asyncio as redis_asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .background import stop_tasks
+
 logger = logging.getLogger(__name__)
 
 InvalidationCallback = Callable[[str, str], None]
@@ -164,10 +166,7 @@ class RedisBus(InvalidationBus):
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listener
+        await stop_tasks(listener)
         self._subscribed.clear()
         for client in (self._publisher, self._subscriber):
             if client is not None:

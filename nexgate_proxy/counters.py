@@ -53,6 +53,8 @@ from typing import Callable, Mapping, Sequence
 
 import hiredis
 
+from .background import stop_tasks
+
 log = logging.getLogger("nexgate.counters")
 
 REQUESTS = "r"
@@ -219,11 +221,8 @@ class MemoryCounters(Counters):
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="nexgate-counters-sweep")
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await stop_tasks(self._sweeper)
+        self._sweeper = None
 
     async def acquire(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
         return self.acquire_now(member, checks, ban_subject)
@@ -948,11 +947,7 @@ class RedisScripts:
             self._fail(exc)
 
     async def close(self) -> None:
-        for task in (self._prober, self._connecting):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await stop_tasks(self._prober, self._connecting)
         self._prober = self._connecting = None
         if self._conn is not None:
             self._conn.abort()
@@ -1116,11 +1111,7 @@ class RedisCounters(RedisScripts, Counters):
                                                   name="nexgate-ratelimit-window-leases")
 
     async def close(self) -> None:
-        for task in (self._renewer, self._window_keeper):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await stop_tasks(self._renewer, self._window_keeper)
         self._renewer = self._window_keeper = None
         with contextlib.suppress(CountersUnavailable):  # what is not given back counts one window more
             await self.end_window_leases(closing=True)

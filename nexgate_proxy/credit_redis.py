@@ -33,6 +33,7 @@ import logging
 import secrets
 import time
 
+from .background import stop_tasks
 from .counters import CountersUnavailable, RedisScripts
 from .credit_state import (
     KEY_TTL_SECONDS,
@@ -148,8 +149,8 @@ return false
 class _Account:
     """This instance's share of one account: its lease and the holds served from it."""
 
-    __slots__ = ("generation", "lease_id", "granted", "held", "holds", "spent", "unbacked", "valid_until",
-                 "renewed_at", "last_used", "plentiful", "plenty")
+    __slots__ = ("generation", "lease_id", "granted", "held", "holds", "spent", "unbacked", "renewed_at",
+                 "last_used", "plentiful", "plenty")
 
     def __init__(self, instance: str) -> None:
         self.generation = 0
@@ -164,8 +165,8 @@ class _Account:
         """Costs settled against the lease, not yet booked in Redis."""
         self.unbacked = 0
         """Costs settled of holds from a lease given up: booked in the balance, released from no lease."""
-        self.valid_until = 0.0
-        self.renewed_at = 0.0
+        self.renewed_at = float("-inf")
+        """When Redis last confirmed the lease (monotonic); never, for none."""
         self.last_used = 0.0
         self.plentiful = False
         self.plenty = 0
@@ -174,13 +175,17 @@ class _Account:
     def free(self) -> int:
         return self.granted - self.held - self.spent
 
+    def usable(self, now: float) -> bool:
+        """Redis surely still holds the lease: confirmed less than LEASE_TTL - LEASE_MARGIN ago."""
+        return now - self.renewed_at < LEASE_TTL - LEASE_MARGIN
+
     def give_up_lease(self, instance: str) -> None:
         """The lease may be gone in Redis: never use it again. What it still holds there expires."""
         self.generation += 1
         self.lease_id = f"lease:{instance}:{self.generation}"
         self.unbacked += self.spent
         self.spent = self.granted = self.held = 0
-        self.valid_until = 0.0
+        self.renewed_at = float("-inf")
         self.plentiful = False
 
     def pending(self, give_back: bool) -> tuple[int, int]:
@@ -240,7 +245,7 @@ class RedisCreditState(CreditState):
         account.last_used = now
         if request_id in account.holds:  # a request id holds once
             self._release_hold(account, account_id, request_id, 0)
-        if now < account.valid_until:
+        if account.usable(now):
             free = account.free
             if free >= amount_nano:
                 account.holds[request_id] = (amount_nano, now + hold_seconds, account.generation)
@@ -284,7 +289,6 @@ class RedisCreditState(CreditState):
         grown, available = int(rest[0]), int(rest[1])
         if account.generation == generation:  # else the grant went to a lease given up: it expires there
             account.granted += grown
-            account.valid_until = sent + LEASE_TTL - LEASE_MARGIN
             account.renewed_at = sent
             account.plentiful = grown > need
         return Reservation(True, available + max(account.free, 0))
@@ -335,7 +339,6 @@ class RedisCreditState(CreditState):
             if account.generation != generation:
                 continue  # given up meanwhile
             if found:
-                account.valid_until = sent + LEASE_TTL - LEASE_MARGIN
                 account.renewed_at = sent
                 account.plentiful = account.plentiful and bool(cached) and available >= account.plenty
             elif account.granted:  # Redis no longer has it (expired, or Redis lost its data)
@@ -347,8 +350,8 @@ class RedisCreditState(CreditState):
         due = self._dirty
         self._dirty = set()
         for account_id, account in list(self._accounts.items()):
-            if account.holds:
-                self._sweep(account, now)
+            if account.holds and self._sweep(account, now):
+                due.add(account_id)  # what the swept holds pinned goes back with this flush
             idle = not account.holds and now - account.last_used > IDLE_SECONDS
             if account_id in due:
                 continue
@@ -359,13 +362,14 @@ class RedisCreditState(CreditState):
         return list(due)
 
     @staticmethod
-    def _sweep(account: _Account, now: float) -> None:
-        """Drop holds whose request never settled (a cancelled handler) once they expire."""
-        for request_id, (amount, expiry, generation) in list(account.holds.items()):
-            if expiry <= now:
-                del account.holds[request_id]
-                if generation == account.generation:
-                    account.held -= amount
+    def _sweep(account: _Account, now: float) -> bool:
+        """Drop holds whose request never settled (a cancelled handler) once they expire; True if any."""
+        expired = [rid for rid, (_, expiry, _) in account.holds.items() if expiry <= now]
+        for request_id in expired:
+            amount, _, generation = account.holds.pop(request_id)
+            if generation == account.generation:
+                account.held -= amount
+        return bool(expired)
 
     async def _flush_forever(self) -> None:
         next_scan = 0.0
@@ -390,11 +394,8 @@ class RedisCreditState(CreditState):
         if self._closed:
             return
         self._closed = True
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await stop_tasks(self._flusher)
+        self._flusher = None
         ids = list(self._accounts)
         for start in range(0, len(ids), FLUSH_BATCH):
             with contextlib.suppress(CreditStateUnavailable):

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
+from .background import stop_tasks
 from .store import UsageRecord
 
 log = logging.getLogger("nexgate.outbox")
@@ -117,9 +118,7 @@ class Outbox:
         self._task = asyncio.create_task(self._run(), name="nexgate-outbox-flusher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_tasks(self._task)
         await self.flush()
         if self._active is not None and not self._active.rows:
             self._delete(self._active)

@@ -40,6 +40,8 @@ so a quiet limit leases (and gives back) little, and a busy one rarely asks."""
 ASK_AHEAD_AT = 4
 """The next lease is asked for when the one in use is 1/ASK_AHEAD_AT used: under load an awaited
 round trip takes a few event-loop turns (tens of ms at 32 connections), time for ~100 requests."""
+ASK_BEFORE_END = LEASE_SPAN_MS / 4000
+"""...or when it ends within this many seconds."""
 CLOCK_MARGIN = 0.05
 """Seconds a lease stops early, for clock rate differences between this host and Redis."""
 
@@ -59,8 +61,8 @@ def lease_size(check: Check, requests: int = MAX_LEASE_REQUESTS) -> int:
 
 
 class WindowLease:
-    __slots__ = ("kind", "subject", "base", "size", "used", "open", "recorded", "end", "ask_at", "remaining",
-                 "reset_at", "window_ms")
+    __slots__ = ("kind", "subject", "base", "size", "used", "open", "recorded", "end", "remaining", "reset_at",
+                 "window_ms")
 
     def __init__(self, kind: str, subject: str, base: str, size: int, end: float, remaining: int,
                  reset_at: float, window_ms: int) -> None:
@@ -76,8 +78,6 @@ class WindowLease:
         self.recorded = size
         """Tokens: what its entry in Redis holds."""
         self.end = end
-        self.ask_at = end - LEASE_SPAN_MS / 4000
-        """Past this (or a quarter used), the next lease is asked for ahead."""
         self.remaining = remaining
         """What Redis reported left in the window when it granted the lease (the lease not counted)."""
         self.reset_at = reset_at
@@ -230,7 +230,7 @@ class WindowLeases:
             remaining.append(lease.remaining - lease.used)
             reset.append(max(int((lease.reset_at - now) * 1000), 0))
             busy = lease.used * ASK_AHEAD_AT >= lease.size
-            if busy or now >= lease.ask_at:
+            if busy or now >= lease.end - ASK_BEFORE_END:
                 key = (lease.kind, lease.subject)
                 if key not in self.queued and key not in self.asking:
                     self.running_low.append(check)

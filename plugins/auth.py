@@ -35,6 +35,7 @@ from aiohttp import web
 from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
 from nexgate_proxy.accounts import API_KEY_EVENT, ORG_EVENT
 from nexgate_proxy.appkeys import BUS, STORE
+from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.bus import EVICT_ALL
 from nexgate_proxy.clerk import ClerkVerifier
 from nexgate_proxy.config import Config, ConfigReader
@@ -355,9 +356,7 @@ class KeyAuthenticator:
         self._toucher = asyncio.create_task(self._touch_forever(), name="nexgate-auth-touch")
 
     async def stop(self) -> None:
-        if self._toucher is not None:
-            self._toucher.cancel()
-            await asyncio.gather(self._toucher, return_exceptions=True)
+        await stop_tasks(self._toucher)
         await self.flush_last_used()
 
     async def _touch_forever(self) -> None:

@@ -408,7 +408,8 @@ class RateLimiter:
         self.refused: dict[str, int] = {}
         self.fallback_decisions = 0
         self.unavailable = 0
-        self.round_trip_calls = 0
+        self.state_calls = 0
+        """Admits and settles that reached the counters (in process, a lease, or Redis)."""
 
     # -- lifecycle
 
@@ -611,7 +612,7 @@ class RateLimiter:
         if self._blocked:
             self._refuse_if_blocked(ctx, checks, plan, with_ip)
         ctx.scratch[NAME] = _NOTHING_TO_SETTLE  # until something was taken
-        self.round_trip_calls += 1
+        self.state_calls += 1
         backend = self.backend
         if not self._in_process:
             decision = backend.admit_locally(ctx.request_id, checks)  # room leased from Redis earlier
@@ -744,7 +745,7 @@ class RateLimiter:
             return self._note(ctx) if self.note_needed else None
         if state.__class__ is not _Admitted:
             return None  # refused, or nothing taken that settle must give back
-        self.round_trip_calls += 1
+        self.state_calls += 1
         try:
             state.backend.settle_soon(ctx.request_id, _releases(ctx, state))
         except CountersUnavailable:
@@ -767,7 +768,7 @@ class RateLimiter:
                 key_subject = "kid:" + parsed.public_id
         failure = self.brute_force if failed else None
         try:
-            self.round_trip_calls += 1
+            self.state_calls += 1
             noted = await self.backend.note(ctx.request_id, ip_check, ip_subject, failure, key_subject)
         except CountersUnavailable:
             self.fallback_decisions += 1

@@ -38,7 +38,6 @@ is also set (:func:`nexgate_on_disabled`, called by the plugin manager).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import re
@@ -54,6 +53,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from nexgate_plugins.metrics import add_collector
 from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, logscrub
 from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.config import Config, ConfigError, ConfigReader
 from nexgate_proxy.endpoints import ENDPOINTS
 from nexgate_proxy.store import Store, StoreError
@@ -435,10 +435,8 @@ async def nexgate_startup(app: web.Application) -> None:
 @hookimpl
 async def nexgate_shutdown(app: web.Application) -> None:
     state = app.get(PRIVACY)
-    if state is not None and state.task is not None:
-        state.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await state.task
+    if state is not None:
+        await stop_tasks(state.task)
         state.task = None
 
 

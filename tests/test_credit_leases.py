@@ -177,6 +177,24 @@ async def test_with_redis_down_the_lease_keeps_serving_and_a_grow_fails_fast() -
         await state.close()
 
 
+async def test_a_hold_that_never_settles_frees_itself(redis_url: str) -> None:
+    """A request that never settled (a cancelled handler) must not pin the balance for others."""
+    a, b = instances(redis_url)
+    load = balance_of(1_000)
+    try:
+        assert (await a.reserve("acct", "lost", 800, 0, 0.5, load)).ok  # a small balance: a lease of 800
+        assert not (await b.reserve("acct", "b1", 800, 0, 60, load)).ok
+        await asyncio.sleep(2.5)  # past its expiry: a's next scan drops it and gives the room back
+        assert (await b.reserve("acct", "b1", 800, 0, 60, load)).ok
+        a.settle("acct", "lost", 0)  # a late settle of the dropped hold changes nothing
+        b.settle("acct", "b1", 300)
+        assert await b.available("acct") == 700  # b's settle booked (by this call), its spare given back
+        assert await a.available("acct") == 700
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_close_gives_the_lease_back(redis_url: str) -> None:
     a, b = instances(redis_url)
     load = balance_of(1_000_000)

@@ -103,7 +103,7 @@ async def test_no_limits_configured_costs_no_state_call(upstream: FakeUpstream, 
             status, headers, _ = await post(session, gw, gw.api_key)
             assert status == 200 and not any(h.startswith("x-ratelimit") for h in headers)
         await post(session, gw, "ngk_bad")
-    assert limiter.round_trip_calls == 0 and not limiter.pre_auth
+    assert limiter.state_calls == 0 and not limiter.pre_auth
 
 
 # ------------------------------------------------------------ exactly N
@@ -583,4 +583,4 @@ async def test_settle_gives_back_only_what_admit_took() -> None:
     ctx = _request_for(identity, 3)
     await rpm_only.admit(ctx)
     await rpm_only.settle(ctx)
-    assert rpm_only.round_trip_calls == 1
+    assert rpm_only.state_calls == 1
