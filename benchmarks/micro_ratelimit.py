@@ -56,7 +56,7 @@ def context_factory() -> Callable[[int], Any]:
 
     def make(i: int) -> Any:
         ctx = RequestContext(request_id=f"req_{i:012d}", endpoint="chat.completions", api_format="openai",
-                             request=None, client_ip="127.0.0.1", body=body, body_size=len(raw),
+                             request=None, app=None, client_ip="127.0.0.1", body=body, body_size=len(raw),
                              model="bench-model", identity=identity)
         ctx.prompt_estimate()
         return ctx

@@ -109,8 +109,9 @@ async def _plugin_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _authenticated(request: web.Request) -> RequestContext:
     ctx = RequestContext(request_id=new_request_id(), endpoint="models", api_format="openai",
-                         request=request, client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For"),
-                                                              request.app[CONFIG].server.trusted_proxies))
+                         request=request, app=request.app,
+                         client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For"),
+                                             request.app[CONFIG].server.trusted_proxies))
     await request.app[CHAIN].authenticate(ctx)
     return ctx
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .estimate import estimate_prompt_tokens
+from .estimate import estimate_prompt_tokens, requested_output_cap
 from .records import UsageRecord
 
 if TYPE_CHECKING:
@@ -67,6 +67,8 @@ class RequestContext:
     api_format: str
     """"openai" or "anthropic": which error and stream dialect the client speaks."""
     request: web.Request
+    app: web.Application
+    """The gateway application (``request.app``, kept: plugins look up their per-app state on every request)."""
     client_ip: str
     started_at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
@@ -97,21 +99,23 @@ class RequestContext:
     """Headers hooks add to the client's response (e.g. rate limit headers)."""
     scratch: dict[str, Any] = field(default_factory=dict)
     _prompt_estimate: int | None = field(default=None, init=False, repr=False)
+    _output_cap: int = field(default=-1, init=False, repr=False)
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
         return self.request.headers
-
-    @property
-    def app(self) -> web.Application:
-        """The gateway application: plugins keep their per-app state under their own AppKey."""
-        return self.request.app
 
     def prompt_estimate(self) -> int:
         """Worst-case prompt tokens of the body, computed once per request (credits and limits share it)."""
         if self._prompt_estimate is None:
             self._prompt_estimate = estimate_prompt_tokens(self.body or {}, self.body_size)
         return self._prompt_estimate
+
+    def output_cap(self) -> int | None:
+        """The output the client capped its request at, if it set a sane cap (computed once per request)."""
+        if self._output_cap < 0:
+            self._output_cap = requested_output_cap(self.body or {}) or 0
+        return self._output_cap or None
 
     def latency_ms(self) -> int:
         return int((time.perf_counter() - self.started) * 1000)

@@ -244,7 +244,7 @@ class HookChain:
             except Exception as exc:
                 self._failed(impl, exc)
         record = usage_record(ctx)
-        app = ctx.request.app
+        app = ctx.app
         for impl in self._guard_record:
             try:
                 result = impl.call(record, app)

@@ -80,6 +80,7 @@ class Proxy:
             endpoint=endpoint.name,
             api_format=endpoint.api_format,
             request=request,
+            app=request.app,
             client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For"), self.trusted_proxies),
         )
         try:

@@ -30,7 +30,6 @@ from nexgate_proxy.credit_state import (
     nano_ceil,
     open_credit_state,
 )
-from nexgate_proxy.estimate import requested_output_cap
 from nexgate_proxy.money import cost_pico, format_usd, price_problem, usd_to_pico
 from nexgate_proxy.store import Store, StoreError
 
@@ -166,7 +165,7 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
     output = 0
     if ctx.endpoint != "embeddings":
         route_cap = ctx.route.max_output_tokens if ctx.route else None
-        output = requested_output_cap(ctx.body) or route_cap or credits.settings.default_max_output_tokens
+        output = ctx.output_cap() or route_cap or credits.settings.default_max_output_tokens
     worst = cost_pico(price, prompt, output)
     ctx.estimated_cost_pico = worst
     if worst == 0:

@@ -100,7 +100,7 @@ def test_arguments_that_may_hold_request_data_are_withheld(scrubbed: pytest.LogC
     canary = "CANARY-args-5e1f"
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": canary}]}
     ctx = RequestContext(request_id="req_1", endpoint="chat.completions", api_format="openai",
-                         request=None, client_ip="127.0.0.1", body=body)  # type: ignore[arg-type]
+                         request=None, app=None, client_ip="127.0.0.1", body=body)  # type: ignore[arg-type]
     log.debug("body %s", body)
     log.info("ctx %r", ctx)
     log.warning("raw %s / %s", canary.encode(), bytearray(canary.encode()))

@@ -539,7 +539,7 @@ async def test_a_relayed_provider_429_is_told_apart(upstream: FakeUpstream, star
 
 def _request_for(identity: Identity, n: int) -> RequestContext:
     return RequestContext(request_id=f"req_plan_{n}", endpoint="chat.completions", api_format="openai",
-                          request=None, client_ip="192.0.2.10", body=dict(HI), body_size=60, model="gpt-test",
+                          request=None, app=None, client_ip="192.0.2.10", body=dict(HI), body_size=60, model="gpt-test",
                           identity=identity)
 
 
