@@ -65,8 +65,12 @@ CONCURRENCY = "c"
 """Leases of requests in flight; ``window_ms`` is the lease."""
 
 DEFAULT_PREFIX = "nexgate:rl"
-LEASE_SPAN_MS = 1000
-"""How long a window lease serves requests; its entries are timestamped at its end (see window_leases)."""
+LEASE_SPAN_MS = 2000
+"""How long a window lease serves requests; its entries are timestamped at its end (see window_leases).
+
+Two seconds, so that the next lease, asked for half a span ahead, arrives in time even when Redis
+answers late: on the benchmark machine replies took up to 0.6 s at times (Redis descheduled on a
+shared core), and every request of an instance whose lease ran out then waited for Redis."""
 
 
 class CountersUnavailable(Exception):
@@ -146,9 +150,17 @@ class Counters(abc.ABC):
     async def acquire(self, member: str, checks: Sequence[Check], ban_subject: str | None = None) -> Decision:
         """Check every limit and take them all, or none. ``member`` is the request's unique id."""
 
-    def admit_locally(self, member: str, checks: Sequence[Check]) -> Decision | None:
-        """Admit without a round trip, against room this instance holds, or None (call ``acquire``)."""
+    def admit_locally(self, member: str, checks: Sequence[Check]) -> tuple[list[int], list[int]] | None:
+        """Admit without a round trip, against room this instance holds, or None (call ``acquire``).
+
+        Admitted: per check, what is left and the milliseconds until it resets, as in an allowed
+        ``Decision``. A request admitted here holds no concurrency slot; its settle is ``settle_locally``.
+        """
         return None
+
+    def settle_locally(self, member: str, reserved: int, actual: int) -> None:
+        """Settle a request ``admit_locally`` admitted: its token reservation becomes ``actual``."""
+        raise NotImplementedError("nothing is admitted locally here")
 
     @abc.abstractmethod
     async def settle(self, member: str, releases: Sequence[Release]) -> None:
@@ -420,6 +432,20 @@ local function resum(log, sum, window)
   if #all == 0 then redis.call('DEL', sum) else redis.call('SET', sum, s, 'PX', window + SPAN) end
   return s
 end
+-- A requests lease's entries base:x .. base:y, added at one score (or removed) a thousand per call:
+-- one call per entry made a lease of 4096 cost Redis ~30 ms, with every other call waiting behind it.
+local function lease_entries(cmd, log, score, base, x, y)
+  local args = {}
+  for s = x, y do
+    if score then args[#args + 1] = score end
+    args[#args + 1] = base .. ':' .. s
+    if #args >= 2000 then
+      redis.call(cmd, log, unpack(args))
+      args = {}
+    end
+  end
+  if #args > 0 then redis.call(cmd, log, unpack(args)) end
+end
 -- Tokens in a window: what left it is dropped from the log and the running sum first.
 local function tokens_used(log, sum, window, now)
   local cutoff = now - window
@@ -517,7 +543,7 @@ for i = 1, n do
       redis.call('PEXPIRE', sums[i], window + SPAN)
     else
       redis.call('ZADD', log, now, member)
-      for s = 1, lease do redis.call('ZADD', log, now + SPAN, base .. ':' .. s) end
+      lease_entries('ZADD', log, now + SPAN, base, 1, lease)
     end
     redis.call('PEXPIRE', log, window + SPAN)
     local e = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
@@ -656,7 +682,7 @@ for a = 2, #ARGV, 4 do
     redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window)
     u = redis.call('ZCARD', log)
     if (u + lease) * 2 > limit then lease = 0 end
-    for s = 1, lease do redis.call('ZADD', log, now + SPAN, base .. ':' .. s) end
+    lease_entries('ZADD', log, now + SPAN, base, 1, lease)
   end
   local reset = window
   if lease > 0 then
@@ -680,7 +706,7 @@ local k = 1
 for a = 1, #ARGV, 5 do
   local base, x, y, window = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   if ARGV[a] == 'r' then
-    for s = x, y do redis.call('ZREM', KEYS[k], base .. ':' .. s) end
+    lease_entries('ZREM', KEYS[k], nil, base, x, y)
     k = k + 1
   else
     local log, sum = KEYS[k], KEYS[k + 1]
@@ -1158,16 +1184,19 @@ class RedisCounters(RedisScripts, Counters):
             window_leases.granted(prefix, checks, result[4::3], decision, sent)
         return decision
 
-    def admit_locally(self, member: str, checks: Sequence[Check]) -> Decision | None:
+    def admit_locally(self, member: str, checks: Sequence[Check]) -> tuple[list[int], list[int]] | None:
         window_leases = self.window_leases
-        if not window_leases:
+        if not window_leases.active and not window_leases.queued:
             return None
-        decision = window_leases.admit(member, checks, time.monotonic())
-        if decision is not None:
+        left = window_leases.admit(member, checks, time.monotonic())
+        if left is not None:
             self.local_admits += 1
         if window_leases.running_low:
             self._lease_ahead(window_leases.take_running_low())
-        return decision
+        return left
+
+    def settle_locally(self, member: str, reserved: int, actual: int) -> None:
+        self.window_leases.settle(member, reserved, actual)
 
     def _lease_ahead(self, checks: list[Check]) -> None:
         """Ask in the background for the next leases of these limits, so no request waits for them."""
@@ -1233,7 +1262,11 @@ class RedisCounters(RedisScripts, Counters):
 
     def _settle_into_batch(self, member: str, releases: Sequence[Release]) -> _SettleBatch | None:
         self._leases.pop(member, None)
-        if not releases or (self.window_leases.served and self.window_leases.settle(member, releases)):
+        if not releases:
+            return None
+        if member in self.window_leases.served:  # admitted locally: its token releases share one correction
+            tokens = next((r for r in releases if r.kind == TOKENS), None)
+            self.window_leases.settle(member, tokens.reserved if tokens else 0, tokens.actual if tokens else 0)
             return None
         batch = self._batch
         if batch is None or batch.sealed or batch.requests >= MAX_SETTLES_PER_CALL:

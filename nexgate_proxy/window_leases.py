@@ -25,7 +25,7 @@ from __future__ import annotations
 import secrets
 from typing import Callable, Sequence
 
-from .counters import LEASE_SPAN_MS, REQUESTS, TOKENS, Check, Decision, Release
+from .counters import LEASE_SPAN_MS, REQUESTS, TOKENS, Check, Decision
 
 LEASE_SHARE = 32
 """A lease takes at most 1/LEASE_SHARE of a limit..."""
@@ -40,8 +40,8 @@ so a quiet limit leases (and gives back) little, and a busy one rarely asks."""
 ASK_AHEAD_AT = 4
 """The next lease is asked for when the one in use is 1/ASK_AHEAD_AT used: under load an awaited
 round trip takes a few event-loop turns (tens of ms at 32 connections), time for ~100 requests."""
-ASK_BEFORE_END = LEASE_SPAN_MS / 4000
-"""...or when it ends within this many seconds."""
+ASK_BEFORE_END = LEASE_SPAN_MS / 2000
+"""...or when it ends within this many seconds: half a span, what a late Redis answer may take."""
 CLOCK_MARGIN = 0.05
 """Seconds a lease stops early, for clock rate differences between this host and Redis."""
 
@@ -174,11 +174,8 @@ class WindowLeases:
         else:
             self.active[key] = lease
 
-    def _usable(self, key: tuple[str, str], amount: int, now: float) -> WindowLease | None:
-        """The lease to admit from: the one in use, else the next one (which then takes its place)."""
-        lease = self.active.get(key)
-        if lease is not None and now < lease.end and lease.has_room(amount):
-            return lease
+    def _next(self, key: tuple[str, str], lease: WindowLease | None, amount: int, now: float) -> WindowLease | None:
+        """The lease in use (``lease``) cannot serve: the next one takes its place, if it can."""
         queued = self.queued.get(key)
         if queued is None:
             return None
@@ -205,15 +202,22 @@ class WindowLeases:
             else:
                 self.scale.pop(key, None)
 
-    def admit(self, member: str, checks: Sequence[Check], now: float) -> Decision | None:
-        """Admit against leases held here, or None when some check has none with room (ask Redis)."""
+    def admit(self, member: str, checks: Sequence[Check], now: float) -> tuple[list[int], list[int]] | None:
+        """Admit against leases held here: per check, what is left and the ms until it resets (as an allowed
+        ``Decision`` has them); None when some check has no lease with room (ask Redis)."""
         leases = []
+        active = self.active
         for check in checks:
-            if check.kind not in _LEASED:
+            kind = check.kind
+            if kind not in _LEASED:
                 return None
-            lease = self._usable((check.kind, check.subject), check.amount, now)
-            if lease is None:
-                return None
+            key = (kind, check.subject)
+            lease = active.get(key)
+            amount = 1 if kind == REQUESTS else check.amount
+            if lease is None or now >= lease.end or lease.used + amount > lease.size:
+                lease = self._next(key, lease, amount, now)
+                if lease is None:
+                    return None
             leases.append(lease)
         remaining = []
         reset = []
@@ -236,24 +240,19 @@ class WindowLeases:
                     self.running_low.append(check)
                     if busy:
                         self.scale[key] = min(self.scale.get(key, FIRST_LEASE_REQUESTS) * 2, MAX_LEASE_REQUESTS)
-        return Decision(True, -1, 0, remaining, reset)
+        return remaining, reset
 
     def take_running_low(self) -> list[Check]:
         low, self.running_low = self.running_low, []
         return low
 
-    def settle(self, member: str, releases: Sequence[Release]) -> bool:
-        """Correct the token leases a locally admitted request used; False if it was not admitted here."""
+    def settle(self, member: str, reserved: int, actual: int) -> None:
+        """A locally admitted request settled: the token leases it used count ``actual`` for its ``reserved``."""
         leases = self.served.pop(member, None)
-        if leases is None:
-            return False
-        for lease in leases:
-            for release in releases:
-                if release.kind == TOKENS and release.subject == lease.subject:
-                    lease.used += release.actual - release.reserved
-                    lease.open -= 1
-                    break
-        return True
+        if leases is not None:
+            for lease in leases:
+                lease.used += actual - reserved
+                lease.open -= 1
 
     def due(self, now: float, key: Callable[[str, str], str], closing: bool = False) -> tuple[list[str], list[object]]:
         """What ended leases give back or correct, as the leases script's keys and args."""
@@ -284,9 +283,6 @@ class WindowLeases:
                 still.append(lease)  # its open requests correct it again when they settle
         self.ending = still
         return keys, args
-
-    def __bool__(self) -> bool:
-        return bool(self.active or self.queued)
 
 
 def _end(sent: float) -> float:

@@ -62,7 +62,6 @@ from nexgate_proxy.counters import (
     Release,
     open_counters,
 )
-from nexgate_proxy.estimate import requested_output_cap
 from nexgate_proxy.keys import extract_key, parse_key
 
 log = logging.getLogger("nexgate.ratelimit")
@@ -261,14 +260,24 @@ _REQUEST_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-request
 _TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
 
 
-def _put_tightest(headers: dict[str, str], names: tuple[str, str, str], positions: tuple[int, ...],
-                  decision: Decision, checks: Sequence[Check]) -> None:
-    remaining = decision.remaining
-    best = positions[0] if len(positions) == 1 else min(positions, key=remaining.__getitem__)
-    left = remaining[best]
-    headers[names[0]] = _limit_text(checks[best].limit)
-    headers[names[1]] = str(left) if left > 0 else "0"
-    headers[names[2]] = format_duration(decision.reset_ms[best])
+_HeaderSpec = tuple[str, str, str, tuple[int, ...], tuple[str, ...]]
+"""Three header names, the positions of the checks that may fill them, and those checks' limits as text."""
+
+
+def _put_headers(headers: dict[str, str], remaining: Sequence[int], reset_ms: Sequence[int],
+                 specs: tuple[_HeaderSpec, ...]) -> None:
+    """The tightest requests limit and the tightest tokens limit, as OpenAI reports them."""
+    for limit_name, remaining_name, reset_name, positions, limits in specs:
+        at = 0
+        if len(positions) > 1:
+            at = min(range(len(positions)), key=lambda i: remaining[positions[i]])
+        best = positions[at]
+        left = remaining[best]
+        ms = reset_ms[best]
+        headers[limit_name] = limits[at]
+        headers[remaining_name] = str(left) if left > 0 else "0"
+        # what almost every reset is (a minute's window): looked up, not formatted
+        headers[reset_name] = str(ms // 1000) + _FRACTIONS[ms % 1000] if 1000 <= ms < 60_000 else format_duration(ms)
 
 
 _EVERYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
@@ -303,9 +312,8 @@ def format_duration(ms: int) -> str:
         return "0s"
     if ms < 1000:
         return _MILLISECONDS[ms]
-    if ms < 60_000:  # what almost every reset header is: looked up, not formatted
-        whole, fraction = divmod(ms, 1000)
-        return str(whole) + _FRACTIONS[fraction]
+    if ms < 60_000:
+        return str(ms // 1000) + _FRACTIONS[ms % 1000]
     hours, rest = divmod(ms, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
     whole, fraction = divmod(rest, 1000)
@@ -343,17 +351,22 @@ class _Plan:
     """Where settle corrects the token reservation."""
     tokens_at: tuple[int, ...]
     """Positions of the TOKENS checks in ``checks``."""
-    header_slots: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
-    """Without, then with the IP's check in front: positions of the REQUESTS and of the TOKENS checks."""
+    headers: tuple[tuple[_HeaderSpec, ...], tuple[_HeaderSpec, ...]]
+    """The ``x-ratelimit-*`` headers to set: without, then with the IP's check in front (``with_ip``)."""
 
 
-def _header_slots(checks: Sequence[Check]) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
-    requests = tuple(i for i, c in enumerate(checks) if c.kind == REQUESTS)
-    tokens = tuple(i for i, c in enumerate(checks) if c.kind == TOKENS)
-    return (requests, tokens), ((0, *(i + 1 for i in requests)), tuple(i + 1 for i in tokens))
+def _header_specs(checks: Sequence[Check], ip_rpm: int) -> tuple[tuple[_HeaderSpec, ...], tuple[_HeaderSpec, ...]]:
+    def specs(all_checks: Sequence[Check]) -> tuple[_HeaderSpec, ...]:
+        out = []
+        for names, kind in ((_REQUEST_HEADERS, REQUESTS), (_TOKEN_HEADERS, TOKENS)):
+            at = tuple(i for i, c in enumerate(all_checks) if c.kind == kind)
+            if at:
+                out.append((*names, at, tuple(str(all_checks[i].limit) for i in at)))
+        return tuple(out)
+    return specs(checks), specs([Check(REQUESTS, "ip", ip_rpm), *checks])
 
 
-_NO_PLAN = _Plan(None, None, None, None, None, (), (), 0, (), (), (), _header_slots(()))
+_NO_PLAN = _Plan(None, None, None, None, None, (), (), 0, (), (), (), _header_specs((), 0))
 
 
 @dataclass(slots=True)
@@ -571,7 +584,7 @@ class RateLimiter:
         return _Plan(identity, identity.limits, identity.org_limits, identity.org_id, own_ips, tuple(checks),
                      tuple(scopes), tpm,
                      tuple(leases), tuple(token_subjects),
-                     tuple(i for i, c in enumerate(checks) if c.kind == TOKENS), _header_slots(checks))
+                     tuple(i for i, c in enumerate(checks) if c.kind == TOKENS), _header_specs(checks, s.ip_rpm))
 
     async def admit(self, ctx: RequestContext) -> None:
         """Check and take every limit of the request, or refuse it (the hook calls ``admit_now``)."""
@@ -615,10 +628,13 @@ class RateLimiter:
         self.state_calls += 1
         backend = self.backend
         if not self._in_process:
-            decision = backend.admit_locally(ctx.request_id, checks)  # room leased from Redis earlier
-            if decision is None:
+            left = backend.admit_locally(ctx.request_id, checks)  # room leased from Redis earlier
+            if left is None:
                 return self._admit_shared(ctx, plan, checks, with_ip, tokens, ban_subject)
-            self._admitted(ctx, plan, checks, with_ip, tokens, decision, backend)
+            # Never with a concurrency slot (those are not leased): settle corrects the token leases only.
+            _put_headers(ctx.response_headers, left[0], left[1], plan.headers[with_ip])
+            if plan.token_subjects:
+                ctx.scratch[NAME] = tokens  # the reservation, all settle needs
             return None
         decision = backend.acquire_now(ctx.request_id, checks, ban_subject)  # type: ignore[attr-defined]
         self._admitted(ctx, plan, checks, with_ip, tokens, decision, backend)
@@ -643,7 +659,7 @@ class RateLimiter:
                   decision: Decision, backend: Counters) -> None:
         if not decision.allowed:
             self._refused(ctx, decision, checks, _scopes(plan, with_ip))
-        self._set_headers(ctx.response_headers, decision, checks, plan.header_slots[with_ip])
+        _put_headers(ctx.response_headers, decision.remaining, decision.reset_ms, plan.headers[with_ip])
         if plan.token_subjects or plan.leases:
             ctx.scratch[NAME] = _Admitted(backend, plan, tokens)
 
@@ -709,22 +725,12 @@ class RateLimiter:
                       f"Please try again in {wait}."
         return GatewayError(429, message, code=code, headers=_retry_headers(retry_ms))
 
-    def _set_headers(self, headers: dict[str, str], decision: Decision, checks: Sequence[Check],
-                     slots: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
-        """The tightest requests limit and the tightest tokens limit, as OpenAI reports them."""
-        requests_at, tokens_at = slots
-        if requests_at:
-            _put_tightest(headers, _REQUEST_HEADERS, requests_at, decision, checks)
-        if tokens_at:
-            _put_tightest(headers, _TOKEN_HEADERS, tokens_at, decision, checks)
-
     def estimate_tokens(self, ctx: RequestContext) -> int:
         """Prompt estimated from the body (kept nowhere) plus the output the request may produce."""
-        body = ctx.body or {}
         prompt = ctx.prompt_estimate()
         if ctx.endpoint == "embeddings":
             return prompt
-        cap = requested_output_cap(body)
+        cap = ctx.output_cap()
         if cap is None:
             cap = self.model_caps.get(ctx.model or "") or self.settings.default_output_tokens
         return prompt + cap
@@ -743,6 +749,10 @@ class RateLimiter:
         state = ctx.scratch.get(NAME)
         if state is None:
             return self._note(ctx) if self.note_needed else None
+        if state.__class__ is int:  # admitted from window leases, with this token reservation
+            self.state_calls += 1
+            self.backend.settle_locally(ctx.request_id, state, _used_tokens(ctx, state))
+            return None
         if state.__class__ is not _Admitted:
             return None  # refused, or nothing taken that settle must give back
         self.state_calls += 1
@@ -799,26 +809,19 @@ def _releases(ctx: RequestContext, state: _Admitted) -> Sequence[Release]:
     plan = state.plan
     if not plan.token_subjects:
         return plan.leases
-    usage = ctx.usage
-    actual = usage.prompt_tokens + usage.completion_tokens
-    if not actual and ctx.first_byte_at is not None and (ctx.status < 400 or ctx.client_disconnected):
-        actual = state.tokens  # answered without counts: keep the estimate
-    # else nothing was generated (refused, failed upstream, an error answer): release it all
+    actual = _used_tokens(ctx, state.tokens)
     tokens = [Release(TOKENS, subject, state.tokens, actual, WINDOW_MS) for subject in plan.token_subjects]
     return tokens + list(plan.leases) if plan.leases else tokens
 
 
-_LIMIT_TEXTS: dict[int, str] = {}
-
-
-def _limit_text(limit: int) -> str:
-    # A handful of configured limits, each written on every response: made into text once.
-    text = _LIMIT_TEXTS.get(limit)
-    if text is None:
-        if len(_LIMIT_TEXTS) >= 4096:
-            _LIMIT_TEXTS.clear()
-        text = _LIMIT_TEXTS[limit] = str(limit)
-    return text
+def _used_tokens(ctx: RequestContext, reserved: int) -> int:
+    """What the request really used, which its token reservation is corrected to."""
+    usage = ctx.usage
+    actual = usage.prompt_tokens + usage.completion_tokens
+    if not actual and ctx.first_byte_at is not None and (ctx.status < 400 or ctx.client_disconnected):
+        return reserved  # answered without counts: keep the estimate
+    # else nothing was generated (refused, failed upstream, an error answer): release it all
+    return actual
 
 
 _SCOPE_TEXT = {"key": "on this API key", "org": "for your organization", "ip": "for your IP address"}

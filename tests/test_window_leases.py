@@ -46,7 +46,10 @@ def member() -> str:
 
 async def admit(counters: RedisCounters, who: str, checks: list[Check]) -> Decision:
     """What the rate limiter does: in process when a lease has room, else one round trip."""
-    return counters.admit_locally(who, checks) or await counters.acquire(who, checks)
+    left = counters.admit_locally(who, checks)
+    if left is not None:
+        return Decision(True, -1, 0, *left)
+    return await counters.acquire(who, checks)
 
 
 async def command(*args: object) -> object:
@@ -85,7 +88,7 @@ async def test_leased_entries_are_timestamped_a_span_ahead_and_unused_ones_go_ba
     checks = [Check(REQUESTS, "key:a", 3200)]
     before = await redis_now_ms(first)
     assert (await first.acquire(member(), checks)).allowed  # the first request of a span: no lease
-    assert not first.window_leases
+    assert not first.window_leases.active
     assert (await first.acquire(member(), checks)).allowed  # the second: a limit's first lease, 16 entries
     for _ in range(3):  # (a quarter used would ask for the next one)
         assert first.admit_locally(member(), checks) is not None  # no round trip
@@ -99,12 +102,28 @@ async def test_leased_entries_are_timestamped_a_span_ahead_and_unused_ones_go_ba
     assert len(await log_of(first, REQUESTS, "key:a")) == 2 + 3
 
 
+async def test_a_large_lease_goes_in_and_out_of_redis_in_bulk(pair) -> None:
+    # 4096 entries: more than one variadic ZADD / ZREM (a thousand entries each) in the scripts.
+    first, _ = pair
+    checks = [Check(REQUESTS, "key:bulk", 10**6)]
+    assert (await first.acquire(member(), checks)).allowed
+    first.window_leases.scale[(REQUESTS, "key:bulk")] = 4096  # as a busy limit's lease grows to
+    assert (await first.acquire(member(), checks)).allowed
+    for _ in range(10):
+        assert first.admit_locally(member(), checks) is not None
+    log = await log_of(first, REQUESTS, "key:bulk")
+    leased = {name for name, _ in log if name.startswith("L:")}
+    assert len(log) == 2 + 4096 and len(leased) == 4096
+    await first.end_window_leases(closing=True)
+    assert len(await log_of(first, REQUESTS, "key:bulk")) == 2 + 10  # the 4086 unused ones went back
+
+
 async def test_a_quiet_limit_leases_nothing(pair) -> None:
     first, _ = pair
     checks = [Check(REQUESTS, "key:quiet", 3200)]
     for _ in range(3):
         assert (await first.acquire(member(), checks)).allowed
-        assert not first.window_leases
+        assert not first.window_leases.active
         first.window_leases.seen.clear()  # as if a span had passed since the last request
     assert len(await log_of(first, REQUESTS, "key:quiet")) == 3
 
@@ -115,11 +134,9 @@ async def test_the_next_lease_is_asked_for_ahead_so_no_request_waits(pair) -> No
     waited = 0
     for _ in range(1000):
         who = member()
-        decision = first.admit_locally(who, checks)
-        if decision is None:
+        if first.admit_locally(who, checks) is None:
             waited += 1
-            decision = await first.acquire(who, checks)
-        assert decision.allowed
+            assert (await first.acquire(who, checks)).allowed
         first.settle_soon(who, [Release(TOKENS, "key:steady", 300, 25)])
         await asyncio.sleep(0.0003)  # requests come one after another; the asks ahead go out meanwhile
     # The first two requests ask Redis and wait (the second leases). While the leases are still small (16, 32, ... requests'
@@ -142,7 +159,7 @@ async def test_no_lease_past_half_the_limit_so_the_last_requests_are_decided_one
     used = len(await log_of(first, REQUESTS, "key:half"))
     assert 64 <= used <= 70
     assert (await second.acquire(member(), checks)).allowed
-    assert not second.window_leases  # more than half used: nothing leased
+    assert not second.window_leases.active  # more than half used: nothing leased
     results = [await admit(second, member(), checks) for _ in range(100)]
     assert sum(r.allowed for r in results) == 128 - used - 1
 
