@@ -25,7 +25,6 @@ import sys
 import time
 from inspect import isawaitable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,12 +78,12 @@ async def run_cycles(limiter: Any, n: int, concurrency: int, make: Callable[[int
     """
     from nexgate_plugins.ratelimit import LIMITER, nexgate_admit, nexgate_settle
 
-    request = SimpleNamespace(app={LIMITER: limiter})
+    app = {LIMITER: limiter}  # all the hooks read of the app
 
     async def one(i: int) -> None:
         ctx = make(i)
         if limiter is not None:
-            ctx.request = request
+            ctx.app = app
             pending = nexgate_admit(ctx)
             if pending is not None and isawaitable(pending):
                 await pending
