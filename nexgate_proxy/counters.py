@@ -76,6 +76,11 @@ shared core), and every request of an instance whose lease ran out then waited f
 class CountersUnavailable(Exception):
     """The backend did not answer in time, or its circuit breaker is open."""
 
+    def __init__(self, reason: str, *, sent: bool = True) -> None:
+        super().__init__(reason)
+        self.sent = sent
+        """False only when the call surely never reached Redis (so it surely did nothing there)."""
+
 
 @dataclass(slots=True)
 class Check:
@@ -1012,7 +1017,7 @@ class RedisScripts:
                    timeout: float | None = None) -> object:
         """EVALSHA one of the scripts: one round trip, bounded by the timeout; CountersUnavailable on failure."""
         if self.breaker.open:
-            raise CountersUnavailable("circuit open")
+            raise CountersUnavailable("circuit open", sent=False)
         conn = self._conn
         if conn is None or conn.closed:
             return await self._call_connecting(script, keys, args, timeout)
@@ -1041,9 +1046,11 @@ class RedisScripts:
                                timeout: float | None) -> object:
         """``call`` when there is no connection yet, or Redis forgot the script."""
         lua, sha = self._scripts[script]
+        sent = False
         try:
             async with asyncio.timeout(timeout or self.timeout):
                 conn = await self._connection()
+                sent = True
                 self.round_trips += 1
                 payload = encode_command("EVALSHA", sha, len(keys), *keys, *args)
                 try:
@@ -1061,7 +1068,7 @@ class RedisScripts:
             raise
         except Exception as exc:  # timeouts, connection errors, error replies: all mean "no answer"
             self._fail(exc)
-            raise CountersUnavailable(type(exc).__name__) from None
+            raise CountersUnavailable(type(exc).__name__, sent=sent) from None
         self.breaker.success()
         return result
 

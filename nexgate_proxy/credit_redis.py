@@ -188,16 +188,27 @@ class _Account:
         self.renewed_at = float("-inf")
         self.plentiful = False
 
-    def pending(self, give_back: bool) -> tuple[int, int]:
-        """(debit, release) a flush sends now, applied here at once: what was settled, and the spare."""
+    def pending(self, give_back: bool) -> tuple[int, int, int]:
+        """(spent, unbacked, release) a flush sends now, applied here at once: the settled costs it
+        debits, and what it releases from the lease (the spent part, and the spare when giving back)."""
         release = self.spent
         if give_back:
             release += max(self.free, 0)
         release = min(release, self.granted)
-        debit = self.spent + self.unbacked
+        sent = (self.spent, self.unbacked, release)
         self.granted -= release
         self.spent = self.unbacked = 0
-        return debit, release
+        return sent
+
+    def unsend(self, generation: int, spent: int, unbacked: int, release: int) -> None:
+        """A flush that surely never reached Redis: what it carried is pending again (its costs would
+        otherwise be missing from the shared balance for as long as the account stays active)."""
+        if generation == self.generation:
+            self.spent += spent
+            self.granted += release
+            self.unbacked += unbacked
+        else:  # the lease was given up meanwhile: the costs are still owed, from no lease
+            self.unbacked += spent + unbacked
 
 
 class RedisCreditState(CreditState):
@@ -225,7 +236,7 @@ class RedisCreditState(CreditState):
         try:
             return await self._redis.call(script, keys, args)
         except CountersUnavailable as exc:
-            raise CreditStateUnavailable(str(exc)) from None
+            raise CreditStateUnavailable(str(exc), sent=exc.sent) from None
 
     def _account(self, account_id: str) -> _Account:
         account = self._accounts.get(account_id)
@@ -267,14 +278,20 @@ class RedisCreditState(CreditState):
         account.held += amount
         extra = amount * SLICE_HOLDS
         account.plenty = extra * PLENTY_SLICES
-        debit, release = account.pending(give_back=False)
+        carried = account.pending(give_back=False)
+        spent, unbacked, release = carried
         sent = time.monotonic()
         now = time.time()
         args: list[object] = [account.lease_id, need, extra, account.plenty, now, now + LEASE_TTL, overdraft, "", "",
-                              KEY_TTL_SECONDS, debit, release]
+                              KEY_TTL_SECONDS, spent + unbacked, release]
         keys = self._keys(account_id)
         try:
-            status, *rest = await self._call("grow", keys, args)  # type: ignore[misc]
+            try:
+                status, *rest = await self._call("grow", keys, args)  # type: ignore[misc]
+            except CreditStateUnavailable as exc:
+                if not exc.sent:
+                    account.unsend(generation, *carried)
+                raise
             while status == -1:  # not cached: load it, unless a credit races the load (then load again)
                 args[8] = rest[0]
                 args[7] = nano_floor(await load_balance())
@@ -325,17 +342,25 @@ class RedisCreditState(CreditState):
         args: list[object] = [KEY_TTL_SECONDS]
         sent = time.monotonic()
         expiry = time.time() + LEASE_TTL
-        sent_for: list[tuple[_Account, int]] = []
+        sent_for: list[tuple[_Account, int, tuple[int, int, int]]] = []
         for account_id in account_ids:
             account = self._account(account_id)
             idle = not account.holds and sent - account.last_used > IDLE_SECONDS
-            debit, release = account.pending(give_back=closing or idle or not account.plentiful)
+            carried = account.pending(give_back=closing or idle or not account.plentiful)
+            spent, unbacked, release = carried
             keys += self._keys(account_id)[:4]
-            args += [account.lease_id, debit, release, expiry]
-            sent_for.append((account, account.generation))
-        flat = await self._call("flush", keys, args)
+            args += [account.lease_id, spent + unbacked, release, expiry]
+            sent_for.append((account, account.generation, carried))
+        try:
+            flat = await self._call("flush", keys, args)
+        except CreditStateUnavailable as exc:
+            if not exc.sent:  # e.g. the circuit is open: the next flush carries it all again
+                for (account, generation, carried), account_id in zip(sent_for, account_ids):
+                    account.unsend(generation, *carried)
+                    self._dirty.add(account_id)
+            raise
         answers = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]  # type: ignore[index,arg-type]
-        for (account, generation), (found, cached, available) in zip(sent_for, answers):
+        for (account, generation, _), (found, cached, available) in zip(sent_for, answers):
             if account.generation != generation:
                 continue  # given up meanwhile
             if found:

@@ -38,6 +38,11 @@ def nano_floor(pico: int) -> int:
 class CreditStateUnavailable(Exception):
     """The hot state (Redis) did not answer."""
 
+    def __init__(self, reason: str = "", *, sent: bool = True) -> None:
+        super().__init__(reason)
+        self.sent = sent
+        """False only when the call surely never reached Redis."""
+
 
 @dataclass(frozen=True, slots=True)
 class Reservation:

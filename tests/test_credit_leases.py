@@ -163,6 +163,27 @@ async def test_a_lease_redis_lost_is_given_up(redis_url: str) -> None:
         await state.close()
 
 
+async def test_a_flush_that_never_left_is_carried_by_the_next_one(redis_url: str) -> None:
+    """With the circuit open nothing reaches Redis: the settled costs must not go missing from the
+    shared balance (and the lease must not keep what they released) once Redis is back."""
+    state, = instances(redis_url, 1)
+    load = balance_of(1_000_000)
+    bal, held = state._keys("acct")[:2]
+    try:
+        assert (await state.reserve("acct", "r1", 1_000, 0, 60, load)).ok
+        state.settle("acct", "r1", 400)
+        breaker = state._redis.breaker
+        for _ in range(breaker.threshold):
+            breaker.failure()
+        with pytest.raises(CreditStateUnavailable):
+            await state.available("acct")  # its flush is refused before it is sent
+        breaker.close()
+    finally:
+        await state.close()  # gives the whole lease back, with the costs
+    assert int(await redis_command(redis_url, "GET", bal)) == 1_000_000 - 400
+    assert int(await redis_command(redis_url, "GET", held) or 0) == 0
+
+
 async def test_with_redis_down_the_lease_keeps_serving_and_a_grow_fails_fast() -> None:
     state = RedisCreditState(require_redis(), prefix=f"nexgate:test:{secrets.token_hex(4)}", timeout=0.2)
     load = balance_of(1_000_000)
