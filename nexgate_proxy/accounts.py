@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from .bus import InvalidationBus
+from .state.bus import InvalidationBus
 from .keys import DEFAULT_BCRYPT_ROUNDS, generate_key, hash_secret_async
 from .store import ApiKeyRow, Organization, Store
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from .bus import InvalidationBus
+    from .state.bus import InvalidationBus
     from .config import Config
     from .plugins import HookChain
     from .providers.base import Provider

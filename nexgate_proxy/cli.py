@@ -76,7 +76,7 @@ def _workers(text: str) -> int:
     return workers
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nexgate", description="NexGate LLM API gateway")
     parser.add_argument("--log-level", default=os.environ.get("NEXGATE_LOG_LEVEL"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -97,15 +97,40 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.set_defaults(func=_cmd_config_check)
 
-    from . import cli_admin, cli_billing
-
-    cli_admin.register(sub)
-    cli_billing.register(sub)
+    _plugin_commands(sub, argv)
     return parser
 
 
+def _config_in(argv: Sequence[str] | None) -> Config:
+    """The config a command line names (or the default one), for its plugin list; defaults if none loads.
+
+    A broken config must not break the parser: the command that reads it reports its problems.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    path = find_config(path)
+    if path is not None:
+        try:
+            return load_config(path)
+        except ConfigError:
+            pass
+    return Config()
+
+
+def _plugin_commands(sub: argparse._SubParsersAction, argv: Sequence[str] | None) -> None:
+    """Every plugin's commands (``nexgate_cli_commands``), built-ins and third-party alike."""
+    from .plugins import HookChain, build_plugin_manager
+
+    HookChain(build_plugin_manager(_config_in(argv))).cli_commands(sub)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .logscrub import install as install_log_scrubber

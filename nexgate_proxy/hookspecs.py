@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from aiohttp import web
 
     from .config import Config, Target
@@ -59,6 +61,18 @@ def nexgate_check_config(config: Config) -> list[str] | None:
     Runs once while the application is built and by ``nexgate config check``.
     Any problem from any plugin stops the server from starting; all are
     reported together with the core's own.
+    """
+
+
+@hookspec
+def nexgate_cli_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add subcommands to the ``nexgate`` command line.
+
+    ``subparsers`` is the ``nexgate`` parser's argparse subparsers: add a parser
+    per command and set its ``func`` (``args -> exit code``). Commands that work on
+    the store build on ``nexgate_proxy.clikit`` (``add_command``, ``option_parents``,
+    ``emit``): the same options, output and one-line errors as the built-in ones.
+    Runs when the command line is built, before any command runs.
     """
 
 

@@ -41,8 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_plugins.usage_log",
     "nexgate_plugins.metrics",
     "nexgate_plugins.redaction",
-    "nexgate_plugins.privacy_api",
-    "nexgate_plugins.admin_api",
+    "nexgate_plugins.admin",
 )
 """Built-in plugins, registered like any other. ``plugins.disable`` in the config removes one."""
 
@@ -318,6 +317,10 @@ class HookChain:
         for impl in _compile(self.pm, "nexgate_check_config"):
             problems += impl.call(config) or []
         return problems
+
+    def cli_commands(self, subparsers: Any) -> None:
+        for impl in _compile(self.pm, "nexgate_cli_commands"):
+            impl.call(subparsers)
 
     def register_routes(self, app: Any, config: Config) -> None:
         for impl in _compile(self.pm, "nexgate_register_routes"):

@@ -12,7 +12,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from .appkeys import BUS, CONFIG, STORE
-from .bus import open_bus
+from .state.bus import open_bus
 from .store import open_store
 
 log = logging.getLogger("nexgate.services")

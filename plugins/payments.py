@@ -49,9 +49,9 @@ from aiohttp import web
 from nexgate_proxy import GatewayError, hookimpl
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import Config, ConfigReader
-from nexgate_proxy.credit_state import nano_floor
+from nexgate_plugins.credits.holds import nano_floor
 from nexgate_proxy.money import format_usd, usd_to_pico
-from nexgate_proxy.statements import find_account
+from nexgate_plugins.credits.statements import find_account
 from nexgate_proxy.store import MAX_PICO, LedgerEntry, NewLedgerEntry, Store, StoreError
 
 log = logging.getLogger("nexgate.payments")

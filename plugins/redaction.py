@@ -54,6 +54,7 @@ from nexgate_plugins.metrics import add_collector
 from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, logscrub
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.background import stop_tasks
+from nexgate_proxy.clikit import Env, add_command, emit, non_negative, option_parents
 from nexgate_proxy.config import Config, ConfigError, ConfigReader
 from nexgate_proxy.endpoints import ENDPOINTS
 from nexgate_proxy.store import Store, StoreError
@@ -473,3 +474,31 @@ def _register_metrics(app: web.Application, state: PrivacyState) -> None:
                                 value=state.last_retention or 0)
 
     add_collector(app, collect)
+
+
+# ----------------------------------------------------------------- commands
+
+
+async def _retention_run(env: Env, store: Store) -> int:
+    days = env.args.days
+    if days is None:
+        problems: list[str] = []
+        settings = parse_privacy_settings(env.config, problems) if env.config else None
+        if problems:
+            raise ConfigError(env.config.source if env.config else "config", problems)
+        days = settings.ip_retention_days if settings else 30
+    cleared = await run_retention(store, days)
+    emit(env, {"ip_retention_days": days, "cleared": cleared},
+         f"Cleared the client IP of {cleared} usage records older than {days} days.")
+    return 0
+
+
+@hookimpl
+def nexgate_cli_commands(subparsers: Any) -> None:
+    common, _ = option_parents("")
+    retention = subparsers.add_parser("retention", help="data retention jobs")
+    retention_sub = retention.add_subparsers(dest="retention_command", required=True, metavar="COMMAND")
+    p = add_command(retention_sub, "run", "clear client IPs of usage records older than privacy.ip_retention_days "
+                    "now (gateways also do it hourly)", _retention_run, common)
+    p.add_argument("--days", type=non_negative, metavar="N",
+                   help="override privacy.ip_retention_days (default: the config's, else 30)")

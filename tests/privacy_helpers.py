@@ -12,14 +12,16 @@ import aiohttp
 import openai
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-import nexgate_plugins.privacy_api as privacy_api
+import nexgate_plugins.admin as admin_plugin
+import nexgate_plugins.admin.privacy as privacy_api
+import nexgate_plugins.admin.privacy_openapi as privacy_openapi
 import nexgate_plugins.redaction as redaction
 from nexgate_plugins.usage_log import OUTBOX
 from tests.conftest import Gateway
 from tests.dbdump import dump_database  # noqa: F401  (re-exported for the privacy tests)
 from tests.jwt_signing import public_pem, sign_rs256
 
-PLUGINS = [redaction, privacy_api]
+PLUGINS = [redaction, admin_plugin]
 ADMIN_TOKEN = "ngadmin-privacy-token-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
 ISSUER = "https://clerk.example.com"
 APP = "https://app.example.com"

@@ -1,0 +1,1012 @@
+"""The admin HTTP API under ``/admin/v1/``: users, organizations, members, API keys and money.
+
+Who calls is decided on every request from ``Authorization: Bearer <token>``:
+
+* the bootstrap admin token (``auth.admin_token_sha256``) makes the caller the
+  **superadmin**, who may do anything;
+* otherwise, when ``auth.clerk`` is configured, a Clerk session token (RS256
+  JWT, verified offline) makes the caller the local user whose ``external_id``
+  is the token's ``sub``; that user is created on first sight.
+
+Authorization uses the local memberships only (owner > admin > member); the
+Clerk token's organization claims are shown in ``GET /me`` but grant nothing.
+Rules, in short:
+
+* a user sees and manages their own profile and personal keys; asking for
+  anybody else's personal data answers 404, never 403, so ids are not probed;
+* an organization is invisible (404) to non-members; members see it; admins
+  and owners see its members and manage its keys; only owners manage members,
+  and a member may leave; an organization always keeps an owner (409);
+* organization admins never see members' personal keys.
+
+Money (``/balance``, ``/transactions``, ``/usage``, ``/usage/totals``,
+``/statements/{YYYY-MM}``) is per account, named by ``?account=``: a user sees
+their own (the default), an organization's admins and owners see the
+organization's, and the superadmin sees any. Nobody else's personal account
+is visible: asking for it answers 404. Amounts are exact decimal strings
+(``*_usd``) with the integer pico-USD beside them (``*_pico``), never floats.
+
+Removing a member also revokes the organization keys that member created: they
+saw the plaintext, and removal must end their access to the organization.
+
+An organization's rate-limit overrides (``PATCH /orgs/{org_id}``, ``limits``)
+are the operator's abuse control: only the superadmin sets them, and only the
+superadmin's view of an organization shows them (members never see them, so
+org owners cannot learn or raise their own ceiling through this API).
+
+The OpenAPI document of this API is served at ``GET /admin/v1/openapi.json``
+(without authentication: it describes the API, not its data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from nexgate_proxy import GatewayError
+from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
+from nexgate_proxy.appkeys import BUS, STORE
+from nexgate_proxy.state.bus import InvalidationBus
+from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
+from nexgate_plugins.credits.statements import (
+    Account,
+    balance_json,
+    build_statement,
+    find_account,
+    parse_month,
+    parse_time,
+    render_statement_html,
+    statement_json,
+    transaction_json,
+    usage_json,
+    usage_total_json,
+)
+from nexgate_proxy.store import (
+    ROLES,
+    ApiKeyRow,
+    Conflict,
+    LastOwnerError,
+    Membership,
+    NotFound,
+    Organization,
+    Store,
+    StoreError,
+    User,
+)
+from nexgate_proxy.store.base import GROUP_BYS
+from .openapi import build_openapi
+from nexgate_plugins.auth import AuthSettings
+from nexgate_plugins.ratelimit import Quota
+
+log = logging.getLogger("nexgate.admin")
+
+PREFIX = "/admin/v1"
+MAX_BODY_BYTES = 64 * 1024
+MAX_NAME_LENGTH = 200
+MAX_EMAIL_LENGTH = 320
+MAX_EXTERNAL_ID_LENGTH = 255
+MAX_ALLOWED_MODELS = 256
+MAX_LIMITS = 32
+MAX_PAGE = 1000
+ADMIN_ROLES = frozenset({"owner", "admin"})
+
+ORG_LIMIT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Quota))
+"""What the rate limiter reads from an organization's override: its quota (rpm, tpm, concurrent)."""
+MAX_LIMIT_VALUE = 2**53 - 1
+"""Counters are Lua numbers (doubles) in Redis: larger integers would not count exactly."""
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_LIMIT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+# ------------------------------------------------------------ JSON views
+# The API's resource shapes; the CLI prints the same ones with --json.
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO-8601 in UTC with a ``Z``, or None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def user_json(user: User) -> dict[str, Any]:
+    return {"object": "user", "id": user.id, "external_id": user.external_id, "email": user.email,
+            "name": user.name, "created_at": iso(user.created_at), "deleted_at": iso(user.deleted_at)}
+
+
+def org_json(org: Organization, role: str | None = None) -> dict[str, Any]:
+    """``role`` is the caller's role in it (None for the superadmin, whose view alone has ``limits``)."""
+    body: dict[str, Any] = {"object": "organization", "id": org.id, "name": org.name,
+                            "created_at": iso(org.created_at), "role": role}
+    if role is None:
+        body["limits"] = dict(org.limits) if org.limits is not None else None
+    return body
+
+
+def member_json(membership: Membership, user: User | None) -> dict[str, Any]:
+    return {"object": "organization.member", "org_id": membership.org_id, "user_id": membership.user_id,
+            "role": membership.role, "email": user.email if user else None, "name": user.name if user else None,
+            "created_at": iso(membership.created_at)}
+
+
+def key_json(row: ApiKeyRow) -> dict[str, Any]:
+    """Metadata only: never the secret hash, and the plaintext is added by the create call alone."""
+    return {
+        "object": "api_key", "id": row.id, "name": row.name, "prefix": row.prefix,
+        "user_id": row.user_id, "org_id": row.org_id, "created_by": row.created_by,
+        "created_at": iso(row.created_at), "last_used_at": iso(row.last_used_at),
+        "expires_at": iso(row.expires_at), "revoked_at": iso(row.revoked_at),
+        "allowed_models": list(row.allowed_models) if row.allowed_models is not None else None,
+        "limits": dict(row.limits) if row.limits is not None else None,
+    }
+
+
+# ------------------------------------------------------- shared account rules
+
+
+def parse_expires_at(value: str, now: datetime | None = None) -> datetime:
+    """An ISO-8601 time with a timezone, in the future. ValueError says what is wrong."""
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError("must be an ISO-8601 date-time with a timezone, e.g. 2030-01-31T00:00:00Z") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("needs a timezone, e.g. 2030-01-31T00:00:00Z or +02:00")
+    moment = moment.astimezone(UTC)
+    if moment <= (now or datetime.now(UTC)):
+        raise ValueError("must be in the future")
+    return moment
+
+
+async def remove_member(store: Store, bus: InvalidationBus | None, org_id: str, user_id: str) -> list[str] | None:
+    """Remove the membership, then revoke the org keys this member created.
+
+    Returns the revoked key ids, or None when the user was not a member.
+    Raises LastOwnerError (nothing changed) when the user is the last owner.
+    """
+    if not await store.remove_member(org_id, user_id):
+        return None
+    revoked = []
+    for row in await store.list_api_keys(org_id=org_id):
+        if row.created_by == user_id:
+            await revoke_api_key(store, bus, row.id)
+            revoked.append(row.id)
+    return revoked
+
+
+# ------------------------------------------------------------------ callers
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user: User | None
+    """The local user; None for the superadmin."""
+    superadmin: bool = False
+    clerk: ClerkIdentity | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    auth: AuthSettings
+
+
+ADMIN: web.AppKey[AdminSettings] = web.AppKey("nexgate_plugins.admin_api", AdminSettings)
+
+_BEARER = {"WWW-Authenticate": 'Bearer realm="nexgate-admin"'}
+
+
+def _unauthorized(message: str) -> GatewayError:
+    return GatewayError(401, message, code="invalid_token", headers=_BEARER)
+
+
+async def authenticate(request: web.Request) -> Caller:
+    settings = request.app[ADMIN].auth
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("Send an admin token or a Clerk session token as 'Authorization: Bearer <token>'.")
+    if len(token) > MAX_TOKEN_BYTES or not token.isascii():
+        raise _unauthorized("Invalid admin token.")
+    if settings.is_admin_token(token):
+        return Caller(user=None, superadmin=True)
+    if settings.clerk is None or token.count(".") != 2:
+        raise _unauthorized("Invalid admin token.")
+    try:
+        identity = settings.clerk.verify(token)
+    except JWTError as exc:
+        log.info("admin API refused a session token: %s", exc.reason)
+        raise _unauthorized(f"Invalid session token ({exc.reason}).") from None
+    except Exception:  # a verifier bug must not become a 500 that hints at the token
+        log.exception("session token verification failed unexpectedly")
+        raise _unauthorized("Invalid session token.") from None
+    user = await _clerk_user(request.app[STORE], identity)
+    if user.deleted_at is not None:
+        raise GatewayError(403, "This account has been deleted.", code="account_deleted")
+    return Caller(user=user, clerk=identity)
+
+
+async def _clerk_user(store: Store, identity: ClerkIdentity) -> User:
+    external_id = identity.user_id
+    if len(external_id) > MAX_EXTERNAL_ID_LENGTH or not _clean_text(external_id):
+        raise _unauthorized("Invalid session token (malformed).")
+    user = await store.get_user_by_external_id(external_id)
+    if user is not None:
+        return user
+    email = _claim_text(identity.claims.get("email"), MAX_EMAIL_LENGTH)
+    name = _claim_text(identity.claims.get("name"), MAX_NAME_LENGTH)
+    try:
+        user = await store.create_user(external_id=external_id, email=email, name=name)
+        log.info("created user %s on first sign-in", user.id)
+        return user
+    except Conflict:  # a concurrent first request created it
+        user = await store.get_user_by_external_id(external_id)
+        if user is None:
+            raise
+        return user
+
+
+def _claim_text(value: Any, max_length: int) -> str | None:
+    if isinstance(value, str) and value and len(value) <= max_length and _clean_text(value):
+        return value
+    return None
+
+
+# --------------------------------------------------------------- validation
+
+
+def _bad(param: str | None, message: str) -> GatewayError:
+    return GatewayError(400, message, code="invalid_request", param=param)
+
+
+def _clean_text(value: str) -> bool:
+    """No control characters and encodable as UTF-8 (a lone surrogate is not)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _body(request: web.Request, fields: Mapping[str, type | tuple[type, ...]],
+                keep_null: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object body, with only known fields of the right JSON types (null = absent, except in keep_null)."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise GatewayError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raw = b"x" * (MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise GatewayError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
+    if not raw.strip():
+        raise _bad(None, "The request body must be a JSON object.")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _bad(None, "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise _bad(None, "The request body must be a JSON object.")
+    for key, value in data.items():
+        expected = fields.get(key)
+        if expected is None:
+            known = ", ".join(fields) or "none"
+            raise _bad(key, f"Unknown field '{key}' (known fields: {known}).")
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
+            raise _bad(key, f"'{key}' must be {_type_name(expected)}.")
+        if not isinstance(value, expected):
+            raise _bad(key, f"'{key}' must be {_type_name(expected)}.")
+    return {k: v for k, v in data.items() if v is not None or k in keep_null}
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "a boolean", list: "an array", dict: "an object"}
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _text(data: Mapping[str, Any], field: str, max_length: int, *, required: bool = False) -> str | None:
+    value = data.get(field)
+    if value is None:
+        if required:
+            raise _bad(field, f"'{field}' is required.")
+        return None
+    value = value.strip()
+    if not value:
+        raise _bad(field, f"'{field}' must not be empty.")
+    if len(value) > max_length:
+        raise _bad(field, f"'{field}' is longer than {max_length} characters.")
+    if not _clean_text(value):
+        raise _bad(field, f"'{field}' contains control characters or invalid Unicode.")
+    return value
+
+
+def _role(data: Mapping[str, Any], field: str = "role", default: str | None = None) -> str:
+    role = data.get(field, default)
+    if role is None:
+        raise _bad(field, f"'{field}' is required: one of {', '.join(ROLES)}.")
+    if role not in ROLES:
+        raise _bad(field, f"'{field}' must be one of {', '.join(ROLES)}.")
+    return role
+
+
+def _is_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
+
+
+def _body_id(data: Mapping[str, Any], field: str, *, required: bool = False) -> str | None:
+    value = data.get(field)
+    if value is None:
+        if required:
+            raise _bad(field, f"'{field}' is required.")
+        return None
+    if not _is_id(value):
+        raise GatewayError(404, f"No such {_kind(field)}: '{field}' is not a known id.", code="not_found",
+                           param=field)
+    return value
+
+
+def _kind(field: str) -> str:
+    return "organization" if field.startswith("org") else "user" if "user" in field else "object"
+
+
+def _allowed_models(data: Mapping[str, Any]) -> list[str] | None:
+    models = data.get("allowed_models")
+    if models is None:
+        return None
+    if not models:
+        raise _bad("allowed_models", "'allowed_models' must name at least one model; omit it to allow every model.")
+    if len(models) > MAX_ALLOWED_MODELS:
+        raise _bad("allowed_models", f"'allowed_models' may name at most {MAX_ALLOWED_MODELS} models.")
+    result: list[str] = []
+    for model in models:
+        if not isinstance(model, str) or not model.strip() or len(model) > MAX_NAME_LENGTH or not _clean_text(model):
+            raise _bad("allowed_models", "'allowed_models' must be a list of model names (non-empty strings).")
+        if model not in result:
+            result.append(model)
+    return result
+
+
+def _limits(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    limits = data.get("limits")
+    if limits is None:
+        return None
+    if len(limits) > MAX_LIMITS:
+        raise _bad("limits", f"'limits' may hold at most {MAX_LIMITS} entries.")
+    for name, value in limits.items():
+        if _LIMIT_NAME.fullmatch(name) is None:
+            raise _bad("limits", f"'limits' has an invalid name {name[:64]!r} (letters, digits, _ . : - only).")
+        if isinstance(value, bool) or not (
+            (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0)
+            or (isinstance(value, str) and 0 < len(value) <= 64 and _clean_text(value))
+        ):
+            raise _bad("limits", f"'limits.{name}' must be a non-negative number or a short string.")
+    return dict(limits)
+
+
+def parse_org_limits(value: Any) -> dict[str, Any] | None:
+    """An organization's overrides: a key's ``limits`` rules, limited to the names the rate limiter reads.
+
+    None (and ``{}``) mean no override. Raises a 400 GatewayError naming ``limits``.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad("limits", "'limits' must be an object such as {\"rpm\": 600}, or null to remove the overrides.")
+    limits = _limits({"limits": value}) or {}
+    for name, number in limits.items():
+        if name not in ORG_LIMIT_NAMES:
+            known = ", ".join(ORG_LIMIT_NAMES)
+            raise _bad("limits", f"'limits.{name}' is not an organization limit (known: {known}).")
+        if not isinstance(number, int) or number > MAX_LIMIT_VALUE:
+            raise _bad("limits", f"'limits.{name}' must be a whole number from 0 (no limit) to {MAX_LIMIT_VALUE}.")
+    return limits or None
+
+
+def _expires_at(data: Mapping[str, Any]) -> datetime | None:
+    value = data.get("expires_at")
+    if value is None:
+        return None
+    try:
+        return parse_expires_at(value)
+    except ValueError as exc:
+        raise _bad("expires_at", f"'expires_at' {exc}.") from None
+
+
+def _query(request: web.Request, known: tuple[str, ...]) -> None:
+    for name in request.query:
+        if name not in known:
+            raise _bad(name, f"Unknown query parameter '{name}' (known: {', '.join(known) or 'none'}).")
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad(name, f"'{name}' must be an integer.") from None
+    if not low <= value <= high:
+        raise _bad(name, f"'{name}' must be between {low} and {high}.")
+    return value
+
+
+def _query_bool(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise _bad(name, f"'{name}' must be true or false.")
+    return raw in ("true", "1")
+
+
+def _page(request: web.Request) -> tuple[int, int]:
+    return _query_int(request, "limit", 100, 1, MAX_PAGE), _query_int(request, "offset", 0, 0, 1_000_000_000)
+
+
+def _path_id(request: web.Request, name: str, what: str) -> str:
+    value = request.match_info[name]
+    if not _is_id(value):
+        raise _not_found(what)
+    return value
+
+
+def _not_found(what: str) -> GatewayError:
+    return GatewayError(404, f"No such {what}.", code="not_found")
+
+
+def _forbidden(message: str) -> GatewayError:
+    return GatewayError(403, message, code="forbidden")
+
+
+def _list(data: list[dict[str, Any]], has_more: bool = False) -> web.Response:
+    return web.json_response({"object": "list", "data": data, "has_more": has_more})
+
+
+# ------------------------------------------------------------ authorization
+
+
+async def _org_access(request: web.Request, caller: Caller, org_id: str) -> tuple[Organization, str | None]:
+    """The org and the caller's role in it (None for the superadmin). 404 for non-members."""
+    store = request.app[STORE]
+    org = await store.get_org(org_id)
+    if org is None:
+        raise _not_found("organization")
+    if caller.superadmin:
+        return org, None
+    assert caller.user is not None
+    role = await store.get_role(org_id, caller.user.id)
+    if role is None:
+        raise _not_found("organization")  # existence is not revealed to outsiders
+    return org, role
+
+
+def _require_admin(caller: Caller, role: str | None) -> None:
+    if not caller.superadmin and role not in ADMIN_ROLES:
+        raise _forbidden("Only the organization's admins and owners may do this.")
+
+
+def _require_owner(caller: Caller, role: str | None) -> None:
+    if not caller.superadmin and role != "owner":
+        raise _forbidden("Only the organization's owners may do this.")
+
+
+def _require_superadmin(caller: Caller) -> None:
+    if not caller.superadmin:
+        raise _forbidden("Only the superadmin may do this.")
+
+
+async def _usable_user(store: Store, user_id: str | None, param: str) -> User:
+    user = await store.get_user(user_id) if user_id is not None else None
+    if user is None or user.deleted_at is not None:
+        raise GatewayError(404, "No such user.", code="not_found", param=param)
+    return user
+
+
+async def _key_access(request: web.Request, caller: Caller, key_id: str) -> ApiKeyRow:
+    """The key if the caller may manage it. Others' personal keys answer 404, as unknown ones do."""
+    store = request.app[STORE]
+    row = await store.get_api_key(key_id)
+    if row is None:
+        raise _not_found("API key")
+    if caller.superadmin:
+        return row
+    assert caller.user is not None
+    if row.user_id is not None:
+        if row.user_id != caller.user.id:
+            raise _not_found("API key")
+        return row
+    role = await store.get_role(row.org_id or "", caller.user.id)
+    if role is None:
+        raise _not_found("API key")
+    if role not in ADMIN_ROLES:
+        raise _forbidden("Only the organization's admins and owners may manage its keys.")
+    return row
+
+
+# ----------------------------------------------------------------- handlers
+
+Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+
+
+async def get_me(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    orgs: list[dict[str, Any]] = []
+    if caller.user is not None:
+        orgs = [org_json(org, role) for org, role in await request.app[STORE].list_orgs_for_user(caller.user.id)]
+    clerk = None
+    if caller.clerk is not None:
+        clerk = {"user_id": caller.clerk.user_id, "session_id": caller.clerk.session_id,
+                 "org_id": caller.clerk.org_id, "org_role": caller.clerk.org_role, "org_slug": caller.clerk.org_slug}
+    return web.json_response({
+        "object": "caller", "superadmin": caller.superadmin,
+        "user": user_json(caller.user) if caller.user else None, "orgs": orgs, "clerk": clerk,
+    })
+
+
+async def create_user(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    _require_superadmin(caller)
+    data = await _body(request, {"external_id": str, "email": str, "name": str})
+    email = _text(data, "email", MAX_EMAIL_LENGTH)
+    if email is not None and "@" not in email:
+        raise _bad("email", "'email' is not an email address.")
+    user = await request.app[STORE].create_user(
+        external_id=_text(data, "external_id", MAX_EXTERNAL_ID_LENGTH), email=email,
+        name=_text(data, "name", MAX_NAME_LENGTH))
+    return web.json_response(user_json(user), status=201)
+
+
+async def list_users(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("limit", "offset", "include_deleted"))
+    _require_superadmin(caller)
+    limit, offset = _page(request)
+    users = await request.app[STORE].list_users(limit + 1, offset, include_deleted=_query_bool(request, "include_deleted"))
+    return _list([user_json(u) for u in users[:limit]], len(users) > limit)
+
+
+async def get_user(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    user_id = _path_id(request, "user_id", "user")
+    if not caller.superadmin and (caller.user is None or caller.user.id != user_id):
+        raise _not_found("user")
+    user = await request.app[STORE].get_user(user_id)
+    if user is None:
+        raise _not_found("user")
+    return web.json_response(user_json(user))
+
+
+async def create_org(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    data = await _body(request, {"name": str, "owner_user_id": str})
+    name = _text(data, "name", MAX_NAME_LENGTH, required=True)
+    assert name is not None
+    owner_id = _body_id(data, "owner_user_id", required=caller.superadmin)
+    store = request.app[STORE]
+    if caller.superadmin:
+        owner = await _usable_user(store, owner_id, "owner_user_id")
+    else:
+        assert caller.user is not None
+        if owner_id is not None and owner_id != caller.user.id:
+            raise GatewayError(403, "Only the superadmin may create an organization owned by someone else.",
+                               code="forbidden", param="owner_user_id")
+        owner = caller.user
+    org = await store.create_org(name, owner.id)
+    return web.json_response(org_json(org, None if caller.superadmin else "owner"), status=201)
+
+
+async def list_orgs(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("limit", "offset"))
+    limit, offset = _page(request)
+    store = request.app[STORE]
+    if caller.superadmin:
+        orgs = await store.list_orgs(limit + 1, offset)
+        return _list([org_json(o) for o in orgs[:limit]], len(orgs) > limit)
+    assert caller.user is not None
+    mine = (await store.list_orgs_for_user(caller.user.id))[offset:offset + limit + 1]
+    return _list([org_json(o, role) for o, role in mine[:limit]], len(mine) > limit)
+
+
+async def get_org(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
+    return web.json_response(org_json(org, role))
+
+
+async def update_org(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    org, _ = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
+    _require_superadmin(caller)  # limits are the operator's abuse control: owners must not raise their own
+    data = await _body(request, {"limits": dict}, keep_null=("limits",))
+    if "limits" not in data:
+        raise _bad("limits", "'limits' is required: an object such as {\"rpm\": 600}, or null to remove them.")
+    limits = parse_org_limits(data["limits"])
+    updated = await set_org_limits(request.app[STORE], request.app[BUS], org.id, limits)
+    log.info("organization %s limits set to %s", org.id, limits)
+    return web.json_response(org_json(updated))
+
+
+async def list_members(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
+    _require_admin(caller, role)
+    store = request.app[STORE]
+    members = await store.list_members(org.id)
+    users = await asyncio.gather(*[store.get_user(m.user_id) for m in members])
+    return _list([member_json(m, u) for m, u in zip(members, users)])
+
+
+async def add_member(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
+    _require_owner(caller, role)
+    data = await _body(request, {"user_id": str, "role": str})
+    user_id = _body_id(data, "user_id", required=True)
+    new_role = _role(data, default="member")
+    store = request.app[STORE]
+    user = await _usable_user(store, user_id, "user_id")
+    membership = await store.add_member(org.id, user.id, new_role)
+    return web.json_response(member_json(membership, user), status=201)
+
+
+async def update_member(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
+    _require_owner(caller, role)
+    user_id = _path_id(request, "user_id", "member")
+    data = await _body(request, {"role": str})
+    store = request.app[STORE]
+    try:
+        membership = await store.set_member_role(org.id, user_id, _role(data))
+    except NotFound:
+        raise _not_found("member") from None
+    return web.json_response(member_json(membership, await store.get_user(user_id)))
+
+
+async def delete_member(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
+    user_id = _path_id(request, "user_id", "member")
+    leaving = caller.user is not None and caller.user.id == user_id
+    if not leaving:
+        _require_owner(caller, role)
+    revoked = await remove_member(request.app[STORE], request.app[BUS], org.id, user_id)
+    if revoked is None:
+        raise _not_found("member")
+    return web.json_response({"object": "organization.member.deleted", "org_id": org.id, "user_id": user_id,
+                              "deleted": True, "revoked_key_ids": revoked})
+
+
+async def create_key(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    data = await _body(request, {"name": str, "org_id": str, "user_id": str, "expires_at": str,
+                                 "allowed_models": list, "limits": dict})
+    name = _text(data, "name", MAX_NAME_LENGTH, required=True)
+    assert name is not None
+    org_id = _body_id(data, "org_id")
+    user_id = _body_id(data, "user_id")
+    if org_id is not None and user_id is not None:
+        raise _bad("user_id", "Give org_id for an organization key or user_id for a personal key, not both.")
+    expires_at = _expires_at(data)
+    allowed_models = _allowed_models(data)
+    limits = _limits(data)
+    store = request.app[STORE]
+    if org_id is not None:
+        try:
+            _, role = await _org_access(request, caller, org_id)
+        except GatewayError as exc:
+            exc.param = "org_id"
+            raise
+        _require_admin(caller, role)
+        owner: dict[str, str | None] = {"org_id": org_id}
+    elif caller.superadmin:
+        if user_id is None:
+            raise _bad("user_id", "The superadmin has no personal keys: give user_id or org_id.")
+        owner = {"user_id": (await _usable_user(store, user_id, "user_id")).id}
+    else:
+        assert caller.user is not None
+        if user_id is not None and user_id != caller.user.id:
+            raise GatewayError(404, "No such user.", code="not_found", param="user_id")
+        owner = {"user_id": caller.user.id}
+    created = await create_api_key(
+        store, name=name, **owner, created_by=caller.user.id if caller.user else None, expires_at=expires_at,
+        allowed_models=allowed_models, limits=limits, bcrypt_rounds=request.app[ADMIN].auth.bcrypt_rounds)
+    log.info("API key %s created (%s)", created.row.id, created.row.prefix)
+    body = key_json(created.row)
+    body["key"] = created.plaintext
+    response = web.json_response(body, status=201)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def list_keys(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("user_id", "include_revoked"))
+    user_id = request.query.get("user_id")
+    if caller.superadmin:
+        if user_id is None:
+            raise _bad("user_id", "The superadmin has no personal keys: pass ?user_id=, or list an "
+                                  "organization's keys at /admin/v1/orgs/{org_id}/keys.")
+        if not _is_id(user_id) or await request.app[STORE].get_user(user_id) is None:
+            raise GatewayError(404, "No such user.", code="not_found", param="user_id")
+    else:
+        assert caller.user is not None
+        if user_id is not None and user_id != caller.user.id:
+            raise GatewayError(404, "No such user.", code="not_found", param="user_id")
+        user_id = caller.user.id
+    rows = await request.app[STORE].list_api_keys(user_id=user_id,
+                                                  include_revoked=_query_bool(request, "include_revoked"))
+    return _list([key_json(r) for r in rows])
+
+
+async def list_org_keys(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("include_revoked",))
+    org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
+    _require_admin(caller, role)
+    rows = await request.app[STORE].list_api_keys(org_id=org.id,
+                                                  include_revoked=_query_bool(request, "include_revoked"))
+    return _list([key_json(r) for r in rows])
+
+
+async def get_key(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    row = await _key_access(request, caller, _path_id(request, "key_id", "API key"))
+    return web.json_response(key_json(row))
+
+
+async def delete_key(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ())
+    row = await _key_access(request, caller, _path_id(request, "key_id", "API key"))
+    store = request.app[STORE]
+    await revoke_api_key(store, request.app[BUS], row.id)
+    log.info("API key %s revoked", row.id)
+    return web.json_response(key_json(await store.get_api_key(row.id) or row))
+
+
+# ------------------------------------------------------------------ money
+
+
+async def _account(request: web.Request, caller: Caller) -> Account:
+    """The account named by ``?account=`` (default: the caller's own) if the caller may see its money.
+
+    Own personal account: yes. An organization: its admins and owners (403 for
+    plain members, 404 for outsiders). Anybody else's personal account: 404, as
+    an unknown id. The superadmin: any existing account, and must name it.
+    """
+    store = request.app[STORE]
+    account_id = request.query.get("account")
+    if account_id is None:
+        if caller.superadmin:
+            raise _bad("account", "The superadmin has no account of its own: pass ?account=<user or organization id>.")
+        assert caller.user is not None
+        account_id = caller.user.id
+    if not _is_id(account_id):
+        raise GatewayError(404, "No such account.", code="not_found", param="account")
+    if caller.superadmin:
+        account = await find_account(store, account_id)
+        if account is None:
+            raise GatewayError(404, "No such account.", code="not_found", param="account")
+        return account
+    assert caller.user is not None
+    if account_id == caller.user.id:
+        user = caller.user
+        return Account(user.id, "user", user.name or user.email)
+    org = await store.get_org(account_id)
+    if org is None:
+        raise GatewayError(404, "No such account.", code="not_found", param="account")
+    role = await store.get_role(org.id, caller.user.id)
+    if role is None:
+        raise GatewayError(404, "No such account.", code="not_found", param="account")
+    if role not in ADMIN_ROLES:
+        raise _forbidden("Only the organization's admins and owners may see its balance, transactions and usage.")
+    return Account(org.id, "organization", org.name)
+
+
+def _query_time(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return parse_time(raw)
+    except ValueError as exc:
+        raise _bad(name, f"'{name}' {exc}.") from None
+
+
+def _period(request: web.Request) -> tuple[datetime | None, datetime | None]:
+    since, until = _query_time(request, "since"), _query_time(request, "until")
+    if since is not None and until is not None and since >= until:
+        raise _bad("until", "'until' must be after 'since'.")
+    return since, until
+
+
+def _usage_filters(request: web.Request) -> dict[str, Any]:
+    since, until = _period(request)
+    model = request.query.get("model")
+    if model is not None and (not model or len(model) > MAX_NAME_LENGTH or not _clean_text(model)):
+        raise _bad("model", "'model' must be a model name.")
+    key_id = request.query.get("key_id")
+    if key_id is not None and not _is_id(key_id):
+        raise _bad("key_id", "'key_id' must be an API key id.")
+    return {"since": since, "until": until, "model": model, "key_id": key_id}
+
+
+async def get_balance(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account",))
+    account = await _account(request, caller)
+    balance = await request.app[STORE].get_balance(account.id)
+    return web.json_response(balance_json(account.id, account.type, balance))
+
+
+async def list_transactions(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account", "since", "until", "limit", "offset"))
+    account = await _account(request, caller)
+    since, until = _period(request)
+    limit, offset = _page(request)
+    entries = await request.app[STORE].list_ledger(account.id, since=since, until=until, limit=limit + 1,
+                                                   offset=offset)
+    return _list([transaction_json(e) for e in entries[:limit]], len(entries) > limit)
+
+
+async def list_usage(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account", "since", "until", "model", "key_id", "limit", "offset"))
+    account = await _account(request, caller)
+    filters = _usage_filters(request)
+    limit, offset = _page(request)
+    rows = await request.app[STORE].list_usage(account_id=account.id, **filters, limit=limit + 1, offset=offset)
+    return _list([usage_json(r) for r in rows[:limit]], len(rows) > limit)
+
+
+async def get_usage_totals(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account", "since", "until", "model", "key_id", "group_by"))
+    account = await _account(request, caller)
+    filters = _usage_filters(request)
+    group_by = request.query.get("group_by", "day")
+    if group_by not in GROUP_BYS:
+        raise _bad("group_by", f"'group_by' must be one of {', '.join(GROUP_BYS)}.")
+    totals = await request.app[STORE].usage_totals(account_id=account.id, **filters,
+                                                   group_by=group_by)  # type: ignore[arg-type]
+    return _list([usage_total_json(t, group_by) for t in totals])
+
+
+_HTML_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+async def get_statement(request: web.Request, caller: Caller) -> web.Response:
+    _query(request, ("account", "format"))
+    month = request.match_info["month"]
+    try:
+        parse_month(month)
+    except ValueError as exc:
+        raise _bad("month", f"The statement period {exc}.") from None
+    fmt = request.query.get("format")
+    if fmt is None:
+        fmt = "html" if "text/html" in request.headers.get("Accept", "") else "json"
+    if fmt not in ("json", "html"):
+        raise _bad("format", "'format' must be json or html.")
+    account = await _account(request, caller)
+    statement = await build_statement(request.app[STORE], account, month)
+    if fmt == "json":
+        return web.json_response(statement_json(statement))
+    return web.Response(text=render_statement_html(statement), content_type="text/html", charset="utf-8",
+                        headers=_HTML_HEADERS)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi())
+
+
+# ------------------------------------------------------------------ routing
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/me", get_me),
+    ("POST", "/users", create_user),
+    ("GET", "/users", list_users),
+    ("GET", "/users/{user_id}", get_user),
+    ("POST", "/orgs", create_org),
+    ("GET", "/orgs", list_orgs),
+    ("GET", "/orgs/{org_id}", get_org),
+    ("PATCH", "/orgs/{org_id}", update_org),
+    ("GET", "/orgs/{org_id}/members", list_members),
+    ("POST", "/orgs/{org_id}/members", add_member),
+    ("PATCH", "/orgs/{org_id}/members/{user_id}", update_member),
+    ("DELETE", "/orgs/{org_id}/members/{user_id}", delete_member),
+    ("GET", "/orgs/{org_id}/keys", list_org_keys),
+    ("POST", "/keys", create_key),
+    ("GET", "/keys", list_keys),
+    ("GET", "/keys/{key_id}", get_key),
+    ("DELETE", "/keys/{key_id}", delete_key),
+    ("GET", "/balance", get_balance),
+    ("GET", "/transactions", list_transactions),
+    ("GET", "/usage", list_usage),
+    ("GET", "/usage/totals", get_usage_totals),
+    ("GET", "/statements/{month}", get_statement),
+)
+"""(method, path under /admin/v1, handler): the authenticated endpoints."""
+
+
+def _errors_as_json(call: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await call(request)
+        except GatewayError as exc:
+            return exc.response()
+        except NotFound as exc:
+            return GatewayError(404, str(exc), code="not_found").response()
+        except LastOwnerError as exc:
+            return GatewayError(409, f"{exc}.", code="last_owner").response()
+        except Conflict as exc:
+            return GatewayError(409, f"Conflict: {exc}.", code="conflict").response()
+        except StoreError as exc:
+            log.error("admin API: the store failed: %s", type(exc).__name__)
+            return GatewayError(503, "The account database is unavailable; retry shortly.",
+                                code="store_unavailable").response()
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("admin API: unexpected error on %s %s", request.method, request.path)
+            return GatewayError(500, "The admin API failed to handle the request.",
+                                code="internal_error").response()
+
+    handle.__name__ = getattr(call, "__name__", "admin")
+    return handle
+
+
+def _authenticated(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = await handler(request, await authenticate(request))
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    handle.__name__ = f"admin_{handler.__name__}"
+    return _errors_as_json(handle)
+
+
+def _method_not_allowed(allowed: list[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    allow = ", ".join(allowed)
+
+    async def handle(request: web.Request) -> web.Response:
+        return GatewayError(405, f"{request.method} is not supported on {request.path}; use {allow}.",
+                            code="method_not_allowed", headers={"Allow": allow}).response()
+
+    return handle
+
+
+async def _unknown(request: web.Request) -> web.Response:
+    return GatewayError(404, f"Unknown admin API path {request.path!r}; see {PREFIX}/openapi.json.",
+                        code="unknown_url").response()
+
+
+def add_routes(app: web.Application) -> None:
+    by_path: dict[str, list[tuple[str, Handler]]] = {}
+    for method, path, handler in ROUTES:
+        by_path.setdefault(path, []).append((method, handler))
+    for path, handlers in by_path.items():
+        resource = app.router.add_resource(PREFIX + path)
+        for method, handler in handlers:
+            resource.add_route(method, _authenticated(handler))
+        resource.add_route("*", _method_not_allowed([m for m, _ in handlers]))
+    spec = app.router.add_resource(PREFIX + "/openapi.json")
+    spec.add_route("GET", _errors_as_json(openapi))
+    spec.add_route("*", _method_not_allowed(["GET"]))
+    app.router.add_route("*", PREFIX + "/{tail:.*}", _unknown)

@@ -1,0 +1,488 @@
+"""The OpenAPI 3.1 document of the admin API (``GET /admin/v1/openapi.json``).
+
+Kept as Python next to the handlers in ``api.py`` and ``privacy.py`` so it ships without
+package-data; tests/test_admin_api.py fails when a route and this document
+disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+from nexgate_proxy import __version__
+
+from .privacy_openapi import OPENAPI_PATHS, OPENAPI_SCHEMAS
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_TIMESTAMP = {"type": "string", "format": "date-time", "description": "ISO-8601, UTC (`Z`)."}
+_NULLABLE_TIMESTAMP = {"type": ["string", "null"], "format": "date-time", "description": "ISO-8601, UTC (`Z`)."}
+_ROLE = {"type": "string", "enum": ["owner", "admin", "member"]}
+_USD = {"type": "string", "pattern": r"^-?\d+(\.\d{1,12})?$",
+        "description": "Exact decimal US dollars (never a float), e.g. `12.5` or `-0.0000275`."}
+_NULLABLE_USD = {**_USD, "type": ["string", "null"]}
+_PICO = {"type": "integer", "description": "The same amount in integer pico-USD (1e-12 USD)."}
+_NULLABLE_PICO = {**_PICO, "type": ["integer", "null"]}
+_ACCOUNT_TYPE = {"type": "string", "enum": ["user", "organization"]}
+_LIMIT_VALUE = {"type": "integer", "minimum": 0, "maximum": 2**53 - 1}
+_ORG_LIMITS = {
+    "type": ["object", "null"],
+    "properties": {
+        "rpm": {**_LIMIT_VALUE, "description": "Requests per minute of all the organization's keys; 0: none."},
+        "tpm": {**_LIMIT_VALUE, "description": "Tokens per minute of all the organization's keys; 0: none."},
+        "concurrent": {**_LIMIT_VALUE, "description": "Requests in flight at once; 0: none."},
+    },
+    "additionalProperties": False,
+    "description": "The operator's overrides of the organization's rate limits, per name over "
+                   "`limits.orgs.<org_id>` and then `limits.org` of the YAML config; null: none.",
+}
+
+
+def _money(name: str, nullable: bool = False) -> dict[str, Any]:
+    return {f"{name}_usd": _NULLABLE_USD if nullable else _USD, f"{name}_pico": _NULLABLE_PICO if nullable else _PICO}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _list_of(name: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref(name)},
+            "has_more": {"type": "boolean"},
+        },
+    }
+
+
+def _object(required: list[str], properties: dict[str, Any], description: str | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "required": required, "properties": properties,
+                              "additionalProperties": False}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": _object(["error"], {
+        "error": _object(["message", "type", "param", "code"], {
+            "message": {"type": "string"},
+            "type": {"type": "string", "description": "OpenAI error type, e.g. `invalid_request_error`."},
+            "param": {**_NULLABLE_STRING, "description": "The request field or parameter at fault."},
+            "code": {**_NULLABLE_STRING, "description": "Machine-readable reason, e.g. `invalid_token`."},
+        }),
+    }, "The OpenAI error shape, used for every error."),
+    "User": _object(["object", "id", "external_id", "email", "name", "created_at", "deleted_at"], {
+        "object": {"const": "user"},
+        "id": {"type": "string", "examples": ["usr_3k2j4h5g6f7d8s9a0q1w2e3r4t"]},
+        "external_id": {**_NULLABLE_STRING, "description": "The identity provider's user id (Clerk `sub`)."},
+        "email": _NULLABLE_STRING,
+        "name": _NULLABLE_STRING,
+        "created_at": _TIMESTAMP,
+        "deleted_at": _NULLABLE_TIMESTAMP,
+    }),
+    "Organization": _object(["object", "id", "name", "created_at", "role"], {
+        "object": {"const": "organization"},
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "created_at": _TIMESTAMP,
+        "role": {"oneOf": [_ROLE, {"type": "null"}],
+                 "description": "The caller's role in it; null for the superadmin."},
+        "limits": {**_ORG_LIMITS, "description": "Present for the superadmin only. " + _ORG_LIMITS["description"]},
+    }),
+    "Member": _object(["object", "org_id", "user_id", "role", "email", "name", "created_at"], {
+        "object": {"const": "organization.member"},
+        "org_id": {"type": "string"},
+        "user_id": {"type": "string"},
+        "role": _ROLE,
+        "email": _NULLABLE_STRING,
+        "name": _NULLABLE_STRING,
+        "created_at": _TIMESTAMP,
+    }),
+    "MemberDeleted": _object(["object", "org_id", "user_id", "deleted", "revoked_key_ids"], {
+        "object": {"const": "organization.member.deleted"},
+        "org_id": {"type": "string"},
+        "user_id": {"type": "string"},
+        "deleted": {"const": True},
+        "revoked_key_ids": {"type": "array", "items": {"type": "string"},
+                            "description": "Organization keys the member had created, now revoked."},
+    }),
+    "ApiKey": _object(
+        ["object", "id", "name", "prefix", "user_id", "org_id", "created_by", "created_at", "last_used_at",
+         "expires_at", "revoked_at", "allowed_models", "limits"], {
+            "object": {"const": "api_key"},
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "prefix": {"type": "string", "description": "Non-secret start of the key, safe to display."},
+            "user_id": {**_NULLABLE_STRING, "description": "Set for a personal key."},
+            "org_id": {**_NULLABLE_STRING, "description": "Set for an organization key."},
+            "created_by": _NULLABLE_STRING,
+            "created_at": _TIMESTAMP,
+            "last_used_at": {**_NULLABLE_TIMESTAMP, "description": "Recorded in batches: may lag by a minute."},
+            "expires_at": _NULLABLE_TIMESTAMP,
+            "revoked_at": _NULLABLE_TIMESTAMP,
+            "allowed_models": {"type": ["array", "null"], "items": {"type": "string"},
+                               "description": "null: every model."},
+            "limits": {"type": ["object", "null"]},
+        }, "Key metadata. Neither the key nor its hash is ever returned, except `key` on creation."),
+    "CreatedApiKey": {
+        "allOf": [
+            {**_ref("ApiKey")},
+            {"type": "object", "required": ["key"], "properties": {
+                "key": {"type": "string", "description": "The plaintext key. Shown this once: store it now."}}},
+        ],
+    },
+    "Caller": _object(["object", "superadmin", "user", "orgs", "clerk"], {
+        "object": {"const": "caller"},
+        "superadmin": {"type": "boolean", "description": "True for the bootstrap admin token."},
+        "user": {"oneOf": [_ref("User"), {"type": "null"}]},
+        "orgs": {"type": "array", "items": _ref("Organization")},
+        "clerk": {"oneOf": [{"type": "null"}, _object(
+            ["user_id", "session_id", "org_id", "org_role", "org_slug"], {
+                "user_id": {"type": "string"}, "session_id": _NULLABLE_STRING, "org_id": _NULLABLE_STRING,
+                "org_role": _NULLABLE_STRING, "org_slug": _NULLABLE_STRING,
+            }, "The session token's claims (v1 `org_*` or v2 `o`); informational, they grant nothing.")]},
+    }),
+    "Balance": _object(["object", "account_id", "account_type", "currency", "balance_usd", "balance_pico"], {
+        "object": {"const": "balance"},
+        "account_id": {"type": "string"},
+        "account_type": _ACCOUNT_TYPE,
+        "currency": {"const": "usd"},
+        **_money("balance"),
+    }, "The account's prepaid balance: the sum of its ledger."),
+    "Transaction": _object(
+        ["object", "id", "account_id", "kind", "amount_usd", "amount_pico", "source", "external_id", "request_id",
+         "description", "created_at"], {
+            "object": {"const": "transaction"},
+            "id": {"type": "integer"},
+            "account_id": {"type": "string"},
+            "kind": {"type": "string", "enum": ["payment", "debit", "refund", "dispute", "grant", "adjustment"]},
+            **_money("amount"),
+            "source": {"type": "string", "description": "`request` for usage debits, `dodopayments`, `admin`..."},
+            "external_id": {"type": "string", "description": "The source's id: applied at most once."},
+            "request_id": _NULLABLE_STRING,
+            "description": _NULLABLE_STRING,
+            "created_at": _TIMESTAMP,
+        }, "A ledger entry, signed: credits positive, debits negative."),
+    "UsageRecord": _object(
+        ["object", "request_id", "ts", "endpoint", "model", "provider", "upstream_model", "account_id", "org_id",
+         "key_id", "key_prefix", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated",
+         "estimated_cost_usd", "estimated_cost_pico", "actual_cost_usd", "actual_cost_pico", "latency_ms", "status",
+         "error_code", "stream", "attempts"], {
+            "object": {"const": "usage_record"},
+            "request_id": {"type": "string"},
+            "ts": {**_TIMESTAMP, "description": "When the request started (UTC)."},
+            "endpoint": {"type": "string"},
+            "model": _NULLABLE_STRING,
+            "provider": _NULLABLE_STRING,
+            "upstream_model": _NULLABLE_STRING,
+            "account_id": _NULLABLE_STRING,
+            "org_id": _NULLABLE_STRING,
+            "key_id": _NULLABLE_STRING,
+            "key_prefix": _NULLABLE_STRING,
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            "cached_tokens": {"type": "integer"},
+            "usage_estimated": {"type": "boolean", "description": "Token counts are NexGate's estimate."},
+            **_money("estimated_cost", nullable=True),
+            **_money("actual_cost", nullable=True),
+            "latency_ms": {"type": "integer"},
+            "status": {"type": "integer"},
+            "error_code": _NULLABLE_STRING,
+            "stream": {"type": "boolean"},
+            "attempts": {"type": "integer"},
+        }, "Metadata of one request: never its content, nor the client IP."),
+    "UsageTotal": _object(
+        ["object", "group_by", "group", "requests", "prompt_tokens", "completion_tokens", "cost_usd", "cost_pico"], {
+            "object": {"const": "usage_total"},
+            "group_by": {"type": "string", "enum": ["day", "model", "key"]},
+            "group": {"type": "string", "description": "`YYYY-MM-DD` (UTC), the model, or the key id; '' if none."},
+            "requests": {"type": "integer"},
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            **_money("cost"),
+        }),
+    "StatementTransaction": _object(
+        ["date", "kind", "source", "description", "amount_usd", "amount_pico", "count", "id", "external_id"], {
+            "date": _TIMESTAMP,
+            "kind": {"type": "string"},
+            "source": {"type": "string"},
+            "description": _NULLABLE_STRING,
+            **_money("amount"),
+            "count": {"type": "integer", "minimum": 1,
+                      "description": "Ledger entries summed: a day's request debits are one line."},
+            "id": {"type": ["integer", "null"], "description": "The ledger entry; null for summed lines."},
+            "external_id": _NULLABLE_STRING,
+        }),
+    "Statement": _object(
+        ["object", "account_id", "account_type", "account_name", "month", "period_start", "period_end", "currency",
+         "opening_balance_usd", "opening_balance_pico", "credits_usd", "credits_pico", "debits_usd", "debits_pico",
+         "closing_balance_usd", "closing_balance_pico", "transactions", "usage_by_model", "generated_at", "final"], {
+            "object": {"const": "statement"},
+            "account_id": {"type": "string"},
+            "account_type": _ACCOUNT_TYPE,
+            "account_name": _NULLABLE_STRING,
+            "month": {"type": "string", "pattern": r"^\d{4}-\d{2}$"},
+            "period_start": _TIMESTAMP,
+            "period_end": {**_TIMESTAMP, "description": "Exclusive: the first instant of the next month."},
+            "currency": {"const": "usd"},
+            **_money("opening_balance"),
+            **_money("credits"),
+            **_money("debits"),
+            **_money("closing_balance"),
+            "transactions": {"type": "array", "items": _ref("StatementTransaction"),
+                             "description": "Oldest first; opening + the sum of their amounts = closing."},
+            "usage_by_model": {"type": "array", "items": _ref("UsageTotal")},
+            "generated_at": _TIMESTAMP,
+            "final": {"type": "boolean", "description": "False while the month is still running."},
+        }, "One UTC month of an account's ledger."),
+    "TransactionList": _list_of("Transaction"),
+    "UsageRecordList": _list_of("UsageRecord"),
+    "UsageTotalList": _list_of("UsageTotal"),
+    "UserList": _list_of("User"),
+    "OrganizationList": _list_of("Organization"),
+    "MemberList": _list_of("Member"),
+    "ApiKeyList": _list_of("ApiKey"),
+    "CreateUser": _object([], {
+        "external_id": {"type": "string", "maxLength": 255},
+        "email": {"type": "string", "maxLength": 320},
+        "name": {"type": "string", "maxLength": 200},
+    }),
+    "CreateOrganization": _object(["name"], {
+        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "owner_user_id": {"type": "string", "description": "Required for the superadmin; a user becomes the owner."},
+    }),
+    "AddMember": _object(["user_id"], {
+        "user_id": {"type": "string"},
+        "role": {**_ROLE, "default": "member"},
+    }),
+    "UpdateMember": _object(["role"], {"role": _ROLE}),
+    "UpdateOrganization": _object(["limits"], {"limits": _ORG_LIMITS}),
+    "CreateApiKey": _object(["name"], {
+        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "org_id": {"type": "string", "description": "Create an organization key (caller: its admin or owner)."},
+        "user_id": {"type": "string", "description": "Superadmin only: the user whose personal key this is."},
+        "expires_at": {"type": "string", "format": "date-time",
+                       "description": "ISO-8601 with a timezone, in the future."},
+        "allowed_models": {"type": "array", "minItems": 1, "maxItems": 256, "items": {"type": "string"},
+                           "description": "Model aliases the key may use; omit for every model."},
+        "limits": {"type": "object", "maxProperties": 32,
+                   "additionalProperties": {"oneOf": [{"type": "number", "minimum": 0},
+                                                      {"type": "string", "maxLength": 64}]},
+                   "description": "Limit overrides read by the limits plugin."},
+    }),
+}
+
+_ERRORS = {
+    "BadRequest": "Invalid JSON, unknown field, wrong type or value; `param` names the field.",
+    "Unauthorized": "No token, or the token is invalid or expired (code `invalid_token`).",
+    "Forbidden": "The caller may not do this.",
+    "NotFound": "Unknown id, or one the caller may not see.",
+    "Conflict": "The change conflicts with existing data (duplicate, last owner).",
+}
+_STATUS = {"BadRequest": "400", "Unauthorized": "401", "Forbidden": "403", "NotFound": "404", "Conflict": "409"}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _op(operation_id: str, summary: str, ok: tuple[str, str, str], *errors: str,
+        body: str | None = None, parameters: list[dict[str, Any]] | None = None,
+        description: str | None = None, tag: str | None = None) -> dict[str, Any]:
+    status, schema, what = ok
+    responses: dict[str, Any] = {status: _json(schema, what)}
+    for name in ("BadRequest", "Unauthorized", *errors):
+        responses[_STATUS[name]] = {"$ref": f"#/components/responses/{name}"}
+    op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": [tag or operation_id.split("_")[-1]],
+                          "responses": responses}
+    if description:
+        op["description"] = description
+    if parameters:
+        op["parameters"] = parameters
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return op
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_PAGE = [
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Page size."),
+    _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Rows to skip."),
+]
+_INCLUDE_REVOKED = _query("include_revoked", {"type": "boolean", "default": False}, "Also list revoked keys.")
+_ACCOUNT = _query("account", {"type": "string"},
+                  "A user or organization id. Default: the caller's own account (the superadmin must give one).")
+_PERIOD = [
+    _query("since", {"type": "string", "format": "date-time"},
+           "Inclusive. ISO-8601 with a timezone (`2025-01-01T00:00:00Z`), or a date (UTC midnight)."),
+    _query("until", {"type": "string", "format": "date-time"}, "Exclusive; same format as `since`."),
+]
+_USAGE_FILTERS = [
+    _query("model", {"type": "string"}, "Only this model alias."),
+    _query("key_id", {"type": "string"}, "Only requests made with this API key."),
+]
+_MONEY_ACCESS = ("Your own account; an organization's for its admins and owners (403 for members); any for the "
+                 "superadmin. Other users' personal accounts answer 404.")
+
+
+def _statement_op() -> dict[str, Any]:
+    op = _op("get_statements", "A monthly statement, as JSON or a printable HTML page",
+             ("200", "Statement", "The statement."), "Forbidden", "NotFound",
+             parameters=[{"name": "month", "in": "path", "required": True,
+                          "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"},
+                          "description": "The UTC calendar month, `YYYY-MM`."},
+                         _ACCOUNT,
+                         _query("format", {"type": "string", "enum": ["json", "html"]},
+                                "Default: html when the Accept header asks for text/html, else json.")],
+             description="Opening balance, every transaction of the month (a day's request debits summed into "
+                         "one line), closing balance, and usage totals by model. " + _MONEY_ACCESS)
+    op["responses"]["200"]["content"]["text/html"] = {"schema": {"type": "string"}}
+    return op
+
+
+_PATHS: dict[str, Any] = {
+    "/admin/v1/openapi.json": {"get": {
+        "operationId": "get_openapi", "summary": "This document", "tags": ["meta"], "security": [],
+        "responses": {"200": {"description": "The OpenAPI document.",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }},
+    "/admin/v1/me": {"get": _op("get_me", "Who is calling: user profile and organizations, or the superadmin",
+                                ("200", "Caller", "The caller."))},
+    "/admin/v1/users": {
+        "post": _op("create_users", "Create a user (superadmin)", ("201", "User", "The new user."),
+                    "Forbidden", "Conflict", body="CreateUser"),
+        "get": _op("list_users", "List users (superadmin)", ("200", "UserList", "Users, oldest first."),
+                   "Forbidden", parameters=[*_PAGE, _query("include_deleted", {"type": "boolean", "default": False},
+                                                          "Also list soft-deleted users.")]),
+    },
+    "/admin/v1/users/{user_id}": {
+        "get": _op("get_users", "A user (the user themself or the superadmin)", ("200", "User", "The user."),
+                   "NotFound", parameters=[_path("user_id")]),
+    },
+    "/admin/v1/orgs": {
+        "post": _op("create_orgs", "Create an organization", ("201", "Organization", "The new organization."),
+                    "Forbidden", "NotFound", body="CreateOrganization",
+                    description="A user becomes its owner; the superadmin must name the owner."),
+        "get": _op("list_orgs", "The caller's organizations (superadmin: all)",
+                   ("200", "OrganizationList", "Organizations with the caller's role."), parameters=_PAGE),
+    },
+    "/admin/v1/orgs/{org_id}": {
+        "get": _op("get_orgs", "An organization (its members)", ("200", "Organization", "The organization."),
+                   "NotFound", parameters=[_path("org_id")]),
+        "patch": _op("update_orgs", "Set or remove an organization's rate-limit overrides (superadmin)",
+                     ("200", "Organization", "The organization, with its limits."), "Forbidden", "NotFound",
+                     body="UpdateOrganization", parameters=[_path("org_id")],
+                     description="Replaces the overrides as a whole; `null` or `{}` removes them. Unknown names "
+                                 "are refused with 400. Takes effect at once on every gateway sharing the state "
+                                 "store. Members get 403, outsiders 404."),
+    },
+    "/admin/v1/orgs/{org_id}/members": {
+        "get": _op("list_members", "Members (admins and owners)", ("200", "MemberList", "The members."),
+                   "Forbidden", "NotFound", parameters=[_path("org_id")]),
+        "post": _op("add_members", "Add a member (owners)", ("201", "Member", "The membership."),
+                    "Forbidden", "NotFound", "Conflict", body="AddMember", parameters=[_path("org_id")]),
+    },
+    "/admin/v1/orgs/{org_id}/members/{user_id}": {
+        "patch": _op("update_members", "Change a member's role (owners)", ("200", "Member", "The membership."),
+                     "Forbidden", "NotFound", "Conflict", body="UpdateMember",
+                     parameters=[_path("org_id"), _path("user_id")],
+                     description="Demoting the last owner is refused with 409."),
+        "delete": _op("remove_members", "Remove a member (owners; a member may leave)",
+                      ("200", "MemberDeleted", "Removed; the organization keys the member created are revoked."),
+                      "Forbidden", "NotFound", "Conflict", parameters=[_path("org_id"), _path("user_id")],
+                      description="Removing the last owner is refused with 409. The personal account stays."),
+    },
+    "/admin/v1/orgs/{org_id}/keys": {
+        "get": _op("list_org_keys", "The organization's keys (admins and owners)",
+                   ("200", "ApiKeyList", "Key metadata."), "Forbidden", "NotFound",
+                   parameters=[_path("org_id"), _INCLUDE_REVOKED]),
+    },
+    "/admin/v1/keys": {
+        "post": _op("create_keys", "Create an API key", ("201", "CreatedApiKey", "The key, with its plaintext once."),
+                    "Forbidden", "NotFound", body="CreateApiKey",
+                    description="A personal key of the caller, or an organization key with `org_id`."),
+        "get": _op("list_keys", "The caller's personal keys", ("200", "ApiKeyList", "Key metadata."),
+                   "NotFound", parameters=[
+                       _query("user_id", {"type": "string"},
+                              "Whose keys: the caller's own (default); any user's for the superadmin."),
+                       _INCLUDE_REVOKED]),
+    },
+    "/admin/v1/balance": {
+        "get": _op("get_balance", "An account's balance", ("200", "Balance", "The balance."), "Forbidden", "NotFound",
+                   parameters=[_ACCOUNT], description=_MONEY_ACCESS),
+    },
+    "/admin/v1/transactions": {
+        "get": _op("list_transactions", "An account's ledger, newest first",
+                   ("200", "TransactionList", "Ledger entries."), "Forbidden", "NotFound",
+                   parameters=[_ACCOUNT, *_PERIOD, *_PAGE], description=_MONEY_ACCESS),
+    },
+    "/admin/v1/usage": {
+        "get": _op("list_usage", "An account's usage records, newest first",
+                   ("200", "UsageRecordList", "Usage records (metadata only)."), "Forbidden", "NotFound",
+                   parameters=[_ACCOUNT, *_PERIOD, *_USAGE_FILTERS, *_PAGE], description=_MONEY_ACCESS),
+    },
+    "/admin/v1/usage/totals": {
+        "get": _op("get_usage_totals", "An account's usage totals per day, model or key",
+                   ("200", "UsageTotalList", "Totals, ordered by group."), "Forbidden", "NotFound",
+                   parameters=[_ACCOUNT, *_PERIOD, *_USAGE_FILTERS,
+                               _query("group_by", {"type": "string", "enum": ["day", "model", "key"], "default": "day"},
+                                      "What to total by: UTC day, model alias, or API key.")],
+                   description=_MONEY_ACCESS, tag="usage"),
+    },
+    "/admin/v1/statements/{month}": {
+        "get": _statement_op(),
+    },
+    "/admin/v1/keys/{key_id}": {
+        "get": _op("get_keys", "An API key's metadata", ("200", "ApiKey", "Key metadata."), "Forbidden", "NotFound",
+                   parameters=[_path("key_id")]),
+        "delete": _op("revoke_keys", "Revoke an API key", ("200", "ApiKey", "The revoked key."),
+                      "Forbidden", "NotFound", parameters=[_path("key_id")],
+                      description="Takes effect at once on every gateway sharing the state store. "
+                                  "Personal keys: their owner; organization keys: its admins and owners."),
+    },
+}
+
+
+@cache
+def _document() -> dict[str, Any]:
+    paths = copy.deepcopy(_PATHS)
+    for path, operations in OPENAPI_PATHS.items():
+        paths.setdefault(path, {}).update(operations)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "NexGate admin API",
+            "version": __version__,
+            "description": "Users, organizations, members, API keys, balances, usage and statements of a NexGate "
+                           "gateway. Authenticate with "
+                           "the bootstrap admin token or a Clerk session token as a bearer token.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "The admin token (its SHA-256 is `auth.admin_token_sha256`) or a Clerk session JWT.",
+            }},
+            "schemas": {**_SCHEMAS, **OPENAPI_SCHEMAS},
+            "responses": {name: _json("Error", text) for name, text in _ERRORS.items()},
+        },
+    }
+
+
+def build_openapi() -> dict[str, Any]:
+    """A fresh copy of the document (callers may modify it)."""
+    return copy.deepcopy(_document())

@@ -1,0 +1,322 @@
+"""Account deletion and data export: the admin API's privacy endpoints, shared with the CLI.
+
+* ``DELETE /admin/v1/users/{user_id}`` (``nexgate users delete ID --yes``):
+  the user themself (Clerk session) or the superadmin. In one transaction
+  (``Store.anonymize_user``): the user's personal keys and the organization
+  keys they created are revoked (and announced on the bus, so every gateway
+  refuses them at once); their memberships end; email, name and external_id
+  become NULL and ``deleted_at`` is set, the row staying as an anonymous id;
+  the client IPs of their usage records are cleared. Usage records, ledger
+  entries and the balance stay under that anonymous id. Refused with 409
+  ``last_owner`` (nothing changed) while they are the last owner of an
+  organization. **Idempotent**: deleting an already deleted account answers
+  200 again with ``already_deleted: true`` and changes nothing. (A Clerk user
+  who signs in again after deleting their account gets a new, empty account:
+  nothing links them to the old id any more, so their old id answers 404 to
+  them.)
+* ``GET /admin/v1/users/{user_id}/export?format=json|csv``
+  (``nexgate users export ID --format json|csv --output FILE``): the user's
+  profile, balance, personal keys (metadata only), memberships, every usage
+  record of their personal account and every ledger entry, oldest first.
+  ``json``: one document (:func:`build_export`). ``csv``: a zip with one CSV
+  per section (``user.csv``, ``balance.csv``, ``api_keys.csv``,
+  ``memberships.csv``, ``usage.csv``, ``ledger.csv``), UTF-8, a header row
+  each, the JSON's columns in the same order; empty cell = null, booleans
+  ``true``/``false``, lists and objects as JSON, amounts in integer pico-USD;
+  free-text cells starting with ``= + - @`` get a leading ``'`` so spreadsheets
+  do not run them as formulas.
+
+Anyone else's account answers 404 (as in the rest of the admin API, ids are not
+probed): organization owners and admins included, who see their
+organization's keys and members but never a member's personal data.
+
+``OPENAPI_PATHS`` and ``OPENAPI_SCHEMAS`` describe these endpoints for the
+admin API's OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import zipfile
+from dataclasses import fields
+from datetime import UTC, datetime
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from nexgate_proxy import GatewayError
+from nexgate_proxy.accounts import API_KEY_EVENT
+from nexgate_proxy.appkeys import BUS, STORE
+from nexgate_proxy.state.bus import InvalidationBus
+from nexgate_proxy.money import format_usd
+from nexgate_proxy.store import AnonymizedUser, LastOwnerError, LedgerEntry, NotFound, Store, StoreError, UsageRecord
+from .privacy_openapi import EXPORT_VERSION
+from .api import ADMIN, Caller, authenticate, iso, key_json, user_json
+
+log = logging.getLogger("nexgate.privacy")
+
+PREFIX = "/admin/v1"
+PAGE_SIZE = 1000
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# ------------------------------------------------------------------ deletion
+
+
+async def delete_account(store: Store, bus: InvalidationBus | None, user_id: str) -> AnonymizedUser:
+    """Anonymize the account in one transaction, then tell every gateway its keys are revoked.
+
+    Raises NotFound for an unknown user and LastOwnerError (nothing changed) for the last owner of an org.
+    """
+    result = await store.anonymize_user(user_id)
+    if bus is not None:
+        # Every key, also those revoked before: an instance may have missed the first message.
+        for key_id in result.key_ids:
+            await bus.publish(API_KEY_EVENT, key_id)
+    if not result.already_deleted:
+        log.info("account %s deleted: %d keys revoked, %d organizations left, %d usage records' IPs cleared",
+                 user_id, len(result.revoked_key_ids), len(result.left_org_ids), result.cleared_ips)
+    return result
+
+
+def deletion_json(result: AnonymizedUser) -> dict[str, Any]:
+    return {
+        "object": "user.deleted", "id": result.user.id, "deleted": True,
+        "deleted_at": iso(result.user.deleted_at), "already_deleted": result.already_deleted,
+        "revoked_key_ids": list(result.revoked_key_ids), "left_org_ids": list(result.left_org_ids),
+        "cleared_ip_records": result.cleared_ips,
+    }
+
+
+# -------------------------------------------------------------------- export
+
+USER_COLUMNS = ("id", "external_id", "email", "name", "created_at", "deleted_at")
+BALANCE_COLUMNS = ("account_id", "balance_pico", "balance_usd")
+KEY_COLUMNS = ("id", "name", "prefix", "user_id", "org_id", "created_by", "created_at", "last_used_at",
+               "expires_at", "revoked_at", "allowed_models", "limits")
+MEMBERSHIP_COLUMNS = ("org_id", "org_name", "role", "created_at")
+USAGE_COLUMNS = UsageRecord._fields
+LEDGER_COLUMNS = tuple(f.name for f in fields(LedgerEntry))
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("user", USER_COLUMNS), ("balance", BALANCE_COLUMNS), ("api_keys", KEY_COLUMNS),
+    ("memberships", MEMBERSHIP_COLUMNS), ("usage", USAGE_COLUMNS), ("ledger", LEDGER_COLUMNS),
+)
+"""(section, columns): the JSON document's sections and each CSV file's header, in order."""
+TEXT_COLUMNS = frozenset({"external_id", "email", "name", "org_name", "description"})
+"""Free text someone typed: escaped in CSV when a spreadsheet would read it as a formula."""
+
+
+def usage_json(row: UsageRecord) -> dict[str, Any]:
+    data = {name: getattr(row, name) for name in USAGE_COLUMNS}
+    data["ts"] = iso(row.ts)
+    return data
+
+
+def ledger_json(entry: LedgerEntry) -> dict[str, Any]:
+    data = {name: getattr(entry, name) for name in LEDGER_COLUMNS}
+    data["created_at"] = iso(entry.created_at)
+    return data
+
+
+async def _all_usage(store: Store, account_id: str, until: datetime) -> list[UsageRecord]:
+    rows: dict[str, UsageRecord] = {}
+    offset = 0
+    while True:
+        page = await store.list_usage(account_id=account_id, until=until, limit=PAGE_SIZE, offset=offset)
+        for row in page:
+            rows.setdefault(row.request_id, row)  # a row inserted meanwhile shifts pages: never twice
+        if len(page) < PAGE_SIZE:
+            break
+        offset += PAGE_SIZE
+    return sorted(rows.values(), key=lambda r: (r.ts, r.request_id))
+
+
+async def _all_ledger(store: Store, account_id: str, until: datetime) -> list[LedgerEntry]:
+    entries: dict[int, LedgerEntry] = {}
+    offset = 0
+    while True:
+        page = await store.list_ledger(account_id, until=until, limit=PAGE_SIZE, offset=offset)
+        for entry in page:
+            entries.setdefault(entry.id, entry)
+        if len(page) < PAGE_SIZE:
+            break
+        offset += PAGE_SIZE
+    return [entries[i] for i in sorted(entries)]
+
+
+async def build_export(store: Store, user_id: str, now: datetime | None = None) -> dict[str, Any]:
+    """Everything the store holds about the user's personal account, as one JSON-ready document.
+
+    Usage records and ledger entries are those before ``now`` (the moment of the export), oldest first.
+    """
+    user = await store.get_user(user_id)
+    if user is None:
+        raise NotFound(f"user {user_id} does not exist")
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    keys = await store.list_api_keys(user_id=user_id, include_revoked=True)
+    memberships = []
+    for org, role in await store.list_orgs_for_user(user_id):
+        joined = next((m.created_at for m in await store.list_members(org.id) if m.user_id == user_id), None)
+        memberships.append({"org_id": org.id, "org_name": org.name, "role": role, "created_at": iso(joined)})
+    balance = await store.get_balance(user_id)
+    usage = await _all_usage(store, user_id, moment)
+    ledger = await _all_ledger(store, user_id, moment)
+    profile = user_json(user)
+    return {
+        "object": "user.export",
+        "version": EXPORT_VERSION,
+        "exported_at": iso(moment),
+        "user": profile,
+        "balance": {"account_id": user_id, "balance_pico": balance, "balance_usd": format_usd(balance)},
+        "api_keys": [key_json(k) for k in keys],
+        "memberships": memberships,
+        "usage": [usage_json(r) for r in usage],
+        "ledger": [ledger_json(e) for e in ledger],
+    }
+
+
+def export_json_bytes(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    text = str(value)
+    if column in TEXT_COLUMNS and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        text = "'" + text
+    return text
+
+
+def section_rows(document: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    value = document[section]
+    return [value] if isinstance(value, dict) else list(value)
+
+
+def export_csv_zip(document: dict[str, Any]) -> bytes:
+    """The document as a zip of one CSV per section."""
+    exported = datetime.fromisoformat(document["exported_at"].replace("Z", "+00:00"))
+    stamp = exported.timetuple()[:6]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for section, columns in SECTIONS:
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\r\n")
+            writer.writerow(columns)
+            for item in section_rows(document, section):
+                writer.writerow([_cell(column, item.get(column)) for column in columns])
+            info = zipfile.ZipInfo(f"{section}.csv", date_time=stamp)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o600 << 16
+            archive.writestr(info, text.getvalue().encode("utf-8"))
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ handlers
+
+Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+
+
+def _not_found(what: str = "user") -> GatewayError:
+    return GatewayError(404, f"No such {what}.", code="not_found")
+
+
+def _bad(param: str, message: str) -> GatewayError:
+    return GatewayError(400, message, code="invalid_request", param=param)
+
+
+def _check_query(request: web.Request, known: tuple[str, ...]) -> None:
+    for name in request.query:
+        if name not in known:
+            raise _bad(name, f"Unknown query parameter '{name}' (known: {', '.join(known) or 'none'}).")
+
+
+async def _own_account(request: web.Request, caller: Caller) -> str:
+    """The path's user id if the caller is that user or the superadmin; 404 for anyone else's (not 403)."""
+    user_id = request.match_info["user_id"]
+    if _ID.fullmatch(user_id) is None:
+        raise _not_found()
+    if not caller.superadmin and (caller.user is None or caller.user.id != user_id):
+        raise _not_found()
+    if await request.app[STORE].get_user(user_id) is None:
+        raise _not_found()
+    return user_id
+
+
+async def delete_user(request: web.Request, caller: Caller) -> web.Response:
+    _check_query(request, ())
+    user_id = await _own_account(request, caller)
+    result = await delete_account(request.app[STORE], request.app[BUS], user_id)
+    return web.json_response(deletion_json(result))
+
+
+async def export_user(request: web.Request, caller: Caller) -> web.Response:
+    _check_query(request, ("format",))
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise _bad("format", "'format' must be json or csv.")
+    user_id = await _own_account(request, caller)
+    document = await build_export(request.app[STORE], user_id)
+    if fmt == "json":
+        return web.Response(body=export_json_bytes(document), content_type="application/json", headers={
+            "Content-Disposition": f'attachment; filename="nexgate-export-{user_id}.json"'})
+    return web.Response(body=export_csv_zip(document), content_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="nexgate-export-{user_id}.zip"'})
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("DELETE", "/users/{user_id}", delete_user),
+    ("GET", "/users/{user_id}/export", export_user),
+)
+"""(method, path under /admin/v1, handler)."""
+
+
+def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            if ADMIN not in request.app:
+                raise GatewayError(404, f"Unknown admin API path {request.path!r}.", code="unknown_url")
+            response = await handler(request, await authenticate(request))
+        except GatewayError as exc:
+            return exc.response()
+        except NotFound:
+            return _not_found().response()
+        except LastOwnerError as exc:
+            return GatewayError(409, f"{exc}.", code="last_owner").response()
+        except StoreError as exc:
+            log.error("privacy API: the store failed: %s", type(exc).__name__)
+            return GatewayError(503, "The account database is unavailable; retry shortly.",
+                                code="store_unavailable").response()
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("privacy API: unexpected error on %s %s", request.method, request.path)
+            return GatewayError(500, "The admin API failed to handle the request.", code="internal_error").response()
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    handle.__name__ = f"admin_{handler.__name__}"
+    return handle
+
+
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    return GatewayError(405, f"{request.method} is not supported on {request.path}; use GET.",
+                        code="method_not_allowed", headers={"Allow": "GET"}).response()
+
+
+def add_routes(app: web.Application) -> None:
+    """Before the admin API's own routes: its /users/{user_id} resource answers 405 to every other method."""
+    for method, path, handler in ROUTES:
+        resource = app.router.add_resource(PREFIX + path)
+        resource.add_route(method, _endpoint(handler))
+        if path.endswith("/export"):
+            resource.add_route("*", _method_not_allowed)

@@ -1,0 +1,236 @@
+"""Prepaid credits: hold the worst case before a request, charge the actual cost after it.
+
+reserve: estimate the most the request can cost (prompt estimated from the body,
+output capped by the client's max_tokens or the configured default, at the
+priciest of its targets) and hold it atomically against balance minus open
+holds, shared by every instance through the hot state. Not enough -> 402.
+
+settle: the cost from the upstream's usage (or, for a stream cut short, from the
+input plus what was relayed, marked estimated); release the hold; take the
+cost off the cached balance. The ledger debit is booked with the usage row
+(see usage_log): one row, one debit, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+
+from typing import Any
+
+from aiohttp import web
+
+from nexgate_proxy import GatewayError, RequestContext, hookimpl
+from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.config import Config, ConfigReader, Price
+from .holds import (
+    CreditState,
+    CreditStateUnavailable,
+    nano_ceil,
+    open_credit_state,
+)
+from nexgate_proxy.money import cost_pico, format_usd, price_problem, usd_to_pico
+from nexgate_proxy.store import Store, StoreError
+
+log = logging.getLogger("nexgate.credits")
+COST_HEADER = "x-nexgate-cost-usd"
+
+
+@dataclass(frozen=True, slots=True)
+class CreditSettings:
+    enabled: bool = True
+    overdraft_usd: Decimal = Decimal(0)
+    default_max_output_tokens: int = 4096
+    hold_grace_seconds: float = 60.0
+    """A hold outlives the request's total timeout by this much, then frees itself."""
+
+
+def parse_credit_settings(config: Config, problems: list[str]) -> CreditSettings:
+    r = ConfigReader(problems)
+    p = "credits"
+    s = r.mapping(config.raw.get("credits"), p, ("enabled", "overdraft_usd", "default_max_output_tokens",
+                                                  "hold_grace_seconds"))
+    d = CreditSettings()
+    settings = CreditSettings(
+        enabled=r.value(s, "enabled", p, bool, d.enabled),
+        overdraft_usd=r.value(s, "overdraft_usd", p, Decimal, d.overdraft_usd,
+                              lambda v: None if v >= 0 else "must not be negative"),
+        default_max_output_tokens=r.value(s, "default_max_output_tokens", p, int, d.default_max_output_tokens,
+                                          lambda v: None if v > 0 else "must be greater than 0"),
+        hold_grace_seconds=r.value(s, "hold_grace_seconds", p, float, d.hold_grace_seconds,
+                                   lambda v: None if v >= 0 else "must not be negative"),
+    )
+    if settings.enabled:
+        for alias, route in config.models.items():
+            if route.price is None and any(t.price is None for t in route.targets):
+                problems.append(f"models.{alias}.price: required while credits are enabled "
+                                "(USD per 1M tokens, e.g. {input: 0.15, output: 0.60}), or set free: true")
+            for i, target in enumerate(route.targets):
+                problem = price_problem(target.price) if target.price else None
+                if problem:
+                    problems.append(f"models.{alias}.route[{i}].price.{problem}")
+    return settings
+
+
+class Credits:
+    def __init__(self, settings: CreditSettings) -> None:
+        self.settings = settings
+        self.overdraft_nano = nano_ceil(usd_to_pico(settings.overdraft_usd))
+        self.state: CreditState | None = None
+        self._loading: dict[str, asyncio.Future[int]] = {}
+
+    async def load_balance(self, store: Store, account_id: str) -> int:
+        """The durable balance; concurrent first requests of an account share one query."""
+        pending = self._loading.get(account_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._loading[account_id] = future
+        try:
+            balance = await store.get_balance(account_id)
+            future.set_result(balance)
+            return balance
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else StoreError("cancelled"))
+            future.exception()  # retrieved here; waiters re-raise it
+            raise
+        finally:
+            del self._loading[account_id]
+
+
+CREDITS: web.AppKey[Credits] = web.AppKey("nexgate_plugins.credits", Credits)
+
+
+@dataclass(slots=True)
+class _Hold:
+    account_id: str
+    held_nano: int
+    prompt_estimate: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _worst_price_of(prices: tuple[Price, ...]) -> Price:
+    return Price(input=max(p.input for p in prices), output=max(p.output for p in prices), cached_input=None)
+
+
+def _worst_price(prices: list[Price]) -> Price:
+    """The priciest input and output rates of a request's targets (it may end on any of them)."""
+    return prices[0] if len(prices) == 1 else _worst_price_of(tuple(prices))
+
+
+@hookimpl
+def nexgate_check_config(config: Config) -> list[str]:
+    problems: list[str] = []
+    parse_credit_settings(config, problems)
+    return problems
+
+
+@hookimpl
+def nexgate_register_routes(app: web.Application, config: Config) -> None:
+    app[CREDITS] = Credits(parse_credit_settings(config, []))
+
+
+@hookimpl
+async def nexgate_startup(app: web.Application, config: Config) -> None:
+    credits = app[CREDITS]
+    if credits.settings.enabled:
+        credits.state = open_credit_state(config.state_url)
+
+
+@hookimpl
+async def nexgate_shutdown(app: web.Application) -> None:
+    state = app[CREDITS].state
+    if state is not None:
+        await state.close()
+
+
+@hookimpl
+async def nexgate_reserve(ctx: RequestContext) -> None:
+    credits = ctx.app[CREDITS]
+    identity = ctx.identity
+    if credits.state is None or identity is None or ctx.body is None:
+        return
+    targets = ctx.targets
+    if len(targets) == 1:  # the usual case: no list, no combined price
+        price = targets[0].price
+        if price is None:
+            return
+    else:
+        prices = [t.price for t in targets if t.price is not None]
+        if not prices:
+            return
+        price = _worst_price(prices)
+    prompt = ctx.prompt_estimate()
+    output = 0
+    if ctx.endpoint != "embeddings":
+        route_cap = ctx.route.max_output_tokens if ctx.route else None
+        output = ctx.output_cap() or route_cap or credits.settings.default_max_output_tokens
+    worst = cost_pico(price, prompt, output)
+    ctx.estimated_cost_pico = worst
+    if worst == 0:
+        return
+    account = identity.account_id
+    store = ctx.app[STORE]
+    hold_seconds = (ctx.route.timeouts.total if ctx.route else 900) + credits.settings.hold_grace_seconds
+    try:
+        reservation = await credits.state.reserve(account, ctx.request_id, nano_ceil(worst), credits.overdraft_nano,
+                                                  hold_seconds, lambda: credits.load_balance(store, account))
+    except (CreditStateUnavailable, StoreError):
+        log.error("cannot check the balance of %s: credit state or store unavailable", account)
+        raise GatewayError(503, "The gateway cannot check your balance right now; retry shortly.",
+                           code="credits_unavailable") from None
+    if not reservation.ok:
+        available = max(reservation.available_nano, 0) * 1000
+        raise GatewayError(
+            402, f"Insufficient credits: this request may cost up to ${format_usd(worst)} and your available "
+                 f"balance is ${format_usd(available)}. Add credits, or lower max_tokens.",
+            code="insufficient_credits")
+    ctx.scratch["credits"] = _Hold(account, nano_ceil(worst), prompt)
+
+
+def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> tuple[int, int, int]:
+    """(prompt, completion, cached) tokens to charge; zero when the upstream did no work."""
+    usage = ctx.usage
+    if usage.reported:
+        return usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+    served = ctx.status and ctx.status < 400 or ctx.client_disconnected
+    if not served and not usage.stream_events:
+        return 0, 0, 0  # refused before or by the upstream: no work, no charge
+    # A stream cut short, or an upstream that did not report: input as estimated, output as relayed.
+    prompt = hold.prompt_estimate if hold else (ctx.prompt_estimate() if ctx.body else 0)
+    return prompt, usage.stream_events, 0
+
+
+@hookimpl
+def nexgate_settle(ctx: RequestContext) -> None:
+    credits = ctx.app[CREDITS]
+    hold: _Hold | None = ctx.scratch.get("credits")
+    if credits.state is None or ctx.identity is None:
+        return
+    target = ctx.target
+    price = target.price if target is not None else None
+    cost = 0
+    if price is not None and target is not None:
+        prompt, completion, cached = _billable_usage(ctx, hold)
+        cost = cost_pico(price, prompt, completion, cached)
+        if not ctx.usage.reported:
+            # The usage record shows what was charged; usage_reported=False marks it estimated.
+            ctx.usage.prompt_tokens, ctx.usage.completion_tokens = prompt, completion
+    if price is not None or hold is not None:
+        ctx.actual_cost_pico = cost
+        ctx.response_headers[COST_HEADER] = format_usd(cost)
+    if hold is None and cost == 0:
+        return
+    # In process: on Redis, the hold came from this instance's lease (see credit_redis). The debit
+    # itself is booked through the usage row.
+    credits.state.settle(ctx.identity.account_id, ctx.request_id, nano_ceil(cost))
+
+
+@hookimpl
+def nexgate_cli_commands(subparsers: Any) -> None:
+    from . import cli
+
+    cli.register(subparsers)

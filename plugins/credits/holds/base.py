@@ -1,0 +1,78 @@
+"""Hot credit state shared by gateway instances: cached balances and open holds.
+
+The durable truth is the ledger in the store. Here, per account, live the
+balance as last loaded (minus charges settled since) and the holds of requests
+in flight; a reservation succeeds atomically only if ``balance - holds - amount``
+stays above ``-overdraft``. Holds expire, so a dead instance's holds free
+themselves. Without Redis, a dict does it (here); with Redis, per-instance leases
+on the shared state do (``credit_redis``).
+
+Amounts here are integer nano-USD, rounded up from the ledger's pico-USD: Lua
+numbers are doubles, exact to 2**53, which in nano-USD is about 9 million USD
+per account. Rounding up only ever makes the gateway more careful.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+
+log = logging.getLogger("nexgate.credits")
+
+PICO_PER_NANO = 1000
+KEY_TTL_SECONDS = 24 * 3600
+
+
+def nano_ceil(pico: int) -> int:
+    return -(-pico // PICO_PER_NANO)
+
+
+def nano_floor(pico: int) -> int:
+    return pico // PICO_PER_NANO
+
+
+class CreditStateUnavailable(Exception):
+    """The hot state (Redis) did not answer."""
+
+    def __init__(self, reason: str = "", *, sent: bool = True) -> None:
+        super().__init__(reason)
+        self.sent = sent
+        """False only when the call surely never reached Redis."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    ok: bool
+    available_nano: int
+    """Balance minus holds after this reservation (before it, when refused)."""
+
+
+BalanceLoader = Callable[[], Awaitable[int]]
+"""Returns the account's durable balance in pico-USD."""
+
+
+class CreditState(abc.ABC):
+    @abc.abstractmethod
+    async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
+                      hold_seconds: float, load_balance: BalanceLoader) -> Reservation: ...
+
+    @abc.abstractmethod
+    def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
+        """Release the request's hold and take its actual cost off the cached balance.
+
+        In process, never waiting (the hot path); every later call on this instance sees it done.
+        """
+
+    @abc.abstractmethod
+    async def credit(self, account_id: str, amount_nano: int) -> None:
+        """A payment or grant arrived: raise the cached balance (if one is cached)."""
+
+    @abc.abstractmethod
+    async def available(self, account_id: str) -> int | None:
+        """Cached balance minus open holds, or None when nothing is cached."""
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,87 @@
+"""Credit holds in this process: a dict per account (``memory://``)."""
+
+from __future__ import annotations
+
+import time
+
+from .base import BalanceLoader, CreditState, Reservation, nano_floor
+
+
+class _Account:
+    __slots__ = ("balance", "held", "holds", "next_sweep")
+
+    def __init__(self, balance: int) -> None:
+        self.balance = balance
+        self.held = 0
+        """The sum of ``holds``' amounts, kept as they change: no sum per request."""
+        self.holds: dict[str, tuple[int, float]] = {}
+        self.next_sweep = 0.0
+
+
+class MemoryCreditState(CreditState):
+    """One process: exact and lock-free (the event loop serialises every call).
+
+    A hold here outlives its expiry only when its request never settled (a bug, or a
+    handler cancelled at shutdown), so expired holds are swept now and then and before
+    any refusal, not on every request.
+    """
+
+    SWEEP_INTERVAL = 5.0
+
+    def __init__(self) -> None:
+        self._accounts: dict[str, _Account] = {}
+        self._credits_seen: dict[str, int] = {}
+        """Per account, how many credits arrived: a load that saw a credit race by loads again."""
+
+    async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
+                      hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
+        account = self._accounts.get(account_id)
+        while account is None:
+            version = self._credits_seen.get(account_id, 0)
+            loaded = nano_floor(await load_balance())
+            # A credit booked while we read may or may not be in `loaded`: read again to be sure.
+            if self._credits_seen.get(account_id, 0) == version:
+                account = self._accounts.setdefault(account_id, _Account(loaded))  # another may have loaded it
+            else:
+                account = self._accounts.get(account_id)
+        now = time.monotonic()
+        if now >= account.next_sweep:
+            self._sweep(account, now)
+        available = account.balance - account.held
+        if available - amount_nano < -overdraft_nano and self._sweep(account, now):
+            available = account.balance - account.held
+        if available - amount_nano < -overdraft_nano:
+            return Reservation(False, available)
+        previous = account.holds.get(request_id)
+        if previous is not None:
+            account.held -= previous[0]
+        account.holds[request_id] = (amount_nano, now + hold_seconds)
+        account.held += amount_nano
+        return Reservation(True, available - amount_nano)
+
+    def _sweep(self, account: _Account, now: float) -> bool:
+        """Drop expired holds; True when some were dropped."""
+        account.next_sweep = now + self.SWEEP_INTERVAL
+        expired = [rid for rid, (_, expiry) in account.holds.items() if expiry <= now]
+        for rid in expired:
+            account.held -= account.holds.pop(rid)[0]
+        return bool(expired)
+
+    def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
+        account = self._accounts.get(account_id)
+        if account is None:
+            return
+        hold = account.holds.pop(request_id, None)
+        if hold is not None:
+            account.held -= hold[0]
+        account.balance -= cost_nano
+
+    async def credit(self, account_id: str, amount_nano: int) -> None:
+        self._credits_seen[account_id] = self._credits_seen.get(account_id, 0) + 1
+        account = self._accounts.get(account_id)
+        if account is not None:
+            account.balance += amount_nano
+
+    async def available(self, account_id: str) -> int | None:
+        account = self._accounts.get(account_id)
+        return None if account is None else account.balance - account.held

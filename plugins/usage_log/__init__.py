@@ -1,0 +1,82 @@
+"""The usage log: one metadata row per request, durable before the answer's last byte.
+
+Rows go to a local outbox (``nexgate_proxy.outbox``) synchronously and on to
+the store in batches, where each row also books its request's debit, once.
+Failed authentications are not logged here (they have no account, and a flood
+of them must not become a flood of rows); the rate limiter counts them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from nexgate_proxy import UsageRecord, hookimpl
+from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.config import Config, ConfigReader
+from .outbox import Outbox
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSettings:
+    outbox_dir: str = "./nexgate-outbox"
+    flush_interval: float = 1.0
+    batch_size: int = 500
+
+
+def parse_usage_settings(config: Config, problems: list[str]) -> UsageSettings:
+    r = ConfigReader(problems)
+    s = r.mapping(config.raw.get("usage"), "usage", ("outbox_dir", "flush_interval", "batch_size"))
+    d = UsageSettings()
+    default_dir = d.outbox_dir
+    if config.storage_url.endswith(":memory:"):
+        # Nothing durable to flush into: keep the spool out of the working directory too.
+        default_dir = str(Path(tempfile.gettempdir()) / "nexgate-outbox-memory")
+    return UsageSettings(
+        outbox_dir=r.value(s, "outbox_dir", "usage", str, default_dir),
+        flush_interval=r.value(s, "flush_interval", "usage", float, d.flush_interval,
+                               lambda v: None if 0 < v <= 60 else "must be between 0 and 60 seconds"),
+        batch_size=r.value(s, "batch_size", "usage", int, d.batch_size,
+                           lambda v: None if 1 <= v <= 10_000 else "must be between 1 and 10000"),
+    )
+
+
+SETTINGS: web.AppKey[UsageSettings] = web.AppKey("nexgate_plugins.usage_log.settings", UsageSettings)
+OUTBOX: web.AppKey[Outbox] = web.AppKey("nexgate_plugins.usage_log.outbox", Outbox)
+
+
+@hookimpl
+def nexgate_check_config(config: Config) -> list[str]:
+    problems: list[str] = []
+    parse_usage_settings(config, problems)
+    return problems
+
+
+@hookimpl
+def nexgate_register_routes(app: web.Application, config: Config) -> None:
+    app[SETTINGS] = parse_usage_settings(config, [])
+
+
+@hookimpl
+async def nexgate_startup(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    outbox = Outbox(settings.outbox_dir, app[STORE].record_usage, batch_size=settings.batch_size,
+                    flush_interval=settings.flush_interval)
+    await outbox.start()
+    app[OUTBOX] = outbox
+
+
+@hookimpl
+async def nexgate_shutdown(app: web.Application) -> None:
+    if OUTBOX in app:
+        await app[OUTBOX].stop()
+
+
+@hookimpl
+def nexgate_record(record: UsageRecord, app: web.Application) -> None:
+    if record.status == 401:
+        return
+    app[OUTBOX].append(record)

@@ -1,0 +1,182 @@
+"""The hook chain as a plugin author meets it."""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from nexgate_proxy import GatewayError, Identity, RecordRejected, hookimpl, hookspecs
+from nexgate_proxy.app import build_app
+from nexgate_proxy.config import parse_config
+from nexgate_proxy.plugins import PluginError
+from tests.conftest import RecordingPlugin, gateway_config
+from tests.fakes import FakeUpstream
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def client(gw) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0)
+
+
+async def test_a_request_phase_can_reject_and_final_phases_still_run(upstream: FakeUpstream, start_gateway) -> None:
+    class Bouncer:
+        @hookimpl
+        async def nexgate_admit(self, ctx):
+            if ctx.body.get("user") == "mallory":
+                raise GatewayError(429, "Slow down.", code="rate_limit_requests", headers={"Retry-After": "7"})
+
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[Bouncer(), recorder])
+    with pytest.raises(openai.RateLimitError) as err:
+        await client(gw).chat.completions.create(model="gpt-test", user="mallory",
+                                                 messages=[{"role": "user", "content": "hi"}])
+    assert err.value.response.headers["Retry-After"] == "7"
+    assert err.value.body["code"] == "rate_limit_requests"
+    assert upstream.received == []
+    assert recorder.settled and recorder.records[-1].status == 429
+    assert recorder.records[-1].error_code == "rate_limit_requests"
+
+
+async def test_identity_and_argument_subsets(upstream: FakeUpstream, start_gateway) -> None:
+    calls: list[str] = []
+
+    class Auth:
+        @hookimpl
+        def nexgate_authenticate(self, ctx):  # a plain function works too
+            calls.append(f"auth body={ctx.body}")
+            return Identity(account_id="acct_1", key_prefix="ngk_abc", org_id="org_9")
+
+        @hookimpl
+        def nexgate_reserve(self):  # accepts no argument at all
+            calls.append("reserve")
+
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[Auth(), recorder])
+    await client(gw).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    # authenticate runs before the body is read; reserve after routing.
+    assert calls == ["auth body=None", "reserve"]
+    record = recorder.records[-1]
+    assert (record.account_id, record.key_prefix, record.org_id) == ("acct_1", "ngk_abc", "org_9")
+
+
+async def test_order_follows_tryfirst_and_a_guard_drops_records(upstream: FakeUpstream, start_gateway) -> None:
+    order: list[str] = []
+
+    class Late:
+        @hookimpl(trylast=True)
+        def nexgate_admit(self):
+            order.append("late")
+
+    class Early:
+        @hookimpl(tryfirst=True)
+        def nexgate_admit(self):
+            order.append("early")
+
+    class Guard:
+        @hookimpl
+        def nexgate_guard_record(self, record):
+            raise RecordRejected("no")
+
+    class Broken:
+        @hookimpl
+        def nexgate_record(self, record):
+            raise RuntimeError("sink down")
+
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[Late(), Early(), Guard(), Broken(), recorder])
+    completion = await client(gw).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    assert completion.choices[0].message.content
+    assert order == ["early", "late"]
+    assert recorder.settled and recorder.records == []
+
+
+async def test_a_failing_sink_does_not_break_others(upstream: FakeUpstream, start_gateway) -> None:
+    class Broken:
+        @hookimpl(tryfirst=True)
+        def nexgate_record(self, record):
+            raise RuntimeError("sink down")
+
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[Broken(), recorder])
+    await client(gw).embeddings.create(model="gpt-test", input="x")
+    assert len(recorder.records) == 1
+
+
+def test_misspelt_hooks_and_wrappers_fail_at_startup(upstream: FakeUpstream) -> None:
+    config = parse_config(gateway_config(upstream))
+
+    class Misspelt:
+        @hookimpl
+        def nexgate_admitt(self, ctx):
+            pass
+
+    with pytest.raises(PluginError, match="nexgate_admitt"):
+        build_app(config, extra_plugins=[Misspelt()])
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def nexgate_admit(self, ctx):
+            return (yield)
+
+    with pytest.raises(PluginError, match="wrapper"):
+        build_app(config, extra_plugins=[Wrapper()])
+
+
+async def test_plugins_from_a_directory_and_from_config_modules(tmp_path: Path, upstream: FakeUpstream,
+                                                                start_gateway) -> None:
+    (tmp_path / "tagger.py").write_text(textwrap.dedent("""
+        from nexgate_proxy import hookimpl
+
+        @hookimpl
+        def nexgate_admit(ctx):
+            ctx.response_headers["x-tagged-by"] = "directory-plugin"
+    """))
+    config = gateway_config(upstream, plugins={"directory": str(tmp_path), "modules": ["tests.plugin_module"]})
+    gw = await start_gateway(config)
+    raw = await client(gw).chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    assert raw.headers["x-tagged-by"] == "directory-plugin"
+    assert raw.headers["x-module-plugin"] == "yes"
+
+
+def test_a_builtin_can_be_disabled(upstream: FakeUpstream) -> None:
+    app = build_app(parse_config(gateway_config(upstream, plugins={"disable": ["metrics"]})))
+    assert "/metrics" not in {r.resource.canonical for r in app.router.routes() if r.resource}
+
+
+def _hook_names() -> list[str]:
+    return [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("nexgate_")]
+
+
+@pytest.mark.parametrize("hook", _hook_names())
+def test_every_hook_is_documented(hook: str) -> None:
+    spec = getattr(hookspecs, hook)
+    assert spec.__doc__ and len(spec.__doc__.strip()) > 40, f"{hook} needs a docstring saying when it runs"
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    assert f"### `{hook}`" in docs, f"docs/plugins.md has no section for {hook}"
+
+
+async def test_metrics_count_requests_tokens_and_latency_from_records(start_gateway, upstream: FakeUpstream) -> None:
+    gw = await start_gateway(gateway_config(upstream))
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.api_key, max_retries=0)
+    for _ in range(3):
+        await client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.url + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="gpt-test",status="200"} 3.0' in text
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="-",status="404"} 1.0' in text
+    # The fake upstream reports 11 prompt and 7 completion tokens per answer.
+    assert 'nexgate_tokens_total{kind="prompt",model="gpt-test"} 33.0' in text
+    assert 'nexgate_tokens_total{kind="completion",model="gpt-test"} 21.0' in text
+    assert 'nexgate_request_duration_seconds_count{endpoint="chat.completions"} 4.0' in text
+    assert 'nexgate_request_duration_seconds_bucket{endpoint="chat.completions",le="+Inf"} 4.0' in text
