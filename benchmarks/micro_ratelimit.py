@@ -39,7 +39,8 @@ SCENARIOS: dict[str, dict[str, int]] = {
 
 
 def make_limiter(quota: dict[str, int], state_url: str) -> Any:
-    from nexgate_plugins.ratelimit import LimitSettings, Quota, RateLimiter
+    from nexgate_plugins.ratelimit.limiter import RateLimiter
+    from nexgate_plugins.ratelimit.settings import LimitSettings, Quota
 
     prefix = f"bench:rl:{secrets.token_hex(4)}"
     return RateLimiter(LimitSettings(key=Quota(**quota), redis_prefix=prefix), state_url)

@@ -84,8 +84,8 @@ from nexgate_proxy.store import (
 )
 from nexgate_proxy.store.base import GROUP_BYS
 from .openapi import build_openapi
-from nexgate_plugins.auth import AuthSettings
-from nexgate_plugins.ratelimit import Quota
+from nexgate_plugins.auth.settings import AuthSettings
+from nexgate_plugins.ratelimit.settings import Quota
 
 log = logging.getLogger("nexgate.admin")
 

@@ -26,7 +26,9 @@ from nexgate_proxy.estimate import estimate_prompt_tokens
 from nexgate_proxy.keys import generate_key
 from nexgate_proxy.store import open_store
 from nexgate_plugins.auth import AUTH
-from nexgate_plugins.ratelimit import LIMITER, LimitSettings, Quota, RateLimiter, format_duration
+from nexgate_plugins.ratelimit import LIMITER
+from nexgate_plugins.ratelimit.limiter import RateLimiter, format_duration
+from nexgate_plugins.ratelimit.settings import LimitSettings, Quota
 from tests.conftest import Gateway, StartGateway, gateway_config
 from tests.fakes import FakeUpstream
 from tests.plugins.ratelimit.test_counters import wire_commands

@@ -1,0 +1,293 @@
+"""The verified-key cache and the authenticator that fills it (see the package doc)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+
+from nexgate_proxy import GatewayError, Identity
+from nexgate_proxy.accounts import API_KEY_EVENT, ORG_EVENT
+from nexgate_proxy.background import stop_tasks
+from nexgate_proxy.state.bus import EVICT_ALL
+
+from nexgate_proxy.keys import cache_key, parse_key, verify_secret_async
+from nexgate_proxy.store import ApiKeyRow, Store, StoreError
+
+
+from .settings import AuthSettings
+
+log = logging.getLogger("nexgate.auth")
+
+TOUCH_INTERVAL = 30.0
+"""Seconds between batched writes of keys' last-used times."""
+
+
+@dataclass(slots=True)
+class _Verified:
+    identity: Identity
+    expires_at: float | None
+    """The key's own expiry (epoch seconds), checked on every hit."""
+    fresh_until: float
+    """When this cache entry must be verified again (monotonic)."""
+    secret_hash: str
+    """The stored bcrypt hash the key was verified against: while the row still holds it, checking
+    the row again (revoked? expired? new limits?) needs no new bcrypt."""
+
+
+class KeyCache:
+    """Verified keys by SHA-256 of the full key, and recently refused keys."""
+
+    def __init__(self, ttl: float, negative_ttl: float, max_size: int) -> None:
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.max_size = max_size
+        self._verified: dict[bytes, _Verified] = {}
+        self._digest_by_key_id: dict[str, bytes] = {}
+        self._refused: dict[bytes, float] = {}
+        self._due: dict[bytes, _Verified] = {}
+        """Retired entries, kept until their key is checked again (see verified_hash)."""
+        self.generation = 0
+        """Counts invalidations: a verification that overlapped one must not cache what it read before it."""
+
+    def get(self, digest: bytes, now: float) -> _Verified | None:
+        entry = self._verified.get(digest)
+        if entry is not None and entry.fresh_until <= now:
+            self._retire(digest)
+            return None
+        return entry
+
+    def verified_hash(self, digest: bytes) -> str | None:
+        """The stored hash this exact key (same SHA-256) was verified against before its entry was retired.
+
+        An entry is retired when it falls due (every ``ttl``) or is invalidated (revocation, an org's
+        new limits, a bus reconnect). Checking the key again reads its row (revoked? expired? new
+        limits?) but needs no bcrypt while the row holds that hash: a hot key's requests wait for the
+        check, and a bcrypt there is a quarter-second stall for all of them.
+        """
+        entry = self._due.pop(digest, None)
+        return None if entry is None else entry.secret_hash
+
+    def put(self, digest: bytes, entry: _Verified) -> None:
+        if len(self._verified) >= self.max_size:
+            # Drop the oldest insertion; a re-verification costs one bcrypt, not a failure.
+            oldest = next(iter(self._verified))
+            self._drop(oldest)
+        self._verified[digest] = entry
+        key_id = entry.identity.key_id
+        if key_id:
+            self._digest_by_key_id[key_id] = digest
+
+    def refused_recently(self, digest: bytes, now: float) -> bool:
+        until = self._refused.get(digest)
+        if until is None:
+            return False
+        if until <= now:
+            del self._refused[digest]
+            return False
+        return True
+
+    def refuse(self, digest: bytes, now: float) -> None:
+        if len(self._refused) >= self.max_size:
+            self._refused.clear()
+        self._refused[digest] = now + self.negative_ttl
+
+    def evict_key(self, key_id: str) -> None:
+        self.generation += 1
+        digest = self._digest_by_key_id.get(key_id)
+        if digest is not None:
+            self._retire(digest)
+
+    def evict_org(self, org_id: str) -> int:
+        """Retire the identities of the organization's keys; returns how many. A scan: only admin actions call it."""
+        self.generation += 1
+        stale = [digest for digest, entry in self._verified.items() if entry.identity.org_id == org_id]
+        for digest in stale:
+            self._retire(digest)
+        return len(stale)
+
+    def clear(self) -> None:
+        """Everything may have changed (the bus reconnected): every key is checked against its row again."""
+        self.generation += 1
+        for digest in list(self._verified):
+            self._retire(digest)
+        self._refused.clear()
+
+    def _retire(self, digest: bytes) -> None:
+        """Out of the cache, into ``_due``: the next use re-reads the key's row, without a bcrypt."""
+        entry = self._verified.get(digest)
+        self._drop(digest)
+        if entry is not None:
+            if len(self._due) >= self.max_size:
+                self._due.clear()
+            self._due[digest] = entry
+
+    def _drop(self, digest: bytes) -> None:
+        entry = self._verified.pop(digest, None)
+        if entry is not None and entry.identity.key_id:
+            self._digest_by_key_id.pop(entry.identity.key_id, None)
+
+    def __len__(self) -> int:
+        return len(self._verified)
+
+
+# ------------------------------------------------------------ authenticator
+
+
+def _invalid() -> GatewayError:
+    return GatewayError(401, "Incorrect API key provided.", code="invalid_api_key",
+                        headers={"WWW-Authenticate": 'Bearer realm="nexgate"'})
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    return moment.timestamp() if moment is not None else None
+
+
+class KeyAuthenticator:
+    def __init__(self, settings: AuthSettings) -> None:
+        self.settings = settings
+        self.cache = KeyCache(settings.cache_ttl, settings.negative_ttl, settings.cache_size)
+        self.store: Store | None = None
+        self.bcrypt_calls = 0
+        self.store_lookups = 0
+        self.org_lookups = 0
+        self._inflight: dict[bytes, asyncio.Future[_Verified]] = {}
+        self._last_used: dict[str, float] = {}
+        self._toucher: asyncio.Task[None] | None = None
+
+    async def authenticate(self, plaintext: str) -> Identity:
+        digest = cache_key(plaintext)
+        now = time.monotonic()
+        entry = self.cache.get(digest, now)
+        if entry is None:
+            if self.cache.refused_recently(digest, now):
+                raise _invalid()
+            entry = await self._verify_once(plaintext, digest)
+        if entry.expires_at is not None and time.time() >= entry.expires_at:
+            raise GatewayError(401, "This API key has expired.", code="invalid_api_key")
+        identity = entry.identity
+        self._last_used[identity.key_id or ""] = time.time()
+        return identity
+
+    async def _verify_once(self, plaintext: str, digest: bytes) -> _Verified:
+        """Verify a key not in the cache; concurrent callers with the same key share one verification."""
+        pending = self._inflight.get(digest)
+        if pending is not None:
+            # The result itself, not a cache read: it is not cached when an invalidation overlapped it.
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_Verified] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = future
+        try:
+            entry = await self._verify(plaintext, digest)
+            future.set_result(entry)
+            return entry
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else GatewayError(401, "Cancelled."))
+            future.exception()  # retrieved: waiters get it, nobody else is warned
+            raise
+        finally:
+            del self._inflight[digest]
+
+    async def _verify(self, plaintext: str, digest: bytes) -> _Verified:
+        now = time.monotonic()
+        generation = self.cache.generation
+        parsed = parse_key(plaintext)
+        if parsed is None:
+            self.cache.refuse(digest, now)
+            raise _invalid()
+        assert self.store is not None, "the auth plugin starts after the store"
+        try:
+            self.store_lookups += 1
+            row = await self.store.get_api_key_by_public_id(parsed.public_id)
+        except StoreError:
+            log.error("API key lookup failed: the store is unavailable")
+            raise GatewayError(503, "The gateway cannot verify API keys right now; retry shortly.",
+                               code="auth_unavailable") from None
+        if row is None:
+            self.cache.refuse(digest, now)
+            raise _invalid()
+        if self.cache.verified_hash(digest) != row.secret_hash:
+            self.bcrypt_calls += 1
+            if not await verify_secret_async(parsed.secret, row.secret_hash):
+                self.cache.refuse(digest, now)
+                raise _invalid()
+        if row.revoked_at is not None:
+            self.cache.refuse(digest, now)
+            raise GatewayError(401, "This API key has been revoked.", code="invalid_api_key")
+        org_limits = await self._org_limits(row.org_id) if row.org_id else {}
+        entry = _Verified(identity=_identity(row, org_limits), expires_at=_epoch(row.expires_at),
+                          fresh_until=now + self.settings.cache_ttl, secret_hash=row.secret_hash)
+        if self.cache.generation == generation:
+            self.cache.put(digest, entry)
+        return entry
+
+    async def _org_limits(self, org_id: str) -> dict[str, Any]:
+        """The organization's overrides from the store, read once per verification."""
+        assert self.store is not None
+        try:
+            self.org_lookups += 1
+            org = await self.store.get_org(org_id)
+        except StoreError:
+            log.error("organization lookup failed: the store is unavailable")
+            raise GatewayError(503, "The gateway cannot verify API keys right now; retry shortly.",
+                               code="auth_unavailable") from None
+        return dict(org.limits or {}) if org is not None else {}
+
+    def on_invalidation(self, kind: str, value: str) -> None:
+        if kind == EVICT_ALL:
+            self.cache.clear()
+        elif kind == API_KEY_EVENT:
+            self.cache.evict_key(value)
+        elif kind == ORG_EVENT:
+            # Only this org's keys: EVICT_ALL would cost a bcrypt for every cached key.
+            self.cache.evict_org(value)
+
+    # -- last-used times, written in batches off the request path
+
+    def start(self, store: Store) -> None:
+        self.store = store
+        self._toucher = asyncio.create_task(self._touch_forever(), name="nexgate-auth-touch")
+
+    async def stop(self) -> None:
+        await stop_tasks(self._toucher)
+        await self.flush_last_used()
+
+    async def _touch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TOUCH_INTERVAL)
+            await self.flush_last_used()
+
+    async def flush_last_used(self) -> None:
+        if not self._last_used or self.store is None:
+            return
+        batch, self._last_used = self._last_used, {}
+        batch.pop("", None)
+        try:
+            await self.store.touch_api_keys(
+                {key_id: datetime.fromtimestamp(at, timezone.utc) for key_id, at in batch.items()})
+        except StoreError:
+            log.warning("could not record last-used times of %d keys; will retry", len(batch))
+            for key_id, at in batch.items():
+                self._last_used.setdefault(key_id, at)
+
+
+def _identity(row: ApiKeyRow, org_limits: dict[str, Any]) -> Identity:
+    return Identity(
+        account_id=row.owner_id,
+        key_id=row.id,
+        key_prefix=row.prefix,
+        user_id=row.user_id,
+        org_id=row.org_id,
+        allowed_models=frozenset(row.allowed_models) if row.allowed_models is not None else None,
+        limits=dict(row.limits or {}),
+        org_limits=org_limits,
+    )
+
+
+# -------------------------------------------------------------------- hooks
+
+
