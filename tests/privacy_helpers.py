@@ -17,7 +17,7 @@ import nexgate_plugins.admin.privacy as privacy_api
 import nexgate_plugins.admin.privacy_openapi as privacy_openapi
 import nexgate_plugins.redaction as redaction
 from nexgate_plugins.usage_log import OUTBOX
-from tests.conftest import Gateway
+from nexgate_proxy.testing import Gateway
 from tests.dbdump import dump_database  # noqa: F401  (re-exported for the privacy tests)
 from tests.jwt_signing import public_pem, sign_rs256
 

@@ -9,7 +9,6 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from nexgate_proxy.state.bus import EVICT_ALL, MemoryBus, RedisBus, open_bus
-from tests.services import require_redis
 
 
 class Recorder:
@@ -92,11 +91,6 @@ def test_open_bus_picks_backend_by_scheme() -> None:
 
 
 # --- redis -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_url() -> str:
-    return require_redis()
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from nexgate_proxy.testing import free_port, is_listening
+
 GOOD = """
     server: {port: 8080}
     providers:
@@ -66,18 +68,6 @@ def nexgate(*args: str, cwd: Path, env: dict[str, str] | None = None,
 def write(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text), encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def is_listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 # ------------------------------------------------------------ config check

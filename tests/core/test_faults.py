@@ -10,8 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import PROVIDER_KEY, Gateway, RecordingPlugin, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import PROVIDER_KEY, FakeUpstream, Gateway, RecordingPlugin, gateway_config
 
 
 async def post(gw: Gateway, path: str, data: bytes | str, headers: dict[str, str] | None = None,

@@ -14,14 +14,9 @@ from nexgate_proxy import GatewayError, Identity, RecordRejected, hookimpl, hook
 from nexgate_proxy.app import build_app
 from nexgate_proxy.config import parse_config
 from nexgate_proxy.plugins import PluginError
-from tests.conftest import RecordingPlugin, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, RecordingPlugin, gateway_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def client(gw) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0)
 
 
 async def test_a_request_phase_can_reject_and_final_phases_still_run(upstream: FakeUpstream, start_gateway) -> None:
@@ -34,7 +29,7 @@ async def test_a_request_phase_can_reject_and_final_phases_still_run(upstream: F
     recorder = RecordingPlugin()
     gw = await start_gateway(gateway_config(upstream), plugins=[Bouncer(), recorder])
     with pytest.raises(openai.RateLimitError) as err:
-        await client(gw).chat.completions.create(model="gpt-test", user="mallory",
+        await gw.openai_client().chat.completions.create(model="gpt-test", user="mallory",
                                                  messages=[{"role": "user", "content": "hi"}])
     assert err.value.response.headers["Retry-After"] == "7"
     assert err.value.body["code"] == "rate_limit_requests"
@@ -58,7 +53,7 @@ async def test_identity_and_argument_subsets(upstream: FakeUpstream, start_gatew
 
     recorder = RecordingPlugin()
     gw = await start_gateway(gateway_config(upstream), plugins=[Auth(), recorder])
-    await client(gw).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    await gw.openai_client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
     # authenticate runs before the body is read; reserve after routing.
     assert calls == ["auth body=None", "reserve"]
     record = recorder.records[-1]
@@ -90,7 +85,7 @@ async def test_order_follows_tryfirst_and_a_guard_drops_records(upstream: FakeUp
 
     recorder = RecordingPlugin()
     gw = await start_gateway(gateway_config(upstream), plugins=[Late(), Early(), Guard(), Broken(), recorder])
-    completion = await client(gw).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    completion = await gw.openai_client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
     assert completion.choices[0].message.content
     assert order == ["early", "late"]
     assert recorder.settled and recorder.records == []
@@ -104,7 +99,7 @@ async def test_a_failing_sink_does_not_break_others(upstream: FakeUpstream, star
 
     recorder = RecordingPlugin()
     gw = await start_gateway(gateway_config(upstream), plugins=[Broken(), recorder])
-    await client(gw).embeddings.create(model="gpt-test", input="x")
+    await gw.openai_client().embeddings.create(model="gpt-test", input="x")
     assert len(recorder.records) == 1
 
 
@@ -139,7 +134,7 @@ async def test_plugins_from_a_directory_and_from_config_modules(tmp_path: Path, 
     """))
     config = gateway_config(upstream, plugins={"directory": str(tmp_path), "modules": ["tests.plugin_module"]})
     gw = await start_gateway(config)
-    raw = await client(gw).chat.completions.with_raw_response.create(
+    raw = await gw.openai_client().chat.completions.with_raw_response.create(
         model="gpt-test", messages=[{"role": "user", "content": "x"}])
     assert raw.headers["x-tagged-by"] == "directory-plugin"
     assert raw.headers["x-module-plugin"] == "yes"

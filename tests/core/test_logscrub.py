@@ -18,8 +18,7 @@ import nexgate_plugins.redaction as redaction
 from nexgate_proxy import cli, logscrub
 from nexgate_proxy.context import RequestContext
 from nexgate_proxy.keys import generate_key
-from tests.conftest import PROVIDER_KEY, Gateway, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import PROVIDER_KEY, FakeUpstream, Gateway, gateway_config
 from tests.jwt_signing import b64url_json
 
 PLUGINS = [redaction, admin_plugin]

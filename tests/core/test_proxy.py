@@ -8,8 +8,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.conftest import PROVIDER_KEY, Gateway, RecordingPlugin, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import PROVIDER_KEY, FakeUpstream, Gateway, RecordingPlugin, gateway_config
 
 def openai_client(gw: Gateway, **kw) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0, **kw)

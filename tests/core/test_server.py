@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,21 +24,9 @@ from typing import Callable, Iterator
 import openai
 import pytest
 
-from tests.services import require_redis
+from nexgate_proxy.testing import free_port, is_listening, require_redis
 
 STARTUP_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def is_listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))

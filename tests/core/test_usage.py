@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from nexgate_proxy import hookimpl
 from nexgate_proxy.context import Usage
 from nexgate_proxy.usage import StreamMeter, usage_from_body
-from tests.conftest import gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, gateway_config
 
 
 def openai_chunk(content: str) -> bytes:

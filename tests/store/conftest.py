@@ -1,4 +1,4 @@
-"""The `store` fixture, run once per backend (`backend` and `store_url` live in tests/conftest.py)."""
+"""The `store` fixture, run once per backend (`backend` and `store_url` come from tests/conftest.py)."""
 
 from __future__ import annotations
 

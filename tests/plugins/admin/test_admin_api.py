@@ -16,18 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nexgate_plugins.admin.openapi import build_openapi
 from nexgate_proxy.appkeys import STORE
-from tests.conftest import Gateway, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, Gateway, gateway_config
 from tests.jwt_signing import b64url, b64url_json, public_pem, sign_rs256
 
 ADMIN_TOKEN = "ngadmin-test-token-5f0c1d2e3b4a69788796a5b4c3d2e1f0"
 ISSUER = "https://clerk.example.com"
 APP = "https://app.example.com"
-
-
-@pytest.fixture(scope="module")
-def clerk_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture(scope="module")

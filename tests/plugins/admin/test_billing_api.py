@@ -19,17 +19,11 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.money import format_usd, usd_to_pico
 from nexgate_plugins.credits.statements import Account, build_statement, statement_json
 from nexgate_proxy.store import LedgerEntry, NewLedgerEntry
-from tests.conftest import gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, gateway_config
 from tests.plugins.admin.test_admin_api import ADMIN_TOKEN, Admin, admin_auth, org_with
 
 PRICE = {"input": "1.5", "output": "2"}
 MONEY_PATHS = ("/balance", "/transactions", "/usage", "/usage/totals")
-
-
-@pytest.fixture(scope="module")
-def clerk_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture

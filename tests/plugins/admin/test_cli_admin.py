@@ -17,8 +17,7 @@ import yaml
 
 import nexgate_plugins.admin as admin_plugin
 from tests.cli_runner import Cli
-from tests.conftest import Gateway, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, chat, gateway_config
 
 
 async def test_accounts_from_the_command_line(store_url: str, backend: str,
@@ -157,12 +156,6 @@ async def provision_key(tmp_path: Path, config_file: Path) -> dict[str, Any]:
                                    "--config", str(config_file), "--json")
     assert code == 0, err
     return json.loads(out)
-
-
-async def chat(gw: Gateway, key: str) -> str:
-    client = openai.AsyncOpenAI(base_url=gw.openai_base, api_key=key, max_retries=0)
-    reply = await client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
-    return reply.choices[0].message.content or ""
 
 
 @pytest.mark.redis

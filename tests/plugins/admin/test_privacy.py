@@ -31,8 +31,7 @@ from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_proxy.money import format_usd
 from nexgate_proxy.store import NewLedgerEntry, Store
 from tests.cli_runner import Cli
-from tests.conftest import Gateway, RecordingPlugin, gateway_config
-from tests.fakes import Behaviour, FakeUpstream
+from nexgate_proxy.testing import Behaviour, FakeUpstream, Gateway, RecordingPlugin, gateway_config
 from tests.privacy_helpers import (
     PLUGINS,
     AdminClient,
@@ -43,11 +42,6 @@ from tests.privacy_helpers import (
     priced_models,
     sdk,
 )
-
-
-@pytest.fixture(scope="module")
-def clerk_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture

@@ -16,18 +16,8 @@ from nexgate_proxy.accounts import create_api_key, revoke_api_key
 from nexgate_proxy.appkeys import BUS, STORE
 from nexgate_proxy.keys import generate_key
 from nexgate_plugins.auth import AUTH
-from tests.conftest import Gateway, gateway_config
+from nexgate_proxy.testing import FakeUpstream, Gateway, chat, gateway_config
 from tests.dbdump import dump_database
-from tests.fakes import FakeUpstream
-
-
-def client(gw: Gateway, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=key, max_retries=0)
-
-
-async def chat(gw: Gateway, key: str, model: str = "gpt-test") -> str:
-    reply = await client(gw, key).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
-    return reply.choices[0].message.content or ""
 
 
 async def test_missing_and_malformed_keys_cost_no_lookup_and_no_bcrypt(gateway: Gateway) -> None:
@@ -129,7 +119,7 @@ async def test_expired_keys_and_model_allowlists(gateway: Gateway) -> None:
     with pytest.raises(openai.PermissionDeniedError) as denied:
         await chat(gateway, limited.plaintext, model="gpt-test")
     assert denied.value.body["code"] == "model_not_allowed"
-    models = await client(gateway, limited.plaintext).models.list()
+    models = await gateway.openai_client(limited.plaintext).models.list()
     assert [m.id for m in models.data] == ["claude-test"]
 
 

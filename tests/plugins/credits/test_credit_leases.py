@@ -17,7 +17,7 @@ from nexgate_plugins.credits.holds import redis as credit_redis
 from nexgate_plugins.credits.holds import CreditStateUnavailable
 from nexgate_plugins.credits.holds.redis import RedisCreditState
 from nexgate_proxy.state.redis import encode_command, open_resp, parse_redis_url
-from tests.conftest import require_redis
+from nexgate_proxy.testing import require_redis
 
 pytestmark = pytest.mark.redis
 

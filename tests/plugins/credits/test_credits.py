@@ -13,8 +13,7 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.store import NewLedgerEntry
 from nexgate_plugins.usage_log import OUTBOX
-from tests.conftest import Gateway, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, Gateway, gateway_config
 
 PRICE = {"input": "1.5", "output": "2", "cached_input": "0.5"}  # USD per 1M tokens
 
@@ -31,14 +30,10 @@ async def grant(gw: Gateway, usd: str, account_id: str | None = None, ref: str =
         source="test", external_id=ref))
 
 
-def client(gw: Gateway) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0)
-
-
 async def test_a_request_is_charged_exactly_once_to_the_pico_dollar(upstream: FakeUpstream, start_gateway) -> None:
     gw = await start_gateway(priced_config(upstream))
     await grant(gw, "1")
-    raw = await client(gw).chat.completions.with_raw_response.create(
+    raw = await gw.openai_client().chat.completions.with_raw_response.create(
         model="gpt-paid", max_tokens=100, messages=[{"role": "user", "content": "hi"}])
     # Upstream reports 11 prompt tokens (3 cached) and 7 completion tokens.
     expected = 8 * 1_500_000 + 3 * 500_000 + 7 * 2_000_000  # pico-USD
@@ -60,12 +55,12 @@ async def test_a_request_is_charged_exactly_once_to_the_pico_dollar(upstream: Fa
 async def test_no_balance_is_a_402_and_nothing_goes_upstream(upstream: FakeUpstream, start_gateway) -> None:
     gw = await start_gateway(priced_config(upstream))
     with pytest.raises(openai.APIStatusError) as err:
-        await client(gw).chat.completions.create(model="gpt-paid", messages=[{"role": "user", "content": "hi"}])
+        await gw.openai_client().chat.completions.create(model="gpt-paid", messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 402
     assert err.value.body["code"] == "insufficient_credits"
     assert upstream.received == []
     # Free models still work.
-    assert (await client(gw).embeddings.create(model="gpt-test", input="x")).data
+    assert (await gw.openai_client().embeddings.create(model="gpt-test", input="x")).data
 
 
 async def test_failed_upstream_calls_cost_nothing(upstream: FakeUpstream, start_gateway) -> None:
@@ -73,7 +68,7 @@ async def test_failed_upstream_calls_cost_nothing(upstream: FakeUpstream, start_
     await grant(gw, "1")
     upstream.behaviour.status = 500
     with pytest.raises(openai.APIStatusError):
-        await client(gw).chat.completions.create(model="gpt-paid", messages=[{"role": "user", "content": "hi"}])
+        await gw.openai_client().chat.completions.create(model="gpt-paid", messages=[{"role": "user", "content": "hi"}])
     assert await gw.app[OUTBOX].flush()
     assert await gw.app[STORE].get_balance(gw.user_id) == usd_to_pico(Decimal(1))
     rows = await gw.app[STORE].list_usage(account_id=gw.user_id)

@@ -27,8 +27,7 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_plugins.credits.holds import MemoryCreditState, nano_floor
 from nexgate_proxy.money import usd_to_pico
-from tests.conftest import Gateway, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, Gateway, gateway_config
 
 
 def new_secret() -> str:

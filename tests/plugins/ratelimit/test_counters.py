@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import socket
 import time
 from typing import AsyncIterator
 
@@ -25,7 +24,7 @@ from nexgate_plugins.ratelimit.counters import (
     open_counters,
 )
 from nexgate_proxy.state.redis import StateUnavailable, parse_redis_url
-from tests.services import require_redis
+from nexgate_proxy.testing import free_port, require_redis
 
 
 def member() -> str:
@@ -280,12 +279,6 @@ async def test_a_dead_instances_slots_free_after_the_lease() -> None:
         await survivor.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _assert_fast_failures(counters: RedisCounters, first_call_limit: float) -> None:
     check = [Check(REQUESTS, "key:x", 10)]
     for _ in range(counters.breaker.threshold):
@@ -302,7 +295,7 @@ async def _assert_fast_failures(counters: RedisCounters, first_call_limit: float
 
 
 async def test_refused_connections_open_the_circuit() -> None:
-    counters = RedisCounters(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.1)
+    counters = RedisCounters(f"redis://127.0.0.1:{free_port()}/0", timeout=0.1)
     await counters.start()
     try:
         await _assert_fast_failures(counters, 0.2)
@@ -418,7 +411,7 @@ async def test_a_settle_that_times_out_counts_as_a_failure_and_the_connection_st
 
 
 async def test_an_open_circuit_refuses_a_settle_at_once() -> None:
-    counters = RedisCounters(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.05)
+    counters = RedisCounters(f"redis://127.0.0.1:{free_port()}/0", timeout=0.05)
     counters.breaker.open = True
     with pytest.raises(StateUnavailable):
         counters.settle_soon(member(), [Release(CONCURRENCY, "key:x")])

@@ -16,8 +16,7 @@ from nexgate_proxy.accounts import ORG_EVENT, create_api_key, set_org_limits
 from nexgate_proxy.appkeys import BUS, STORE
 from nexgate_plugins.auth import AUTH
 from tests.cli_runner import Cli
-from tests.conftest import Gateway, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, Gateway, chat, gateway_config
 from tests.plugins.admin.test_cli_admin import nexgate
 
 EVENT_WAIT = 10.0
@@ -49,12 +48,6 @@ class OrgEvents:
 
     async def next(self) -> str:
         return await asyncio.wait_for(self.seen.get(), EVENT_WAIT)
-
-
-async def chat(gw: Gateway, key: str) -> str:
-    client = openai.AsyncOpenAI(base_url=gw.openai_base, api_key=key, max_retries=0)
-    reply = await client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
-    return reply.choices[0].message.content or ""
 
 
 async def org_and_key(gw: Gateway, name: str = "Acme") -> tuple[str, str]:

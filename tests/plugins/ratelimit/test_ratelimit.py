@@ -29,8 +29,7 @@ from nexgate_plugins.auth import AUTH
 from nexgate_plugins.ratelimit import LIMITER
 from nexgate_plugins.ratelimit.limiter import RateLimiter, format_duration
 from nexgate_plugins.ratelimit.settings import LimitSettings, Quota
-from tests.conftest import Gateway, StartGateway, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, Gateway, StartGateway, free_port, gateway_config
 from tests.plugins.ratelimit.test_counters import wire_commands
 
 CHAT = "/v1/chat/completions"
@@ -416,19 +415,13 @@ async def test_a_ban_holds_on_every_instance(upstream: FakeUpstream, start_gatew
 # --------------------------------------------------------- Redis failures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[str, subprocess.Popen]]:
     """A throwaway redis-server on its own port, for tests that kill it."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

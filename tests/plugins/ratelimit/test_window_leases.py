@@ -22,7 +22,7 @@ from nexgate_plugins.ratelimit.counters import (
     Release,
 )
 from nexgate_proxy.state.redis import encode_command, open_resp, parse_redis_url
-from tests.services import require_redis
+from nexgate_proxy.testing import require_redis
 
 pytestmark = pytest.mark.redis
 

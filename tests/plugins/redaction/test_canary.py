@@ -23,8 +23,7 @@ import pytest
 
 from nexgate_plugins.usage_log import OUTBOX
 from nexgate_proxy import hookimpl
-from tests.conftest import PROVIDER_KEY, Gateway, gateway_config
-from tests.fakes import Behaviour, FakeUpstream
+from nexgate_proxy.testing import PROVIDER_KEY, Behaviour, FakeUpstream, Gateway, gateway_config
 from tests.privacy_helpers import PLUGINS, dump_database
 
 plugin_log = logging.getLogger("thirdparty.plugin")

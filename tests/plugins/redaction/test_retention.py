@@ -20,8 +20,7 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.store import NewLedgerEntry, Store, StoreError, UsageRecord, open_store
 from nexgate_proxy.store.postgres import PostgresStore
 from nexgate_proxy.store.sqlite import SQLiteStore
-from tests.conftest import Gateway, gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, Gateway, gateway_config
 from tests.privacy_helpers import PLUGINS, chat, flush
 
 ACCOUNT = "usr_retention"

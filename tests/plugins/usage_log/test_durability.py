@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,17 +22,10 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.store import NewLedgerEntry, open_store
 from nexgate_plugins.usage_log import OUTBOX
-from tests.conftest import gateway_config
-from tests.fakes import FakeUpstream
+from nexgate_proxy.testing import FakeUpstream, free_port, gateway_config
 from tests.tcpproxy import TcpProxy
 
 PRICE = {"input": "1", "output": "2"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:

@@ -3,6 +3,12 @@
 It serves the OpenAI and Anthropic APIs on a real socket, records what it
 received, remembers the exact bytes it sent, and can be told to misbehave:
 fail with a status, hang, or cut a stream in the middle.
+
+Served: OpenAI ``/v1/chat/completions`` (plain and SSE, with
+``stream_options.include_usage``), ``/v1/completions``, ``/v1/embeddings``,
+``/v1/responses`` (plain and SSE) and Anthropic ``/v1/messages`` (plain and
+SSE). Script it through ``upstream.behaviour`` (a ``Behaviour``): set fields,
+or assign a new ``Behaviour(...)``, before the request it should affect.
 """
 
 from __future__ import annotations
@@ -81,6 +87,13 @@ class FakeUpstream:
     async def stop(self) -> None:
         if self.runner:
             await self.runner.cleanup()
+
+    async def __aenter__(self) -> FakeUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     # ---------------------------------------------------------- handlers
 
