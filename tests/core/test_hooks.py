@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import textwrap
 from pathlib import Path
 
@@ -155,6 +156,46 @@ def test_every_hook_is_documented(hook: str) -> None:
     assert spec.__doc__ and len(spec.__doc__.strip()) > 40, f"{hook} needs a docstring saying when it runs"
     docs = (ROOT / "docs" / "plugins.md").read_text()
     assert f"### `{hook}`" in docs, f"docs/plugins.md has no section for {hook}"
+
+
+_HOOK_HEADING = re.compile(r"^### `(nexgate_\w+)`\s*$")
+_DOCUMENTED_ARGS = re.compile(r"^`\(([^)`]*)\)`")
+
+
+def documented_signatures(markdown: str) -> dict[str, list[str] | None]:
+    """Each "### `hook`" heading of the hook reference -> the argument names its next line starts with.
+
+    None when that line does not start with an argument list in backticks, e.g. "`(app, config)`, async: ...".
+    """
+    lines = markdown.splitlines()
+    found: dict[str, list[str] | None] = {}
+    for i, line in enumerate(lines):
+        heading = _HOOK_HEADING.match(line)
+        if heading:
+            following = next((text for text in lines[i + 1:] if text.strip()), "")
+            args = _DOCUMENTED_ARGS.match(following)
+            names = None if args is None else [a.strip() for a in args.group(1).split(",") if a.strip()]
+            found[heading.group(1)] = names
+    return found
+
+
+def test_documented_signatures_are_read_from_the_line_after_the_heading() -> None:
+    sample = ("### `nexgate_a`\n`(app, config)`, async: ...\n\n"
+              "### `nexgate_b`\n`()`: none\n### `nexgate_c`\nProse.\n")
+    assert documented_signatures(sample) == {"nexgate_a": ["app", "config"], "nexgate_b": [], "nexgate_c": None}
+
+
+_DOCUMENTED = documented_signatures((ROOT / "docs" / "plugins.md").read_text())
+
+
+@pytest.mark.parametrize("hook", sorted(_DOCUMENTED))
+def test_a_documented_hook_exists_with_the_documented_arguments(hook: str) -> None:
+    spec = getattr(hookspecs, hook, None)
+    assert inspect.isfunction(spec), f"docs/plugins.md documents {hook}, which hookspecs.py does not define"
+    documented = _DOCUMENTED[hook]
+    assert documented is not None, (f"docs/plugins.md: the line after ### `{hook}` must start with its arguments "
+                                    f"in backticks, e.g. `(app, config)`, or `()` for none")
+    assert documented == list(inspect.signature(spec).parameters), f"docs/plugins.md: {hook} arguments"
 
 
 async def test_metrics_count_requests_tokens_and_latency_from_records(start_gateway, upstream: FakeUpstream) -> None:
