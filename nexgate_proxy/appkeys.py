@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .plugins import HookChain
     from .providers.base import Provider
     from .proxy import Proxy
+    from .state.redis import RedisClient
     from .store import Store
 
 CONFIG: web.AppKey[Config] = web.AppKey("nexgate.config")
@@ -22,3 +23,5 @@ STORE: web.AppKey[Store] = web.AppKey("nexgate.store")
 """The durable store, opened at startup (before plugins start)."""
 BUS: web.AppKey[InvalidationBus] = web.AppKey("nexgate.bus")
 """Cross-instance invalidations (revoked keys, changed limits)."""
+REDIS: web.AppKey[RedisClient] = web.AppKey("nexgate.redis")
+"""The process's one Redis client (one connection, one circuit breaker), set when ``state.url`` is Redis."""

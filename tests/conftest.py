@@ -8,12 +8,17 @@ picks the backend its ``store_url`` opens.
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
 
-from nexgate_proxy.testing import FakeUpstream, Gateway, StartGateway, store_url_for
+from nexgate_proxy.testing import FakeUpstream, Gateway, StartGateway, free_port, store_url_for
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,3 +62,29 @@ def postgres_url(nexgate_postgres_url: str) -> str:
 @pytest.fixture
 def redis_url(nexgate_redis_url: str) -> str:
     return nexgate_redis_url
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[str, subprocess.Popen]]:
+    """A throwaway redis-server on its own port, for tests that kill it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("the throwaway redis-server did not start")
+            await asyncio.sleep(0.02)
+    yield f"redis://127.0.0.1:{port}/0", proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()

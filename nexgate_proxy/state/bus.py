@@ -8,7 +8,8 @@ callback, so there is exactly one eviction code path.
 Two backends share one interface:
 
 * ``MemoryBus``: a single process (tests, single-instance deployments).
-* ``RedisBus``: Redis pub/sub on one channel. Pub/sub does not store messages,
+* ``RedisBus``: Redis pub/sub on one channel, on a subscriber connection of its
+  own, publishing through the process's ``RedisClient``. Pub/sub does not store messages,
   so anything sent while an instance was disconnected is lost to it; each time
   the subscription (re)starts the bus delivers ``(EVICT_ALL, "")`` so
   subscribers drop everything they cached instead of trusting stale entries.
@@ -30,11 +31,8 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import redis.asyncio as redis_asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from ..background import stop_tasks
+from .redis import PushProtocol, RedisClient, StateUnavailable, encode_command, open_resp, shared_client
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +102,16 @@ class MemoryBus(InvalidationBus):
 
 
 class RedisBus(InvalidationBus):
-    """Redis pub/sub bus that survives Redis restarts without help."""
+    """Redis pub/sub bus that survives Redis restarts without help.
+
+    It listens on a subscriber connection of its own (pub/sub takes a connection over, by protocol)
+    and publishes through the process's ``RedisClient``, under its circuit breaker. Given a URL
+    instead of a client (a command line, a test), it opens a client of its own with the same name.
+    """
 
     def __init__(
         self,
-        url: str,
+        redis: RedisClient | str,
         *,
         channel: str = DEFAULT_CHANNEL,
         publish_timeout: float = 0.5,
@@ -119,7 +122,8 @@ class RedisBus(InvalidationBus):
         client_name: str = "nexgate-bus",
     ) -> None:
         super().__init__()
-        self.url = url
+        self.redis, self._owns_client = shared_client(redis, connect_timeout=connect_timeout,
+                                                      client_name=client_name)
         self.channel = channel
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
@@ -127,13 +131,15 @@ class RedisBus(InvalidationBus):
         self.max_backoff = max_backoff
         self.ping_interval = ping_interval
         self.client_name = client_name
+        """The subscriber connection's name in ``CLIENT LIST``."""
         # Lets the listener skip echoes of our own messages, already delivered locally.
         self._origin = secrets.token_hex(8)
-        self._publisher: redis_asyncio.Redis | None = None
-        self._subscriber: redis_asyncio.Redis | None = None
+        self._started = False
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._subscription_count = 0
+        self._heard_at = 0.0
+        """When the subscriber connection last received anything (loop time)."""
         self._in_outage = False
         self._last_publish_warning = 0.0
 
@@ -142,24 +148,13 @@ class RedisBus(InvalidationBus):
         """True while the subscription is live (for health checks)."""
         return self._subscribed.is_set()
 
-    def _client(self, *, timeout: float, retries: int) -> redis_asyncio.Redis:
-        return redis_asyncio.from_url(
-            self.url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), retries),
-            client_name=self.client_name,
-        )
-
     async def start(self) -> None:
         """Connect and subscribe. Waits up to ``connect_timeout``, then keeps trying in the background."""
         if self._listener is not None:
             return
-        # One retry lets a publish recover from a pooled connection that died with a Redis restart.
-        self._publisher = self._client(timeout=self.publish_timeout, retries=1)
-        # No retries: the listener must see every disconnect so it can announce EVICT_ALL.
-        self._subscriber = self._client(timeout=self.connect_timeout, retries=0)
+        self._started = True
+        if self._owns_client:
+            await self.redis.start()
         self._listener = asyncio.create_task(self._listen_forever(), name="nexgate-invalidation-bus")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), self.connect_timeout)
@@ -168,11 +163,9 @@ class RedisBus(InvalidationBus):
         listener, self._listener = self._listener, None
         await stop_tasks(listener)
         self._subscribed.clear()
-        for client in (self._publisher, self._subscriber):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-        self._publisher = self._subscriber = None
+        self._started = False
+        if self._owns_client:
+            await self.redis.close()
 
     async def publish(self, kind: str, value: str) -> bool:
         """Deliver locally at once, then to other instances. Never raises on Redis failure; returns False."""
@@ -182,15 +175,14 @@ class RedisBus(InvalidationBus):
             raise ValueError("bus message is too large")
         # Local first: this instance must evict even when Redis is down.
         self._deliver(kind, value)
-        if self._publisher is None:
+        if not self._started:
             self._warn_publish_failure("bus not started")
             return False
         try:
-            await asyncio.wait_for(self._publisher.publish(self.channel, payload), self.publish_timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # redis errors, OSError, TimeoutError: all mean "not sent"
-            self._warn_publish_failure(f"{type(exc).__name__}: {exc}")
+            await self.redis.command("PUBLISH", self.channel, payload, timeout=self.publish_timeout,
+                                     label="invalidation bus")
+        except StateUnavailable as exc:  # timeouts, connection errors, an open circuit: all mean "not sent"
+            self._warn_publish_failure(str(exc))
             return False
         return True
 
@@ -227,38 +219,41 @@ class RedisBus(InvalidationBus):
 
     async def _listen_once(self) -> None:
         """Subscribe and dispatch until the connection fails, then raise."""
-        if self._subscriber is None:
-            raise RuntimeError("bus is closed")
         loop = asyncio.get_running_loop()
-        pubsub = self._subscriber.pubsub()
+        async with asyncio.timeout(self.connect_timeout):
+            conn = await open_resp(self.redis.address, self.client_name, PushProtocol)
+        assert isinstance(conn, PushProtocol)
         try:
-            await pubsub.subscribe(self.channel)
+            conn.on_push = self._on_push
+            conn.send(encode_command("SUBSCRIBE", self.channel))
             subscribe_deadline = loop.time() + self.connect_timeout
-            last_heard = loop.time()
+            self._heard_at = heard = loop.time()
             ping_sent_at: float | None = None
             while True:
-                message = await pubsub.get_message(timeout=min(1.0, self.ping_interval))
+                await asyncio.wait((conn.lost,), timeout=min(1.0, self.ping_interval))
+                if conn.closed:
+                    raise ConnectionError("Redis closed the subscriber connection")
                 now = loop.time()
-                if message is not None:
-                    last_heard, ping_sent_at = now, None
-                    self._handle(message)
-                    continue
+                if self._heard_at != heard:  # pushes (messages, the pong) came in meanwhile
+                    heard, ping_sent_at = self._heard_at, None
                 if not self._subscribed.is_set() and now > subscribe_deadline:
                     raise ConnectionError("no subscribe confirmation from Redis")
                 if ping_sent_at is not None and now - ping_sent_at > self.connect_timeout:
                     # A half-open TCP connection never errors; an unanswered ping is how we notice.
                     raise ConnectionError("Redis did not answer ping")
-                if ping_sent_at is None and now - last_heard >= self.ping_interval:
-                    await pubsub.ping()
+                if ping_sent_at is None and now - heard >= self.ping_interval:
+                    conn.send(encode_command("PING"))
                     ping_sent_at = now
         finally:
             self._subscribed.clear()
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            conn.abort()
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        message_type = message.get("type")
-        if message_type == "subscribe":
+    def _on_push(self, push: object) -> None:
+        self._heard_at = asyncio.get_running_loop().time()
+        if not isinstance(push, list) or not push:
+            return
+        push_type = push[0]
+        if push_type == b"subscribe":
             # Only now is the server-side subscription active. Whatever was published
             # before it (or during an outage) never reached us: drop all cached entries.
             self._subscription_count += 1
@@ -268,9 +263,9 @@ class RedisBus(InvalidationBus):
                 logger.info("invalidation bus reconnected to Redis; evicting all cached entries")
             self._deliver(EVICT_ALL, "")
             return
-        if message_type != "message":
+        if push_type != b"message" or len(push) != 3:
             return  # pong, unsubscribe
-        parsed = self._decode(message.get("data"))
+        parsed = self._decode(push[2])
         if parsed is None:
             logger.warning("ignoring malformed message on invalidation channel %r", self.channel)
             return
@@ -294,13 +289,17 @@ class RedisBus(InvalidationBus):
         return origin, kind, value
 
 
-def open_bus(url: str, **options: Any) -> InvalidationBus:
-    """``memory://`` for one process, ``redis://`` or ``rediss://`` to share with other instances."""
+def open_bus(url: str, *, redis: RedisClient | None = None, **options: Any) -> InvalidationBus:
+    """``memory://`` for one process; ``redis://``, ``rediss://`` or ``unix://`` to share with other instances.
+
+    ``redis``: the process's client for that URL, to publish through (without it, the bus opens one).
+    """
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         if options:
             raise ValueError(f"memory bus takes no options: {sorted(options)}")
         return MemoryBus()
-    if scheme in ("redis", "rediss"):
-        return RedisBus(url, **options)
-    raise ValueError(f"unsupported invalidation bus URL scheme {scheme!r} (use memory://, redis:// or rediss://)")
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisBus(redis or url, **options)
+    raise ValueError(f"unsupported invalidation bus URL scheme {scheme!r} "
+                     "(use memory://, redis://, rediss:// or unix://)")

@@ -1,14 +1,20 @@
 """The one Redis client of a gateway process: a lean pipelined RESP connection with a circuit breaker.
 
-Plugins that keep hot state in Redis (rate limits, credit holds) run their Lua scripts through
-``RedisScripts``. Every call has a tight timeout; after a few consecutive failures the breaker
-opens and calls fail at once with ``StateUnavailable`` until a background probe sees Redis answer.
+The core opens one ``RedisClient`` per worker process (``services``, app key ``REDIS``) when
+``state.url`` is Redis. Plugins that keep hot state there (rate limits, credit holds) register
+their Lua scripts with it and run them through their ``RedisScripts``; the invalidation bus
+publishes through it. Every call has a tight timeout; after a few consecutive failures of any of
+them the one breaker opens and every call fails at once with ``StateUnavailable`` until the one
+background probe sees Redis answer. Pub/sub needs a connection of its own (``open_resp`` with
+``PushProtocol``), which the bus keeps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -199,7 +205,46 @@ def parse_redis_url(url: str) -> RedisAddress:
                         password=password, tls=scheme == "rediss", verify_tls=verify)
 
 
-async def open_resp(address: RedisAddress, client_name: str | None = None) -> _RespProtocol:
+class PushProtocol(_RespProtocol):
+    """A subscriber connection: after the handshake, every reply is a push handed to ``on_push``.
+
+    Commands go out with ``send`` (no reply is waited for: pongs and confirmations are pushes too).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_push: Callable[[object], None] | None = None
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        """Resolved when the connection is gone."""
+
+    def send(self, payload: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise ConnectionError("connection closed")
+        self.transport.write(payload)
+
+    def data_received(self, data: bytes) -> None:
+        on_push = self.on_push
+        if on_push is None:  # the handshake
+            super().data_received(data)
+            return
+        reader = self.reader
+        reader.feed(data)
+        try:
+            while (value := reader.gets()) is not False:
+                if isinstance(value, RespError):
+                    raise ConnectionError(f"Redis refused: {value}")
+                on_push(value)
+        except (ConnectionError, hiredis.ProtocolError) as exc:
+            self.abort(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        super()._fail(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def open_resp(address: RedisAddress, client_name: str | None = None,
+                    protocol: Callable[[], _RespProtocol] = _RespProtocol) -> _RespProtocol:
     """Connect and authenticate; the caller bounds the time."""
     loop = asyncio.get_running_loop()
     ssl_context = None
@@ -211,62 +256,68 @@ async def open_resp(address: RedisAddress, client_name: str | None = None) -> _R
             ssl_context.check_hostname = False
             ssl_context.verify_mode = ssl.CERT_NONE
     if address.path is not None:
-        _, protocol = await loop.create_unix_connection(_RespProtocol, address.path)
+        _, conn = await loop.create_unix_connection(protocol, address.path)
     else:
-        _, protocol = await loop.create_connection(_RespProtocol, address.host, address.port, ssl=ssl_context)
+        _, conn = await loop.create_connection(protocol, address.host, address.port, ssl=ssl_context)
     try:
         handshake = []
         if address.password is not None:
             auth = ("AUTH", address.username, address.password) if address.username else ("AUTH", address.password)
-            handshake.append(protocol.call(encode_command(*auth)))
+            handshake.append(conn.call(encode_command(*auth)))
         if address.db:
-            handshake.append(protocol.call(encode_command("SELECT", address.db)))
+            handshake.append(conn.call(encode_command("SELECT", address.db)))
         if client_name:
-            handshake.append(protocol.call(encode_command("CLIENT", "SETNAME", client_name)))
+            handshake.append(conn.call(encode_command("CLIENT", "SETNAME", client_name)))
         for reply in handshake:
             await reply
     except BaseException:
-        protocol.abort()
+        conn.abort()
         raise
-    return protocol
+    return conn
 
 
-# ------------------------------------------------------------------- redis
+# ------------------------------------------------------------------- the client
 
 
-class RedisScripts:
-    """Lua scripts run on one pipelined RESP connection per process.
+def process_client_name(role: str = "nexgate") -> str:
+    """The name a worker's connections carry in ``CLIENT LIST``: the role and the process id."""
+    return f"{role}-{os.getpid()}"
 
-    One EVALSHA per call, bounded by a tight timeout; a script Redis forgot (restart) is loaded
-    again once. After ``breaker_threshold`` consecutive failures a circuit breaker answers at once
-    with ``StateUnavailable`` until a background probe sees Redis again, so a dead Redis costs
-    nothing per request. Used by the rate limits and by the credit holds.
+
+class RedisClient:
+    """The Redis connection of a process: one pipelined connection, one circuit breaker, one probe.
+
+    Scripts registered by plugins (``RedisScripts``) are loaded when it connects, and again by the
+    first call that finds Redis forgot them (a restart). ``command`` runs one plain command (the
+    bus's PUBLISH) under the same breaker.
     """
 
-    def __init__(self, url: str, scripts: Mapping[str, str], *, label: str, timeout: float = 0.1,
-                 breaker_threshold: int = 3, probe_interval: float = 0.5, max_probe_interval: float = 5.0,
-                 client_name: str = "nexgate") -> None:
-        import hashlib
-
+    def __init__(self, url: str, *, connect_timeout: float = 1.0, breaker_threshold: int = 3,
+                 probe_interval: float = 0.5, max_probe_interval: float = 5.0,
+                 client_name: str | None = None) -> None:
         self.url = url
         self.address = parse_redis_url(url)
-        self.label = label
-        self.timeout = timeout
-        self.connect_timeout = max(timeout, 1.0)
+        self.connect_timeout = connect_timeout
         self.probe_interval = probe_interval
         self.max_probe_interval = max_probe_interval
-        self.client_name = client_name
+        self.client_name = client_name or process_client_name()
         self.breaker = CircuitBreaker(breaker_threshold)
-        self.failures = 0
-        """Calls that failed (timeout, connection, server error)."""
-        self.round_trips = 0
-        """EVALSHA calls sent: one request and one reply each (several may share one TCP write)."""
-        self._scripts = {name: (lua.encode(), hashlib.sha1(lua.encode()).hexdigest())
-                         for name, lua in scripts.items()}
+        self._lua: dict[str, bytes] = {}
+        """sha1 -> Lua of every registered script, loaded on each new connection."""
         self._conn: _RespProtocol | None = None
         self._connecting: asyncio.Future[_RespProtocol] | None = None
         self._prober: asyncio.Task[None] | None = None
         self._last_warning = 0.0
+
+    def register(self, lua: bytes, sha: str) -> None:
+        """Load this script on every connection from now on (and on the one open now)."""
+        if sha in self._lua:
+            return
+        self._lua[sha] = lua
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            # Queued before any call of it on this connection, so it is there when they run.
+            conn.call(encode_command("SCRIPT", "LOAD", lua)).add_done_callback(_retrieve)
 
     async def start(self) -> None:
         # Connect and load the scripts now, so no request pays for it; an absent Redis is not fatal here.
@@ -274,7 +325,7 @@ class RedisScripts:
             async with asyncio.timeout(self.connect_timeout):
                 self._conn = await self._open()
         except Exception as exc:
-            self._fail(exc)
+            self._fail(exc, "shared state")
 
     async def close(self) -> None:
         await stop_tasks(self._prober, self._connecting)
@@ -288,7 +339,7 @@ class RedisScripts:
     async def _open(self) -> _RespProtocol:
         conn = await open_resp(self.address, self.client_name)
         try:
-            loads = [conn.call(encode_command("SCRIPT", "LOAD", lua)) for lua, _ in self._scripts.values()]
+            loads = [conn.call(encode_command("SCRIPT", "LOAD", lua)) for lua in list(self._lua.values())]
             for reply in loads:
                 await reply
         except BaseException:
@@ -303,7 +354,7 @@ class RedisScripts:
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._connect_once())
             # Waiters may all time out; the outcome is still retrieved.
-            self._connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._connecting.add_done_callback(_retrieve)
         return await asyncio.shield(self._connecting)
 
     async def _connect_once(self) -> _RespProtocol:
@@ -312,12 +363,111 @@ class RedisScripts:
         self._conn = conn
         return conn
 
+    async def command(self, *args: object, timeout: float, label: str = "shared state") -> object:
+        """One command, bounded by the timeout; StateUnavailable when it got no answer."""
+        if self.breaker.open:
+            raise StateUnavailable("circuit open", sent=False)
+        sent = False
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._connection()
+                sent = True
+                result = await conn.call(encode_command(*args))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # timeouts, connection errors, error replies: all mean "no answer"
+            self._fail(exc, label)
+            raise StateUnavailable(type(exc).__name__, sent=sent) from None
+        self.breaker.success()
+        return result
+
+    def _fail(self, exc: BaseException, label: str) -> None:
+        if self.breaker.failure():
+            log.warning("%s (Redis) failed %d times in a row (%s); circuit open, probing in the background",
+                        label, self.breaker.threshold, type(exc).__name__)
+            if self._conn is not None:
+                self._conn.abort()  # a wedged connection is not reused; the probe opens a fresh one
+                self._conn = None
+            if self._prober is None or self._prober.done():
+                self._prober = asyncio.create_task(self._probe_until_up(), name=f"{self.client_name}-probe")
+        else:
+            now = time.monotonic()
+            if now - self._last_warning > 10.0:
+                self._last_warning = now
+                log.warning("%s (Redis) call failed: %s", label, type(exc).__name__)
+
+    async def _probe_until_up(self) -> None:
+        interval = self.probe_interval
+        while self.breaker.open:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    conn = await self._open()
+                    await conn.call(encode_command("PING"))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                interval = min(interval * 2, self.max_probe_interval)
+                continue
+            self._conn = conn
+            self.breaker.close()
+            log.warning("Redis answers again; circuit closed")
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def shared_client(redis: RedisClient | str, **options: object) -> tuple[RedisClient, bool]:
+    """The process's client, or (a URL: a command line, a test) one of its own: (client, owned)."""
+    if isinstance(redis, RedisClient):
+        return redis, False
+    return RedisClient(redis, **options), True  # type: ignore[arg-type]
+
+
+class RedisScripts:
+    """A plugin's Lua scripts, run on the process's ``RedisClient``.
+
+    One EVALSHA per call, bounded by a tight timeout; a script Redis forgot (restart) is loaded
+    again once. The client's circuit breaker answers at once with ``StateUnavailable`` while open,
+    so a dead Redis costs nothing per request. ``failures`` and ``round_trips`` count this
+    plugin's calls. Given a URL instead of a client, it opens (and closes) a client of its own.
+    """
+
+    def __init__(self, redis: RedisClient | str, scripts: Mapping[str, str], *, label: str,
+                 timeout: float = 0.1) -> None:
+        self.redis, self._owns_client = shared_client(redis, connect_timeout=max(timeout, 1.0))
+        self.label = label
+        self.timeout = timeout
+        self.breaker = self.redis.breaker
+        self.failures = 0
+        """Calls that failed (timeout, connection, server error)."""
+        self.round_trips = 0
+        """EVALSHA calls sent: one request and one reply each (several may share one TCP write)."""
+        self._scripts = {name: (lua.encode(), hashlib.sha1(lua.encode()).hexdigest())
+                         for name, lua in scripts.items()}
+        for lua, sha in self._scripts.values():
+            self.redis.register(lua, sha)
+
+    @property
+    def connect_timeout(self) -> float:
+        return self.redis.connect_timeout
+
+    async def start(self) -> None:
+        if self._owns_client:
+            await self.redis.start()
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self.redis.close()
+
     async def call(self, script: str, keys: Sequence[str], args: Sequence[object],
                    timeout: float | None = None) -> object:
         """EVALSHA one of the scripts: one round trip, bounded by the timeout; StateUnavailable on failure."""
         if self.breaker.open:
             raise StateUnavailable("circuit open", sent=False)
-        conn = self._conn
+        conn = self.redis._conn
         if conn is None or conn.closed:
             return await self._call_connecting(script, keys, args, timeout)
         self.round_trips += 1
@@ -348,7 +498,7 @@ class RedisScripts:
         sent = False
         try:
             async with asyncio.timeout(timeout or self.timeout):
-                conn = await self._connection()
+                conn = await self.redis._connection()
                 sent = True
                 self.round_trips += 1
                 payload = encode_command("EVALSHA", sha, len(keys), *keys, *args)
@@ -373,33 +523,4 @@ class RedisScripts:
 
     def _fail(self, exc: BaseException) -> None:
         self.failures += 1
-        if self.breaker.failure():
-            log.warning("%s (Redis) failed %d times in a row (%s); circuit open, probing in the background",
-                        self.label, self.breaker.threshold, type(exc).__name__)
-            if self._conn is not None:
-                self._conn.abort()  # a wedged connection is not reused; the probe opens a fresh one
-                self._conn = None
-            if self._prober is None or self._prober.done():
-                self._prober = asyncio.create_task(self._probe_until_up(), name=f"{self.client_name}-probe")
-        else:
-            now = time.monotonic()
-            if now - self._last_warning > 10.0:
-                self._last_warning = now
-                log.warning("%s (Redis) call failed: %s", self.label, type(exc).__name__)
-
-    async def _probe_until_up(self) -> None:
-        interval = self.probe_interval
-        while self.breaker.open:
-            await asyncio.sleep(interval)
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    conn = await self._open()
-                    await conn.call(encode_command("PING"))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                interval = min(interval * 2, self.max_probe_interval)
-                continue
-            self._conn = conn
-            self.breaker.close()
-            log.warning("%s (Redis) answers again; circuit closed", self.label)
+        self.redis._fail(exc, self.label)

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, RequestContext, hookimpl
-from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.appkeys import REDIS, STORE
 from nexgate_proxy.config import Config, ConfigReader, Price
 from .holds import (
     CreditState,
@@ -137,7 +137,7 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 async def nexgate_startup(app: web.Application, config: Config) -> None:
     credits = app[CREDITS]
     if credits.settings.enabled:
-        credits.state = open_credit_state(config.state_url)
+        credits.state = open_credit_state(config.state_url, redis=app.get(REDIS))
 
 
 @hookimpl

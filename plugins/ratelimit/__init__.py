@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nexgate_plugins.metrics import add_collector
 from nexgate_proxy import RequestContext, hookimpl
-from nexgate_proxy.appkeys import BUS
+from nexgate_proxy.appkeys import BUS, REDIS
 from nexgate_proxy.config import Config
 
 from .limiter import NAME, RateLimiter
@@ -65,7 +65,7 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 @hookimpl
 async def nexgate_startup(app: web.Application) -> None:
     limiter = app[LIMITER]
-    await limiter.start(app.get(BUS))
+    await limiter.start(app.get(BUS), app.get(REDIS))
     _register_metrics(app, limiter)
 
 

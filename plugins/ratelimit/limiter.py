@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Mapping, Sequence
 
 from nexgate_proxy import GatewayError, Identity, RequestContext
 from nexgate_proxy.clientip import IPNetwork
-from nexgate_proxy.state.redis import StateUnavailable
+from nexgate_proxy.state.redis import RedisClient, StateUnavailable
 
 from .counters import (
     BANNED,
@@ -210,9 +210,10 @@ class RateLimiter:
 
     # -- lifecycle
 
-    async def start(self, bus: Any) -> None:
+    async def start(self, bus: Any, redis: RedisClient | None = None) -> None:
+        """``redis``: the process's Redis client, when the state is on Redis."""
         self._bus = bus
-        self.backend = open_counters(self.state_url, prefix=self.settings.redis_prefix,
+        self.backend = open_counters(self.state_url, redis=redis, prefix=self.settings.redis_prefix,
                                      timeout=self.settings.redis_timeout_ms / 1000)
         self._in_process = isinstance(self.backend, MemoryCounters)
         await self.backend.start()

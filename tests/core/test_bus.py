@@ -6,9 +6,9 @@ import uuid
 from typing import AsyncIterator, Callable
 
 import pytest
-import redis.asyncio as redis_asyncio
 
 from nexgate_proxy.state.bus import EVICT_ALL, MemoryBus, RedisBus, open_bus
+from nexgate_proxy.state.redis import encode_command, open_resp, parse_redis_url
 
 
 class Recorder:
@@ -84,6 +84,7 @@ def test_open_bus_picks_backend_by_scheme() -> None:
     assert isinstance(open_bus("redis://127.0.0.1:6379/0"), RedisBus)
     rediss = open_bus("rediss://cache.example.com:6380", channel="custom")
     assert isinstance(rediss, RedisBus) and rediss.channel == "custom"
+    assert isinstance(open_bus("unix:///run/redis/redis.sock?db=2"), RedisBus)
     with pytest.raises(ValueError):
         open_bus("kafka://broker")
     with pytest.raises(ValueError):
@@ -166,28 +167,39 @@ async def test_malformed_messages_on_the_channel_are_ignored(
     recorder = Recorder()
     bus.subscribe(recorder)
     await bus.start()
-    raw = redis_asyncio.from_url(redis_url)
+    raw = await open_resp(parse_redis_url(redis_url))
     try:
         for junk in [b"not json", b"[]", b'{"o":"x","k":"","v":"y"}', b'{"o":"x","k":"a","v":1}', b"\xff" * 10]:
-            await raw.publish(channel, junk)
-        await raw.publish(channel, b'{"o":"someone-else","k":"api_key","v":"ok"}')
+            await raw.call(encode_command("PUBLISH", channel, junk))
+        await raw.call(encode_command("PUBLISH", channel, b'{"o":"someone-else","k":"api_key","v":"ok"}'))
     finally:
-        await raw.aclose()
+        raw.abort()
     await recorder.wait_for(lambda: bool(recorder.real()))
     assert recorder.real() == [("api_key", "ok")]
     assert bus.connected
 
 
-async def _kill_connections(redis_url: str, client_name: str) -> int:
-    admin = redis_asyncio.from_url(redis_url, decode_responses=True)
+async def client_list(redis_url: str) -> list[dict[str, str]]:
+    """Redis's CLIENT LIST, one dict of fields per connection."""
+    admin = await open_resp(parse_redis_url(redis_url))
     try:
-        clients = await admin.client_list()
-        victims = [c["id"] for c in clients if c.get("name") == client_name]
-        for client_id in victims:
-            await admin.client_kill_filter(_id=client_id)
-        return len(victims)
+        listing = await admin.call(encode_command("CLIENT", "LIST"))
     finally:
-        await admin.aclose()
+        admin.abort()
+    assert isinstance(listing, bytes)
+    return [dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
+            for line in listing.decode().splitlines()]
+
+
+async def _kill_connections(redis_url: str, client_name: str) -> int:
+    victims = [c["id"] for c in await client_list(redis_url) if c.get("name") == client_name]
+    admin = await open_resp(parse_redis_url(redis_url))
+    try:
+        for client_id in victims:
+            await admin.call(encode_command("CLIENT", "KILL", "ID", client_id))
+    finally:
+        admin.abort()
+    return len(victims)
 
 
 @pytest.mark.redis

@@ -34,7 +34,7 @@ import secrets
 import time
 
 from nexgate_proxy.background import stop_tasks
-from nexgate_proxy.state.redis import RedisScripts, StateUnavailable
+from nexgate_proxy.state.redis import RedisClient, RedisScripts, StateUnavailable
 
 from .base import (
     KEY_TTL_SECONDS,
@@ -215,12 +215,12 @@ class _Account:
 class RedisCreditState(CreditState):
     """Holds served from per-instance leases on the accounts' shared Redis state.
 
-    Speaks RESP through the rate limiter's lean client (``RedisScripts``).
+    Runs its scripts on the process's ``RedisClient`` (given a URL, on one of its own).
     """
 
-    def __init__(self, url: str, *, prefix: str = "nexgate:cr", timeout: float = 1.0) -> None:
-        self._redis = RedisScripts(url, {"grow": _GROW, "flush": _FLUSH, "credit": _CREDIT},
-                                   label="credit state", timeout=timeout, client_name="nexgate-credits")
+    def __init__(self, redis: RedisClient | str, *, prefix: str = "nexgate:cr", timeout: float = 1.0) -> None:
+        self._redis = RedisScripts(redis, {"grow": _GROW, "flush": _FLUSH, "credit": _CREDIT},
+                                   label="credit state", timeout=timeout)
         self._prefix = prefix
         self._instance = secrets.token_hex(6)
         self._accounts: dict[str, _Account] = {}

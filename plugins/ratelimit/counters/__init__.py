@@ -31,8 +31,10 @@ Redis trouble never hangs a request: every call has a tight timeout, and after
 a few consecutive failures a circuit breaker opens and calls fail at once
 (``StateUnavailable``) until a background probe sees Redis answer again.
 The caller decides whether that means "limit in-process" or "refuse".
-The Redis backend speaks RESP itself over one pipelined connection per
-process (redis-py's per-call overhead was larger than the rest of a request).
+The Redis backend runs its scripts on the process's one ``RedisClient`` (the core's,
+app key ``REDIS``): lean RESP over one pipelined connection, with one circuit breaker
+shared with every other user of it (redis-py's per-call overhead was larger than the
+rest of a request).
 
 Redis time (``TIME``) is the clock of the Redis backend, so instances with
 skewed clocks still agree on windows. Keys are ``<prefix>:<kind>:<subject>``
@@ -42,6 +44,8 @@ node: Redis Cluster is not supported.)
 
 from __future__ import annotations
 
+from nexgate_proxy.state.redis import RedisClient
+
 from .base import (
     BANNED, CONCURRENCY, DEFAULT_PREFIX, LEASE_SPAN_MS, REQUESTS, TOKENS, BruteForce, Check, Counters,
     Decision, Noted, Release,
@@ -50,13 +54,17 @@ from .memory import MemoryCounters
 from .redis import RedisCounters
 
 
-def open_counters(url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1, **options: object) -> Counters:
-    """``memory://`` for one process; ``redis://``, ``rediss://`` or ``unix://`` to share with other instances."""
+def open_counters(url: str, *, redis: RedisClient | None = None, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1,
+                  **options: object) -> Counters:
+    """``memory://`` for one process; ``redis://``, ``rediss://`` or ``unix://`` to share with other instances.
+
+    ``redis``: the process's client for that URL (without it, the counters open one of their own).
+    """
     scheme = url.split(":", 1)[0].lower()
     if scheme == "memory":
         return MemoryCounters()
     if scheme in ("redis", "rediss", "unix"):
-        return RedisCounters(url, prefix=prefix, timeout=timeout, **options)  # type: ignore[arg-type]
+        return RedisCounters(redis or url, prefix=prefix, timeout=timeout, **options)  # type: ignore[arg-type]
     raise ValueError(f"unsupported state URL scheme {scheme!r} (use memory://, redis://, rediss:// or unix://)")
 
 

@@ -9,7 +9,7 @@ import time
 from typing import Callable, Sequence
 
 from nexgate_proxy.background import stop_tasks
-from nexgate_proxy.state.redis import RedisScripts, RespError, StateUnavailable, encode_command, time_out
+from nexgate_proxy.state.redis import RedisClient, RedisScripts, RespError, StateUnavailable, encode_command, time_out
 
 from .base import (
     CONCURRENCY, DEFAULT_PREFIX, LEASE_SPAN_MS, REQUESTS, TOKENS, BruteForce, Check, Counters,
@@ -332,14 +332,11 @@ return k - 1
 class RedisCounters(RedisScripts, Counters):
     """The limits in Redis: one EVALSHA per call, a tight timeout, a circuit breaker."""
 
-    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1,
-                 breaker_threshold: int = 3, probe_interval: float = 0.5, max_probe_interval: float = 5.0,
-                 lease_renew_interval: float | None = None, client_name: str = "nexgate-ratelimit") -> None:
-        super().__init__(url, {"acquire": ACQUIRE_LUA, "settle": SETTLE_LUA, "note": NOTE_LUA, "renew": RENEW_LUA,
-                               "lease_ahead": LEASE_AHEAD_LUA, "leases": WINDOW_LEASES_LUA},
-                         label="rate limit state", timeout=timeout, breaker_threshold=breaker_threshold,
-                         probe_interval=probe_interval, max_probe_interval=max_probe_interval,
-                         client_name=client_name)
+    def __init__(self, redis: RedisClient | str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 0.1,
+                 lease_renew_interval: float | None = None) -> None:
+        super().__init__(redis, {"acquire": ACQUIRE_LUA, "settle": SETTLE_LUA, "note": NOTE_LUA, "renew": RENEW_LUA,
+                                 "lease_ahead": LEASE_AHEAD_LUA, "leases": WINDOW_LEASES_LUA},
+                         label="rate limit state", timeout=timeout)
         self.prefix = prefix
         self.lease_renew_interval = lease_renew_interval
         self._leases: dict[str, tuple[tuple[str, int], ...]] = {}
@@ -505,7 +502,7 @@ class RedisCounters(RedisScripts, Counters):
     def _open_batch(self) -> _SettleBatch:
         if self.breaker.open:
             raise StateUnavailable("circuit open")
-        conn = self._conn
+        conn = self.redis._conn
         if conn is None or conn.closed:
             # No connection at hand: a task waits for one, as call() would, and sends the batch then.
             batch = self._batch = _SettleBatch(asyncio.get_running_loop())

@@ -96,11 +96,11 @@ async def test_a_grant_raises_the_balance_running_gateways_cached(tmp_path: Path
         code, out, err = await cli("credits", "grant", user.id, "1", "--reason", "support")
         assert code == 0 and "did not answer" in err and "Granted $1" in out
     finally:
-        import redis.asyncio as redis_asyncio
+        from nexgate_proxy.state.redis import encode_command, open_resp, parse_redis_url
 
-        cleanup = redis_asyncio.from_url(redis_url)
-        await cleanup.delete(*state._keys(user.id))
-        await cleanup.aclose()
+        cleanup = await open_resp(parse_redis_url(redis_url))
+        await cleanup.call(encode_command("DEL", *state._keys(user.id)))
+        cleanup.abort()
         await state.close()
 
 

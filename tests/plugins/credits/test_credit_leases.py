@@ -189,8 +189,8 @@ async def test_with_redis_down_the_lease_keeps_serving_and_a_grow_fails_fast() -
     load = balance_of(1_000_000)
     try:
         assert (await state.reserve("acct", "r1", 1_000, 0, 60, load)).ok
-        state._redis._conn.abort()  # the connection drops; the address still answers, so break that too
-        state._redis.address = parse_redis_url("redis://127.0.0.1:1/0")
+        state._redis.redis._conn.abort()  # the connection drops; the address still answers, so break that too
+        state._redis.redis.address = parse_redis_url("redis://127.0.0.1:1/0")
         assert (await state.reserve("acct", "r2", 1_000, 0, 60, load)).ok  # room in the lease: no call
         with pytest.raises(CreditStateUnavailable):
             await state.reserve("acct", "huge", 10_000_000, 0, 60, load)

@@ -182,8 +182,8 @@ _COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Z]+)\r\n")
 
 def wire_commands(counters: RedisCounters) -> list[str]:
     """Record the name of every command written to the counters' Redis connection from now on."""
-    assert counters._conn is not None and counters._conn.transport is not None
-    transport = counters._conn.transport
+    assert counters.redis._conn is not None and counters.redis._conn.transport is not None
+    transport = counters.redis._conn.transport
     seen: list[str] = []
     original = transport.write
 
@@ -220,7 +220,7 @@ async def test_one_round_trip_per_call() -> None:
 async def test_a_late_reply_is_skipped_and_the_connection_stays_in_step() -> None:
     counters = RedisCounters(require_redis(), prefix=f"test:rl:{secrets.token_hex(6)}", timeout=0.03)
     await counters.start()
-    conn = counters._conn
+    conn = counters.redis._conn
     assert conn is not None
     deliver = conn.data_received
     loop = asyncio.get_running_loop()
@@ -234,7 +234,7 @@ async def test_a_late_reply_is_skipped_and_the_connection_stays_in_step() -> Non
         second = await counters.acquire(member(), check)
         # Its own reply, not the stale one: the timed-out call was still counted by Redis.
         assert second.allowed and second.remaining == [8]
-        assert counters._conn is conn and not counters.breaker.open
+        assert counters.redis._conn is conn and not counters.breaker.open
     finally:
         await counters.close()
 
@@ -389,7 +389,7 @@ async def test_close_sends_the_settles_still_waiting() -> None:
 async def test_a_settle_that_times_out_counts_as_a_failure_and_the_connection_stays_in_step() -> None:
     counters = RedisCounters(require_redis(), prefix=f"test:rl:{secrets.token_hex(6)}", timeout=0.05)
     await counters.start()
-    conn = counters._conn
+    conn = counters.redis._conn
     assert conn is not None
     try:
         slot = Check(CONCURRENCY, "key:slow", 2)
@@ -405,7 +405,7 @@ async def test_a_settle_that_times_out_counts_as_a_failure_and_the_connection_st
         conn.data_received = deliver  # type: ignore[method-assign]
         # Redis did free the slot; the next call gets its own reply, not the stale one.
         assert (await counters.acquire(member(), [slot])).remaining == [1]
-        assert counters._conn is conn
+        assert counters.redis._conn is conn
     finally:
         await counters.close()
 

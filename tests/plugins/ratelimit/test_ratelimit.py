@@ -7,12 +7,9 @@ import json
 import logging
 import re
 import secrets
-import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -29,7 +26,7 @@ from nexgate_plugins.auth import AUTH
 from nexgate_plugins.ratelimit import LIMITER
 from nexgate_plugins.ratelimit.limiter import RateLimiter, format_duration
 from nexgate_plugins.ratelimit.settings import LimitSettings, Quota
-from nexgate_proxy.testing import FakeUpstream, Gateway, StartGateway, free_port, gateway_config
+from nexgate_proxy.testing import FakeUpstream, Gateway, StartGateway, gateway_config
 from tests.plugins.ratelimit.test_counters import wire_commands
 
 CHAT = "/v1/chat/completions"
@@ -413,32 +410,6 @@ async def test_a_ban_holds_on_every_instance(upstream: FakeUpstream, start_gatew
 
 
 # --------------------------------------------------------- Redis failures
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[str, subprocess.Popen]]:
-    """A throwaway redis-server on its own port, for tests that kill it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("the throwaway redis-server did not start")
-            await asyncio.sleep(0.02)
-    yield f"redis://127.0.0.1:{port}/0", proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
 
 
 async def _timed(session: aiohttp.ClientSession, gw: Gateway) -> tuple[int, dict, dict, float]:
