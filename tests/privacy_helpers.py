@@ -13,8 +13,6 @@ import openai
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import nexgate_plugins.admin as admin_plugin
-import nexgate_plugins.admin.privacy as privacy_api
-import nexgate_plugins.admin.privacy_openapi as privacy_openapi
 import nexgate_plugins.redaction as redaction
 from nexgate_plugins.usage_log import OUTBOX
 from nexgate_proxy.testing import Gateway

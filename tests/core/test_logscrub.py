@@ -12,8 +12,6 @@ import aiohttp
 import pytest
 
 import nexgate_plugins.admin as admin_plugin
-import nexgate_plugins.admin.privacy as privacy_api
-import nexgate_plugins.admin.privacy_openapi as privacy_openapi
 import nexgate_plugins.redaction as redaction
 from nexgate_proxy import cli, logscrub
 from nexgate_proxy.context import RequestContext

@@ -18,7 +18,6 @@ import openai
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-import nexgate_plugins.admin as admin_plugin
 import nexgate_plugins.admin.privacy as privacy_api
 import nexgate_plugins.admin.privacy_openapi as privacy_openapi
 import nexgate_plugins.redaction as redaction
