@@ -15,7 +15,7 @@ from .config import Config, ConfigError
 from .context import RequestContext
 from .endpoints import ENDPOINTS, Endpoint
 from .errors import GatewayError
-from .plugins import HookChain, build_plugin_manager
+from .plugins import HookChain, build_plugin_manager, configure
 from .providers.base import Provider
 from .proxy import Proxy, new_request_id
 from .services import readiness, services_context
@@ -38,11 +38,15 @@ def resolve_providers(config: Config, chain: HookChain, problems: list[str]) -> 
 
 
 def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Application:
-    """The gateway application. Raises ConfigError or PluginError before anything starts."""
-    chain = HookChain(build_plugin_manager(config, extra_plugins))
+    """The gateway application. Raises ConfigError or PluginError before anything starts.
+
+    The plugins' config sections are parsed here, once; every hook gets the config carrying them.
+    """
+    pm = build_plugin_manager(config, extra_plugins)
+    chain = HookChain(pm)
     problems: list[str] = []
+    config = configure(config, pm, problems)
     providers = resolve_providers(config, chain, problems)
-    problems += chain.check_config(config)
     if problems:
         raise ConfigError(config.source, problems)
     proxy = Proxy(config, chain, providers)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 from .config import Config, ConfigError, find_config, load_config
+from .plugins import resolve_config
 from .store import Conflict, LastOwnerError, NotFound, SchemaError, Store, StoreError, open_store
 
 """Same lookup as ``nexgate serve`` (nexgate_proxy.cli)."""
@@ -50,7 +51,8 @@ def environment(args: argparse.Namespace) -> Env:
         path = find_config(args.config)
         if path is None:
             raise CliError("no config file: pass --config PATH or --storage-url URL, or set NEXGATE_CONFIG")
-        config = load_config(path)
+        # The plugins' sections too: commands read them (auth.bcrypt_rounds, privacy.ip_retention_days).
+        config = resolve_config(load_config(path))
     storage_url = args.storage_url or (config.storage_url if config else "")
     state_url = getattr(args, "state_url", None) or (config.state_url if config else "memory://")
     return Env(args, config, storage_url, state_url)

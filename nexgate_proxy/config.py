@@ -1,8 +1,15 @@
 """The one YAML config file: load, interpolate ``${ENV}``, validate, freeze.
 
+Every top-level section is declared once as a :class:`ConfigSection` (its name,
+parser, keys and a one-line description): the core's own sections here, each
+plugin's through the ``nexgate_config_sections`` hook. ``parse_config`` parses
+the core's sections; the plugins' sections are parsed once the plugins are
+known (``nexgate_proxy.plugins.configure``, run by ``build_app``), and a plugin
+reads its typed settings with ``config.section(SECTION)``.
+
 Every problem is reported with the file, the key path and what to do about it,
-and all problems are reported at once. A config with any problem never starts
-the server.
+and all problems are reported at once: the core's, every section's and unknown
+top-level keys together. A config with any problem never starts the server.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import re
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import yaml
 
@@ -133,14 +140,56 @@ class Config:
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     models: Mapping[str, ModelRoute] = field(default_factory=dict)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
-    plugin_config: Mapping[str, Any] = field(default_factory=dict)
-    """Free-form settings for third-party plugins, by plugin name."""
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    """The interpolated YAML, for sections owned by built-in plugins."""
+    settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The parsed plugin sections by name; read them with :meth:`section`."""
+    unparsed: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The interpolated top-level entries the core does not own, until the plugins' sections parse them.
+    For the core only: a plugin reads ``config.section(...)``."""
+
+    def section(self, section: ConfigSection[T]) -> T:
+        """The typed settings of a declared section (its defaults when the YAML leaves it out)."""
+        try:
+            return self.settings[section.name]  # type: ignore[no-any-return]
+        except KeyError:
+            raise LookupError(
+                f"config section '{section.name}' is not parsed: sections are parsed once the plugins are known "
+                "(build_app, or nexgate_proxy.plugins.resolve_config); is its plugin registered?") from None
 
     def secrets(self) -> list[str]:
         """Every configured credential, for log scrubbing and leak tests."""
         return [p.api_key for p in self.providers.values() if p.api_key]
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ConfigSection(Generic[T]):
+    """A top-level config section, declared once by its owner (a plugin's ``nexgate_config_sections``).
+
+    The core checks the section's keys against ``keys`` (unknown ones are problems with a hint),
+    then calls ``parse(reader, section, config)`` once with the section's mapping (empty when the
+    YAML leaves the section out) and the config with the core's sections parsed (for checks across
+    sections). The parser records problems through the reader, with their key paths, and returns
+    the typed settings, using defaults where a value is bad. ``config.section(THIS)`` returns them.
+    """
+
+    name: str
+    parse: Callable[[ConfigReader, dict[str, Any], Config], T]
+    keys: tuple[str, ...]
+    """The section's own keys (nested mappings are the parser's to check); config/nexgate.yaml shows each."""
+    description: str
+    """One line for people: what the section configures."""
+    entries: bool = False
+    """The section maps names (chosen by the user) to entries, and ``keys`` are each entry's keys:
+    the parser then gets ``{name: entry mapping}``, each entry's keys checked."""
+
+    def mapping(self, r: ConfigReader, raw: Any) -> dict[str, Any]:
+        """The section's mapping from the YAML, its keys (or its entries' keys) checked."""
+        if not self.entries:
+            return r.mapping(raw, self.name, self.keys)
+        return {name: r.mapping(entry, _join(self.name, name), self.keys)
+                for name, entry in r.mapping(raw, self.name).items()}
 
 
 # ------------------------------------------------------------- interpolation
@@ -291,12 +340,7 @@ def _non_negative(v: Any) -> str | None:
 
 
 # ---------------------------------------------------------------- sections
-
-TOP_LEVEL_KEYS = (
-    "server", "storage", "state", "upstream", "providers", "models", "plugins",
-    "plugin_config", "auth", "limits", "credits", "usage", "privacy", "payments", "admin",
-)
-"""Sections this version knows. Sections owned by built-in plugins are validated by them."""
+# The core's sections, declared like a plugin's: each ConfigSection is the one list of its keys.
 
 
 def _timeouts(r: ConfigReader, raw: Any, path: str, base: Timeouts) -> Timeouts:
@@ -309,10 +353,8 @@ def _timeouts(r: ConfigReader, raw: Any, path: str, base: Timeouts) -> Timeouts:
     )
 
 
-def _server(r: ConfigReader, raw: Any) -> ServerConfig:
+def _server(r: ConfigReader, s: dict[str, Any], config: Config) -> ServerConfig:
     p = "server"
-    s = r.mapping(raw, p, ("host", "port", "workers", "grace_period", "max_body_bytes",
-                           "max_header_bytes", "access_log", "trusted_proxies"))
     d = ServerConfig()
     return ServerConfig(
         host=r.value(s, "host", p, str, d.host),
@@ -338,9 +380,24 @@ def _networks(r: ConfigReader, section: dict[str, Any], key: str, path: str) -> 
     return tuple(networks)
 
 
-def _upstream(r: ConfigReader, raw: Any) -> UpstreamConfig:
+def _url(r: ConfigReader, s: dict[str, Any], path: str, default: str, schemes: tuple[str, ...]) -> str:
+    url = r.value(s, "url", path, str, default)
+    if not url.startswith(schemes):
+        r.problem(f"{path}.url", f"must start with one of {', '.join(schemes)}, got {url.split(':', 1)[0]!r}")
+    return url
+
+
+def _storage(r: ConfigReader, s: dict[str, Any], config: Config) -> tuple[str, bool]:
+    return (_url(r, s, "storage", "sqlite:///./nexgate.db", ("sqlite://", "postgresql://", "postgres://")),
+            r.value(s, "migrate_on_start", "storage", bool, True))
+
+
+def _state(r: ConfigReader, s: dict[str, Any], config: Config) -> str:
+    return _url(r, s, "state", "memory://", ("memory://", "redis://", "rediss://", "unix://"))
+
+
+def _upstream(r: ConfigReader, s: dict[str, Any], config: Config) -> UpstreamConfig:
     p = "upstream"
-    s = r.mapping(raw, p, ("timeouts", "max_response_bytes", "max_connections"))
     d = UpstreamConfig()
     return UpstreamConfig(
         timeouts=_timeouts(r, s.get("timeouts"), f"{p}.timeouts", d.timeouts),
@@ -349,11 +406,10 @@ def _upstream(r: ConfigReader, raw: Any) -> UpstreamConfig:
     )
 
 
-def _providers(r: ConfigReader, raw: Any) -> dict[str, ProviderConfig]:
+def _providers(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[str, ProviderConfig]:
     out: dict[str, ProviderConfig] = {}
-    for name, spec in r.mapping(raw, "providers").items():
+    for name, s in entries.items():
         p = f"providers.{name}"
-        s = r.mapping(spec, p, ("type", "base_url", "api_key", "headers", "options"))
         ptype = r.value(s, "type", p, str, "")
         if not ptype:
             r.problem(f"{p}.type", f"required (one of: {KNOWN_PROVIDER_TYPES_HINT}, or a plugin's type)")
@@ -391,12 +447,11 @@ def _price(r: ConfigReader, raw: Any, path: str) -> Price | None:
     return Price(input=values["input"], output=values["output"], cached_input=values["cached_input"])
 
 
-def _models(r: ConfigReader, raw: Any, providers: Mapping[str, ProviderConfig], default_timeouts: Timeouts) -> dict[str, ModelRoute]:
-    models_raw = r.mapping(raw, "models")
+def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[str, ModelRoute]:
+    providers = config.providers
     out: dict[str, ModelRoute] = {}
-    for alias, spec in models_raw.items():
+    for alias, s in entries.items():
         p = f"models.{alias}"
-        s = r.mapping(spec, p, ("route", "fallbacks", "timeouts", "price", "free", "max_output_tokens"))
         targets: list[Target] = []
         route = s.get("route")
         if not isinstance(route, list) or not route:
@@ -419,7 +474,7 @@ def _models(r: ConfigReader, raw: Any, providers: Mapping[str, ProviderConfig], 
         for i, fb in enumerate(fallbacks):
             if isinstance(fb, (dict, list)):
                 r.problem(f"{p}.fallbacks[{i}]", f"expected a model name, got {_kind(fb)}")
-            elif fb not in models_raw:
+            elif fb not in entries:
                 r.problem(f"{p}.fallbacks[{i}]", f"unknown model '{fb}' (fallbacks name other models of this table)")
             elif fb == alias:
                 r.problem(f"{p}.fallbacks[{i}]", "a model cannot fall back to itself")
@@ -433,7 +488,7 @@ def _models(r: ConfigReader, raw: Any, providers: Mapping[str, ProviderConfig], 
             alias=str(alias),
             targets=tuple(replace(t, price=t.price or price) for t in targets),
             fallbacks=tuple(str(f) for f in fallbacks),
-            timeouts=_timeouts(r, s.get("timeouts"), f"{p}.timeouts", default_timeouts),
+            timeouts=_timeouts(r, s.get("timeouts"), f"{p}.timeouts", config.upstream.timeouts),
             price=price,
             free=free,
             max_output_tokens=r.value(s, "max_output_tokens", p, int, None, _positive),
@@ -441,9 +496,8 @@ def _models(r: ConfigReader, raw: Any, providers: Mapping[str, ProviderConfig], 
     return out
 
 
-def _plugins(r: ConfigReader, raw: Any) -> PluginsConfig:
+def _plugins(r: ConfigReader, s: dict[str, Any], config: Config) -> PluginsConfig:
     p = "plugins"
-    s = r.mapping(raw, p, ("modules", "directory", "disable", "entrypoints"))
     return PluginsConfig(
         modules=tuple(str(m) for m in r.value(s, "modules", p, list, [])),
         directory=r.value(s, "directory", p, str, None),
@@ -452,43 +506,69 @@ def _plugins(r: ConfigReader, raw: Any) -> PluginsConfig:
     )
 
 
-def _url(r: ConfigReader, raw: Any, path: str, default: str, schemes: tuple[str, ...],
-         known: tuple[str, ...] = ("url",)) -> str:
-    s = r.mapping(raw, path, known)
-    url = r.value(s, "url", path, str, default)
-    if not url.startswith(schemes):
-        r.problem(f"{path}.url", f"must start with one of {', '.join(schemes)}, got {url.split(':', 1)[0]!r}")
-    return url
+SERVER_SECTION = ConfigSection("server", _server, (
+    "host", "port", "workers", "grace_period", "max_body_bytes", "max_header_bytes", "access_log",
+    "trusted_proxies"), "The listening socket, worker processes and request size limits.")
+STORAGE_SECTION = ConfigSection("storage", _storage, ("url", "migrate_on_start"),
+                                "The durable store: SQLite or PostgreSQL.")
+STATE_SECTION = ConfigSection("state", _state, ("url",),
+                              "The hot state shared by instances: memory:// or Redis.")
+UPSTREAM_SECTION = ConfigSection("upstream", _upstream, ("timeouts", "max_response_bytes", "max_connections"),
+                                 "Timeouts and limits of the calls to providers.")
+PROVIDERS_SECTION = ConfigSection("providers", _providers, ("type", "base_url", "api_key", "headers", "options"),
+                                  "The upstream APIs, by a name of your choice.", entries=True)
+MODELS_SECTION = ConfigSection("models", _models, (
+    "route", "fallbacks", "timeouts", "price", "free", "max_output_tokens"),
+    "The routing table: the model names clients send, where they go and what they cost.", entries=True)
+PLUGINS_SECTION = ConfigSection("plugins", _plugins, ("modules", "directory", "disable", "entrypoints"),
+                                "Which plugins load besides the built-ins, and which built-ins are off.")
+
+CORE_SECTIONS: tuple[ConfigSection[Any], ...] = (
+    SERVER_SECTION, STORAGE_SECTION, STATE_SECTION, UPSTREAM_SECTION, PROVIDERS_SECTION, MODELS_SECTION,
+    PLUGINS_SECTION)
+"""In parsing order: models read the providers and the upstream timeouts."""
+CORE_SECTION_NAMES = tuple(s.name for s in CORE_SECTIONS)
 
 
 def parse_config(data: Any, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
-    """Validate a loaded YAML document; raise ConfigError listing every problem."""
+    """Validate a loaded YAML document's core sections; raise ConfigError listing every problem.
+
+    The plugins' sections stay in ``unparsed`` until the plugins are known (``build_app``).
+    When the core has problems, the sections of the plugins this config loads are checked
+    too, so that the one error lists them all.
+    """
     problems: list[str] = []
     r = ConfigReader(problems)
     if data is None:
         data = {}
     data = interpolate(data, os.environ if env is None else env, "", problems)
-    top = r.mapping(data, "", TOP_LEVEL_KEYS)
-    upstream = _upstream(r, top.get("upstream"))
-    providers = _providers(r, top.get("providers"))
-    config = Config(
-        source=source,
-        server=_server(r, top.get("server")),
-        storage_url=_url(r, top.get("storage"), "storage", "sqlite:///./nexgate.db",
-                         ("sqlite://", "postgresql://", "postgres://"), ("url", "migrate_on_start")),
-        storage_migrate_on_start=r.value(r.mapping(top.get("storage"), "storage"), "migrate_on_start",
-                                         "storage", bool, True),
-        state_url=_url(r, top.get("state"), "state", "memory://", ("memory://", "redis://", "rediss://", "unix://")),
-        upstream=upstream,
-        providers=providers,
-        models=_models(r, top.get("models"), providers, upstream.timeouts),
-        plugins=_plugins(r, top.get("plugins")),
-        plugin_config=r.mapping(top.get("plugin_config"), "plugin_config"),
-        raw=top,
+    top = r.mapping(data, "")
+    config = Config(source=source)
+
+    def section(declared: ConfigSection[T]) -> T:
+        return declared.parse(r, declared.mapping(r, top.get(declared.name)), config)
+
+    server = section(SERVER_SECTION)
+    storage_url, migrate_on_start = section(STORAGE_SECTION)
+    state_url = section(STATE_SECTION)
+    config = replace(config, upstream=section(UPSTREAM_SECTION))
+    config = replace(config, providers=section(PROVIDERS_SECTION))
+    config = replace(
+        config,
+        server=server,
+        storage_url=storage_url,
+        storage_migrate_on_start=migrate_on_start,
+        state_url=state_url,
+        models=section(MODELS_SECTION),
+        plugins=section(PLUGINS_SECTION),
+        unparsed={str(k): v for k, v in top.items() if k not in CORE_SECTION_NAMES},
     )
     if problems:
-        raise ConfigError(source, problems)
+        from .plugins import section_problems  # the plugin manager needs this module first
+
+        raise ConfigError(source, problems + section_problems(config))
     return config
+
 
 
 DEFAULT_CONFIG_PATHS = ("nexgate.yaml", "config/nexgate.yaml")

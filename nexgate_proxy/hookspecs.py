@@ -24,7 +24,7 @@ supported on request phases (they cannot wrap coroutines); use ``tryfirst`` /
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from aiohttp import web
 
-    from .config import Config, Target
+    from .config import Config, ConfigSection, Target
     from .context import Identity, RequestContext
     from .records import UsageRecord
     from .providers.base import Provider
@@ -55,12 +55,17 @@ def nexgate_register_providers() -> dict[str, type[Provider]]:
 
 
 @hookspec
-def nexgate_check_config(config: Config) -> list[str] | None:
-    """Validate the config sections this plugin owns; return problems as "key.path: what is wrong".
+def nexgate_config_sections() -> list[ConfigSection[Any]]:
+    """Declare the top-level config sections this plugin owns.
 
-    Runs once while the application is built and by ``nexgate config check``.
-    Any problem from any plugin stops the server from starting; all are
-    reported together with the core's own.
+    Return ``nexgate_proxy.config.ConfigSection(name, parse, keys, description)``
+    objects. The core parses each section once while the application is built
+    and in ``nexgate config check``: it checks the section's keys, calls
+    ``parse(reader, section, config)`` and reports the problems it records with
+    those of the core and of every other section, in one pass. Top-level keys
+    no section declares are errors. Read the typed result with
+    ``config.section(SECTION)``. The sections of a built-in named by
+    ``plugins.disable`` are still parsed and checked (their settings go unused).
     """
 
 

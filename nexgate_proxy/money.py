@@ -56,7 +56,8 @@ def price_problem(price: Price) -> str | None:
         try:
             per_token_pico(value)
         except ValueError:
-            return f"{name}: {value} has more than 6 decimals per million tokens, which NexGate cannot charge exactly"
+            # Plain notation, as the YAML has it: str() would show 0.0000001 as 1E-7.
+            return f"{name}: {value:f} has more than 6 decimals per million tokens, which NexGate cannot charge exactly"
     return None
 
 

@@ -15,17 +15,20 @@ import inspect
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pluggy
 
 from . import RecordRejected, hookspecs
+from .config import CORE_SECTION_NAMES, Config, ConfigError, ConfigReader, ConfigSection
 from .context import RequestContext, usage_record
 from .errors import GatewayError
 
 if TYPE_CHECKING:
-    from .config import Config, Target
+    from .config import Target
 
 log = logging.getLogger("nexgate.plugins")
 
@@ -46,8 +49,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 """Built-in plugins, registered like any other. ``plugins.disable`` in the config removes one."""
 
 ON_DISABLED = "nexgate_on_disabled"
-"""A built-in module may define ``nexgate_on_disabled(config)``: called when ``plugins.disable`` names it,
-to refuse (raise ConfigError) or warn."""
+"""A built-in module may define ``nexgate_on_disabled(config)``: called with the parsed config when
+``plugins.disable`` names it, to refuse (raise ConfigError, whose problems join the others) or warn."""
 
 ENTRYPOINT_GROUP = "nexgate"
 ENTRYPOINTS_ENV = "NEXGATE_LOAD_PLUGINS"
@@ -62,14 +65,10 @@ def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -
     """Built-ins, entry points, the config's modules and directory, then ``extra_plugins`` (embedding, tests)."""
     pm = pluggy.PluginManager("nexgate")
     pm.add_hookspecs(hookspecs)
-    disabled = set(config.plugins.disable)
+    disabled = set(disabled_builtins(config))
     for name in DEFAULT_PLUGINS:
-        module = importlib.import_module(name)
-        if name.rsplit(".", 1)[-1] not in disabled and name not in disabled:
-            _register(pm, module, name)
-        elif hasattr(module, ON_DISABLED):
-            # A disabled plugin registers no hooks, so it gets this one say: refuse (e.g. the privacy guard).
-            getattr(module, ON_DISABLED)(config)
+        if name not in disabled:
+            _register(pm, importlib.import_module(name), name)
     if config.plugins.entrypoints and os.environ.get(ENTRYPOINTS_ENV, "1") != "0":
         try:
             pm.load_setuptools_entrypoints(ENTRYPOINT_GROUP)
@@ -91,6 +90,12 @@ def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{exc} (is the hook name misspelt? known hooks are in nexgate_proxy/hookspecs.py)") from exc
     return pm
+
+
+def disabled_builtins(config: Config) -> list[str]:
+    """The built-ins ``plugins.disable`` names (by short or full name)."""
+    disabled = set(config.plugins.disable)
+    return [name for name in DEFAULT_PLUGINS if name in disabled or name.rsplit(".", 1)[-1] in disabled]
 
 
 def _register(pm: pluggy.PluginManager, module: Any, name: str) -> None:
@@ -122,6 +127,73 @@ def _load_directory(directory: Path) -> list[tuple[Any, str]]:
             raise PluginError(f"plugins.directory: '{path}' failed to import: {exc!r}") from exc
         loaded.append((module, f"{directory.name}/{path.name}"))
     return loaded
+
+
+# ------------------------------------------------------ config sections
+
+
+def configure(config: Config, pm: pluggy.PluginManager, problems: list[str]) -> Config:
+    """``config`` with every section the plugins declare parsed, once; problems are added to ``problems``.
+
+    Checks that every top-level key is a section someone declared. A disabled built-in's
+    sections are parsed and checked too (a typo there is still a typo), then its
+    ``nexgate_on_disabled`` hook has its say.
+    """
+    declared: dict[str, tuple[str, ConfigSection[Any]]] = {}
+
+    def declare(owner: str, sections: Any) -> None:
+        for section in sections or ():
+            if section.name in CORE_SECTION_NAMES:
+                raise PluginError(f"plugin '{owner}' declares the config section '{section.name}', which is the core's")
+            if section.name in declared and declared[section.name][1] is not section:
+                raise PluginError(f"config section '{section.name}' is declared twice "
+                                  f"(by '{declared[section.name][0]}' and '{owner}')")
+            declared[section.name] = (owner, section)
+
+    # Registration order (pluggy calls the last registered first), so problems read top-down.
+    for impl in reversed(_compile(pm, "nexgate_config_sections")):
+        declare(impl.plugin, impl.call())
+    disabled = [importlib.import_module(name) for name in disabled_builtins(config)]
+    for module in disabled:
+        if hasattr(module, "nexgate_config_sections"):
+            declare(module.__name__, module.nexgate_config_sections())
+
+    r = ConfigReader(problems)
+    r.mapping(dict(config.unparsed), "", (*CORE_SECTION_NAMES, *declared))  # unknown top-level keys
+    settings: dict[str, Any] = {}
+    for name, (owner, section) in declared.items():
+        try:
+            settings[name] = section.parse(r, section.mapping(r, config.unparsed.get(name)), config)
+        except Exception as exc:  # a parser's bug must name its plugin, not look like a config problem
+            raise PluginError(f"plugin '{owner}': parsing the config section '{name}' failed: {exc!r}") from exc
+    config = replace(config, settings=MappingProxyType(settings))  # frozen like the rest of Config
+    for module in disabled:
+        if hasattr(module, ON_DISABLED):
+            # A disabled plugin registers no hooks, so it gets this one say: refuse (e.g. the privacy guard).
+            try:
+                getattr(module, ON_DISABLED)(config)
+            except ConfigError as exc:
+                problems += exc.problems
+    return config
+
+
+def resolve_config(config: Config, extra_plugins: Sequence[object] = ()) -> Config:
+    """``config`` with its plugins' sections parsed, for code that needs them without an app (the CLI)."""
+    problems: list[str] = []
+    config = configure(config, build_plugin_manager(config, extra_plugins), problems)
+    if problems:
+        raise ConfigError(config.source, problems)
+    return config
+
+
+def section_problems(config: Config) -> list[str]:
+    """The problems of the sections of the plugins ``config`` loads (for a config that fails anyway)."""
+    problems: list[str] = []
+    try:
+        configure(config, build_plugin_manager(config), problems)
+    except PluginError as exc:
+        problems.append(str(exc))  # e.g. "plugins.modules: cannot import 'x': ..."
+    return problems
 
 
 # ------------------------------------------------------------- the chain
@@ -311,12 +383,6 @@ class HookChain:
                     raise PluginError(f"provider type '{name}' is registered twice (by '{impl.plugin}' and another plugin)")
                 types[name] = cls
         return types
-
-    def check_config(self, config: Config) -> list[str]:
-        problems: list[str] = []
-        for impl in _compile(self.pm, "nexgate_check_config"):
-            problems += impl.call(config) or []
-        return problems
 
     def cli_commands(self, subparsers: Any) -> None:
         for impl in _compile(self.pm, "nexgate_cli_commands"):

@@ -48,7 +48,7 @@ from aiohttp import web
 
 from nexgate_proxy import GatewayError, hookimpl
 from nexgate_proxy.appkeys import STORE
-from nexgate_proxy.config import Config, ConfigReader
+from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from nexgate_plugins.credits.holds import nano_floor
 from nexgate_proxy.money import format_usd, usd_to_pico
 from nexgate_plugins.credits.statements import find_account
@@ -102,9 +102,7 @@ def decode_secret(secret: str) -> bytes:
     return key
 
 
-def parse_payment_settings(config: Config, problems: list[str]) -> PaymentSettings:
-    r = ConfigReader(problems)
-    section = r.mapping(config.raw.get("payments"), "payments", ("dodopayments",))
+def parse_payment_settings(r: ConfigReader, section: dict[str, Any], config: Config) -> PaymentSettings:
     if section.get("dodopayments") is None:
         return PaymentSettings()
     p = "payments.dodopayments"
@@ -161,6 +159,10 @@ def parse_payment_settings(config: Config, problems: list[str]) -> PaymentSettin
                                else "must be between 1024 and 16777216"),
     )
     return PaymentSettings(dodopayments=settings)
+
+
+PAYMENTS_SECTION = ConfigSection("payments", parse_payment_settings, ("dodopayments",),
+                                 "Payment providers whose webhooks buy credits (DodoPayments).")
 
 
 PAYMENTS: web.AppKey[PaymentSettings] = web.AppKey("nexgate_plugins.payments", PaymentSettings)
@@ -493,15 +495,13 @@ async def _method_not_allowed(request: web.Request) -> web.Response:
 
 
 @hookimpl
-def nexgate_check_config(config: Config) -> list[str]:
-    problems: list[str] = []
-    parse_payment_settings(config, problems)
-    return problems
+def nexgate_config_sections() -> list[ConfigSection[Any]]:
+    return [PAYMENTS_SECTION]
 
 
 @hookimpl
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
-    settings = parse_payment_settings(config, [])
+    settings = config.section(PAYMENTS_SECTION)
     app[PAYMENTS] = settings
     if settings.dodopayments is not None:
         resource = app.router.add_resource(WEBHOOK_PATH)

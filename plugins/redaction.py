@@ -55,7 +55,7 @@ from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, logscrub
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.clikit import Env, add_command, emit, non_negative, option_parents
-from nexgate_proxy.config import Config, ConfigError, ConfigReader
+from nexgate_proxy.config import Config, ConfigError, ConfigReader, ConfigSection
 from nexgate_proxy.endpoints import ENDPOINTS
 from nexgate_proxy.store import Store, StoreError
 
@@ -82,10 +82,8 @@ class PrivacySettings:
 MAX_RETENTION_DAYS = 3650
 
 
-def parse_privacy_settings(config: Config, problems: list[str]) -> PrivacySettings:
-    r = ConfigReader(problems)
+def parse_privacy_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> PrivacySettings:
     p = "privacy"
-    s = r.mapping(config.raw.get("privacy"), p, ("ip_retention_days", "allow_unguarded"))
     d = PrivacySettings()
     return PrivacySettings(
         ip_retention_days=r.value(
@@ -93,6 +91,10 @@ def parse_privacy_settings(config: Config, problems: list[str]) -> PrivacySettin
             lambda v: None if 0 <= v <= MAX_RETENTION_DAYS else f"must be between 0 and {MAX_RETENTION_DAYS} days"),
         allow_unguarded=r.value(s, "allow_unguarded", p, bool, d.allow_unguarded),
     )
+
+
+PRIVACY_SECTION = ConfigSection("privacy", parse_privacy_settings, ("ip_retention_days", "allow_unguarded"),
+                                "How long client IPs are kept, and consent to run without the privacy guard.")
 
 
 def is_disabled(config: Config) -> bool:
@@ -103,20 +105,16 @@ def is_disabled(config: Config) -> bool:
 def nexgate_on_disabled(config: Config) -> None:
     """Raise ConfigError if the guard is disabled without ``privacy.allow_unguarded: true``; else warn loudly.
 
-    The plugin manager calls this when ``plugins.disable`` names ``redaction``
-    (see ``nexgate_proxy.plugins.ON_DISABLED``).
+    The plugin manager calls this when ``plugins.disable`` names ``redaction``, with the parsed
+    config (the ``privacy`` section is parsed even then; see ``nexgate_proxy.plugins.ON_DISABLED``).
     """
     if not is_disabled(config):
         return
-    problems: list[str] = []
-    settings = parse_privacy_settings(config, problems)
-    if not problems and not settings.allow_unguarded:
-        problems.append(
+    if not config.section(PRIVACY_SECTION).allow_unguarded:
+        raise ConfigError(config.source, [
             "plugins.disable: 'redaction' is the privacy guard (it keeps content out of the usage log, the "
             "store, logs and metrics, and clears old client IPs); to run without it anyway, also set "
-            "privacy.allow_unguarded: true")
-    if problems:
-        raise ConfigError(config.source, problems)
+            "privacy.allow_unguarded: true"])
     log.warning("PRIVACY GUARD DISABLED: plugins.disable names 'redaction' and privacy.allow_unguarded is true. "
                 "Usage records, spool files, logs and metrics are NOT checked for content, and client IPs are "
                 "NOT cleared after privacy.ip_retention_days. Do not run like this in production.")
@@ -412,16 +410,14 @@ def _config_secrets(config: Config) -> tuple[str, ...]:
 
 
 @hookimpl
-def nexgate_check_config(config: Config) -> list[str]:
-    problems: list[str] = []
-    parse_privacy_settings(config, problems)
-    return problems
+def nexgate_config_sections() -> list[ConfigSection[Any]]:
+    return [PRIVACY_SECTION]
 
 
 @hookimpl
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
     secrets = _config_secrets(config)
-    app[PRIVACY] = PrivacyState(settings=parse_privacy_settings(config, []), guard=Guard(config), secrets=secrets)
+    app[PRIVACY] = PrivacyState(settings=config.section(PRIVACY_SECTION), guard=Guard(config), secrets=secrets)
     logscrub.install(secrets)
 
 
@@ -482,11 +478,7 @@ def _register_metrics(app: web.Application, state: PrivacyState) -> None:
 async def _retention_run(env: Env, store: Store) -> int:
     days = env.args.days
     if days is None:
-        problems: list[str] = []
-        settings = parse_privacy_settings(env.config, problems) if env.config else None
-        if problems:
-            raise ConfigError(env.config.source if env.config else "config", problems)
-        days = settings.ip_retention_days if settings else 30
+        days = env.config.section(PRIVACY_SECTION).ip_retention_days if env.config else 30
     cleared = await run_retention(store, days)
     emit(env, {"ip_retention_days": days, "cleared": cleared},
          f"Cleared the client IP of {cleared} usage records older than {days} days.")

@@ -14,15 +14,15 @@ from aiohttp import web
 
 from nexgate_proxy import hookimpl
 from nexgate_proxy.config import Config
-from nexgate_plugins.auth import parse_auth_settings
+from nexgate_plugins.auth.settings import AUTH_SECTION
 
 from . import api, cli, privacy
 
 
 @hookimpl
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
-    # The auth plugin validates and reports the `auth` section; here it is only read.
-    app[api.ADMIN] = api.AdminSettings(auth=parse_auth_settings(config, []))
+    # The auth plugin declares the `auth` section (parsed once, by the core); here it is only read.
+    app[api.ADMIN] = api.AdminSettings(auth=config.section(AUTH_SECTION))
     privacy.add_routes(app)
     api.add_routes(app)
 

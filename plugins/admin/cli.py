@@ -196,7 +196,7 @@ async def _orgs_limits(env: Env, store: Store) -> int:
 
 
 async def _keys_create(env: Env, store: Store) -> int:
-    from nexgate_plugins.auth import parse_auth_settings
+    from nexgate_plugins.auth.settings import AUTH_SECTION
 
     from nexgate_proxy.accounts import create_api_key
 
@@ -223,7 +223,7 @@ async def _keys_create(env: Env, store: Store) -> int:
         owner: dict[str, str] = {"user_id": (await _existing_user(store, args.user)).id}
     else:
         owner = {"org_id": (await _existing_org(store, args.org)).id}
-    rounds = parse_auth_settings(env.config, []).bcrypt_rounds if env.config else None
+    rounds = env.config.section(AUTH_SECTION).bcrypt_rounds if env.config else None
     created = await create_api_key(store, name=name, **owner, expires_at=expires_at,
                                    allowed_models=args.allowed_model or None, limits=limits,
                                    **({"bcrypt_rounds": rounds} if rounds else {}))

@@ -20,30 +20,30 @@ TTL bounds staleness if a message is ever lost.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
 from nexgate_proxy.appkeys import BUS, STORE
-from nexgate_proxy.config import Config
+from nexgate_proxy.config import Config, ConfigSection
 from nexgate_proxy.keys import extract_key
 
 
 from .cache import KeyAuthenticator
-from .settings import parse_auth_settings
+from .settings import AUTH_SECTION
 
 AUTH: web.AppKey[KeyAuthenticator] = web.AppKey("nexgate_plugins.auth", KeyAuthenticator)
 
 
 @hookimpl
-def nexgate_check_config(config: Config) -> list[str]:
-    problems: list[str] = []
-    parse_auth_settings(config, problems)
-    return problems
+def nexgate_config_sections() -> list[ConfigSection[Any]]:
+    return [AUTH_SECTION]
 
 
 @hookimpl
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
-    app[AUTH] = KeyAuthenticator(parse_auth_settings(config, []))
+    app[AUTH] = KeyAuthenticator(config.section(AUTH_SECTION))
 
 
 @hookimpl

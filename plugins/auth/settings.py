@@ -10,7 +10,7 @@ from typing import Any
 
 
 from .clerk import ClerkVerifier
-from nexgate_proxy.config import Config, ConfigReader
+from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from nexgate_proxy.keys import DEFAULT_BCRYPT_ROUNDS
 
 
@@ -36,11 +36,8 @@ class AuthSettings:
         return hmac.compare_digest(digest, self.admin_token_sha256)
 
 
-def parse_auth_settings(config: Config, problems: list[str]) -> AuthSettings:
-    r = ConfigReader(problems)
+def parse_auth_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> AuthSettings:
     p = "auth"
-    s = r.mapping(config.raw.get("auth"), p, ("required", "cache_ttl", "negative_ttl", "cache_size",
-                                                "bcrypt_rounds", "admin_token_sha256", "clerk"))
     d = AuthSettings()
     token_hash = r.value(s, "admin_token_sha256", p, str, "") or None
     if token_hash is not None:
@@ -59,6 +56,12 @@ def parse_auth_settings(config: Config, problems: list[str]) -> AuthSettings:
         admin_token_sha256=token_hash,
         clerk=_clerk(r, s.get("clerk"), f"{p}.clerk"),
     )
+
+
+AUTH_SECTION = ConfigSection("auth", parse_auth_settings, (
+    "required", "cache_ttl", "negative_ttl", "cache_size", "bcrypt_rounds", "admin_token_sha256", "clerk"),
+    "API keys: the verified-key cache, the bcrypt cost, the admin token and Clerk sign-in.")
+"""The ``auth:`` section; other plugins (admin) read ``config.section(AUTH_SECTION)`` too."""
 
 
 def _non_negative(v: float) -> str | None:

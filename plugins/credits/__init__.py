@@ -25,7 +25,7 @@ from aiohttp import web
 
 from nexgate_proxy import GatewayError, RequestContext, hookimpl
 from nexgate_proxy.appkeys import REDIS, STORE
-from nexgate_proxy.config import Config, ConfigReader, Price
+from nexgate_proxy.config import Config, ConfigReader, ConfigSection, Price
 from .holds import (
     CreditState,
     CreditStateUnavailable,
@@ -48,11 +48,8 @@ class CreditSettings:
     """A hold outlives the request's total timeout by this much, then frees itself."""
 
 
-def parse_credit_settings(config: Config, problems: list[str]) -> CreditSettings:
-    r = ConfigReader(problems)
+def parse_credit_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> CreditSettings:
     p = "credits"
-    s = r.mapping(config.raw.get("credits"), p, ("enabled", "overdraft_usd", "default_max_output_tokens",
-                                                  "hold_grace_seconds"))
     d = CreditSettings()
     settings = CreditSettings(
         enabled=r.value(s, "enabled", p, bool, d.enabled),
@@ -66,13 +63,18 @@ def parse_credit_settings(config: Config, problems: list[str]) -> CreditSettings
     if settings.enabled:
         for alias, route in config.models.items():
             if route.price is None and any(t.price is None for t in route.targets):
-                problems.append(f"models.{alias}.price: required while credits are enabled "
-                                "(USD per 1M tokens, e.g. {input: 0.15, output: 0.60}), or set free: true")
+                r.problem(f"models.{alias}.price", "required while credits are enabled "
+                          "(USD per 1M tokens, e.g. {input: 0.15, output: 0.60}), or set free: true")
             for i, target in enumerate(route.targets):
                 problem = price_problem(target.price) if target.price else None
                 if problem:
-                    problems.append(f"models.{alias}.route[{i}].price.{problem}")
+                    r.problems.append(f"models.{alias}.route[{i}].price.{problem}")
     return settings
+
+
+CREDITS_SECTION = ConfigSection("credits", parse_credit_settings, (
+    "enabled", "overdraft_usd", "default_max_output_tokens", "hold_grace_seconds"),
+    "Prepaid credits: hold the worst case before a request, charge the actual cost after it.")
 
 
 class Credits:
@@ -122,15 +124,13 @@ def _worst_price(prices: list[Price]) -> Price:
 
 
 @hookimpl
-def nexgate_check_config(config: Config) -> list[str]:
-    problems: list[str] = []
-    parse_credit_settings(config, problems)
-    return problems
+def nexgate_config_sections() -> list[ConfigSection[Any]]:
+    return [CREDITS_SECTION]
 
 
 @hookimpl
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
-    app[CREDITS] = Credits(parse_credit_settings(config, []))
+    app[CREDITS] = Credits(config.section(CREDITS_SECTION))
 
 
 @hookimpl

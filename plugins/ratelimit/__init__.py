@@ -38,10 +38,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from nexgate_plugins.metrics import add_collector
 from nexgate_proxy import RequestContext, hookimpl
 from nexgate_proxy.appkeys import BUS, REDIS
-from nexgate_proxy.config import Config
+from nexgate_proxy.config import Config, ConfigSection
 
 from .limiter import NAME, RateLimiter
-from .settings import parse_limit_settings
+from .settings import LIMITS_SECTION
 
 
 # -------------------------------------------------------------------- hooks
@@ -50,15 +50,13 @@ LIMITER: web.AppKey[RateLimiter] = web.AppKey("nexgate_plugins.ratelimit", RateL
 
 
 @hookimpl
-def nexgate_check_config(config: Config) -> list[str]:
-    problems: list[str] = []
-    parse_limit_settings(config, problems)
-    return problems
+def nexgate_config_sections() -> list[ConfigSection[Any]]:
+    return [LIMITS_SECTION]
 
 
 @hookimpl
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
-    app[LIMITER] = RateLimiter(parse_limit_settings(config, []), config.state_url,
+    app[LIMITER] = RateLimiter(config.section(LIMITS_SECTION), config.state_url,
                                {alias: route.max_output_tokens for alias, route in config.models.items()})
 
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 
 from nexgate_proxy.clientip import IPNetwork, parse_networks
-from nexgate_proxy.config import Config, ConfigReader
+from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 
 from .counters import (
     DEFAULT_PREFIX,
@@ -19,9 +19,6 @@ from .counters import (
 _EVERYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 """A deny list that cannot be read denies everything (fail closed)."""
 _QUOTA_KEYS = ("rpm", "tpm", "concurrent")
-_SECTION_KEYS = ("key", "org", "orgs", "ip", "brute_force", "allow", "deny", "ipv6_prefix",
-                 "default_output_tokens", "redis_failure", "redis_timeout_ms", "redis_prefix",
-                 "concurrency_lease")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +76,8 @@ def _cidrs(r: ConfigReader, s: dict[str, Any], key: str, p: str) -> tuple[IPNetw
     return tuple(out)
 
 
-def parse_limit_settings(config: Config, problems: list[str]) -> LimitSettings:
-    r = ConfigReader(problems)
+def parse_limit_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> LimitSettings:
     p = "limits"
-    s = r.mapping(config.raw.get("limits"), p, _SECTION_KEYS)
     d = LimitSettings()
     org = _quota(r, s.get("org"), f"{p}.org")
     orgs = {str(org_id): _quota(r, spec, f"{p}.orgs.{org_id}", org)
@@ -131,6 +126,12 @@ def parse_limit_settings(config: Config, problems: list[str]) -> LimitSettings:
 
 def _positive(v: float) -> str | None:
     return None if v > 0 else "must be greater than 0"
+
+
+LIMITS_SECTION = ConfigSection("limits", parse_limit_settings, (
+    "key", "org", "orgs", "ip", "brute_force", "allow", "deny", "ipv6_prefix", "default_output_tokens",
+    "redis_failure", "redis_timeout_ms", "redis_prefix", "concurrency_lease"),
+    "Rate limits per key, organization and IP, IP allow/deny lists and brute-force bans.")
 
 
 # ------------------------------------------------------------ key overrides

@@ -11,12 +11,13 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from nexgate_proxy import UsageRecord, hookimpl
 from nexgate_proxy.appkeys import STORE
-from nexgate_proxy.config import Config, ConfigReader
+from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from .outbox import Outbox
 
 
@@ -27,9 +28,7 @@ class UsageSettings:
     batch_size: int = 500
 
 
-def parse_usage_settings(config: Config, problems: list[str]) -> UsageSettings:
-    r = ConfigReader(problems)
-    s = r.mapping(config.raw.get("usage"), "usage", ("outbox_dir", "flush_interval", "batch_size"))
+def parse_usage_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> UsageSettings:
     d = UsageSettings()
     default_dir = d.outbox_dir
     if config.storage_url.endswith(":memory:"):
@@ -44,20 +43,20 @@ def parse_usage_settings(config: Config, problems: list[str]) -> UsageSettings:
     )
 
 
+USAGE_SECTION = ConfigSection("usage", parse_usage_settings, ("outbox_dir", "flush_interval", "batch_size"),
+                              "The usage log's local outbox and how it flushes into the store.")
 SETTINGS: web.AppKey[UsageSettings] = web.AppKey("nexgate_plugins.usage_log.settings", UsageSettings)
 OUTBOX: web.AppKey[Outbox] = web.AppKey("nexgate_plugins.usage_log.outbox", Outbox)
 
 
 @hookimpl
-def nexgate_check_config(config: Config) -> list[str]:
-    problems: list[str] = []
-    parse_usage_settings(config, problems)
-    return problems
+def nexgate_config_sections() -> list[ConfigSection[Any]]:
+    return [USAGE_SECTION]
 
 
 @hookimpl
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
-    app[SETTINGS] = parse_usage_settings(config, [])
+    app[SETTINGS] = config.section(USAGE_SECTION)
 
 
 @hookimpl

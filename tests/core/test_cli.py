@@ -54,6 +54,9 @@ BAD_PROBLEMS = [
     "models.gpt.fallbacks[0]: unknown model 'missing' (fallbacks name other models of this table)",
     "models.gpt.timeouts.total: must be greater than 0",
     "models.gpt.price.output: required: USD per 1M tokens, e.g. 0.15",
+    # The credits plugin's check, in the same pass as the core's.
+    "models.gpt.price: required while credits are enabled (USD per 1M tokens, e.g. {input: 0.15, output: 0.60}), "
+    "or set free: true",
 ]
 
 
@@ -147,7 +150,7 @@ def test_serve_with_a_bad_config_refuses_to_start(tmp_path: Path) -> None:
 
 
 def test_serve_reads_nexgate_config_from_the_environment(tmp_path: Path) -> None:
-    path = write(tmp_path / "elsewhere.yaml", "models: {m: {route: [{provider: nowhere}]}}\n")
+    path = write(tmp_path / "elsewhere.yaml", "models: {m: {route: [{provider: nowhere}], free: true}}\n")
     result = nexgate("serve", cwd=tmp_path, env={"NEXGATE_CONFIG": str(path)}, timeout=20)
     assert result.returncode == 1
     assert f"{path}: 1 problem(s)" in result.stderr

@@ -20,12 +20,15 @@ def write(tmp_path: Path, text: str, name: str = "nexgate.yaml") -> Path:
 
 
 def problems_of(data: Any, env: dict[str, str] | None = None) -> list[str]:
+    """Every problem, as `nexgate config check` and `serve` see them: the core's and the plugins' sections."""
     with pytest.raises(ConfigError) as err:
-        parse_config(data, "test.yaml", env=env or {})
+        build_app(parse_config(data, "test.yaml", env=env or {}))
     return err.value.problems
 
 
 ECHO = {"providers": {"echo": {"type": "echo"}}}
+NO_CREDITS = {"credits": {"enabled": False}}
+"""For tests of the core's checks: with credits on, every model without a price is one more problem."""
 
 
 # ------------------------------------------------------------ interpolation
@@ -76,6 +79,7 @@ def test_unset_variable_without_default_names_key_path_and_variable() -> None:
         "providers": {"oa": {"type": "openai", "base_url": "https://api.openai.com/v1",
                              "api_key": "${OPENAI_API_KEY}"}},
         "models": {"gpt": {"route": [{"provider": "oa", "model": "${UPSTREAM_MODEL}"}]}},
+        **NO_CREDITS,
     })
     assert problems == [
         "providers.oa.api_key: environment variable OPENAI_API_KEY is not set "
@@ -194,9 +198,14 @@ def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path: Path) -> 
         "models.claude.price.input: must not be negative",
         "models.claude.price.output: expected a number, got 'cheap'",
         "models.claude.max_output_tokens: expected an integer, got 1.5",
+        # The plugins' sections in the same pass: credits needs a price for each model.
+        "models.gpt.price: required while credits are enabled (USD per 1M tokens, e.g. {input: 0.15, "
+        "output: 0.60}), or set free: true",
+        "models.claude.price: required while credits are enabled (USD per 1M tokens, e.g. {input: 0.15, "
+        "output: 0.60}), or set free: true",
     ])
     rendered = str(err.value)
-    assert rendered.startswith(f"{path}: 17 problem(s)\n")
+    assert rendered.startswith(f"{path}: 19 problem(s)\n")
     assert all(f"  - {p}" in rendered for p in problems)
 
 
@@ -211,6 +220,7 @@ def test_wrong_shapes_are_problems() -> None:
         "models": {"a": {"route": "oa"}, "b": {"route": [{"provider": "oa"}], "fallbacks": "a"},
                    "c": {"route": [{"provider": "oa"}], "fallbacks": [{"model": "a"}]}},
         "plugins": {"modules": "my_plugin"},
+        **NO_CREDITS,
     })
     assert sorted(problems) == sorted([
         "providers.oa.headers.X-Retries: header values must be strings",
@@ -228,6 +238,7 @@ def test_a_price_must_be_a_finite_number(tmp_path: Path, bad: str) -> None:
         providers: {{echo: {{type: echo}}}}
         models:
           m: {{route: [{{provider: echo}}], price: {{input: {bad}, output: 1}}}}
+        credits: {{enabled: false}}
     """)
     with pytest.raises(ConfigError) as err:
         load_config(path)

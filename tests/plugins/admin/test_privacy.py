@@ -28,6 +28,7 @@ from nexgate_proxy.app import build_app
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_proxy.money import format_usd
+from nexgate_proxy.plugins import resolve_config
 from nexgate_proxy.store import NewLedgerEntry, Store
 from tests.cli_runner import Cli
 from nexgate_proxy.testing import Behaviour, FakeUpstream, Gateway, RecordingPlugin, gateway_config
@@ -361,11 +362,14 @@ async def test_users_delete_and_export_from_the_cli(privacy: AdminClient, store_
 # ------------------------------------------------------------ the guard, unit
 
 
+GUARD_CONFIG = {
+    "providers": {"fake": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-test-123456"}},
+    "models": {"gpt-test": {"route": [{"provider": "fake", "model": "upstream-model"}], "free": True}},
+}
+
+
 def guard_config() -> Any:
-    return parse_config({
-        "providers": {"fake": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-test-123456"}},
-        "models": {"gpt-test": {"route": [{"provider": "fake", "model": "upstream-model"}], "free": True}},
-    })
+    return parse_config(GUARD_CONFIG)
 
 
 def a_record(**changes: Any) -> UsageRecord:
@@ -476,23 +480,24 @@ async def test_a_record_that_could_carry_content_reaches_no_sink(upstream: FakeU
 
 
 def test_the_guard_cannot_be_disabled_silently(caplog: pytest.LogCaptureFixture) -> None:
-    base = guard_config().raw
+    # resolve_config parses the sections (privacy too, the plugin being disabled) and calls nexgate_on_disabled.
+    base = GUARD_CONFIG
     disabled = parse_config({**base, "plugins": {"disable": ["redaction"]}})
     with pytest.raises(ConfigError) as refused:
-        redaction.nexgate_on_disabled(disabled)
+        resolve_config(disabled)
     assert "privacy.allow_unguarded: true" in str(refused.value)
     by_module = parse_config({**base, "plugins": {"disable": ["nexgate_plugins.redaction"]}})
     with pytest.raises(ConfigError):
-        redaction.nexgate_on_disabled(by_module)
+        resolve_config(by_module)
     consented = parse_config({**base, "plugins": {"disable": ["redaction"]}, "privacy": {"allow_unguarded": True}})
     caplog.set_level(logging.WARNING)
-    redaction.nexgate_on_disabled(consented)
+    resolve_config(consented)
     assert "PRIVACY GUARD DISABLED" in caplog.text
-    redaction.nexgate_on_disabled(guard_config())  # enabled: nothing to say
+    redaction.nexgate_on_disabled(resolve_config(guard_config()))  # enabled: nothing to say
 
 
 def test_the_gateway_refuses_to_start_unguarded_without_consent(caplog: pytest.LogCaptureFixture) -> None:
-    base = guard_config().raw
+    base = GUARD_CONFIG
     with pytest.raises(ConfigError, match="allow_unguarded"):
         build_app(parse_config({**base, "plugins": {"disable": ["redaction"]}}))
     caplog.set_level(logging.WARNING)
@@ -503,7 +508,7 @@ def test_the_gateway_refuses_to_start_unguarded_without_consent(caplog: pytest.L
 
 
 def test_privacy_settings_are_validated() -> None:
-    base = guard_config().raw
+    base = GUARD_CONFIG
     with pytest.raises(ConfigError) as bad:
         build_app(parse_config({**base, "privacy": {"ip_retention_days": -1, "retain": 5}}),
                   extra_plugins=[redaction])

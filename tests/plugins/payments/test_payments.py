@@ -27,6 +27,7 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_plugins.credits.holds import MemoryCreditState, nano_floor
 from nexgate_proxy.money import usd_to_pico
+from nexgate_proxy.plugins import resolve_config
 from nexgate_proxy.testing import FakeUpstream, Gateway, gateway_config
 
 
@@ -406,16 +407,17 @@ async def test_without_the_section_there_is_no_webhook(upstream, start_gateway) 
 
 
 def check(section: Any) -> list[str]:
-    config = parse_config({"providers": {}, "models": {}, "payments": section}, "test.yaml")
-    problems: list[str] = []
-    payments.parse_payment_settings(config, problems)
-    return problems
+    try:
+        resolve_config(parse_config({"providers": {}, "models": {}, "payments": section}, "test.yaml"))
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def test_the_payments_section_is_validated() -> None:
     good = {"dodopayments": {"webhook_secrets": [SECRET, OLD_SECRET], "products": {"prod_1": {"credit_usd": 10}}}}
     assert check(good) == []
-    settings_ = payments.parse_payment_settings(parse_config({"payments": good}), [])
+    settings_ = resolve_config(parse_config({"payments": good})).section(payments.PAYMENTS_SECTION)
     assert settings_.dodopayments is not None
     assert settings_.dodopayments.products == {"prod_1": usd("10")}
     assert settings_.dodopayments.tolerance_seconds == 300
