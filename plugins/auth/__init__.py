@@ -20,6 +20,8 @@ TTL bounds staleness if a message is ever lost.
 
 from __future__ import annotations
 
+from typing import AsyncIterator
+
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
@@ -47,15 +49,12 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 
 
 @hookimpl
-async def nexgate_startup(app: web.Application) -> None:
+async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     authenticator = app[AUTH]
     app[BUS].subscribe(authenticator.on_invalidation)
     authenticator.start(app[STORE])
-
-
-@hookimpl
-async def nexgate_shutdown(app: web.Application) -> None:
-    await app[AUTH].stop()
+    yield
+    await authenticator.stop()
 
 
 @hookimpl
