@@ -2,7 +2,7 @@
 
 import pluggy
 
-from .context import Identity, RequestContext, Usage
+from .context import Identity, RequestContext, StashKey, Usage
 from .records import UsageRecord
 from .errors import GatewayError
 
@@ -20,6 +20,7 @@ __all__ = [
     "Identity",
     "RecordRejected",
     "RequestContext",
+    "StashKey",
     "Usage",
     "UsageRecord",
     "__version__",

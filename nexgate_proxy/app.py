@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -101,11 +102,9 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def _plugin_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    chain = app[CHAIN]
-    await chain.startup(app, app[CONFIG])
-    yield
-    await chain.shutdown(app)
+def _plugin_lifecycle(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:
+    # After the store, the bus and the upstream session: plugins start with them up and stop before them.
+    return app[CHAIN].lifespan(app, app[CONFIG])
 
 
 # ------------------------------------------------------------ small routes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from .estimate import estimate_prompt_tokens, requested_output_cap
 from .records import UsageRecord
@@ -20,6 +20,49 @@ if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
 
     from .config import ModelRoute, Target
+
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+
+class StashKey(Generic[T]):
+    """A key of ``RequestContext.stash`` whose values are a ``T``: ``HOLD: StashKey[Hold] = StashKey("credits.hold")``.
+
+    Keys compare by identity, so two plugins never collide even with the same name; make one per
+    kind of value, at module level (never per request).
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        """For ``repr`` only."""
+
+    def __repr__(self) -> str:
+        return f"StashKey({self.name!r})"
+
+
+if TYPE_CHECKING:
+    class Stash(dict[StashKey[Any], Any]):
+        """Per-request plugin data: ``ctx.stash[KEY]`` is typed by its ``StashKey[T]``."""
+
+        def __getitem__(self, key: StashKey[T]) -> T: ...
+        def __setitem__(self, key: StashKey[T], value: T) -> None: ...
+        @overload  # type: ignore[override]
+        def get(self, key: StashKey[T]) -> T | None: ...
+        @overload
+        def get(self, key: StashKey[T], default: D) -> T | D: ...
+        def get(self, key: StashKey[T], default: object = None) -> object: ...
+        @overload  # type: ignore[override]
+        def pop(self, key: StashKey[T]) -> T: ...
+        @overload
+        def pop(self, key: StashKey[T], default: D) -> T | D: ...
+        def pop(self, key: StashKey[T], default: object = None) -> object: ...
+        def setdefault(self, key: StashKey[T], default: T) -> T: ...  # type: ignore[override]
+else:
+    # At run time the stash is a plain dict: a lookup costs exactly a dict lookup, no method in between.
+    Stash = dict
 
 
 @dataclass(slots=True)
@@ -58,7 +101,7 @@ class Usage:
 class RequestContext:
     """One proxied request, from the first byte in to the last record out.
 
-    Plugins keep their own per-request data in `scratch` under their own name.
+    Plugins keep their own per-request data in `stash`, under their own ``StashKey``.
     """
 
     request_id: str
@@ -97,7 +140,8 @@ class RequestContext:
     """settle/guard/record ran (they run once: before a success's last byte, else at the end)."""
     response_headers: dict[str, str] = field(default_factory=dict)
     """Headers hooks add to the client's response (e.g. rate limit headers)."""
-    scratch: dict[str, Any] = field(default_factory=dict)
+    stash: Stash = field(default_factory=Stash)
+    """Per-request plugin data: ``ctx.stash[KEY]`` with a module-level ``KEY: StashKey[T]`` (typed for mypy)."""
     _prompt_estimate: int | None = field(default=None, init=False, repr=False)
     _output_cap: int = field(default=-1, init=False, repr=False)
 

@@ -6,6 +6,8 @@ API key and prints them; nothing is left on disk.
 
 from __future__ import annotations
 
+from typing import AsyncIterator
+
 from aiohttp import web
 
 from . import hookimpl
@@ -20,8 +22,8 @@ class DemoSeed:
         self.host = host
         self.port = port
 
-    @hookimpl(trylast=True)
-    async def nexgate_startup(self, app: web.Application) -> None:
+    @hookimpl
+    async def nexgate_lifespan(self, app: web.Application) -> AsyncIterator[None]:
         store = app[STORE]
         user = await store.create_user(name="Demo user")
         key = await create_api_key(store, name="demo", user_id=user.id)
@@ -36,3 +38,4 @@ class DemoSeed:
             f"Or:  NEXGATE_API_KEY={key.plaintext} python examples/chat.py",
             flush=True,
         )
+        yield

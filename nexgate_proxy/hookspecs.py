@@ -24,7 +24,7 @@ supported on request phases (they cannot wrap coroutines); use ``tryfirst`` /
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
 import pluggy
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import argparse
 
     from aiohttp import web
+    from prometheus_client.metrics_core import Metric
 
     from .config import Config, ConfigSection, Target
     from .context import Identity, RequestContext
@@ -93,20 +94,40 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 
 @hookspec
 async def nexgate_startup(app: web.Application, config: Config) -> None:
-    """Open resources (connections, background tasks) when the server starts.
+    """The start half of a plugin's lifecycle; prefer ``nexgate_lifespan``, which pairs both halves.
 
-    Runs once per worker process, before the first request. An exception here
-    stops the server from starting.
+    A plugin's ``nexgate_startup`` and ``nexgate_shutdown`` run as one unit of
+    ``nexgate_lifespan``: startup in its place among the units, shutdown only
+    if that startup succeeded.
     """
 
 
 @hookspec
 async def nexgate_shutdown(app: web.Application) -> None:
-    """Close resources and flush buffers when the server stops.
+    """The stop half of a plugin's lifecycle; prefer ``nexgate_lifespan``.
 
-    Runs once per worker process after in-flight requests finished or the
-    grace period ran out. Implementations run in reverse registration order.
+    Runs only after this plugin's ``nexgate_startup`` succeeded (or when it has none).
     """
+
+
+@hookspec
+async def nexgate_lifespan(app: web.Application, config: Config) -> AsyncIterator[None]:
+    """Open and close a plugin's resources as one unit: an async generator function.
+
+    Code before its single ``yield`` runs once per worker process before the
+    first request (open connections, start background tasks); code after it
+    runs when the server stops, after in-flight requests finished or the grace
+    period ran out (flush, close, stop tasks). Units start in registration
+    order (built-ins first, in ``DEFAULT_PLUGINS`` order, then third-party
+    plugins) and stop in reverse; ``tryfirst``/``trylast`` do not change that.
+
+    An exception before the ``yield`` stops the server from starting: every
+    unit already started is stopped (its code after ``yield`` runs), tasks the
+    failed one left are cancelled, and the server exits with a one-line
+    message naming the plugin. Code after the ``yield`` runs only if the code
+    before it finished.
+    """
+    yield
 
 
 @hookspec
@@ -115,6 +136,19 @@ async def nexgate_ready(app: web.Application) -> tuple[str, bool] | None:
 
     Return ``(component_name, ok)``, or None to say nothing. Must answer
     within a second; the gateway is ready when every answer is ok.
+    """
+
+
+@hookspec
+def nexgate_metrics(app: web.Application) -> Iterable[Metric] | None:
+    """Return prometheus_client metric families to export at ``GET /metrics``.
+
+    Called by the metrics plugin each time ``/metrics`` is scraped (a plain
+    function, not async: compute families from counters kept in memory, e.g.
+    ``CounterMetricFamily("my_plugin_things", "...", value=state.things)``).
+    A generator works. An implementation that raises loses its families for
+    that scrape only, with an error logged. Without the metrics plugin it is
+    never called.
     """
 
 

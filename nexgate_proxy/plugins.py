@@ -9,6 +9,7 @@ hook machinery allocated per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -18,11 +19,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import pluggy
 
-from . import RecordRejected, hookspecs
+from . import RecordRejected, hookspecs, logscrub
+from .background import stop_tasks
 from .config import CORE_SECTION_NAMES, Config, ConfigError, ConfigReader, ConfigSection
 from .context import RequestContext, usage_record
 from .errors import GatewayError
@@ -59,6 +61,10 @@ ENTRYPOINTS_ENV = "NEXGATE_LOAD_PLUGINS"
 
 class PluginError(Exception):
     """A plugin could not be loaded or does not fit the hook specs."""
+
+
+# Its messages name plugins and hooks, from load and start time: never request data.
+logscrub.allow_exception_messages(PluginError)
 
 
 def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -> pluggy.PluginManager:
@@ -236,6 +242,44 @@ def _compile(pm: pluggy.PluginManager, hook_name: str) -> tuple[_Impl, ...]:
     return tuple(impls)
 
 
+Lifespan = Callable[[Any, "Config"], AsyncIterator[None]]
+"""One plugin's unit of the lifecycle: ``(app, config)`` -> an async generator that yields once."""
+
+
+def _lifespans(pm: pluggy.PluginManager) -> tuple[tuple[str, Lifespan], ...]:
+    """Each plugin's lifecycle units, in registration order whatever tryfirst/trylast say.
+
+    A plugin's ``nexgate_lifespan`` is its unit; its ``nexgate_startup`` and
+    ``nexgate_shutdown`` make one more, paired.
+    """
+    by_plugin: dict[str, dict[str, _Impl]] = {}
+    for hook_name in ("nexgate_lifespan", "nexgate_startup", "nexgate_shutdown"):
+        for impl in _compile(pm, hook_name):
+            by_plugin.setdefault(impl.plugin, {})[hook_name] = impl
+    for hook_impl in pm.hook.nexgate_lifespan.get_hookimpls():
+        if not inspect.isasyncgenfunction(hook_impl.function):
+            raise PluginError(f"plugin '{hook_impl.plugin_name}': nexgate_lifespan must be an async generator "
+                              "function (async def with one yield: setup, yield, teardown)")
+    units: list[tuple[str, Lifespan]] = []
+    for name, _ in pm.list_name_plugin():  # registration order
+        impls = by_plugin.get(name, {})
+        if "nexgate_lifespan" in impls:
+            units.append((name, impls["nexgate_lifespan"].call))
+        if "nexgate_startup" in impls or "nexgate_shutdown" in impls:
+            units.append((name, _paired(impls.get("nexgate_startup"), impls.get("nexgate_shutdown"))))
+    return tuple(units)
+
+
+def _paired(startup: _Impl | None, shutdown: _Impl | None) -> Lifespan:
+    async def unit(app: Any, config: Config) -> AsyncIterator[None]:
+        if startup is not None:
+            await _call(startup, app, config)
+        yield
+        if shutdown is not None:
+            await _call(shutdown, app)
+    return unit
+
+
 _isawaitable = inspect.isawaitable
 
 
@@ -244,6 +288,12 @@ async def _call(impl: _Impl, *args: Any) -> Any:
     if impl.is_async or (result is not None and _isawaitable(result)):
         result = await result
     return result
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the operator: the exception's type and message, secrets masked."""
+    text = str(exc).strip().splitlines()
+    return logscrub.scrub(f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)
 
 
 class HookChain:
@@ -262,9 +312,13 @@ class HookChain:
         self._settle = _compile(pm, "nexgate_settle")
         self._guard_record = _compile(pm, "nexgate_guard_record")
         self._record = _compile(pm, "nexgate_record")
-        self._startup = _compile(pm, "nexgate_startup")
-        self._shutdown = _compile(pm, "nexgate_shutdown")
+        self._lifespans = _lifespans(pm)
         self._ready = _compile(pm, "nexgate_ready")
+        self._metrics = _compile(pm, "nexgate_metrics")
+        for impl in self._metrics:
+            if impl.is_async:
+                raise PluginError(f"plugin '{impl.plugin}': nexgate_metrics must be a plain function "
+                                  "(it runs inside a /metrics scrape, which does not await)")
         self.records_dropped = 0
         self.hook_failures = 0
 
@@ -348,20 +402,51 @@ class HookChain:
 
     # -- lifecycle
 
-    async def startup(self, app: Any, config: Config) -> None:
-        # Registration order: built-ins (stores, state) come up before the plugins using them.
-        for impl in reversed(self._startup):
-            await _call(impl, app, config)
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any, config: Config) -> AsyncIterator[None]:
+        """Every plugin's lifecycle unit: started in registration order, stopped in reverse.
 
-    async def shutdown(self, app: Any) -> None:
-        # pluggy's order, the reverse of registration: users of a resource stop before it.
-        for impl in self._shutdown:
+        A unit that fails to start stops the ones already started, and the tasks it left behind,
+        then raises ``PluginError`` naming the plugin.
+        """
+        started: list[tuple[str, AsyncIterator[None]]] = []
+        for plugin, open_unit in self._lifespans:
+            tasks_before = asyncio.all_tasks()
+            unit = open_unit(app, config)
             try:
-                await _call(impl, app)
+                await unit.__anext__()
+            except BaseException as exc:
+                await self._stop(started)
+                # What the failed setup started before it raised has no teardown that would stop it.
+                await stop_tasks(*(asyncio.all_tasks() - tasks_before))
+                if isinstance(exc, StopAsyncIteration):
+                    raise PluginError(f"plugin '{plugin}': nexgate_lifespan ended without yielding") from None
+                if isinstance(exc, Exception):
+                    raise PluginError(f"plugin '{plugin}' failed to start: {_describe(exc)}") from exc
+                raise
+            started.append((plugin, unit))
+        try:
+            yield
+        finally:
+            await self._stop(started)
+
+    async def _stop(self, started: list[tuple[str, AsyncIterator[None]]]) -> None:
+        # The reverse of starting: the users of a resource stop before it.
+        while started:
+            plugin, unit = started.pop()
+            try:
+                await unit.__anext__()
+            except StopAsyncIteration:
+                continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._failed(impl, exc)
+                self.hook_failures += 1
+                log.error("plugin '%s' failed to stop: %s", plugin, _describe(exc))
+                continue
+            self.hook_failures += 1
+            log.error("plugin '%s': nexgate_lifespan yielded more than once", plugin)
+            await unit.aclose()  # type: ignore[attr-defined]
 
     async def ready(self, app: Any) -> list[tuple[str, bool]]:
         checks = []
@@ -373,6 +458,16 @@ class HookChain:
             if result is not None:
                 checks.append(result)
         return checks
+
+    def metrics(self, app: Any) -> list[Any]:
+        """Every plugin's ``nexgate_metrics`` families, for one scrape; a failing plugin only loses its own."""
+        families: list[Any] = []
+        for impl in self._metrics:
+            try:
+                families += list(impl.call(app) or ())  # all of a plugin's families, or none
+            except Exception as exc:
+                self._failed(impl, exc)
+        return families
 
     def provider_types(self) -> dict[str, type]:
         types: dict[str, type] = {}

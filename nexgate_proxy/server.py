@@ -1,8 +1,9 @@
 """Run the gateway: one process, or N worker processes sharing the port.
 
 Graceful shutdown on SIGTERM/SIGINT: stop accepting, let in-flight requests
-and streams finish for up to ``server.grace_period`` seconds, then run every
-plugin's shutdown (flushing what must be flushed).
+and streams finish for up to ``server.grace_period`` seconds, then stop every
+plugin in reverse start order (flushing what must be flushed). A plugin that
+fails to start stops the process with a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Sequence
 
@@ -21,9 +23,13 @@ from aiohttp import web
 
 from .app import build_app
 from .config import Config
+from .plugins import PluginError
 from .runner import GatewayRunner
 
 log = logging.getLogger("nexgate.server")
+
+STARTUP_FAILED = 3
+"""A worker's exit code when a plugin failed to start: starting it again would fail again."""
 
 
 def _event_loop_factory() -> asyncio.AbstractEventLoop:
@@ -43,12 +49,14 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
         access_log=logging.getLogger("aiohttp.access") if config.server.access_log else None,
         shutdown_timeout=config.server.grace_period,
     )
-    await runner.setup()
-    # Everything built so far (config, plugins, modules) lives as long as the process: keep it out
-    # of the collector's full passes, which otherwise pause the loop for tens of ms under load.
-    gc.collect()
-    gc.freeze()
     try:
+        # A plugin that fails to start raises PluginError here; the cleanup below still closes what
+        # the core opened before it (the plugins started before it are stopped by the chain).
+        await runner.setup()
+        # Everything built so far (config, plugins, modules) lives as long as the process: keep it out
+        # of the collector's full passes, which otherwise pause the loop for tens of ms under load.
+        gc.collect()
+        gc.freeze()
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
         try:
             await site.start()
@@ -79,7 +87,11 @@ def _run_forked_worker(config: Config, host: str, port: int) -> None:
     # flag: a SIGTERM before the worker's loop installs its own would be ignored.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    run_worker(config, host, port, reuse_port=True)
+    try:
+        run_worker(config, host, port, reuse_port=True)
+    except PluginError as exc:
+        log.error("worker %s: %s", os.getpid(), exc)
+        sys.exit(STARTUP_FAILED)
 
 
 def serve(config: Config, host: str, port: int, workers: int, extra_plugins: Sequence[object] = ()) -> int:
@@ -125,6 +137,10 @@ def _supervise(config: Config, host: str, port: int, workers: int) -> int:
         for i, proc in enumerate(procs):
             if proc.is_alive() or stopping:
                 continue
+            if proc.exitcode == STARTUP_FAILED:
+                log.error("a worker failed to start (see above); stopping")
+                stopping = True
+                break
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < 60] + [now]
             if len(restarts) > workers * 5:

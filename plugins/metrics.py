@@ -2,18 +2,22 @@
 
 Labels come from configured model aliases and status codes, never from what a
 client typed, so cardinality stays bounded and no content reaches a label.
+
+Every plugin (this one included, third-party ones alike) exports its families
+through the ``nexgate_metrics`` hook, which a scrape calls.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from nexgate_proxy import UsageRecord, hookimpl
+from nexgate_proxy.appkeys import CHAIN
 from nexgate_proxy.config import Config
 
 
@@ -43,9 +47,7 @@ class GatewayMetrics:
     """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
         self._series: dict[tuple[str, str, int], _Series] = {}
-        self.registry.register(_Collector(self._series))  # type: ignore[arg-type]
 
     def observe(self, record: UsageRecord) -> None:
         key = (record.endpoint, record.model or "-", record.status)
@@ -58,12 +60,7 @@ class GatewayMetrics:
         series.latency_ms_sum += record.latency_ms
         series.latency_counts[bisect_left(_BUCKETS_MS, record.latency_ms)] += 1
 
-
-class _Collector:
-    def __init__(self, series: dict[tuple[str, str, int], _Series]) -> None:
-        self._series = series
-
-    def collect(self) -> Iterator[Any]:
+    def families(self) -> Iterator[Any]:
         requests = CounterMetricFamily("nexgate_requests", "Proxied requests by outcome.",
                                        labels=("endpoint", "model", "status"))
         tokens = CounterMetricFamily("nexgate_tokens", "Tokens reported by upstreams.", labels=("model", "kind"))
@@ -97,19 +94,14 @@ class _Collector:
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("nexgate_plugins.metrics", GatewayMetrics)
 
 
-class _FunctionCollector:
-    def __init__(self, collect: Callable[[], Iterator[Any]]) -> None:
-        self.collect = collect
+class _Scrape:
+    """What ``generate_latest`` reads (it only calls ``collect``): every plugin's ``nexgate_metrics`` families."""
 
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
 
-def add_collector(app: web.Application, collect: Callable[[], Iterator[Any]]) -> None:
-    """Metric families another plugin exports at ``GET /metrics``, computed only when scraped.
-
-    ``collect`` yields prometheus_client metric families. Without this plugin (disabled) it is a no-op.
-    """
-    metrics = app.get(METRICS)
-    if metrics is not None:
-        metrics.registry.register(_FunctionCollector(collect))  # type: ignore[arg-type]
+    def collect(self) -> list[Any]:
+        return self._app[CHAIN].metrics(self._app)
 
 
 @hookimpl
@@ -119,10 +111,15 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 
 
 @hookimpl
+def nexgate_metrics(app: web.Application) -> Iterator[Any]:
+    return app[METRICS].families()
+
+
+@hookimpl
 def nexgate_record(record: UsageRecord, app: web.Application) -> None:
     app[METRICS].observe(record)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = generate_latest(_Scrape(request.app))  # type: ignore[arg-type]
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -45,12 +45,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from nexgate_plugins.metrics import add_collector
 from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, logscrub
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.background import stop_tasks
@@ -422,19 +421,13 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 
 
 @hookimpl
-async def nexgate_startup(app: web.Application) -> None:
+async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     state = app[PRIVACY]
     logscrub.install(state.secrets)  # handlers configured after the app was built
-    _register_metrics(app, state)
     state.task = asyncio.create_task(_retention_loop(app), name="nexgate-ip-retention")
-
-
-@hookimpl
-async def nexgate_shutdown(app: web.Application) -> None:
-    state = app.get(PRIVACY)
-    if state is not None:
-        await stop_tasks(state.task)
-        state.task = None
+    yield
+    await stop_tasks(state.task)
+    state.task = None
 
 
 @hookimpl
@@ -448,28 +441,27 @@ def nexgate_guard_record(record: UsageRecord, app: web.Application) -> None:
 # ------------------------------------------------------------------ metrics
 
 
-def _register_metrics(app: web.Application, state: PrivacyState) -> None:
-    """Counters exported by the metrics plugin, read only when /metrics is scraped."""
-    def collect() -> Iterator[Any]:
-        dropped = CounterMetricFamily(
-            "nexgate_redaction_dropped", "Records the redaction guard kept from a sink (fail closed).",
-            labels=("sink",))
-        dropped.add_metric(("record",), state.guard.dropped["record"])
-        dropped.add_metric(("log",), logscrub.STATS["failed"])
-        yield dropped
-        yield CounterMetricFamily("nexgate_log_redactions", "Log records in which a secret was masked.",
-                                  value=logscrub.STATS["scrubbed"])
-        yield CounterMetricFamily("nexgate_log_withheld", "Log records with an argument or exception "
-                                  "message withheld as possible request data.", value=logscrub.STATS["withheld"])
-        yield CounterMetricFamily("nexgate_retention_ips_cleared", "Usage records whose client IP the "
-                                  "retention job cleared (this process).", value=state.ips_cleared)
-        yield CounterMetricFamily("nexgate_retention_failures", "Failed IP retention runs (this process).",
-                                  value=state.retention_failures)
-        yield GaugeMetricFamily("nexgate_retention_last_success_timestamp_seconds",
-                                "When the IP retention job last succeeded (0: not yet).",
-                                value=state.last_retention or 0)
-
-    add_collector(app, collect)
+@hookimpl
+def nexgate_metrics(app: web.Application) -> Iterator[Any]:
+    """Counters read only when /metrics is scraped."""
+    state = app[PRIVACY]
+    dropped = CounterMetricFamily(
+        "nexgate_redaction_dropped", "Records the redaction guard kept from a sink (fail closed).",
+        labels=("sink",))
+    dropped.add_metric(("record",), state.guard.dropped["record"])
+    dropped.add_metric(("log",), logscrub.STATS["failed"])
+    yield dropped
+    yield CounterMetricFamily("nexgate_log_redactions", "Log records in which a secret was masked.",
+                              value=logscrub.STATS["scrubbed"])
+    yield CounterMetricFamily("nexgate_log_withheld", "Log records with an argument or exception "
+                              "message withheld as possible request data.", value=logscrub.STATS["withheld"])
+    yield CounterMetricFamily("nexgate_retention_ips_cleared", "Usage records whose client IP the "
+                              "retention job cleared (this process).", value=state.ips_cleared)
+    yield CounterMetricFamily("nexgate_retention_failures", "Failed IP retention runs (this process).",
+                              value=state.retention_failures)
+    yield GaugeMetricFamily("nexgate_retention_last_success_timestamp_seconds",
+                            "When the IP retention job last succeeded (0: not yet).",
+                            value=state.last_retention or 0)
 
 
 # ----------------------------------------------------------------- commands

@@ -20,7 +20,7 @@ TTL bounds staleness if a message is ever lost.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -47,15 +47,12 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 
 
 @hookimpl
-async def nexgate_startup(app: web.Application) -> None:
+async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     authenticator = app[AUTH]
     app[BUS].subscribe(authenticator.on_invalidation)
     authenticator.start(app[STORE])
-
-
-@hookimpl
-async def nexgate_shutdown(app: web.Application) -> None:
-    await app[AUTH].stop()
+    yield
+    await authenticator.stop()
 
 
 @hookimpl

@@ -19,11 +19,11 @@ import logging
 from dataclasses import dataclass
 from decimal import Decimal
 
-from typing import Any
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from nexgate_proxy import GatewayError, RequestContext, hookimpl
+from nexgate_proxy import GatewayError, RequestContext, StashKey, hookimpl
 from nexgate_proxy.appkeys import REDIS, STORE
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection, Price
 from .holds import (
@@ -113,6 +113,10 @@ class _Hold:
     prompt_estimate: int
 
 
+HOLD: StashKey[_Hold] = StashKey("credits.hold")
+"""What reserve held for a request, for settle."""
+
+
 @functools.lru_cache(maxsize=1024)
 def _worst_price_of(prices: tuple[Price, ...]) -> Price:
     return Price(input=max(p.input for p in prices), output=max(p.output for p in prices), cached_input=None)
@@ -134,17 +138,13 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 
 
 @hookimpl
-async def nexgate_startup(app: web.Application, config: Config) -> None:
+async def nexgate_lifespan(app: web.Application, config: Config) -> AsyncIterator[None]:
     credits = app[CREDITS]
     if credits.settings.enabled:
         credits.state = open_credit_state(config.state_url, redis=app.get(REDIS))
-
-
-@hookimpl
-async def nexgate_shutdown(app: web.Application) -> None:
-    state = app[CREDITS].state
-    if state is not None:
-        await state.close()
+    yield
+    if credits.state is not None:
+        await credits.state.close()
 
 
 @hookimpl
@@ -188,7 +188,7 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
             402, f"Insufficient credits: this request may cost up to ${format_usd(worst)} and your available "
                  f"balance is ${format_usd(available)}. Add credits, or lower max_tokens.",
             code="insufficient_credits")
-    ctx.scratch["credits"] = _Hold(account, nano_ceil(worst), prompt)
+    ctx.stash[HOLD] = _Hold(account, nano_ceil(worst), prompt)
 
 
 def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> tuple[int, int, int]:
@@ -207,7 +207,7 @@ def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> tuple[int, int, 
 @hookimpl
 def nexgate_settle(ctx: RequestContext) -> None:
     credits = ctx.app[CREDITS]
-    hold: _Hold | None = ctx.scratch.get("credits")
+    hold = ctx.stash.get(HOLD)
     if credits.state is None or ctx.identity is None:
         return
     target = ctx.target

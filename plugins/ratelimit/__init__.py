@@ -30,17 +30,16 @@ and a circuit breaker, so a dead Redis costs nothing per request.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Iterator
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from nexgate_plugins.metrics import add_collector
 from nexgate_proxy import RequestContext, hookimpl
 from nexgate_proxy.appkeys import BUS, REDIS
 from nexgate_proxy.config import Config, ConfigSection
 
-from .limiter import NAME, RateLimiter
+from .limiter import ADMISSION, RateLimiter
 from .settings import LIMITS_SECTION
 
 
@@ -61,15 +60,11 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 
 
 @hookimpl
-async def nexgate_startup(app: web.Application) -> None:
+async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     limiter = app[LIMITER]
     await limiter.start(app.get(BUS), app.get(REDIS))
-    _register_metrics(app, limiter)
-
-
-@hookimpl
-async def nexgate_shutdown(app: web.Application) -> None:
-    await app[LIMITER].stop()
+    yield
+    await limiter.stop()
 
 
 @hookimpl
@@ -105,7 +100,7 @@ def nexgate_admit(ctx: RequestContext) -> Awaitable[None] | None:
 @hookimpl
 def nexgate_settle(ctx: RequestContext) -> Awaitable[None] | None:
     limiter = ctx.app[LIMITER]
-    if limiter.note_needed or NAME in ctx.scratch:
+    if limiter.note_needed or ADMISSION in ctx.stash:
         return limiter.settle_now(ctx)
     return None
 
@@ -113,29 +108,29 @@ def nexgate_settle(ctx: RequestContext) -> Awaitable[None] | None:
 # ------------------------------------------------------------------ metrics
 
 
-def _register_metrics(app: web.Application, limiter: RateLimiter) -> None:
-    """Counters exported by the metrics plugin, read only when /metrics is scraped."""
-    def collect() -> Iterator[Any]:
-        refused = CounterMetricFamily("nexgate_ratelimit_refused", "Requests refused by NexGate's limits.",
-                                      labels=("code",))
-        for code, n in sorted(limiter.refused.items()):
-            refused.add_metric((code,), n)
-        yield refused
-        yield CounterMetricFamily("nexgate_ratelimit_fallback",
-                                  "Limit checks done in-process because the shared state was unavailable.",
-                                  value=limiter.fallback_decisions)
-        yield CounterMetricFamily("nexgate_ratelimit_unavailable",
-                                  "Requests refused with 503 because the shared state was unavailable.",
-                                  value=limiter.unavailable)
-        redis = limiter.redis
-        yield CounterMetricFamily("nexgate_ratelimit_state_failures",
-                                  "Failed or timed-out calls to the shared rate limit state.",
-                                  value=redis.failures if redis else 0)
-        yield CounterMetricFamily("nexgate_ratelimit_leased_admits",
-                                  "Requests admitted from window leases this instance holds, without a Redis call.",
-                                  value=redis.local_admits if redis else 0)
-        yield GaugeMetricFamily("nexgate_ratelimit_circuit_open",
-                                "1 while calls to the shared rate limit state are skipped.",
-                                value=1 if redis and redis.breaker.open else 0)
+@hookimpl
+def nexgate_metrics(app: web.Application) -> Iterator[Any]:
+    """Counters read only when /metrics is scraped."""
+    limiter = app[LIMITER]
+    refused = CounterMetricFamily("nexgate_ratelimit_refused", "Requests refused by NexGate's limits.",
+                                  labels=("code",))
+    for code, n in sorted(limiter.refused.items()):
+        refused.add_metric((code,), n)
+    yield refused
+    yield CounterMetricFamily("nexgate_ratelimit_fallback",
+                              "Limit checks done in-process because the shared state was unavailable.",
+                              value=limiter.fallback_decisions)
+    yield CounterMetricFamily("nexgate_ratelimit_unavailable",
+                              "Requests refused with 503 because the shared state was unavailable.",
+                              value=limiter.unavailable)
+    redis = limiter.redis
+    yield CounterMetricFamily("nexgate_ratelimit_state_failures",
+                              "Failed or timed-out calls to the shared rate limit state.",
+                              value=redis.failures if redis else 0)
+    yield CounterMetricFamily("nexgate_ratelimit_leased_admits",
+                              "Requests admitted from window leases this instance holds, without a Redis call.",
+                              value=redis.local_admits if redis else 0)
+    yield GaugeMetricFamily("nexgate_ratelimit_circuit_open",
+                            "1 while calls to the shared rate limit state are skipped.",
+                            value=1 if redis and redis.breaker.open else 0)
 
-    add_collector(app, collect)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any, Awaitable, Mapping, Sequence
 
 
-from nexgate_proxy import GatewayError, Identity, RequestContext
+from nexgate_proxy import GatewayError, Identity, RequestContext, StashKey
 from nexgate_proxy.clientip import IPNetwork
 from nexgate_proxy.state.redis import RedisClient, StateUnavailable
 
@@ -35,8 +35,6 @@ from .settings import KeyRules, LimitSettings, Quota, parse_key_rules
 
 log = logging.getLogger("nexgate.ratelimit")
 
-NAME = "ratelimit"
-"""This plugin's key in ``ctx.scratch``."""
 WINDOW_MS = 60_000
 BAN_EVENT = "ratelimit.ban"
 """Bus message kind: value is ``"<ip subject> <milliseconds>"``."""
@@ -162,10 +160,10 @@ class _Admitted:
     tokens: int
 
 
-_LOCAL = object()
-"""Refused without a state call: nothing to settle, nothing to count."""
-_NOTHING_TO_SETTLE = object()
-"""Admitted with requests-per-minute checks only: settle has nothing to undo."""
+ADMISSION: StashKey[_Admitted | int | None] = StashKey("ratelimit.admission")
+"""What admit decided, for settle: absent, admit never decided (settle may count the request against its IP);
+None, nothing to give back (refused without a state call, or requests-per-minute checks only); an int, the
+tokens reserved from window leases; ``_Admitted``, what a backend took."""
 
 
 @lru_cache(maxsize=16384)
@@ -295,7 +293,7 @@ class RateLimiter:
                 self._refuse_local(ctx, self._rate_error(blocked[1], blocked[0], blocked[2], "ip"))
 
     def _refuse_local(self, ctx: RequestContext, error: GatewayError) -> None:
-        ctx.scratch[NAME] = _LOCAL
+        ctx.stash[ADMISSION] = None
         self._count_refusal(error.code or "")
         raise error
 
@@ -409,7 +407,7 @@ class RateLimiter:
         ban_subject = ip_subject if (s.brute_force and ip_subject) else None
         if self._blocked:
             self._refuse_if_blocked(ctx, checks, plan, with_ip)
-        ctx.scratch[NAME] = _NOTHING_TO_SETTLE  # until something was taken
+        ctx.stash[ADMISSION] = None  # until something was taken
         self.state_calls += 1
         backend = self.backend
         if not self._in_process:
@@ -419,7 +417,7 @@ class RateLimiter:
             # Never with a concurrency slot (those are not leased): settle corrects the token leases only.
             _put_headers(ctx.response_headers, left[0], left[1], plan.headers[with_ip])
             if plan.token_subjects:
-                ctx.scratch[NAME] = tokens  # the reservation, all settle needs
+                ctx.stash[ADMISSION] = tokens  # the reservation, all settle needs
             return None
         decision = backend.acquire_now(ctx.request_id, checks, ban_subject)  # type: ignore[attr-defined]
         self._admitted(ctx, plan, checks, with_ip, tokens, decision, backend)
@@ -446,7 +444,7 @@ class RateLimiter:
             self._refused(ctx, decision, checks, _scopes(plan, with_ip))
         _put_headers(ctx.response_headers, decision.remaining, decision.reset_ms, plan.headers[with_ip])
         if plan.token_subjects or plan.leases:
-            ctx.scratch[NAME] = _Admitted(backend, plan, tokens)
+            ctx.stash[ADMISSION] = _Admitted(backend, plan, tokens)
 
     def _check_key_ips(self, ctx: RequestContext, rules: KeyRules) -> None:
         address, _ = _ip_info(ctx.client_ip, self.settings.ipv6_prefix)
@@ -467,7 +465,7 @@ class RateLimiter:
             if check.kind == REQUESTS:
                 blocked = self._blocked_ms(check.subject)
                 if blocked is not None:
-                    ctx.scratch[NAME] = _LOCAL
+                    ctx.stash[ADMISSION] = None
                     self._count_refusal(blocked[1])
                     raise self._rate_error(blocked[1], blocked[0], blocked[2], scope)
 
@@ -531,15 +529,16 @@ class RateLimiter:
     def settle_now(self, ctx: RequestContext) -> Awaitable[None] | None:
         """Correct the token reservation and free the slots without waiting: in-process at once, in Redis
         batched with the other releases of this loop iteration. Returns the IP note to await, if any."""
-        state = ctx.scratch.get(NAME)
-        if state is None:
+        stash = ctx.stash
+        if ADMISSION not in stash:
             return self._note(ctx) if self.note_needed else None
-        if state.__class__ is int:  # admitted from window leases, with this token reservation
+        state = stash[ADMISSION]
+        if state is None:
+            return None  # refused, or nothing taken that settle must give back
+        if isinstance(state, int):  # admitted from window leases, with this token reservation
             self.state_calls += 1
             self.backend.settle_locally(ctx.request_id, state, _used_tokens(ctx, state))
             return None
-        if state.__class__ is not _Admitted:
-            return None  # refused, or nothing taken that settle must give back
         self.state_calls += 1
         try:
             state.backend.settle_soon(ctx.request_id, _releases(ctx, state))

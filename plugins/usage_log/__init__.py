@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -60,18 +60,14 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 
 
 @hookimpl
-async def nexgate_startup(app: web.Application) -> None:
+async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     outbox = Outbox(settings.outbox_dir, app[STORE].record_usage, batch_size=settings.batch_size,
                     flush_interval=settings.flush_interval)
     await outbox.start()
     app[OUTBOX] = outbox
-
-
-@hookimpl
-async def nexgate_shutdown(app: web.Application) -> None:
-    if OUTBOX in app:
-        await app[OUTBOX].stop()
+    yield
+    await outbox.stop()
 
 
 @hookimpl
