@@ -424,18 +424,20 @@ async def entries_for(settings: DodoSettings, store: Store, event_type: str,
 # ------------------------------------------------------------------ handler
 
 
-async def _tell_hot_state(app: web.Application, entry: NewLedgerEntry) -> None:
+async def _book(app: web.Application, store: Store, entry: NewLedgerEntry) -> bool:
+    """Apply the entry to the ledger (True if it was new); with credits on, through their hot state,
+    which moves a cached balance by it exactly once, whatever balance loads race it."""
     from nexgate_plugins.credits import CREDITS
 
     credits = app.get(CREDITS)
     state = credits.state if credits is not None else None
     if state is None:
-        return
-    try:
-        await state.credit(entry.account_id, nano_floor(entry.amount_pico))
-    except Exception as exc:  # the ledger has it; the cached balance catches up when it is reloaded
-        log.warning("could not update the cached balance of %s after %s (%s)", entry.account_id,
-                    entry.external_id, type(exc).__name__)
+        return await store.apply_ledger_entry(entry)
+    credited = await state.credit(entry.account_id, nano_floor(entry.amount_pico),
+                                  lambda: store.apply_ledger_entry(entry))
+    if credited.booked and not credited.reached_state:  # the ledger has it; a reload catches up
+        log.warning("could not update the cached balance of %s after %s", entry.account_id, entry.external_id)
+    return credited.booked
 
 
 async def process(app: web.Application, settings: DodoSettings, headers: Mapping[str, str],
@@ -454,13 +456,12 @@ async def process(app: web.Application, settings: DodoSettings, headers: Mapping
         return 202, {"received": True, "status": "ignored", "webhook_id": webhook_id}
     # The ledger applies each (source, external_id) once, whichever delivery
     # carries it: so a crash between the two calls loses nothing, and the
-    # hot state is told only by the one call that really applied the entry.
-    applied = [entry for entry in entries if await store.apply_ledger_entry(entry)]
+    # cached balance moves only by the one call that really applied the entry.
+    applied = [entry for entry in entries if await _book(app, store, entry)]
     await store.apply_webhook(SOURCE, webhook_id, event_type, entries)
     for entry in applied:
         log.info("DodoPayments %s: %s %s USD to %s", webhook_id, entry.kind, format_usd(entry.amount_pico),
                  entry.account_id)
-        await _tell_hot_state(app, entry)
     return 200, {"received": True, "status": "applied" if applied else "duplicate", "webhook_id": webhook_id}
 
 

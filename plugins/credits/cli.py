@@ -70,23 +70,28 @@ def _usd(text: str) -> int:
     return pico
 
 
-async def _tell_gateways(env: Env, account_id: str, amount_pico: int) -> None:
-    """Raise the cached balance running gateways keep in the shared state store, if they cached one."""
+async def _book(env: Env, store: Store, entry: NewLedgerEntry) -> bool:
+    """Apply the entry (True if it was new), through the shared state store, so that running gateways
+    that cached the account's balance move it by the entry exactly once."""
     if env.state_url.startswith("memory:"):
-        print("note: no shared state store (state.url is memory://): a running gateway that already cached "
-              "this account's balance sees the change when it restarts", file=sys.stderr)
-        return
+        applied = await store.apply_ledger_entry(entry)
+        if applied:
+            print("note: no shared state store (state.url is memory://): a running gateway that already cached "
+                  "this account's balance sees the change when it restarts", file=sys.stderr)
+        return applied
     try:
         state = open_credit_state(env.state_url)
     except ValueError as exc:
         raise CliError(f"bad state URL: {exc}") from None
     try:
-        await state.credit(account_id, nano_floor(amount_pico))
-    except Exception as exc:  # the ledger has it; gateways catch up when they reload the balance
-        print(f"warning: the state store (state.url) did not answer ({type(exc).__name__}): running gateways "
-              "see the change when they next load this account's balance", file=sys.stderr)
+        credited = await state.credit(entry.account_id, nano_floor(entry.amount_pico),
+                                      lambda: store.apply_ledger_entry(entry))
     finally:
         await state.close()
+    if credited.booked and not credited.reached_state:  # the ledger has it; gateways catch up when they reload
+        print("warning: the state store (state.url) did not answer: running gateways see the change when they "
+              "next load this account's balance", file=sys.stderr)
+    return credited.booked
 
 
 async def _credits_grant(env: Env, store: Store) -> int:
@@ -102,11 +107,9 @@ async def _credits_grant(env: Env, store: Store) -> int:
     if ref is not None and not 0 < len(ref) <= 200:
         raise CliError("--ref must be 1 to 200 characters")
     external_id = f"grant:{ref}" if ref is not None else f"grant:{uuid.uuid4().hex}"
-    applied = await store.apply_ledger_entry(NewLedgerEntry(
+    applied = await _book(env, store, NewLedgerEntry(
         account_id=account.id, kind="grant", amount_pico=amount, source=GRANT_SOURCE, external_id=external_id,
         description=reason))
-    if applied:
-        await _tell_gateways(env, account.id, amount)
     balance = await store.get_balance(account.id)
     data = {"object": "grant", "applied": applied, "account_id": account.id, "account_type": account.type,
             "external_id": external_id, "reason": reason, **money("amount", amount), **money("balance", balance)}

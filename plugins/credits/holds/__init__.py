@@ -8,6 +8,8 @@ from .base import (
     KEY_TTL_SECONDS,
     PICO_PER_NANO,
     BalanceLoader,
+    Booker,
+    Credited,
     CreditState,
     CreditStateUnavailable,
     Reservation,
@@ -32,6 +34,7 @@ def open_credit_state(url: str, *, redis: RedisClient | None = None, **options: 
 
 
 __all__ = [
-    "KEY_TTL_SECONDS", "PICO_PER_NANO", "BalanceLoader", "CreditState", "CreditStateUnavailable",
+    "KEY_TTL_SECONDS", "PICO_PER_NANO", "BalanceLoader", "Booker", "Credited", "CreditState",
+    "CreditStateUnavailable",
     "MemoryCreditState", "Reservation", "nano_ceil", "nano_floor", "open_credit_state",
 ]

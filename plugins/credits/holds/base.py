@@ -10,6 +10,15 @@ on the shared state do (``credit_redis``).
 Amounts here are integer nano-USD, rounded up from the ledger's pico-USD: Lua
 numbers are doubles, exact to 2**53, which in nano-USD is about 9 million USD
 per account. Rounding up only ever makes the gateway more careful.
+
+A credit (payment, grant, refund) is booked in the ledger *through* the hot state
+(``credit(account, amount, book)``): the state hears of it before the ledger commits
+and again after. That is what lets a cached balance take every credit exactly once.
+Announced only after the commit, a credit could not be placed: a first balance load
+that read the ledger between the commit and the announcement already has it, one
+that read before does not, and the announcement looks the same to the state either
+way. So while a credit is being booked no load of its account is taken (the load
+waits for it to end), and a load that overlapped a credit's end is read again.
 """
 
 from __future__ import annotations
@@ -50,8 +59,19 @@ class Reservation:
     """Balance minus holds after this reservation (before it, when refused)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Credited:
+    booked: bool
+    """The ledger took the entry (False: it had it already, nothing changed)."""
+    reached_state: bool
+    """The hot state heard of it. False when it did not answer: the ledger has the credit, a cached
+    balance may miss it until it is loaded again."""
+
+
 BalanceLoader = Callable[[], Awaitable[int]]
 """Returns the account's durable balance in pico-USD."""
+Booker = Callable[[], Awaitable[bool]]
+"""Commits a ledger entry; True when it applied it, False when the ledger had it already."""
 
 
 class CreditState(abc.ABC):
@@ -67,8 +87,10 @@ class CreditState(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def credit(self, account_id: str, amount_nano: int) -> None:
-        """A payment or grant arrived: raise the cached balance (if one is cached)."""
+    async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
+        """Book a payment, grant or refund with ``book`` and move the cached balance (if one is
+        cached) by exactly ``amount_nano``, once, whatever loads race it. ``book``'s errors propagate;
+        the hot state's own trouble does not (``reached_state``): the ledger is the truth."""
 
     @abc.abstractmethod
     async def available(self, account_id: str) -> int | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from .base import BalanceLoader, CreditState, Reservation, nano_floor
+from .base import BalanceLoader, Booker, Credited, CreditState, Reservation, nano_floor
 
 
 class _Account:
@@ -30,20 +31,21 @@ class MemoryCreditState(CreditState):
 
     def __init__(self) -> None:
         self._accounts: dict[str, _Account] = {}
-        self._credits_seen: dict[str, int] = {}
-        """Per account, how many credits arrived: a load that saw a credit race by loads again."""
+        self._credits_ended: dict[str, int] = {}
+        """Per account, how many credits ended: a load that overlapped one may miss it, and loads again."""
+        self._open: dict[str, int] = {}
+        """Per account, how many credits are being booked: no load of theirs is taken meanwhile, since
+        it may or may not hold what is being booked..."""
+        self._crediting: dict[str, asyncio.Event] = {}
+        """...and loads wait for this, set when the last of them ends."""
+        self._stale: set[str] = set()
+        """Accounts whose cached balance may or may not hold a credit (its booking failed midway)."""
 
     async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
                       hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
         account = self._accounts.get(account_id)
-        while account is None:
-            version = self._credits_seen.get(account_id, 0)
-            loaded = nano_floor(await load_balance())
-            # A credit booked while we read may or may not be in `loaded`: read again to be sure.
-            if self._credits_seen.get(account_id, 0) == version:
-                account = self._accounts.setdefault(account_id, _Account(loaded))  # another may have loaded it
-            else:
-                account = self._accounts.get(account_id)
+        if account is None or account_id in self._stale:
+            account = await self._load(account_id, load_balance)
         now = time.monotonic()
         if now >= account.next_sweep:
             self._sweep(account, now)
@@ -58,6 +60,24 @@ class MemoryCreditState(CreditState):
         account.holds[request_id] = (amount_nano, now + hold_seconds)
         account.held += amount_nano
         return Reservation(True, available - amount_nano)
+
+    async def _load(self, account_id: str, load_balance: BalanceLoader) -> _Account:
+        while True:
+            crediting = self._crediting.get(account_id)
+            if crediting is not None:
+                await crediting.wait()
+                continue
+            version = self._credits_ended.get(account_id, 0)
+            loaded = nano_floor(await load_balance())
+            if account_id not in self._open and self._credits_ended.get(account_id, 0) == version:
+                break
+        account = self._accounts.get(account_id)
+        if account is None:
+            account = self._accounts[account_id] = _Account(loaded)
+        elif account_id in self._stale:  # reloaded: the holds stay
+            account.balance = loaded
+        self._stale.discard(account_id)  # else another load took it while this one read
+        return account
 
     def _sweep(self, account: _Account, now: float) -> bool:
         """Drop expired holds; True when some were dropped."""
@@ -76,12 +96,27 @@ class MemoryCreditState(CreditState):
             account.held -= hold[0]
         account.balance -= cost_nano
 
-    async def credit(self, account_id: str, amount_nano: int) -> None:
-        self._credits_seen[account_id] = self._credits_seen.get(account_id, 0) + 1
-        account = self._accounts.get(account_id)
-        if account is not None:
-            account.balance += amount_nano
+    async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
+        self._open[account_id] = self._open.get(account_id, 0) + 1
+        self._crediting.setdefault(account_id, asyncio.Event())
+        booked: bool | None = None
+        try:
+            booked = await book()
+        finally:
+            self._credits_ended[account_id] = self._credits_ended.get(account_id, 0) + 1
+            account = self._accounts.get(account_id)
+            if account is not None and booked is None:
+                self._stale.add(account_id)  # whether the ledger took it is unknown: load it again
+            elif account is not None and booked:
+                account.balance += amount_nano
+            self._open[account_id] -= 1
+            if not self._open[account_id]:
+                del self._open[account_id]
+                self._crediting.pop(account_id).set()
+        return Credited(booked, reached_state=True)
 
     async def available(self, account_id: str) -> int | None:
         account = self._accounts.get(account_id)
-        return None if account is None else account.balance - account.held
+        if account is None or account_id in self._stale:
+            return None
+        return account.balance - account.held

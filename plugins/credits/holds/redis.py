@@ -21,6 +21,12 @@ proxy's single core (15% of throughput). The quota-slice design of online chargi
   has them (usage outbox), and the cache reloads from it.
 * A lease this instance cannot be sure Redis still holds (not renewed for ``LEASE_TTL -
   LEASE_MARGIN``) is never used again; its holds run on as unbacked, a new lease replaces it.
+* A credit reaches the cached balance exactly once (see ``base``): it is booked between two calls,
+  one marking it open (``crediting``), one closing it, which adds it to a cached balance and bumps
+  the account's credit version. A first load is only written while no credit is open and the
+  version is the one read before the load; else it waits for the open ones and loads again. A close
+  that finds its mark gone (expired, Redis lost it) or whose booking has an unknown outcome cannot
+  place its credit: it drops the cached balance, and the next request loads it from the ledger.
 
 Amounts are integer nano-USD (see ``credit_state``).
 """
@@ -39,6 +45,8 @@ from nexgate_proxy.state.redis import RedisClient, RedisScripts, StateUnavailabl
 from .base import (
     KEY_TTL_SECONDS,
     BalanceLoader,
+    Booker,
+    Credited,
     CreditState,
     CreditStateUnavailable,
     Reservation,
@@ -60,8 +68,14 @@ SLICE_HOLDS = 32
 PLENTY_SLICES = 4
 FLUSH_BATCH = 100
 """Accounts per flush call."""
+CREDIT_OPEN_TTL = 10.0
+"""A credit's open mark stops blocking loads this long after it was set (its booker died)."""
+CREDIT_WAIT = 2.0
+"""A first load waits this long at most for the account's open credits, then the request gets 503."""
+CREDIT_POLL = 0.01
+"""How often a waiting load looks again."""
 
-# Every script: KEYS bal, held, holds, exp (+ credits for grow) of one account.
+# Every script: KEYS bal, held, holds, exp (+ credits, crediting for grow) of one account.
 # The pending part of a flush: debit the cached balance, shrink the lease by `release`, renew it.
 _LUA_FLUSH_ONE = """
 local function flush_one(bal, held, holds, exp, lease, debit, release, expiry)
@@ -94,8 +108,11 @@ _GROW = _LUA_FLUSH_ONE + """
 flush_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[6])
 if not redis.call('GET', KEYS[1]) then
   local version = redis.call('GET', KEYS[5]) or '0'
-  -- A credit booked since the caller read the version may be missing from its load: load again.
-  if ARGV[8] == '' or ARGV[9] ~= version then return {-1, version} end
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[5])
+  local open = redis.call('ZCARD', KEYS[6])
+  -- A credit being booked may or may not be in the load; one closed since the caller read the version
+  -- may be missing from it: load again (once no credit is open).
+  if ARGV[8] == '' or ARGV[9] ~= version or open > 0 then return {-1, version, open} end
   redis.call('SET', KEYS[1], ARGV[8], 'NX')
 end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[5])
@@ -139,11 +156,25 @@ end
 return out
 """
 
-_CREDIT = """
-redis.call('INCR', KEYS[5])
-redis.call('EXPIRE', KEYS[5], ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
-return false
+# A credit's two calls. KEYS bal, credits (version), crediting (open marks: id -> expiry).
+_CREDIT_OPEN = """
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+"""
+
+_CREDIT_CLOSE = """
+-- ARGV: mark id, amount, outcome ('1' booked, '0' not booked, '' unknown), key ttl
+local ours = redis.call('ZREM', KEYS[3], ARGV[1]) == 1
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if ARGV[3] == '0' then return 0 end
+if ours and ARGV[3] == '1' then
+  -- No load was written while the mark stood: a cached balance predates the booking.
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
+  return 1
+end
+redis.call('DEL', KEYS[1])  -- a load may have been written meanwhile, with or without it: reload
+return 2
 """
 
 
@@ -219,7 +250,8 @@ class RedisCreditState(CreditState):
     """
 
     def __init__(self, redis: RedisClient | str, *, prefix: str = "nexgate:cr", timeout: float = 1.0) -> None:
-        self._redis = RedisScripts(redis, {"grow": _GROW, "flush": _FLUSH, "credit": _CREDIT},
+        self._redis = RedisScripts(redis, {"grow": _GROW, "flush": _FLUSH, "credit_open": _CREDIT_OPEN,
+                                           "credit_close": _CREDIT_CLOSE},
                                    label="credit state", timeout=timeout)
         self._prefix = prefix
         self._instance = secrets.token_hex(6)
@@ -231,7 +263,7 @@ class RedisCreditState(CreditState):
     def _keys(self, account_id: str) -> list[str]:
         # One hash tag per account keeps its keys on one Redis Cluster slot.
         base = f"{self._prefix}:{{{account_id}}}"
-        return [f"{base}:bal", f"{base}:held", f"{base}:holds", f"{base}:exp", f"{base}:credits"]
+        return [f"{base}:bal", f"{base}:held", f"{base}:holds", f"{base}:exp", f"{base}:credits", f"{base}:crediting"]
 
     async def _call(self, script: str, keys: list[str], args: list[object]) -> object:
         try:
@@ -293,10 +325,19 @@ class RedisCreditState(CreditState):
                 if not exc.sent:
                     account.unsend(generation, *carried)
                 raise
+            waited = 0.0
             while status == -1:  # not cached: load it, unless a credit races the load (then load again)
-                args[8] = rest[0]
-                args[7] = nano_floor(await load_balance())
+                version, crediting = rest
                 args[10] = args[11] = 0  # booked by the first call
+                if crediting:  # whether a load now would hold the credit being booked is unknowable
+                    if waited >= CREDIT_WAIT:
+                        raise CreditStateUnavailable(f"credits to {account_id} are being booked")
+                    await asyncio.sleep(CREDIT_POLL)
+                    waited += CREDIT_POLL
+                    args[7] = ""
+                else:
+                    args[8] = version
+                    args[7] = nano_floor(await load_balance())
                 status, *rest = await self._call("grow", keys, args)  # type: ignore[misc]
         except BaseException:
             self._release_hold(account, account_id, request_id, 0)
@@ -326,8 +367,25 @@ class RedisCreditState(CreditState):
 
     # -- off the hot path
 
-    async def credit(self, account_id: str, amount_nano: int) -> None:
-        await self._call("credit", self._keys(account_id), [amount_nano, KEY_TTL_SECONDS])
+    async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
+        bal, _, _, _, version, crediting = self._keys(account_id)
+        keys = [bal, version, crediting]
+        mark = secrets.token_hex(8)
+        with contextlib.suppress(CreditStateUnavailable):  # then the close finds no mark: it drops the cache
+            await self._call("credit_open", keys, [mark, time.time() + CREDIT_OPEN_TTL, KEY_TTL_SECONDS])
+        outcome = ""  # unknown, if the booking raises: the ledger may or may not have it
+        try:
+            booked = await book()
+            outcome = "1" if booked else "0"
+        finally:
+            try:
+                await self._call("credit_close", keys, [mark, amount_nano, outcome, KEY_TTL_SECONDS])
+                reached = True
+            except CreditStateUnavailable:
+                reached = False
+                log.warning("the credit state did not hear of a credit to %s: its cached balance may miss it "
+                            "until it is loaded again", account_id)
+        return Credited(booked, reached)
 
     async def available(self, account_id: str) -> int | None:
         """The cached balance minus every open hold, this instance's settled costs booked first."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -57,7 +58,17 @@ async def test_a_settle_is_seen_by_the_next_reserve(redis_url: str) -> None:
         await state.close()
 
 
+def booking(ledger: dict[str, int], amount: int, applied: bool = True):
+    """A ledger commit (nano-USD here, as the cache counts)."""
+    async def book() -> bool:
+        if applied:
+            ledger["balance"] += amount
+        return applied
+    return book
+
+
 async def test_a_credit_racing_the_first_balance_load_is_not_lost(redis_url: str) -> None:
+    """The load reads the ledger before the credit commits; the credit ends before the load is written."""
     state, = instances(redis_url, 1)
     ledger = {"balance": 0}
     loads = 0
@@ -67,9 +78,8 @@ async def test_a_credit_racing_the_first_balance_load_is_not_lost(redis_url: str
         loads += 1
         value = ledger["balance"]
         if loads == 1:  # the payment is booked and announced while this read is in flight
-            ledger["balance"] += 100_000
-            await state.credit("acct", 100)
-        return value
+            assert (await state.credit("acct", 100, booking(ledger, 100))).booked
+        return value * 1000
 
     try:
         reservation = await state.reserve("acct", "r1", 0, 0, 60, load)
@@ -77,6 +87,129 @@ async def test_a_credit_racing_the_first_balance_load_is_not_lost(redis_url: str
         assert await state.available("acct") == 100
     finally:
         await state.close()
+
+
+async def test_a_credit_racing_another_instances_first_load_is_counted_once(redis_url: str) -> None:
+    """The load reads the ledger after the credit committed; the credit's end reaches Redis after the
+    load's answer (the webhook's instance is slow). Announced only after the commit (the old protocol),
+    the credit was counted twice (200)."""
+    a, b = instances(redis_url)
+    ledger = {"balance": 0}
+    committed, answered = asyncio.Event(), asyncio.Event()
+    loads = 0
+
+    async def slow_book() -> bool:
+        ledger["balance"] += 100
+        committed.set()
+        await answered.wait()  # the store's answer is slow to come back
+        return True
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        return ledger["balance"] * 1000
+
+    try:
+        crediting = asyncio.create_task(b.credit("acct", 100, slow_book))
+        await committed.wait()
+        reserving = asyncio.create_task(a.reserve("acct", "r1", 0, 0, 60, load))
+        await asyncio.sleep(0.1)
+        assert not reserving.done() and loads == 0  # no load is taken while a credit is being booked
+        answered.set()
+        assert (await crediting) == credit_redis.Credited(booked=True, reached_state=True)
+        assert (await reserving).ok and loads == 1
+        assert await a.available("acct") == await b.available("acct") == ledger["balance"] == 100
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_load_written_before_a_credit_gets_it_once(redis_url: str) -> None:
+    a, b = instances(redis_url)
+    ledger = {"balance": 500}
+    load = balance_of(500)
+    try:
+        assert (await a.reserve("acct", "r1", 0, 0, 60, load)).ok
+        assert (await b.credit("acct", 100, booking(ledger, 100))).booked
+        assert (await b.credit("acct", 100, booking(ledger, 100, applied=False))) == credit_redis.Credited(
+            booked=False, reached_state=True)  # already in the ledger: nothing moves
+        assert await a.available("acct") == ledger["balance"] == 600
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_credit_whose_booking_fails_midway_drops_the_cached_balance(redis_url: str) -> None:
+    """The commit may or may not have happened: only the ledger can say, so the cache reloads."""
+    state, = instances(redis_url, 1)
+    ledger = {"balance": 500}
+
+    async def load() -> int:
+        return ledger["balance"] * 1000
+
+    async def lost_answer() -> bool:
+        ledger["balance"] += 100  # committed, but the connection dropped before the answer
+        raise ConnectionResetError
+
+    try:
+        assert (await state.reserve("acct", "r1", 0, 0, 60, load)).ok
+        with pytest.raises(ConnectionResetError):
+            await state.credit("acct", 100, lost_answer)
+        assert await state.available("acct") is None
+        assert (await state.reserve("acct", "r2", 1, 0, 60, load)).ok  # beyond the lease: a grow, which loads
+        state.settle("acct", "r2", 0)
+        assert await state.available("acct") == 600
+    finally:
+        await state.close()
+
+
+async def test_a_credit_booked_past_its_mark_is_placed_by_a_reload(redis_url: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A booker slower than CREDIT_OPEN_TTL no longer blocks loads; a load written meanwhile may or
+    may not hold its credit, so its close drops the cache rather than guess."""
+    monkeypatch.setattr(credit_redis, "CREDIT_OPEN_TTL", 0.2)
+    a, b = instances(redis_url)
+    ledger = {"balance": 0}
+    answered = asyncio.Event()
+
+    async def slow_book() -> bool:
+        ledger["balance"] += 100
+        await answered.wait()
+        return True
+
+    async def load() -> int:
+        return ledger["balance"] * 1000
+
+    try:
+        crediting = asyncio.create_task(b.credit("acct", 100, slow_book))
+        await asyncio.sleep(0.3)
+        assert (await a.reserve("acct", "r1", 0, 0, 60, load)).ok  # the mark expired: loaded, with the credit
+        answered.set()
+        await crediting
+        assert await a.available("acct") is None
+        assert (await a.reserve("acct", "r2", 1, 0, 60, load)).ok
+        a.settle("acct", "r2", 0)
+        assert await a.available("acct") == 100
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_booker_that_died_mid_credit_blocks_first_loads_briefly(redis_url: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(credit_redis, "CREDIT_WAIT", 0.1)
+    a, b = instances(redis_url)
+    load = balance_of(100)
+    try:
+        bal, _, _, _, version, crediting = b._keys("acct")  # b opens a credit, and dies before closing it
+        await b._call("credit_open", [bal, version, crediting], ["dead", time.time() + 0.5, 60])
+        with pytest.raises(CreditStateUnavailable):  # 503 "retry shortly"
+            await a.reserve("acct", "r1", 0, 0, 60, load)
+        await asyncio.sleep(0.5)  # its mark expired
+        assert (await a.reserve("acct", "r1", 0, 0, 60, load)).ok
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_with_plenty_of_balance_requests_do_not_call_redis(redis_url: str) -> None:
@@ -266,8 +399,7 @@ def test_two_instances_never_overdraw_and_end_at_the_ledger(initial: int, overdr
                     ledger["balance"] -= cost
                     pair[instance].settle("acct", rid, cost)
             else:
-                ledger["balance"] += op[2]
-                await pair[op[1]].credit("acct", op[2])
+                await pair[op[1]].credit("acct", op[2], booking(ledger, op[2]))
 
         try:
             for i in range(0, len(ops), batch):

@@ -25,7 +25,7 @@ from nexgate_plugins.credits import CREDITS
 from nexgate_proxy.app import build_app
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
-from nexgate_plugins.credits.holds import MemoryCreditState, nano_floor
+from nexgate_plugins.credits.holds import Booker, Credited, MemoryCreditState, nano_floor
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.plugins import resolve_config
 from nexgate_proxy.testing import FakeUpstream, Gateway, gateway_config
@@ -388,8 +388,8 @@ async def test_a_failing_hot_state_does_not_fail_the_webhook(upstream, start_gat
     gw = await start(start_gateway, upstream)
 
     class Broken(MemoryCreditState):
-        async def credit(self, account_id: str, amount_nano: int) -> None:
-            raise ConnectionError("redis is down")
+        async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
+            return Credited(await book(), reached_state=False)  # redis is down: booked, not heard of
 
     gw.app[CREDITS].state = Broken()
     with caplog.at_level(logging.WARNING, "nexgate.payments"):
@@ -495,9 +495,11 @@ def test_the_memory_credit_state_never_overdraws_and_ends_at_the_ledger(
                     ledger["settled"] += cost
                     state.settle("acct", rid, cost)
             else:
-                ledger["balance"] += op[1]
-                ledger["credits"] += op[1]
-                await state.credit("acct", op[1])
+                async def book() -> bool:
+                    ledger["balance"] += op[1]
+                    ledger["credits"] += op[1]
+                    return True
+                await state.credit("acct", op[1], book)
             await check()
 
         for i in range(0, len(ops), batch):
@@ -524,9 +526,12 @@ async def test_a_credit_during_the_first_balance_load_is_not_lost() -> None:
         await asyncio.sleep(0)  # ...and its answer arrives after the payment was booked
         return value * 1000
 
-    async def pay() -> None:
+    async def book() -> bool:
         ledger["balance"] += 100
-        await state.credit("acct", 100)  # nothing cached yet
+        return True
+
+    async def pay() -> None:
+        await state.credit("acct", 100, book)  # nothing cached yet
 
     await asyncio.gather(state.reserve("acct", "r1", 0, 0, 60, load), pay())
     assert await state.available("acct") == ledger["balance"]
