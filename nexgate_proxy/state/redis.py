@@ -66,11 +66,11 @@ class CircuitBreaker:
 
 # ------------------------------------------------------- a lean RESP client
 
-# redis-py costs ~150 us of CPU per call (pool, command machinery, parsing): more than the rest of a
-# proxied request. The limits need four commands (EVALSHA, SCRIPT LOAD, PING and the handshake), so they
-# speak RESP themselves over ONE pipelined connection per process: calls made in the same loop
-# iteration go out in one write, replies are matched to callers in order, and a caller that timed out
-# leaves its reply to be skipped, so the connection stays usable.
+# The hot paths need a handful of commands (EVALSHA, SCRIPT LOAD, PING, PUBLISH and the handshake), so
+# NexGate speaks RESP itself over ONE pipelined connection per process (why not redis-py: its cost per
+# call, in benchmarks/README.md, "Figures behind the code's design comments"): calls made in the same loop iteration go
+# out in one write, replies are matched to callers in order, and a caller that timed out leaves its
+# reply to be skipped, so the connection stays usable.
 
 
 class RespError(Exception):

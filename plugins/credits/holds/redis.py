@@ -6,9 +6,10 @@ requests' holds from the lease in process, and debits their costs in process; no
 for Redis while its lease has room. Only a request that does not fit calls Redis, and that call
 grows the lease atomically against ``balance - held`` (and books what was settled since).
 
-Why: one EVALSHA to hold and one to settle per request cost ~30 us of CPU each request on the
-proxy's single core (15% of throughput). The quota-slice design of online charging systems
-(an OCS grants a gateway units ahead of use) avoids both, and keeps the guarantees:
+Why: a Redis call to hold and another to settle on every request cost more than the rest of the
+credit path (benchmarks/README.md, "Credits and limits on Redis: leases"). The quota-slice design
+of online charging systems (an OCS grants a gateway units ahead of use) avoids both, and keeps
+the guarantees:
 
 * Never more is held than ``balance + overdraft``: every lease grows atomically in Redis, and a
   request is only admitted against room its lease holds.

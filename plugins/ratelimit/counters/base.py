@@ -58,9 +58,9 @@ DEFAULT_PREFIX = "nexgate:rl"
 LEASE_SPAN_MS = 2000
 """How long a window lease serves requests; its entries are timestamped at its end (see window_leases).
 
-Two seconds, so that the next lease, asked for half a span ahead, arrives in time even when Redis
-answers late: on the benchmark machine replies took up to 0.6 s at times (Redis descheduled on a
-shared core), and every request of an instance whose lease ran out then waited for Redis."""
+Long enough that the next lease, asked for half a span ahead, arrives before this one ends even
+when Redis answers late (seen: up to 0.6 s, benchmarks/README.md); a request is never counted for
+less time than if it had been logged when it came, at most one span longer."""
 
 
 @dataclass(slots=True)

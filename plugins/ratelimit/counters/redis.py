@@ -35,7 +35,7 @@ local function resum(log, sum, window)
   return s
 end
 -- A requests lease's entries base:x .. base:y, added at one score (or removed) a thousand per call:
--- one call per entry made a lease of 4096 cost Redis ~30 ms, with every other call waiting behind it.
+-- a call per entry keeps Redis busy for the whole lease, with every other call waiting behind it.
 local function lease_entries(cmd, log, score, base, x, y)
   local args = {}
   for s = x, y do
