@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .plugins import HookChain
     from .providers.base import Provider
     from .proxy import Proxy
-    from .store import Store
+    from .store import ChangeFeed, Store
 
 CONFIG: web.AppKey[Config] = web.AppKey("nexgate.config")
 CHAIN: web.AppKey[HookChain] = web.AppKey("nexgate.chain")
@@ -21,4 +21,6 @@ PROXY: web.AppKey[Proxy] = web.AppKey("nexgate.proxy")
 STORE: web.AppKey[Store] = web.AppKey("nexgate.store")
 """The durable store, opened at startup (before plugins start)."""
 BUS: web.AppKey[InvalidationBus] = web.AppKey("nexgate.bus")
-"""Cross-instance invalidations (revoked keys, changed limits)."""
+"""Cache invalidations: the store feed's key and organization changes, and hot-state events (IP bans)."""
+FEED: web.AppKey[ChangeFeed] = web.AppKey("nexgate.feed")
+"""The store's change feed (started before plugins start): subscribe for credits and other store changes."""

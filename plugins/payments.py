@@ -423,6 +423,7 @@ async def entries_for(settings: DodoSettings, store: Store, event_type: str,
 
 
 async def _tell_hot_state(app: web.Application, entry: NewLedgerEntry) -> None:
+    """Shared state (Redis) is raised here, once; in-process state on every instance gets it from the store feed."""
     from nexgate_plugins.credits import CREDITS
 
     credits = app.get(CREDITS)

@@ -3,8 +3,8 @@
 * ``DELETE /admin/v1/users/{user_id}`` (``nexgate users delete ID --yes``):
   the user themself (Clerk session) or the superadmin. In one transaction
   (``Store.anonymize_user``): the user's personal keys and the organization
-  keys they created are revoked (and announced on the bus, so every gateway
-  refuses them at once); their memberships end; email, name and external_id
+  keys they created are revoked (recorded on the store's change feed, so every
+  running gateway refuses them within a second); their memberships end; email, name and external_id
   become NULL and ``deleted_at`` is set, the row staying as an anonymous id;
   the client IPs of their usage records are cleared. Usage records, ledger
   entries and the balance stay under that anonymous id. Refused with 409
@@ -67,15 +67,15 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 async def delete_account(store: Store, bus: InvalidationBus | None, user_id: str) -> AnonymizedUser:
-    """Anonymize the account in one transaction, then tell every gateway its keys are revoked.
+    """Anonymize the account in one transaction (the store tells every gateway its keys are revoked).
 
-    Raises NotFound for an unknown user and LastOwnerError (nothing changed) for the last owner of an org.
+    This process's caches (``bus``) drop the keys at once. Raises NotFound for an unknown user and
+    LastOwnerError (nothing changed) for the last owner of an org.
     """
     result = await store.anonymize_user(user_id)
     if bus is not None:
-        # Every key, also those revoked before: an instance may have missed the first message.
         for key_id in result.key_ids:
-            await bus.publish(API_KEY_EVENT, key_id)
+            bus.deliver_local(API_KEY_EVENT, key_id)
     if not result.already_deleted:
         log.info("account %s deleted: %d keys revoked, %d organizations left, %d usage records' IPs cleared",
                  user_id, len(result.revoked_key_ids), len(result.left_org_ids), result.cleared_ips)

@@ -6,8 +6,9 @@ conventions as ``nexgate_proxy.cli_admin``: ``--config PATH`` or
 
 * ``credits grant ACCOUNT USD --reason TEXT [--ref ID]`` books a ``grant``
   ledger entry (source ``admin``). With ``--ref`` it is idempotent: the same
-  ref is applied once, however often the command runs. Running gateways that
-  share a Redis state store (``state.url``) see it at once.
+  ref is applied once, however often the command runs. Every running gateway
+  applies it to the balance it caches within a second: through the store's
+  change feed, or, with a Redis state store (``state.url``), at once in Redis.
 * ``credits balance ACCOUNT`` prints the balance, exact to the pico-dollar.
 * ``usage export ACCOUNT --format csv|json [--since --until] [--output FILE]``
   writes the account's usage records (metadata only, no client IPs), newest
@@ -71,10 +72,11 @@ def _usd(text: str) -> int:
 
 
 async def _tell_gateways(env: Env, account_id: str, amount_pico: int) -> None:
-    """Raise the cached balance running gateways keep in the shared state store, if they cached one."""
+    """Raise the cached balance running gateways keep in the shared state store, if they cached one.
+
+    In-process state (memory://) needs nothing: each gateway's store feed brings the grant.
+    """
     if env.state_url.startswith("memory:"):
-        print("note: no shared state store (state.url is memory://): a running gateway that already cached "
-              "this account's balance sees the change when it restarts", file=sys.stderr)
         return
     try:
         state = open_credit_state(env.state_url)

@@ -9,6 +9,7 @@ from .base import (
     CreditState,
     CreditStateUnavailable,
     Reservation,
+    StoreBalance,
     nano_ceil,
     nano_floor,
 )
@@ -27,5 +28,5 @@ def open_credit_state(url: str, **options: object) -> CreditState:
 
 __all__ = [
     "KEY_TTL_SECONDS", "PICO_PER_NANO", "BalanceLoader", "CreditState", "CreditStateUnavailable",
-    "MemoryCreditState", "Reservation", "nano_ceil", "nano_floor", "open_credit_state",
+    "MemoryCreditState", "Reservation", "StoreBalance", "nano_ceil", "nano_floor", "open_credit_state",
 ]

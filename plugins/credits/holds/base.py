@@ -50,8 +50,22 @@ class Reservation:
     """Balance minus holds after this reservation (before it, when refused)."""
 
 
+class StoreBalance(int):
+    """A balance read from the store (pico-USD) and the store feed position that read includes.
+
+    An int, so a state that needs no position uses it as the balance.
+    """
+
+    position: int
+
+    def __new__(cls, pico: int, position: int) -> StoreBalance:
+        balance = super().__new__(cls, pico)
+        balance.position = position
+        return balance
+
+
 BalanceLoader = Callable[[], Awaitable[int]]
-"""Returns the account's durable balance in pico-USD."""
+"""Returns the account's durable balance in pico-USD (a StoreBalance, from the store)."""
 
 
 class CreditState(abc.ABC):
@@ -68,7 +82,23 @@ class CreditState(abc.ABC):
 
     @abc.abstractmethod
     async def credit(self, account_id: str, amount_nano: int) -> None:
-        """A payment or grant arrived: raise the cached balance (if one is cached)."""
+        """This process booked a credit (a payment, a grant): raise the shared cached balance, if one is cached.
+
+        Shared state only (Redis), whoever booked it, once. A state in process learns of
+        credits from the store feed instead (``credit_from_store``): this is nothing there.
+        """
+
+    def credit_from_store(self, account_id: str, amount_nano: int, position: int) -> None:
+        """The store feed's credit change at ``position`` (signed): raise the cached balance, exactly once.
+
+        Nothing for shared state (Redis): the process that booked it raised it there (``credit``).
+        """
+
+    def reload_balances(self) -> None:
+        """The store feed may have missed changes: cached balances are read from the store again.
+
+        Nothing for shared state (Redis), which is told of credits by whoever booked them.
+        """
 
     @abc.abstractmethod
     async def available(self, account_id: str) -> int | None:

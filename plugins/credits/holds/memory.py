@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import time
 
-from .base import BalanceLoader, CreditState, Reservation, nano_floor
+from .base import BalanceLoader, CreditState, Reservation, StoreBalance, nano_floor
 
 
 class _Account:
-    __slots__ = ("balance", "held", "holds", "next_sweep")
+    __slots__ = ("balance", "position", "stale", "held", "holds", "next_sweep")
 
-    def __init__(self, balance: int) -> None:
+    def __init__(self, balance: int, position: int) -> None:
         self.balance = balance
+        self.position = position
+        """The store feed position the balance includes: a credit change after it is not in it yet."""
+        self.stale = False
+        """The feed may have missed changes: read the balance again (the holds stay)."""
         self.held = 0
         """The sum of ``holds``' amounts, kept as they change: no sum per request."""
         self.holds: dict[str, tuple[int, float]] = {}
@@ -36,14 +40,20 @@ class MemoryCreditState(CreditState):
     async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
                       hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
         account = self._accounts.get(account_id)
-        while account is None:
+        while account is None or account.stale:
             version = self._credits_seen.get(account_id, 0)
-            loaded = nano_floor(await load_balance())
-            # A credit booked while we read may or may not be in `loaded`: read again to be sure.
-            if self._credits_seen.get(account_id, 0) == version:
-                account = self._accounts.setdefault(account_id, _Account(loaded))  # another may have loaded it
-            else:
+            loaded = await load_balance()
+            position = loaded.position if isinstance(loaded, StoreBalance) else 0
+            # A credit that arrived while we read was not applied to any cached balance, and may or
+            # may not be in `loaded`: read again, after it.
+            if self._credits_seen.get(account_id, 0) != version:
                 account = self._accounts.get(account_id)
+                continue
+            account = self._accounts.get(account_id)
+            if account is None:
+                account = self._accounts[account_id] = _Account(nano_floor(loaded), position)
+            elif account.stale:  # as after a restart: costs settled but not yet flushed are not in the read
+                account.balance, account.position, account.stale = nano_floor(loaded), position, False
         now = time.monotonic()
         if now >= account.next_sweep:
             self._sweep(account, now)
@@ -77,10 +87,18 @@ class MemoryCreditState(CreditState):
         account.balance -= cost_nano
 
     async def credit(self, account_id: str, amount_nano: int) -> None:
+        return None  # the store feed brings it to every process: credit_from_store
+
+    def credit_from_store(self, account_id: str, amount_nano: int, position: int) -> None:
         self._credits_seen[account_id] = self._credits_seen.get(account_id, 0) + 1
         account = self._accounts.get(account_id)
-        if account is not None:
+        if account is not None and position > account.position:  # else the loaded balance has it
             account.balance += amount_nano
+            account.position = position
+
+    def reload_balances(self) -> None:
+        for account in self._accounts.values():
+            account.stale = True
 
     async def available(self, account_id: str) -> int | None:
         account = self._accounts.get(account_id)
