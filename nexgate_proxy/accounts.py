@@ -4,8 +4,8 @@ Creating and revoking keys in one place keeps the rules in one place: the
 plaintext exists only in the return value of ``create_api_key``. A revocation,
 and an organization's new limit overrides (the cached identities of its keys
 carry them), are recorded by the store with the change: every running gateway
-learns of them from its change feed (``store.feed``) within a second. The bus
-given here, if any, is this process's: its caches drop the key at once.
+learns of them from its change feed (``store.feed``) within a second. The feed
+given here, if any, is this process's: it delivers the change at once.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from .state.bus import InvalidationBus
 from .keys import DEFAULT_BCRYPT_ROUNDS, generate_key, hash_secret_async
-from .store import API_KEY_CHANGE, ORG_CHANGE, ApiKeyRow, Organization, Store
+from .store import API_KEY_CHANGE, ORG_CHANGE, ApiKeyRow, ChangeFeed, Organization, Store
 
 API_KEY_EVENT = API_KEY_CHANGE
 """Bus message kind: the value is a key id whose cached verification must be dropped."""
@@ -53,21 +52,21 @@ async def create_api_key(
     return CreatedKey(row=row, plaintext=generated.plaintext)
 
 
-async def revoke_api_key(store: Store, bus: InvalidationBus | None, key_id: str) -> bool:
+async def revoke_api_key(store: Store, feed: ChangeFeed | None, key_id: str) -> bool:
     """Revoke in the store (which tells every gateway); this process drops it at once. True if this call revoked it."""
     revoked = await store.revoke_api_key(key_id)
-    if bus is not None:
-        bus.deliver_local(API_KEY_EVENT, key_id)
+    if feed is not None:
+        await feed.deliver_now()
     return revoked
 
 
-async def set_org_limits(store: Store, bus: InvalidationBus | None, org_id: str,
+async def set_org_limits(store: Store, feed: ChangeFeed | None, org_id: str,
                          limits: Mapping[str, Any] | None) -> Organization:
     """Replace the organization's limit overrides ({} or None removes them); every gateway hears of it.
 
     NotFound (nothing changed) for an unknown organization.
     """
     org = await store.set_org_limits(org_id, dict(limits) if limits else None)
-    if bus is not None:
-        bus.deliver_local(ORG_EVENT, org_id)
+    if feed is not None:
+        await feed.deliver_now()
     return org

@@ -47,7 +47,7 @@ from typing import Any
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, hookimpl
-from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.config import Config, ConfigReader
 from nexgate_plugins.credits.holds import nano_floor
 from nexgate_proxy.money import format_usd, usd_to_pico
@@ -460,6 +460,8 @@ async def process(app: web.Application, settings: DodoSettings, headers: Mapping
         log.info("DodoPayments %s: %s %s USD to %s", webhook_id, entry.kind, format_usd(entry.amount_pico),
                  entry.account_id)
         await _tell_hot_state(app, entry)
+    if applied:
+        await app[FEED].deliver_now()  # this instance's cached balance at once; the others within a second
     return 200, {"received": True, "status": "applied" if applied else "duplicate", "webhook_id": webhook_id}
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..background import stop_tasks
 from ..state.bus import EVICT_ALL
+from .base import StoreError
 
 if TYPE_CHECKING:
     from .base import Store
@@ -77,6 +78,8 @@ class ChangeFeed(abc.ABC):
         self._task: asyncio.Task[None] | None = None
         self._last_read = 0.0
         self._next_prune = 0.0
+        self._reading = asyncio.Lock()
+        """One read at a time: two reads from the same position would deliver its rows twice."""
 
     def subscribe(self, callback: ChangeCallback) -> Callable[[], None]:
         """Call ``callback(change)`` for every change from now on. Returns an unsubscribe function."""
@@ -105,8 +108,22 @@ class ChangeFeed(abc.ABC):
         task, self._task = self._task, None
         await stop_tasks(task)
 
+    async def deliver_now(self) -> None:
+        """This process just changed the store: its own caches hear of it at once, not at the next poll.
+
+        A failure is logged and left to the watcher, which reads the same rows again.
+        """
+        try:
+            await self.catch_up()
+        except StoreError as exc:
+            log.warning("could not read the store change feed now (%s); it is read again shortly", exc)
+
     async def catch_up(self) -> int:
         """Deliver every change committed after ``position``, in order; returns how many."""
+        async with self._reading:
+            return await self._read()
+
+    async def _read(self) -> int:
         started = time.monotonic()
         if started - self._last_read > RETENTION.total_seconds() / 2:
             log.warning("the store change feed could not read for %.0f s: caches drop everything",

@@ -49,11 +49,11 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from nexgate_proxy import GatewayError
-from nexgate_proxy.accounts import API_KEY_EVENT
-from nexgate_proxy.appkeys import BUS, STORE
-from nexgate_proxy.state.bus import InvalidationBus
+from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.money import format_usd
-from nexgate_proxy.store import AnonymizedUser, LastOwnerError, LedgerEntry, NotFound, Store, StoreError, UsageRecord
+from nexgate_proxy.store import (
+    AnonymizedUser, ChangeFeed, LastOwnerError, LedgerEntry, NotFound, Store, StoreError, UsageRecord,
+)
 from .privacy_openapi import EXPORT_VERSION
 from .api import ADMIN, Caller, authenticate, iso, key_json, user_json
 
@@ -66,16 +66,15 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # ------------------------------------------------------------------ deletion
 
 
-async def delete_account(store: Store, bus: InvalidationBus | None, user_id: str) -> AnonymizedUser:
+async def delete_account(store: Store, feed: ChangeFeed | None, user_id: str) -> AnonymizedUser:
     """Anonymize the account in one transaction (the store tells every gateway its keys are revoked).
 
-    This process's caches (``bus``) drop the keys at once. Raises NotFound for an unknown user and
+    This process's ``feed`` delivers that at once. Raises NotFound for an unknown user and
     LastOwnerError (nothing changed) for the last owner of an org.
     """
     result = await store.anonymize_user(user_id)
-    if bus is not None:
-        for key_id in result.key_ids:
-            bus.deliver_local(API_KEY_EVENT, key_id)
+    if feed is not None:
+        await feed.deliver_now()
     if not result.already_deleted:
         log.info("account %s deleted: %d keys revoked, %d organizations left, %d usage records' IPs cleared",
                  user_id, len(result.revoked_key_ids), len(result.left_org_ids), result.cleared_ips)
@@ -255,7 +254,7 @@ async def _own_account(request: web.Request, caller: Caller) -> str:
 async def delete_user(request: web.Request, caller: Caller) -> web.Response:
     _check_query(request, ())
     user_id = await _own_account(request, caller)
-    result = await delete_account(request.app[STORE], request.app[BUS], user_id)
+    result = await delete_account(request.app[STORE], request.app[FEED], user_id)
     return web.json_response(deletion_json(result))
 
 
