@@ -44,12 +44,11 @@ class MemoryCreditState(CreditState):
             version = self._credits_seen.get(account_id, 0)
             loaded = await load_balance()
             position = loaded.position if isinstance(loaded, StoreBalance) else 0
-            # A credit that arrived while we read was not applied to any cached balance, and may or
-            # may not be in `loaded`: read again, after it.
+            account = self._accounts.get(account_id)  # another request may have read it meanwhile
             if self._credits_seen.get(account_id, 0) != version:
-                account = self._accounts.get(account_id)
+                # A credit arrived while we read: applied to no cached balance, and maybe not in
+                # `loaded`. Read again, after it.
                 continue
-            account = self._accounts.get(account_id)
             if account is None:
                 account = self._accounts[account_id] = _Account(nano_floor(loaded), position)
             elif account.stale:  # as after a restart: costs settled but not yet flushed are not in the read
