@@ -1,10 +1,11 @@
 """Account operations shared by the admin API and the CLI.
 
 Creating and revoking keys in one place keeps the rules in one place: the
-plaintext exists only in the return value of ``create_api_key``, and a
-revocation is announced on the bus so every instance drops its cached copy.
-An organization's limit overrides are announced the same way: the cached
-identities of its keys carry them.
+plaintext exists only in the return value of ``create_api_key``. A revocation,
+and an organization's new limit overrides (the cached identities of its keys
+carry them), are recorded by the store with the change: every running gateway
+learns of them from its change feed (``store.feed``) within a second. The feed
+given here, if any, is this process's: it delivers the change at once.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from .state.bus import InvalidationBus
 from .keys import DEFAULT_BCRYPT_ROUNDS, generate_key, hash_secret_async
-from .store import ApiKeyRow, Organization, Store
+from .store import API_KEY_CHANGE, ORG_CHANGE, ApiKeyRow, ChangeFeed, Organization, Store
 
-API_KEY_EVENT = "api_key"
+API_KEY_EVENT = API_KEY_CHANGE
 """Bus message kind: the value is a key id whose cached verification must be dropped."""
-ORG_EVENT = "org"
+ORG_EVENT = ORG_CHANGE
 """Bus message kind: the value is an organization id; the cached identities of its keys must be dropped."""
 
 
@@ -52,22 +52,21 @@ async def create_api_key(
     return CreatedKey(row=row, plaintext=generated.plaintext)
 
 
-async def revoke_api_key(store: Store, bus: InvalidationBus | None, key_id: str) -> bool:
-    """Revoke in the store, then tell every instance. True if this call revoked it."""
+async def revoke_api_key(store: Store, feed: ChangeFeed | None, key_id: str) -> bool:
+    """Revoke in the store (which tells every gateway); this process drops it at once. True if this call revoked it."""
     revoked = await store.revoke_api_key(key_id)
-    if bus is not None:
-        # Also when it was already revoked: an instance may have missed the first message.
-        await bus.publish(API_KEY_EVENT, key_id)
+    if feed is not None:
+        await feed.deliver_now()
     return revoked
 
 
-async def set_org_limits(store: Store, bus: InvalidationBus | None, org_id: str,
+async def set_org_limits(store: Store, feed: ChangeFeed | None, org_id: str,
                          limits: Mapping[str, Any] | None) -> Organization:
-    """Replace the organization's limit overrides ({} or None removes them), then tell every instance.
+    """Replace the organization's limit overrides ({} or None removes them); every gateway hears of it.
 
-    NotFound (nothing published) for an unknown organization.
+    NotFound (nothing changed) for an unknown organization.
     """
     org = await store.set_org_limits(org_id, dict(limits) if limits else None)
-    if bus is not None:
-        await bus.publish(ORG_EVENT, org_id)
+    if feed is not None:
+        await feed.deliver_now()
     return org

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .providers.base import Provider
     from .proxy import Proxy
     from .state.redis import RedisClient
-    from .store import Store
+    from .store import ChangeFeed, Store
 
 CONFIG: web.AppKey[Config] = web.AppKey("nexgate.config")
 CHAIN: web.AppKey[HookChain] = web.AppKey("nexgate.chain")
@@ -22,6 +22,8 @@ PROXY: web.AppKey[Proxy] = web.AppKey("nexgate.proxy")
 STORE: web.AppKey[Store] = web.AppKey("nexgate.store")
 """The durable store, opened at startup (before plugins start)."""
 BUS: web.AppKey[InvalidationBus] = web.AppKey("nexgate.bus")
-"""Cross-instance invalidations (revoked keys, changed limits)."""
+"""Cache invalidations: the store feed's key and organization changes, and hot-state events (IP bans)."""
+FEED: web.AppKey[ChangeFeed] = web.AppKey("nexgate.feed")
+"""The store's change feed (started before plugins start): subscribe for credits and other store changes."""
 REDIS: web.AppKey[RedisClient] = web.AppKey("nexgate.redis")
 """The process's one Redis client (one connection, one circuit breaker), set when ``state.url`` is Redis."""

@@ -47,7 +47,7 @@ from typing import Any
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, hookimpl
-from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from nexgate_plugins.credits.holds import nano_floor
 from nexgate_proxy.money import format_usd, usd_to_pico
@@ -425,8 +425,9 @@ async def entries_for(settings: DodoSettings, store: Store, event_type: str,
 
 
 async def _book(app: web.Application, store: Store, entry: NewLedgerEntry) -> bool:
-    """Apply the entry to the ledger (True if it was new); with credits on, through their hot state,
-    which moves a cached balance by it exactly once, whatever balance loads race it."""
+    """Apply the entry to the ledger (True if it was new). With credits on shared state (Redis) it is
+    booked through that state, which moves a cached balance by it exactly once whatever loads race it;
+    in-process state on every instance gets it from the store feed."""
     from nexgate_plugins.credits import CREDITS
 
     credits = app.get(CREDITS)
@@ -462,6 +463,8 @@ async def process(app: web.Application, settings: DodoSettings, headers: Mapping
     for entry in applied:
         log.info("DodoPayments %s: %s %s USD to %s", webhook_id, entry.kind, format_usd(entry.amount_pico),
                  entry.account_id)
+    if applied:
+        await app[FEED].deliver_now()  # this instance's cached balance at once; the others within a second
     return 200, {"received": True, "status": "applied" if applied else "duplicate", "webhook_id": webhook_id}
 
 

@@ -1,9 +1,12 @@
-"""Cross-instance cache invalidation: "key X was revoked" reaches every gateway.
+"""Cross-instance cache invalidation: "key X was revoked" reaches every gateway's caches.
 
 Each instance keeps short-lived in-memory caches (verified API keys, ...). When
 one instance changes something, it publishes ``(kind, value)``; every
 subscriber on every instance, including the publisher's own, gets the same
-callback, so there is exactly one eviction code path.
+callback, so there is exactly one eviction code path. Changes to the store
+(revoked keys, organizations' limits) travel on the store's change feed
+(``nexgate_proxy.store.feed``), which hands them to the same subscribers through
+``deliver_local``; what is published here is hot state only (IP bans).
 
 Two backends share one interface:
 
@@ -66,6 +69,11 @@ class InvalidationBus(ABC):
                 self._callbacks.remove(callback)
 
         return unsubscribe
+
+    def deliver_local(self, kind: str, value: str) -> None:
+        """Call this process's subscribers only: for what other instances learn another way (the store feed)."""
+        _check_message(kind, value)
+        self._deliver(kind, value)
 
     def _deliver(self, kind: str, value: str) -> None:
         for callback in list(self._callbacks):

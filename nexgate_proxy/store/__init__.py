@@ -4,6 +4,9 @@
     await store.migrate()        # `nexgate db migrate`; the gateway calls check_schema()
     ...
     await store.close()
+
+What running gateways must learn of (a revoked key, a credit...) is recorded with the change
+itself; ``store.change_feed()`` delivers it to each gateway (see ``feed``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._migrations import latest_version
+from .feed import API_KEY_CHANGE, CREDIT_CHANGE, MISSED, ORG_CHANGE, ChangeFeed, StoreChange
 from .base import (
     LEDGER_KINDS,
     MAX_PICO,
@@ -54,6 +58,12 @@ async def open_store(url: str, **options: Any) -> Store:
 
 
 __all__ = [
+    "API_KEY_CHANGE",
+    "CREDIT_CHANGE",
+    "MISSED",
+    "ORG_CHANGE",
+    "ChangeFeed",
+    "StoreChange",
     "LEDGER_KINDS",
     "MAX_PICO",
     "MIN_PICO",

@@ -20,10 +20,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Literal
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..records import UsageRecord
+
+if TYPE_CHECKING:
+    from .feed import ChangeFeed, StoreChange
 
 Role = Literal["owner", "admin", "member"]
 ROLES: tuple[str, ...] = ("owner", "admin", "member")
@@ -261,7 +264,8 @@ class Store(abc.ABC):
         on the usage records of their account and of the keys they owned or created.
         The user row, its id, usage records, ledger entries and balance stay: money
         history is kept under the now anonymous id. Calling it again changes nothing
-        (``already_deleted``).
+        (``already_deleted``). Records an ``api_key`` change per key it revoked and an ``org``
+        change per organization it left.
         """
 
     # organizations
@@ -284,7 +288,7 @@ class Store(abc.ABC):
     async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
         """Replace the organization's limit overrides (None removes them); NotFound if the org is unknown.
 
-        Returns the updated row. Callers announce the change on the bus (``accounts.set_org_limits``).
+        Returns the updated row. Records an ``org`` change (see ``feed``).
         """
 
     # memberships
@@ -299,7 +303,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def remove_member(self, org_id: str, user_id: str) -> bool:
-        """False if not a member; LastOwnerError when removing the last owner."""
+        """False if not a member; LastOwnerError when removing the last owner. Records an ``org`` change."""
 
     @abc.abstractmethod
     async def get_role(self, org_id: str, user_id: str) -> str | None: ...
@@ -341,7 +345,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
-        """True if this call revoked it, False if it was already revoked; NotFound if unknown."""
+        """True if this call revoked it, False if it was already revoked; NotFound if unknown.
+
+        Records an ``api_key`` change when it revoked it.
+        """
 
     @abc.abstractmethod
     async def touch_api_keys(self, last_used: Mapping[str, datetime]) -> int:
@@ -415,7 +422,9 @@ class Store(abc.ABC):
 
         False (and no change) when its (source, external_id) was already applied.
         ValueError for an unknown kind, a zero amount or a sign the kind forbids,
-        TypeError for a non-int amount.
+        TypeError for a non-int amount. Every applied entry but a request's own debit
+        (record_usage) records a ``credit`` change with its amount and ledger id; so does
+        apply_webhook.
         """
 
     @abc.abstractmethod
@@ -432,6 +441,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_balance(self, account_id: str) -> int:
         """The running balance in pico-USD; 0 for an account with no entries."""
+
+    @abc.abstractmethod
+    async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
+        """(balance, position), read together: the balance includes exactly the changes up to that feed position.
+
+        A cached balance is then raised by the ``credit`` changes after it, and by no other.
+        """
 
     @abc.abstractmethod
     async def ledger_sum(self, account_id: str) -> int:
@@ -452,3 +468,21 @@ class Store(abc.ABC):
         offset: int = 0,
     ) -> list[LedgerEntry]:
         """The account's entries, newest first; since is inclusive, until exclusive (on created_at)."""
+
+    # change feed (see ``feed``)
+
+    @abc.abstractmethod
+    def change_feed(self) -> ChangeFeed:
+        """A new feed of this store's changes, not started yet."""
+
+    @abc.abstractmethod
+    async def latest_change_id(self) -> int:
+        """The id of the newest change (0 when none): a feed starting now reads what comes after it."""
+
+    @abc.abstractmethod
+    async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
+        """The changes with an id greater than ``after``, oldest first, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def prune_changes(self, older_than: timedelta) -> int:
+        """Delete changes older than that (by the database's clock), always keeping the newest; how many."""

@@ -7,10 +7,13 @@ schema `tenant_a` (created by `migrate()` when missing).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -29,6 +32,7 @@ from ._common import (
     RowDecoder,
 )
 from ._migrations import check_version, load_migrations, refuse_newer
+from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed, StoreChange
 from .base import (
     AnonymizedUser,
     ApiKeyRow,
@@ -51,6 +55,12 @@ from .base import (
 # One advisory lock for "migrating this database": gateway instances starting
 # together queue on it instead of racing each other's DDL. ("NexGate" in ASCII.)
 MIGRATION_LOCK_ID = 0x4E6578_47617465
+# Held by every writer of store_changes from its insert to its commit: ids then grow in commit
+# order, so a feed reading "after the last id I saw" never skips a row that commits late.
+CHANGE_FEED_LOCK_ID = MIGRATION_LOCK_ID + 1
+CHANGE_CHANNEL = "nexgate_store_changes"
+
+log = logging.getLogger("nexgate.store.postgres")
 
 # PostgreSQL constraint names -> the keys of common.CONFLICT_MESSAGES.
 _CONFLICT_KEYS = {
@@ -114,6 +124,25 @@ async def _ensure_schema(conn: asyncpg.Connection) -> None:
 async def _lock_org(conn: asyncpg.Connection, org_id: str) -> None:
     """Serialize owner changes per org, so two concurrent removals cannot both pass the last-owner check."""
     await conn.execute("SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE", org_id)
+
+
+async def _record_changes(conn: asyncpg.Connection,
+                          changes: Sequence[tuple[str, str, int | None, int | None]]) -> None:
+    """(kind, subject, amount_pico, ledger_id) rows, at the end of the change's own transaction.
+
+    Nothing may wait for a row lock after this: the feed lock is held to commit. The NOTIFY is
+    delivered at commit, to every listening gateway.
+    """
+    if not changes:
+        return
+    await conn.execute("SELECT pg_advisory_xact_lock($1), pg_notify($2, '')", CHANGE_FEED_LOCK_ID, CHANGE_CHANNEL)
+    await conn.executemany(
+        "INSERT INTO store_changes (kind, subject, amount_pico, ledger_id) VALUES ($1, $2, $3, $4)", changes)
+
+
+def _credit_changes(rows: Sequence[asyncpg.Record]) -> list[tuple[str, str, int | None, int | None]]:
+    """The credit changes of ledger entries just appended (id, account_id, amount_pico)."""
+    return [(CREDIT_CHANGE, r["account_id"], r["amount_pico"], r["id"]) for r in rows]
 
 
 async def _owner_count(conn: asyncpg.Connection, org_id: str) -> int:
@@ -181,11 +210,11 @@ WITH new_entries AS (
     SELECT account_id, kind, amount_pico, source, external_id, request_id, description, $8
     FROM {_LEDGER_INPUT} ORDER BY source, external_id, n
     ON CONFLICT (source, external_id) DO NOTHING
-    RETURNING account_id, amount_pico
+    RETURNING id, account_id, amount_pico
 ), moved AS (
     {_move_balances("new_entries", "$8")}
 )
-SELECT COUNT(*) FROM new_entries
+SELECT id, account_id, amount_pico FROM new_entries ORDER BY id
 """
 
 _GROUP_EXPRESSIONS = {
@@ -220,8 +249,10 @@ def _last_owner(org_id: str, user_id: str) -> LastOwnerError:
 class PostgresStore(Store):
     dialect = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self._pool = pool
+        self._url = url
+        """For the change feed's own LISTEN connection."""
 
     @classmethod
     async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10, **pool_options: Any) -> PostgresStore:
@@ -229,7 +260,7 @@ class PostgresStore(Store):
             pool = await asyncpg.create_pool(
                 url, min_size=min_size, max_size=max_size, init=_init_connection, **pool_options
             )
-        return cls(pool)
+        return cls(pool, url)
 
     # --- schema and lifecycle ---------------------------------------------
 
@@ -353,6 +384,9 @@ class PostgresStore(Store):
                     " OR name IS NOT NULL OR external_id IS NOT NULL OR deleted_at IS NULL)", user_id, when,
                 ))
                 row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+                await _record_changes(conn, [
+                    *((API_KEY_CHANGE, r["id"], None, None) for r in key_rows if r["revoked_at"] is None),
+                    *((ORG_CHANGE, org_id, None, None) for org_id in sorted(left))])
         revoked = tuple(r["id"] for r in key_rows if r["revoked_at"] is None)
         return AnonymizedUser(
             user=_decode.user(row), revoked_key_ids=revoked, key_ids=tuple(r["id"] for r in key_rows),
@@ -401,10 +435,13 @@ class PostgresStore(Store):
 
     async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
         with _translated():
-            row = await self._pool.fetchrow(
-                f"UPDATE organizations SET limits = $2 WHERE id = $1 RETURNING {ORG_COLUMNS}",
-                org_id, common.limits_for_storage(limits),
-            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"UPDATE organizations SET limits = $2 WHERE id = $1 RETURNING {ORG_COLUMNS}",
+                    org_id, common.limits_for_storage(limits),
+                )
+                if row is not None:
+                    await _record_changes(conn, [(ORG_CHANGE, org_id, None, None)])
         if row is None:
             raise NotFound(f"organization {org_id} does not exist")
         return _decode.org(row)
@@ -452,6 +489,7 @@ class PostgresStore(Store):
                 if current == "owner" and await _owner_count(conn, org_id) <= 1:
                     raise _last_owner(org_id, user_id)
                 await conn.execute("DELETE FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id)
+                await _record_changes(conn, [(ORG_CHANGE, org_id, None, None)])
         return True
 
     async def get_role(self, org_id: str, user_id: str) -> str | None:
@@ -528,10 +566,13 @@ class PostgresStore(Store):
         return [_decode.api_key(r) for r in rows]
 
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}")
+        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
 
-    async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str) -> bool:
-        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row."""
+    async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
+                          change: str | None = None) -> bool:
+        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row.
+
+        When it set it, records the ``change`` kind (if any) for the row."""
         when = common.aware_utc(at, "at") if at else common.utcnow()
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
@@ -540,6 +581,8 @@ class PostgresStore(Store):
                 )
                 if stamped is None and await conn.fetchval(f"SELECT 1 FROM {table} WHERE id = $1", row_id) is None:
                     raise NotFound(f"{what} does not exist")
+                if stamped is not None and change is not None:
+                    await _record_changes(conn, [(change, row_id, None, None)])
         return stamped is not None
 
     async def touch_api_keys(self, last_used: Mapping[str, datetime]) -> int:
@@ -636,8 +679,10 @@ class PostgresStore(Store):
     async def apply_ledger_entry(self, entry: NewLedgerEntry) -> bool:
         common.check_ledger_entry(entry)
         with _translated():
-            applied = await self._pool.fetchval(_APPLY_ENTRIES, *_columns([entry], _ENTRY_FIELDS), common.utcnow())
-        return applied == 1
+            async with self._pool.acquire() as conn, conn.transaction():
+                applied = await conn.fetch(_APPLY_ENTRIES, *_columns([entry], _ENTRY_FIELDS), common.utcnow())
+                await _record_changes(conn, _credit_changes(applied))
+        return len(applied) == 1
 
     async def apply_webhook(
         self, source: str, event_id: str, event_type: str, entries: Sequence[NewLedgerEntry]
@@ -653,13 +698,22 @@ class PostgresStore(Store):
                     source, event_id, event_type, now,
                 )
                 if new and checked:
-                    await conn.fetchval(_APPLY_ENTRIES, *_columns(checked, _ENTRY_FIELDS), now)
+                    applied = await conn.fetch(_APPLY_ENTRIES, *_columns(checked, _ENTRY_FIELDS), now)
+                    await _record_changes(conn, _credit_changes(applied))
         return bool(new)
 
     async def get_balance(self, account_id: str) -> int:
         with _translated():
             balance = await self._pool.fetchval("SELECT balance_pico FROM balances WHERE account_id = $1", account_id)
         return 0 if balance is None else balance
+
+    async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
+        # One statement, one snapshot: the balance and the feed position agree.
+        with _translated():
+            row = await self._pool.fetchrow(
+                "SELECT (SELECT balance_pico FROM balances WHERE account_id = $1) AS balance,"
+                " (SELECT COALESCE(MAX(id), 0) FROM store_changes) AS position", account_id)
+        return (row["balance"] or 0), int(row["position"])
 
     async def ledger_sum(self, account_id: str) -> int:
         with _translated():
@@ -695,3 +749,97 @@ class PostgresStore(Store):
                 *params, limit, offset,
             )
         return [_decode.ledger_entry(r) for r in rows]
+
+    # --- change feed -------------------------------------------------------
+
+    def change_feed(self) -> ChangeFeed:
+        return PostgresChangeFeed(self, self._url)
+
+    async def latest_change_id(self) -> int:
+        with _translated():
+            return int(await self._pool.fetchval("SELECT COALESCE(MAX(id), 0) FROM store_changes"))
+
+    async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
+        with _translated():
+            rows = await self._pool.fetch(
+                "SELECT id, kind, subject, amount_pico, ledger_id FROM store_changes WHERE id > $1 ORDER BY id"
+                " LIMIT $2", after, limit)
+        return [StoreChange(*row) for row in rows]
+
+    async def prune_changes(self, older_than: timedelta) -> int:
+        with _translated():
+            status = await self._pool.execute(
+                "DELETE FROM store_changes WHERE created_at < now() - $1::interval"
+                " AND id < (SELECT MAX(id) FROM store_changes)", older_than)
+        return _updated_count(status)
+
+
+class PostgresChangeFeed(ChangeFeed):
+    """LISTENs on a connection of its own; each NOTIFY (sent at a change's commit) triggers a read.
+
+    Every ``keepalive`` seconds without one it pings that connection and reads anyway. A lost
+    connection is reopened with capped, jittered backoff; the read that follows delivers what was
+    committed meanwhile, from the table.
+    """
+
+    def __init__(self, store: PostgresStore, url: str, *, keepalive: float = 5.0, connect_timeout: float = 5.0,
+                 initial_backoff: float = 0.1, max_backoff: float = 5.0) -> None:
+        super().__init__(store)
+        self._url = url
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self._conn: asyncpg.Connection | None = None
+        self._listening = False
+        self._in_outage = False
+
+    @property
+    def connected(self) -> bool:
+        return self._listening
+
+    async def _watch(self) -> None:
+        backoff = self.initial_backoff
+        while True:
+            try:
+                await self._listen()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._listening:
+                    backoff = self.initial_backoff  # we were up: retry fast
+                if not self._in_outage:
+                    self._in_outage = True
+                    log.warning("the store change feed lost PostgreSQL (%s: %s); reconnecting in the background",
+                                type(exc).__name__, exc)
+                else:
+                    log.debug("store change feed reconnect failed: %s: %s", type(exc).__name__, exc)
+            finally:
+                self._listening = False
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, self.max_backoff)
+
+    async def _listen(self) -> None:
+        """Listen and read until the connection fails, then raise."""
+        woken = asyncio.Event()
+        self._conn = conn = await asyncpg.connect(self._url, timeout=self.connect_timeout)
+        conn.add_termination_listener(lambda *_: woken.set())
+        await conn.add_listener(CHANGE_CHANNEL, lambda *_: woken.set())
+        await self.catch_up()  # what was committed while nobody listened
+        self._listening = True
+        if self._in_outage:
+            self._in_outage = False
+            log.info("the store change feed listens to PostgreSQL again; read what it missed")
+        while True:
+            try:
+                await asyncio.wait_for(woken.wait(), self.keepalive)
+            except asyncio.TimeoutError:
+                # A half-open connection never errors: an answered query is how we know it is alive.
+                await conn.fetchval("SELECT 1", timeout=self.connect_timeout)
+            woken.clear()
+            if conn.is_closed():
+                raise ConnectionError("the LISTEN connection closed")
+            await self.catch_up()

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from . import _common as common
@@ -35,6 +36,7 @@ from ._common import (
     RowDecoder,
 )
 from ._migrations import check_version, load_migrations, refuse_newer
+from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed, StoreChange
 from .base import (
     MAX_PICO,
     MIN_PICO,
@@ -57,6 +59,8 @@ from .base import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger("nexgate.store.sqlite")
 
 BUSY_TIMEOUT_MS = 5000
 MEMORY = ":memory:"
@@ -213,11 +217,24 @@ _INSERT_LEDGER = (
 def _insert_ledger_entries(conn: sqlite3.Connection, entries: Sequence[NewLedgerEntry], created: str) -> int:
     """Append the entries not applied before and move their accounts' balances (inside a transaction).
 
-    Returns how many were appended.
+    Each appended entry records a credit change (these are never a request's own debits). Returns
+    how many were appended.
     """
-    return _insert_ledger_params(conn, [
+    fresh = _insert_ledger_params(conn, [
         (e.account_id, e.kind, e.amount_pico, e.source, e.external_id, e.request_id, e.description, created)
         for e in entries])
+    for account_id, _, amount, source, external_id, *_rest in fresh:
+        ledger_id = conn.execute("SELECT id FROM ledger_entries WHERE source = ? AND external_id = ?",
+                                 (source, external_id)).fetchone()[0]
+        _record_change(conn, CREDIT_CHANGE, account_id, created, amount, ledger_id)
+    return len(fresh)
+
+
+def _record_change(conn: sqlite3.Connection, kind: str, subject: str, created: str,
+                   amount_pico: int | None = None, ledger_id: int | None = None) -> None:
+    """Inside the change's own transaction: running gateways learn of it from the feed."""
+    conn.execute("INSERT INTO store_changes (kind, subject, amount_pico, ledger_id, created_at)"
+                 " VALUES (?, ?, ?, ?, ?)", (kind, subject, amount_pico, ledger_id, created))
 
 
 def _request_debits(rows: Sequence[UsageRecord], created: str) -> list[tuple[Any, ...]]:
@@ -226,14 +243,14 @@ def _request_debits(rows: Sequence[UsageRecord], created: str) -> list[tuple[Any
              None, created) for row in rows if row.account_id is not None and row.actual_cost_pico]
 
 
-def _insert_ledger_params(conn: sqlite3.Connection, params: Sequence[tuple[Any, ...]]) -> int:
-    """Insert ledger rows, skipping those applied before, and move the balances; return how many were new.
+def _insert_ledger_params(conn: sqlite3.Connection, params: Sequence[tuple[Any, ...]]) -> Sequence[tuple[Any, ...]]:
+    """Insert ledger rows, skipping those applied before, and move the balances; return the new ones.
 
     The usual case (every row is new: a batch of request debits) is one executemany; when
     some were applied before, that is undone and each row is inserted on its own to learn which.
     """
     if not params:
-        return 0
+        return ()
     conn.execute("SAVEPOINT ledger_batch")
     before = conn.total_changes
     conn.executemany(_INSERT_LEDGER, params)
@@ -248,7 +265,7 @@ def _insert_ledger_params(conn: sqlite3.Connection, params: Sequence[tuple[Any, 
     for account_id, _, amount, *_rest in fresh:
         changes[account_id] = changes.get(account_id, 0) + amount
     _add_to_balances(conn, changes, params[0][-1])
-    return len(fresh)
+    return fresh
 
 
 def _add_to_balances(conn: sqlite3.Connection, changes: Mapping[str, int], updated: str) -> None:
@@ -462,12 +479,17 @@ class SQLiteStore(Store):
                     f"SELECT id, revoked_at FROM api_keys WHERE {keys} ORDER BY created_at, id", args
                 ).fetchall()
                 conn.execute(f"UPDATE api_keys SET revoked_at = :when WHERE {keys} AND revoked_at IS NULL", args)
+                for row in key_rows:
+                    if row["revoked_at"] is None:
+                        _record_change(conn, API_KEY_CHANGE, row["id"], when)
                 renamed = conn.execute(
                     "UPDATE api_keys SET name = :deleted WHERE user_id = :user AND name <> :deleted", args
                 ).rowcount
                 left = [r[0] for r in conn.execute(
                     "SELECT org_id FROM memberships WHERE user_id = :user ORDER BY org_id", args)]
                 conn.execute("DELETE FROM memberships WHERE user_id = :user", args)
+                for org_id in left:
+                    _record_change(conn, ORG_CHANGE, org_id, when)
                 cleared = conn.execute(
                     "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND"
                     f" (account_id = :user OR key_id IN (SELECT id FROM api_keys WHERE {keys}))", args
@@ -536,6 +558,7 @@ class SQLiteStore(Store):
             with _write_transaction(conn):
                 if conn.execute("UPDATE organizations SET limits = ? WHERE id = ?", (stored, org_id)).rowcount == 0:
                     raise NotFound(f"organization {org_id} does not exist")
+                _record_change(conn, ORG_CHANGE, org_id, _ts(common.utcnow()))
                 return conn.execute(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = ?", (org_id,)).fetchone()
 
         return _decode.org(await self._run(work))
@@ -586,6 +609,7 @@ class SQLiteStore(Store):
                         f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
                     )
                 conn.execute("DELETE FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id))
+                _record_change(conn, ORG_CHANGE, org_id, _ts(common.utcnow()))
             return True
 
         return await self._run(work)
@@ -682,10 +706,13 @@ class SQLiteStore(Store):
         return [_decode.api_key(r) for r in rows]
 
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}")
+        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
 
-    async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str) -> bool:
-        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row."""
+    async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
+                          change: str | None = None) -> bool:
+        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row.
+
+        When it set it, records the ``change`` kind (if any) for the row."""
         when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
 
         def work(conn: sqlite3.Connection) -> bool:
@@ -695,6 +722,8 @@ class SQLiteStore(Store):
                 ).rowcount
                 if changed == 0 and conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)).fetchone() is None:
                     raise NotFound(f"{what} does not exist")
+                if changed and change is not None:
+                    _record_change(conn, change, row_id, when)
             return changed == 1
 
         return await self._run(work)
@@ -838,6 +867,14 @@ class SQLiteStore(Store):
         )
         return 0 if row is None else row[0]
 
+    async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
+        # One statement reads one snapshot: the balance and the feed position agree.
+        row = await self._run(
+            self._fetch_one,
+            "SELECT (SELECT balance_pico FROM balances WHERE account_id = ?),"
+            " (SELECT COALESCE(MAX(id), 0) FROM store_changes)", (account_id,))
+        return (row[0] or 0), row[1]
+
     async def ledger_sum(self, account_id: str) -> int:
         return await self._run(_ledger_sum, account_id)
 
@@ -867,6 +904,33 @@ class SQLiteStore(Store):
         )
         return [_decode.ledger_entry(r) for r in rows]
 
+    # --- change feed -------------------------------------------------------
+
+    def change_feed(self) -> ChangeFeed:
+        return SQLiteChangeFeed(self)
+
+    async def latest_change_id(self) -> int:
+        row = await self._run(self._fetch_one, "SELECT COALESCE(MAX(id), 0) FROM store_changes", ())
+        return row[0]
+
+    async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
+        rows = await self._run(
+            self._fetch_all,
+            "SELECT id, kind, subject, amount_pico, ledger_id FROM store_changes WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit))
+        return [StoreChange(*row) for row in rows]
+
+    async def prune_changes(self, older_than: timedelta) -> int:
+        cutoff = _ts(common.utcnow() - older_than)
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _write_transaction(conn):
+                return conn.execute(
+                    "DELETE FROM store_changes WHERE created_at < ?"
+                    " AND id < (SELECT MAX(id) FROM store_changes)", (cutoff,)).rowcount
+
+        return await self._run(work)
+
     # --- worker-thread queries ---------------------------------------------
 
     @staticmethod
@@ -883,3 +947,55 @@ class SQLiteStore(Store):
             f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id)
         ).fetchone()
         return None if row is None else _decode.membership(row)
+
+
+class SQLiteChangeFeed(ChangeFeed):
+    """Polls ``PRAGMA data_version`` on a connection of its own: it changes when another connection commits.
+
+    That is one cheap call every ``poll_interval`` on the feed's own thread; the change table is only
+    read when something was committed. (An in-memory database has no other connection: it reads
+    the table every time.)
+    """
+
+    def __init__(self, store: SQLiteStore, poll_interval: float = 0.2) -> None:
+        super().__init__(store)
+        self.path = store.path
+        self.poll_interval = poll_interval
+        self._conn: sqlite3.Connection | None = None
+
+    def _data_version(self) -> int | None:
+        if self.path == MEMORY:
+            return None
+        if self._conn is None:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=1.0)
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexgate-sqlite-feed")
+        seen: int | None = None
+        failing = False
+        try:
+            while True:
+                try:
+                    version = await loop.run_in_executor(executor, self._data_version)
+                    if version is None or version != seen:
+                        await self.catch_up()
+                        seen = version
+                    if failing:
+                        failing = False
+                        log.info("the store change feed reads the database again")
+                except (sqlite3.Error, StoreError) as exc:
+                    if not failing:
+                        failing = True
+                        log.warning("the store change feed cannot read the database (%s); retrying", exc)
+                    await loop.run_in_executor(executor, self._disconnect)
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            executor.submit(self._disconnect)
+            executor.shutdown(wait=False)

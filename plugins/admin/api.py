@@ -54,8 +54,7 @@ from aiohttp import web
 
 from nexgate_proxy import GatewayError
 from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
-from nexgate_proxy.appkeys import BUS, STORE
-from nexgate_proxy.state.bus import InvalidationBus
+from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
 from nexgate_plugins.credits.statements import (
     Account,
@@ -73,6 +72,7 @@ from nexgate_plugins.credits.statements import (
 from nexgate_proxy.store import (
     ROLES,
     ApiKeyRow,
+    ChangeFeed,
     Conflict,
     LastOwnerError,
     Membership,
@@ -168,7 +168,7 @@ def parse_expires_at(value: str, now: datetime | None = None) -> datetime:
     return moment
 
 
-async def remove_member(store: Store, bus: InvalidationBus | None, org_id: str, user_id: str) -> list[str] | None:
+async def remove_member(store: Store, feed: ChangeFeed | None, org_id: str, user_id: str) -> list[str] | None:
     """Remove the membership, then revoke the org keys this member created.
 
     Returns the revoked key ids, or None when the user was not a member.
@@ -179,7 +179,7 @@ async def remove_member(store: Store, bus: InvalidationBus | None, org_id: str, 
     revoked = []
     for row in await store.list_api_keys(org_id=org_id):
         if row.created_by == user_id:
-            await revoke_api_key(store, bus, row.id)
+            await revoke_api_key(store, feed, row.id)
             revoked.append(row.id)
     return revoked
 
@@ -638,7 +638,7 @@ async def update_org(request: web.Request, caller: Caller) -> web.Response:
     if "limits" not in data:
         raise _bad("limits", "'limits' is required: an object such as {\"rpm\": 600}, or null to remove them.")
     limits = parse_org_limits(data["limits"])
-    updated = await set_org_limits(request.app[STORE], request.app[BUS], org.id, limits)
+    updated = await set_org_limits(request.app[STORE], request.app[FEED], org.id, limits)
     log.info("organization %s limits set to %s", org.id, limits)
     return web.json_response(org_json(updated))
 
@@ -687,7 +687,7 @@ async def delete_member(request: web.Request, caller: Caller) -> web.Response:
     leaving = caller.user is not None and caller.user.id == user_id
     if not leaving:
         _require_owner(caller, role)
-    revoked = await remove_member(request.app[STORE], request.app[BUS], org.id, user_id)
+    revoked = await remove_member(request.app[STORE], request.app[FEED], org.id, user_id)
     if revoked is None:
         raise _not_found("member")
     return web.json_response({"object": "organization.member.deleted", "org_id": org.id, "user_id": user_id,
@@ -774,7 +774,7 @@ async def delete_key(request: web.Request, caller: Caller) -> web.Response:
     _query(request, ())
     row = await _key_access(request, caller, _path_id(request, "key_id", "API key"))
     store = request.app[STORE]
-    await revoke_api_key(store, request.app[BUS], row.id)
+    await revoke_api_key(store, request.app[FEED], row.id)
     log.info("API key %s revoked", row.id)
     return web.json_response(key_json(await store.get_api_key(row.id) or row))
 

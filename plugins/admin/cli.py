@@ -5,11 +5,11 @@
 Every command takes ``--config PATH`` (default: ``$NEXGATE_CONFIG``,
 ``./nexgate.yaml``, ``./config/nexgate.yaml``) or ``--storage-url URL``, and
 ``--json`` for machine-readable output (the admin API's JSON shapes). Errors
-print one line and exit with 1; never a traceback. ``keys revoke`` and
-``orgs remove-member`` announce revocations on the config's state store
-(``state.url``), so running gateways drop the keys at once; so does
-``users delete`` (account deletion: see ``nexgate_plugins.privacy_api``), and
-``orgs limits`` announces an organization's new rate-limit overrides.
+print one line and exit with 1; never a traceback. What ``keys revoke``,
+``orgs remove-member``, ``users delete`` (account deletion: see ``privacy``)
+and ``orgs limits`` change is recorded in the store with the change itself:
+every running gateway learns of it from its change feed within a second, on
+every deployment.
 ``users export`` writes a user's data as JSON or a zip of CSVs, and
 ``retention run`` clears client IPs older than ``privacy.ip_retention_days``.
 """
@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from nexgate_proxy.clikit import (
     CliError, Env, add_command, emit, option_parents, paging_options, table,
@@ -45,31 +45,6 @@ async def _existing_org(store: Store, org_id: str) -> Any:
     if org is None:
         raise CliError(f"no such organization: {org_id}")
     return org
-
-
-async def _with_bus(env: Env, work: Callable[[Any], Awaitable[Any]], announced: Callable[[Any], bool],
-                    what: str = "drop revoked keys") -> Any:
-    """Run `work(bus)` with the state store's bus; warn when other gateways could not be told."""
-    from nexgate_proxy.state.bus import open_bus
-
-    try:
-        bus = open_bus(env.state_url)
-    except ValueError as exc:
-        raise CliError(f"bad state URL: {exc}") from None
-    await bus.start()
-    try:
-        result = await work(bus)
-        reached = getattr(bus, "connected", True)
-    finally:
-        await bus.close()
-    if announced(result):
-        if env.state_url.startswith("memory:"):
-            print(f"note: no shared state store (state.url is memory://): running gateways {what} "
-                  "when their key cache expires (auth.cache_ttl, 60 s by default)", file=sys.stderr)
-        elif not reached:
-            print(f"warning: the state store (state.url) did not answer: running gateways {what} "
-                  "when their key cache expires (auth.cache_ttl, 60 s by default)", file=sys.stderr)
-    return result
 
 
 # ----------------------------------------------------------------- commands
@@ -152,7 +127,7 @@ async def _orgs_add_member(env: Env, store: Store) -> int:
 async def _orgs_remove_member(env: Env, store: Store) -> int:
     org = await _existing_org(store, env.args.org_id)
     user_id = env.args.user_id
-    revoked = await _with_bus(env, lambda bus: _views().remove_member(store, bus, org.id, user_id), bool)
+    revoked = await _views().remove_member(store, None, org.id, user_id)
     if revoked is None:
         raise CliError(f"{user_id} is not a member of {org.id}")
     lines = [f"Removed {user_id} from {org.id}"]
@@ -186,8 +161,7 @@ async def _orgs_limits(env: Env, store: Store) -> int:
 
     limits = _org_limits_argument(env)
     org = await _existing_org(store, env.args.org_id)
-    updated = await _with_bus(env, lambda bus: set_org_limits(store, bus, org.id, limits), lambda _: True,
-                              "apply the new limits")
+    updated = await set_org_limits(store, None, org.id, limits)
     shown = json.dumps(dict(updated.limits), sort_keys=True) if updated.limits else None
     emit(env, _views().org_json(updated),
           f"Set the limits of {org.id} to {shown}" if shown else
@@ -255,7 +229,7 @@ async def _keys_revoke(env: Env, store: Store) -> int:
     key_id = env.args.key_id
     if await store.get_api_key(key_id) is None:
         raise CliError(f"no such API key: {key_id}")
-    newly = await _with_bus(env, lambda bus: revoke_api_key(store, bus, key_id), lambda _: True)
+    newly = await revoke_api_key(store, None, key_id)
     row = await store.get_api_key(key_id)
     emit(env, _views().key_json(row) if row else {"id": key_id},
           f"Revoked API key {key_id}" if newly else f"API key {key_id} was already revoked")
@@ -271,7 +245,7 @@ async def _users_delete(env: Env, store: Store) -> int:
                        "pass --yes")
     if await store.get_user(user_id) is None:
         raise CliError(f"no such user: {user_id}")
-    result = await _with_bus(env, lambda bus: delete_account(store, bus, user_id), lambda r: bool(r.key_ids))
+    result = await delete_account(store, None, user_id)
     if result.already_deleted:
         lines = [f"User {user_id} was already deleted; nothing changed."]
     else:
@@ -330,7 +304,7 @@ async def _users_export(env: Env, store: Store) -> int:
 
 def register(subparsers: Any) -> None:
     """Add the db, users, orgs, keys and retention commands to the `nexgate` argparse subparsers."""
-    common, with_state = option_parents("to announce revocations and changes on")
+    common, _ = option_parents("")
 
     db = subparsers.add_parser("db", help="the account database's schema")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
@@ -348,7 +322,7 @@ def register(subparsers: Any) -> None:
     paging_options(p)
     p.add_argument("--include-deleted", action="store_true")
     p = add_command(users_sub, "delete", "delete an account: revoke its keys, leave its organizations, clear its "
-             "personal data (usage and ledger stay, anonymous); idempotent", _users_delete, with_state)
+             "personal data (usage and ledger stay, anonymous); idempotent", _users_delete, common)
     p.add_argument("user_id")
     p.add_argument("--yes", action="store_true", help="confirm: the deletion cannot be undone")
     p = add_command(users_sub, "export", "write everything stored about a user's personal account", _users_export,
@@ -371,11 +345,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("user_id")
     p.add_argument("--role", choices=ROLES, default="member")
     p = add_command(orgs_sub, "remove-member",
-             "remove a member; revokes the organization keys they created", _orgs_remove_member, with_state)
+             "remove a member; revokes the organization keys they created", _orgs_remove_member, common)
     p.add_argument("org_id")
     p.add_argument("user_id")
     p = add_command(orgs_sub, "limits", "set or remove an organization's rate-limit overrides (over the config's "
-             "limits.orgs and limits.org), on every gateway at once", _orgs_limits, with_state)
+             "limits.orgs and limits.org); running gateways apply them within a second", _orgs_limits, common)
     p.add_argument("org_id")
     change = p.add_mutually_exclusive_group(required=True)
     change.add_argument("--limits", metavar="JSON",
@@ -399,6 +373,7 @@ def register(subparsers: Any) -> None:
     owner.add_argument("--user", metavar="USER_ID")
     owner.add_argument("--org", metavar="ORG_ID")
     p.add_argument("--include-revoked", action="store_true")
-    p = add_command(keys_sub, "revoke", "revoke an API key on every gateway at once", _keys_revoke, with_state)
+    p = add_command(keys_sub, "revoke", "revoke an API key (every running gateway refuses it within a second)",
+                    _keys_revoke, common)
     p.add_argument("key_id")
 

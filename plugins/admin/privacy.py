@@ -3,8 +3,8 @@
 * ``DELETE /admin/v1/users/{user_id}`` (``nexgate users delete ID --yes``):
   the user themself (Clerk session) or the superadmin. In one transaction
   (``Store.anonymize_user``): the user's personal keys and the organization
-  keys they created are revoked (and announced on the bus, so every gateway
-  refuses them at once); their memberships end; email, name and external_id
+  keys they created are revoked (recorded on the store's change feed, so every
+  running gateway refuses them within a second); their memberships end; email, name and external_id
   become NULL and ``deleted_at`` is set, the row staying as an anonymous id;
   the client IPs of their usage records are cleared. Usage records, ledger
   entries and the balance stay under that anonymous id. Refused with 409
@@ -49,11 +49,11 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from nexgate_proxy import GatewayError
-from nexgate_proxy.accounts import API_KEY_EVENT
-from nexgate_proxy.appkeys import BUS, STORE
-from nexgate_proxy.state.bus import InvalidationBus
+from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.money import format_usd
-from nexgate_proxy.store import AnonymizedUser, LastOwnerError, LedgerEntry, NotFound, Store, StoreError, UsageRecord
+from nexgate_proxy.store import (
+    AnonymizedUser, ChangeFeed, LastOwnerError, LedgerEntry, NotFound, Store, StoreError, UsageRecord,
+)
 from .privacy_openapi import EXPORT_VERSION
 from .api import ADMIN, Caller, authenticate, iso, key_json, user_json
 
@@ -66,16 +66,15 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # ------------------------------------------------------------------ deletion
 
 
-async def delete_account(store: Store, bus: InvalidationBus | None, user_id: str) -> AnonymizedUser:
-    """Anonymize the account in one transaction, then tell every gateway its keys are revoked.
+async def delete_account(store: Store, feed: ChangeFeed | None, user_id: str) -> AnonymizedUser:
+    """Anonymize the account in one transaction (the store tells every gateway its keys are revoked).
 
-    Raises NotFound for an unknown user and LastOwnerError (nothing changed) for the last owner of an org.
+    This process's ``feed`` delivers that at once. Raises NotFound for an unknown user and
+    LastOwnerError (nothing changed) for the last owner of an org.
     """
     result = await store.anonymize_user(user_id)
-    if bus is not None:
-        # Every key, also those revoked before: an instance may have missed the first message.
-        for key_id in result.key_ids:
-            await bus.publish(API_KEY_EVENT, key_id)
+    if feed is not None:
+        await feed.deliver_now()
     if not result.already_deleted:
         log.info("account %s deleted: %d keys revoked, %d organizations left, %d usage records' IPs cleared",
                  user_id, len(result.revoked_key_ids), len(result.left_org_ids), result.cleared_ips)
@@ -255,7 +254,7 @@ async def _own_account(request: web.Request, caller: Caller) -> str:
 async def delete_user(request: web.Request, caller: Caller) -> web.Response:
     _check_query(request, ())
     user_id = await _own_account(request, caller)
-    result = await delete_account(request.app[STORE], request.app[BUS], user_id)
+    result = await delete_account(request.app[STORE], request.app[FEED], user_id)
     return web.json_response(deletion_json(result))
 
 

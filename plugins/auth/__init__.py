@@ -12,10 +12,12 @@ A verified key of an organization also carries the organization's limit
 overrides from the store (``Identity.org_limits``), read once at verification
 time, never per request.
 
-Revocation reaches the cache through the invalidation bus (every instance
-sharing Redis), and so does a change of an organization's limits: its keys'
-cached identities are dropped and verified again on their next use. The cache
-TTL bounds staleness if a message is ever lost.
+A revocation (also by account deletion) reaches the cache within a second,
+whichever process made it: the store records it with the change and every
+gateway's store feed hands it to the bus's local subscribers (``on_invalidation``);
+so does a change of an organization's limits or members: its keys' cached
+identities are dropped and verified again on their next use. A feed that may
+have missed changes delivers EVICT_ALL, and every cached key is checked again.
 """
 
 from __future__ import annotations

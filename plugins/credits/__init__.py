@@ -9,6 +9,11 @@ settle: the cost from the upstream's usage (or, for a stream cut short, from the
 input plus what was relayed, marked estimated); release the hold; take the
 cost off the cached balance. The ledger debit is booked with the usage row
 (see usage_log): one row, one debit, once.
+
+credits from elsewhere (``nexgate credits grant``, a payment webhook on another
+instance): in process, the store's change feed brings each one with its feed
+position, and the cached balance takes it exactly once (not when the balance was
+read after it). On Redis, whoever booked it raised the shared balance there.
 """
 
 from __future__ import annotations
@@ -24,16 +29,18 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, RequestContext, StashKey, hookimpl
-from nexgate_proxy.appkeys import REDIS, STORE
+from nexgate_proxy.appkeys import FEED, REDIS, STORE
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection, Price
 from .holds import (
     CreditState,
     CreditStateUnavailable,
+    StoreBalance,
     nano_ceil,
+    nano_floor,
     open_credit_state,
 )
 from nexgate_proxy.money import cost_pico, format_usd, price_problem, usd_to_pico
-from nexgate_proxy.store import Store, StoreError
+from nexgate_proxy.store import CREDIT_CHANGE, MISSED, Store, StoreChange, StoreError
 
 log = logging.getLogger("nexgate.credits")
 COST_HEADER = "x-nexgate-cost-usd"
@@ -82,17 +89,17 @@ class Credits:
         self.settings = settings
         self.overdraft_nano = nano_ceil(usd_to_pico(settings.overdraft_usd))
         self.state: CreditState | None = None
-        self._loading: dict[str, asyncio.Future[int]] = {}
+        self._loading: dict[str, asyncio.Future[StoreBalance]] = {}
 
-    async def load_balance(self, store: Store, account_id: str) -> int:
-        """The durable balance; concurrent first requests of an account share one query."""
+    async def load_balance(self, store: Store, account_id: str) -> StoreBalance:
+        """The durable balance and its feed position; concurrent first requests of an account share one query."""
         pending = self._loading.get(account_id)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[StoreBalance] = asyncio.get_running_loop().create_future()
         self._loading[account_id] = future
         try:
-            balance = await store.get_balance(account_id)
+            balance = StoreBalance(*await store.balance_snapshot(account_id))
             future.set_result(balance)
             return balance
         except BaseException as exc:
@@ -101,6 +108,14 @@ class Credits:
             raise
         finally:
             del self._loading[account_id]
+
+    def on_store_change(self, change: StoreChange) -> None:
+        if self.state is None:
+            return
+        if change.kind == CREDIT_CHANGE and change.amount_pico:
+            self.state.credit_from_store(change.subject, nano_floor(change.amount_pico), change.id)
+        elif change.kind == MISSED.kind:
+            self.state.reload_balances()
 
 
 CREDITS: web.AppKey[Credits] = web.AppKey("nexgate_plugins.credits", Credits)
@@ -142,8 +157,10 @@ async def nexgate_lifespan(app: web.Application, config: Config) -> AsyncIterato
     credits = app[CREDITS]
     if credits.settings.enabled:
         credits.state = open_credit_state(config.state_url, redis=app.get(REDIS))
+        unsubscribe = app[FEED].subscribe(credits.on_store_change)
     yield
     if credits.state is not None:
+        unsubscribe()
         await credits.state.close()
 
 

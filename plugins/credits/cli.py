@@ -6,8 +6,9 @@ conventions as ``nexgate_proxy.cli_admin``: ``--config PATH`` or
 
 * ``credits grant ACCOUNT USD --reason TEXT [--ref ID]`` books a ``grant``
   ledger entry (source ``admin``). With ``--ref`` it is idempotent: the same
-  ref is applied once, however often the command runs. Running gateways that
-  share a Redis state store (``state.url``) see it at once.
+  ref is applied once, however often the command runs. Every running gateway
+  applies it to the balance it caches within a second: through the store's
+  change feed, or, with a Redis state store (``state.url``), at once in Redis.
 * ``credits balance ACCOUNT`` prints the balance, exact to the pico-dollar.
 * ``usage export ACCOUNT --format csv|json [--since --until] [--output FILE]``
   writes the account's usage records (metadata only, no client IPs), newest
@@ -71,14 +72,11 @@ def _usd(text: str) -> int:
 
 
 async def _book(env: Env, store: Store, entry: NewLedgerEntry) -> bool:
-    """Apply the entry (True if it was new), through the shared state store, so that running gateways
-    that cached the account's balance move it by the entry exactly once."""
+    """Apply the entry (True if it was new). Running gateways move a cached balance by it exactly once:
+    with in-process state (memory://) their store feed brings it; with shared state (Redis) it is
+    booked here through that state, whatever balance loads race it."""
     if env.state_url.startswith("memory:"):
-        applied = await store.apply_ledger_entry(entry)
-        if applied:
-            print("note: no shared state store (state.url is memory://): a running gateway that already cached "
-                  "this account's balance sees the change when it restarts", file=sys.stderr)
-        return applied
+        return await store.apply_ledger_entry(entry)
     try:
         state = open_credit_state(env.state_url)
     except ValueError as exc:

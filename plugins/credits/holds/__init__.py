@@ -13,6 +13,7 @@ from .base import (
     CreditState,
     CreditStateUnavailable,
     Reservation,
+    StoreBalance,
     nano_ceil,
     nano_floor,
 )
@@ -35,6 +36,6 @@ def open_credit_state(url: str, *, redis: RedisClient | None = None, **options: 
 
 __all__ = [
     "KEY_TTL_SECONDS", "PICO_PER_NANO", "BalanceLoader", "Booker", "Credited", "CreditState",
-    "CreditStateUnavailable",
-    "MemoryCreditState", "Reservation", "nano_ceil", "nano_floor", "open_credit_state",
+    "CreditStateUnavailable", "MemoryCreditState", "Reservation", "StoreBalance", "nano_ceil", "nano_floor",
+    "open_credit_state",
 ]

@@ -68,10 +68,26 @@ class Credited:
     balance may miss it until it is loaded again."""
 
 
-BalanceLoader = Callable[[], Awaitable[int]]
-"""Returns the account's durable balance in pico-USD."""
 Booker = Callable[[], Awaitable[bool]]
 """Commits a ledger entry; True when it applied it, False when the ledger had it already."""
+
+
+class StoreBalance(int):
+    """A balance read from the store (pico-USD) and the store feed position that read includes.
+
+    An int, so a state that needs no position uses it as the balance.
+    """
+
+    position: int
+
+    def __new__(cls, pico: int, position: int) -> StoreBalance:
+        balance = super().__new__(cls, pico)
+        balance.position = position
+        return balance
+
+
+BalanceLoader = Callable[[], Awaitable[int]]
+"""Returns the account's durable balance in pico-USD (a StoreBalance, from the store)."""
 
 
 class CreditState(abc.ABC):
@@ -88,9 +104,25 @@ class CreditState(abc.ABC):
 
     @abc.abstractmethod
     async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
-        """Book a payment, grant or refund with ``book`` and move the cached balance (if one is
-        cached) by exactly ``amount_nano``, once, whatever loads race it. ``book``'s errors propagate;
-        the hot state's own trouble does not (``reached_state``): the ledger is the truth."""
+        """Book a payment, grant or refund with ``book``, and see that cached balances get it once.
+
+        Shared state (Redis): moves the shared cached balance (if one is cached) by exactly
+        ``amount_nano``, once, whatever loads race it. A state in process moves nothing here: it
+        learns of every credit, its own process's too, from the store feed (``credit_from_store``).
+        ``book``'s errors propagate; the hot state's own trouble does not (``reached_state``): the
+        ledger is the truth."""
+
+    def credit_from_store(self, account_id: str, amount_nano: int, position: int) -> None:
+        """The store feed's credit change at ``position`` (signed): raise the cached balance, exactly once.
+
+        Nothing for shared state (Redis): the process that booked it raised it there (``credit``).
+        """
+
+    def reload_balances(self) -> None:
+        """The store feed may have missed changes: cached balances are read from the store again.
+
+        Nothing for shared state (Redis), which is told of credits by whoever booked them.
+        """
 
     @abc.abstractmethod
     async def available(self, account_id: str) -> int | None:

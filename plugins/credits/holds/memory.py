@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-from .base import BalanceLoader, Booker, Credited, CreditState, Reservation, nano_floor
+from .base import BalanceLoader, Booker, Credited, CreditState, Reservation, StoreBalance, nano_floor
 
 
 class _Account:
-    __slots__ = ("balance", "held", "holds", "next_sweep")
+    __slots__ = ("balance", "position", "stale", "held", "holds", "next_sweep")
 
-    def __init__(self, balance: int) -> None:
+    def __init__(self, balance: int, position: int) -> None:
         self.balance = balance
+        self.position = position
+        """The store feed position the balance includes: a credit change after it is not in it yet."""
+        self.stale = False
+        """The feed may have missed changes: read the balance again (the holds stay)."""
         self.held = 0
         """The sum of ``holds``' amounts, kept as they change: no sum per request."""
         self.holds: dict[str, tuple[int, float]] = {}
@@ -31,21 +34,25 @@ class MemoryCreditState(CreditState):
 
     def __init__(self) -> None:
         self._accounts: dict[str, _Account] = {}
-        self._credits_ended: dict[str, int] = {}
-        """Per account, how many credits ended: a load that overlapped one may miss it, and loads again."""
-        self._open: dict[str, int] = {}
-        """Per account, how many credits are being booked: no load of theirs is taken meanwhile, since
-        it may or may not hold what is being booked..."""
-        self._crediting: dict[str, asyncio.Event] = {}
-        """...and loads wait for this, set when the last of them ends."""
-        self._stale: set[str] = set()
-        """Accounts whose cached balance may or may not hold a credit (its booking failed midway)."""
+        self._credits_seen: dict[str, int] = {}
+        """Per account, how many credits arrived: a load that saw a credit race by loads again."""
 
     async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
                       hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
         account = self._accounts.get(account_id)
-        if account is None or account_id in self._stale:
-            account = await self._load(account_id, load_balance)
+        while account is None or account.stale:
+            version = self._credits_seen.get(account_id, 0)
+            loaded = await load_balance()
+            position = loaded.position if isinstance(loaded, StoreBalance) else 0
+            account = self._accounts.get(account_id)  # another request may have read it meanwhile
+            if self._credits_seen.get(account_id, 0) != version:
+                # A credit arrived while we read: applied to no cached balance, and maybe not in
+                # `loaded`. Read again, after it.
+                continue
+            if account is None:
+                account = self._accounts[account_id] = _Account(nano_floor(loaded), position)
+            elif account.stale:  # as after a restart: costs settled but not yet flushed are not in the read
+                account.balance, account.position, account.stale = nano_floor(loaded), position, False
         now = time.monotonic()
         if now >= account.next_sweep:
             self._sweep(account, now)
@@ -60,24 +67,6 @@ class MemoryCreditState(CreditState):
         account.holds[request_id] = (amount_nano, now + hold_seconds)
         account.held += amount_nano
         return Reservation(True, available - amount_nano)
-
-    async def _load(self, account_id: str, load_balance: BalanceLoader) -> _Account:
-        while True:
-            crediting = self._crediting.get(account_id)
-            if crediting is not None:
-                await crediting.wait()
-                continue
-            version = self._credits_ended.get(account_id, 0)
-            loaded = nano_floor(await load_balance())
-            if account_id not in self._open and self._credits_ended.get(account_id, 0) == version:
-                break
-        account = self._accounts.get(account_id)
-        if account is None:
-            account = self._accounts[account_id] = _Account(loaded)
-        elif account_id in self._stale:  # reloaded: the holds stay
-            account.balance = loaded
-        self._stale.discard(account_id)  # else another load took it while this one read
-        return account
 
     def _sweep(self, account: _Account, now: float) -> bool:
         """Drop expired holds; True when some were dropped."""
@@ -97,26 +86,21 @@ class MemoryCreditState(CreditState):
         account.balance -= cost_nano
 
     async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
-        self._open[account_id] = self._open.get(account_id, 0) + 1
-        self._crediting.setdefault(account_id, asyncio.Event())
-        booked: bool | None = None
-        try:
-            booked = await book()
-        finally:
-            self._credits_ended[account_id] = self._credits_ended.get(account_id, 0) + 1
-            account = self._accounts.get(account_id)
-            if account is not None and booked is None:
-                self._stale.add(account_id)  # whether the ledger took it is unknown: load it again
-            elif account is not None and booked:
-                account.balance += amount_nano
-            self._open[account_id] -= 1
-            if not self._open[account_id]:
-                del self._open[account_id]
-                self._crediting.pop(account_id).set()
-        return Credited(booked, reached_state=True)
+        # Moves nothing here: the store feed brings the booked entry to every process, this one
+        # too, in order and once (credit_from_store), so no load can count it twice or miss it.
+        return Credited(await book(), reached_state=True)
+
+    def credit_from_store(self, account_id: str, amount_nano: int, position: int) -> None:
+        self._credits_seen[account_id] = self._credits_seen.get(account_id, 0) + 1
+        account = self._accounts.get(account_id)
+        if account is not None and position > account.position:  # else the loaded balance has it
+            account.balance += amount_nano
+            account.position = position
+
+    def reload_balances(self) -> None:
+        for account in self._accounts.values():
+            account.stale = True
 
     async def available(self, account_id: str) -> int | None:
         account = self._accounts.get(account_id)
-        if account is None or account_id in self._stale:
-            return None
-        return account.balance - account.held
+        return None if account is None else account.balance - account.held

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from nexgate_proxy.accounts import create_api_key, revoke_api_key
-from nexgate_proxy.appkeys import BUS, STORE
+from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.keys import generate_key
 from nexgate_plugins.auth import AUTH
 from nexgate_proxy.testing import FakeUpstream, Gateway, chat, gateway_config
@@ -66,7 +66,7 @@ async def test_a_due_cache_entry_is_checked_against_the_store_without_a_new_bcry
         assert await chat(gw, gw.api_key) == "Hello from upstream"
     assert (auth.store_lookups, auth.bcrypt_calls) == (4, 1)
     row = (await gw.app[STORE].list_api_keys(user_id=gw.user_id))[0]
-    await revoke_api_key(gw.app[STORE], None, row.id)  # no bus: only the due check can see it
+    await revoke_api_key(gw.app[STORE], None, row.id)  # no feed: only the due check (or the feed watcher) can see it
     await asyncio.sleep(0.06)
     with pytest.raises(openai.AuthenticationError) as err:
         await chat(gw, gw.api_key)
@@ -98,7 +98,7 @@ async def test_x_api_key_header_works_for_anthropic_clients(gateway: Gateway) ->
 async def test_revocation_is_immediate_on_this_instance(gateway: Gateway) -> None:
     assert await chat(gateway, gateway.api_key)
     row = (await gateway.app[STORE].list_api_keys(user_id=gateway.user_id))[0]
-    assert await revoke_api_key(gateway.app[STORE], gateway.app[BUS], row.id)
+    assert await revoke_api_key(gateway.app[STORE], gateway.app[FEED], row.id)
     with pytest.raises(openai.AuthenticationError) as err:
         await chat(gateway, gateway.api_key)
     assert "revoked" in err.value.message
@@ -141,7 +141,7 @@ async def test_revocation_reaches_another_instance_within_a_second(
     key = first.api_key
     assert await chat(first, key) and await chat(second, key)  # both have it cached now
     row = (await first.app[STORE].list_api_keys(user_id=first.user_id))[0]
-    await revoke_api_key(first.app[STORE], first.app[BUS], row.id)
+    await revoke_api_key(first.app[STORE], first.app[FEED], row.id)
     started = time.monotonic()
     while True:
         try:

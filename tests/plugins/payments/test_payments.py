@@ -25,7 +25,7 @@ from nexgate_plugins.credits import CREDITS
 from nexgate_proxy.app import build_app
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
-from nexgate_plugins.credits.holds import Booker, Credited, MemoryCreditState, nano_floor
+from nexgate_plugins.credits.holds import Booker, Credited, MemoryCreditState, StoreBalance, nano_floor
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.plugins import resolve_config
 from nexgate_proxy.testing import FakeUpstream, Gateway, gateway_config
@@ -372,15 +372,27 @@ async def test_an_ignored_delivery_is_applied_when_resent_after_the_config_names
 
 async def test_a_credit_raises_the_cached_balance_once(upstream, start_gateway) -> None:
     gw = await start(start_gateway, upstream)
-    state = gw.app[CREDITS].state
+    credits = gw.app[CREDITS]
+    state = credits.state
     store = gw.app[STORE]
-    reservation = await state.reserve(gw.user_id, "warm-up", 0, 0, 60, lambda: store.get_balance(gw.user_id))
+    reservation = await state.reserve(gw.user_id, "warm-up", 0, 0, 60,
+                                      lambda: credits.load_balance(store, gw.user_id))
     assert reservation.ok and await state.available(gw.user_id) == 0
+
+    async def settles_at(expected: int) -> None:
+        # The store feed brings the webhook's credits within a second; then nothing more comes.
+        deadline = time.monotonic() + 1.0
+        while await state.available(gw.user_id) != expected:
+            assert time.monotonic() < deadline, await state.available(gw.user_id)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        assert await state.available(gw.user_id) == expected
+
     for webhook_id in ("msg_1", "msg_1", "msg_2"):
         await deliver(gw, payment(gw.user_id, "pay_hot"), webhook_id=webhook_id)
-    assert await state.available(gw.user_id) == nano_floor(usd("20"))
+    await settles_at(nano_floor(usd("20")))
     await deliver(gw, refund("pay_hot", "ref_hot", 590, gw.user_id))
-    assert await state.available(gw.user_id) == nano_floor(usd("15"))
+    await settles_at(nano_floor(usd("15")))
     assert await store.get_balance(gw.user_id) == usd("15")
 
 
@@ -456,7 +468,9 @@ def test_a_bad_payments_section_stops_the_gateway() -> None:
 OPS = st.lists(st.one_of(
     st.tuples(st.just("reserve"), st.integers(0, 5_000)),
     st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 100)),
-    st.tuples(st.just("credit"), st.integers(0, 5_000)),
+    st.tuples(st.just("credit"), st.integers(1, 5_000)),
+    st.tuples(st.just("deliver"), st.integers(1, 3)),
+    st.tuples(st.just("redeliver"), st.integers(0, 50)),
 ), max_size=60)
 
 
@@ -464,22 +478,38 @@ OPS = st.lists(st.one_of(
 @given(initial=st.integers(0, 10_000), overdraft=st.integers(0, 2_000), ops=OPS, batch=st.integers(1, 8))
 def test_the_memory_credit_state_never_overdraws_and_ends_at_the_ledger(
         initial: int, overdraft: int, ops: list[tuple], batch: int) -> None:
-    """Any interleaving of reserve / settle / credit (settled costs at most what was held)."""
+    """Any interleaving of reserve / settle / credits booked elsewhere and brought late (or twice) by the feed.
+
+    Settled costs are at most what was held; the store commits a credit at once, the feed delivers
+    it later, in order, and may deliver one again: the cached balance takes each exactly once.
+    """
 
     async def scenario() -> None:
         state = MemoryCreditState()
-        ledger = {"balance": initial, "credits": 0, "settled": 0}
+        ledger = {"balance": initial, "credits": 0, "settled": 0, "position": 0}
+        feed: list[tuple[int, int]] = []  # committed, not delivered yet: (position, amount)
+        delivered: list[tuple[int, int]] = []
         holds: dict[str, int] = {}
         counter = iter(range(10**6))
 
-        async def load() -> int:
-            await asyncio.sleep(0)  # let other operations interleave with the first load
-            return ledger["balance"] * 1000  # pico-USD
+        async def load() -> StoreBalance:
+            read = StoreBalance(ledger["balance"] * 1000, ledger["position"])  # one snapshot...
+            await asyncio.sleep(0)  # ...whose answer arrives after other operations
+            return read
+
+        def deliver(count: int) -> None:
+            for _ in range(min(count, len(feed))):
+                position, amount = feed.pop(0)
+                delivered.append((position, amount))
+                state.credit_from_store("acct", amount, position)
 
         async def check() -> None:
             available = await state.available("acct")
-            if available is not None:
+            if available is not None and not feed:
                 assert available >= -overdraft, (available, overdraft)
+
+        async def booked() -> bool:  # the ledger entry, committed by the op itself below
+            return True
 
         async def run(op: tuple) -> None:
             if op[0] == "reserve":
@@ -494,16 +524,23 @@ def test_the_memory_credit_state_never_overdraws_and_ends_at_the_ledger(
                     ledger["balance"] -= cost
                     ledger["settled"] += cost
                     state.settle("acct", rid, cost)
-            else:
-                async def book() -> bool:
-                    ledger["balance"] += op[1]
-                    ledger["credits"] += op[1]
-                    return True
-                await state.credit("acct", op[1], book)
+            elif op[0] == "credit":
+                ledger["balance"] += op[1]
+                ledger["credits"] += op[1]
+                ledger["position"] += 1
+                feed.append((ledger["position"], op[1]))
+                credited = await state.credit("acct", op[1], booked)  # the booker's call: nothing moves in process
+                assert credited.booked
+            elif op[0] == "deliver":
+                deliver(op[1])
+            elif delivered:  # redeliver
+                position, amount = delivered[op[1] % len(delivered)]
+                state.credit_from_store("acct", amount, position)
             await check()
 
         for i in range(0, len(ops), batch):
             await asyncio.gather(*[run(op) for op in ops[i:i + batch]])
+        deliver(len(feed))
         for rid in sorted(holds):
             cost = holds.pop(rid)
             ledger["balance"] -= cost
@@ -519,22 +556,57 @@ def test_the_memory_credit_state_never_overdraws_and_ends_at_the_ledger(
 
 async def test_a_credit_during_the_first_balance_load_is_not_lost() -> None:
     state = MemoryCreditState()
-    ledger = {"balance": 0}
+    ledger = {"balance": 0, "position": 0}
 
-    async def load() -> int:
-        value = ledger["balance"]  # the SELECT runs here...
-        await asyncio.sleep(0)  # ...and its answer arrives after the payment was booked
-        return value * 1000
+    async def load() -> StoreBalance:
+        read = StoreBalance(ledger["balance"] * 1000, ledger["position"])  # the SELECT runs here...
+        await asyncio.sleep(0)  # ...and its answer arrives after the payment was booked and delivered
+        return read
 
     async def book() -> bool:
         ledger["balance"] += 100
+        ledger["position"] += 1
         return True
 
     async def pay() -> None:
-        await state.credit("acct", 100, book)  # nothing cached yet
+        assert (await state.credit("acct", 100, book)).booked  # nothing cached yet, and nothing moves here
+        state.credit_from_store("acct", 100, ledger["position"])  # the feed delivers it
 
     await asyncio.gather(state.reserve("acct", "r1", 0, 0, 60, load), pay())
-    assert await state.available("acct") == ledger["balance"]
+    assert await state.available("acct") == ledger["balance"] == 100
+
+
+async def test_a_credit_the_balance_load_already_includes_is_not_added_again() -> None:
+    state = MemoryCreditState()
+    ledger = {"balance": 0, "position": 0}
+
+    async def load() -> StoreBalance:
+        return StoreBalance(ledger["balance"] * 1000, ledger["position"])
+
+    ledger["balance"] += 100
+    ledger["position"] += 1  # committed...
+    assert (await state.reserve("acct", "r1", 0, 0, 60, load)).ok  # ...read...
+    state.credit_from_store("acct", 100, 1)  # ...and only then delivered by the feed
+    assert await state.available("acct") == 100
+    state.credit_from_store("acct", 50, 2)  # after the read: taken
+    state.credit_from_store("acct", 50, 2)  # delivered twice: once
+    assert await state.available("acct") == 150
+
+
+async def test_when_the_feed_may_have_missed_credits_the_balance_is_read_again() -> None:
+    state = MemoryCreditState()
+    ledger = {"balance": 100, "position": 7}
+
+    async def load() -> StoreBalance:
+        return StoreBalance(ledger["balance"] * 1000, ledger["position"])
+
+    assert (await state.reserve("acct", "r1", 40, 0, 60, load)).ok
+    ledger["balance"], ledger["position"] = 300, 9  # credits the feed never brought
+    state.reload_balances()
+    assert (await state.reserve("acct", "r2", 10, 0, 60, load)).ok
+    assert await state.available("acct") == 300 - 40 - 10  # read again; the open holds stay
+    state.credit_from_store("acct", 200, 9)  # the read had it
+    assert await state.available("acct") == 250
 
 
 async def test_a_memory_hold_that_never_settles_expires(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from nexgate_proxy import Identity, hookimpl
 from nexgate_proxy.accounts import ORG_EVENT, create_api_key, set_org_limits
-from nexgate_proxy.appkeys import BUS, STORE
+from nexgate_proxy.appkeys import BUS, FEED, STORE
 from nexgate_plugins.auth import AUTH
 from tests.cli_runner import Cli
 from nexgate_proxy.testing import FakeUpstream, Gateway, chat, gateway_config
@@ -63,7 +63,7 @@ async def test_org_limits_are_read_once_at_verification(upstream: FakeUpstream, 
     gw = await start_gateway(gateway_config(upstream), plugins=[recorder])
     auth = gw.app[AUTH]
     org_id, key = await org_and_key(gw)
-    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"rpm": 600, "concurrent": 3})
+    await set_org_limits(gw.app[STORE], gw.app[FEED], org_id, {"rpm": 600, "concurrent": 3})
     for _ in range(3):
         assert await chat(gw, key) == "Hello from upstream"
     assert recorder.last.org_id == org_id
@@ -86,7 +86,7 @@ async def test_an_org_change_drops_only_that_orgs_cached_identities(upstream: Fa
         await chat(gw, plaintext)
     assert recorder.last.org_limits == {} and auth.bcrypt_calls == 3
 
-    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"tpm": 100_000})  # the memory bus delivers at once
+    await set_org_limits(gw.app[STORE], gw.app[FEED], org_id, {"tpm": 100_000})  # delivered here at once
     await chat(gw, key)
     assert recorder.last.org_limits == {"tpm": 100_000}
     for plaintext in (other_key, gw.api_key):
@@ -95,7 +95,7 @@ async def test_an_org_change_drops_only_that_orgs_cached_identities(upstream: Fa
     # The changed org's key was checked against its row again (one lookup, no bcrypt); no other key was.
     assert (auth.bcrypt_calls, auth.store_lookups) == (3, 4)
 
-    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, None)
+    await set_org_limits(gw.app[STORE], gw.app[FEED], org_id, None)
     await chat(gw, key)
     assert recorder.last.org_limits == {} and (auth.bcrypt_calls, auth.store_lookups) == (3, 5)
     assert other_org != org_id
@@ -118,7 +118,7 @@ async def test_a_verification_that_overlaps_a_change_is_not_cached(upstream: Fak
 
 @pytest.mark.postgres
 @pytest.mark.redis
-async def test_a_change_reaches_another_instance_through_redis(
+async def test_a_change_reaches_another_instance_through_the_store_feed(
         upstream: FakeUpstream, start_gateway, postgres_url: str, redis_url: str) -> None:
     shared = gateway_config(upstream, storage={"url": postgres_url}, state={"url": redis_url})
     first_seen, second_seen = IdentityRecorder(), IdentityRecorder()
@@ -131,7 +131,7 @@ async def test_a_change_reaches_another_instance_through_redis(
     bcrypt_before = second.app[AUTH].bcrypt_calls
     second_events = OrgEvents(second)
 
-    await set_org_limits(first.app[STORE], first.app[BUS], org_id, {"rpm": 42})
+    await set_org_limits(first.app[STORE], first.app[FEED], org_id, {"rpm": 42})
     assert await second_events.next() == org_id
     await chat(second, key)
     assert second_seen.last.org_limits == {"rpm": 42}
@@ -149,7 +149,7 @@ async def test_orgs_limits_command(store_url: str, capsys: pytest.CaptureFixture
     assert updated["id"] == org["id"] and updated["limits"] == {"rpm": 600, "tpm": 200000}
     assert [o["limits"] for o in await cli.json("orgs", "list")] == [{"rpm": 600, "tpm": 200000}]
     code, out, err = await cli("orgs", "limits", org["id"], "--limits", '{"concurrent": 5}')
-    assert code == 0 and '{"concurrent": 5}' in out and "state.url is memory://" in err
+    assert code == 0 and '{"concurrent": 5}' in out and err == ""  # running gateways learn of it from the store feed
     code, out, _ = await cli("orgs", "limits", org["id"], "--clear")
     assert code == 0 and "Removed" in out
     assert (await cli.json("orgs", "list"))[0]["limits"] is None
@@ -209,7 +209,7 @@ async def test_the_store_override_is_what_the_rate_limiter_enforces(upstream: Fa
     # YAML: no org limits at all. The store's override alone must apply to the org's keys.
     gw = await start_gateway(gateway_config(upstream))
     org_id, key = await org_and_key(gw)
-    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"rpm": 3})
+    await set_org_limits(gw.app[STORE], gw.app[FEED], org_id, {"rpm": 3})
     assert await rpm_refusals(gw, key, 5) == (3, ["rate_limit_requests"] * 2)
     another_key = await create_api_key(gw.app[STORE], name="second", org_id=org_id, bcrypt_rounds=4)
     passed, codes = await rpm_refusals(gw, another_key.plaintext, 1)  # the org's limit, shared by its keys
@@ -223,8 +223,8 @@ async def test_the_override_goes_over_the_yaml_name_by_name(upstream: FakeUpstre
     org_id, key = await org_and_key(gw)
     assert (await rpm_refusals(gw, key, 3))[0] == 2  # the YAML default for orgs
     # 0 lifts the YAML's rpm; tpm is not named, so the YAML's stays.
-    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"rpm": 0})
+    await set_org_limits(gw.app[STORE], gw.app[FEED], org_id, {"rpm": 0})
     assert await rpm_refusals(gw, key, 4) == (4, [])
-    await set_org_limits(gw.app[STORE], gw.app[BUS], org_id, {"tpm": 1})  # back to the YAML rpm, tiny tpm
+    await set_org_limits(gw.app[STORE], gw.app[FEED], org_id, {"tpm": 1})  # back to the YAML rpm, tiny tpm
     passed, codes = await rpm_refusals(gw, key, 1)
     assert (passed, codes) == (0, ["rate_limit_tokens"])
