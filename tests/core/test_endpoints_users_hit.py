@@ -239,3 +239,14 @@ def test_cors_config_refuses_wildcard_with_credentials_and_malformed_origins() -
         "server.cors.max_age: must not be negative",
     ])
 
+
+
+async def test_the_echo_demo_answers_count_tokens_and_moderations(start_gateway) -> None:
+    gw = await start_gateway({"providers": {"echo": {"type": "echo"}},
+                              "models": {"demo": {"route": [{"provider": "echo", "model": "echo-1"}], "free": True}},
+                              "auth": {"bcrypt_rounds": 4}})
+    raw = await anthropic_client(gw).messages.with_raw_response.count_tokens(model="demo", messages=MESSAGES)
+    assert (await raw.parse()).input_tokens == len(MESSAGES[0]["content"].split())  # echo counts words
+    assert "x-nexgate-estimated" not in raw.headers  # echo speaks Anthropic's API: it answered itself
+    moderation = await gw.openai_client().moderations.create(model="demo", input=["a", "b"])
+    assert [r.flagged for r in moderation.results] == [False, False]
