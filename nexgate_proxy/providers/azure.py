@@ -18,6 +18,7 @@ Responses API needs a preview version).
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import quote
 
@@ -41,7 +42,9 @@ class AzureProvider(Provider):
         super().__init__(config)
         unknown = sorted(set(config.options) - set(OPTIONS))
         if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+            hint = difflib.get_close_matches(unknown[0], OPTIONS, n=1)
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}"
+                             + (f"; did you mean '{hint[0]}'?" if hint else f" (known: {', '.join(OPTIONS)})"))
         self.api_version = _version(config.options, "api_version", DEFAULT_API_VERSION)
         self.responses_api_version = _version(config.options, "responses_api_version",
                                               DEFAULT_RESPONSES_API_VERSION)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import openai
 import pytest
@@ -161,10 +163,35 @@ def test_azure_options_are_checked_at_start() -> None:
         build_app(parse_config(raw, "t"))
     assert err.value.problems == [
         "providers.az.options: unknown option(s) deployment (known: api_version, responses_api_version)"]
+    raw["providers"]["az"]["options"] = {"api_versio": "2024-10-21"}
+    with pytest.raises(ConfigError) as err:
+        build_app(parse_config(raw, "t"))
+    assert err.value.problems == ["providers.az.options: unknown option(s) api_versio; did you mean 'api_version'?"]
     raw["providers"]["az"]["options"] = {"api_version": "2024-10-21&x=1"}
     with pytest.raises(ConfigError) as err:
         build_app(parse_config(raw, "t"))
     assert "api_version must be an Azure API version" in err.value.problems[0]
+
+
+async def test_the_provider_plugin_example_in_the_docs_works(start_gateway, tmp_path: Path) -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "plugins.md").read_text()
+    section = docs.split("### `nexgate_register_providers`", 1)[1].split("\n### ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "docs/plugins.md: nexgate_register_providers has no example"
+    # Under its own type name: the built-in azure type is registered already.
+    (tmp_path / "plugins.d").mkdir()
+    (tmp_path / "plugins.d" / "my_azure.py").write_text(code.group(1).replace('"azure"', '"my-azure"'))
+    async with Wire() as wire:
+        wire.on("/openai/deployments/my-gpt4o/chat/completions", json_answer(azure_chat("Hi from a plugin")))
+        cfg = config(wire)
+        cfg["providers"]["az"]["type"] = "my-azure"
+        cfg["plugins"] = {"directory": str(tmp_path / "plugins.d")}
+        gw = await start_gateway(cfg)
+        reply = await gw.openai_client().chat.completions.create(
+            model="gpt-azure", messages=[{"role": "user", "content": "hello"}])
+    assert reply.choices[0].message.content == "Hi from a plugin"
+    seen = wire.seen[-1]
+    assert (seen.query, seen.headers["api-key"]) == ({"api-version": "2024-10-21"}, AZURE_KEY)
 
 
 # ------------------------------------------------------------------ gemini
