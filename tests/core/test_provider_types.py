@@ -156,6 +156,21 @@ async def test_operations_a_provider_type_lacks_are_a_clear_400(start_gateway) -
     assert wire.seen == []
 
 
+async def test_routing_skips_a_target_whose_type_lacks_the_operation(start_gateway) -> None:
+    async with Wire() as wire:
+        wire.on("/v1/moderations", json_answer({"id": "modr-1", "model": "omni-moderation-2024-09-26", "results": [
+            {"flagged": False, "categories": {}, "category_scores": {}}]}))
+        cfg = config(wire)
+        cfg["providers"]["oai"] = {"type": "openai", "base_url": f"{wire.base}/v1", "api_key": "sk-oai"}
+        cfg["models"]["mod"] = {"route": [{"provider": "az", "model": "my-gpt4o"}], "fallbacks": ["mod-openai"],
+                                "free": True}
+        cfg["models"]["mod-openai"] = {"route": [{"provider": "oai", "model": "omni-moderation-latest"}], "free": True}
+        gw = await start_gateway(cfg)
+        result = await gw.openai_client().moderations.create(model="mod", input="x")
+    assert result.results[0].flagged is False
+    assert [(s.path, s.body["model"]) for s in wire.seen] == [("/v1/moderations", "omni-moderation-latest")]
+
+
 def test_azure_options_are_checked_at_start() -> None:
     raw = {"providers": {"az": {"type": "azure", "base_url": "https://r.openai.azure.com",
                                 "options": {"api_version": 2024, "deployment": "x"}}}}
