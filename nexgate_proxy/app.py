@@ -14,6 +14,7 @@ from .appkeys import CHAIN, CONFIG, PROVIDERS, PROXY
 from .clientip import client_ip
 from .config import Config, ConfigError
 from .context import RequestContext
+from .cors import Cors
 from .endpoints import ENDPOINTS, Endpoint
 from .errors import GatewayError
 from .plugins import HookChain, build_plugin_manager, configure
@@ -34,7 +35,10 @@ def resolve_providers(config: Config, chain: HookChain, problems: list[str]) -> 
             problems.append(f"providers.{name}.type: unknown provider type '{spec.type}' "
                             f"(known: {', '.join(sorted(types))})")
             continue
-        providers[name] = cls(spec)
+        try:
+            providers[name] = cls(spec)
+        except ValueError as exc:  # the type refused its options
+            problems.append(f"providers.{name}.options: {exc}")
     return providers
 
 
@@ -63,15 +67,22 @@ def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Appli
     app[PROVIDERS] = providers
     app[PROXY] = proxy
 
+    # Each API path is served with and without /v1: SDKs pointed at the bare host URL drop it.
     for endpoint in ENDPOINTS:
-        app.router.add_post(endpoint.path, _endpoint_handler(proxy, endpoint))
-        app.router.add_route("*", endpoint.path, _method_not_allowed)
-    app.router.add_get("/v1/models", _list_models)
-    app.router.add_get("/v1/models/{model}", _get_model)
+        handler = _endpoint_handler(proxy, endpoint)
+        for path in (endpoint.path, endpoint.bare_path):
+            app.router.add_post(path, handler)
+            app.router.add_route("*", path, _method_not_allowed)
+    for prefix in ("/v1", ""):
+        app.router.add_get(f"{prefix}/models", _list_models)
+        app.router.add_get(f"{prefix}/models/{{model}}", _get_model)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     chain.register_routes(app, config)
     app.router.add_route("*", "/{tail:.*}", _not_found)
+
+    if config.server.cors.enabled:
+        Cors(config.server.cors).install(app)
 
     app.cleanup_ctx.append(services_context)
     app.cleanup_ctx.append(_upstream_session)

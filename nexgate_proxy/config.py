@@ -27,7 +27,7 @@ import yaml
 from .clientip import IPNetwork, parse_networks
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-KNOWN_PROVIDER_TYPES_HINT = "openai, anthropic, echo"
+KNOWN_PROVIDER_TYPES_HINT = "openai, anthropic, azure, gemini, echo"
 
 
 class ConfigError(Exception):
@@ -60,6 +60,22 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsConfig:
+    """Cross-origin access for browser apps; off while ``allow_origins`` is empty."""
+
+    allow_origins: tuple[str, ...] = ()
+    """Exact origins (``https://app.example.com``), or ``*`` for any (never with credentials)."""
+    allow_credentials: bool = False
+    """Let browsers send cookies / HTTP auth along; API keys in headers do not need it."""
+    max_age: int = 600
+    """Seconds a browser may cache a preflight answer."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow_origins)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -70,6 +86,7 @@ class ServerConfig:
     access_log: bool = False
     trusted_proxies: tuple[IPNetwork, ...] = ()
     """Peers whose X-Forwarded-For is believed (load balancers in front of NexGate)."""
+    cors: CorsConfig = field(default_factory=CorsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +383,30 @@ def _server(r: ConfigReader, s: dict[str, Any], config: Config) -> ServerConfig:
                                  lambda v: None if v >= 1024 else "must be at least 1024"),
         access_log=r.value(s, "access_log", p, bool, d.access_log),
         trusted_proxies=_networks(r, s, "trusted_proxies", p),
+        cors=_cors(r, s.get("cors")),
     )
+
+
+_ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
+
+
+def _cors(r: ConfigReader, raw: Any) -> CorsConfig:
+    p = "server.cors"
+    s = r.mapping(raw, p, ("allow_origins", "allow_credentials", "max_age"))
+    d = CorsConfig()
+    origins: list[str] = []
+    for i, origin in enumerate(r.value(s, "allow_origins", p, list, [])):
+        if not isinstance(origin, str) or not (origin == "*" or _ORIGIN.match(origin)):
+            r.problem(f"{p}.allow_origins[{i}]", f"expected an origin like https://app.example.com "
+                      f"(scheme and host, no path) or '*', got {origin!r}")
+        else:
+            origins.append(origin.lower())
+    credentials = r.value(s, "allow_credentials", p, bool, d.allow_credentials)
+    if credentials and "*" in origins:
+        r.problem(f"{p}.allow_credentials", "cannot be true while allow_origins has '*': "
+                  "list the origins that may send credentials")
+    return CorsConfig(allow_origins=tuple(origins), allow_credentials=credentials,
+                      max_age=r.value(s, "max_age", p, int, d.max_age, _non_negative))
 
 
 def _networks(r: ConfigReader, section: dict[str, Any], key: str, path: str) -> tuple[IPNetwork, ...]:
@@ -508,7 +548,7 @@ def _plugins(r: ConfigReader, s: dict[str, Any], config: Config) -> PluginsConfi
 
 SERVER_SECTION = ConfigSection("server", _server, (
     "host", "port", "workers", "grace_period", "max_body_bytes", "max_header_bytes", "access_log",
-    "trusted_proxies"), "The listening socket, worker processes and request size limits.")
+    "trusted_proxies", "cors"), "The listening socket, worker processes and request size limits.")
 STORAGE_SECTION = ConfigSection("storage", _storage, ("url", "migrate_on_start"),
                                 "The durable store: SQLite or PostgreSQL.")
 STATE_SECTION = ConfigSection("state", _state, ("url",),

@@ -35,19 +35,31 @@ def estimate_prompt_tokens(body: dict[str, Any], body_size: int | None = None) -
     return total + 8
 
 
-def _tokens(value: Any, depth: int) -> int:
+TYPICAL_BYTES_PER_TOKEN = 4
+
+
+def typical_input_tokens(body: dict[str, Any]) -> int:
+    """A typical (not worst-case) prompt size: the answer of count_tokens for providers that cannot count."""
+    total = sum(_tokens(body.get(key), 0, TYPICAL_BYTES_PER_TOKEN) for key in ("system", "messages", "tools")
+                if body.get(key) is not None)
+    if isinstance(body.get("messages"), list):
+        total += PER_MESSAGE_OVERHEAD * len(body["messages"])
+    return total
+
+
+def _tokens(value: Any, depth: int, per_token: int = BYTES_PER_TOKEN) -> int:
     if depth > _MAX_DEPTH:
         return 0
     if isinstance(value, str):
         if value.startswith("data:") and ";base64," in value[:100]:
             return IMAGE_TOKENS
-        return len(value.encode("utf-8", "surrogatepass")) // BYTES_PER_TOKEN + 1
+        return len(value.encode("utf-8", "surrogatepass")) // per_token + 1
     if isinstance(value, list):
-        return sum(_tokens(v, depth + 1) for v in value)
+        return sum(_tokens(v, depth + 1, per_token) for v in value)
     if isinstance(value, dict):
         if value.get("type") in ("image_url", "image", "input_image"):
             return IMAGE_TOKENS
-        return sum(_tokens(v, depth + 1) for k, v in value.items() if k not in ("type", "role"))
+        return sum(_tokens(v, depth + 1, per_token) for k, v in value.items() if k not in ("type", "role"))
     return 1 if value is not None else 0
 
 

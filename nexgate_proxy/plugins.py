@@ -37,6 +37,8 @@ log = logging.getLogger("nexgate.plugins")
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_proxy.providers.openai",
     "nexgate_proxy.providers.anthropic",
+    "nexgate_proxy.providers.azure",
+    "nexgate_proxy.providers.gemini",
     "nexgate_proxy.providers.echo",
     "nexgate_plugins.auth",
     "nexgate_plugins.ratelimit",

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -89,6 +90,8 @@ class Proxy:
             body = self._parse_body(ctx, endpoint, raw)
             await self.chain.admit(ctx)
             ctx.targets = await self.chain.route(ctx)
+            if not endpoint.billed:  # no price, so no hold and no charge (count_tokens, moderations)
+                ctx.targets = [replace(t, price=None) for t in ctx.targets]
             await self.chain.reserve(ctx)
             return await self._forward(ctx, endpoint, raw, body)
         except GatewayError as exc:

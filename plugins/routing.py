@@ -2,7 +2,7 @@
 
 Targets of a model are tried in a weighted random order (spreading load by
 weight), then the targets of each fallback model in turn. Only targets whose
-provider speaks the endpoint's dialect are kept.
+provider serves the operation (``Provider.supports``: its dialect, its endpoints) are kept.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def nexgate_route(ctx: RequestContext) -> list[Target] | None:
     seen: set[Target] = set()
     for alias in (route.alias, *route.fallbacks):
         for target in weighted_order(config.models[alias].targets):
-            if target not in seen and endpoint_format in providers[target.provider].api_formats:
+            if target not in seen and providers[target.provider].supports(ctx.endpoint, endpoint_format):
                 seen.add(target)
                 ordered.append(target)
     if not ordered:

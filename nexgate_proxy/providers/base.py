@@ -8,9 +8,14 @@ response object with the same four members.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, AsyncIterator, ClassVar, Mapping, Protocol
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ..endpoints import COUNT_TOKENS
+from ..estimate import typical_input_tokens
 
 if TYPE_CHECKING:
     from ..config import ProviderConfig, Target
@@ -62,12 +67,42 @@ class HttpUpstreamResponse:
         self._resp.close()
 
 
+_JSON = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
+
+ESTIMATED_HEADER = "x-nexgate-estimated"
+"""Set on answers the gateway computed itself instead of the provider (count_tokens estimates)."""
+
+
+class LocalResponse:
+    """A JSON answer made by the gateway, with the members of an upstream response."""
+
+    __slots__ = ("status", "headers", "_body")
+
+    def __init__(self, payload: object, status: int = 200) -> None:
+        self.status = status
+        self.headers = _JSON
+        self._body = json.dumps(payload).encode()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    async def read(self, limit: int) -> bytes:
+        if len(self._body) > limit:
+            raise BodyTooLarge
+        return self._body
+
+    def close(self) -> None:
+        self._body = b""
+
+
 class Provider:
     """An upstream API reachable over HTTP. Subclasses set the credentials and paths."""
 
     type_name: ClassVar[str] = ""
     api_formats: ClassVar[frozenset[str]] = frozenset({"openai"})
     """Request dialects this provider speaks (see ``Endpoint.api_format``)."""
+    endpoints: ClassVar[frozenset[str] | None] = None
+    """The operations (``Endpoint.name``) it serves; None: every one of its dialects."""
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
@@ -78,10 +113,13 @@ class Provider:
     def auth_headers(self) -> dict[str, str]:
         return {}
 
-    def supports(self, endpoint: Endpoint) -> bool:
-        return endpoint.api_format in self.api_formats
+    def supports(self, endpoint_name: str, api_format: str) -> bool:
+        """Whether routing may send this operation here. count_tokens goes anywhere: see ``send``."""
+        if self.endpoints is not None and endpoint_name not in self.endpoints:
+            return False
+        return api_format in self.api_formats or endpoint_name == COUNT_TOKENS.name
 
-    def url_for(self, endpoint: Endpoint) -> str:
+    def url_for(self, endpoint: Endpoint, target: Target) -> str:
         return self.base_url + endpoint.upstream_path
 
     def extra_headers(self, ctx: RequestContext) -> Mapping[str, str]:
@@ -99,9 +137,13 @@ class Provider:
         timeout: aiohttp.ClientTimeout,
     ) -> UpstreamResponse:
         """Send the request; return once the upstream's status and headers arrived."""
+        if endpoint.name == COUNT_TOKENS.name and "anthropic" not in self.api_formats:
+            # No upstream can count for another dialect: answer in Anthropic's shape, marked as estimated.
+            ctx.response_headers[ESTIMATED_HEADER] = "true"
+            return LocalResponse({"input_tokens": typical_input_tokens(ctx.body or {})})
         headers.update(self.static_headers)
         headers.update(self.extra_headers(ctx))
         resp = await session.post(
-            self.url_for(endpoint), data=body, headers=headers, timeout=timeout, allow_redirects=False
+            self.url_for(endpoint, target), data=body, headers=headers, timeout=timeout, allow_redirects=False
         )
         return HttpUpstreamResponse(resp)

@@ -41,7 +41,7 @@ def _text_of(content: Any) -> str:
 
 
 def _prompt_text(endpoint: str, body: dict[str, Any]) -> str:
-    if endpoint in ("chat.completions", "messages"):
+    if endpoint in ("chat.completions", "messages", "messages.count_tokens"):
         messages = body.get("messages") or []
         for message in reversed(messages):
             if isinstance(message, dict) and message.get("role") == "user":
@@ -275,12 +275,35 @@ class _Messages:
         return events
 
 
+class _CountTokens:
+    @staticmethod
+    def body(model: str, reply: str, n_in: int, n_out: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"input_tokens": n_in}
+
+    stream = None
+
+
+class _Moderations:
+    @staticmethod
+    def body(model: str, reply: str, n_in: int, n_out: int, req: dict[str, Any]) -> dict[str, Any]:
+        inputs = req.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        categories = ("harassment", "hate", "self-harm", "sexual", "violence")
+        return {"id": _id("modr-"), "model": model, "results": [
+            {"flagged": False, "categories": {c: False for c in categories},
+             "category_scores": {c: 0.0 for c in categories}} for _ in items]}
+
+    stream = None
+
+
 _BUILDERS: dict[str, Any] = {
     "chat.completions": _Chat,
     "completions": _Completions,
     "embeddings": _Embeddings,
     "responses": _Responses,
     "messages": _Messages,
+    "messages.count_tokens": _CountTokens,
+    "moderations": _Moderations,
 }
 
 
