@@ -1,8 +1,10 @@
 """Routing: model alias -> ordered upstream targets, from the YAML routing table.
 
 Targets of a model are tried in a weighted random order (spreading load by
-weight), then the targets of each fallback model in turn. Only targets whose
-provider speaks the endpoint's dialect are kept.
+weight), then the targets of each fallback model in turn. Targets whose
+provider speaks the endpoint's dialect are kept, and those the core can reach
+through a translation (Chat Completions <-> Anthropic Messages), so a fallback
+may cross dialects.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import random
 from nexgate_proxy import GatewayError, RequestContext, hookimpl
 from nexgate_proxy.appkeys import CONFIG, PROVIDERS
 from nexgate_proxy.config import Target
+from nexgate_proxy.translate import translatable
 
 
 def weighted_order(targets: tuple[Target, ...], rand: random.Random | None = None) -> list[Target]:
@@ -36,7 +39,8 @@ def nexgate_route(ctx: RequestContext) -> list[Target] | None:
     seen: set[Target] = set()
     for alias in (route.alias, *route.fallbacks):
         for target in weighted_order(config.models[alias].targets):
-            if target not in seen and endpoint_format in providers[target.provider].api_formats:
+            formats = providers[target.provider].api_formats
+            if target not in seen and (endpoint_format in formats or translatable(ctx.endpoint, formats)):
                 seen.add(target)
                 ordered.append(target)
     if not ordered:

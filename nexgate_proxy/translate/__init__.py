@@ -1,0 +1,44 @@
+"""OpenAI <-> Anthropic translation: any client to any model.
+
+A translation exists for a client endpoint whose dialect the target's provider
+does not speak: Chat Completions to an Anthropic provider, Messages to an
+OpenAI-compatible one. It runs in memory only (nothing translated is logged or
+kept). The proxy asks ``translation_for`` per attempt, so a fallback can cross
+dialects; the same-dialect path never reaches this package.
+
+A translation object offers ``request(target, route) -> bytes`` (refusing what
+cannot cross with a 400 naming the parameter), ``response(bytes)``,
+``error(status, bytes)`` and ``meter(StreamMeter)``, a stream translator
+with the meter's ``feed``/``finish`` interface.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection
+
+from .chat_to_messages import ChatViaMessages
+from .common import DEFAULT_MAX_TOKENS
+from .messages_to_chat import MessagesViaChat
+
+# (client endpoint, the dialect the provider speaks) -> translation
+_TRANSLATIONS: dict[tuple[str, str], type[ChatViaMessages] | type[MessagesViaChat]] = {
+    ("chat.completions", "anthropic"): ChatViaMessages,
+    ("messages", "openai"): MessagesViaChat,
+}
+
+
+def translatable(endpoint: str, provider_formats: Collection[str]) -> bool:
+    """Whether a provider speaking ``provider_formats`` can serve ``endpoint`` through a translation."""
+    return any((endpoint, f) in _TRANSLATIONS for f in provider_formats)
+
+
+def translation_for(endpoint: str, provider_formats: Collection[str],
+                    body: dict[str, Any]) -> ChatViaMessages | MessagesViaChat | None:
+    for f in provider_formats:
+        kind = _TRANSLATIONS.get((endpoint, f))
+        if kind is not None:
+            return kind(body)
+    return None
+
+
+__all__ = ["DEFAULT_MAX_TOKENS", "ChatViaMessages", "MessagesViaChat", "translatable", "translation_for"]

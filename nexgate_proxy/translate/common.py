@@ -1,0 +1,84 @@
+"""Pieces both translation directions share: SSE framing, refusals, data URLs, error shapes."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterator, NoReturn
+
+from ..errors import GatewayError
+
+DEFAULT_MAX_TOKENS = 4096
+"""Anthropic requires ``max_tokens``: used when the client set none and the model has no ``max_output_tokens``."""
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def events(data: bytes) -> Iterator[tuple[str | None, str]]:
+    """(event name, data) of each SSE event in ``data`` (whole events, as the stream meter hands them on)."""
+    for raw in _EVENT_END.split(data):
+        name: str | None = None
+        lines: list[str] = []
+        for line in raw.decode("utf-8", "replace").splitlines():
+            if line.startswith("data:"):
+                lines.append(line[5:].lstrip(" "))
+            elif line.startswith("event:"):
+                name = line[6:].strip()
+        if lines:
+            yield name, "\n".join(lines)
+
+
+def sse(name: str, payload: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+def sse_data(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def refuse(param: str, why: str) -> NoReturn:
+    """A 400 naming what cannot cross to the other dialect (the proxy shapes it in the client's dialect)."""
+    raise GatewayError(400, f"`{param}` {why}", code="unsupported_parameter", param=param)
+
+
+def parse_data_url(url: str, param: str) -> tuple[str, str]:
+    """``data:<media type>;base64,<data>`` -> (media type, base64 data)."""
+    head, sep, data = url.partition(",")
+    if not sep or not head.endswith(";base64"):
+        refuse(param, "must be an http(s) URL or a base64 data URL (data:<type>;base64,...).")
+    return head[5:-7], data
+
+
+def loads_object(text: Any) -> dict[str, Any]:
+    """Tool call arguments (a JSON string in OpenAI's dialect) as the object Anthropic's dialect carries."""
+    if isinstance(text, dict):
+        return text
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"_raw_arguments": text}  # a model's malformed JSON is kept, not dropped
+    return value if isinstance(value, dict) else {"_raw_arguments": text}
+
+
+def json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def upstream_malformed() -> GatewayError:
+    return GatewayError(502, "The upstream provider sent an answer the gateway could not translate.",
+                        code="upstream_malformed")
+
+
+# Anthropic's error `type` by status (https://docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    return ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
