@@ -14,7 +14,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .common import (DEFAULT_MAX_TOKENS, events, json_or_none, parse_data_url, refuse, sse_data,
+from .common import (DEFAULT_MAX_TOKENS, events, json_or_none, parse, parse_data_url, quote, refuse, sse_data,
                      upstream_malformed)
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class ChunksFromEvents:
     the final one (message_stop) until settle; this turns what it hands on into chunks.
     """
 
-    __slots__ = ("_meter", "_t", "_id", "_model", "_created", "_blocks", "_tools", "_usage")
+    __slots__ = ("_meter", "_t", "_id", "_model", "_created", "_blocks", "_tools", "_usage", "_head")
 
     def __init__(self, meter: StreamMeter, translation: ChatViaMessages) -> None:
         self._meter = meter
@@ -207,6 +207,8 @@ class ChunksFromEvents:
         """content block index -> (kind, tool call index)"""
         self._tools = 0
         self._usage: dict[str, Any] = {}
+        self._head = b""
+        """The start of every chunk of this stream, up to its delta (the text deltas are templated)."""
 
     def feed(self, chunk: bytes) -> bytes:
         return self._translate(self._meter.feed(chunk))
@@ -223,8 +225,8 @@ class ChunksFromEvents:
         if not data:
             return data
         out: list[bytes] = []
-        for _, payload in events(data):
-            event = json_or_none(payload.encode())
+        for payload in events(data):
+            event = parse(payload)
             if isinstance(event, dict):
                 self._event(event, out)
         return b"".join(out)
@@ -235,8 +237,8 @@ class ChunksFromEvents:
             delta = event.get("delta") or {}
             block, tool = self._blocks.get(event.get("index", -1), ("text", 0))
             dtype = delta.get("type")
-            if dtype == "text_delta":
-                out.append(self._chunk({"content": delta.get("text", "")}))
+            if dtype == "text_delta" and isinstance(delta.get("text"), str):
+                out.append(b'%s{"content":%s}%s' % (self._head, quote(delta["text"]).encode(), _TAIL))
             elif dtype == "input_json_delta":
                 part = delta.get("partial_json", "")
                 if block == "json":
@@ -264,6 +266,9 @@ class ChunksFromEvents:
         elif kind == "message_start":
             message = event.get("message") or {}
             self._id, self._model = message.get("id"), message.get("model")
+            self._head = (f'data: {{"id":{json.dumps(self._id)},"object":"chat.completion.chunk",'
+                          f'"created":{self._created},"model":{json.dumps(self._model)},'
+                          '"choices":[{"index":0,"delta":').encode()
             self._merge_usage(message.get("usage"))
             out.append(self._chunk({"role": "assistant", "content": "", "refusal": None}))
         elif kind == "message_delta":
@@ -283,6 +288,9 @@ class ChunksFromEvents:
     def _merge_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
             self._usage.update({k: v for k, v in usage.items() if v is not None})
+
+
+_TAIL = b',"logprobs":null,"finish_reason":null}]}\n\n'
 
 
 # ------------------------------------------------------------------ request parts

@@ -3,29 +3,38 @@
 from __future__ import annotations
 
 import json
-import re
-from typing import Any, Iterator, NoReturn
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+from typing import Any, NoReturn
 
 from ..errors import GatewayError
 
 DEFAULT_MAX_TOKENS = 4096
 """Anthropic requires ``max_tokens``: used when the client set none and the model has no ``max_output_tokens``."""
 
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_raw_decode = json.JSONDecoder().raw_decode
+quote = encode_basestring_ascii
+"""A str as a JSON string literal (the C encoder json.dumps uses), for the per-delta templates."""
 
 
-def events(data: bytes) -> Iterator[tuple[str | None, str]]:
-    """(event name, data) of each SSE event in ``data`` (whole events, as the stream meter hands them on)."""
-    for raw in _EVENT_END.split(data):
-        name: str | None = None
-        lines: list[str] = []
-        for line in raw.decode("utf-8", "replace").splitlines():
-            if line.startswith("data:"):
-                lines.append(line[5:].lstrip(" "))
-            elif line.startswith("event:"):
-                name = line[6:].strip()
+def events(data: bytes) -> list[str]:
+    """The data of each SSE event in ``data`` (whole events, as the stream meter hands them on)."""
+    text = data.decode("utf-8", "replace")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    out = []
+    for raw in text.split("\n\n"):
+        # JSON never holds a raw newline, so every data line is a whole line.
+        lines = [line[5:].lstrip(" ") for line in raw.split("\n") if line.startswith("data:")]
         if lines:
-            yield name, "\n".join(lines)
+            out.append(lines[0] if len(lines) == 1 else "\n".join(lines))
+    return out
+
+
+def parse(payload: str) -> Any:
+    try:
+        return _raw_decode(payload)[0]
+    except ValueError:
+        return None
 
 
 def sse(name: str, payload: dict[str, Any]) -> bytes:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from .common import anthropic_error_type, events, json_or_none, loads_object, refuse, sse, upstream_malformed
+from .common import (anthropic_error_type, events, json_or_none, loads_object, parse, quote, refuse, sse,
+                     upstream_malformed)
 
 if TYPE_CHECKING:
     from ..config import ModelRoute, Target
@@ -170,12 +171,12 @@ class EventsFromChunks:
         if not data:
             return data
         out: list[bytes] = []
-        for _, payload in events(data):
-            if payload.strip() == "[DONE]":
+        for payload in events(data):
+            if payload.startswith("[DONE]"):
                 if self._started and not self._done:
                     out.append(self._end())
                 continue
-            chunk = json_or_none(payload.encode())
+            chunk = parse(payload)
             if isinstance(chunk, dict):
                 self._chunk(chunk, out)
         return b"".join(out)
@@ -199,9 +200,10 @@ class EventsFromChunks:
             if delta.get("reasoning_content"):
                 self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
                 out.append(self._delta({"type": "thinking_delta", "thinking": delta["reasoning_content"]}))
-            if delta.get("content"):
+            text = delta.get("content")
+            if text and isinstance(text, str):
                 self._block("text", {"type": "text", "text": ""}, out)
-                out.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+                out.append(_TEXT_DELTA % (self._open, quote(text).encode()))
             for call in delta.get("tool_calls") or ():
                 index = call.get("index", 0)
                 fn = call.get("function") or {}
@@ -244,6 +246,10 @@ class EventsFromChunks:
                                          "usage": messages_usage(self._usage)}))
         out.append(sse("message_stop", {"type": "message_stop"}))
         return b"".join(out)
+
+
+_TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+               b'"delta":{"type":"text_delta","text":%s}}\n\n')
 
 
 # ------------------------------------------------------------------ request parts
