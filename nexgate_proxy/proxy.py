@@ -302,6 +302,7 @@ class Proxy:
             usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
         if translation is not None:
             body = translation.response(body) if upstream.status < 400 else translation.error(upstream.status, body)
+            headers["Content-Type"] = "application/json"  # even when the upstream's error page was not JSON
         await self._finish(ctx)
         headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
         return web.Response(status=upstream.status, body=body, headers=headers)
