@@ -3,6 +3,7 @@ against an OpenAI-compatible one, through a real gateway, with what the upstream
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from decimal import Decimal
@@ -448,3 +449,21 @@ async def test_priced_translated_requests_are_charged_from_the_served_usage(
     # 12 input, 5 cache reads and 3 output tokens at the served model's price, to the pico-dollar.
     assert direct.actual_cost_pico == native.actual_cost_pico == 12 * 1_000_000 + 5 * 500_000 + 3 * 2_000_000
     assert (direct.prompt_tokens, direct.completion_tokens) == (native.prompt_tokens, native.completion_tokens)
+
+
+async def test_translated_streams_flow_event_by_event(upstream: FakeUpstream, start_gateway) -> None:
+    gw, _ = await started(upstream, start_gateway)
+    upstream.behaviour = Behaviour(chunk_delay=0.15, anthropic_content=[{"type": "text", "text": "one two three four"}],
+                                   chat_message={"content": "one two three four"})
+    loop_time = asyncio.get_running_loop().time
+    start = loop_time()
+    stream = await gw.openai_client().chat.completions.create(
+        model="claude-test", stream=True, messages=[{"role": "user", "content": "x"}])
+    arrivals = [loop_time() - start async for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    # The upstream takes 0.15 s per event; the first words arrive long before the last.
+    assert len(arrivals) == 4 and arrivals[-1] - arrivals[0] > 0.3
+    start = loop_time()
+    async with claude(gw).messages.stream(model="gpt-test", max_tokens=10,
+                                          messages=[{"role": "user", "content": "x"}]) as events:
+        arrivals = [loop_time() - start async for _ in events.text_stream]
+    assert len(arrivals) == 4 and arrivals[-1] - arrivals[0] > 0.3
