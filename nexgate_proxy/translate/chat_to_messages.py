@@ -5,7 +5,9 @@ SSE events (message_start, content_block_*, message_delta, message_stop, ping,
 error) -> chat.completion.chunk events, one by one as they arrive.
 JSON mode and structured output ride on one forced tool whose input is the
 JSON answer (Anthropic's documented way to get JSON); its input comes back as
-the message content.
+the message content. Thinking comes back as ``reasoning_content`` plus
+``thinking_blocks`` (their signatures, LiteLLM's convention): an assistant
+message sent back with them keeps Claude's thinking across tool calls.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class ChatViaMessages:
             raise upstream_malformed()
         text: list[str] = []
         reasoning: list[str] = []
+        signed: list[dict[str, Any]] = []
         calls: list[dict[str, Any]] = []
         for block in msg["content"]:
             kind = block.get("type") if isinstance(block, dict) else None
@@ -138,6 +141,9 @@ class ChatViaMessages:
                 text.append(block.get("text", ""))
             elif kind == "thinking":
                 reasoning.append(block.get("thinking", ""))
+                signed.append({"type": "thinking", "signature": block.get("signature", "")})
+            elif kind == "redacted_thinking":
+                signed.append({"type": "redacted_thinking", "data": block.get("data", "")})
             elif kind == "tool_use":
                 if self.json_mode:
                     text.append(json.dumps(block.get("input")))
@@ -149,6 +155,8 @@ class ChatViaMessages:
                                    "refusal": None}
         if reasoning:
             message["reasoning_content"] = "".join(reasoning)
+        if signed:
+            message["thinking_blocks"] = signed
         if calls:
             message["tool_calls"] = calls
         out = {"id": msg.get("id"), "object": "chat.completion", "created": int(time.time()),
@@ -195,7 +203,8 @@ class ChunksFromEvents:
     the final one (message_stop) until settle; this turns what it hands on into chunks.
     """
 
-    __slots__ = ("_meter", "_t", "_id", "_model", "_created", "_blocks", "_tools", "_usage", "_head")
+    __slots__ = ("_meter", "_t", "_id", "_model", "_created", "_blocks", "_tools", "_usage", "_head", "_signed",
+                 "_signature")
 
     def __init__(self, meter: StreamMeter, translation: ChatViaMessages) -> None:
         self._meter = meter
@@ -208,6 +217,9 @@ class ChunksFromEvents:
         self._tools = 0
         self._usage: dict[str, Any] = {}
         self._head = b""
+        self._signed = 0
+        """thinking blocks passed on (their index in ``thinking_blocks``)"""
+        self._signature = ""
         """The start of every chunk of this stream, up to its delta (the text deltas are templated)."""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -247,6 +259,12 @@ class ChunksFromEvents:
                     out.append(self._chunk({"tool_calls": [{"index": tool, "function": {"arguments": part}}]}))
             elif dtype == "thinking_delta":
                 out.append(self._chunk({"reasoning_content": delta.get("thinking", "")}))
+            elif dtype == "signature_delta":
+                self._signature += delta.get("signature", "")
+        elif kind == "content_block_stop":
+            if self._blocks.get(event.get("index", -1), ("", 0))[0] == "thinking":
+                self._thinking_block({"type": "thinking", "signature": self._signature}, out)
+                self._signature = ""
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
             index = event.get("index", len(self._blocks))
@@ -259,8 +277,11 @@ class ChunksFromEvents:
                                                         "type": "function",
                                                         "function": {"name": block.get("name"), "arguments": ""}}]}))
                 self._tools += 1
+            elif btype == "redacted_thinking":
+                self._thinking_block({"type": "redacted_thinking", "data": block.get("data", "")}, out)
             else:
                 self._blocks[index] = (btype or "text", 0)
+                self._signature = block.get("signature") or ""
                 if btype == "text" and block.get("text"):
                     out.append(self._chunk({"content": block["text"]}))
         elif kind == "message_start":
@@ -283,7 +304,11 @@ class ChunksFromEvents:
             err = event.get("error") or {}
             out.append(sse_data({"error": {"message": err.get("message"), "type": err.get("type"),
                                            "param": None, "code": None}}))
-        # ping, content_block_stop and signature deltas have no chat counterpart.
+        # ping has no chat counterpart.
+
+    def _thinking_block(self, block: dict[str, Any], out: list[bytes]) -> None:
+        out.append(self._chunk({"thinking_blocks": [{"index": self._signed, **block}]}))
+        self._signed += 1
 
     def _merge_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -309,7 +334,7 @@ def _messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
         elif role == "user":
             _append(turns, "user", _user_blocks(content, where))
         elif role == "assistant":
-            blocks = _text_blocks(content, where, allow_refusal=True)
+            blocks = _thinking_blocks(m, i) + _text_blocks(content, where, allow_refusal=True)
             for j, call in enumerate(m.get("tool_calls") or []):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(fn, dict) or call.get("type", "function") != "function":
@@ -332,6 +357,26 @@ def _messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
         else:
             refuse(f"messages[{i}].role", "must be system, developer, user, assistant or tool here.")
     return system, turns
+
+
+def _thinking_blocks(m: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    """Claude's signed thinking, when the client sends it back (required before tool results)."""
+    signed = m.get("thinking_blocks")
+    if not signed:
+        return []
+    if not isinstance(signed, list):
+        refuse(f"messages[{i}].thinking_blocks", "must be the array a previous answer carried.")
+    blocks = []
+    reasoning = m.get("reasoning_content")
+    for block in signed:
+        if isinstance(block, dict) and block.get("type") == "redacted_thinking":
+            blocks.append({"type": "redacted_thinking", "data": block.get("data")})
+        elif isinstance(block, dict) and block.get("type") == "thinking":
+            # Streams carry the text in reasoning_content only; one thinking block per answer is the norm.
+            text = block.get("thinking") or (reasoning if isinstance(reasoning, str) else "")
+            reasoning = ""
+            blocks.append({"type": "thinking", "thinking": text, "signature": block.get("signature")})
+    return blocks
 
 
 def _append(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:

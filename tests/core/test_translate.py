@@ -49,6 +49,8 @@ def same_completion(streamed: Any, direct: Any) -> None:
             for call in choice["message"].get("tool_calls") or []:
                 call["function"].pop("parsed_arguments", None)
                 call.pop("index", None)  # the SDK's stream helper keeps the chunks' index
+            for block in choice["message"].get("thinking_blocks") or []:
+                block.pop("index", None)
     assert a == b
 
 
@@ -120,7 +122,15 @@ async def test_openai_stream_helper_matches_the_direct_answer_with_thinking(
     same_completion(final, direct)
     assert upstream.received[-1].body["stream"] is True
     assert len(chunks) > 5  # translated event by event, not as one answer
-    record = recorder.records[-1]
+    # Sent back (as after a tool call), the answer's signed thinking reaches Claude again.
+    for answer in (direct, final):
+        await client.chat.completions.create(model="claude-test", messages=[
+            {"role": "user", "content": "greet"}, answer.choices[0].message.model_dump(exclude_none=True),
+            {"role": "user", "content": "again"}])
+        assert upstream.received[-1].body["messages"][1] == {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "The user wants a greeting.", "signature": "sig"},
+            {"type": "text", "text": "Hello there, friend."}]}
+    record = recorder.records[-3]
     assert (record.stream, record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (
         True, 38, 15, 6)
 
