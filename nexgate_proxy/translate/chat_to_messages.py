@@ -13,6 +13,7 @@ message sent back with them keeps Claude's thinking across tool calls.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -237,10 +238,16 @@ class ChunksFromEvents:
         if not data:
             return data
         out: list[bytes] = []
+        head = self._head
         for payload in events(data):
+            text = _TEXT_DELTA.match(payload) if head else None
+            if text is not None:  # most events: the JSON string literal goes out as it came
+                out.append(b'%s{"content":%s}%s' % (head, text.group(1).encode(), _TAIL))
+                continue
             event = parse(payload)
             if isinstance(event, dict):
                 self._event(event, out)
+                head = self._head
         return b"".join(out)
 
     def _event(self, event: dict[str, Any], out: list[bytes]) -> None:
@@ -316,6 +323,8 @@ class ChunksFromEvents:
 
 
 _TAIL = b',"logprobs":null,"finish_reason":null}]}\n\n'
+_TEXT_DELTA = re.compile(r'\{"type": ?"content_block_delta", ?"index": ?\d+, ?"delta": ?\{"type": ?"text_delta", ?'
+                         r'"text": ?("[^"\\]*(?:\\.[^"\\]*)*")\}\}\s*$')
 
 
 # ------------------------------------------------------------------ request parts

@@ -23,10 +23,14 @@ def events(data: bytes) -> list[str]:
         text = text.replace("\r\n", "\n")
     out = []
     for raw in text.split("\n\n"):
-        # JSON never holds a raw newline, so every data line is a whole line.
-        lines = [line[5:].lstrip(" ") for line in raw.split("\n") if line.startswith("data:")]
-        if lines:
-            out.append(lines[0] if len(lines) == 1 else "\n".join(lines))
+        # The usual event has one data line, last (after its `event:` line); JSON never holds a raw newline.
+        at = 5 if raw.startswith("data:") else raw.find("\ndata:") + 6
+        if at == 5 or at > 5:
+            if raw.find("\n", at) < 0:
+                out.append(raw[at + 1:] if raw.startswith(" ", at) else raw[at:])
+                continue
+            lines = [line[5:].lstrip(" ") for line in raw.split("\n") if line.startswith("data:")]
+            out.append("\n".join(lines))
     return out
 
 

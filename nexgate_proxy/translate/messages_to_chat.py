@@ -9,6 +9,7 @@ message_delta (stop_reason, usage) and message_stop, as they arrive.
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from .common import (anthropic_error_type, events, json_or_none, loads_object, parse, quote, refuse, sse,
@@ -172,6 +173,11 @@ class EventsFromChunks:
             return data
         out: list[bytes] = []
         for payload in events(data):
+            if self._open_kind == "text" and '"usage"' not in payload:
+                text = _CONTENT_DELTA.search(payload)
+                if text is not None:  # most chunks: the JSON string literal goes out as it came
+                    out.append(_TEXT_DELTA % (self._open, text.group(1).encode()))
+                    continue
             if payload.startswith("[DONE]"):
                 if self._started and not self._done:
                     out.append(self._end())
@@ -248,6 +254,8 @@ class EventsFromChunks:
         return b"".join(out)
 
 
+_CONTENT_DELTA = re.compile(r'"choices": ?\[\{"index": ?0, ?"delta": ?\{"content": ?("[^"\\]*(?:\\.[^"\\]*)*")\}, ?'
+                            r'(?:"logprobs": ?null, ?)?"finish_reason": ?null\}\]')
 _TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
                b'"delta":{"type":"text_delta","text":%s}}\n\n')
 

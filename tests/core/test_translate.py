@@ -107,12 +107,12 @@ async def test_openai_stream_helper_matches_the_direct_answer_with_thinking(
     gw, recorder = await started(upstream, start_gateway)
     upstream.behaviour = Behaviour(anthropic_content=[
         {"type": "thinking", "thinking": "The user wants a greeting.", "signature": "sig"},
-        {"type": "text", "text": "Hello there, friend."}])
+        {"type": "text", "text": "Hello there, \"friend\" \\ é\n🎉."}])
     client = gw.openai_client()
     kw: dict[str, Any] = {"model": "claude-test", "messages": [{"role": "user", "content": "greet"}],
                           "reasoning_effort": "low", "max_completion_tokens": 5000}
     direct = await client.chat.completions.create(**kw)
-    assert direct.choices[0].message.content == "Hello there, friend."
+    assert direct.choices[0].message.content == "Hello there, \"friend\" \\ é\n🎉."
     assert direct.choices[0].message.model_extra["reasoning_content"] == "The user wants a greeting."
     assert upstream.received[-1].body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
     assert direct.usage.prompt_tokens == 30 + 6 + 2 and direct.usage.prompt_tokens_details.cached_tokens == 6
@@ -129,7 +129,7 @@ async def test_openai_stream_helper_matches_the_direct_answer_with_thinking(
             {"role": "user", "content": "again"}])
         assert upstream.received[-1].body["messages"][1] == {"role": "assistant", "content": [
             {"type": "thinking", "thinking": "The user wants a greeting.", "signature": "sig"},
-            {"type": "text", "text": "Hello there, friend."}]}
+            {"type": "text", "text": "Hello there, \"friend\" \\ é\n🎉."}]}
     record = recorder.records[-3]
     assert (record.stream, record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (
         True, 38, 15, 6)
@@ -293,14 +293,14 @@ async def test_anthropic_sdk_chats_with_an_openai_model(upstream: FakeUpstream, 
 async def test_anthropic_stream_helper_matches_the_direct_answer_with_reasoning(
         upstream: FakeUpstream, start_gateway) -> None:
     gw, recorder = await started(upstream, start_gateway)
-    upstream.behaviour = Behaviour(chat_message={"content": "The answer is 42.",
+    upstream.behaviour = Behaviour(chat_message={"content": 'The answer is "42" \\ é\n🎉.',
                                                  "reasoning_content": "Six times seven."})
     client = claude(gw)
     kw: dict[str, Any] = {"model": "gpt-test", "max_tokens": 9000, "messages": [{"role": "user", "content": "?"}],
                           "thinking": {"type": "enabled", "budget_tokens": 8000}}
     direct = await client.messages.create(**kw)
     assert [b.type for b in direct.content] == ["thinking", "text"]
-    assert direct.content[0].thinking == "Six times seven." and direct.content[1].text == "The answer is 42."
+    assert direct.content[0].thinking == "Six times seven." and direct.content[1].text == 'The answer is "42" \\ é\n🎉.'
     assert upstream.received[-1].body["reasoning_effort"] == "medium"
     async with client.messages.stream(**kw) as stream:
         kinds = [event.type async for event in stream]
