@@ -17,8 +17,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from .common import (DEFAULT_MAX_TOKENS, events, json_or_none, parse, parse_data_url, quote, refuse, sse_data,
-                     upstream_malformed)
+from .common import (DEFAULT_MAX_TOKENS, SHAPE_ERRORS, client_body, count, events, json_or_none, parse, parse_data_url,
+                     quote, refuse, skipped, sse_data, upstream_body, upstream_malformed)
 
 if TYPE_CHECKING:
     from ..config import ModelRoute, Target
@@ -56,6 +56,7 @@ class ChatViaMessages:
 
     # ---------------------------------------------------------- request
 
+    @client_body
     def request(self, target: Target, route: ModelRoute) -> bytes:
         body = self.body
         for key, value in body.items():
@@ -128,6 +129,7 @@ class ChatViaMessages:
 
     # ---------------------------------------------------------- answers
 
+    @upstream_body
     def response(self, raw: bytes) -> bytes:
         msg = json_or_none(raw)
         if not isinstance(msg, dict) or not isinstance(msg.get("content"), list):
@@ -174,6 +176,7 @@ class ChatViaMessages:
             return "stop"
         return FINISH_REASONS.get(stop_reason, "stop")
 
+    @upstream_body
     def error(self, status: int, raw: bytes) -> bytes:
         data = json_or_none(raw)
         err = data.get("error") if isinstance(data, dict) else None
@@ -189,10 +192,10 @@ class ChatViaMessages:
 def chat_usage(u: Any) -> dict[str, Any]:
     """Anthropic usage (input excludes cache reads and writes) -> OpenAI usage (prompt includes them)."""
     u = u if isinstance(u, dict) else {}
-    read = u.get("cache_read_input_tokens") or 0
-    write = u.get("cache_creation_input_tokens") or 0
-    prompt = (u.get("input_tokens") or 0) + read + write
-    completion = u.get("output_tokens") or 0
+    read = count(u.get("cache_read_input_tokens"))
+    write = count(u.get("cache_creation_input_tokens"))
+    prompt = count(u.get("input_tokens")) + read + write
+    completion = count(u.get("output_tokens"))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write}}
 
@@ -246,7 +249,10 @@ class ChunksFromEvents:
                 continue
             event = parse(payload)
             if isinstance(event, dict):
-                self._event(event, out)
+                try:
+                    self._event(event, out)
+                except SHAPE_ERRORS as exc:
+                    skipped(exc)
                 head = self._head
         return b"".join(out)
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 from ..errors import GatewayError
+
+log = logging.getLogger("nexgate.translate")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# What walking a JSON value of an unexpected shape raises (a string where an object was due, ...).
+SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
 
 DEFAULT_MAX_TOKENS = 4096
 """Anthropic requires ``max_tokens``: used when the client set none and the model has no ``max_output_tokens``."""
@@ -75,6 +84,11 @@ def loads_object(text: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"_raw_arguments": text}
 
 
+def count(value: Any) -> int:
+    """A token count from an upstream's usage (untrusted JSON): anything but a plain count is 0."""
+    return value if type(value) is int and value >= 0 else 0
+
+
 def json_or_none(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -95,3 +109,35 @@ ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_erro
 
 def anthropic_error_type(status: int) -> str:
     return ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def client_body(fn: F) -> F:
+    """A client's body of an unexpected shape is the client's 400, never the gateway's 500."""
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GatewayError:
+            raise
+        except SHAPE_ERRORS:
+            raise GatewayError(400, "A field of the request has a type or shape this model's provider cannot take.",
+                               code="invalid_request") from None
+    return guarded  # type: ignore[return-value]
+
+
+def upstream_body(fn: F) -> F:
+    """An upstream answer of an unexpected shape is a 502, never a 500."""
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GatewayError:
+            raise
+        except SHAPE_ERRORS:
+            raise upstream_malformed() from None
+    return guarded  # type: ignore[return-value]
+
+
+def skipped(exc: Exception) -> None:
+    # The type only: the event is model output.
+    log.warning("skipped a stream event of an unexpected shape from the upstream (%s)", type(exc).__name__)

@@ -12,8 +12,8 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
-from .common import (anthropic_error_type, events, json_or_none, loads_object, parse, quote, refuse, sse,
-                     upstream_malformed)
+from .common import (SHAPE_ERRORS, anthropic_error_type, client_body, count, events, json_or_none, loads_object, parse,
+                     quote, refuse, skipped, sse, upstream_body, upstream_malformed)
 
 if TYPE_CHECKING:
     from ..config import ModelRoute, Target
@@ -42,6 +42,7 @@ class MessagesViaChat:
 
     # ---------------------------------------------------------- request
 
+    @client_body
     def request(self, target: Target, route: ModelRoute) -> bytes:
         body = self.body
         for key in body:
@@ -92,6 +93,7 @@ class MessagesViaChat:
 
     # ---------------------------------------------------------- answers
 
+    @upstream_body
     def response(self, raw: bytes) -> bytes:
         data = json_or_none(raw)
         choices = data.get("choices") if isinstance(data, dict) else None
@@ -113,6 +115,7 @@ class MessagesViaChat:
                "stop_sequence": None, "usage": messages_usage(data.get("usage"))}
         return json.dumps(out).encode()
 
+    @upstream_body
     def error(self, status: int, raw: bytes) -> bytes:
         data = json_or_none(raw)
         err = data.get("error") if isinstance(data, dict) else None
@@ -130,10 +133,10 @@ def messages_usage(u: Any) -> dict[str, Any]:
     u = u if isinstance(u, dict) else {}
     details = u.get("prompt_tokens_details")
     details = details if isinstance(details, dict) else {}
-    cached = details.get("cached_tokens") or 0
-    written = details.get("cache_write_tokens") or 0
-    return {"input_tokens": max((u.get("prompt_tokens") or 0) - cached - written, 0),
-            "output_tokens": u.get("completion_tokens") or 0,
+    cached = count(details.get("cached_tokens"))
+    written = count(details.get("cache_write_tokens"))
+    return {"input_tokens": max(count(u.get("prompt_tokens")) - cached - written, 0),
+            "output_tokens": count(u.get("completion_tokens")),
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
 
@@ -184,7 +187,10 @@ class EventsFromChunks:
                 continue
             chunk = parse(payload)
             if isinstance(chunk, dict):
-                self._chunk(chunk, out)
+                try:
+                    self._chunk(chunk, out)
+                except SHAPE_ERRORS as exc:
+                    skipped(exc)
         return b"".join(out)
 
     def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
