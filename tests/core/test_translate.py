@@ -477,3 +477,25 @@ async def test_translated_streams_flow_event_by_event(upstream: FakeUpstream, st
                                           messages=[{"role": "user", "content": "x"}]) as events:
         arrivals = [loop_time() - start async for _ in events.text_stream]
     assert len(arrivals) == 4 and arrivals[-1] - arrivals[0] > 0.3
+
+
+async def test_a_target_that_cannot_take_the_request_passes_it_to_the_next(
+        upstream: FakeUpstream, start_gateway) -> None:
+    config = gateway_config(upstream)
+    config["models"]["claude-first"] = {"route": [{"provider": "fake-anthropic", "model": "c"}],
+                                        "fallbacks": ["gpt-test"], "free": True}
+    recorder = RecordingPlugin()
+    gw = await start_gateway(config, plugins=[recorder])
+    # n=2 has no Anthropic equivalent: the Claude target is skipped, the OpenAI fallback serves it as sent.
+    reply = await gw.openai_client().chat.completions.create(model="claude-first", n=2, stop="END",
+                                                             messages=[{"role": "user", "content": "x"}])
+    assert reply.choices[0].message.content == "Hello from upstream"
+    assert [(r.path, r.body.get("n"), r.body.get("stop")) for r in upstream.received] == [
+        ("/v1/chat/completions", 2, "END")]
+    assert (recorder.records[-1].provider, recorder.records[-1].attempts) == ("fake", 1)
+    # Without the parameter the Claude target serves it; tool_choice none and a single stop string map too.
+    await gw.openai_client().chat.completions.create(model="claude-first", stop="END", tool_choice="none",
+                                                     messages=[{"role": "user", "content": "x"}])
+    sent = upstream.received[-1]
+    assert sent.path == "/v1/messages"
+    assert (sent.body["stop_sequences"], sent.body["tool_choice"]) == (["END"], {"type": "none"})
