@@ -3,7 +3,10 @@
 Kept deliberately lean: no database, no bcrypt, no blocking call. The body is
 parsed once; it is re-encoded only when the upstream needs a different one
 (another model name, usage requested in a stream, client-only keys removed).
-Streams are relayed event by event as they arrive.
+Streams are relayed event by event as they arrive. A target whose provider
+speaks the other dialect (OpenAI <-> Anthropic) gets a translated body and its
+answer is translated back, per attempt (nexgate_proxy.translate); the
+same-dialect path never enters that package.
 """
 
 from __future__ import annotations
@@ -34,9 +37,7 @@ if TYPE_CHECKING:
     from .endpoints import Endpoint
     from .plugins import HookChain
     from .providers.base import Provider, UpstreamResponse
-    from .translate import ChatViaMessages, MessagesViaChat
-
-    Translation = ChatViaMessages | MessagesViaChat
+    from .translate import StreamTranslator, Translation
 
 log = logging.getLogger("nexgate.proxy")
 
@@ -312,7 +313,7 @@ class Proxy:
                             translation: Translation | None) -> web.StreamResponse:
         loop = self.loop or asyncio.get_running_loop()
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        meter: StreamMeter | Any = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
+        meter: StreamMeter | StreamTranslator = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
         if translation is not None:  # reads usage from the upstream's events, hands on the client's dialect
             meter = translation.meter(meter)
         try:

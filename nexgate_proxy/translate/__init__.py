@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from typing import Any, Collection
 
-from .chat_to_messages import ChatViaMessages
+from .chat_to_messages import ChatViaMessages, ChunksFromEvents
 from .common import DEFAULT_MAX_TOKENS
-from .messages_to_chat import MessagesViaChat
+from .messages_to_chat import EventsFromChunks, MessagesViaChat
+
+Translation = ChatViaMessages | MessagesViaChat
+StreamTranslator = ChunksFromEvents | EventsFromChunks
 
 # (client endpoint, the dialect the provider speaks) -> translation
-_TRANSLATIONS: dict[tuple[str, str], type[ChatViaMessages] | type[MessagesViaChat]] = {
+_TRANSLATIONS: dict[tuple[str, str], type[Translation]] = {
     ("chat.completions", "anthropic"): ChatViaMessages,
     ("messages", "openai"): MessagesViaChat,
 }
@@ -33,7 +36,7 @@ def translatable(endpoint: str, provider_formats: Collection[str]) -> bool:
 
 
 def translation_for(endpoint: str, provider_formats: Collection[str],
-                    body: dict[str, Any]) -> ChatViaMessages | MessagesViaChat | None:
+                    body: dict[str, Any]) -> Translation | None:
     for f in provider_formats:
         kind = _TRANSLATIONS.get((endpoint, f))
         if kind is not None:
@@ -41,4 +44,5 @@ def translation_for(endpoint: str, provider_formats: Collection[str],
     return None
 
 
-__all__ = ["DEFAULT_MAX_TOKENS", "ChatViaMessages", "MessagesViaChat", "translatable", "translation_for"]
+__all__ = ["DEFAULT_MAX_TOKENS", "ChatViaMessages", "MessagesViaChat", "StreamTranslator", "Translation",
+           "translatable", "translation_for"]
