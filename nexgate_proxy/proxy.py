@@ -3,7 +3,10 @@
 Kept deliberately lean: no database, no bcrypt, no blocking call. The body is
 parsed once; it is re-encoded only when the upstream needs a different one
 (another model name, usage requested in a stream, client-only keys removed).
-Streams are relayed event by event as they arrive.
+Streams are relayed event by event as they arrive. A target whose provider
+speaks the other dialect (OpenAI <-> Anthropic) gets a translated body and its
+answer is translated back, per attempt (nexgate_proxy.translate); the
+same-dialect path never enters that package.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from aiohttp import web
 
 from .clientip import client_ip
 from .context import RequestContext
+from .endpoints import ENDPOINTS
 from .errors import GatewayError
 from .headers import request_headers, response_headers
 from .providers.base import BodyTooLarge
+from .translate import translatable, translation_for
 from .usage import StreamMeter, usage_from_body
 from .watchdog import Watchdog
 
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
     from .endpoints import Endpoint
     from .plugins import HookChain
     from .providers.base import Provider, UpstreamResponse
+    from .translate import StreamTranslator, Translation
 
 log = logging.getLogger("nexgate.proxy")
 
@@ -43,6 +49,8 @@ CLIENT_ONLY_KEYS = frozenset({"api_base", "base_url", "api_key", "api_version", 
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
 
 _UPSTREAM_TRANSPORT = (aiohttp.ClientError, OSError)
+
+_ENDPOINT_BY_NAME = {e.name: e for e in ENDPOINTS}
 
 
 _ID_PREFIX = f"req_{os.urandom(8).hex()}"
@@ -206,12 +214,22 @@ class Proxy:
             for index, target in enumerate(ctx.targets):
                 provider = self.providers[target.provider]
                 ctx.target = target
+                translation = None
+                sent_to = endpoint
+                if endpoint.api_format in provider.api_formats or not translatable(endpoint.name, provider.api_formats):
+                    payload, injected = self._upstream_body(ctx, endpoint, raw, body, target)
+                else:
+                    try:
+                        translation, sent_to, payload = self._translated_body(ctx, endpoint, body, provider, target)
+                    except GatewayError as exc:
+                        failure = exc  # this target cannot take the request; a later one may
+                        continue
+                    injected = False
                 ctx.attempts += 1
-                payload, injected = self._upstream_body(ctx, endpoint, raw, body, target)
                 watchdog.expect(timeouts.first_byte)
                 try:
                     with watchdog:
-                        upstream = await provider.send(ctx, target, endpoint, payload, dict(forwarded),
+                        upstream = await provider.send(ctx, target, sent_to, payload, dict(forwarded),
                                                        self._session(), self._client_timeouts[route.alias])
                 except TimeoutError:
                     failure = GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
@@ -228,11 +246,24 @@ class Proxy:
                     upstream.close()
                     failure = _upstream_status_error(target, status)
                     continue
-                return await self._relay(ctx, endpoint, upstream, injected, watchdog, timeouts.idle)
+                return await self._relay(ctx, endpoint, upstream, injected, watchdog, timeouts.idle, translation)
         finally:
             watchdog.close()
         assert failure is not None
         raise failure
+
+    @staticmethod
+    def _translated_body(ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], provider: Provider,
+                         target: Target) -> tuple[Translation, Endpoint, bytes]:
+        """The seam to nexgate_proxy.translate: the target's provider speaks the other dialect."""
+        clean = {k: v for k, v in body.items() if k not in CLIENT_ONLY_KEYS}
+        translation = translation_for(endpoint.name, provider.api_formats, clean)
+        if translation is None:
+            raise GatewayError(400, f"The model `{ctx.model}` cannot serve {endpoint.path}.",
+                               code="unsupported_endpoint", param="model")
+        assert ctx.route is not None
+        payload = translation.request(target, ctx.route)
+        return translation, _ENDPOINT_BY_NAME[translation.upstream_endpoint], payload
 
     def _session(self) -> aiohttp.ClientSession:
         assert self.session is not None, "the upstream session is created at startup"
@@ -241,18 +272,19 @@ class Proxy:
     # ------------------------------------------------------------- relay
 
     async def _relay(self, ctx: RequestContext, endpoint: Endpoint, upstream: UpstreamResponse,
-                     injected_usage: bool, watchdog: Watchdog, idle: float) -> web.StreamResponse:
+                     injected_usage: bool, watchdog: Watchdog, idle: float,
+                     translation: Translation | None = None) -> web.StreamResponse:
         ctx.status = upstream.status
         headers = response_headers(upstream.headers)
         headers["x-nexgate-request-id"] = ctx.request_id
         content_type = upstream.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
-            return await self._relay_body(ctx, upstream, headers, watchdog, idle)
+            return await self._relay_body(ctx, upstream, headers, watchdog, idle, translation)
         headers.update(ctx.response_headers)
-        return await self._relay_stream(ctx, upstream, headers, injected_usage, watchdog, idle)
+        return await self._relay_stream(ctx, upstream, headers, injected_usage, watchdog, idle, translation)
 
     async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
-                          watchdog: Watchdog, idle: float) -> web.Response:
+                          watchdog: Watchdog, idle: float, translation: Translation | None) -> web.Response:
         loop = self.loop or asyncio.get_running_loop()
         watchdog.expect(idle)
         try:
@@ -271,16 +303,22 @@ class Proxy:
             upstream.close()
         ctx.first_byte_at = loop.time()
         if upstream.status < 400:
-            usage_from_body(ctx.usage, body)
+            usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
+        if translation is not None:
+            body = translation.response(body) if upstream.status < 400 else translation.error(upstream.status, body)
+            headers["Content-Type"] = "application/json"  # even when the upstream's error page was not JSON
         await self._finish(ctx)
         headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
-                            injected_usage: bool, watchdog: Watchdog, idle: float) -> web.StreamResponse:
+                            injected_usage: bool, watchdog: Watchdog, idle: float,
+                            translation: Translation | None) -> web.StreamResponse:
         loop = self.loop or asyncio.get_running_loop()
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        meter = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
+        meter: StreamMeter | StreamTranslator = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
+        if translation is not None:  # reads usage from the upstream's events, hands on the client's dialect
+            meter = translation.meter(meter)
         try:
             await response.prepare(ctx.request)
         except _CLIENT_GONE:

@@ -2,7 +2,9 @@
 
 Targets of a model are tried in a weighted random order (spreading load by
 weight), then the targets of each fallback model in turn. Only targets whose
-provider serves the operation (``Provider.supports``: its dialect, its endpoints) are kept.
+provider serves the operation are kept (``Provider.supports``: in its own dialect,
+or through a translation, Chat Completions <-> Anthropic Messages), so a fallback
+may cross dialects.
 """
 
 from __future__ import annotations

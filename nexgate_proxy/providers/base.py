@@ -15,6 +15,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..endpoints import COUNT_TOKENS
+from ..translate import translated_endpoint
 from ..estimate import typical_input_tokens
 
 if TYPE_CHECKING:
@@ -114,10 +115,14 @@ class Provider:
         return {}
 
     def supports(self, endpoint_name: str, api_format: str) -> bool:
-        """Whether routing may send this operation here. count_tokens goes anywhere: see ``send``."""
-        if self.endpoints is not None and endpoint_name not in self.endpoints:
-            return False
-        return api_format in self.api_formats or endpoint_name == COUNT_TOKENS.name
+        """Whether routing may send this operation here: in this provider's dialect, or through a
+        translation to an operation it serves. count_tokens goes anywhere: see ``send``."""
+        served: str | None = endpoint_name
+        if api_format not in self.api_formats and endpoint_name != COUNT_TOKENS.name:
+            served = translated_endpoint(endpoint_name, self.api_formats)
+            if served is None:
+                return False
+        return self.endpoints is None or served in self.endpoints
 
     def url_for(self, endpoint: Endpoint, target: Target) -> str:
         return self.base_url + endpoint.upstream_path

@@ -7,8 +7,12 @@ fail with a status, hang, or cut a stream in the middle.
 Served: OpenAI ``/v1/chat/completions`` (plain and SSE, with
 ``stream_options.include_usage``), ``/v1/completions``, ``/v1/embeddings``,
 ``/v1/responses`` (plain and SSE) and Anthropic ``/v1/messages`` (plain and
-SSE). Script it through ``upstream.behaviour`` (a ``Behaviour``): set fields,
-or assign a new ``Behaviour(...)``, before the request it should affect.
+SSE, in Anthropic's exact event sequence: message_start, ping,
+content_block_start/delta/stop per block, message_delta, message_stop). Script
+it through ``upstream.behaviour`` (a ``Behaviour``): set fields, or assign a
+new ``Behaviour(...)``, before the request it should affect. ``chat_message``
+and ``anthropic_content`` script whole answers (tool calls, reasoning,
+thinking); errors come in the dialect of the path asked.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class Received:
 @dataclass
 class Behaviour:
     status: int = 200
-    """Answer with this status (and an OpenAI-shaped error body) instead of a completion."""
+    """Answer with this status (and an error body in the path's dialect) instead of a completion."""
     error_body: bytes | None = None
     delay_headers: float = 0.0
     """Seconds to wait before sending the response headers."""
@@ -42,6 +46,14 @@ class Behaviour:
     chunk_delay: float = 0.0
     words: list[str] = field(default_factory=lambda: ["Hello", "from", "upstream"])
     extra_headers: dict[str, str] = field(default_factory=dict)
+    chat_message: dict[str, Any] | None = None
+    """Chat completions: this assistant message (content, tool_calls, reasoning_content) instead of the words."""
+    finish_reason: str = "stop"
+    anthropic_content: list[dict[str, Any]] | None = None
+    """Messages: these content blocks (text, tool_use, thinking) instead of "Bonjour"."""
+    stop_reason: str = "end_turn"
+    stream_error: dict[str, Any] | None = None
+    """Streams: send this error event (the path's dialect) after the first content event, then end."""
 
 
 def chat_body(model: str, text: str) -> dict[str, Any]:
@@ -104,8 +116,13 @@ class FakeUpstream:
         if b.delay_headers:
             await asyncio.sleep(b.delay_headers)
         if b.status != 200:
-            payload = b.error_body or json.dumps({"error": {"message": "upstream says no", "type": "server_error",
-                                                            "param": None, "code": None}}).encode()
+            if request.path == "/v1/messages":
+                default = {"type": "error", "error": {"type": "api_error" if b.status >= 500 else
+                                                      "invalid_request_error", "message": "upstream says no"}}
+            else:
+                default = {"error": {"message": "upstream says no", "type": "server_error", "param": None,
+                                     "code": None}}
+            payload = b.error_body or json.dumps(default).encode()
             return body, web.Response(status=b.status, body=payload, content_type="application/json")
         return body, None
 
@@ -145,6 +162,8 @@ class FakeUpstream:
         if failure:
             return failure
         model = body["model"]
+        if self.behaviour.chat_message is not None:
+            return await self._scripted_chat(request, body)
         if not body.get("stream"):
             return await self._json(chat_body(model, " ".join(self.behaviour.words)))
         with_usage = (body.get("stream_options") or {}).get("include_usage") is True
@@ -163,6 +182,39 @@ class FakeUpstream:
                      "usage": {"prompt_tokens": 11, "completion_tokens": len(self.behaviour.words),
                                "total_tokens": 11 + len(self.behaviour.words)}}
             events.append(f"data: {json.dumps(final)}\n\n".encode())
+        events.append(b"data: [DONE]\n\n")
+        return await self._stream(request, events)
+
+    async def _scripted_chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        b = self.behaviour
+        message = {"role": "assistant", "content": None, "refusal": None, **(b.chat_message or {})}
+        usage = {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29,
+                 "prompt_tokens_details": {"cached_tokens": 4}}
+        base = {"id": "chatcmpl-scripted", "created": 1700000000, "model": body["model"]}
+        if not body.get("stream"):
+            return await self._json({**base, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": b.finish_reason}]})
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return _data({**base, "object": "chat.completion.chunk",
+                          "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+        events = [chunk({"role": "assistant", "content": ""})]
+        for piece in _pieces(message.get("reasoning_content")):
+            events.append(chunk({"reasoning_content": piece}))
+        if b.stream_error is not None:
+            events += [chunk({"content": "partial"}), _data(b.stream_error)]
+        for piece in _pieces(message.get("content")):
+            events.append(chunk({"content": piece}))
+        for index, call in enumerate(message.get("tool_calls") or []):
+            fn = call["function"]
+            events.append(chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                                 "function": {"name": fn["name"], "arguments": ""}}]}))
+            for piece in _pieces(fn["arguments"]):
+                events.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+        events.append(chunk({}, b.finish_reason))
+        if (body.get("stream_options") or {}).get("include_usage") is True:
+            events.append(_data({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
         events.append(b"data: [DONE]\n\n")
         return await self._stream(request, events)
 
@@ -214,6 +266,8 @@ class FakeUpstream:
         body, failure = await self._prologue(request)
         if failure:
             return failure
+        if self.behaviour.anthropic_content is not None:
+            return await self._scripted_messages(request, body)
         if not body.get("stream"):
             return await self._json({
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": body["model"],
@@ -238,6 +292,60 @@ class FakeUpstream:
             _event("message_stop", {"type": "message_stop"}),
         ]
         return await self._stream(request, events)
+
+
+    async def _scripted_messages(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        b = self.behaviour
+        content = b.anthropic_content or []
+        usage = {"input_tokens": 30, "output_tokens": 15, "cache_read_input_tokens": 6,
+                 "cache_creation_input_tokens": 2}
+        base = {"id": "msg_scripted", "type": "message", "role": "assistant", "model": body["model"]}
+        if not body.get("stream"):
+            return await self._json({**base, "content": content, "stop_reason": b.stop_reason,
+                                     "stop_sequence": None, "usage": usage})
+        events = [
+            _event("message_start", {"type": "message_start", "message": {
+                **base, "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {**usage, "output_tokens": 1}}}),
+            _event("ping", {"type": "ping"}),
+        ]
+        for index, block in enumerate(content):
+            kind = block["type"]
+            start = {"text": {"type": "text", "text": ""},
+                     "thinking": {"type": "thinking", "thinking": "", "signature": ""},
+                     "tool_use": {**block, "input": {}}}[kind]
+            events.append(_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                         "content_block": start}))
+            if kind == "text":
+                deltas = [{"type": "text_delta", "text": p} for p in _pieces(block["text"])]
+            elif kind == "thinking":
+                deltas = [{"type": "thinking_delta", "thinking": p} for p in _pieces(block["thinking"])]
+                deltas.append({"type": "signature_delta", "signature": block.get("signature", "sig")})
+            else:
+                deltas = [{"type": "input_json_delta", "partial_json": p} for p in _pieces(json.dumps(block["input"]))]
+            for delta in deltas:
+                events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                             "delta": delta}))
+                if b.stream_error is not None:
+                    events.append(_event("error", b.stream_error))
+                    return await self._stream(request, events)
+            events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+        events += [
+            _event("message_delta", {"type": "message_delta", "delta": {"stop_reason": b.stop_reason,
+                                                                        "stop_sequence": None},
+                                     "usage": {"output_tokens": usage["output_tokens"]}}),
+            _event("message_stop", {"type": "message_stop"}),
+        ]
+        return await self._stream(request, events)
+
+
+def _pieces(text: str | None, size: int = 5) -> list[str]:
+    """A scripted text in stream-sized pieces."""
+    return [text[i:i + size] for i in range(0, len(text), size)] if text else []
+
+
+def _data(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:

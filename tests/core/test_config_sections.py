@@ -88,7 +88,7 @@ def test_its_problems_come_with_their_key_paths_together_with_everyone_elses() -
         "limts": {},
     }, [QuotaPlugin()])
     assert sorted(found) == sorted([
-        "providers.local.type: unknown provider type 'olama' (known: anthropic, echo, openai)",
+        "providers.local.type: unknown provider type 'olama' (known: anthropic, azure, echo, gemini, openai)",
         "models.m.price: required while credits are enabled (USD per 1M tokens, e.g. {input: 0.15, "
         "output: 0.60}), or set free: true",
         "quota.daily_requests: must be greater than 0",

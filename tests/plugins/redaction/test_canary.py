@@ -107,6 +107,22 @@ async def test_the_canary_appears_nowhere(upstream: FakeUpstream, start_gateway,
     await client.embeddings.create(model="gpt-test", input=[canary, f"more {canary}"])
     await client.completions.create(model="gpt-test", prompt=f"complete {canary}")
     await client.responses.create(model="gpt-test", input=f"respond to {canary}")
+    # 5b. Translated both ways (OpenAI SDK -> Claude, Anthropic SDK -> OpenAI model), streams and a 400 too.
+    upstream.behaviour = Behaviour(anthropic_content=[{"type": "text", "text": f"Sure: {canary}"}],
+                                   chat_message={"content": f"Sure: {canary}"})
+    translated = await client.chat.completions.create(model="claude-test", messages=prompt)
+    seen_by_client.append(translated.choices[0].message.content or "")
+    chunks = await client.chat.completions.create(model="claude-test", messages=prompt, stream=True)
+    seen_by_client.append("".join([c.choices[0].delta.content or "" async for c in chunks if c.choices]))
+    message = await claude.messages.create(model="gpt-test", max_tokens=5, messages=prompt)
+    seen_by_client.append(message.content[0].text)
+    async with claude.messages.stream(model="gpt-test", max_tokens=5, messages=prompt) as events:
+        seen_by_client.append("".join([text async for text in events.text_stream]))
+    upstream.behaviour = Behaviour(status=400, error_body=json.dumps({"type": "error", "error": {
+        "type": "invalid_request_error", "message": f"bad prompt: {canary}"}}).encode())
+    with pytest.raises(openai.BadRequestError) as relayed:
+        await client.chat.completions.create(model="claude-test", messages=prompt)
+    seen_by_client.append(json.dumps(relayed.value.body))
     # 6. The canary as the model name (unknown) and as an API key.
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model=canary, messages=prompt)
@@ -122,7 +138,7 @@ async def test_the_canary_appears_nowhere(upstream: FakeUpstream, start_gateway,
             assert resp.status == 200
 
     # The canary really went through: to the upstream, and back to its client.
-    assert sum(canary in json.dumps(r.body) for r in upstream.received) >= 10
+    assert sum(canary in json.dumps(r.body) for r in upstream.received) >= 15
     assert all(canary in text for text in seen_by_client)
     assert "internal_error" in everything_logged(caplog) or "internal error" in everything_logged(caplog)
     forbidden = {"canary": canary, "api key": gw.api_key, "key secret": gw.api_key.split("_")[2],
