@@ -30,9 +30,10 @@ class BodyTimeout(Exception):
     """Set on a request's payload by the runner when the client stops sending its body."""
 
 
-def unsupported_encoding(encoding: str) -> GatewayError:
+def unsupported_encoding(encoding: str | None = None) -> GatewayError:
+    named = f" {encoding[:32]!r}" if encoding else ""
     return GatewayError(
-        415, f"Content-Encoding {encoding[:32]!r} is not supported; send the body uncompressed or as "
+        415, f"This Content-Encoding{named} is not supported; send the body uncompressed or as "
         f"{', '.join(sorted(DECODED_ENCODINGS - {'identity'}))}.", code="unsupported_body_encoding")
 
 

@@ -124,7 +124,7 @@ def _error_for(status: int, exc: BaseException | None) -> GatewayError:
     if isinstance(exc, http_exceptions.LineTooLong):
         return GatewayError(431, "A request header or the request line is too large.", code="headers_too_large")
     if isinstance(exc, http_exceptions.ContentEncodingError):  # an encoding aiohttp knows but cannot decode here
-        return unsupported_encoding(str(getattr(exc, "message", "")).split(":")[-1].strip() or "?")
+        return unsupported_encoding()
     if status >= 500:
         return GatewayError(500, "The gateway failed to handle the request.", code="internal_error")
     return GatewayError(status, "The HTTP request is malformed.", code="bad_http_request")
