@@ -264,7 +264,8 @@ class _GatewayHandler(RequestHandler):
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+        # Only aiohttp's own plain-text answers; a route's deliberate JSON or redirect stays as it is.
+        if isinstance(resp, web.HTTPException) and resp.status >= 400 and resp.content_type == "text/plain":
             resp = _json_for(request, resp)
         return await super().finish_response(request, resp, start_time)
 
