@@ -160,13 +160,15 @@ class _ErrorResponse(web.Response):
 
 
 class _GatewayHandler(RequestHandler):
-    __slots__ = ("_policy", "_peer_ip", "_header_timer", "_body", "_body_seen", "_body_timer")
+    __slots__ = ("_policy", "_peer_ip", "_header_timer", "_header_started", "_body", "_body_seen", "_body_timer")
 
     def __init__(self, manager: _GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._policy = manager.policy
         self._peer_ip: str | None = None
         self._header_timer: Any = None
+        self._header_started = False
+        """Some bytes of a request's headers arrived (then a timeout is answered 408, else just closed)."""
         self._body: Any = None
         """The payload still arriving (a StreamReader), if any."""
         self._body_seen = 0.0
@@ -203,6 +205,7 @@ class _GatewayHandler(RequestHandler):
             return
         loop = self._loop
         if len(self._messages) > parsed:  # a request's headers are complete
+            self._header_started = False
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -216,17 +219,21 @@ class _GatewayHandler(RequestHandler):
         body = self._body
         if body is not None and not body.is_eof():
             self._body_seen = loop.time()
-        elif data and self._header_timer is None and self._waiter is not None:
-            # The first bytes of the next request on an idle connection: its headers are on the clock.
-            self._body = None
-            self._header_timer = loop.call_later(self._policy.header_timeout, self._header_expired)
+        elif data:
+            self._header_started = True
+            if self._header_timer is None and self._waiter is not None:
+                # The first bytes of the next request on an idle connection: its headers are on the clock.
+                self._body = None
+                self._header_timer = loop.call_later(self._policy.header_timeout, self._header_expired)
 
     def _header_expired(self) -> None:
         self._header_timer = None
         # Only while aiohttp waits for a request (never in the middle of answering one).
         if self.transport is None or self._messages or self._waiter is None or self._waiter.done():
             return
-        self.transport.write(self._policy.too_slow)
+        if self._header_started:
+            # Never to a silent socket: a client would read it as the answer to its next request.
+            self.transport.write(self._policy.too_slow)
         self.force_close()
 
     def _body_check(self) -> None:

@@ -152,6 +152,14 @@ async def test_a_slowloris_socket_is_answered_408_and_closed(upstream: FakeUpstr
     assert status == 408 and openai_error(body)["code"] == "request_timeout"
 
 
+async def test_a_silent_socket_is_closed_without_an_answer(upstream: FakeUpstream, start_gateway) -> None:
+    # An unsolicited 408 would be read by a client as the answer to the next request it sends.
+    gw = await start(start_gateway, upstream, header_timeout=0.5)
+    started = time.monotonic()
+    assert await exchange(gw.port, b"", wait=5) == b""
+    assert time.monotonic() - started < 3, "the silent socket was not closed"
+
+
 async def test_dripping_header_bytes_does_not_extend_the_deadline(upstream: FakeUpstream, start_gateway) -> None:
     gw = await start(start_gateway, upstream, header_timeout=0.6)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
