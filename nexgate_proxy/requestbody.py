@@ -52,10 +52,15 @@ async def read_body(request: web.BaseRequest, limit: int, *, too_large_code: str
     check_encoding(request)
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit, too_large_code)
+    # Chunk by chunk, so a body (or what it decompresses to) past the limit is never buffered whole.
+    body = bytearray()
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large(limit, too_large_code) from None
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                raise too_large(limit, too_large_code)
+    except GatewayError:
+        raise
     except Exception as exc:
         error = body_error(exc)
         if error is None:
@@ -63,9 +68,7 @@ async def read_body(request: web.BaseRequest, limit: int, *, too_large_code: str
         if error.status == 499:
             log.info("the client disconnected while sending the request body")
         raise error from None
-    if len(body) > limit:
-        raise too_large(limit, too_large_code)
-    return body
+    return bytes(body)
 
 
 def body_error(exc: BaseException) -> GatewayError | None:
