@@ -24,9 +24,9 @@ changes them): ``AppRunner._make_server``; ``web.Server._loop`` / ``_kwargs``;
 on ``RequestHandler``: ``connection_made``, ``connection_lost``,
 ``data_received``, ``handle_error``, ``finish_response``, ``log_exception``,
 ``force_close``, ``_messages`` (the parsed-request queue), ``_waiter`` (set while
-waiting for a request), ``_manager``,
-``_loop``, ``transport``; ``StreamReader.is_eof/exception/set_exception``;
-``Response._prepare_headers`` (where aiohttp sets its own ``Server`` header).
+waiting for a request), ``_manager``, ``_loop``, ``transport``;
+``StreamReader.is_eof/exception/set_exception``; ``Response._prepare_headers``
+(where aiohttp sets its own ``Server`` header).
 """
 
 from __future__ import annotations
@@ -199,6 +199,8 @@ class _GatewayHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._manager is None:  # refused, or already lost
+            return
         parsed = len(self._messages)
         super().data_received(data)
         if self.transport is None:

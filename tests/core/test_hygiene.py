@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_response import Response
 from aiohttp.web_runner import AppRunner
@@ -467,6 +468,8 @@ def test_the_aiohttp_internals_the_runner_relies_on_are_still_there() -> None:
     assert "keepalive_timeout" in inspect.signature(RequestHandler.__init__).parameters
     server_init = inspect.getsource(Server.__init__)
     assert "self._kwargs = kwargs" in server_init and "self._loop" in server_init
+    for name in ("is_eof", "exception", "set_exception"):
+        assert callable(getattr(StreamReader, name)), name
     assert inspect.iscoroutinefunction(Response._prepare_headers)
     assert "headers.setdefault(hdrs.SERVER" in inspect.getsource(web.StreamResponse._prepare_headers)
     # How a spoiled body reaches the handler (RequestPayloadError caused by ContentEncodingError) is
