@@ -183,6 +183,24 @@ async def test_dripping_header_bytes_does_not_extend_the_deadline(upstream: Fake
     assert closed_at is not None and closed_at - started < 2
 
 
+async def test_the_next_request_on_a_kept_alive_connection_is_timed_too(upstream: FakeUpstream,
+                                                                        start_gateway) -> None:
+    gw = await start(start_gateway, upstream, header_timeout=0.5, keepalive_timeout=30)
+    loop = asyncio.get_running_loop()
+    sock = await open_raw(gw.port, "127.0.0.1", request("GET", "/healthz"))
+    assert b"200 OK" in await loop.sock_recv(sock, 65536)
+    await asyncio.sleep(0.8)  # idle between requests: the keep-alive timeout's business, not this one
+    await loop.sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n")
+    started = time.monotonic()
+    out = b""
+    async with asyncio.timeout(5):
+        while chunk := await loop.sock_recv(sock, 65536):
+            out += chunk
+    sock.close()
+    assert time.monotonic() - started < 3
+    assert split(out)[0] == 408
+
+
 async def test_a_half_sent_body_is_408_and_closed(upstream: FakeUpstream, start_gateway) -> None:
     gw = await start(start_gateway, upstream, body_timeout=0.5)
     data = request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {gw.api_key}"})
