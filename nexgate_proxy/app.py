@@ -20,6 +20,7 @@ from .errors import GatewayError
 from .plugins import HookChain, build_plugin_manager, configure
 from .providers.base import Provider
 from .proxy import Proxy, new_request_id
+from .runner import apply_server_header
 from .services import readiness, services_context
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,8 +61,10 @@ def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Appli
         handler_args={
             "max_field_size": config.server.max_header_bytes,
             "max_line_size": config.server.max_header_bytes,
+            "keepalive_timeout": config.server.keepalive_timeout,
         },
     )
+    app.on_response_prepare.append(_server_header(config.server.server_header))
     app[CONFIG] = config
     app[CHAIN] = chain
     app[PROVIDERS] = providers
@@ -88,6 +91,13 @@ def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Appli
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_plugin_lifecycle)
     return app
+
+
+def _server_header(value: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
+        apply_server_header(response.headers, value)
+
+    return set_server_header
 
 
 def _endpoint_handler(proxy: Proxy, endpoint: Endpoint) -> Handler:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import yaml
@@ -87,6 +88,19 @@ class ServerConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     """Peers whose X-Forwarded-For is believed (load balancers in front of NexGate)."""
     cors: CorsConfig = field(default_factory=CorsConfig)
+    header_timeout: float = 10.0
+    """Seconds a client has to send a request's headers (slowloris): from connecting, or from the
+    first byte of the next request on a kept-alive connection."""
+    body_timeout: float = 30.0
+    """Longest silence while a request body is arriving; then 408."""
+    keepalive_timeout: float = 75.0
+    """An idle kept-alive connection is closed after this many seconds."""
+    max_connections: int = 4096
+    """Open client connections of this process together; past it new ones are closed at once. 0 = no cap."""
+    max_connections_per_ip: int = 256
+    """Open client connections of one peer address (the socket's, not X-Forwarded-For). 0 = no cap."""
+    server_header: str = "NexGate"
+    """The `Server` response header; empty = none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +398,13 @@ def _server(r: ConfigReader, s: dict[str, Any], config: Config) -> ServerConfig:
         access_log=r.value(s, "access_log", p, bool, d.access_log),
         trusted_proxies=_networks(r, s, "trusted_proxies", p),
         cors=_cors(r, s.get("cors")),
+        header_timeout=r.value(s, "header_timeout", p, float, d.header_timeout, _positive),
+        body_timeout=r.value(s, "body_timeout", p, float, d.body_timeout, _positive),
+        keepalive_timeout=r.value(s, "keepalive_timeout", p, float, d.keepalive_timeout, _positive),
+        max_connections=r.value(s, "max_connections", p, int, d.max_connections, _non_negative),
+        max_connections_per_ip=r.value(s, "max_connections_per_ip", p, int, d.max_connections_per_ip,
+                                       _non_negative),
+        server_header=r.value(s, "server_header", p, str, d.server_header, _header_value),
     )
 
 
@@ -407,6 +428,10 @@ def _cors(r: ConfigReader, raw: Any) -> CorsConfig:
                   "list the origins that may send credentials")
     return CorsConfig(allow_origins=tuple(origins), allow_credentials=credentials,
                       max_age=r.value(s, "max_age", p, int, d.max_age, _non_negative))
+
+
+def _header_value(v: str) -> str | None:
+    return None if all(" " <= c <= "~" for c in v) else "must be printable ASCII on one line"
 
 
 def _networks(r: ConfigReader, section: dict[str, Any], key: str, path: str) -> tuple[IPNetwork, ...]:
@@ -457,8 +482,8 @@ def _providers(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict
         if ptype != "echo":
             if not base_url:
                 r.problem(f"{p}.base_url", "required, e.g. https://api.openai.com/v1")
-            elif not re.match(r"^https?://[^/\s]+", base_url):
-                r.problem(f"{p}.base_url", f"must be an http(s) URL, got {base_url!r}")
+            else:
+                _check_base_url(r, f"{p}.base_url", base_url)
         headers = r.mapping(s.get("headers"), f"{p}.headers")
         for hk, hv in headers.items():
             if not isinstance(hv, str):
@@ -472,6 +497,22 @@ def _providers(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict
             options=r.mapping(s.get("options"), f"{p}.options"),
         )
     return out
+
+
+def _check_base_url(r: ConfigReader, path: str, url: str) -> None:
+    if not re.match(r"^https?://[^/\s]+", url):
+        r.problem(path, f"must be an http(s) URL, got {url!r}")
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is no number
+    except ValueError:
+        r.problem(path, "is not a valid URL (check the host and the port)")
+        return
+    if "@" in parts.netloc:
+        # Never echo the URL: it holds a secret. Credentials in a URL end up in logs and errors.
+        r.problem(path, "must not carry credentials (user:password@); put the provider's key in "
+                        "api_key, or an Authorization header in headers")
 
 
 def _price(r: ConfigReader, raw: Any, path: str) -> Price | None:
@@ -548,7 +589,9 @@ def _plugins(r: ConfigReader, s: dict[str, Any], config: Config) -> PluginsConfi
 
 SERVER_SECTION = ConfigSection("server", _server, (
     "host", "port", "workers", "grace_period", "max_body_bytes", "max_header_bytes", "access_log",
-    "trusted_proxies", "cors"), "The listening socket, worker processes and request size limits.")
+    "trusted_proxies", "cors", "header_timeout", "body_timeout", "keepalive_timeout", "max_connections",
+    "max_connections_per_ip", "server_header"),
+    "The listening socket, worker processes, request size limits and connection hygiene.")
 STORAGE_SECTION = ConfigSection("storage", _storage, ("url", "migrate_on_start"),
                                 "The durable store: SQLite or PostgreSQL.")
 STATE_SECTION = ConfigSection("state", _state, ("url",),

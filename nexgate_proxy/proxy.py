@@ -29,6 +29,7 @@ from .endpoints import ENDPOINTS
 from .errors import GatewayError
 from .headers import request_headers, response_headers
 from .providers.base import BodyTooLarge
+from .requestbody import read_body
 from .translate import translatable, translation_for
 from .usage import StreamMeter, usage_from_body
 from .watchdog import Watchdog
@@ -94,7 +95,7 @@ class Proxy:
         )
         try:
             await self.chain.authenticate(ctx)
-            raw = await self._read_body(request)
+            raw = await read_body(request, self.max_body_bytes)
             body = self._parse_body(ctx, endpoint, raw)
             await self.chain.admit(ctx)
             ctx.targets = await self.chain.route(ctx)
@@ -139,15 +140,6 @@ class Proxy:
         return resp
 
     # ----------------------------------------------------------- request
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise _too_large(self.max_body_bytes)
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _too_large(self.max_body_bytes) from None
 
     def _parse_body(self, ctx: RequestContext, endpoint: Endpoint, raw: bytes) -> dict[str, Any]:
         if not raw:
@@ -399,11 +391,6 @@ def _patch_raw(raw: bytes, alias: str, new_model: str | None, inject_usage: bool
             return None
         raw = body[:-1] + _USAGE_OPTION
     return raw
-
-
-def _too_large(limit: int) -> GatewayError:
-    return GatewayError(413, f"The request body is larger than this gateway accepts ({limit} bytes).",
-                        code="request_too_large")
 
 
 def _upstream_status_error(target: Target, status: int) -> GatewayError:

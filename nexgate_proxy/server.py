@@ -53,6 +53,7 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
         # A plugin that fails to start raises PluginError here; the cleanup below still closes what
         # the core opened before it (the plugins started before it are stopped by the chain).
         await runner.setup()
+        _warn_if_open_files_too_few(config)
         # Everything built so far (config, plugins, modules) lives as long as the process: keep it out
         # of the collector's full passes, which otherwise pause the loop for tens of ms under load.
         gc.collect()
@@ -73,6 +74,19 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
         log.info("NexGate %s shutting down (grace period %ss)", os.getpid(), config.server.grace_period)
     finally:
         await runner.cleanup()
+
+
+def _warn_if_open_files_too_few(config: Config) -> None:
+    """Past the open-file limit accept() fails for everyone; the connection caps are meant to come first."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = config.server.max_connections + config.upstream.max_connections + 64
+    if soft != resource.RLIM_INFINITY and (config.server.max_connections == 0 or wanted > soft):
+        log.warning("the open-file limit (%d) is below server.max_connections + upstream.max_connections; "
+                    "raise it (ulimit -n) or lower them, or a connection flood fails every client", soft)
 
 
 def run_worker(config: Config, host: str, port: int, reuse_port: bool,

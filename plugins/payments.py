@@ -51,6 +51,7 @@ from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from nexgate_plugins.credits.holds import nano_floor
 from nexgate_proxy.money import format_usd, usd_to_pico
+from nexgate_proxy.requestbody import read_body
 from nexgate_plugins.credits.statements import find_account
 from nexgate_proxy.store import MAX_PICO, LedgerEntry, NewLedgerEntry, Store, StoreError
 
@@ -223,17 +224,6 @@ def verify(settings: DodoSettings, headers: Mapping[str, str], body: bytes, now:
     if not matched:
         raise Rejected(401, "invalid_signature", "No valid signature.", "webhook-signature")
     return webhook_id
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise Rejected(413, "body_too_large", f"The body is larger than {limit} bytes.")
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            raise Rejected(413, "body_too_large", f"The body is larger than {limit} bytes.")
-    return bytes(body)
 
 
 def _reject_constant(name: str) -> Any:
@@ -472,9 +462,11 @@ async def dodopayments_webhook(request: web.Request) -> web.Response:
     settings = request.app[PAYMENTS].dodopayments
     assert settings is not None
     try:
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, too_large_code="body_too_large")
         status, answer = await process(request.app, settings, request.headers, body)
         return web.json_response(answer, status=status)
+    except GatewayError as exc:  # the body itself: too large, a bad encoding, the sender gone
+        return exc.response()
     except Rejected as exc:
         if exc.status == 401:
             log.warning("DodoPayments webhook refused: %s", exc.message)

@@ -55,6 +55,7 @@ from aiohttp import web
 from nexgate_proxy import GatewayError
 from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
 from nexgate_proxy.appkeys import FEED, STORE
+from nexgate_proxy.requestbody import read_body
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
 from nexgate_plugins.credits.statements import (
     Account,
@@ -287,14 +288,7 @@ def _reject_constant(name: str) -> Any:
 async def _body(request: web.Request, fields: Mapping[str, type | tuple[type, ...]],
                 keep_null: tuple[str, ...] = ()) -> dict[str, Any]:
     """The JSON object body, with only known fields of the right JSON types (null = absent, except in keep_null)."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise GatewayError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raw = b"x" * (MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise GatewayError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
+    raw = await read_body(request, MAX_BODY_BYTES, too_large_code="body_too_large")
     if not raw.strip():
         raise _bad(None, "The request body must be a JSON object.")
     try:

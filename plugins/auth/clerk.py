@@ -166,12 +166,17 @@ def _org_claims(claims: Mapping[str, Any]) -> tuple[str | None, str | None, str 
     )
 
 
+_MAX_TIME = 2**53
+"""Larger (or NaN/infinite, which compare false) is no time a real token carries."""
+
+
 def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    # bool is an int subclass; `"exp": true` is not a time.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # bool is an int subclass; `"exp": true` is not a time. JSON's 1e400 parses to infinity (a
+    # token that never expires) and 10**400 does not fit a float: both are malformed, not a 500.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -_MAX_TIME <= value <= _MAX_TIME:
         raise JWTError("malformed")
     return float(value)
 
