@@ -23,8 +23,7 @@ from . import api, cli, privacy
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
     # The auth plugin declares the `auth` section (parsed once, by the core); here it is only read.
     app[api.ADMIN] = api.AdminSettings(auth=config.section(AUTH_SECTION))
-    privacy.add_routes(app)
-    api.add_routes(app)
+    api.add_routes(app, privacy.ROUTES)
 
 
 @hookimpl
