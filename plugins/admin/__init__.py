@@ -3,6 +3,7 @@
 * ``api``: users, organizations, members, API keys, balances, usage and statements;
 * ``privacy``: a user's data export and account deletion;
 * ``openapi``: the document of both, served at ``/admin/v1/openapi.json``;
+* ``http``: what both share: one resource per path, errors as JSON, 405s, bodies and queries;
 * ``cli``: ``nexgate db|users|orgs|keys ...`` straight against the store.
 """
 

@@ -1,8 +1,10 @@
 """The OpenAPI 3.1 document of the admin API (``GET /admin/v1/openapi.json``).
 
 Kept as Python next to the handlers in ``api.py`` and ``privacy.py`` so it ships without
-package-data; tests/test_admin_api.py fails when a route and this document
-disagree.
+package-data. It is the contract clients generate code from, so it declares what the server checks
+(id patterns, text without control characters, ranges); where a rule cannot be written in it, the
+server answers within what it documents. tests/plugins/admin/test_admin_api.py fails when a route and
+this document disagree; test_openapi_schemathesis.py runs schemathesis (every check) against it.
 """
 
 from __future__ import annotations
