@@ -3,6 +3,7 @@
 * ``api``: users, organizations, members, API keys, balances, usage and statements;
 * ``privacy``: a user's data export and account deletion;
 * ``openapi``: the document of both, served at ``/admin/v1/openapi.json``;
+* ``http``: what both share: one resource per path, errors as JSON, 405s, bodies and queries;
 * ``cli``: ``nexgate db|users|orgs|keys ...`` straight against the store.
 """
 
@@ -23,8 +24,7 @@ from . import api, cli, privacy
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
     # The auth plugin declares the `auth` section (parsed once, by the core); here it is only read.
     app[api.ADMIN] = api.AdminSettings(auth=config.section(AUTH_SECTION))
-    privacy.add_routes(app)
-    api.add_routes(app)
+    api.add_routes(app, privacy.ROUTES)
 
 
 @hookimpl

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -55,7 +54,6 @@ from aiohttp import web
 from nexgate_proxy import GatewayError
 from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
 from nexgate_proxy.appkeys import FEED, STORE
-from nexgate_proxy.requestbody import read_body
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
 from nexgate_plugins.credits.statements import (
     Account,
@@ -75,15 +73,26 @@ from nexgate_proxy.store import (
     ApiKeyRow,
     ChangeFeed,
     Conflict,
-    LastOwnerError,
     Membership,
     NotFound,
     Organization,
     Store,
-    StoreError,
     User,
 )
 from nexgate_proxy.store.base import GROUP_BYS
+from . import http
+from .http import (
+    bad,
+    check_query,
+    clean_text,
+    errors_as_json,
+    forbidden,
+    is_id,
+    not_found,
+    query_bool,
+    query_int,
+    read_body,
+)
 from .openapi import build_openapi
 from nexgate_plugins.auth.settings import AuthSettings
 from nexgate_plugins.ratelimit.settings import Quota
@@ -91,13 +100,13 @@ from nexgate_plugins.ratelimit.settings import Quota
 log = logging.getLogger("nexgate.admin")
 
 PREFIX = "/admin/v1"
-MAX_BODY_BYTES = 64 * 1024
 MAX_NAME_LENGTH = 200
 MAX_EMAIL_LENGTH = 320
 MAX_EXTERNAL_ID_LENGTH = 255
 MAX_ALLOWED_MODELS = 256
 MAX_LIMITS = 32
 MAX_PAGE = 1000
+MAX_OFFSET = 1_000_000_000
 ADMIN_ROLES = frozenset({"owner", "admin"})
 
 ORG_LIMIT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Quota))
@@ -105,7 +114,6 @@ ORG_LIMIT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Quot
 MAX_LIMIT_VALUE = 2**53 - 1
 """Counters are Lua numbers (doubles) in Redis: larger integers would not count exactly."""
 
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _LIMIT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -155,17 +163,24 @@ def key_json(row: ApiKeyRow) -> dict[str, Any]:
 # ------------------------------------------------------- shared account rules
 
 
+class PastExpiry(ValueError):
+    """A well-formed ``expires_at`` that is not in the future."""
+
+
 def parse_expires_at(value: str, now: datetime | None = None) -> datetime:
-    """An ISO-8601 time with a timezone, in the future. ValueError says what is wrong."""
+    """An ISO-8601 time with a timezone, in the future. ValueError (PastExpiry if past) says what is wrong."""
     try:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:
         raise ValueError("must be an ISO-8601 date-time with a timezone, e.g. 2030-01-31T00:00:00Z") from None
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("needs a timezone, e.g. 2030-01-31T00:00:00Z or +02:00")
-    moment = moment.astimezone(UTC)
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError("is out of range") from None
     if moment <= (now or datetime.now(UTC)):
-        raise ValueError("must be in the future")
+        raise PastExpiry("must be in the future")
     return moment
 
 
@@ -239,7 +254,7 @@ async def authenticate(request: web.Request) -> Caller:
 
 async def _clerk_user(store: Store, identity: ClerkIdentity) -> User:
     external_id = identity.user_id
-    if len(external_id) > MAX_EXTERNAL_ID_LENGTH or not _clean_text(external_id):
+    if len(external_id) > MAX_EXTERNAL_ID_LENGTH or not clean_text(external_id):
         raise _unauthorized("Invalid session token (malformed).")
     user = await store.get_user_by_external_id(external_id)
     if user is not None:
@@ -258,7 +273,7 @@ async def _clerk_user(store: Store, identity: ClerkIdentity) -> User:
 
 
 def _claim_text(value: Any, max_length: int) -> str | None:
-    if isinstance(value, str) and value and len(value) <= max_length and _clean_text(value):
+    if isinstance(value, str) and value and len(value) <= max_length and clean_text(value):
         return value
     return None
 
@@ -266,93 +281,39 @@ def _claim_text(value: Any, max_length: int) -> str | None:
 # --------------------------------------------------------------- validation
 
 
-def _bad(param: str | None, message: str) -> GatewayError:
-    return GatewayError(400, message, code="invalid_request", param=param)
-
-
-def _clean_text(value: str) -> bool:
-    """No control characters and encodable as UTF-8 (a lone surrogate is not)."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-async def _body(request: web.Request, fields: Mapping[str, type | tuple[type, ...]],
-                keep_null: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The JSON object body, with only known fields of the right JSON types (null = absent, except in keep_null)."""
-    raw = await read_body(request, MAX_BODY_BYTES, too_large_code="body_too_large")
-    if not raw.strip():
-        raise _bad(None, "The request body must be a JSON object.")
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _bad(None, "The request body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise _bad(None, "The request body must be a JSON object.")
-    for key, value in data.items():
-        expected = fields.get(key)
-        if expected is None:
-            known = ", ".join(fields) or "none"
-            raise _bad(key, f"Unknown field '{key}' (known fields: {known}).")
-        if value is None:
-            continue
-        if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
-            raise _bad(key, f"'{key}' must be {_type_name(expected)}.")
-        if not isinstance(value, expected):
-            raise _bad(key, f"'{key}' must be {_type_name(expected)}.")
-    return {k: v for k, v in data.items() if v is not None or k in keep_null}
-
-
-def _type_name(expected: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", bool: "a boolean", list: "an array", dict: "an object"}
-    kinds = expected if isinstance(expected, tuple) else (expected,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
 def _text(data: Mapping[str, Any], field: str, max_length: int, *, required: bool = False) -> str | None:
+    """Up to max_length characters, not blank, no control characters; stored without surrounding spaces."""
     value = data.get(field)
     if value is None:
         if required:
-            raise _bad(field, f"'{field}' is required.")
+            raise bad(field, f"'{field}' is required.")
         return None
+    if len(value) > max_length:
+        raise bad(field, f"'{field}' is longer than {max_length} characters.")
     value = value.strip()
     if not value:
-        raise _bad(field, f"'{field}' must not be empty.")
-    if len(value) > max_length:
-        raise _bad(field, f"'{field}' is longer than {max_length} characters.")
-    if not _clean_text(value):
-        raise _bad(field, f"'{field}' contains control characters or invalid Unicode.")
+        raise bad(field, f"'{field}' must not be empty.")
+    if not clean_text(value):
+        raise bad(field, f"'{field}' contains control characters or invalid Unicode.")
     return value
 
 
 def _role(data: Mapping[str, Any], field: str = "role", default: str | None = None) -> str:
     role = data.get(field, default)
     if role is None:
-        raise _bad(field, f"'{field}' is required: one of {', '.join(ROLES)}.")
+        raise bad(field, f"'{field}' is required: one of {', '.join(ROLES)}.")
     if role not in ROLES:
-        raise _bad(field, f"'{field}' must be one of {', '.join(ROLES)}.")
+        raise bad(field, f"'{field}' must be one of {', '.join(ROLES)}.")
     return role
-
-
-def _is_id(value: str) -> bool:
-    return _ID.fullmatch(value) is not None
 
 
 def _body_id(data: Mapping[str, Any], field: str, *, required: bool = False) -> str | None:
     value = data.get(field)
     if value is None:
         if required:
-            raise _bad(field, f"'{field}' is required.")
+            raise bad(field, f"'{field}' is required.")
         return None
-    if not _is_id(value):
+    if not is_id(value):
         raise GatewayError(404, f"No such {_kind(field)}: '{field}' is not a known id.", code="not_found",
                            param=field)
     return value
@@ -367,13 +328,13 @@ def _allowed_models(data: Mapping[str, Any]) -> list[str] | None:
     if models is None:
         return None
     if not models:
-        raise _bad("allowed_models", "'allowed_models' must name at least one model; omit it to allow every model.")
+        raise bad("allowed_models", "'allowed_models' must name at least one model; omit it to allow every model.")
     if len(models) > MAX_ALLOWED_MODELS:
-        raise _bad("allowed_models", f"'allowed_models' may name at most {MAX_ALLOWED_MODELS} models.")
+        raise bad("allowed_models", f"'allowed_models' may name at most {MAX_ALLOWED_MODELS} models.")
     result: list[str] = []
     for model in models:
-        if not isinstance(model, str) or not model.strip() or len(model) > MAX_NAME_LENGTH or not _clean_text(model):
-            raise _bad("allowed_models", "'allowed_models' must be a list of model names (non-empty strings).")
+        if not isinstance(model, str) or not model.strip() or len(model) > MAX_NAME_LENGTH or not clean_text(model):
+            raise bad("allowed_models", "'allowed_models' must be a list of model names (non-empty strings).")
         if model not in result:
             result.append(model)
     return result
@@ -384,15 +345,15 @@ def _limits(data: Mapping[str, Any]) -> dict[str, Any] | None:
     if limits is None:
         return None
     if len(limits) > MAX_LIMITS:
-        raise _bad("limits", f"'limits' may hold at most {MAX_LIMITS} entries.")
+        raise bad("limits", f"'limits' may hold at most {MAX_LIMITS} entries.")
     for name, value in limits.items():
         if _LIMIT_NAME.fullmatch(name) is None:
-            raise _bad("limits", f"'limits' has an invalid name {name[:64]!r} (letters, digits, _ . : - only).")
+            raise bad("limits", f"'limits' has an invalid name {name[:64]!r} (letters, digits, _ . : - only).")
         if isinstance(value, bool) or not (
             (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0)
-            or (isinstance(value, str) and 0 < len(value) <= 64 and _clean_text(value))
+            or (isinstance(value, str) and 0 < len(value) <= 64 and clean_text(value))
         ):
-            raise _bad("limits", f"'limits.{name}' must be a non-negative number or a short string.")
+            raise bad("limits", f"'limits.{name}' must be a non-negative number or a short string.")
     return dict(limits)
 
 
@@ -404,14 +365,16 @@ def parse_org_limits(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _bad("limits", "'limits' must be an object such as {\"rpm\": 600}, or null to remove the overrides.")
+        raise bad("limits", "'limits' must be an object such as {\"rpm\": 600}, or null to remove the overrides.")
     limits = _limits({"limits": value}) or {}
     for name, number in limits.items():
+        if isinstance(number, float) and number.is_integer() and abs(number) <= MAX_LIMIT_VALUE:
+            limits[name] = number = int(number)  # JSON has one number type: 600.0 is the integer 600
         if name not in ORG_LIMIT_NAMES:
             known = ", ".join(ORG_LIMIT_NAMES)
-            raise _bad("limits", f"'limits.{name}' is not an organization limit (known: {known}).")
+            raise bad("limits", f"'limits.{name}' is not an organization limit (known: {known}).")
         if not isinstance(number, int) or number > MAX_LIMIT_VALUE:
-            raise _bad("limits", f"'limits.{name}' must be a whole number from 0 (no limit) to {MAX_LIMIT_VALUE}.")
+            raise bad("limits", f"'limits.{name}' must be a whole number from 0 (no limit) to {MAX_LIMIT_VALUE}.")
     return limits or None
 
 
@@ -421,53 +384,21 @@ def _expires_at(data: Mapping[str, Any]) -> datetime | None:
         return None
     try:
         return parse_expires_at(value)
+    except PastExpiry as exc:  # well-formed, as the document says: it conflicts with the clock, not the contract
+        raise GatewayError(409, f"'expires_at' {exc}.", code="expires_at_passed", param="expires_at") from None
     except ValueError as exc:
-        raise _bad("expires_at", f"'expires_at' {exc}.") from None
-
-
-def _query(request: web.Request, known: tuple[str, ...]) -> None:
-    for name in request.query:
-        if name not in known:
-            raise _bad(name, f"Unknown query parameter '{name}' (known: {', '.join(known) or 'none'}).")
-
-
-def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _bad(name, f"'{name}' must be an integer.") from None
-    if not low <= value <= high:
-        raise _bad(name, f"'{name}' must be between {low} and {high}.")
-    return value
-
-
-def _query_bool(request: web.Request, name: str) -> bool:
-    raw = request.query.get(name, "false").lower()
-    if raw not in ("true", "false", "1", "0"):
-        raise _bad(name, f"'{name}' must be true or false.")
-    return raw in ("true", "1")
+        raise bad("expires_at", f"'expires_at' {exc}.") from None
 
 
 def _page(request: web.Request) -> tuple[int, int]:
-    return _query_int(request, "limit", 100, 1, MAX_PAGE), _query_int(request, "offset", 0, 0, 1_000_000_000)
+    return query_int(request, "limit", 100, 1, MAX_PAGE), query_int(request, "offset", 0, 0, MAX_OFFSET)
 
 
 def _path_id(request: web.Request, name: str, what: str) -> str:
     value = request.match_info[name]
-    if not _is_id(value):
-        raise _not_found(what)
+    if not is_id(value):
+        raise not_found(what)
     return value
-
-
-def _not_found(what: str) -> GatewayError:
-    return GatewayError(404, f"No such {what}.", code="not_found")
-
-
-def _forbidden(message: str) -> GatewayError:
-    return GatewayError(403, message, code="forbidden")
 
 
 def _list(data: list[dict[str, Any]], has_more: bool = False) -> web.Response:
@@ -482,29 +413,37 @@ async def _org_access(request: web.Request, caller: Caller, org_id: str) -> tupl
     store = request.app[STORE]
     org = await store.get_org(org_id)
     if org is None:
-        raise _not_found("organization")
+        raise not_found("organization")
     if caller.superadmin:
         return org, None
     assert caller.user is not None
     role = await store.get_role(org_id, caller.user.id)
     if role is None:
-        raise _not_found("organization")  # existence is not revealed to outsiders
+        raise not_found("organization")  # existence is not revealed to outsiders
     return org, role
 
 
 def _require_admin(caller: Caller, role: str | None) -> None:
     if not caller.superadmin and role not in ADMIN_ROLES:
-        raise _forbidden("Only the organization's admins and owners may do this.")
+        raise forbidden("Only the organization's admins and owners may do this.")
 
 
 def _require_owner(caller: Caller, role: str | None) -> None:
     if not caller.superadmin and role != "owner":
-        raise _forbidden("Only the organization's owners may do this.")
+        raise forbidden("Only the organization's owners may do this.")
+
+
+def _none_of_its_own(param: str, message: str) -> GatewayError:
+    """The superadmin is nobody's user: what defaults to the caller's own (account, keys, ownership) is not found.
+
+    A 404 naming the parameter to give, not a 400: the request is well-formed, only this caller has no such thing.
+    """
+    return GatewayError(404, message, code="not_found", param=param)
 
 
 def _require_superadmin(caller: Caller) -> None:
     if not caller.superadmin:
-        raise _forbidden("Only the superadmin may do this.")
+        raise forbidden("Only the superadmin may do this.")
 
 
 async def _usable_user(store: Store, user_id: str | None, param: str) -> User:
@@ -519,19 +458,19 @@ async def _key_access(request: web.Request, caller: Caller, key_id: str) -> ApiK
     store = request.app[STORE]
     row = await store.get_api_key(key_id)
     if row is None:
-        raise _not_found("API key")
+        raise not_found("API key")
     if caller.superadmin:
         return row
     assert caller.user is not None
     if row.user_id is not None:
         if row.user_id != caller.user.id:
-            raise _not_found("API key")
+            raise not_found("API key")
         return row
     role = await store.get_role(row.org_id or "", caller.user.id)
     if role is None:
-        raise _not_found("API key")
+        raise not_found("API key")
     if role not in ADMIN_ROLES:
-        raise _forbidden("Only the organization's admins and owners may manage its keys.")
+        raise forbidden("Only the organization's admins and owners may manage its keys.")
     return row
 
 
@@ -541,7 +480,7 @@ Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 
 
 async def get_me(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     orgs: list[dict[str, Any]] = []
     if caller.user is not None:
         orgs = [org_json(org, role) for org, role in await request.app[STORE].list_orgs_for_user(caller.user.id)]
@@ -556,12 +495,12 @@ async def get_me(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def create_user(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     _require_superadmin(caller)
-    data = await _body(request, {"external_id": str, "email": str, "name": str})
+    data = await read_body(request, {"external_id": str, "email": str, "name": str})
     email = _text(data, "email", MAX_EMAIL_LENGTH)
     if email is not None and "@" not in email:
-        raise _bad("email", "'email' is not an email address.")
+        raise bad("email", "'email' is not an email address.")
     user = await request.app[STORE].create_user(
         external_id=_text(data, "external_id", MAX_EXTERNAL_ID_LENGTH), email=email,
         name=_text(data, "name", MAX_NAME_LENGTH))
@@ -569,32 +508,34 @@ async def create_user(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def list_users(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("limit", "offset", "include_deleted"))
+    check_query(request, ("limit", "offset", "include_deleted"))
     _require_superadmin(caller)
     limit, offset = _page(request)
-    users = await request.app[STORE].list_users(limit + 1, offset, include_deleted=_query_bool(request, "include_deleted"))
+    users = await request.app[STORE].list_users(limit + 1, offset, include_deleted=query_bool(request, "include_deleted"))
     return _list([user_json(u) for u in users[:limit]], len(users) > limit)
 
 
 async def get_user(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     user_id = _path_id(request, "user_id", "user")
     if not caller.superadmin and (caller.user is None or caller.user.id != user_id):
-        raise _not_found("user")
+        raise not_found("user")
     user = await request.app[STORE].get_user(user_id)
     if user is None:
-        raise _not_found("user")
+        raise not_found("user")
     return web.json_response(user_json(user))
 
 
 async def create_org(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
-    data = await _body(request, {"name": str, "owner_user_id": str})
+    check_query(request, ())
+    data = await read_body(request, {"name": str, "owner_user_id": str})
     name = _text(data, "name", MAX_NAME_LENGTH, required=True)
     assert name is not None
-    owner_id = _body_id(data, "owner_user_id", required=caller.superadmin)
+    owner_id = _body_id(data, "owner_user_id")
     store = request.app[STORE]
     if caller.superadmin:
+        if owner_id is None:
+            raise _none_of_its_own("owner_user_id", "The superadmin owns no organizations: give owner_user_id.")
         owner = await _usable_user(store, owner_id, "owner_user_id")
     else:
         assert caller.user is not None
@@ -607,7 +548,7 @@ async def create_org(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def list_orgs(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("limit", "offset"))
+    check_query(request, ("limit", "offset"))
     limit, offset = _page(request)
     store = request.app[STORE]
     if caller.superadmin:
@@ -619,18 +560,18 @@ async def list_orgs(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def get_org(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
     return web.json_response(org_json(org, role))
 
 
 async def update_org(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     org, _ = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
     _require_superadmin(caller)  # limits are the operator's abuse control: owners must not raise their own
-    data = await _body(request, {"limits": dict}, keep_null=("limits",))
+    data = await read_body(request, {"limits": dict}, nullable=("limits",))
     if "limits" not in data:
-        raise _bad("limits", "'limits' is required: an object such as {\"rpm\": 600}, or null to remove them.")
+        raise bad("limits", "'limits' is required: an object such as {\"rpm\": 600}, or null to remove them.")
     limits = parse_org_limits(data["limits"])
     updated = await set_org_limits(request.app[STORE], request.app[FEED], org.id, limits)
     log.info("organization %s limits set to %s", org.id, limits)
@@ -638,7 +579,7 @@ async def update_org(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def list_members(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
     _require_admin(caller, role)
     store = request.app[STORE]
@@ -648,10 +589,10 @@ async def list_members(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def add_member(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
     _require_owner(caller, role)
-    data = await _body(request, {"user_id": str, "role": str})
+    data = await read_body(request, {"user_id": str, "role": str})
     user_id = _body_id(data, "user_id", required=True)
     new_role = _role(data, default="member")
     store = request.app[STORE]
@@ -661,21 +602,21 @@ async def add_member(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def update_member(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
     _require_owner(caller, role)
     user_id = _path_id(request, "user_id", "member")
-    data = await _body(request, {"role": str})
+    data = await read_body(request, {"role": str})
     store = request.app[STORE]
     try:
         membership = await store.set_member_role(org.id, user_id, _role(data))
     except NotFound:
-        raise _not_found("member") from None
+        raise not_found("member") from None
     return web.json_response(member_json(membership, await store.get_user(user_id)))
 
 
 async def delete_member(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
     user_id = _path_id(request, "user_id", "member")
     leaving = caller.user is not None and caller.user.id == user_id
@@ -683,21 +624,21 @@ async def delete_member(request: web.Request, caller: Caller) -> web.Response:
         _require_owner(caller, role)
     revoked = await remove_member(request.app[STORE], request.app[FEED], org.id, user_id)
     if revoked is None:
-        raise _not_found("member")
+        raise not_found("member")
     return web.json_response({"object": "organization.member.deleted", "org_id": org.id, "user_id": user_id,
                               "deleted": True, "revoked_key_ids": revoked})
 
 
 async def create_key(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
-    data = await _body(request, {"name": str, "org_id": str, "user_id": str, "expires_at": str,
+    check_query(request, ())
+    data = await read_body(request, {"name": str, "org_id": str, "user_id": str, "expires_at": str,
                                  "allowed_models": list, "limits": dict})
     name = _text(data, "name", MAX_NAME_LENGTH, required=True)
     assert name is not None
     org_id = _body_id(data, "org_id")
     user_id = _body_id(data, "user_id")
     if org_id is not None and user_id is not None:
-        raise _bad("user_id", "Give org_id for an organization key or user_id for a personal key, not both.")
+        raise bad("user_id", "Give org_id for an organization key or user_id for a personal key, not both.")
     expires_at = _expires_at(data)
     allowed_models = _allowed_models(data)
     limits = _limits(data)
@@ -712,7 +653,7 @@ async def create_key(request: web.Request, caller: Caller) -> web.Response:
         owner: dict[str, str | None] = {"org_id": org_id}
     elif caller.superadmin:
         if user_id is None:
-            raise _bad("user_id", "The superadmin has no personal keys: give user_id or org_id.")
+            raise _none_of_its_own("user_id", "The superadmin has no personal keys: give user_id or org_id.")
         owner = {"user_id": (await _usable_user(store, user_id, "user_id")).id}
     else:
         assert caller.user is not None
@@ -731,13 +672,13 @@ async def create_key(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def list_keys(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("user_id", "include_revoked"))
+    check_query(request, ("user_id", "include_revoked"))
     user_id = request.query.get("user_id")
     if caller.superadmin:
         if user_id is None:
-            raise _bad("user_id", "The superadmin has no personal keys: pass ?user_id=, or list an "
-                                  "organization's keys at /admin/v1/orgs/{org_id}/keys.")
-        if not _is_id(user_id) or await request.app[STORE].get_user(user_id) is None:
+            raise _none_of_its_own("user_id", "The superadmin has no personal keys: pass ?user_id=, or list an "
+                                              "organization's keys at /admin/v1/orgs/{org_id}/keys.")
+        if not is_id(user_id) or await request.app[STORE].get_user(user_id) is None:
             raise GatewayError(404, "No such user.", code="not_found", param="user_id")
     else:
         assert caller.user is not None
@@ -745,27 +686,27 @@ async def list_keys(request: web.Request, caller: Caller) -> web.Response:
             raise GatewayError(404, "No such user.", code="not_found", param="user_id")
         user_id = caller.user.id
     rows = await request.app[STORE].list_api_keys(user_id=user_id,
-                                                  include_revoked=_query_bool(request, "include_revoked"))
+                                                  include_revoked=query_bool(request, "include_revoked"))
     return _list([key_json(r) for r in rows])
 
 
 async def list_org_keys(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("include_revoked",))
+    check_query(request, ("include_revoked",))
     org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
     _require_admin(caller, role)
     rows = await request.app[STORE].list_api_keys(org_id=org.id,
-                                                  include_revoked=_query_bool(request, "include_revoked"))
+                                                  include_revoked=query_bool(request, "include_revoked"))
     return _list([key_json(r) for r in rows])
 
 
 async def get_key(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     row = await _key_access(request, caller, _path_id(request, "key_id", "API key"))
     return web.json_response(key_json(row))
 
 
 async def delete_key(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ())
+    check_query(request, ())
     row = await _key_access(request, caller, _path_id(request, "key_id", "API key"))
     store = request.app[STORE]
     await revoke_api_key(store, request.app[FEED], row.id)
@@ -787,10 +728,11 @@ async def _account(request: web.Request, caller: Caller) -> Account:
     account_id = request.query.get("account")
     if account_id is None:
         if caller.superadmin:
-            raise _bad("account", "The superadmin has no account of its own: pass ?account=<user or organization id>.")
+            raise _none_of_its_own("account", "The superadmin has no account of its own: pass "
+                                              "?account=<user or organization id>.")
         assert caller.user is not None
         account_id = caller.user.id
-    if not _is_id(account_id):
+    if not is_id(account_id):
         raise GatewayError(404, "No such account.", code="not_found", param="account")
     if caller.superadmin:
         account = await find_account(store, account_id)
@@ -808,7 +750,7 @@ async def _account(request: web.Request, caller: Caller) -> Account:
     if role is None:
         raise GatewayError(404, "No such account.", code="not_found", param="account")
     if role not in ADMIN_ROLES:
-        raise _forbidden("Only the organization's admins and owners may see its balance, transactions and usage.")
+        raise forbidden("Only the organization's admins and owners may see its balance, transactions and usage.")
     return Account(org.id, "organization", org.name)
 
 
@@ -819,36 +761,33 @@ def _query_time(request: web.Request, name: str) -> datetime | None:
     try:
         return parse_time(raw)
     except ValueError as exc:
-        raise _bad(name, f"'{name}' {exc}.") from None
+        raise bad(name, f"'{name}' {exc}.") from None
 
 
 def _period(request: web.Request) -> tuple[datetime | None, datetime | None]:
-    since, until = _query_time(request, "since"), _query_time(request, "until")
-    if since is not None and until is not None and since >= until:
-        raise _bad("until", "'until' must be after 'since'.")
-    return since, until
+    return _query_time(request, "since"), _query_time(request, "until")  # until <= since: an empty period
 
 
 def _usage_filters(request: web.Request) -> dict[str, Any]:
     since, until = _period(request)
     model = request.query.get("model")
-    if model is not None and (not model or len(model) > MAX_NAME_LENGTH or not _clean_text(model)):
-        raise _bad("model", "'model' must be a model name.")
+    if model is not None and (not model or len(model) > MAX_NAME_LENGTH or not clean_text(model)):
+        raise bad("model", "'model' must be a model name.")
     key_id = request.query.get("key_id")
-    if key_id is not None and not _is_id(key_id):
-        raise _bad("key_id", "'key_id' must be an API key id.")
+    if key_id is not None and not is_id(key_id):
+        raise bad("key_id", "'key_id' must be an API key id.")
     return {"since": since, "until": until, "model": model, "key_id": key_id}
 
 
 async def get_balance(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("account",))
+    check_query(request, ("account",))
     account = await _account(request, caller)
     balance = await request.app[STORE].get_balance(account.id)
     return web.json_response(balance_json(account.id, account.type, balance))
 
 
 async def list_transactions(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("account", "since", "until", "limit", "offset"))
+    check_query(request, ("account", "since", "until", "limit", "offset"))
     account = await _account(request, caller)
     since, until = _period(request)
     limit, offset = _page(request)
@@ -858,7 +797,7 @@ async def list_transactions(request: web.Request, caller: Caller) -> web.Respons
 
 
 async def list_usage(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("account", "since", "until", "model", "key_id", "limit", "offset"))
+    check_query(request, ("account", "since", "until", "model", "key_id", "limit", "offset"))
     account = await _account(request, caller)
     filters = _usage_filters(request)
     limit, offset = _page(request)
@@ -867,12 +806,12 @@ async def list_usage(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def get_usage_totals(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("account", "since", "until", "model", "key_id", "group_by"))
+    check_query(request, ("account", "since", "until", "model", "key_id", "group_by"))
     account = await _account(request, caller)
     filters = _usage_filters(request)
     group_by = request.query.get("group_by", "day")
     if group_by not in GROUP_BYS:
-        raise _bad("group_by", f"'group_by' must be one of {', '.join(GROUP_BYS)}.")
+        raise bad("group_by", f"'group_by' must be one of {', '.join(GROUP_BYS)}.")
     totals = await request.app[STORE].usage_totals(account_id=account.id, **filters,
                                                    group_by=group_by)  # type: ignore[arg-type]
     return _list([usage_total_json(t, group_by) for t in totals])
@@ -886,17 +825,17 @@ _HTML_HEADERS = {
 
 
 async def get_statement(request: web.Request, caller: Caller) -> web.Response:
-    _query(request, ("account", "format"))
+    check_query(request, ("account", "format"))
     month = request.match_info["month"]
     try:
         parse_month(month)
     except ValueError as exc:
-        raise _bad("month", f"The statement period {exc}.") from None
+        raise bad("month", f"The statement period {exc}.") from None
     fmt = request.query.get("format")
     if fmt is None:
         fmt = "html" if "text/html" in request.headers.get("Accept", "") else "json"
     if fmt not in ("json", "html"):
-        raise _bad("format", "'format' must be json or html.")
+        raise bad("format", "'format' must be json or html.")
     account = await _account(request, caller)
     statement = await build_statement(request.app[STORE], account, month)
     if fmt == "json":
@@ -938,52 +877,14 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 """(method, path under /admin/v1, handler): the authenticated endpoints."""
 
 
-def _errors_as_json(call: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            return await call(request)
-        except GatewayError as exc:
-            return exc.response()
-        except NotFound as exc:
-            return GatewayError(404, str(exc), code="not_found").response()
-        except LastOwnerError as exc:
-            return GatewayError(409, f"{exc}.", code="last_owner").response()
-        except Conflict as exc:
-            return GatewayError(409, f"Conflict: {exc}.", code="conflict").response()
-        except StoreError as exc:
-            log.error("admin API: the store failed: %s", type(exc).__name__)
-            return GatewayError(503, "The account database is unavailable; retry shortly.",
-                                code="store_unavailable").response()
-        except web.HTTPException:
-            raise
-        except Exception:
-            log.exception("admin API: unexpected error on %s %s", request.method, request.path)
-            return GatewayError(500, "The admin API failed to handle the request.",
-                                code="internal_error").response()
-
-    handle.__name__ = getattr(call, "__name__", "admin")
-    return handle
-
-
 def _authenticated(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         response = await handler(request, await authenticate(request))
-        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     handle.__name__ = f"admin_{handler.__name__}"
-    return _errors_as_json(handle)
-
-
-def _method_not_allowed(allowed: list[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
-    allow = ", ".join(allowed)
-
-    async def handle(request: web.Request) -> web.Response:
-        return GatewayError(405, f"{request.method} is not supported on {request.path}; use {allow}.",
-                            code="method_not_allowed", headers={"Allow": allow}).response()
-
-    return handle
+    return errors_as_json(handle)
 
 
 async def _unknown(request: web.Request) -> web.Response:
@@ -991,16 +892,8 @@ async def _unknown(request: web.Request) -> web.Response:
                         code="unknown_url").response()
 
 
-def add_routes(app: web.Application) -> None:
-    by_path: dict[str, list[tuple[str, Handler]]] = {}
-    for method, path, handler in ROUTES:
-        by_path.setdefault(path, []).append((method, handler))
-    for path, handlers in by_path.items():
-        resource = app.router.add_resource(PREFIX + path)
-        for method, handler in handlers:
-            resource.add_route(method, _authenticated(handler))
-        resource.add_route("*", _method_not_allowed([m for m, _ in handlers]))
-    spec = app.router.add_resource(PREFIX + "/openapi.json")
-    spec.add_route("GET", _errors_as_json(openapi))
-    spec.add_route("*", _method_not_allowed(["GET"]))
+def add_routes(app: web.Application, *more: tuple[tuple[str, str, Handler], ...]) -> None:
+    """This module's ROUTES and ``more`` (the privacy endpoints): one resource per path, every method on it."""
+    routes = [(method, path, _authenticated(handler)) for method, path, handler in (*ROUTES, *(r for m in more for r in m))]
+    http.add_routes(app, PREFIX, [*routes, ("GET", "/openapi.json", errors_as_json(openapi))])
     app.router.add_route("*", PREFIX + "/{tail:.*}", _unknown)

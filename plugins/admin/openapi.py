@@ -1,8 +1,10 @@
 """The OpenAPI 3.1 document of the admin API (``GET /admin/v1/openapi.json``).
 
 Kept as Python next to the handlers in ``api.py`` and ``privacy.py`` so it ships without
-package-data; tests/test_admin_api.py fails when a route and this document
-disagree.
+package-data. It is the contract clients generate code from, so it declares what the server checks
+(id patterns, text without control characters, ranges); where a rule cannot be written in it, the
+server answers within what it documents. tests/plugins/admin/test_admin_api.py fails when a route and
+this document disagree; test_openapi_schemathesis.py runs schemathesis (every check) against it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,24 @@ from typing import Any
 
 from nexgate_proxy import __version__
 
+from .http import ID_PATTERN
 from .privacy_openapi import OPENAPI_PATHS, OPENAPI_SCHEMAS
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
+_ID = {"type": "string", "pattern": ID_PATTERN}
+_NO_CONTROL = r"[^\u0000-\u001f\u007f]"
+_TEXT_PATTERN = rf"^{_NO_CONTROL}*[^\s\u0000-\u001f\u007f]{_NO_CONTROL}*$"
+"""Not blank, no control characters (surrounding spaces are trimmed)."""
+
+
+def _text(max_length: int, **more: Any) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": max_length, "pattern": _TEXT_PATTERN, **more}
+
+
+_EMAIL = {"type": "string", "minLength": 1, "maxLength": 320, "pattern": rf"^{_NO_CONTROL}*@{_NO_CONTROL}*$"}
+_LIMIT_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$"}
+_MONTH = {"type": "string", "pattern": r"^(19[7-9]\d|[2-8]\d{3}|9[0-8]\d{2}|99[0-8]\d|999[0-8])-(0[1-9]|1[0-2])$",
+          "description": "A UTC calendar month, `YYYY-MM`, from 1970-01 to 9998-12."}
 _TIMESTAMP = {"type": "string", "format": "date-time", "description": "ISO-8601, UTC (`Z`)."}
 _NULLABLE_TIMESTAMP = {"type": ["string", "null"], "format": "date-time", "description": "ISO-8601, UTC (`Z`)."}
 _ROLE = {"type": "string", "enum": ["owner", "admin", "member"]}
@@ -34,6 +51,7 @@ _ORG_LIMITS = {
         "concurrent": {**_LIMIT_VALUE, "description": "Requests in flight at once; 0: none."},
     },
     "additionalProperties": False,
+    "propertyNames": _LIMIT_NAME,
     "description": "The operator's overrides of the organization's rate limits, per name over "
                    "`limits.orgs.<org_id>` and then `limits.org` of the YAML config; null: none.",
 }
@@ -129,13 +147,7 @@ _SCHEMAS: dict[str, Any] = {
                                "description": "null: every model."},
             "limits": {"type": ["object", "null"]},
         }, "Key metadata. Neither the key nor its hash is ever returned, except `key` on creation."),
-    "CreatedApiKey": {
-        "allOf": [
-            {**_ref("ApiKey")},
-            {"type": "object", "required": ["key"], "properties": {
-                "key": {"type": "string", "description": "The plaintext key. Shown this once: store it now."}}},
-        ],
-    },
+    "CreatedApiKey": "filled in below: ApiKey and the plaintext `key`",
     "Caller": _object(["object", "superadmin", "user", "orgs", "clerk"], {
         "object": {"const": "caller"},
         "superadmin": {"type": "boolean", "description": "True for the bootstrap admin token."},
@@ -248,33 +260,45 @@ _SCHEMAS: dict[str, Any] = {
     "MemberList": _list_of("Member"),
     "ApiKeyList": _list_of("ApiKey"),
     "CreateUser": _object([], {
-        "external_id": {"type": "string", "maxLength": 255},
-        "email": {"type": "string", "maxLength": 320},
-        "name": {"type": "string", "maxLength": 200},
+        "external_id": _text(255),
+        "email": _EMAIL,
+        "name": _text(200),
     }),
     "CreateOrganization": _object(["name"], {
-        "name": {"type": "string", "minLength": 1, "maxLength": 200},
-        "owner_user_id": {"type": "string", "description": "Required for the superadmin; a user becomes the owner."},
+        "name": _text(200),
+        "owner_user_id": {**_ID, "description": "The owner; the caller by default (the superadmin, who owns "
+                                                "nothing, must give it: 404 otherwise)."},
     }),
     "AddMember": _object(["user_id"], {
-        "user_id": {"type": "string"},
+        "user_id": _ID,
         "role": {**_ROLE, "default": "member"},
     }),
     "UpdateMember": _object(["role"], {"role": _ROLE}),
     "UpdateOrganization": _object(["limits"], {"limits": _ORG_LIMITS}),
-    "CreateApiKey": _object(["name"], {
-        "name": {"type": "string", "minLength": 1, "maxLength": 200},
-        "org_id": {"type": "string", "description": "Create an organization key (caller: its admin or owner)."},
-        "user_id": {"type": "string", "description": "Superadmin only: the user whose personal key this is."},
+    "CreateApiKey": {**_object(["name"], {
+        "name": _text(200),
+        "org_id": {**_ID, "description": "Create an organization key (caller: its admin or owner)."},
+        "user_id": {**_ID, "description": "The user whose personal key this is: the caller by default (the "
+                                         "superadmin, who has no keys, must give it or `org_id`: 404 otherwise)."},
         "expires_at": {"type": "string", "format": "date-time",
-                       "description": "ISO-8601 with a timezone, in the future."},
-        "allowed_models": {"type": "array", "minItems": 1, "maxItems": 256, "items": {"type": "string"},
+                       "description": "ISO-8601 with a timezone, in the future (409 `expires_at_passed` if not)."},
+        "allowed_models": {"type": "array", "minItems": 1, "maxItems": 256, "items": _text(200),
                            "description": "Model aliases the key may use; omit for every model."},
-        "limits": {"type": "object", "maxProperties": 32,
-                   "additionalProperties": {"oneOf": [{"type": "number", "minimum": 0},
-                                                      {"type": "string", "maxLength": 64}]},
+        "limits": {"type": "object", "maxProperties": 32, "propertyNames": _LIMIT_NAME,
+                   "additionalProperties": {"oneOf": [
+                       {"type": "number", "minimum": 0},
+                       {"type": "string", "minLength": 1, "maxLength": 64, "pattern": rf"^{_NO_CONTROL}*$"}]},
                    "description": "Limit overrides read by the limits plugin."},
-    }),
+    }), "not": {"required": ["org_id", "user_id"]},
+                     "description": "A personal key (`user_id`) or an organization key (`org_id`), not both."},
+}
+
+_SCHEMAS["CreatedApiKey"] = {
+    **_SCHEMAS["ApiKey"],
+    "required": [*_SCHEMAS["ApiKey"]["required"], "key"],
+    "properties": {**_SCHEMAS["ApiKey"]["properties"], "key": {
+        "type": "string", "description": "The plaintext key. Shown this once: store it now."}},
+    "description": "The new key's metadata and, this once, its plaintext `key`.",
 }
 
 _ERRORS = {
@@ -283,8 +307,10 @@ _ERRORS = {
     "Forbidden": "The caller may not do this.",
     "NotFound": "Unknown id, or one the caller may not see.",
     "Conflict": "The change conflicts with existing data (duplicate, last owner).",
+    "TooLarge": "The request body is larger than 64 KiB.",
 }
-_STATUS = {"BadRequest": "400", "Unauthorized": "401", "Forbidden": "403", "NotFound": "404", "Conflict": "409"}
+_STATUS = {"BadRequest": "400", "Unauthorized": "401", "Forbidden": "403", "NotFound": "404", "Conflict": "409",
+           "TooLarge": "413"}
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -296,7 +322,7 @@ def _op(operation_id: str, summary: str, ok: tuple[str, str, str], *errors: str,
         description: str | None = None, tag: str | None = None) -> dict[str, Any]:
     status, schema, what = ok
     responses: dict[str, Any] = {status: _json(schema, what)}
-    for name in ("BadRequest", "Unauthorized", *errors):
+    for name in ("BadRequest", "Unauthorized", *errors, *(("TooLarge",) if body else ())):
         responses[_STATUS[name]] = {"$ref": f"#/components/responses/{name}"}
     op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": [tag or operation_id.split("_")[-1]],
                           "responses": responses}
@@ -310,7 +336,7 @@ def _op(operation_id: str, summary: str, ok: tuple[str, str, str], *errors: str,
 
 
 def _path(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    return {"name": name, "in": "path", "required": True, "schema": _ID}
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -319,19 +345,19 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 _PAGE = [
     _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Page size."),
-    _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Rows to skip."),
+    _query("offset", {"type": "integer", "minimum": 0, "maximum": 1_000_000_000, "default": 0}, "Rows to skip."),
 ]
 _INCLUDE_REVOKED = _query("include_revoked", {"type": "boolean", "default": False}, "Also list revoked keys.")
-_ACCOUNT = _query("account", {"type": "string"},
-                  "A user or organization id. Default: the caller's own account (the superadmin must give one).")
+_ACCOUNT = _query("account", _ID, "A user or organization id. Default: the caller's own account (the superadmin, "
+                                  "who has none, must give one: 404 otherwise).")
+_MOMENT = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}]}
 _PERIOD = [
-    _query("since", {"type": "string", "format": "date-time"},
-           "Inclusive. ISO-8601 with a timezone (`2025-01-01T00:00:00Z`), or a date (UTC midnight)."),
-    _query("until", {"type": "string", "format": "date-time"}, "Exclusive; same format as `since`."),
+    _query("since", _MOMENT, "Inclusive. ISO-8601 with a timezone (`2025-01-01T00:00:00Z`), or a date (UTC midnight)."),
+    _query("until", _MOMENT, "Exclusive; same format as `since`. Not after `since`: an empty period."),
 ]
 _USAGE_FILTERS = [
-    _query("model", {"type": "string"}, "Only this model alias."),
-    _query("key_id", {"type": "string"}, "Only requests made with this API key."),
+    _query("model", _text(200), "Only this model alias."),
+    _query("key_id", _ID, "Only requests made with this API key."),
 ]
 _MONEY_ACCESS = ("Your own account; an organization's for its admins and owners (403 for members); any for the "
                  "superadmin. Other users' personal accounts answer 404.")
@@ -340,8 +366,7 @@ _MONEY_ACCESS = ("Your own account; an organization's for its admins and owners 
 def _statement_op() -> dict[str, Any]:
     op = _op("get_statements", "A monthly statement, as JSON or a printable HTML page",
              ("200", "Statement", "The statement."), "Forbidden", "NotFound",
-             parameters=[{"name": "month", "in": "path", "required": True,
-                          "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"},
+             parameters=[{"name": "month", "in": "path", "required": True, "schema": _MONTH,
                           "description": "The UTC calendar month, `YYYY-MM`."},
                          _ACCOUNT,
                          _query("format", {"type": "string", "enum": ["json", "html"]},
@@ -411,12 +436,12 @@ _PATHS: dict[str, Any] = {
     },
     "/admin/v1/keys": {
         "post": _op("create_keys", "Create an API key", ("201", "CreatedApiKey", "The key, with its plaintext once."),
-                    "Forbidden", "NotFound", body="CreateApiKey",
+                    "Forbidden", "NotFound", "Conflict", body="CreateApiKey",
                     description="A personal key of the caller, or an organization key with `org_id`."),
         "get": _op("list_keys", "The caller's personal keys", ("200", "ApiKeyList", "Key metadata."),
                    "NotFound", parameters=[
-                       _query("user_id", {"type": "string"},
-                              "Whose keys: the caller's own (default); any user's for the superadmin."),
+                       _query("user_id", _ID, "Whose keys: the caller's own (default); any user's for the "
+                                              "superadmin, who has none and must give it (404 otherwise)."),
                        _INCLUDE_REVOKED]),
     },
     "/admin/v1/balance": {

@@ -40,7 +40,6 @@ import csv
 import io
 import json
 import logging
-import re
 import zipfile
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -48,20 +47,18 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from nexgate_proxy import GatewayError
 from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.money import format_usd
 from nexgate_proxy.store import (
-    AnonymizedUser, ChangeFeed, LastOwnerError, LedgerEntry, NotFound, Store, StoreError, UsageRecord,
+    AnonymizedUser, ChangeFeed, LedgerEntry, NotFound, Store, UsageRecord,
 )
 from .privacy_openapi import EXPORT_VERSION
-from .api import ADMIN, Caller, authenticate, iso, key_json, user_json
+from .api import Caller, iso, key_json, user_json
+from .http import bad, check_query, is_id, not_found
 
 log = logging.getLogger("nexgate.privacy")
 
-PREFIX = "/admin/v1"
 PAGE_SIZE = 1000
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # ------------------------------------------------------------------ deletion
 
@@ -225,44 +222,30 @@ def export_csv_zip(document: dict[str, Any]) -> bytes:
 Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 
 
-def _not_found(what: str = "user") -> GatewayError:
-    return GatewayError(404, f"No such {what}.", code="not_found")
-
-
-def _bad(param: str, message: str) -> GatewayError:
-    return GatewayError(400, message, code="invalid_request", param=param)
-
-
-def _check_query(request: web.Request, known: tuple[str, ...]) -> None:
-    for name in request.query:
-        if name not in known:
-            raise _bad(name, f"Unknown query parameter '{name}' (known: {', '.join(known) or 'none'}).")
-
-
 async def _own_account(request: web.Request, caller: Caller) -> str:
     """The path's user id if the caller is that user or the superadmin; 404 for anyone else's (not 403)."""
     user_id = request.match_info["user_id"]
-    if _ID.fullmatch(user_id) is None:
-        raise _not_found()
+    if not is_id(user_id):
+        raise not_found("user")
     if not caller.superadmin and (caller.user is None or caller.user.id != user_id):
-        raise _not_found()
+        raise not_found("user")
     if await request.app[STORE].get_user(user_id) is None:
-        raise _not_found()
+        raise not_found("user")
     return user_id
 
 
 async def delete_user(request: web.Request, caller: Caller) -> web.Response:
-    _check_query(request, ())
+    check_query(request, ())
     user_id = await _own_account(request, caller)
     result = await delete_account(request.app[STORE], request.app[FEED], user_id)
     return web.json_response(deletion_json(result))
 
 
 async def export_user(request: web.Request, caller: Caller) -> web.Response:
-    _check_query(request, ("format",))
+    check_query(request, ("format",))
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "csv"):
-        raise _bad("format", "'format' must be json or csv.")
+        raise bad("format", "'format' must be json or csv.")
     user_id = await _own_account(request, caller)
     document = await build_export(request.app[STORE], user_id)
     if fmt == "json":
@@ -276,46 +259,4 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/users/{user_id}", delete_user),
     ("GET", "/users/{user_id}/export", export_user),
 )
-"""(method, path under /admin/v1, handler)."""
-
-
-def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            if ADMIN not in request.app:
-                raise GatewayError(404, f"Unknown admin API path {request.path!r}.", code="unknown_url")
-            response = await handler(request, await authenticate(request))
-        except GatewayError as exc:
-            return exc.response()
-        except NotFound:
-            return _not_found().response()
-        except LastOwnerError as exc:
-            return GatewayError(409, f"{exc}.", code="last_owner").response()
-        except StoreError as exc:
-            log.error("privacy API: the store failed: %s", type(exc).__name__)
-            return GatewayError(503, "The account database is unavailable; retry shortly.",
-                                code="store_unavailable").response()
-        except web.HTTPException:
-            raise
-        except Exception:
-            log.exception("privacy API: unexpected error on %s %s", request.method, request.path)
-            return GatewayError(500, "The admin API failed to handle the request.", code="internal_error").response()
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
-    handle.__name__ = f"admin_{handler.__name__}"
-    return handle
-
-
-async def _method_not_allowed(request: web.Request) -> web.Response:
-    return GatewayError(405, f"{request.method} is not supported on {request.path}; use GET.",
-                        code="method_not_allowed", headers={"Allow": "GET"}).response()
-
-
-def add_routes(app: web.Application) -> None:
-    """Before the admin API's own routes: its /users/{user_id} resource answers 405 to every other method."""
-    for method, path, handler in ROUTES:
-        resource = app.router.add_resource(PREFIX + path)
-        resource.add_route(method, _endpoint(handler))
-        if path.endswith("/export"):
-            resource.add_route("*", _method_not_allowed)
+"""(method, path under /admin/v1, handler): routed with the admin API's own (``api.add_routes``)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .http import ID_PATTERN
+
 EXPORT_VERSION = 1
 """The version of the export document's shape."""
 
@@ -36,7 +38,8 @@ def _responses(ok: dict[str, Any], *errors: str) -> dict[str, Any]:
     return responses
 
 
-_USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_USER_ID = {"name": "user_id", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": ID_PATTERN}}
 
 OPENAPI_SCHEMAS: dict[str, Any] = {
     "UserDeleted": _object({

@@ -128,7 +128,10 @@ def parse_time(value: str) -> datetime:
         raise ValueError("must be an ISO-8601 date or date-time with a timezone, e.g. 2025-01-31T00:00:00Z") from None
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("needs a timezone, e.g. 2025-01-31T00:00:00Z")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError("is out of range (years 1 to 9999 in UTC)") from None
 
 
 # ---------------------------------------------------------------- statements

@@ -123,6 +123,17 @@ async def org_with(admin: Admin, owner: str, name: str = "Acme", **members: str)
 # ------------------------------------------------------------------ OpenAPI
 
 
+async def test_405_allow_lists_every_method_the_document_gives_the_path(gateway: Gateway) -> None:
+    """One resource per path: /users/{user_id} has the admin API's GET and the privacy endpoints' DELETE."""
+    async with aiohttp.ClientSession() as session:
+        for path, operations in build_openapi()["paths"].items():
+            url = gateway.url + path.replace("{month}", "2025-01").replace("{", "").replace("}", "")
+            async with session.request("PUT", url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+                assert resp.status == 405, path
+                assert set(resp.headers["Allow"].split(", ")) == {m.upper() for m in operations}, path
+                assert (await resp.json())["error"]["code"] == "method_not_allowed"
+
+
 async def test_openapi_document_matches_the_routes(gateway: Gateway) -> None:
     registered = set()
     for route in gateway.app.router.routes():
@@ -402,7 +413,7 @@ async def test_org_roles_and_membership_rules(admin: Admin) -> None:
 async def test_superadmin_creates_orgs_for_users(admin: Admin) -> None:
     _, erin_id = await admin.user("user_erin")
     missing = await admin.call("POST", "/orgs", json_body={"name": "Ops"})
-    assert missing.status == 400 and missing.error["param"] == "owner_user_id"
+    assert missing.status == 404 and missing.error["param"] == "owner_user_id"
     unknown = await admin.call("POST", "/orgs", json_body={"name": "Ops", "owner_user_id": "usr_nobody"})
     assert unknown.status == 404 and unknown.error["param"] == "owner_user_id"
     created = await admin.call("POST", "/orgs", json_body={"name": "Ops", "owner_user_id": erin_id})
@@ -554,8 +565,10 @@ async def test_personal_keys_are_private(admin: Admin) -> None:
     assert (await admin.call("DELETE", f"/keys/{key['id']}")).body["revoked_at"] is not None
 
     # The superadmin has no personal keys but can make and list them for a user.
-    assert (await admin.call("POST", "/keys", json_body={"name": "x"})).error["param"] == "user_id"
-    assert (await admin.call("GET", "/keys")).error["param"] == "user_id"
+    # What defaults to the caller's own does not exist for it: 404 naming what to give (the request is valid).
+    for method, body in (("POST", {"name": "x"}), ("GET", None)):
+        reply = await admin.call(method, "/keys", json_body=body)
+        assert (reply.status, reply.error["param"]) == (404, "user_id"), reply.body
     made = await admin.call("POST", "/keys", json_body={"name": "for bob", "user_id": bob_id})
     assert made.status == 201 and made.body["user_id"] == bob_id and made.body["created_by"] is None
     assert await chat(admin, made.body["key"])
@@ -630,8 +643,11 @@ async def test_client_mistakes_are_4xx_with_the_field_named(admin: Admin) -> Non
         ("POST", "/keys", b'{"name": "\\ud800"}', 400, "name"),
         ("POST", "/keys", {"name": "k", "expires_at": "tomorrow"}, 400, "expires_at"),
         ("POST", "/keys", {"name": "k", "expires_at": "2999-01-01T00:00:00"}, 400, "expires_at"),
-        ("POST", "/keys", {"name": "k", "expires_at": past}, 400, "expires_at"),
+        ("POST", "/keys", {"name": "k", "expires_at": past}, 409, "expires_at"),
         ("POST", "/keys", {"name": "k", "expires_at": 1893456000}, 400, "expires_at"),
+        ("POST", "/keys", {"name": "k", "expires_at": "0001-01-01T00:00:00+23:59"}, 400, "expires_at"),  # was a 500
+        ("POST", "/keys", {"name": None}, 400, "name"),  # null is no string: the document says string
+        ("POST", "/keys", {"name": "k", "org_id": None}, 400, "org_id"),
         ("POST", "/keys", {"name": "k", "allowed_models": "gpt-test"}, 400, "allowed_models"),
         ("POST", "/keys", {"name": "k", "allowed_models": []}, 400, "allowed_models"),
         ("POST", "/keys", {"name": "k", "allowed_models": [1]}, 400, "allowed_models"),
@@ -650,6 +666,9 @@ async def test_client_mistakes_are_4xx_with_the_field_named(admin: Admin) -> Non
         ("PATCH", f"/orgs/{org}/members/{user_id}", {"role": "superuser"}, 400, "role"),
         ("PATCH", f"/orgs/{org}/members/{user_id}", {"role": "admin", "x": 1}, 400, "x"),
         ("GET", "/keys?include_revoked=maybe", None, 400, "include_revoked"),
+        ("GET", "/keys?include_revoked=1", None, 400, "include_revoked"),  # a boolean is true or false
+        ("GET", "/orgs?offset=1000000001", None, 400, "offset"),
+        ("GET", "/orgs?offset=%2B1", None, 400, "offset"),
         ("GET", "/keys?colour=red", None, 400, "colour"),
         ("GET", "/orgs?limit=0", None, 400, "limit"),
         ("GET", "/orgs?limit=ten", None, 400, "limit"),
@@ -676,6 +695,8 @@ async def test_client_mistakes_are_4xx_with_the_field_named(admin: Admin) -> Non
         ("/users", {"email": "a@b.c", "admin": True}, "admin"),
         ("/users", {"name": "x" * 201}, "name"),
         ("/orgs", {"name": "x", "owner_user_id": 5}, "owner_user_id"),
+        ("/orgs", {"name": "x", "owner_user_id": None}, "owner_user_id"),
+        ("/users", {"email": "  "}, "email"),
     ]
     for path, body, param in superadmin_cases:
         reply = await admin.call("POST", path, json_body=body)

@@ -149,13 +149,19 @@ async def test_bad_money_queries_are_400(admin: Admin) -> None:
     for path, param in [
         ("/usage/totals?group_by=week", "group_by"), ("/transactions?since=yesterday", "since"),
         ("/transactions?since=2025-01-01T00:00:00", "since"),  # no timezone
-        ("/usage?since=2025-02-01&until=2025-01-01", "until"), ("/usage?limit=0", "limit"),
+        ("/usage?since=0001-01-01T00:00:00%2B23:59", "since"),  # before year 1 in UTC: was a 500
+        ("/transactions?until=9999-12-31T23:59:59-23:59", "until"),  # after year 9999 in UTC
+        ("/usage?limit=0", "limit"), ("/usage?offset=1000000001", "offset"), ("/usage?limit=1_0", "limit"),
+        ("/usage?model=", "model"),
         ("/usage?limit=1001", "limit"), ("/balance?colour=blue", "colour"), ("/usage?key_id=not%20an%20id", "key_id"),
         ("/statements/2025-13", "month"), ("/statements/2025-1", "month"), ("/statements/abcd-ef", "month"),
         ("/statements/1969-12", "month"), ("/statements/2025-01?format=xml", "format"),
     ]:
         reply = await admin.call("GET", path, token)
         assert (reply.status, reply.error["param"]) == (400, param), (path, reply.body)
+    # A period that ends before it starts is empty, not an error (the document cannot say `since < until`).
+    empty = await admin.call("GET", "/usage?since=2025-02-01&until=2025-01-01", token)
+    assert (empty.status, empty.body["data"]) == (200, [])
     # Offsets with a '+' sent unencoded (a space) still parse.
     assert (await admin.call("GET", "/transactions?since=2025-01-01T00:00:00+00:00", token)).status == 200
     assert (await admin.call("GET", "/transactions?since=2025-01-01T02:00:00%2B02:00", token)).status == 200
