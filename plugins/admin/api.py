@@ -54,7 +54,8 @@ from aiohttp import web
 
 from nexgate_proxy import GatewayError
 from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
-from nexgate_proxy.appkeys import BUS, STORE
+from nexgate_proxy.abuse import request_ip
+from nexgate_proxy.appkeys import ABUSE, BUS, STORE
 from nexgate_proxy.state.bus import InvalidationBus
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
 from nexgate_plugins.credits.statements import (
@@ -210,6 +211,25 @@ def _unauthorized(message: str) -> GatewayError:
 
 
 async def authenticate(request: web.Request) -> Caller:
+    """The caller, after the abuse guard: a denied or banned IP is refused, and a wrong admin token
+    or an invalid session token counts toward the same bans as a wrong API key."""
+    guard = request.app.get(ABUSE)
+    ip = request_ip(request) if guard is not None else ""
+    if guard is not None:
+        refusal = guard.check(ip)
+        if refusal is not None:
+            raise refusal
+    try:
+        return await _caller(request)
+    except GatewayError as exc:
+        if guard is not None and exc.status == 401:
+            pending = guard.count(ip, failed=True)
+            if pending is not None:
+                await pending
+        raise
+
+
+async def _caller(request: web.Request) -> Caller:
     settings = request.app[ADMIN].auth
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")

@@ -15,7 +15,8 @@ from nexgate_proxy.accounts import API_KEY_EVENT, ORG_EVENT
 from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.state.bus import EVICT_ALL
 
-from nexgate_proxy.keys import cache_key, parse_key, verify_secret_async
+from nexgate_proxy.abuse import AbuseGuard
+from nexgate_proxy.keys import VerifierBusy, cache_key, parse_key, verify_secret_async
 from nexgate_proxy.store import ApiKeyRow, Store, StoreError
 
 
@@ -143,6 +144,13 @@ def _invalid() -> GatewayError:
                         headers={"WWW-Authenticate": 'Bearer realm="nexgate"'})
 
 
+def _key_locked(public_id: str, ms: int) -> GatewayError:
+    seconds = max(1, -(-ms // 1000))
+    return GatewayError(401, f"Too many failed attempts with the key id {public_id} recently; a key not verified "
+                        f"on this gateway before is checked again in {seconds}s.", code="invalid_api_key",
+                        headers={"WWW-Authenticate": 'Bearer realm="nexgate"', "Retry-After": str(seconds)})
+
+
 def _epoch(moment: datetime | None) -> float | None:
     return moment.timestamp() if moment is not None else None
 
@@ -153,6 +161,10 @@ class KeyAuthenticator:
         self.cache = KeyCache(settings.cache_ttl, settings.negative_ttl, settings.cache_size)
         self.store: Store | None = None
         self.bcrypt_calls = 0
+        self.bcrypt_skipped = 0
+        """Verifications refused without a bcrypt (key id locked, queue full)."""
+        self.guard: AbuseGuard | None = None
+        """The ratelimit plugin's guard (``app[ABUSE]``), set at startup when that plugin runs."""
         self.store_lookups = 0
         self.org_lookups = 0
         self._inflight: dict[bytes, asyncio.Future[_Verified]] = {}
@@ -211,10 +223,7 @@ class KeyAuthenticator:
             self.cache.refuse(digest, now)
             raise _invalid()
         if self.cache.verified_hash(digest) != row.secret_hash:
-            self.bcrypt_calls += 1
-            if not await verify_secret_async(parsed.secret, row.secret_hash):
-                self.cache.refuse(digest, now)
-                raise _invalid()
+            await self._bcrypt(parsed.public_id, parsed.secret, row.secret_hash, digest, now)
         if row.revoked_at is not None:
             self.cache.refuse(digest, now)
             raise GatewayError(401, "This API key has been revoked.", code="invalid_api_key")
@@ -224,6 +233,25 @@ class KeyAuthenticator:
         if self.cache.generation == generation:
             self.cache.put(digest, entry)
         return entry
+
+    async def _bcrypt(self, public_id: str, secret: str, secret_hash: str, digest: bytes, now: float) -> None:
+        """The one costly step, bounded: a key id past its failure budget (forged secrets for a public
+        prefix) costs no bcrypt, and a full verification queue answers 503 at once."""
+        guard = self.guard
+        locked_ms = guard.key_locked_ms(public_id) if guard is not None else 0
+        if locked_ms:
+            self.bcrypt_skipped += 1
+            raise _key_locked(public_id, locked_ms)
+        self.bcrypt_calls += 1
+        try:
+            verified = await verify_secret_async(secret, secret_hash)
+        except VerifierBusy:
+            self.bcrypt_skipped += 1
+            raise GatewayError(503, "Too many API keys are being verified right now; retry shortly.",
+                               code="auth_busy", headers={"Retry-After": "1"}) from None
+        if not verified:
+            self.cache.refuse(digest, now)
+            raise _invalid()
 
     async def _org_limits(self, org_id: str) -> dict[str, Any]:
         """The organization's overrides from the store, read once per verification."""
