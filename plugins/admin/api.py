@@ -55,7 +55,7 @@ from aiohttp import web
 from nexgate_proxy import GatewayError
 from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
 from nexgate_proxy.abuse import request_ip
-from nexgate_proxy.appkeys import ABUSE, BUS, STORE
+from nexgate_proxy.appkeys import ABUSE, BUS, CONFIG, STORE
 from nexgate_proxy.state.bus import InvalidationBus
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
 from nexgate_plugins.credits.statements import (
@@ -86,7 +86,7 @@ from nexgate_proxy.store import (
 from nexgate_proxy.store.base import GROUP_BYS
 from .openapi import build_openapi
 from nexgate_plugins.auth.settings import AuthSettings
-from nexgate_plugins.ratelimit.settings import Quota
+from nexgate_plugins.ratelimit.settings import LIMITS_SECTION, Quota, raised_limit
 
 log = logging.getLogger("nexgate.admin")
 
@@ -422,6 +422,21 @@ def _limits(data: Mapping[str, Any]) -> dict[str, Any] | None:
     return dict(limits)
 
 
+def _lower_only(request: web.Request, limits: Mapping[str, Any]) -> None:
+    """Users and organization admins may tighten a key's limits below the operator's, never raise or lift
+    them (``limits.key.*``); only the superadmin (and the CLI, which is the operator) may."""
+    try:
+        ceiling = request.app[CONFIG].section(LIMITS_SECTION).key
+    except LookupError:  # the ratelimit plugin is off: there are no limits to raise
+        return
+    problem = raised_limit(limits, ceiling)
+    if problem is not None:
+        name, why, is_raise = problem
+        error = _forbidden(f"'limits.{name}' {why}.") if is_raise else _bad(None, f"'limits.{name}' {why}.")
+        error.param = f"limits.{name}"
+        raise error
+
+
 def parse_org_limits(value: Any) -> dict[str, Any] | None:
     """An organization's overrides: a key's ``limits`` rules, limited to the names the rate limiter reads.
 
@@ -745,6 +760,8 @@ async def create_key(request: web.Request, caller: Caller) -> web.Response:
         if user_id is not None and user_id != caller.user.id:
             raise GatewayError(404, "No such user.", code="not_found", param="user_id")
         owner = {"user_id": caller.user.id}
+    if limits and not caller.superadmin:
+        _lower_only(request, limits)
     created = await create_api_key(
         store, name=name, **owner, created_by=caller.user.id if caller.user else None, expires_at=expires_at,
         allowed_models=allowed_models, limits=limits, bcrypt_rounds=request.app[ADMIN].auth.bcrypt_rounds)

@@ -24,6 +24,9 @@ from .settings import AuthSettings
 
 log = logging.getLogger("nexgate.auth")
 
+MAX_VERIFICATIONS_PER_KEY_ID = 2
+"""bcrypts at once for different secrets of one key id; more answer 503 at once (the same secret, sent
+concurrently, shares one verification)."""
 TOUCH_INTERVAL = 30.0
 """Seconds between batched writes of keys' last-used times."""
 
@@ -144,6 +147,11 @@ def _invalid() -> GatewayError:
                         headers={"WWW-Authenticate": 'Bearer realm="nexgate"'})
 
 
+def _busy() -> GatewayError:
+    return GatewayError(503, "Too many API keys are being verified right now; retry shortly.",
+                        code="auth_busy", headers={"Retry-After": "1"})
+
+
 def _key_locked(public_id: str, ms: int) -> GatewayError:
     seconds = max(1, -(-ms // 1000))
     return GatewayError(401, f"Too many failed attempts with the key id {public_id} recently; a key not verified "
@@ -168,6 +176,8 @@ class KeyAuthenticator:
         self.store_lookups = 0
         self.org_lookups = 0
         self._inflight: dict[bytes, asyncio.Future[_Verified]] = {}
+        self._verifying: dict[str, int] = {}
+        """public key id -> bcrypts running for it (different secrets for one key id: likely forged)."""
         self._last_used: dict[str, float] = {}
         self._toucher: asyncio.Task[None] | None = None
 
@@ -242,13 +252,21 @@ class KeyAuthenticator:
         if locked_ms:
             self.bcrypt_skipped += 1
             raise _key_locked(public_id, locked_ms)
+        running = self._verifying.get(public_id, 0)
+        if running >= MAX_VERIFICATIONS_PER_KEY_ID:
+            self.bcrypt_skipped += 1
+            raise _busy()
+        self._verifying[public_id] = running + 1
         self.bcrypt_calls += 1
         try:
             verified = await verify_secret_async(secret, secret_hash)
         except VerifierBusy:
             self.bcrypt_skipped += 1
-            raise GatewayError(503, "Too many API keys are being verified right now; retry shortly.",
-                               code="auth_busy", headers={"Retry-After": "1"}) from None
+            raise _busy() from None
+        finally:
+            left = self._verifying.pop(public_id) - 1
+            if left:
+                self._verifying[public_id] = left
         if not verified:
             self.cache.refuse(digest, now)
             raise _invalid()

@@ -207,3 +207,24 @@ def parse_key_rules(limits: Mapping[str, Any], default: Quota) -> tuple[KeyRules
     return KeyRules(Quota(*values), nets[0], nets[1]), bad
 
 
+
+
+def raised_limit(requested: Mapping[str, Any], ceiling: Quota) -> tuple[str, str, bool] | None:
+    """The first quota in a key's ``limits`` that is not a lowering of the operator's ``ceiling``: its name,
+    why, and whether it is a raise (else a value that is not a whole number).
+
+    Users and organization admins may only tighten their keys: a value above the operator's, or 0
+    ("no limit") where the operator set one, is a raise only the superadmin may give. A quota must be
+    a whole number here (a value the rate limiter could not read would silently mean the default).
+    """
+    for name in _QUOTA_KEYS:
+        if name not in requested:
+            continue
+        value = requested[name]
+        limit = getattr(ceiling, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return name, "must be a whole number (0: no limit)", False
+        if limit and (value == 0 or value > limit):
+            shown = "0 (no limit)" if value == 0 else str(value)
+            return name, f"is {shown}, above the gateway's limit of {limit}; only the superadmin raises limits", True
+    return None
