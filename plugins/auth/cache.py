@@ -76,6 +76,10 @@ class KeyCache:
         entry = self._due.pop(digest, None)
         return None if entry is None else entry.secret_hash
 
+    def was_verified(self, digest: bytes) -> bool:
+        """This exact key was verified here and is due to be checked again (see ``verified_hash``)."""
+        return digest in self._due
+
     def put(self, digest: bytes, entry: _Verified) -> None:
         if len(self._verified) >= self.max_size:
             # Drop the oldest insertion; a re-verification costs one bcrypt, not a failure.
@@ -154,9 +158,9 @@ def _busy() -> GatewayError:
 
 def _key_locked(public_id: str, ms: int) -> GatewayError:
     seconds = max(1, -(-ms // 1000))
-    return GatewayError(401, f"Too many failed attempts with the key id {public_id} recently; a key not verified "
-                        f"on this gateway before is checked again in {seconds}s.", code="invalid_api_key",
-                        headers={"WWW-Authenticate": 'Bearer realm="nexgate"', "Retry-After": str(seconds)})
+    return GatewayError(429, f"Too many failed attempts with the key id {public_id} recently; keys with it are "
+                        f"not verified for {seconds}s.", code="key_verification_limited",
+                        headers={"Retry-After": str(seconds)})
 
 
 def _epoch(moment: datetime | None) -> float | None:
@@ -221,6 +225,14 @@ class KeyAuthenticator:
         if parsed is None:
             self.cache.refuse(digest, now)
             raise _invalid()
+        guard = self.guard
+        if guard is not None and not self.cache.was_verified(digest):
+            # Forged secrets for a public key id: past its failure budget they cost no lookup and no
+            # bcrypt. A 429, not a 401: the owner of a key not verified here yet is not banned for it.
+            locked_ms = guard.key_locked_ms(parsed.public_id)
+            if locked_ms:
+                self.bcrypt_skipped += 1
+                raise _key_locked(parsed.public_id, locked_ms)
         assert self.store is not None, "the auth plugin starts after the store"
         try:
             self.store_lookups += 1
@@ -245,13 +257,7 @@ class KeyAuthenticator:
         return entry
 
     async def _bcrypt(self, public_id: str, secret: str, secret_hash: str, digest: bytes, now: float) -> None:
-        """The one costly step, bounded: a key id past its failure budget (forged secrets for a public
-        prefix) costs no bcrypt, and a full verification queue answers 503 at once."""
-        guard = self.guard
-        locked_ms = guard.key_locked_ms(public_id) if guard is not None else 0
-        if locked_ms:
-            self.bcrypt_skipped += 1
-            raise _key_locked(public_id, locked_ms)
+        """The one costly step, bounded: a few at once per key id, and a full queue answers 503 at once."""
         running = self._verifying.get(public_id, 0)
         if running >= MAX_VERIFICATIONS_PER_KEY_ID:
             self.bcrypt_skipped += 1

@@ -129,7 +129,8 @@ async def test_forged_secrets_for_a_known_key_id_cost_bounded_bcrypt_and_the_rea
     bcrypts = len(verified) - before
     print(f"bcrypts for 200 forged keys: {bcrypts}; real key latency max {max(latencies) * 1000:.0f} ms "
           f"over {len(latencies)} requests; statuses {sorted(set(statuses))}")
-    assert set(statuses) <= {401, 503}, statuses  # refused; 503 = the verification queue was full
+    # 401: a bcrypt said no; 429: the key id's budget is spent (no bcrypt); 503: its verifications are busy
+    assert set(statuses) <= {401, 429, 503} and 429 in statuses, statuses
     # 10 failures lock the key id; at most MAX_VERIFICATIONS_PER_KEY_ID more were already running.
     assert bcrypts <= 10 + MAX_VERIFICATIONS_PER_KEY_ID, bcrypts
     assert gw.app[AUTH].bcrypt_skipped >= 200 - bcrypts - 1
@@ -137,8 +138,33 @@ async def test_forged_secrets_for_a_known_key_id_cost_bounded_bcrypt_and_the_rea
     # Afterwards the attack costs nothing at all, and the real key still answers.
     async with aiohttp.ClientSession() as session:
         for i in range(20):
-            status, _ = await call(session, gw, "POST", "/v1/chat/completions", forged(public_id),
-                                   {"X-Forwarded-For": f"192.0.2.{i + 1}"})
-            assert status == 401
+            status, body = await call(session, gw, "POST", "/v1/chat/completions", forged(public_id),
+                                      {"X-Forwarded-For": f"192.0.2.{i + 1}"})
+            assert status == 429 and body["error"]["code"] == "key_verification_limited", body
         assert (await call(session, gw, "POST", "/v1/chat/completions", gw.api_key, legit))[0] == 200
     assert len(verified) - before == bcrypts
+
+
+@pytest.mark.redis
+async def test_the_key_id_budget_is_shared_through_redis(upstream: FakeUpstream, start_gateway: StartGateway,
+                                                         redis_url: str) -> None:
+    config = gateway_config(upstream, server={"trusted_proxies": ["127.0.0.1/32"]}, state={"url": redis_url},
+                            limits={"redis_prefix": f"abuse-{secrets.token_hex(4)}",
+                                    "brute_force": {"max_key_failures": 3}})
+    gw = await start_gateway(config)
+    public_id = parse_key(gw.api_key).public_id  # type: ignore[union-attr]
+    auth = gw.app[AUTH]
+    real = {"X-Forwarded-For": "198.51.100.1"}
+    async with aiohttp.ClientSession() as session:
+        assert (await call(session, gw, "GET", "/v1/models", gw.api_key, real))[0] == 200
+        for i in range(3):
+            headers = {"X-Forwarded-For": f"192.0.2.{i + 1}"}
+            status, body = await call(session, gw, "GET", "/v1/models", forged(public_id), headers)
+            assert status == 401 and "Incorrect API key" in body["error"]["message"]
+        calls, lookups = auth.bcrypt_calls, auth.store_lookups
+        status, body = await call(session, gw, "GET", "/v1/models", forged(public_id), {"X-Forwarded-For": "192.0.2.50"})
+        assert status == 429 and body["error"]["code"] == "key_verification_limited", body
+        assert (auth.bcrypt_calls, auth.store_lookups) == (calls, lookups)  # no bcrypt, not even a lookup
+        # The verified key keeps working during the lock, from anywhere.
+        assert (await call(session, gw, "GET", "/v1/models", gw.api_key, real))[0] == 200
+        assert (await call(session, gw, "GET", "/v1/models", gw.api_key, {"X-Forwarded-For": "192.0.2.50"}))[0] == 200
