@@ -34,6 +34,14 @@ are the operator's abuse control: only the superadmin sets them, and only the
 superadmin's view of an organization shows them (members never see them, so
 org owners cannot learn or raise their own ceiling through this API).
 
+A key's own ``limits`` (``POST /keys``) may only tighten the operator's ``limits.key`` unless the
+superadmin sets them: users and organization admins cannot raise or lift (0) them. The CLI acts
+as the operator and may set anything.
+
+Every authenticated call passes the abuse guard first (``app[ABUSE]``): a denied or banned IP is
+refused 403, and a wrong admin token or an invalid session token counts toward the same bans as a
+wrong API key on ``/v1/*``.
+
 The OpenAPI document of this API is served at ``GET /admin/v1/openapi.json``
 (without authentication: it describes the API, not its data).
 """
