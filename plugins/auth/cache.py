@@ -225,14 +225,8 @@ class KeyAuthenticator:
         if parsed is None:
             self.cache.refuse(digest, now)
             raise _invalid()
-        guard = self.guard
-        if guard is not None and not self.cache.was_verified(digest):
-            # Forged secrets for a public key id: past its failure budget they cost no lookup and no
-            # bcrypt. A 429, not a 401: the owner of a key not verified here yet is not banned for it.
-            locked_ms = guard.key_locked_ms(parsed.public_id)
-            if locked_ms:
-                self.bcrypt_skipped += 1
-                raise _key_locked(parsed.public_id, locked_ms)
+        if not self.cache.was_verified(digest):
+            self._refuse_if_locked(parsed.public_id)  # no lookup either
         assert self.store is not None, "the auth plugin starts after the store"
         try:
             self.store_lookups += 1
@@ -256,14 +250,23 @@ class KeyAuthenticator:
             self.cache.put(digest, entry)
         return entry
 
+    def _refuse_if_locked(self, public_id: str) -> None:
+        """Forged secrets for a public key id: past its failure budget they cost no bcrypt. A 429, not a
+        401: the owner of a key not verified here yet is not banned for the attack."""
+        guard = self.guard
+        locked_ms = guard.key_locked_ms(public_id) if guard is not None else 0
+        if locked_ms:
+            self.bcrypt_skipped += 1
+            raise _key_locked(public_id, locked_ms)
+
     async def _bcrypt(self, public_id: str, secret: str, secret_hash: str, digest: bytes, now: float) -> None:
         """The one costly step, bounded: a few at once per key id, and a full queue answers 503 at once."""
+        self._refuse_if_locked(public_id)  # again: the budget may have run out during the lookup
         running = self._verifying.get(public_id, 0)
         if running >= MAX_VERIFICATIONS_PER_KEY_ID:
             self.bcrypt_skipped += 1
             raise _busy()
         self._verifying[public_id] = running + 1
-        self.bcrypt_calls += 1
         try:
             verified = await verify_secret_async(secret, secret_hash)
         except VerifierBusy:
@@ -273,6 +276,7 @@ class KeyAuthenticator:
             left = self._verifying.pop(public_id) - 1
             if left:
                 self._verifying[public_id] = left
+        self.bcrypt_calls += 1
         if not verified:
             self.cache.refuse(digest, now)
             raise _invalid()

@@ -126,23 +126,24 @@ async def test_forged_secrets_for_a_known_key_id_cost_bounded_bcrypt_and_the_rea
                 await asyncio.sleep(0.01)
 
         await asyncio.gather(real_user(), *(attack(i) for i in range(200)))
-    bcrypts = len(verified) - before
-    print(f"bcrypts for 200 forged keys: {bcrypts}; real key latency max {max(latencies) * 1000:.0f} ms "
-          f"over {len(latencies)} requests; statuses {sorted(set(statuses))}")
+    print(f"bcrypts for 200 forged keys: {len(verified) - before}; real key latency max "
+          f"{max(latencies) * 1000:.0f} ms over {len(latencies)} requests; statuses {sorted(set(statuses))}")
     # 401: a bcrypt said no; 429: the key id's budget is spent (no bcrypt); 503: its verifications are busy
-    assert set(statuses) <= {401, 429, 503} and 429 in statuses, statuses
-    # 10 failures lock the key id; at most MAX_VERIFICATIONS_PER_KEY_ID more were already running.
-    assert bcrypts <= 10 + MAX_VERIFICATIONS_PER_KEY_ID, bcrypts
-    assert gw.app[AUTH].bcrypt_skipped >= 200 - bcrypts - 1
+    assert set(statuses) <= {401, 429, 503}, statuses
     assert latencies and max(latencies) < 1.0, sorted(latencies)[-5:]
-    # Afterwards the attack costs nothing at all, and the real key still answers.
+    # The attack goes on, one at a time: once 10 failures are counted it costs no bcrypt at all.
+    later: list[int] = []
     async with aiohttp.ClientSession() as session:
         for i in range(20):
             status, body = await call(session, gw, "POST", "/v1/chat/completions", forged(public_id),
                                       {"X-Forwarded-For": f"192.0.2.{i + 1}"})
-            assert status == 429 and body["error"]["code"] == "key_verification_limited", body
+            later.append(status)
+        assert later[-5:] == [429] * 5 and body["error"]["code"] == "key_verification_limited", (later, body)
         assert (await call(session, gw, "POST", "/v1/chat/completions", gw.api_key, legit))[0] == 200
-    assert len(verified) - before == bcrypts
+    bcrypts = len(verified) - before
+    # 10 failures lock the key id; at most MAX_VERIFICATIONS_PER_KEY_ID more were already running.
+    assert bcrypts <= 10 + MAX_VERIFICATIONS_PER_KEY_ID, bcrypts
+    assert gw.app[AUTH].bcrypt_skipped >= 220 - bcrypts - 1
 
 
 @pytest.mark.redis
