@@ -15,7 +15,9 @@ plugin is in ``DEFAULT_PLUGINS``):
 * credits: grants that user ``BENCH_CREDITS_USD``, so every request is priced,
   held and settled, and none is refused for want of credit.
 * ratelimit: per-key rpm and tpm limits far above what a run reaches
-  (``NEXGATE_BENCH_LIMITS=rpm`` or ``all``, i.e. with concurrency, to choose others).
+  (``NEXGATE_BENCH_LIMITS=rpm`` or ``all``, i.e. with concurrency, to choose others), and the
+  default abuse controls (brute-force bans); the pseudo-plugin ``abuse`` in ``disable``
+  (``--variant "no abuse controls=abuse"``) turns those off.
 * usage_log: its outbox directory in the temp dir.
 
 Extending it when a built-in plugin joins
@@ -92,7 +94,10 @@ def gateway_setup(upstream_url: str, port: int, workdir: Path, disable: list[str
     # to see what each costs. The reported figures use the full chain (nothing disabled).
     if disable is None:
         disable = [name for name in os.environ.get("NEXGATE_BENCH_DISABLE", "").split(",") if name]
-    disabled = list(disable)
+    # "abuse" is not a plugin: it turns the ratelimit plugin's default abuse controls (brute-force
+    # counting, checked on every request) off, to measure what the secure defaults cost.
+    abuse_off = "abuse" in disable
+    disabled = [name for name in disable if name != "abuse"]
     if disabled:
         config.setdefault("plugins", {})["disable"] = disabled
         config["privacy"] = {"allow_unguarded": "redaction" in disabled}
@@ -104,6 +109,8 @@ def gateway_setup(upstream_url: str, port: int, workdir: Path, disable: list[str
         # Limits a production key would have, far above what the run reaches: the checks are
         # measured (on the key, in the hot state of NEXGATE_BENCH_STATE_URL), never a 429.
         config["limits"] = {"key": bench_limits(os.environ.get("NEXGATE_BENCH_LIMITS", "rpm+tpm"))}
+        if abuse_off:
+            config["limits"]["brute_force"] = False
     if "nexgate_plugins.auth" in plugins:
         config["auth"] = {"required": True}
         grant = BENCH_CREDITS_USD if "nexgate_plugins.credits" in plugins else None

@@ -10,13 +10,14 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence
 import aiohttp
 from aiohttp import web
 
-from .appkeys import CHAIN, CONFIG, PROVIDERS, PROXY
+from .appkeys import ABUSE, CHAIN, CONFIG, PROVIDERS, PROXY
 from .clientip import client_ip
 from .config import Config, ConfigError
 from .context import RequestContext
 from .cors import Cors
 from .endpoints import ENDPOINTS, Endpoint
 from .errors import GatewayError
+from .keys import extract_key, parse_key
 from .plugins import HookChain, build_plugin_manager, configure
 from .providers.base import Provider
 from .proxy import Proxy, new_request_id
@@ -136,8 +137,25 @@ async def _authenticated(request: web.Request) -> RequestContext:
                          request=request, app=request.app,
                          client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For"),
                                              request.app[CONFIG].server.trusted_proxies))
-    await request.app[CHAIN].authenticate(ctx)
+    try:
+        await request.app[CHAIN].authenticate(ctx)
+    except GatewayError as exc:
+        if exc.status == 401:
+            await _count(ctx, failed=True)
+        raise
+    await _count(ctx, failed=False)
     return ctx
+
+
+async def _count(ctx: RequestContext, failed: bool) -> None:
+    """These routes skip admit/settle: the abuse guard counts them (``limits.ip.rpm``, failed keys) here."""
+    guard = ctx.app.get(ABUSE)
+    if guard is None:
+        return
+    parsed = parse_key(extract_key(ctx.headers)) if failed else None
+    pending = guard.count(ctx.client_ip, failed=failed, key_id=parsed.public_id if parsed else None)
+    if pending is not None:
+        await pending
 
 
 def _visible_models(request: web.Request, ctx: RequestContext) -> list[str]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .abuse import AbuseGuard
     from .state.bus import InvalidationBus
     from .config import Config
     from .plugins import HookChain
@@ -27,3 +28,5 @@ FEED: web.AppKey[ChangeFeed] = web.AppKey("nexgate.feed")
 """The store's change feed (started before plugins start): subscribe for credits and other store changes."""
 REDIS: web.AppKey[RedisClient] = web.AppKey("nexgate.redis")
 """The process's one Redis client (one connection, one circuit breaker), set when ``state.url`` is Redis."""
+ABUSE: web.AppKey[AbuseGuard] = web.AppKey("nexgate.abuse")
+"""IP lists, bans and failure budgets shared by every authenticated surface (see ``nexgate_proxy.abuse``)."""

@@ -149,10 +149,38 @@ def _bcrypt_executor() -> ThreadPoolExecutor:
         return _executor
 
 
+MAX_PENDING_VERIFICATIONS = 4 * _BCRYPT_WORKERS
+"""Verifications queued or running at once; past it ``verify_secret_async`` refuses at once (a flood of
+forged keys must not pile up threads and seconds of queue in front of real sign-ins)."""
+_pending = 0
+_pending_lock = threading.Lock()
+
+
+class VerifierBusy(Exception):
+    """Too many bcrypt verifications are queued: answer "retry shortly" instead of waiting."""
+
+
+def _verification_done(_: object) -> None:
+    global _pending
+    with _pending_lock:
+        _pending -= 1
+
+
 async def verify_secret_async(secret: str, secret_hash: str) -> bool:
-    """`verify_secret` off the event loop, on the dedicated bcrypt pool."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_bcrypt_executor(), verify_secret, secret, secret_hash)
+    """`verify_secret` off the event loop, on the dedicated bcrypt pool. Raises VerifierBusy when
+    ``MAX_PENDING_VERIFICATIONS`` are already queued or running."""
+    global _pending
+    with _pending_lock:
+        if _pending >= MAX_PENDING_VERIFICATIONS:
+            raise VerifierBusy
+        _pending += 1
+    try:
+        work = _bcrypt_executor().submit(verify_secret, secret, secret_hash)
+    except BaseException:
+        _verification_done(None)
+        raise
+    work.add_done_callback(_verification_done)  # when the work really ends, even if the caller gave up
+    return await asyncio.wrap_future(work)
 
 
 async def hash_secret_async(secret: str, *, rounds: int = DEFAULT_BCRYPT_ROUNDS) -> str:

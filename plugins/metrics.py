@@ -17,7 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from nexgate_proxy import UsageRecord, hookimpl
-from nexgate_proxy.appkeys import CHAIN
+from nexgate_proxy.abuse import request_ip
+from nexgate_proxy.appkeys import ABUSE, CHAIN
 from nexgate_proxy.config import Config
 
 
@@ -121,5 +122,9 @@ def nexgate_record(record: UsageRecord, app: web.Application) -> None:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    guard = request.app.get(ABUSE)
+    refusal = guard.check(request_ip(request)) if guard is not None else None
+    if refusal is not None:  # the gateway's IP lists and bans hold here too
+        return refusal.response()
     body = generate_latest(_Scrape(request.app))  # type: ignore[arg-type]
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

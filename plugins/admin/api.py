@@ -34,6 +34,14 @@ are the operator's abuse control: only the superadmin sets them, and only the
 superadmin's view of an organization shows them (members never see them, so
 org owners cannot learn or raise their own ceiling through this API).
 
+A key's own ``limits`` (``POST /keys``) may only tighten the operator's ``limits.key`` unless the
+superadmin sets them: users and organization admins cannot raise or lift (0) them. The CLI acts
+as the operator and may set anything.
+
+Every authenticated call passes the abuse guard first (``app[ABUSE]``): a denied or banned IP is
+refused 403, and a wrong admin token or an invalid session token counts toward the same bans as a
+wrong API key on ``/v1/*``.
+
 The OpenAPI document of this API is served at ``GET /admin/v1/openapi.json``
 (without authentication: it describes the API, not its data).
 """
@@ -53,7 +61,8 @@ from aiohttp import web
 
 from nexgate_proxy import GatewayError
 from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
-from nexgate_proxy.appkeys import FEED, STORE
+from nexgate_proxy.abuse import request_ip
+from nexgate_proxy.appkeys import ABUSE, CONFIG, FEED, STORE
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
 from nexgate_plugins.credits.statements import (
     Account,
@@ -95,7 +104,7 @@ from .http import (
 )
 from .openapi import build_openapi
 from nexgate_plugins.auth.settings import AuthSettings
-from nexgate_plugins.ratelimit.settings import Quota
+from nexgate_plugins.ratelimit.settings import LIMITS_SECTION, Quota, raised_limit
 
 log = logging.getLogger("nexgate.admin")
 
@@ -226,6 +235,25 @@ def _unauthorized(message: str) -> GatewayError:
 
 
 async def authenticate(request: web.Request) -> Caller:
+    """The caller, after the abuse guard: a denied or banned IP is refused, and a wrong admin token
+    or an invalid session token counts toward the same bans as a wrong API key."""
+    guard = request.app.get(ABUSE)
+    ip = request_ip(request) if guard is not None else ""
+    if guard is not None:
+        refusal = guard.check(ip)
+        if refusal is not None:
+            raise refusal
+    try:
+        return await _caller(request)
+    except GatewayError as exc:
+        if guard is not None and exc.status == 401:
+            pending = guard.count(ip, failed=True)
+            if pending is not None:
+                await pending
+        raise
+
+
+async def _caller(request: web.Request) -> Caller:
     settings = request.app[ADMIN].auth
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -355,6 +383,21 @@ def _limits(data: Mapping[str, Any]) -> dict[str, Any] | None:
         ):
             raise bad("limits", f"'limits.{name}' must be a non-negative number or a short string.")
     return dict(limits)
+
+
+def _lower_only(request: web.Request, limits: Mapping[str, Any]) -> None:
+    """Users and organization admins may tighten a key's limits below the operator's, never raise or lift
+    them (``limits.key.*``); only the superadmin (and the CLI, which is the operator) may."""
+    try:
+        ceiling = request.app[CONFIG].section(LIMITS_SECTION).key
+    except LookupError:  # the ratelimit plugin is off: there are no limits to raise
+        return
+    problem = raised_limit(limits, ceiling)
+    if problem is not None:
+        name, why, is_raise = problem
+        error = forbidden(f"'limits.{name}' {why}.") if is_raise else bad(None, f"'limits.{name}' {why}.")
+        error.param = f"limits.{name}"
+        raise error
 
 
 def parse_org_limits(value: Any) -> dict[str, Any] | None:
@@ -660,6 +703,8 @@ async def create_key(request: web.Request, caller: Caller) -> web.Response:
         if user_id is not None and user_id != caller.user.id:
             raise GatewayError(404, "No such user.", code="not_found", param="user_id")
         owner = {"user_id": caller.user.id}
+    if limits and not caller.superadmin:
+        _lower_only(request, limits)
     created = await create_api_key(
         store, name=name, **owner, created_by=caller.user.id if caller.user else None, expires_at=expires_at,
         allowed_models=allowed_models, limits=limits, bcrypt_rounds=request.app[ADMIN].auth.bcrypt_rounds)

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
-from nexgate_proxy.appkeys import BUS, STORE
+from nexgate_proxy.appkeys import ABUSE, BUS, STORE
 from nexgate_proxy.config import Config, ConfigSection
 from nexgate_proxy.keys import extract_key
 
@@ -52,6 +52,7 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     authenticator = app[AUTH]
     app[BUS].subscribe(authenticator.on_invalidation)
+    authenticator.guard = app.get(ABUSE)  # bounds the bcrypt work per key id (the ratelimit plugin's)
     authenticator.start(app[STORE])
     yield
     await authenticator.stop()

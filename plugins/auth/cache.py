@@ -15,7 +15,8 @@ from nexgate_proxy.accounts import API_KEY_EVENT, ORG_EVENT
 from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.state.bus import EVICT_ALL
 
-from nexgate_proxy.keys import cache_key, parse_key, verify_secret_async
+from nexgate_proxy.abuse import AbuseGuard
+from nexgate_proxy.keys import VerifierBusy, cache_key, parse_key, verify_secret_async
 from nexgate_proxy.store import ApiKeyRow, Store, StoreError
 
 
@@ -23,6 +24,9 @@ from .settings import AuthSettings
 
 log = logging.getLogger("nexgate.auth")
 
+MAX_VERIFICATIONS_PER_KEY_ID = 2
+"""bcrypts at once for different secrets of one key id; more answer 503 at once (the same secret, sent
+concurrently, shares one verification)."""
 TOUCH_INTERVAL = 30.0
 """Seconds between batched writes of keys' last-used times."""
 
@@ -71,6 +75,10 @@ class KeyCache:
         """
         entry = self._due.pop(digest, None)
         return None if entry is None else entry.secret_hash
+
+    def was_verified(self, digest: bytes) -> bool:
+        """This exact key was verified here and is due to be checked again (see ``verified_hash``)."""
+        return digest in self._due
 
     def put(self, digest: bytes, entry: _Verified) -> None:
         if len(self._verified) >= self.max_size:
@@ -143,6 +151,18 @@ def _invalid() -> GatewayError:
                         headers={"WWW-Authenticate": 'Bearer realm="nexgate"'})
 
 
+def _busy() -> GatewayError:
+    return GatewayError(503, "Too many API keys are being verified right now; retry shortly.",
+                        code="auth_busy", headers={"Retry-After": "1"})
+
+
+def _key_locked(public_id: str, ms: int) -> GatewayError:
+    seconds = max(1, -(-ms // 1000))
+    return GatewayError(429, f"Too many failed attempts with the key id {public_id} recently; keys with it are "
+                        f"not verified for {seconds}s.", code="key_verification_limited",
+                        headers={"Retry-After": str(seconds)})
+
+
 def _epoch(moment: datetime | None) -> float | None:
     return moment.timestamp() if moment is not None else None
 
@@ -153,9 +173,15 @@ class KeyAuthenticator:
         self.cache = KeyCache(settings.cache_ttl, settings.negative_ttl, settings.cache_size)
         self.store: Store | None = None
         self.bcrypt_calls = 0
+        self.bcrypt_skipped = 0
+        """Verifications refused without a bcrypt (key id locked, queue full)."""
+        self.guard: AbuseGuard | None = None
+        """The ratelimit plugin's guard (``app[ABUSE]``), set at startup when that plugin runs."""
         self.store_lookups = 0
         self.org_lookups = 0
         self._inflight: dict[bytes, asyncio.Future[_Verified]] = {}
+        self._verifying: dict[str, int] = {}
+        """public key id -> bcrypts running for it (different secrets for one key id: likely forged)."""
         self._last_used: dict[str, float] = {}
         self._toucher: asyncio.Task[None] | None = None
 
@@ -199,6 +225,8 @@ class KeyAuthenticator:
         if parsed is None:
             self.cache.refuse(digest, now)
             raise _invalid()
+        if not self.cache.was_verified(digest):
+            self._refuse_if_locked(parsed.public_id)  # no lookup either
         assert self.store is not None, "the auth plugin starts after the store"
         try:
             self.store_lookups += 1
@@ -211,10 +239,7 @@ class KeyAuthenticator:
             self.cache.refuse(digest, now)
             raise _invalid()
         if self.cache.verified_hash(digest) != row.secret_hash:
-            self.bcrypt_calls += 1
-            if not await verify_secret_async(parsed.secret, row.secret_hash):
-                self.cache.refuse(digest, now)
-                raise _invalid()
+            await self._bcrypt(parsed.public_id, parsed.secret, row.secret_hash, digest, now)
         if row.revoked_at is not None:
             self.cache.refuse(digest, now)
             raise GatewayError(401, "This API key has been revoked.", code="invalid_api_key")
@@ -224,6 +249,37 @@ class KeyAuthenticator:
         if self.cache.generation == generation:
             self.cache.put(digest, entry)
         return entry
+
+    def _refuse_if_locked(self, public_id: str) -> None:
+        """Forged secrets for a public key id: past its failure budget they cost no bcrypt. A 429, not a
+        401: the owner of a key not verified here yet is not banned for the attack."""
+        guard = self.guard
+        locked_ms = guard.key_locked_ms(public_id) if guard is not None else 0
+        if locked_ms:
+            self.bcrypt_skipped += 1
+            raise _key_locked(public_id, locked_ms)
+
+    async def _bcrypt(self, public_id: str, secret: str, secret_hash: str, digest: bytes, now: float) -> None:
+        """The one costly step, bounded: a few at once per key id, and a full queue answers 503 at once."""
+        self._refuse_if_locked(public_id)  # again: the budget may have run out during the lookup
+        running = self._verifying.get(public_id, 0)
+        if running >= MAX_VERIFICATIONS_PER_KEY_ID:
+            self.bcrypt_skipped += 1
+            raise _busy()
+        self._verifying[public_id] = running + 1
+        try:
+            verified = await verify_secret_async(secret, secret_hash)
+        except VerifierBusy:
+            self.bcrypt_skipped += 1
+            raise _busy() from None
+        finally:
+            left = self._verifying.pop(public_id) - 1
+            if left:
+                self._verifying[public_id] = left
+        self.bcrypt_calls += 1
+        if not verified:
+            self.cache.refuse(digest, now)
+            raise _invalid()
 
     async def _org_limits(self, org_id: str) -> dict[str, Any]:
         """The organization's overrides from the store, read once per verification."""

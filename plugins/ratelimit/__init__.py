@@ -15,7 +15,13 @@ Phases:
   A request that never reached ``admit`` (failed authentication, bad body) is
   counted against its IP there, and a 401 counts as a failed authentication
   per IP and per public key id; past the threshold the IP is banned on every
-  instance (announced on the invalidation bus, and in the hot state).
+  instance (announced on the invalidation bus, and in the hot state), and a
+  key id past its budget is locked: unknown secrets for it cost no bcrypt.
+
+Brute-force bans are on by default (``brute_force: false`` turns them off). The
+same checks guard every other authenticated surface through the abuse guard this
+plugin publishes at ``app[ABUSE]`` (``nexgate_proxy.abuse.AbuseGuard``): the
+admin API, ``/metrics`` and ``/v1/models`` check IPs and count failures there.
 
 Limits come from the ``limits:`` section, overridden per key by the key row's
 ``limits`` JSON (``rpm``, ``tpm``, ``concurrent``, ``allow``, ``deny``) and per
@@ -36,7 +42,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nexgate_proxy import RequestContext, hookimpl
-from nexgate_proxy.appkeys import BUS, REDIS
+from nexgate_proxy.appkeys import ABUSE, BUS, REDIS
 from nexgate_proxy.config import Config, ConfigSection
 
 from .limiter import ADMISSION, RateLimiter
@@ -55,8 +61,10 @@ def nexgate_config_sections() -> list[ConfigSection[Any]]:
 
 @hookimpl
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
-    app[LIMITER] = RateLimiter(config.section(LIMITS_SECTION), config.state_url,
-                               {alias: route.max_output_tokens for alias, route in config.models.items()})
+    limiter = RateLimiter(config.section(LIMITS_SECTION), config.state_url,
+                          {alias: route.max_output_tokens for alias, route in config.models.items()})
+    app[LIMITER] = limiter
+    app[ABUSE] = limiter  # the guard the admin API, /metrics, /v1/models and the auth plugin share
 
 
 @hookimpl

@@ -29,6 +29,7 @@ from .counters import (
     open_counters,
 )
 from nexgate_proxy.keys import extract_key, parse_key
+from nexgate_proxy.proxy import new_request_id
 
 from .settings import KeyRules, LimitSettings, Quota, parse_key_rules
 
@@ -37,7 +38,8 @@ log = logging.getLogger("nexgate.ratelimit")
 
 WINDOW_MS = 60_000
 BAN_EVENT = "ratelimit.ban"
-"""Bus message kind: value is ``"<ip subject> <milliseconds>"``."""
+"""Bus message kind: value is ``"<redis_prefix> <ip subject> <milliseconds>"`` (gateways sharing a Redis
+but not a prefix are different deployments: they do not share bans)."""
 MAX_LOCAL_ENTRIES = 100_000
 
 
@@ -194,6 +196,8 @@ class RateLimiter:
         """subject -> (until, refusal code, limit): a used-up request rate, refused without a round trip."""
         self._plans: dict[str, _Plan] = {}
         """key id -> its compiled checks (see ``_Plan``)."""
+        self._key_locks: dict[str, float] = {}
+        """public key id -> monotonic time its failure budget is back (see ``key_locked_ms``)."""
         self._warned_rules: set[str] = set()
         self.ip_subjects = bool(s.ip_rpm or s.brute_force)
         self._in_process = True
@@ -232,8 +236,9 @@ class RateLimiter:
     def on_bus(self, kind: str, value: str) -> None:
         if kind != BAN_EVENT:
             return
-        subject, _, ms = value.rpartition(" ")
-        if subject.startswith("ip:") and ms.isdigit():
+        prefix, _, rest = value.partition(" ")
+        subject, _, ms = rest.rpartition(" ")
+        if prefix == self.settings.redis_prefix and subject.startswith("ip:") and ms.isdigit():
             self._ban_locally(subject, int(ms))
 
     def _ban_locally(self, subject: str, ms: int) -> None:
@@ -273,24 +278,63 @@ class RateLimiter:
     # -- authenticate: local only
 
     def before_auth(self, ctx: RequestContext) -> None:
-        s = self.settings
-        address, subject = _ip_info(ctx.client_ip, s.ipv6_prefix)
-        if s.deny or s.allow:
-            if address is None:
-                if s.allow:
-                    self._refuse_local(ctx, _not_allowed())
-            elif (s.deny and _in(address, s.deny)) or (s.allow and not _in(address, s.allow)):
-                self._refuse_local(ctx, _not_allowed())
-        if not subject:
-            return
-        if self._bans:
-            ms = self.ban_ms(subject)
-            if ms:
-                self._refuse_local(ctx, _banned(ms))
+        refusal = self.check(ctx.client_ip)  # counted as a refusal there
+        if refusal is not None:
+            ctx.stash[ADMISSION] = None  # nothing taken: settle gives nothing back and counts nothing
+            raise refusal
         if self._blocked:
-            blocked = self._blocked_ms(subject)
+            subject = _ip_info(ctx.client_ip, self.settings.ipv6_prefix)[1]
+            blocked = self._blocked_ms(subject) if subject else None
             if blocked is not None:
                 self._refuse_local(ctx, self._rate_error(blocked[1], blocked[0], blocked[2], "ip"))
+
+    # -- the abuse guard (``nexgate_proxy.abuse.AbuseGuard``) other surfaces share
+
+    def check(self, ip: str) -> GatewayError | None:
+        """Deny/allow lists and bans: local dict lookups."""
+        s = self.settings
+        if s.deny or s.allow:
+            address = _ip_info(ip, s.ipv6_prefix)[0]
+            if address is None:
+                if s.allow:
+                    return self._refusal(_not_allowed())
+            elif (s.deny and _in(address, s.deny)) or (s.allow and not _in(address, s.allow)):
+                return self._refusal(_not_allowed())
+        if self._bans:
+            subject = _ip_info(ip, s.ipv6_prefix)[1]
+            ms = self.ban_ms(subject) if subject else 0
+            if ms:
+                return self._refusal(_banned(ms))
+        return None
+
+    def count(self, ip: str, *, failed: bool = False, key_id: str | None = None) -> Awaitable[None] | None:
+        if not (self.settings.ip_rpm or (failed and self.brute_force is not None)):
+            return None
+        return self._count(ip, failed, key_id)
+
+    def key_locked_ms(self, key_id: str) -> int:
+        entry = self._key_locks.get(key_id)
+        if entry is None:
+            return 0
+        left = entry - time.monotonic()
+        if left <= 0:
+            del self._key_locks[key_id]
+            return 0
+        return math.ceil(left * 1000)
+
+    def _lock_key(self, key_id: str, failures: int) -> None:
+        brute = self.brute_force
+        if brute is None or not brute.max_key_failures or failures < brute.max_key_failures:
+            return
+        if len(self._key_locks) >= MAX_LOCAL_ENTRIES:
+            now = time.monotonic()
+            self._key_locks = {k: v for k, v in self._key_locks.items() if v > now}
+        # From the last failure: an attack that goes on keeps its key id locked.
+        self._key_locks[key_id] = time.monotonic() + brute.window_ms / 1000
+
+    def _refusal(self, error: GatewayError) -> GatewayError:
+        self._count_refusal(error.code or "")
+        return error
 
     def _refuse_local(self, ctx: RequestContext, error: GatewayError) -> None:
         ctx.stash[ADMISSION] = None
@@ -530,8 +574,10 @@ class RateLimiter:
         """Correct the token reservation and free the slots without waiting: in-process at once, in Redis
         batched with the other releases of this loop iteration. Returns the IP note to await, if any."""
         stash = ctx.stash
-        if ADMISSION not in stash:
-            return self._note(ctx) if self.note_needed else None
+        if ADMISSION not in stash:  # admit never decided it: count it against its IP, if anything counts
+            if self.settings.ip_rpm or (ctx.status == 401 and self.brute_force is not None):
+                return self._note(ctx)
+            return None
         state = stash[ADMISSION]
         if state is None:
             return None  # refused, or nothing taken that settle must give back
@@ -546,27 +592,34 @@ class RateLimiter:
             pass  # leases and reservations expire on their own
         return None
 
-    async def _note(self, ctx: RequestContext) -> None:
-        s = self.settings
-        _, ip_subject = _ip_info(ctx.client_ip, s.ipv6_prefix)
-        if not ip_subject:
-            return
-        failed = self.brute_force is not None and ctx.status == 401
-        if not failed and not s.ip_rpm:
-            return
-        ip_check = Check(REQUESTS, ip_subject, s.ip_rpm) if s.ip_rpm else None
-        key_subject = None
+    def _note(self, ctx: RequestContext) -> Awaitable[None]:
+        """A request that never reached admit: its IP's rate, and a 401 as a failed authentication."""
+        failed = ctx.status == 401
+        key_id = None
         if failed:
             parsed = parse_key(extract_key(ctx.headers))
-            if parsed is not None:
-                key_subject = "kid:" + parsed.public_id
+            key_id = parsed.public_id if parsed is not None else None
+        return self._count(ctx.client_ip, failed, key_id, ctx.request_id)
+
+    async def _count(self, ip: str, failed: bool, key_id: str | None, member: str | None = None) -> None:
+        s = self.settings
+        _, ip_subject = _ip_info(ip, s.ipv6_prefix)
+        if not ip_subject:
+            return
         failure = self.brute_force if failed else None
+        if failure is None and not s.ip_rpm:
+            return
+        ip_check = Check(REQUESTS, ip_subject, s.ip_rpm) if s.ip_rpm else None
+        key_subject = "kid:" + key_id if failure is not None and key_id else None
+        member = member or new_request_id()
         try:
             self.state_calls += 1
-            noted = await self.backend.note(ctx.request_id, ip_check, ip_subject, failure, key_subject)
+            noted = await self.backend.note(member, ip_check, ip_subject, failure, key_subject)
         except StateUnavailable:
             self.fallback_decisions += 1
-            noted = await self.fallback.note(ctx.request_id, ip_check, ip_subject, failure, key_subject)
+            noted = await self.fallback.note(member, ip_check, ip_subject, failure, key_subject)
+        if key_subject is not None and key_id is not None:
+            self._lock_key(key_id, noted.key_failures)
         if noted.block_ms > 0 and ip_check is not None:
             self._block_locally(ip_subject, noted.block_ms, "ip_rate_limit", ip_check.limit)
         if noted.ban_ms > 0:
@@ -576,7 +629,7 @@ class RateLimiter:
                             noted.ban_ms // 1000)
                 if self._bus is not None:
                     try:
-                        await self._bus.publish(BAN_EVENT, f"{ip_subject} {noted.ban_ms}")
+                        await self._bus.publish(BAN_EVENT, f"{s.redis_prefix} {ip_subject} {noted.ban_ms}")
                     except Exception:
                         log.warning("could not announce a ban to other instances")
 

@@ -39,7 +39,8 @@ class LimitSettings:
     org: Quota = Quota()
     orgs: Mapping[str, Quota] = field(default_factory=dict)
     ip_rpm: int = 0
-    brute_force: BruteForce | None = None
+    brute_force: BruteForce | None = BruteForce()
+    """On unless turned off (``brute_force: false``): secure by default."""
     allow: tuple[IPNetwork, ...] = ()
     deny: tuple[IPNetwork, ...] = ()
     ipv6_prefix: int = 64
@@ -83,17 +84,7 @@ def parse_limit_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> 
     orgs = {str(org_id): _quota(r, spec, f"{p}.orgs.{org_id}", org)
             for org_id, spec in r.mapping(s.get("orgs"), f"{p}.orgs").items()}
     ip = r.mapping(s.get("ip"), f"{p}.ip", ("rpm",))
-    brute: BruteForce | None = None
-    if s.get("brute_force") is not None:
-        bp = f"{p}.brute_force"
-        b = r.mapping(s.get("brute_force"), bp, ("max_failures", "max_key_failures", "window", "ban"))
-        bd = BruteForce()
-        brute = BruteForce(
-            max_failures=r.value(b, "max_failures", bp, int, bd.max_failures, _int_at_least(1)),
-            max_key_failures=r.value(b, "max_key_failures", bp, int, bd.max_key_failures, _int_at_least(0)),
-            window_ms=int(r.value(b, "window", bp, float, bd.window_ms / 1000, _positive) * 1000),
-            ban_ms=int(r.value(b, "ban", bp, float, bd.ban_ms / 1000, _positive) * 1000),
-        )
+    brute = _brute_force(r, s.get("brute_force"), f"{p}.brute_force")
     failure = r.value(s, "redis_failure", p, str, d.redis_failure)
     if failure not in ("open", "closed"):
         r.problem(f"{p}.redis_failure", f"must be 'open' (limit in-process) or 'closed' (refuse with 503), "
@@ -122,6 +113,23 @@ def parse_limit_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> 
         concurrency_lease=r.value(s, "concurrency_lease", p, float, d.concurrency_lease,
                                   lambda v: None if v >= 1 else "must be at least 1 (seconds)"),
     )
+
+
+def _brute_force(r: ConfigReader, raw: Any, bp: str) -> BruteForce | None:
+    """On by default; ``false`` turns it off, and so do both budgets at 0."""
+    if raw is False:
+        return None
+    if raw is None or raw is True:
+        return BruteForce()
+    b = r.mapping(raw, bp, ("max_failures", "max_key_failures", "window", "ban"))
+    bd = BruteForce()
+    brute = BruteForce(
+        max_failures=r.value(b, "max_failures", bp, int, bd.max_failures, _int_at_least(0)),
+        max_key_failures=r.value(b, "max_key_failures", bp, int, bd.max_key_failures, _int_at_least(0)),
+        window_ms=int(r.value(b, "window", bp, float, bd.window_ms / 1000, _positive) * 1000),
+        ban_ms=int(r.value(b, "ban", bp, float, bd.ban_ms / 1000, _positive) * 1000),
+    )
+    return brute if brute.max_failures or brute.max_key_failures else None
 
 
 def _positive(v: float) -> str | None:
@@ -199,3 +207,24 @@ def parse_key_rules(limits: Mapping[str, Any], default: Quota) -> tuple[KeyRules
     return KeyRules(Quota(*values), nets[0], nets[1]), bad
 
 
+
+
+def raised_limit(requested: Mapping[str, Any], ceiling: Quota) -> tuple[str, str, bool] | None:
+    """The first quota in a key's ``limits`` that is not a lowering of the operator's ``ceiling``: its name,
+    why, and whether it is a raise (else a value that is not a whole number).
+
+    Users and organization admins may only tighten their keys: a value above the operator's, or 0
+    ("no limit") where the operator set one, is a raise only the superadmin may give. A quota must be
+    a whole number here (a value the rate limiter could not read would silently mean the default).
+    """
+    for name in _QUOTA_KEYS:
+        if name not in requested:
+            continue
+        value = requested[name]
+        limit = getattr(ceiling, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return name, "must be a whole number (0: no limit)", False
+        if limit and (value == 0 or value > limit):
+            shown = "0 (no limit)" if value == 0 else str(value)
+            return name, f"is {shown}, above the gateway's limit of {limit}; only the superadmin raises limits", True
+    return None

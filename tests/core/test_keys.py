@@ -164,6 +164,35 @@ async def test_verify_async_runs_off_the_event_loop() -> None:
     assert ticks > 3  # the loop kept running while bcrypt worked
 
 
+async def test_a_flood_of_verifications_is_refused_at_once_past_the_queue_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    release = threading.Event()
+    started = []
+
+    def slow(secret: str, secret_hash: str) -> bool:  # a bcrypt that takes as long as the test wants
+        started.append(secret)
+        release.wait(5)
+        return False
+
+    monkeypatch.setattr(keys_module, "verify_secret", slow)
+    bound = keys.MAX_PENDING_VERIFICATIONS
+    waiting = [asyncio.ensure_future(verify_secret_async(f"s{i}", "h")) for i in range(bound)]
+    await asyncio.sleep(0)
+    began = time.perf_counter()
+    for _ in range(50):  # past the bound: no thread, no queue, an answer at once
+        with pytest.raises(keys.VerifierBusy):
+            await verify_secret_async("forged", "h")
+    assert time.perf_counter() - began < 0.5
+    release.set()
+    assert await asyncio.gather(*waiting) == [False] * bound
+    assert "forged" not in started
+    monkeypatch.setattr(keys_module, "verify_secret", lambda secret, secret_hash: True)
+    assert await verify_secret_async("again", "h")  # the slots came back
+
+
 async def test_hash_secret_async() -> None:
     hashed = await keys.hash_secret_async("s" * 32, rounds=FAST_ROUNDS)
     assert await verify_secret_async("s" * 32, hashed)

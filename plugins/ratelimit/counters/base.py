@@ -106,9 +106,10 @@ class Release:
 @dataclass(frozen=True, slots=True)
 class BruteForce:
     max_failures: int = 20
-    """Failed authentications from one IP within ``window_ms`` that ban it."""
-    max_key_failures: int = 0
-    """Failures against one public key id within the window after which every IP failing on it is banned (0: off)."""
+    """Failed authentications from one IP within ``window_ms`` that ban it (0: off)."""
+    max_key_failures: int = 10
+    """Failures against one public key id within the window after which every IP failing on it is banned,
+    and unknown secrets for it are refused without a bcrypt (0: off)."""
     window_ms: int = 300_000
     ban_ms: int = 900_000
 
@@ -121,6 +122,8 @@ class Noted:
     """> 0: the IP's request rate is used up for this long."""
     new_ban: bool = False
     """This call created the ban (announce it to other instances)."""
+    key_failures: int = 0
+    """Failures counted against ``key_subject`` in its current window (0 when none was given)."""
 
 
 class Counters(abc.ABC):

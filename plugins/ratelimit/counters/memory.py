@@ -188,6 +188,7 @@ class MemoryCounters(Counters):
                     self._bans[ip_subject] = now + failure.ban_ms
                     noted.new_ban = True
                 self._failures.pop("f:" + ip_subject, None)
+            noted.key_failures = key_count
         until = self._bans.get(ip_subject)
         if until is not None and until > now:
             noted.ban_ms = until - now

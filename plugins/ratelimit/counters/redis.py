@@ -220,12 +220,12 @@ if limit > 0 then
   end
 end
 local created = 0
+local kf = 0
 if ARGV[4] == '1' then
   local max_failures, max_key_failures = tonumber(ARGV[5]), tonumber(ARGV[6])
   local fwindow = tonumber(ARGV[7])
   local f = redis.call('INCR', KEYS[2])
   if f == 1 then redis.call('PEXPIRE', KEYS[2], fwindow) end
-  local kf = 0
   if ARGV[9] == '1' then
     kf = redis.call('INCR', KEYS[3])
     if kf == 1 then redis.call('PEXPIRE', KEYS[3], fwindow) end
@@ -240,7 +240,7 @@ if KEYS[4] ~= '' then
   local ttl = redis.call('PTTL', KEYS[4])
   if ttl > 0 then ban = ttl end
 end
-return {ban, block, created}
+return {ban, block, created, kf}
 """
 
 RENEW_LUA = """
@@ -573,7 +573,7 @@ class RedisCounters(RedisScripts, Counters):
                 f.window_ms if f else 0, f.ban_ms if f else 0, 1 if key_subject else 0]
         result = await self.call("note", keys, args)
         assert isinstance(result, list)
-        return Noted(result[0], result[1], bool(result[2]))
+        return Noted(result[0], result[1], bool(result[2]), result[3])
 
     # -- concurrency leases of requests still in flight
 

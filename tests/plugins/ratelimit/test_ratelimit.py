@@ -93,15 +93,17 @@ async def test_headers_on_successes_and_errors(upstream: FakeUpstream, start_gat
         assert "999" not in headers.values()
 
 
-async def test_no_limits_configured_costs_no_state_call(upstream: FakeUpstream, start_gateway: StartGateway) -> None:
+async def test_no_limits_configured_costs_a_good_request_no_state_call(upstream: FakeUpstream,
+                                                                       start_gateway: StartGateway) -> None:
     gw = await start_gateway(gateway_config(upstream))
     limiter = gw.app[LIMITER]
     async with aiohttp.ClientSession() as session:
         for _ in range(5):
             status, headers, _ = await post(session, gw, gw.api_key)
             assert status == 200 and not any(h.startswith("x-ratelimit") for h in headers)
+        assert limiter.state_calls == 0
         await post(session, gw, "ngk_bad")
-    assert limiter.state_calls == 0 and not limiter.pre_auth
+    assert limiter.state_calls == 1  # brute-force counting is on by default: only the failure is counted
 
 
 # ------------------------------------------------------------ exactly N
@@ -468,7 +470,7 @@ def test_malformed_limits_are_rejected_with_their_key_paths(upstream: FakeUpstre
         "org": "fast",
         "orgs": {"org_1": {"concurrent": 1.5}},
         "ip": {"rpm": True},
-        "brute_force": {"max_failures": 0, "ban": -1},
+        "brute_force": {"max_failures": -1, "ban": -1},
         "allow": ["10.0.0.0/8", "nope", {"a": 1}],
         "deny": "10.0.0.0/8",
         "redis_failure": "maybe",
@@ -480,7 +482,7 @@ def test_malformed_limits_are_rejected_with_their_key_paths(upstream: FakeUpstre
     for expected in ["limits.kye: unknown key; did you mean 'key'?", "limits.key.rpm: expected an integer",
                      "limits.key.tpm: must be an integer >= 0", "limits.key.burst: unknown key",
                      "limits.org: expected a mapping", "limits.orgs.org_1.concurrent: expected an integer",
-                     "limits.ip.rpm: expected an integer", "limits.brute_force.max_failures: must be an integer >= 1",
+                     "limits.ip.rpm: expected an integer", "limits.brute_force.max_failures: must be an integer >= 0",
                      "limits.brute_force.ban: must be greater than 0", "limits.allow[1]: 'nope' is not an IP",
                      "limits.allow[2]: expected an IP address or CIDR", "limits.deny: expected a list",
                      "limits.redis_failure: must be 'open'", "limits.redis_timeout_ms: must be between"]:
