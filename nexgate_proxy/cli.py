@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Sequence
 
+from . import plugins
 from .config import Config, ConfigError, demo_config, find_config, load_config
 from .plugins import PluginError
 
@@ -20,7 +21,7 @@ def _load(args: argparse.Namespace) -> Config:
     if path is None:
         raise ConfigError("nexgate", ["no config file: pass --config PATH, set NEXGATE_CONFIG, "
                                       "or try `nexgate serve --demo`"])
-    return load_config(path)
+    return plugins.load_config(path)  # every problem, the plugins' sections' too
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     from .app import build_app
 
     try:
-        config = load_config(args.path)
+        config = plugins.load_config(args.path)
         build_app(config)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)

@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
-from .config import Config, ConfigError, find_config, load_config
-from .plugins import resolve_config
+from .config import Config, ConfigError, find_config
+from .plugins import load_config, resolve_config
 from .store import Conflict, LastOwnerError, NotFound, SchemaError, Store, StoreError, open_store
 
 """Same lookup as ``nexgate serve`` (nexgate_proxy.cli)."""

@@ -34,9 +34,11 @@ KNOWN_PROVIDER_TYPES_HINT = "openai, anthropic, azure, gemini, echo"
 class ConfigError(Exception):
     """The config has problems; ``problems`` lists each as "key.path: what is wrong"."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
+    def __init__(self, source: str, problems: list[str], partial: Config | None = None) -> None:
         self.source = source
         self.problems = problems
+        self.partial = partial
+        """What parsed of the core sections, so the plugins' sections can be checked too (one pass)."""
         super().__init__(self.render())
 
     def render(self) -> str:
@@ -647,9 +649,7 @@ def parse_config(data: Any, source: str = "<config>", env: Mapping[str, str] | N
         unparsed={str(k): v for k, v in top.items() if k not in CORE_SECTION_NAMES},
     )
     if problems:
-        from .plugins import section_problems  # the plugin manager needs this module first
-
-        raise ConfigError(source, problems + section_problems(config))
+        raise ConfigError(source, problems, partial=config)  # plugins.load_config adds the plugins' problems
     return config
 
 

@@ -25,6 +25,7 @@ import pluggy
 
 from . import RecordRejected, hookspecs, logscrub
 from .background import stop_tasks
+from . import config as config_module
 from .config import CORE_SECTION_NAMES, Config, ConfigError, ConfigReader, ConfigSection
 from .context import RequestContext, usage_record
 from .errors import GatewayError
@@ -192,6 +193,17 @@ def resolve_config(config: Config, extra_plugins: Sequence[object] = ()) -> Conf
     if problems:
         raise ConfigError(config.source, problems)
     return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """``config.load_config`` with every problem in one pass: when the core's sections have problems,
+    the sections of the plugins the file loads are checked too (the core cannot: it knows no plugins)."""
+    try:
+        return config_module.load_config(path)
+    except ConfigError as exc:
+        if exc.partial is None:
+            raise
+        raise ConfigError(exc.source, exc.problems + section_problems(exc.partial)) from None
 
 
 def section_problems(config: Config) -> list[str]:
