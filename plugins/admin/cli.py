@@ -71,7 +71,7 @@ async def _db_status(env: Env, store: Store) -> int:
         state = "up to date"
     emit(env, {"backend": store.dialect, "version": version, "latest": latest, "pending": pending,
                 "up_to_date": version == latest},
-          [f"backend: {store.dialect}", f"schema version: {version} (this NexGate: {latest})", f"status: {state}"])
+         [f"backend: {store.dialect}", f"schema version: {version} (this NexGate: {latest})", f"status: {state}"])
     return 0
 
 
@@ -99,7 +99,7 @@ async def _orgs_create(env: Env, store: Store) -> int:
     owner = await _existing_user(store, env.args.owner)
     org = await store.create_org(name, owner.id)
     emit(env, {**_views().org_json(org), "owner_user_id": owner.id},
-          f"Created organization {org.id} ({org.name}), owned by {owner.id}")
+         f"Created organization {org.id} ({org.name}), owned by {owner.id}")
     return 0
 
 
@@ -164,8 +164,8 @@ async def _orgs_limits(env: Env, store: Store) -> int:
     updated = await set_org_limits(store, None, org.id, limits)
     shown = json.dumps(dict(updated.limits), sort_keys=True) if updated.limits else None
     emit(env, _views().org_json(updated),
-          f"Set the limits of {org.id} to {shown}" if shown else
-          f"Removed the limit overrides of {org.id}: the config's limits apply")
+         f"Set the limits of {org.id} to {shown}" if shown else
+         f"Removed the limit overrides of {org.id}: the config's limits apply")
     return 0
 
 
@@ -232,7 +232,7 @@ async def _keys_revoke(env: Env, store: Store) -> int:
     newly = await revoke_api_key(store, None, key_id)
     row = await store.get_api_key(key_id)
     emit(env, _views().key_json(row) if row else {"id": key_id},
-          f"Revoked API key {key_id}" if newly else f"API key {key_id} was already revoked")
+         f"Revoked API key {key_id}" if newly else f"API key {key_id} was already revoked")
     return 0
 
 
@@ -309,7 +309,7 @@ def register(subparsers: Any) -> None:
     db = subparsers.add_parser("db", help="the account database's schema")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     add_command(db_sub, "migrate", "apply pending schema migrations (creates a SQLite file)", _db_migrate, common,
-         creating=True, checked=False)
+                creating=True, checked=False)
     add_command(db_sub, "status", "show the schema version and pending migrations", _db_status, common, checked=False)
 
     users = subparsers.add_parser("users", help="manage users")
@@ -322,11 +322,11 @@ def register(subparsers: Any) -> None:
     paging_options(p)
     p.add_argument("--include-deleted", action="store_true")
     p = add_command(users_sub, "delete", "delete an account: revoke its keys, leave its organizations, clear its "
-             "personal data (usage and ledger stay, anonymous); idempotent", _users_delete, common)
+                    "personal data (usage and ledger stay, anonymous); idempotent", _users_delete, common)
     p.add_argument("user_id")
     p.add_argument("--yes", action="store_true", help="confirm: the deletion cannot be undone")
     p = add_command(users_sub, "export", "write everything stored about a user's personal account", _users_export,
-             common)
+                    common)
     p.add_argument("user_id")
     p.add_argument("--format", choices=("json", "csv"), default="json",
                    help="json: one document; csv: a zip of one CSV per section")
@@ -345,11 +345,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("user_id")
     p.add_argument("--role", choices=ROLES, default="member")
     p = add_command(orgs_sub, "remove-member",
-             "remove a member; revokes the organization keys they created", _orgs_remove_member, common)
+                    "remove a member; revokes the organization keys they created", _orgs_remove_member, common)
     p.add_argument("org_id")
     p.add_argument("user_id")
     p = add_command(orgs_sub, "limits", "set or remove an organization's rate-limit overrides (over the config's "
-             "limits.orgs and limits.org); running gateways apply them within a second", _orgs_limits, common)
+                    "limits.orgs and limits.org); running gateways apply them within a second", _orgs_limits, common)
     p.add_argument("org_id")
     change = p.add_mutually_exclusive_group(required=True)
     change.add_argument("--limits", metavar="JSON",

@@ -125,7 +125,7 @@ async def _credits_balance(env: Env, store: Store) -> int:
     balance = await store.get_balance(account.id)
     who = f"{account.id} ({account.name})" if account.name else account.id
     emit(env, balance_json(account.id, account.type, balance),
-          f"{who}: ${format_usd(balance)} ({balance} pico-USD)")
+         f"{who}: ${format_usd(balance)} ({balance} pico-USD)")
     return 0
 
 
@@ -197,7 +197,7 @@ async def _usage_export(env: Env, store: Store) -> int:
         raise
     emit(env, {"object": "usage_export", "account_id": account.id, "format": args.format, "records": count,
                 "output": target},
-          f"Exported {count} usage record(s) of {account.id} to {target}")
+         f"Exported {count} usage record(s) of {account.id} to {target}")
     return 0
 
 
@@ -211,7 +211,7 @@ def register(subparsers: Any) -> None:
     credits = subparsers.add_parser("credits", help="prepaid credits: grant, balance")
     credits_sub = credits.add_subparsers(dest="credits_command", required=True, metavar="COMMAND")
     p = add_command(credits_sub, "grant", "grant credits to a user or organization (ledger kind 'grant')",
-             _credits_grant, with_state)
+                    _credits_grant, with_state)
     p.add_argument("account", metavar="ACCOUNT", help="a user or organization id")
     p.add_argument("usd", metavar="USD", help="the amount in US dollars, e.g. 10 or 2.50")
     p.add_argument("--reason", required=True, help="why: shown on the account's statement")
@@ -222,7 +222,7 @@ def register(subparsers: Any) -> None:
     usage = subparsers.add_parser("usage", help="usage records")
     usage_sub = usage.add_subparsers(dest="usage_command", required=True, metavar="COMMAND")
     p = add_command(usage_sub, "export", "export an account's usage records (metadata only), newest first",
-             _usage_export, common)
+                    _usage_export, common)
     p.add_argument("account", metavar="ACCOUNT", help="a user or organization id")
     p.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default) or json")
     p.add_argument("--since", metavar="ISO8601", help="from this time, inclusive (e.g. 2025-01-01 or ...T00:00:00Z)")

@@ -20,7 +20,7 @@ expire (``lease_ms``), renewed in the background while the request is in
 flight, so a crashed instance frees its slots within one lease.
 
 Busy limits are mostly admitted without a round trip: an admit that goes to Redis may also
-lease room in the window, which this instance then uses in process (``window_leases``).
+lease room in the window, which this instance then uses in process (``leases``).
 
 ``settle_soon`` is the settle nobody waits for: in Redis, the releases of all
 requests settled within one loop iteration travel in one EVALSHA, which takes
@@ -31,8 +31,8 @@ Redis trouble never hangs a request: every call has a tight timeout, and after
 a few consecutive failures a circuit breaker opens and calls fail at once
 (``StateUnavailable``) until a background probe sees Redis answer again.
 The caller decides whether that means "limit in-process" or "refuse".
-The Redis backend speaks RESP itself over one pipelined connection per
-process (redis-py's per-call overhead was larger than the rest of a request).
+The Redis backend runs its scripts on the process's one Redis client
+(``nexgate_proxy.state.redis``: one pipelined connection, one circuit breaker).
 
 Redis time (``TIME``) is the clock of the Redis backend, so instances with
 skewed clocks still agree on windows. Keys are ``<prefix>:<kind>:<subject>``
