@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -177,3 +178,41 @@ def test_serve_on_a_port_in_use_says_so(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "nexgate: cannot listen:" in result.stderr and "address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+TEAM_PLUGIN = """
+    from nexgate_proxy import hookimpl
+    from nexgate_proxy.clikit import add_command, emit, option_parents
+
+
+    async def _roster(env, store):
+        users = await store.list_users(1000, 0)
+        emit(env, {"team": env.args.team, "users": len(users)}, f"{env.args.team}: {len(users)} user(s)")
+        return 0
+
+
+    @hookimpl
+    def nexgate_cli_commands(subparsers):
+        common, _ = option_parents("")
+        p = add_command(subparsers, "roster", "count the users of the store", _roster, common)
+        p.add_argument("--team", required=True)
+"""
+
+
+def test_a_third_party_plugin_adds_a_command_with_the_hook_the_built_ins_use(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    write(plugins / "team.py", TEAM_PLUGIN)
+    config = write(tmp_path / "nexgate.yaml", f"""
+        storage: {{url: "sqlite:///{tmp_path}/n.db"}}
+        plugins: {{directory: "{plugins}"}}
+    """)
+    assert nexgate("db", "migrate", "--config", str(config), cwd=tmp_path).returncode == 0
+    assert nexgate("users", "create", "--email", "a@example.com", "--config", str(config), cwd=tmp_path).returncode == 0
+    listed = nexgate("--help", "--config", str(config), cwd=tmp_path)
+    assert "roster" in listed.stdout  # beside the built-ins' commands (users, keys, credits, ...)
+    done = nexgate("roster", "--team", "blue", "--config", str(config), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"team": "blue", "users": 1}
+    refused = nexgate("roster", "--config", str(config), cwd=tmp_path)  # argparse's own check, one line, exit 2
+    assert refused.returncode == 2 and "--team" in refused.stderr and "Traceback" not in refused.stderr
