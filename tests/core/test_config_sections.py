@@ -19,7 +19,7 @@ from aiohttp import web
 from nexgate_plugins.payments import PAYMENTS
 from nexgate_proxy import hookimpl
 from nexgate_proxy.app import build_app
-from nexgate_proxy.config import CORE_SECTIONS, ConfigError, ConfigSection, load_config, parse_config
+from nexgate_proxy.config import CORE_SECTIONS, PRICE_KEYS, ConfigError, ConfigSection, load_config, parse_config
 from nexgate_proxy.plugins import PluginError, build_plugin_manager, configure
 from nexgate_proxy.testing import FakeUpstream, gateway_config
 
@@ -247,6 +247,8 @@ def test_the_example_config_shows_every_section_and_key() -> None:
         else:
             present = set(shown)
         missing += [f"{section.name}.{key}" for key in section.keys if key not in present]
+    shown_prices = {key for model in example["models"].values() for key in (model.get("price") or {})}
+    missing += [f"models.*.price.{key}" for key in PRICE_KEYS if key not in shown_prices]
     assert missing == [], f"config/nexgate.yaml does not show: {', '.join(missing)}"
 
 
