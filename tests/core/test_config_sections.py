@@ -153,6 +153,18 @@ def test_a_price_problem_found_once_the_core_is_fine_is_printed_as_written(tmp_p
     assert "1E-7" not in result.stderr
 
 
+def test_every_token_class_price_is_checked_and_hinted(tmp_path: Path) -> None:
+    path = tmp_path / "nexgate.yaml"
+    path.write_text("providers: {echo: {type: echo}}\n"
+                    "models: {m: {route: [{provider: echo}], price: {input: 3, output: 15, cache_write: 3.7500001}},\n"
+                    "         n: {route: [{provider: echo}], price: {input: 3, output: 15, cache_writes: 3.75}}}\n")
+    result = subprocess.run([sys.executable, "-m", "nexgate_proxy.cli", "config", "check", str(path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "models.n.price.cache_writes: unknown key; did you mean 'cache_write'?" in result.stderr
+    assert "models.m.route[0].price.cache_write: 3.7500001 has more than 6 decimals" in result.stderr
+
+
 # --------------------------------------------------------------- top level
 
 
