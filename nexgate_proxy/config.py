@@ -125,18 +125,20 @@ class Price:
     """USD per million tokens, per token class; an optional class left out costs its base rate.
 
     ``cached_input`` (cache reads), ``cache_write`` (prompt tokens written to the cache) and
-    ``audio_input`` default to ``input``; ``audio_output`` defaults to ``output``.
+    ``audio_input`` default to ``input``; ``cache_write_1h`` (Anthropic's one-hour writes) to
+    ``cache_write``; ``audio_output`` to ``output``.
     """
 
     input: Decimal
     output: Decimal
     cached_input: Decimal | None = None
     cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
     audio_input: Decimal | None = None
     audio_output: Decimal | None = None
 
 
-PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "audio_input", "audio_output")
+PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "audio_input", "audio_output")
 
 
 @dataclass(frozen=True, slots=True)

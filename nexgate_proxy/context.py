@@ -96,6 +96,8 @@ class Usage:
     """Of prompt_tokens: read from the provider's prompt cache."""
     cache_write_tokens: int = 0
     """Of prompt_tokens: written to the provider's prompt cache (Anthropic ``cache_creation_input_tokens``)."""
+    cache_write_1h_tokens: int = 0
+    """Of cache_write_tokens: written for an hour (Anthropic ``cache_creation.ephemeral_1h_input_tokens``)."""
     audio_input_tokens: int = 0
     """Of prompt_tokens: audio."""
     audio_output_tokens: int = 0

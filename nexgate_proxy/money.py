@@ -69,6 +69,7 @@ class _Rates:
     input: int
     cached_input: int
     cache_write: int
+    cache_write_1h: int
     audio_input: int
     output: int
     audio_output: int
@@ -81,8 +82,9 @@ def _rates(price: Price) -> _Rates:
         return default if value is None else per_token_pico(value)
 
     rate_in, rate_out = per_token_pico(price.input), per_token_pico(price.output)
-    return _Rates(input=rate_in, cached_input=rate(price.cached_input, rate_in),
-                  cache_write=rate(price.cache_write, rate_in), audio_input=rate(price.audio_input, rate_in),
+    rate_write = rate(price.cache_write, rate_in)
+    return _Rates(input=rate_in, cached_input=rate(price.cached_input, rate_in), cache_write=rate_write,
+                  cache_write_1h=rate(price.cache_write_1h, rate_write), audio_input=rate(price.audio_input, rate_in),
                   output=rate_out, audio_output=rate(price.audio_output, rate_out))
 
 
@@ -90,8 +92,8 @@ def cost_pico(price: Price, usage: Usage) -> int:
     """The exact cost of a call: each token at its class's rate.
 
     ``usage`` counts as OpenAI does (usage.py converts Anthropic's counts): prompt_tokens is every
-    input token and cache reads, cache writes and audio input are parts of it; completion_tokens
-    is every output token and audio output a part of it. Each part is capped by what is left, so
+    input token and cache reads, cache writes and audio input are parts of it (one-hour writes a
+    part of the writes); completion_tokens is every output token and audio output a part of it. Each part is capped by what is left, so
     an upstream reporting inconsistent parts is never charged a token twice. Audio is taken as
     not cached (Chat Completions reports no split).
     """
@@ -99,15 +101,17 @@ def cost_pico(price: Price, usage: Usage) -> int:
     prompt, completion = usage.prompt_tokens, usage.completion_tokens
     read = min(usage.cached_tokens, prompt)
     written = min(usage.cache_write_tokens, prompt - read)
+    written_1h = min(usage.cache_write_1h_tokens, written)
     audio_in = min(usage.audio_input_tokens, prompt - read - written)
     audio_out = min(usage.audio_output_tokens, completion)
-    return ((prompt - read - written - audio_in) * r.input + read * r.cached_input + written * r.cache_write
-            + audio_in * r.audio_input + (completion - audio_out) * r.output + audio_out * r.audio_output)
+    return ((prompt - read - written - audio_in) * r.input + read * r.cached_input
+            + (written - written_1h) * r.cache_write + written_1h * r.cache_write_1h + audio_in * r.audio_input
+            + (completion - audio_out) * r.output + audio_out * r.audio_output)
 
 
 def worst_cost_pico(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
     """The most a call of this many input and output tokens can cost, whatever class each token
     turns out to be: a whole prompt may be written to the cache, a whole answer may be audio."""
     r = _rates(price)
-    return (prompt_tokens * max(r.input, r.cached_input, r.cache_write, r.audio_input)
+    return (prompt_tokens * max(r.input, r.cached_input, r.cache_write, r.cache_write_1h, r.audio_input)
             + completion_tokens * max(r.output, r.audio_output))

@@ -37,14 +37,15 @@ def apply_usage(usage: Usage, u: Any) -> bool:
       ``audio_tokens``; ``completion_tokens`` includes ``completion_tokens_details.audio_tokens``.
     - OpenAI Responses: ``input_tokens`` includes ``input_tokens_details.cached_tokens``.
     - Anthropic: ``input_tokens`` EXCLUDES ``cache_read_input_tokens`` and
-      ``cache_creation_input_tokens``: the prompt is their sum.
+      ``cache_creation_input_tokens``: the prompt is their sum. The writes split into
+      ``cache_creation.ephemeral_5m_input_tokens`` and ``ephemeral_1h_input_tokens``.
     A class is only set when the object names it (an Anthropic stream's message_delta carries
     just output_tokens, after message_start carried the input side).
     """
     if not isinstance(u, dict):
         return False
     found = False
-    written = audio_in = audio_out = None
+    written = written_1h = audio_in = audio_out = None
     if "prompt_tokens" in u or "completion_tokens" in u:  # OpenAI chat, completions, embeddings
         prompt, completion = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
         cached = _detail(u, "prompt_tokens_details", "cached_tokens")
@@ -57,6 +58,7 @@ def apply_usage(usage: Usage, u: Any) -> bool:
         base = _int(u.get("input_tokens"))
         cached = _int(u.get("cache_read_input_tokens"))
         written = _int(u.get("cache_creation_input_tokens"))
+        written_1h = _detail(u, "cache_creation", "ephemeral_1h_input_tokens")
         prompt = None if base is None else base + (cached or 0) + (written or 0)
         completion = _int(u.get("output_tokens"))
     else:  # OpenAI Responses: input_tokens includes cached ones
@@ -72,6 +74,8 @@ def apply_usage(usage: Usage, u: Any) -> bool:
         usage.cached_tokens = cached
     if written is not None:
         usage.cache_write_tokens = written
+    if written_1h is not None:
+        usage.cache_write_1h_tokens = written_1h
     if audio_in is not None:
         usage.audio_input_tokens = audio_in
     if audio_out is not None:

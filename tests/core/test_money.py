@@ -25,6 +25,14 @@ def test_classes_left_out_cost_their_base_rate() -> None:
                                       + 6 * 2 * 10**6 + 4 * 80 * 10**6)
 
 
+def test_one_hour_writes_cost_cache_write_1h_or_else_cache_write() -> None:
+    usage = Usage(prompt_tokens=100, completion_tokens=0, cache_write_tokens=60, cache_write_1h_tokens=40)
+    price = Price(input=Decimal(3), output=Decimal(15), cache_write=Decimal("3.75"))
+    assert cost_pico(price, usage) == 40 * 3 * 10**6 + 60 * 3_750_000
+    price = Price(input=Decimal(3), output=Decimal(15), cache_write=Decimal("3.75"), cache_write_1h=Decimal(6))
+    assert cost_pico(price, usage) == 40 * 3 * 10**6 + 20 * 3_750_000 + 40 * 6 * 10**6
+
+
 def test_parts_beyond_the_total_are_never_charged_twice() -> None:
     # An upstream claiming more cached + written tokens than its prompt: each token is charged once.
     price = Price(input=Decimal(1), output=Decimal(1), cached_input=Decimal(0), cache_write=Decimal(10))
@@ -33,12 +41,13 @@ def test_parts_beyond_the_total_are_never_charged_twice() -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(rates=st.tuples(RATE, RATE, RATE, RATE, RATE, RATE), prompt=st.integers(0, 10**6),
-       completion=st.integers(0, 10**5), parts=st.tuples(*[st.integers(0, 10**6)] * 4))
+@given(rates=st.tuples(*[RATE] * 7), prompt=st.integers(0, 10**6),
+       completion=st.integers(0, 10**5), parts=st.tuples(*[st.integers(0, 10**6)] * 5))
 def test_no_split_of_the_tokens_costs_more_than_the_worst_case(rates, prompt, completion, parts) -> None:
-    base_in, base_out, cached, write, audio_in, audio_out = rates
+    base_in, base_out, cached, write, write_1h, audio_in, audio_out = rates
     price = Price(input=base_in or Decimal(0), output=base_out or Decimal(0), cached_input=cached,
-                  cache_write=write, audio_input=audio_in, audio_output=audio_out)
+                  cache_write=write, cache_write_1h=write_1h, audio_input=audio_in, audio_output=audio_out)
     usage = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=parts[0],
-                  cache_write_tokens=parts[1], audio_input_tokens=parts[2], audio_output_tokens=parts[3])
+                  cache_write_tokens=parts[1], cache_write_1h_tokens=parts[2], audio_input_tokens=parts[3],
+                  audio_output_tokens=parts[4])
     assert 0 <= cost_pico(price, usage) <= worst_cost_pico(price, prompt, completion)

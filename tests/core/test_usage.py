@@ -132,6 +132,14 @@ def test_an_anthropic_stream_keeps_the_cache_counts_of_message_start() -> None:
     assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens) == (14, 3, 7, 2)
 
 
+def test_anthropic_one_hour_cache_writes_are_read() -> None:
+    usage = Usage()
+    usage_from_body(usage, json.dumps({"usage": {
+        "input_tokens": 5, "output_tokens": 3, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 9,
+        "cache_creation": {"ephemeral_5m_input_tokens": 4, "ephemeral_1h_input_tokens": 5}}}).encode())
+    assert (usage.prompt_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens) == (14, 9, 5)
+
+
 async def test_settle_runs_before_the_client_sees_the_end_of_a_stream(upstream: FakeUpstream,
                                                                        start_gateway) -> None:
     loop = asyncio.get_running_loop()

@@ -189,3 +189,20 @@ async def test_the_hold_covers_a_prompt_written_to_the_cache_whole(upstream: Fak
     assert 0 < two_targets.actual_cost_pico <= two_targets.estimated_cost_pico
     assert await gw.app[STORE].get_balance(gw.user_id) == usd_to_pico(Decimal(1)) - sum(
         r.actual_cost_pico for r in rows)
+
+
+async def test_anthropic_one_hour_cache_writes_cost_cache_write_1h(upstream: FakeUpstream, start_gateway) -> None:
+    hour = {**CLAUDE_WRITES, "cache_write_1h": "6"}
+    gw = await start_gateway(priced(upstream, **{
+        "claude-hour": {"route": [{"provider": "fake-anthropic", "model": "claude-upstream"}], "price": hour},
+        **claude_models()}))
+    await grant(gw, "1")
+    upstream.behaviour = Behaviour(anthropic_content=TEXT, usage={
+        **ANTHROPIC_USAGE, "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 300}})
+    for model in ("claude-hour", "claude-writes"):
+        async with claude(gw).messages.stream(model=model, max_tokens=100,
+                                              messages=[{"role": "user", "content": "hi"}]) as s:
+            await s.get_final_message()
+    hour_cost = 100 * 3 * MTOK + 1000 * 300_000 + 100 * 3_750_000 + 300 * 6 * MTOK + 50 * 15 * MTOK
+    assert await charged(gw, 2) == [("claude-hour", 1500, hour_cost, hour_cost),
+                                    ("claude-writes", 1500, WITH_WRITES, WITH_WRITES)]  # 1h at cache_write
