@@ -91,11 +91,11 @@ def _rates(price: Price) -> _Rates:
 def cost_pico(price: Price, usage: Usage) -> int:
     """The exact cost of a call: each token at its class's rate.
 
-    ``usage`` counts as OpenAI does (usage.py converts Anthropic's counts): prompt_tokens is every
-    input token and cache reads, cache writes and audio input are parts of it (one-hour writes a
-    part of the writes); completion_tokens is every output token and audio output a part of it. Each part is capped by what is left, so
-    an upstream reporting inconsistent parts is never charged a token twice. Audio is taken as
-    not cached (Chat Completions reports no split).
+    ``usage`` counts as OpenAI does (usage.py converts Anthropic's counts): prompt_tokens is
+    every input token, and cache reads, cache writes (one-hour writes a part of them) and audio
+    input are parts of it; completion_tokens is every output token, audio output a part of it.
+    Each part is capped by what is left, so an upstream reporting inconsistent parts is never
+    charged a token twice. Audio is taken as not cached (Chat Completions reports no split).
     """
     r = _rates(price)
     prompt, completion = usage.prompt_tokens, usage.completion_tokens

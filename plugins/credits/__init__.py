@@ -1,9 +1,9 @@
 """Prepaid credits: hold the worst case before a request, charge the actual cost after it.
 
 reserve: estimate the most the request can cost (prompt estimated from the body,
-output capped by the client's max_tokens or the configured default, every
-token at its priciest class on the priciest of its targets: a prompt may be
-written to the cache whole) and hold it atomically against balance minus open
+output capped by the client's max_tokens or the configured default: the worst
+case of the dearest of its targets, each token at its priciest class there, as
+a prompt may be written to the cache whole) and hold it atomically against balance minus open
 holds, shared by every instance through the hot state. Not enough -> 402.
 
 settle: the cost from the upstream's usage (or, for a stream cut short, from the
