@@ -124,11 +124,23 @@ class ProviderConfig:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per million tokens."""
+    """USD per million tokens, per token class; an optional class left out costs its base rate.
+
+    ``cached_input`` (cache reads), ``cache_write`` (prompt tokens written to the cache) and
+    ``audio_input`` default to ``input``; ``cache_write_1h`` (Anthropic's one-hour writes) to
+    ``cache_write``; ``audio_output`` to ``output``.
+    """
 
     input: Decimal
     output: Decimal
     cached_input: Decimal | None = None
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+    audio_input: Decimal | None = None
+    audio_output: Decimal | None = None
+
+
+PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "audio_input", "audio_output")
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,14 +532,14 @@ def _check_base_url(r: ConfigReader, path: str, url: str) -> None:
 def _price(r: ConfigReader, raw: Any, path: str) -> Price | None:
     if raw is None:
         return None
-    s = r.mapping(raw, path, ("input", "output", "cached_input"))
+    s = r.mapping(raw, path, PRICE_KEYS)
     missing = [k for k in ("input", "output") if k not in s]
     for k in missing:
         r.problem(f"{path}.{k}", "required: USD per 1M tokens, e.g. 0.15")
-    values = {k: r.value(s, k, path, Decimal, None, _non_negative) for k in ("input", "output", "cached_input")}
+    values = {k: r.value(s, k, path, Decimal, None, _non_negative) for k in PRICE_KEYS}
     if values["input"] is None or values["output"] is None:
         return None
-    return Price(input=values["input"], output=values["output"], cached_input=values["cached_input"])
+    return Price(**values)
 
 
 def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[str, ModelRoute]:
@@ -566,7 +578,7 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
         if free and price is not None:
             r.problem(f"{p}.free", "a model is either free or has a price, not both")
         if free:
-            price = Price(input=Decimal(0), output=Decimal(0), cached_input=Decimal(0))
+            price = Price(input=Decimal(0), output=Decimal(0))
         out[str(alias)] = ModelRoute(
             alias=str(alias),
             targets=tuple(replace(t, price=t.price or price) for t in targets),

@@ -89,8 +89,19 @@ class Usage:
     """Token counts reported by the upstream (or counted, when it could not report)."""
 
     prompt_tokens: int = 0
+    """Every input token, whatever its class (OpenAI's convention: cache reads and writes included)."""
     completion_tokens: int = 0
+    """Every output token, audio included."""
     cached_tokens: int = 0
+    """Of prompt_tokens: read from the provider's prompt cache."""
+    cache_write_tokens: int = 0
+    """Of prompt_tokens: written to the provider's prompt cache (Anthropic ``cache_creation_input_tokens``)."""
+    cache_write_1h_tokens: int = 0
+    """Of cache_write_tokens: written for an hour (Anthropic ``cache_creation.ephemeral_1h_input_tokens``)."""
+    audio_input_tokens: int = 0
+    """Of prompt_tokens: audio."""
+    audio_output_tokens: int = 0
+    """Of completion_tokens: audio."""
     reported: bool = False
     """True when the upstream reported the counts; False when they are estimates."""
     stream_events: int = 0

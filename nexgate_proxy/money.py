@@ -9,9 +9,10 @@ tokens; one token then costs ``price * 10**6`` pUSD, an integer.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from decimal import Decimal
 
-from .config import Price
+from .config import PRICE_KEYS, Price
 from .context import Usage
 
 PICO_PER_USD = 10**12
@@ -49,7 +50,7 @@ def per_token_pico(usd_per_mtok: Decimal) -> int:
 
 def price_problem(price: Price) -> str | None:
     """Why a price cannot be charged exactly, or None."""
-    for name in ("input", "output", "cached_input"):
+    for name in PRICE_KEYS:
         value = getattr(price, name)
         if value is None:
             continue
@@ -61,21 +62,56 @@ def price_problem(price: Price) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    """Integer pUSD per token of each class, the defaults filled in."""
+
+    input: int
+    cached_input: int
+    cache_write: int
+    cache_write_1h: int
+    audio_input: int
+    output: int
+    audio_output: int
+
+
 @functools.lru_cache(maxsize=4096)
-def _rates(price: Price) -> tuple[int, int | None, int]:
-    """Integer pUSD per token (input, cached input, output): Decimal arithmetic once per price."""
-    cached = per_token_pico(price.cached_input) if price.cached_input is not None else None
-    return per_token_pico(price.input), cached, per_token_pico(price.output)
+def _rates(price: Price) -> _Rates:
+    """Decimal arithmetic once per price: input-side classes default to input, audio output to output."""
+    def rate(value: Decimal | None, default: int) -> int:
+        return default if value is None else per_token_pico(value)
+
+    rate_in, rate_out = per_token_pico(price.input), per_token_pico(price.output)
+    rate_write = rate(price.cache_write, rate_in)
+    return _Rates(input=rate_in, cached_input=rate(price.cached_input, rate_in), cache_write=rate_write,
+                  cache_write_1h=rate(price.cache_write_1h, rate_write), audio_input=rate(price.audio_input, rate_in),
+                  output=rate_out, audio_output=rate(price.audio_output, rate_out))
 
 
-def cost_pico(price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
-    """The exact cost of a call. Cached prompt tokens cost ``cached_input`` when the price has one."""
-    rate_in, rate_cached, rate_out = _rates(price)
-    if rate_cached is None:
-        return prompt_tokens * rate_in + completion_tokens * rate_out
-    cached = min(cached_tokens, prompt_tokens)
-    return (prompt_tokens - cached) * rate_in + cached * rate_cached + completion_tokens * rate_out
+def cost_pico(price: Price, usage: Usage) -> int:
+    """The exact cost of a call: each token at its class's rate.
+
+    ``usage`` counts as OpenAI does (usage.py converts Anthropic's counts): prompt_tokens is
+    every input token, and cache reads, cache writes (one-hour writes a part of them) and audio
+    input are parts of it; completion_tokens is every output token, audio output a part of it.
+    Each part is capped by what is left, so an upstream reporting inconsistent parts is never
+    charged a token twice. Audio is taken as not cached (Chat Completions reports no split).
+    """
+    r = _rates(price)
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    read = min(usage.cached_tokens, prompt)
+    written = min(usage.cache_write_tokens, prompt - read)
+    written_1h = min(usage.cache_write_1h_tokens, written)
+    audio_in = min(usage.audio_input_tokens, prompt - read - written)
+    audio_out = min(usage.audio_output_tokens, completion)
+    return ((prompt - read - written - audio_in) * r.input + read * r.cached_input
+            + (written - written_1h) * r.cache_write + written_1h * r.cache_write_1h + audio_in * r.audio_input
+            + (completion - audio_out) * r.output + audio_out * r.audio_output)
 
 
-def usage_cost_pico(price: Price, usage: Usage) -> int:
-    return cost_pico(price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+def worst_cost_pico(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
+    """The most a call of this many input and output tokens can cost, whatever class each token
+    turns out to be: a whole prompt may be written to the cache, a whole answer may be audio."""
+    r = _rates(price)
+    return (prompt_tokens * max(r.input, r.cached_input, r.cache_write, r.cache_write_1h, r.audio_input)
+            + completion_tokens * max(r.output, r.audio_output))

@@ -23,28 +23,47 @@ def _int(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
 
+def _detail(u: dict[str, Any], details: str, name: str) -> int | None:
+    d = u.get(details)
+    return _int(d.get(name)) if isinstance(d, dict) else None
+
+
 def apply_usage(usage: Usage, u: Any) -> bool:
-    """Merge one usage object (OpenAI, Responses or Anthropic naming) into ``usage``."""
+    """Merge one usage object (OpenAI, Responses or Anthropic naming) into ``usage``.
+
+    ``Usage`` counts as OpenAI does; the dialects differ in what their totals include:
+    - OpenAI chat/completions: ``prompt_tokens`` INCLUDES ``prompt_tokens_details.cached_tokens``,
+      ``cache_write_tokens`` (OpenRouter and NexGate's own translation report them) and
+      ``audio_tokens``; ``completion_tokens`` includes ``completion_tokens_details.audio_tokens``.
+    - OpenAI Responses: ``input_tokens`` includes ``input_tokens_details.cached_tokens``.
+    - Anthropic: ``input_tokens`` EXCLUDES ``cache_read_input_tokens`` and
+      ``cache_creation_input_tokens``: the prompt is their sum. The writes split into
+      ``cache_creation.ephemeral_5m_input_tokens`` and ``ephemeral_1h_input_tokens``.
+    A class is only set when the object names it (an Anthropic stream's message_delta carries
+    just output_tokens, after message_start carried the input side).
+    """
     if not isinstance(u, dict):
         return False
     found = False
+    written = written_1h = audio_in = audio_out = None
     if "prompt_tokens" in u or "completion_tokens" in u:  # OpenAI chat, completions, embeddings
         prompt, completion = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
-        details = u.get("prompt_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        cached = _detail(u, "prompt_tokens_details", "cached_tokens")
+        written = _detail(u, "prompt_tokens_details", "cache_write_tokens")
+        audio_in = _detail(u, "prompt_tokens_details", "audio_tokens")
+        audio_out = _detail(u, "completion_tokens_details", "audio_tokens")
     elif "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u or (
         "input_tokens" in u and "input_tokens_details" not in u and "total_tokens" not in u
     ):  # Anthropic: input_tokens excludes cache reads and writes
         base = _int(u.get("input_tokens"))
-        cache_read = _int(u.get("cache_read_input_tokens")) or 0
-        cache_write = _int(u.get("cache_creation_input_tokens")) or 0
-        prompt = None if base is None else base + cache_read + cache_write
+        cached = _int(u.get("cache_read_input_tokens"))
+        written = _int(u.get("cache_creation_input_tokens"))
+        written_1h = _detail(u, "cache_creation", "ephemeral_1h_input_tokens")
+        prompt = None if base is None else base + (cached or 0) + (written or 0)
         completion = _int(u.get("output_tokens"))
-        cached = cache_read if "cache_read_input_tokens" in u else None
     else:  # OpenAI Responses: input_tokens includes cached ones
         prompt, completion = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
-        details = u.get("input_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        cached = _detail(u, "input_tokens_details", "cached_tokens")
     if prompt is not None:
         usage.prompt_tokens = prompt
         found = True
@@ -53,6 +72,14 @@ def apply_usage(usage: Usage, u: Any) -> bool:
         found = True
     if cached is not None:
         usage.cached_tokens = cached
+    if written is not None:
+        usage.cache_write_tokens = written
+    if written_1h is not None:
+        usage.cache_write_1h_tokens = written_1h
+    if audio_in is not None:
+        usage.audio_input_tokens = audio_in
+    if audio_out is not None:
+        usage.audio_output_tokens = audio_out
     if found:
         usage.reported = True
     return found

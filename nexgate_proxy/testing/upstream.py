@@ -54,6 +54,8 @@ class Behaviour:
     stop_reason: str = "end_turn"
     stream_error: dict[str, Any] | None = None
     """Streams: send this error event (the path's dialect) after the first content event, then end."""
+    usage: dict[str, Any] | None = None
+    """Scripted answers (chat_message, anthropic_content): this usage object, in the path's dialect."""
 
 
 def chat_body(model: str, text: str) -> dict[str, Any]:
@@ -188,8 +190,8 @@ class FakeUpstream:
     async def _scripted_chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         b = self.behaviour
         message = {"role": "assistant", "content": None, "refusal": None, **(b.chat_message or {})}
-        usage = {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29,
-                 "prompt_tokens_details": {"cached_tokens": 4}}
+        usage = b.usage or {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29,
+                            "prompt_tokens_details": {"cached_tokens": 4}}
         base = {"id": "chatcmpl-scripted", "created": 1700000000, "model": body["model"]}
         if not body.get("stream"):
             return await self._json({**base, "object": "chat.completion", "usage": usage, "choices": [
@@ -297,8 +299,8 @@ class FakeUpstream:
     async def _scripted_messages(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         b = self.behaviour
         content = b.anthropic_content or []
-        usage = {"input_tokens": 30, "output_tokens": 15, "cache_read_input_tokens": 6,
-                 "cache_creation_input_tokens": 2}
+        usage = b.usage or {"input_tokens": 30, "output_tokens": 15, "cache_read_input_tokens": 6,
+                            "cache_creation_input_tokens": 2}
         base = {"id": "msg_scripted", "type": "message", "role": "assistant", "model": body["model"]}
         if not body.get("stream"):
             return await self._json({**base, "content": content, "stop_reason": b.stop_reason,

@@ -1,8 +1,9 @@
 """Prepaid credits: hold the worst case before a request, charge the actual cost after it.
 
 reserve: estimate the most the request can cost (prompt estimated from the body,
-output capped by the client's max_tokens or the configured default, at the
-priciest of its targets) and hold it atomically against balance minus open
+output capped by the client's max_tokens or the configured default: the worst
+case of the dearest of its targets, each token at its priciest class there, as
+a prompt may be written to the cache whole) and hold it atomically against balance minus open
 holds, shared by every instance through the hot state. Not enough -> 402.
 
 settle: the cost from the upstream's usage (or, for a stream cut short, from the
@@ -19,7 +20,6 @@ read after it). On Redis, whoever booked it raised the shared balance there.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from dataclasses import dataclass
 from decimal import Decimal
@@ -28,9 +28,9 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from nexgate_proxy import GatewayError, RequestContext, StashKey, hookimpl
+from nexgate_proxy import GatewayError, RequestContext, StashKey, Usage, hookimpl
 from nexgate_proxy.appkeys import FEED, REDIS, STORE
-from nexgate_proxy.config import Config, ConfigReader, ConfigSection, Price
+from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from .holds import (
     CreditState,
     CreditStateUnavailable,
@@ -39,7 +39,7 @@ from .holds import (
     nano_floor,
     open_credit_state,
 )
-from nexgate_proxy.money import cost_pico, format_usd, price_problem, usd_to_pico
+from nexgate_proxy.money import cost_pico, format_usd, price_problem, usd_to_pico, worst_cost_pico
 from nexgate_proxy.store import CREDIT_CHANGE, MISSED, Store, StoreChange, StoreError
 
 log = logging.getLogger("nexgate.credits")
@@ -132,16 +132,6 @@ HOLD: StashKey[_Hold] = StashKey("credits.hold")
 """What reserve held for a request, for settle."""
 
 
-@functools.lru_cache(maxsize=1024)
-def _worst_price_of(prices: tuple[Price, ...]) -> Price:
-    return Price(input=max(p.input for p in prices), output=max(p.output for p in prices), cached_input=None)
-
-
-def _worst_price(prices: list[Price]) -> Price:
-    """The priciest input and output rates of a request's targets (it may end on any of them)."""
-    return prices[0] if len(prices) == 1 else _worst_price_of(tuple(prices))
-
-
 @hookimpl
 def nexgate_config_sections() -> list[ConfigSection[Any]]:
     return [CREDITS_SECTION]
@@ -170,22 +160,16 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
     identity = ctx.identity
     if credits.state is None or identity is None or ctx.body is None:
         return
-    targets = ctx.targets
-    if len(targets) == 1:  # the usual case: no list, no combined price
-        price = targets[0].price
-        if price is None:
-            return
-    else:
-        prices = [t.price for t in targets if t.price is not None]
-        if not prices:
-            return
-        price = _worst_price(prices)
+    prices = [t.price for t in ctx.targets if t.price is not None]
+    if not prices:
+        return
     prompt = ctx.prompt_estimate()
     output = 0
     if ctx.endpoint != "embeddings":
         route_cap = ctx.route.max_output_tokens if ctx.route else None
         output = ctx.output_cap() or route_cap or credits.settings.default_max_output_tokens
-    worst = cost_pico(price, prompt, output)
+    # The request may end on any of its targets, each token in its priciest class there.
+    worst = max(worst_cost_pico(price, prompt, output) for price in prices)
     ctx.estimated_cost_pico = worst
     if worst == 0:
         return
@@ -208,17 +192,17 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
     ctx.stash[HOLD] = _Hold(account, nano_ceil(worst), prompt)
 
 
-def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> tuple[int, int, int]:
-    """(prompt, completion, cached) tokens to charge; zero when the upstream did no work."""
+def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> Usage:
+    """The tokens to charge; none when the upstream did no work."""
     usage = ctx.usage
     if usage.reported:
-        return usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        return usage
     served = ctx.status and ctx.status < 400 or ctx.client_disconnected
     if not served and not usage.stream_events:
-        return 0, 0, 0  # refused before or by the upstream: no work, no charge
+        return Usage()  # refused before or by the upstream: no work, no charge
     # A stream cut short, or an upstream that did not report: input as estimated, output as relayed.
     prompt = hold.prompt_estimate if hold else (ctx.prompt_estimate() if ctx.body else 0)
-    return prompt, usage.stream_events, 0
+    return Usage(prompt_tokens=prompt, completion_tokens=usage.stream_events)
 
 
 @hookimpl
@@ -231,11 +215,11 @@ def nexgate_settle(ctx: RequestContext) -> None:
     price = target.price if target is not None else None
     cost = 0
     if price is not None and target is not None:
-        prompt, completion, cached = _billable_usage(ctx, hold)
-        cost = cost_pico(price, prompt, completion, cached)
+        billable = _billable_usage(ctx, hold)
+        cost = cost_pico(price, billable)
         if not ctx.usage.reported:
             # The usage record shows what was charged; usage_reported=False marks it estimated.
-            ctx.usage.prompt_tokens, ctx.usage.completion_tokens = prompt, completion
+            ctx.usage.prompt_tokens, ctx.usage.completion_tokens = billable.prompt_tokens, billable.completion_tokens
     if price is not None or hold is not None:
         ctx.actual_cost_pico = cost
         ctx.response_headers[COST_HEADER] = format_usd(cost)

@@ -19,7 +19,7 @@ from aiohttp import web
 from nexgate_plugins.payments import PAYMENTS
 from nexgate_proxy import hookimpl
 from nexgate_proxy.app import build_app
-from nexgate_proxy.config import CORE_SECTIONS, ConfigError, ConfigSection, load_config, parse_config
+from nexgate_proxy.config import CORE_SECTIONS, PRICE_KEYS, ConfigError, ConfigSection, load_config, parse_config
 from nexgate_proxy.plugins import PluginError, build_plugin_manager, configure
 from nexgate_proxy.testing import FakeUpstream, gateway_config
 
@@ -153,6 +153,18 @@ def test_a_price_problem_found_once_the_core_is_fine_is_printed_as_written(tmp_p
     assert "1E-7" not in result.stderr
 
 
+def test_every_token_class_price_is_checked_and_hinted(tmp_path: Path) -> None:
+    path = tmp_path / "nexgate.yaml"
+    path.write_text("providers: {echo: {type: echo}}\n"
+                    "models: {m: {route: [{provider: echo}], price: {input: 3, output: 15, cache_write: 3.7500001}},\n"
+                    "         n: {route: [{provider: echo}], price: {input: 3, output: 15, cache_writes: 3.75}}}\n")
+    result = subprocess.run([sys.executable, "-m", "nexgate_proxy.cli", "config", "check", str(path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "models.n.price.cache_writes: unknown key; did you mean 'cache_write'?" in result.stderr
+    assert "models.m.route[0].price.cache_write: 3.7500001 has more than 6 decimals" in result.stderr
+
+
 # --------------------------------------------------------------- top level
 
 
@@ -247,6 +259,8 @@ def test_the_example_config_shows_every_section_and_key() -> None:
         else:
             present = set(shown)
         missing += [f"{section.name}.{key}" for key in section.keys if key not in present]
+    shown_prices = {key for model in example["models"].values() for key in (model.get("price") or {})}
+    missing += [f"models.*.price.{key}" for key in PRICE_KEYS if key not in shown_prices]
     assert missing == [], f"config/nexgate.yaml does not show: {', '.join(missing)}"
 
 

@@ -101,19 +101,43 @@ def test_an_event_after_a_terminal_one_releases_it() -> None:
     ("body", "expected"),
     [
         ({"usage": {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}},
-         (10, 2, 4)),
+         (10, 2, 4, 0, 0, 0)),
+        # OpenAI: prompt_tokens includes cached, cache-write and audio tokens; completion includes audio.
+        ({"usage": {"prompt_tokens": 30, "completion_tokens": 9,
+                    "prompt_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 6, "audio_tokens": 10},
+                    "completion_tokens_details": {"audio_tokens": 5, "reasoning_tokens": 2}}},
+         (30, 9, 4, 6, 10, 5)),
         ({"usage": {"input_tokens": 9, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 1},
-                    "total_tokens": 12}}, (9, 3, 1)),
+                    "total_tokens": 12}}, (9, 3, 1, 0, 0, 0)),
+        # Anthropic: input_tokens excludes cache reads and writes.
         ({"usage": {"input_tokens": 5, "output_tokens": 3, "cache_read_input_tokens": 7,
-                    "cache_creation_input_tokens": 2}}, (14, 3, 7)),
-        ({"usage": {"prompt_tokens": -1, "completion_tokens": "9"}}, (0, 0, 0)),  # untrusted junk is ignored
-        ({"usage": None}, (0, 0, 0)),
+                    "cache_creation_input_tokens": 2}}, (14, 3, 7, 2, 0, 0)),
+        ({"usage": {"prompt_tokens": -1, "completion_tokens": "9"}}, (0, 0, 0, 0, 0, 0)),  # untrusted junk
+        ({"usage": None}, (0, 0, 0, 0, 0, 0)),
     ],
 )
-def test_usage_from_json_bodies(body: dict, expected: tuple[int, int, int]) -> None:
+def test_usage_from_json_bodies(body: dict, expected: tuple[int, ...]) -> None:
     usage = Usage()
     usage_from_body(usage, json.dumps(body).encode())
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == expected
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens,
+            usage.audio_input_tokens, usage.audio_output_tokens) == expected
+
+
+def test_an_anthropic_stream_keeps_the_cache_counts_of_message_start() -> None:
+    usage = Usage()
+    meter = StreamMeter(usage)
+    meter.feed(b'event: message_start\ndata: {"type": "message_start", "message": {"usage": {"input_tokens": 5, '
+               b'"cache_read_input_tokens": 7, "cache_creation_input_tokens": 2, "output_tokens": 1}}}\n\n'
+               b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 3}}\n\n')
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens) == (14, 3, 7, 2)
+
+
+def test_anthropic_one_hour_cache_writes_are_read() -> None:
+    usage = Usage()
+    usage_from_body(usage, json.dumps({"usage": {
+        "input_tokens": 5, "output_tokens": 3, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 9,
+        "cache_creation": {"ephemeral_5m_input_tokens": 4, "ephemeral_1h_input_tokens": 5}}}).encode())
+    assert (usage.prompt_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens) == (14, 9, 5)
 
 
 async def test_settle_runs_before_the_client_sees_the_end_of_a_stream(upstream: FakeUpstream,
