@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from . import _common as common
+from . import _queries as q
 from ._common import (
     API_KEY_COLUMNS,
     LEDGER_COLUMNS,
@@ -38,7 +39,6 @@ from .base import (
     ApiKeyRow,
     Conflict,
     GroupBy,
-    LastOwnerError,
     LedgerEntry,
     Membership,
     NewLedgerEntry,
@@ -106,7 +106,7 @@ async def _version(conn: asyncpg.Connection) -> int:
     # to_regclass follows search_path, so this looks in the store's own schema.
     if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
         return 0
-    return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
+    return int(await conn.fetchval(q.SCHEMA_VERSION.postgres))
 
 
 async def _ensure_schema(conn: asyncpg.Connection) -> None:
@@ -146,7 +146,7 @@ def _credit_changes(rows: Sequence[asyncpg.Record]) -> list[tuple[str, str, int 
 
 
 async def _owner_count(conn: asyncpg.Connection, org_id: str) -> int:
-    return int(await conn.fetchval("SELECT COUNT(*) FROM memberships WHERE org_id = $1 AND role = 'owner'", org_id))
+    return int(await conn.fetchval(q.OWNER_COUNT.postgres, org_id))
 
 
 # --- usage and money: set-based statements, one round trip per batch ---------
@@ -217,6 +217,14 @@ WITH new_entries AS (
 SELECT id, account_id, amount_pico FROM new_entries ORDER BY id
 """
 
+# What PostgreSQL adds to the shared statements: the written row comes back in the same round trip.
+_INSERT_USER = f"{q.INSERT_USER.postgres} RETURNING {USER_COLUMNS}"
+_INSERT_ORG = f"{q.INSERT_ORG.postgres} RETURNING {ORG_COLUMNS}"
+_INSERT_MEMBER = f"{q.INSERT_MEMBER.postgres} RETURNING {MEMBERSHIP_COLUMNS}"
+_SET_ROLE = f"{q.SET_ROLE.postgres} RETURNING {MEMBERSHIP_COLUMNS}"
+_INSERT_API_KEY = f"{q.INSERT_API_KEY.postgres} RETURNING {API_KEY_COLUMNS}"
+_INSERT_WEBHOOK_EVENT = f"{q.INSERT_WEBHOOK_EVENT.postgres} RETURNING true"
+
 _GROUP_EXPRESSIONS = {
     "day": "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     "model": "COALESCE(model, '')",
@@ -238,12 +246,6 @@ def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
         return "", []
     clause = " AND ".join(f"{condition} ${i}" for i, (condition, _) in enumerate(filters, 1))
     return f"WHERE {clause}", [value for _, value in filters]
-
-
-def _last_owner(org_id: str, user_id: str) -> LastOwnerError:
-    return LastOwnerError(
-        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
-    )
 
 
 class PostgresStore(Store):
@@ -286,11 +288,7 @@ class PostgresStore(Store):
                         if current >= migration.version:
                             continue
                         await conn.execute(migration.sql)
-                        await conn.execute(
-                            "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                            migration.version,
-                            common.utcnow(),
-                        )
+                        await conn.execute(q.RECORD_MIGRATION.postgres, migration.version, common.utcnow())
                     applied.append(migration.version)
         return applied
 
@@ -316,29 +314,24 @@ class PostgresStore(Store):
     ) -> User:
         with _translated():
             row = await self._pool.fetchrow(
-                f"INSERT INTO users (id, external_id, email, name, created_at) VALUES ($1, $2, $3, $4, $5)"
-                f" RETURNING {USER_COLUMNS}",
-                common.new_id("usr"), external_id, email, name, common.utcnow(),
+                _INSERT_USER, common.new_id("usr"), external_id, email, name, common.utcnow()
             )
         return _decode.user(row)
 
     async def get_user(self, user_id: str) -> User | None:
         with _translated():
-            row = await self._pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+            row = await self._pool.fetchrow(q.GET_USER.postgres, user_id)
         return None if row is None else _decode.user(row)
 
     async def get_user_by_external_id(self, external_id: str) -> User | None:
         with _translated():
-            row = await self._pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE external_id = $1", external_id)
+            row = await self._pool.fetchrow(q.GET_USER_BY_EXTERNAL_ID.postgres, external_id)
         return None if row is None else _decode.user(row)
 
     async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]:
         common.check_page(limit, offset)
-        where = "" if include_deleted else "WHERE deleted_at IS NULL"
         with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {USER_COLUMNS} FROM users {where} ORDER BY created_at, id LIMIT $1 OFFSET $2", limit, offset
-            )
+            rows = await self._pool.fetch(q.LIST_USERS[include_deleted].postgres, limit, offset)
         return [_decode.user(r) for r in rows]
 
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
@@ -346,7 +339,6 @@ class PostgresStore(Store):
 
     async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
         when = common.aware_utc(at, "at") if at else common.utcnow()
-        keys = common.USER_KEYS_CONDITION.format(user="$1")
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 if await conn.fetchval("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id) is None:
@@ -357,33 +349,18 @@ class PostgresStore(Store):
                     "SELECT 1 FROM organizations WHERE id IN (SELECT org_id FROM memberships WHERE user_id = $1)"
                     " ORDER BY id FOR UPDATE", user_id,
                 )
-                sole = [r["org_id"] for r in await conn.fetch(
-                    "SELECT m.org_id FROM memberships m WHERE m.user_id = $1 AND m.role = 'owner' AND"
-                    " (SELECT COUNT(*) FROM memberships o WHERE o.org_id = m.org_id AND o.role = 'owner') <= 1"
-                    " ORDER BY m.org_id", user_id)]
+                sole = [r["org_id"] for r in await conn.fetch(q.SOLE_OWNED_ORGS.postgres, user_id)]
                 if sole:
                     raise common.last_owner_of(user_id, sole)
-                key_rows = await conn.fetch(
-                    f"SELECT id, revoked_at FROM api_keys WHERE {keys} ORDER BY created_at, id", user_id
-                )
-                await conn.execute(
-                    f"UPDATE api_keys SET revoked_at = $2 WHERE {keys} AND revoked_at IS NULL", user_id, when
-                )
-                renamed = _updated_count(await conn.execute(
-                    "UPDATE api_keys SET name = $2 WHERE user_id = $1 AND name <> $2", user_id, common.DELETED_KEY_NAME
-                ))
+                key_rows = await conn.fetch(q.USER_KEYS.postgres, user_id)
+                await conn.execute(q.REVOKE_USER_KEYS.postgres, when, user_id)
+                renamed = _updated_count(
+                    await conn.execute(q.RENAME_USER_KEYS.postgres, common.DELETED_KEY_NAME, user_id))
                 left = [r["org_id"] for r in await conn.fetch(
                     "DELETE FROM memberships WHERE user_id = $1 RETURNING org_id", user_id)]
-                cleared = _updated_count(await conn.execute(
-                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND"
-                    f" (account_id = $1 OR key_id IN (SELECT id FROM api_keys WHERE {keys}))", user_id,
-                ))
-                changed = _updated_count(await conn.execute(
-                    "UPDATE users SET email = NULL, name = NULL, external_id = NULL,"
-                    " deleted_at = COALESCE(deleted_at, $2) WHERE id = $1 AND (email IS NOT NULL"
-                    " OR name IS NOT NULL OR external_id IS NOT NULL OR deleted_at IS NULL)", user_id, when,
-                ))
-                row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+                cleared = _updated_count(await conn.execute(q.CLEAR_USER_IPS.postgres, user_id))
+                changed = _updated_count(await conn.execute(q.ERASE_USER.postgres, when, user_id))
+                row = await conn.fetchrow(q.GET_USER.postgres, user_id)
                 await _record_changes(conn, [
                     *((API_KEY_CHANGE, r["id"], None, None) for r in key_rows if r["revoked_at"] is None),
                     *((ORG_CHANGE, org_id, None, None) for org_id in sorted(left))])
@@ -400,37 +377,24 @@ class PostgresStore(Store):
         org_id, now = common.new_id("org"), common.utcnow()
         with _translated(missing=f"user {owner_user_id} does not exist"):
             async with self._pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    f"INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3) RETURNING {ORG_COLUMNS}",
-                    org_id, name, now,
-                )
-                await conn.execute(
-                    "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, 'owner', $3)",
-                    org_id, owner_user_id, now,
-                )
+                row = await conn.fetchrow(_INSERT_ORG, org_id, name, now)
+                await conn.execute(q.INSERT_MEMBER.postgres, org_id, owner_user_id, "owner", now)
         return _decode.org(row)
 
     async def get_org(self, org_id: str) -> Organization | None:
         with _translated():
-            row = await self._pool.fetchrow(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = $1", org_id)
+            row = await self._pool.fetchrow(q.GET_ORG.postgres, org_id)
         return None if row is None else _decode.org(row)
 
     async def list_orgs(self, limit: int = 100, offset: int = 0) -> list[Organization]:
         common.check_page(limit, offset)
         with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {ORG_COLUMNS} FROM organizations ORDER BY created_at, id LIMIT $1 OFFSET $2", limit, offset
-            )
+            rows = await self._pool.fetch(q.LIST_ORGS.postgres, limit, offset)
         return [_decode.org(r) for r in rows]
 
     async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
         with _translated():
-            rows = await self._pool.fetch(
-                "SELECT o.id, o.name, o.created_at, o.limits, m.role FROM memberships m"
-                " JOIN organizations o ON o.id = m.org_id"
-                " WHERE m.user_id = $1 ORDER BY o.created_at, o.id",
-                user_id,
-            )
+            rows = await self._pool.fetch(q.LIST_ORGS_FOR_USER.postgres, user_id)
         return [(_decode.org(r), r["role"]) for r in rows]
 
     async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
@@ -451,11 +415,7 @@ class PostgresStore(Store):
     async def add_member(self, org_id: str, user_id: str, role: str) -> Membership:
         common.check_role(role)
         with _translated(missing=f"organization {org_id} or user {user_id} does not exist"):
-            row = await self._pool.fetchrow(
-                "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)"
-                f" RETURNING {MEMBERSHIP_COLUMNS}",
-                org_id, user_id, role, common.utcnow(),
-            )
+            row = await self._pool.fetchrow(_INSERT_MEMBER, org_id, user_id, role, common.utcnow())
         return _decode.membership(row)
 
     async def set_member_role(self, org_id: str, user_id: str, role: str) -> Membership:
@@ -463,46 +423,34 @@ class PostgresStore(Store):
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 await _lock_org(conn, org_id)
-                current = await conn.fetchval(
-                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
-                )
+                current = await conn.fetchval(q.GET_ROLE.postgres, org_id, user_id)
                 if current is None:
                     raise NotFound(f"user {user_id} is not a member of organization {org_id}")
                 if current == "owner" and role != "owner" and await _owner_count(conn, org_id) <= 1:
-                    raise _last_owner(org_id, user_id)
-                row = await conn.fetchrow(
-                    "UPDATE memberships SET role = $3 WHERE org_id = $1 AND user_id = $2"
-                    f" RETURNING {MEMBERSHIP_COLUMNS}",
-                    org_id, user_id, role,
-                )
+                    raise common.last_owner(org_id, user_id)
+                row = await conn.fetchrow(_SET_ROLE, role, org_id, user_id)
         return _decode.membership(row)
 
     async def remove_member(self, org_id: str, user_id: str) -> bool:
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 await _lock_org(conn, org_id)
-                current = await conn.fetchval(
-                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
-                )
+                current = await conn.fetchval(q.GET_ROLE.postgres, org_id, user_id)
                 if current is None:
                     return False
                 if current == "owner" and await _owner_count(conn, org_id) <= 1:
-                    raise _last_owner(org_id, user_id)
-                await conn.execute("DELETE FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id)
+                    raise common.last_owner(org_id, user_id)
+                await conn.execute(q.DELETE_MEMBER.postgres, org_id, user_id)
                 await _record_changes(conn, [(ORG_CHANGE, org_id, None, None)])
         return True
 
     async def get_role(self, org_id: str, user_id: str) -> str | None:
         with _translated():
-            return await self._pool.fetchval(
-                "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
-            )
+            return await self._pool.fetchval(q.GET_ROLE.postgres, org_id, user_id)
 
     async def list_members(self, org_id: str) -> list[Membership]:
         with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = $1 ORDER BY created_at, user_id", org_id
-            )
+            rows = await self._pool.fetch(q.LIST_MEMBERS.postgres, org_id)
         return [_decode.membership(r) for r in rows]
 
     # --- API keys ----------------------------------------------------------
@@ -525,10 +473,7 @@ class PostgresStore(Store):
         expires = None if expires_at is None else common.aware_utc(expires_at, "expires_at")
         with _translated(missing="the key's user_id, org_id or created_by does not exist"):
             row = await self._pool.fetchrow(
-                "INSERT INTO api_keys (id, public_id, prefix, secret_hash, name, user_id, org_id, created_by,"
-                " created_at, expires_at, allowed_models, limits)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-                f" RETURNING {API_KEY_COLUMNS}",
+                _INSERT_API_KEY,
                 common.new_id("key"), public_id, prefix, secret_hash, name, user_id, org_id, created_by,
                 common.utcnow(), expires,
                 common.models_for_storage(allowed_models), common.limits_for_storage(limits),
@@ -537,12 +482,12 @@ class PostgresStore(Store):
 
     async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
         with _translated():
-            row = await self._pool.fetchrow(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+            row = await self._pool.fetchrow(q.GET_API_KEY.postgres, key_id)
         return None if row is None else _decode.api_key(row)
 
     async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
         with _translated():
-            row = await self._pool.fetchrow(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE public_id = $1", public_id)
+            row = await self._pool.fetchrow(q.GET_API_KEY_BY_PUBLIC_ID.postgres, public_id)
         return None if row is None else _decode.api_key(row)
 
     async def list_api_keys(
@@ -669,9 +614,7 @@ class PostgresStore(Store):
     async def clear_client_ips(self, before: datetime) -> int:
         cutoff = common.aware_utc(before, "before")
         with _translated():
-            status = await self._pool.execute(
-                "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND ts < $1", cutoff
-            )
+            status = await self._pool.execute(q.CLEAR_CLIENT_IPS.postgres, cutoff)
         return _updated_count(status)
 
     # --- money -------------------------------------------------------------
@@ -692,11 +635,7 @@ class PostgresStore(Store):
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 # A concurrent duplicate waits here on the primary key, then finds it taken.
-                new = await conn.fetchval(
-                    "INSERT INTO webhook_events (source, event_id, event_type, received_at) VALUES ($1, $2, $3, $4)"
-                    " ON CONFLICT (source, event_id) DO NOTHING RETURNING true",
-                    source, event_id, event_type, now,
-                )
+                new = await conn.fetchval(_INSERT_WEBHOOK_EVENT, source, event_id, event_type, now)
                 if new and checked:
                     applied = await conn.fetch(_APPLY_ENTRIES, *_columns(checked, _ENTRY_FIELDS), now)
                     await _record_changes(conn, _credit_changes(applied))
@@ -704,30 +643,23 @@ class PostgresStore(Store):
 
     async def get_balance(self, account_id: str) -> int:
         with _translated():
-            balance = await self._pool.fetchval("SELECT balance_pico FROM balances WHERE account_id = $1", account_id)
+            balance = await self._pool.fetchval(q.GET_BALANCE.postgres, account_id)
         return 0 if balance is None else balance
 
     async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
         # One statement, one snapshot: the balance and the feed position agree.
         with _translated():
-            row = await self._pool.fetchrow(
-                "SELECT (SELECT balance_pico FROM balances WHERE account_id = $1) AS balance,"
-                " (SELECT COALESCE(MAX(id), 0) FROM store_changes) AS position", account_id)
+            row = await self._pool.fetchrow(q.BALANCE_SNAPSHOT.postgres, account_id)
         return (row["balance"] or 0), int(row["position"])
 
     async def ledger_sum(self, account_id: str) -> int:
         with _translated():
-            total = await self._pool.fetchval(
-                "SELECT COALESCE(SUM(amount_pico), 0) FROM ledger_entries WHERE account_id = $1", account_id
-            )
+            total = await self._pool.fetchval(q.LEDGER_SUM.postgres, account_id)
         return int(total)  # SUM(bigint) is numeric: an exact Decimal
 
     async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
         with _translated():
-            row = await self._pool.fetchrow(
-                f"SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE source = $1 AND external_id = $2",
-                source, external_id,
-            )
+            row = await self._pool.fetchrow(q.GET_LEDGER_ENTRY.postgres, source, external_id)
         return None if row is None else _decode.ledger_entry(row)
 
     async def list_ledger(
@@ -757,13 +689,11 @@ class PostgresStore(Store):
 
     async def latest_change_id(self) -> int:
         with _translated():
-            return int(await self._pool.fetchval("SELECT COALESCE(MAX(id), 0) FROM store_changes"))
+            return int(await self._pool.fetchval(q.LATEST_CHANGE_ID.postgres))
 
     async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
         with _translated():
-            rows = await self._pool.fetch(
-                "SELECT id, kind, subject, amount_pico, ledger_id FROM store_changes WHERE id > $1 ORDER BY id"
-                " LIMIT $2", after, limit)
+            rows = await self._pool.fetch(q.CHANGES_SINCE.postgres, after, limit)
         return [StoreChange(*row) for row in rows]
 
     async def prune_changes(self, older_than: timedelta) -> int:
