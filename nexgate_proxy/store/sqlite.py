@@ -23,15 +23,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from . import _common as common
+from . import _queries as q
 from ._common import (
     API_KEY_COLUMNS,
     LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
-    MEMBERSHIP_COLUMNS,
-    ORG_COLUMNS,
     USAGE_COLUMNS,
     USAGE_FIELDS,
-    USER_COLUMNS,
     Filter,
     RowDecoder,
 )
@@ -44,7 +42,6 @@ from .base import (
     ApiKeyRow,
     Conflict,
     GroupBy,
-    LastOwnerError,
     LedgerEntry,
     Membership,
     NewLedgerEntry,
@@ -184,7 +181,7 @@ def _version(conn: sqlite3.Connection) -> int:
     ).fetchone()
     if exists is None:
         return 0
-    return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
+    return int(conn.execute(q.SCHEMA_VERSION.sqlite).fetchone()[0])
 
 
 def _new_usage_rows(conn: sqlite3.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
@@ -274,7 +271,7 @@ def _add_to_balances(conn: sqlite3.Connection, changes: Mapping[str, int], updat
     The net change must fit a BIGINT too, as PostgreSQL needs it to.
     """
     for account_id, change in sorted(changes.items()):
-        row = conn.execute("SELECT balance_pico FROM balances WHERE account_id = ?", (account_id,)).fetchone()
+        row = conn.execute(q.GET_BALANCE.sqlite, (account_id,)).fetchone()
         balance = (0 if row is None else row[0]) + change
         if not (MIN_PICO <= change <= MAX_PICO and MIN_PICO <= balance <= MAX_PICO):
             raise StoreError(common.OUT_OF_RANGE)
@@ -288,9 +285,7 @@ def _add_to_balances(conn: sqlite3.Connection, changes: Mapping[str, int], updat
 
 def _ledger_sum(conn: sqlite3.Connection, account_id: str) -> int:
     try:
-        row = conn.execute(
-            "SELECT COALESCE(SUM(amount_pico), 0) FROM ledger_entries WHERE account_id = ?", (account_id,)
-        ).fetchone()
+        row = conn.execute(q.LEDGER_SUM.sqlite, (account_id,)).fetchone()
         return int(row[0])
     except sqlite3.OperationalError as exc:
         # SQLite's SUM fails when a running total passes ±2**63 on the way, even if
@@ -302,10 +297,7 @@ def _ledger_sum(conn: sqlite3.Connection, account_id: str) -> int:
 
 
 def _owner_count(conn: sqlite3.Connection, org_id: str) -> int:
-    row = conn.execute(
-        "SELECT COUNT(*) FROM memberships WHERE org_id = ? AND role = 'owner'", (org_id,)
-    ).fetchone()
-    return int(row[0])
+    return int(conn.execute(q.OWNER_COUNT.sqlite, (org_id,)).fetchone()[0])
 
 
 class SQLiteStore(Store):
@@ -391,10 +383,7 @@ class SQLiteStore(Store):
                         continue
                     for statement in _split_statements(migration.sql):
                         conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                        (migration.version, _ts(common.utcnow())),
-                    )
+                    conn.execute(q.RECORD_MIGRATION.sqlite, (migration.version, _ts(common.utcnow())))
                 applied.append(migration.version)
             return applied
 
@@ -430,31 +419,23 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO users (id, external_id, email, name, created_at) VALUES (?, ?, ?, ?, ?)",
-                (user.id, user.external_id, user.email, user.name, _ts(user.created_at)),
+                q.INSERT_USER.sqlite, (user.id, user.external_id, user.email, user.name, _ts(user.created_at))
             )
 
         await self._run(work)
         return user
 
     async def get_user(self, user_id: str) -> User | None:
-        row = await self._run(self._fetch_one, f"SELECT {USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
+        row = await self._run(self._fetch_one, q.GET_USER.sqlite, (user_id,))
         return None if row is None else _decode.user(row)
 
     async def get_user_by_external_id(self, external_id: str) -> User | None:
-        row = await self._run(
-            self._fetch_one, f"SELECT {USER_COLUMNS} FROM users WHERE external_id = ?", (external_id,)
-        )
+        row = await self._run(self._fetch_one, q.GET_USER_BY_EXTERNAL_ID.sqlite, (external_id,))
         return None if row is None else _decode.user(row)
 
     async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]:
         common.check_page(limit, offset)
-        where = "" if include_deleted else "WHERE deleted_at IS NULL"
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {USER_COLUMNS} FROM users {where} ORDER BY created_at, id LIMIT ? OFFSET ?",
-            (limit, offset),
-        )
+        rows = await self._run(self._fetch_all, q.LIST_USERS[include_deleted].sqlite, (limit, offset))
         return [_decode.user(r) for r in rows]
 
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
@@ -462,44 +443,28 @@ class SQLiteStore(Store):
 
     async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
         when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
-        keys = common.USER_KEYS_CONDITION.format(user=":user")
 
         def work(conn: sqlite3.Connection) -> AnonymizedUser:
-            args = {"user": user_id, "when": when, "deleted": common.DELETED_KEY_NAME}
             with _write_transaction(conn):
-                if conn.execute("SELECT 1 FROM users WHERE id = :user", args).fetchone() is None:
+                if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                     raise NotFound(f"user {user_id} does not exist")
-                sole = [r[0] for r in conn.execute(
-                    "SELECT m.org_id FROM memberships m WHERE m.user_id = :user AND m.role = 'owner' AND"
-                    " (SELECT COUNT(*) FROM memberships o WHERE o.org_id = m.org_id AND o.role = 'owner') <= 1"
-                    " ORDER BY m.org_id", args)]
+                sole = [r[0] for r in conn.execute(q.SOLE_OWNED_ORGS.sqlite, (user_id,))]
                 if sole:
                     raise common.last_owner_of(user_id, sole)
-                key_rows = conn.execute(
-                    f"SELECT id, revoked_at FROM api_keys WHERE {keys} ORDER BY created_at, id", args
-                ).fetchall()
-                conn.execute(f"UPDATE api_keys SET revoked_at = :when WHERE {keys} AND revoked_at IS NULL", args)
+                key_rows = conn.execute(q.USER_KEYS.sqlite, (user_id,)).fetchall()
+                conn.execute(q.REVOKE_USER_KEYS.sqlite, (when, user_id))
                 for row in key_rows:
                     if row["revoked_at"] is None:
                         _record_change(conn, API_KEY_CHANGE, row["id"], when)
-                renamed = conn.execute(
-                    "UPDATE api_keys SET name = :deleted WHERE user_id = :user AND name <> :deleted", args
-                ).rowcount
+                renamed = conn.execute(q.RENAME_USER_KEYS.sqlite, (common.DELETED_KEY_NAME, user_id)).rowcount
                 left = [r[0] for r in conn.execute(
-                    "SELECT org_id FROM memberships WHERE user_id = :user ORDER BY org_id", args)]
-                conn.execute("DELETE FROM memberships WHERE user_id = :user", args)
+                    "SELECT org_id FROM memberships WHERE user_id = ? ORDER BY org_id", (user_id,))]
+                conn.execute("DELETE FROM memberships WHERE user_id = ?", (user_id,))
                 for org_id in left:
                     _record_change(conn, ORG_CHANGE, org_id, when)
-                cleared = conn.execute(
-                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND"
-                    f" (account_id = :user OR key_id IN (SELECT id FROM api_keys WHERE {keys}))", args
-                ).rowcount
-                changed = conn.execute(
-                    "UPDATE users SET email = NULL, name = NULL, external_id = NULL,"
-                    " deleted_at = COALESCE(deleted_at, :when) WHERE id = :user AND (email IS NOT NULL"
-                    " OR name IS NOT NULL OR external_id IS NOT NULL OR deleted_at IS NULL)", args
-                ).rowcount
-                user = _decode.user(conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE id = :user", args).fetchone())
+                cleared = conn.execute(q.CLEAR_USER_IPS.sqlite, (user_id,)).rowcount
+                changed = conn.execute(q.ERASE_USER.sqlite, (when, user_id)).rowcount
+                user = _decode.user(conn.execute(q.GET_USER.sqlite, (user_id,)).fetchone())
             revoked = tuple(r["id"] for r in key_rows if r["revoked_at"] is None)
             return AnonymizedUser(
                 user=user, revoked_key_ids=revoked, key_ids=tuple(r["id"] for r in key_rows),
@@ -517,38 +482,23 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> None:
             with _write_transaction(conn):
-                conn.execute(
-                    "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?)", (org.id, name, created)
-                )
-                conn.execute(
-                    "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES (?, ?, 'owner', ?)",
-                    (org.id, owner_user_id, created),
-                )
+                conn.execute(q.INSERT_ORG.sqlite, (org.id, name, created))
+                conn.execute(q.INSERT_MEMBER.sqlite, (org.id, owner_user_id, "owner", created))
 
         await self._run(work, missing=f"user {owner_user_id} does not exist")
         return org
 
     async def get_org(self, org_id: str) -> Organization | None:
-        row = await self._run(self._fetch_one, f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = ?", (org_id,))
+        row = await self._run(self._fetch_one, q.GET_ORG.sqlite, (org_id,))
         return None if row is None else _decode.org(row)
 
     async def list_orgs(self, limit: int = 100, offset: int = 0) -> list[Organization]:
         common.check_page(limit, offset)
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {ORG_COLUMNS} FROM organizations ORDER BY created_at, id LIMIT ? OFFSET ?",
-            (limit, offset),
-        )
+        rows = await self._run(self._fetch_all, q.LIST_ORGS.sqlite, (limit, offset))
         return [_decode.org(r) for r in rows]
 
     async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
-        rows = await self._run(
-            self._fetch_all,
-            "SELECT o.id, o.name, o.created_at, o.limits, m.role FROM memberships m"
-            " JOIN organizations o ON o.id = m.org_id"
-            " WHERE m.user_id = ? ORDER BY o.created_at, o.id",
-            (user_id,),
-        )
+        rows = await self._run(self._fetch_all, q.LIST_ORGS_FOR_USER.sqlite, (user_id,))
         return [(_decode.org(r), r["role"]) for r in rows]
 
     async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
@@ -559,7 +509,7 @@ class SQLiteStore(Store):
                 if conn.execute("UPDATE organizations SET limits = ? WHERE id = ?", (stored, org_id)).rowcount == 0:
                     raise NotFound(f"organization {org_id} does not exist")
                 _record_change(conn, ORG_CHANGE, org_id, _ts(common.utcnow()))
-                return conn.execute(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = ?", (org_id,)).fetchone()
+                return conn.execute(q.GET_ORG.sqlite, (org_id,)).fetchone()
 
         return _decode.org(await self._run(work))
 
@@ -571,10 +521,7 @@ class SQLiteStore(Store):
         )
 
         def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)",
-                (org_id, user_id, role, _ts(membership.created_at)),
-            )
+            conn.execute(q.INSERT_MEMBER.sqlite, (org_id, user_id, role, _ts(membership.created_at)))
 
         await self._run(work, missing=f"organization {org_id} or user {user_id} does not exist")
         return membership
@@ -588,12 +535,8 @@ class SQLiteStore(Store):
                 if current is None:
                     raise NotFound(f"user {user_id} is not a member of organization {org_id}")
                 if current.role == "owner" and role != "owner" and _owner_count(conn, org_id) <= 1:
-                    raise LastOwnerError(
-                        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
-                    )
-                conn.execute(
-                    "UPDATE memberships SET role = ? WHERE org_id = ? AND user_id = ?", (role, org_id, user_id)
-                )
+                    raise common.last_owner(org_id, user_id)
+                conn.execute(q.SET_ROLE.sqlite, (role, org_id, user_id))
             return Membership(org_id=org_id, user_id=user_id, role=role, created_at=current.created_at)
 
         return await self._run(work)
@@ -605,27 +548,19 @@ class SQLiteStore(Store):
                 if current is None:
                     return False
                 if current.role == "owner" and _owner_count(conn, org_id) <= 1:
-                    raise LastOwnerError(
-                        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
-                    )
-                conn.execute("DELETE FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id))
+                    raise common.last_owner(org_id, user_id)
+                conn.execute(q.DELETE_MEMBER.sqlite, (org_id, user_id))
                 _record_change(conn, ORG_CHANGE, org_id, _ts(common.utcnow()))
             return True
 
         return await self._run(work)
 
     async def get_role(self, org_id: str, user_id: str) -> str | None:
-        row = await self._run(
-            self._fetch_one, "SELECT role FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id)
-        )
+        row = await self._run(self._fetch_one, q.GET_ROLE.sqlite, (org_id, user_id))
         return None if row is None else row["role"]
 
     async def list_members(self, org_id: str) -> list[Membership]:
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = ? ORDER BY created_at, user_id",
-            (org_id,),
-        )
+        rows = await self._run(self._fetch_all, q.LIST_MEMBERS.sqlite, (org_id,))
         return [_decode.membership(r) for r in rows]
 
     # --- API keys ----------------------------------------------------------
@@ -664,8 +599,7 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO api_keys (id, public_id, prefix, secret_hash, name, user_id, org_id, created_by,"
-                " created_at, expires_at, allowed_models, limits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                q.INSERT_API_KEY.sqlite,
                 (
                     key.id, key.public_id, key.prefix, key.secret_hash, key.name, key.user_id, key.org_id,
                     key.created_by, _ts(key.created_at), _opt_ts(key.expires_at), _opt_json(models),
@@ -677,13 +611,11 @@ class SQLiteStore(Store):
         return key
 
     async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
-        row = await self._run(self._fetch_one, f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+        row = await self._run(self._fetch_one, q.GET_API_KEY.sqlite, (key_id,))
         return None if row is None else _decode.api_key(row)
 
     async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
-        row = await self._run(
-            self._fetch_one, f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE public_id = ?", (public_id,)
-        )
+        row = await self._run(self._fetch_one, q.GET_API_KEY_BY_PUBLIC_ID.sqlite, (public_id,))
         return None if row is None else _decode.api_key(row)
 
     async def list_api_keys(
@@ -824,9 +756,7 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> int:
             with _write_transaction(conn):
-                return conn.execute(
-                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND ts < ?", (cutoff,)
-                ).rowcount
+                return conn.execute(q.CLEAR_CLIENT_IPS.sqlite, (cutoff,)).rowcount
 
         return await self._run(work)
 
@@ -850,11 +780,7 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> bool:
             with _write_transaction(conn):
-                new = conn.execute(
-                    "INSERT INTO webhook_events (source, event_id, event_type, received_at) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (source, event_id) DO NOTHING",
-                    (source, event_id, event_type, now),
-                ).rowcount
+                new = conn.execute(q.INSERT_WEBHOOK_EVENT.sqlite, (source, event_id, event_type, now)).rowcount
                 if new:
                     _insert_ledger_entries(conn, checked, now)
             return bool(new)
@@ -862,28 +788,19 @@ class SQLiteStore(Store):
         return await self._run(work)
 
     async def get_balance(self, account_id: str) -> int:
-        row = await self._run(
-            self._fetch_one, "SELECT balance_pico FROM balances WHERE account_id = ?", (account_id,)
-        )
+        row = await self._run(self._fetch_one, q.GET_BALANCE.sqlite, (account_id,))
         return 0 if row is None else row[0]
 
     async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
         # One statement reads one snapshot: the balance and the feed position agree.
-        row = await self._run(
-            self._fetch_one,
-            "SELECT (SELECT balance_pico FROM balances WHERE account_id = ?),"
-            " (SELECT COALESCE(MAX(id), 0) FROM store_changes)", (account_id,))
+        row = await self._run(self._fetch_one, q.BALANCE_SNAPSHOT.sqlite, (account_id,))
         return (row[0] or 0), row[1]
 
     async def ledger_sum(self, account_id: str) -> int:
         return await self._run(_ledger_sum, account_id)
 
     async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
-        row = await self._run(
-            self._fetch_one,
-            f"SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE source = ? AND external_id = ?",
-            (source, external_id),
-        )
+        row = await self._run(self._fetch_one, q.GET_LEDGER_ENTRY.sqlite, (source, external_id))
         return None if row is None else _decode.ledger_entry(row)
 
     async def list_ledger(
@@ -910,14 +827,11 @@ class SQLiteStore(Store):
         return SQLiteChangeFeed(self)
 
     async def latest_change_id(self) -> int:
-        row = await self._run(self._fetch_one, "SELECT COALESCE(MAX(id), 0) FROM store_changes", ())
+        row = await self._run(self._fetch_one, q.LATEST_CHANGE_ID.sqlite, ())
         return row[0]
 
     async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
-        rows = await self._run(
-            self._fetch_all,
-            "SELECT id, kind, subject, amount_pico, ledger_id FROM store_changes WHERE id > ? ORDER BY id LIMIT ?",
-            (after, limit))
+        rows = await self._run(self._fetch_all, q.CHANGES_SINCE.sqlite, (after, limit))
         return [StoreChange(*row) for row in rows]
 
     async def prune_changes(self, older_than: timedelta) -> int:
@@ -943,9 +857,7 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _membership(conn: sqlite3.Connection, org_id: str, user_id: str) -> Membership | None:
-        row = conn.execute(
-            f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id)
-        ).fetchone()
+        row = conn.execute(q.GET_MEMBERSHIP.sqlite, (org_id, user_id)).fetchone()
         return None if row is None else _decode.membership(row)
 
 
