@@ -22,33 +22,29 @@ from . import _common as common
 from . import _queries as q
 from ._common import (
     API_KEY_COLUMNS,
-    LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     MEMBERSHIP_COLUMNS,
     ORG_COLUMNS,
     USAGE_COLUMNS,
     USAGE_FIELDS,
     USER_COLUMNS,
-    Filter,
     RowDecoder,
 )
 from ._migrations import check_version, load_migrations, refuse_newer
-from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed, StoreChange
+from ._queries import Sql
+from ._sqlstore import SqlStore
+from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed
 from .base import (
     AnonymizedUser,
     ApiKeyRow,
     Conflict,
-    GroupBy,
-    LedgerEntry,
     Membership,
     NewLedgerEntry,
     NotFound,
     Organization,
     SchemaError,
-    Store,
     StoreError,
     UsageRecord,
-    UsageTotal,
     User,
 )
 
@@ -240,16 +236,28 @@ def _columns(items: Sequence[Any], fields: Sequence[str]) -> list[list[Any]]:
 _ENTRY_FIELDS = ("account_id", "kind", "amount_pico", "source", "external_id", "request_id", "description")
 
 
-def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
-    """`WHERE a = $1 AND ts >= $2` and its parameters; more placeholders may follow from len(params) + 1."""
-    if not filters:
-        return "", []
-    clause = " AND ".join(f"{condition} ${i}" for i, (condition, _) in enumerate(filters, 1))
-    return f"WHERE {clause}", [value for _, value in filters]
-
-
-class PostgresStore(Store):
+class PostgresStore(SqlStore):
     dialect = "postgres"
+    _decode = _decode
+    _placeholder = "$"
+    _group_expressions = _GROUP_EXPRESSIONS
+    _cost_columns = "COALESCE(SUM(actual_cost_pico), 0) AS cost_pico"
+
+    @staticmethod
+    def _cost(row: asyncpg.Record) -> int:
+        return int(row["cost_pico"])  # SUM(bigint) is an exact Decimal
+
+    async def _row(self, query: Sql, *params: Any) -> asyncpg.Record | None:
+        with _translated():
+            return await self._pool.fetchrow(query.postgres, *params)
+
+    async def _rows(self, query: Sql, *params: Any) -> list[asyncpg.Record]:
+        with _translated():
+            return await self._pool.fetch(query.postgres, *params)
+
+    async def _select(self, sql: str, params: list[Any]) -> list[asyncpg.Record]:
+        with _translated():
+            return await self._pool.fetch(sql, *params)
 
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self._pool = pool
@@ -318,22 +326,6 @@ class PostgresStore(Store):
             )
         return _decode.user(row)
 
-    async def get_user(self, user_id: str) -> User | None:
-        with _translated():
-            row = await self._pool.fetchrow(q.GET_USER.postgres, user_id)
-        return None if row is None else _decode.user(row)
-
-    async def get_user_by_external_id(self, external_id: str) -> User | None:
-        with _translated():
-            row = await self._pool.fetchrow(q.GET_USER_BY_EXTERNAL_ID.postgres, external_id)
-        return None if row is None else _decode.user(row)
-
-    async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]:
-        common.check_page(limit, offset)
-        with _translated():
-            rows = await self._pool.fetch(q.LIST_USERS[include_deleted].postgres, limit, offset)
-        return [_decode.user(r) for r in rows]
-
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
         return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
 
@@ -380,22 +372,6 @@ class PostgresStore(Store):
                 row = await conn.fetchrow(_INSERT_ORG, org_id, name, now)
                 await conn.execute(q.INSERT_MEMBER.postgres, org_id, owner_user_id, "owner", now)
         return _decode.org(row)
-
-    async def get_org(self, org_id: str) -> Organization | None:
-        with _translated():
-            row = await self._pool.fetchrow(q.GET_ORG.postgres, org_id)
-        return None if row is None else _decode.org(row)
-
-    async def list_orgs(self, limit: int = 100, offset: int = 0) -> list[Organization]:
-        common.check_page(limit, offset)
-        with _translated():
-            rows = await self._pool.fetch(q.LIST_ORGS.postgres, limit, offset)
-        return [_decode.org(r) for r in rows]
-
-    async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
-        with _translated():
-            rows = await self._pool.fetch(q.LIST_ORGS_FOR_USER.postgres, user_id)
-        return [(_decode.org(r), r["role"]) for r in rows]
 
     async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
         with _translated():
@@ -444,15 +420,6 @@ class PostgresStore(Store):
                 await _record_changes(conn, [(ORG_CHANGE, org_id, None, None)])
         return True
 
-    async def get_role(self, org_id: str, user_id: str) -> str | None:
-        with _translated():
-            return await self._pool.fetchval(q.GET_ROLE.postgres, org_id, user_id)
-
-    async def list_members(self, org_id: str) -> list[Membership]:
-        with _translated():
-            rows = await self._pool.fetch(q.LIST_MEMBERS.postgres, org_id)
-        return [_decode.membership(r) for r in rows]
-
     # --- API keys ----------------------------------------------------------
 
     async def create_api_key(
@@ -479,36 +446,6 @@ class PostgresStore(Store):
                 common.models_for_storage(allowed_models), common.limits_for_storage(limits),
             )
         return _decode.api_key(row)
-
-    async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
-        with _translated():
-            row = await self._pool.fetchrow(q.GET_API_KEY.postgres, key_id)
-        return None if row is None else _decode.api_key(row)
-
-    async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
-        with _translated():
-            row = await self._pool.fetchrow(q.GET_API_KEY_BY_PUBLIC_ID.postgres, public_id)
-        return None if row is None else _decode.api_key(row)
-
-    async def list_api_keys(
-        self, *, user_id: str | None = None, org_id: str | None = None, include_revoked: bool = False
-    ) -> list[ApiKeyRow]:
-        conditions: list[str] = []
-        params: list[Any] = []
-        if user_id is not None:
-            params.append(user_id)
-            conditions.append(f"user_id = ${len(params)}")
-        if org_id is not None:
-            params.append(org_id)
-            conditions.append(f"org_id = ${len(params)}")
-        if not include_revoked:
-            conditions.append("revoked_at IS NULL")
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {API_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, id", *params
-            )
-        return [_decode.api_key(r) for r in rows]
 
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
         return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
@@ -555,62 +492,6 @@ class PostgresStore(Store):
             columns = [list(column) for column in zip(*checked)]  # a record is its row: transpose for unnest
             return int(await self._pool.fetchval(_RECORD_USAGE, *columns, common.utcnow()))
 
-    async def list_usage(
-        self,
-        *,
-        account_id: str | None = None,
-        org_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[UsageRecord]:
-        common.check_page(limit, offset)
-        where, params = _where(
-            common.usage_filters(
-                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
-                require_scope=True,
-            )
-        )
-        n = len(params)
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {USAGE_COLUMNS} FROM usage_records {where}"
-                f" ORDER BY ts DESC, request_id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
-                *params, limit, offset,
-            )
-        return [_decode.usage(r) for r in rows]
-
-    async def usage_totals(
-        self,
-        *,
-        account_id: str | None = None,
-        org_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        group_by: GroupBy,
-    ) -> list[UsageTotal]:
-        group = _GROUP_EXPRESSIONS[common.check_group_by(group_by)]
-        where, params = _where(
-            common.usage_filters(
-                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
-                require_scope=False,
-            )
-        )
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {group} AS grp, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
-                " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
-                " COALESCE(SUM(actual_cost_pico), 0) AS cost_pico"
-                f" FROM usage_records {where} GROUP BY grp ORDER BY grp",
-                *params,
-            )
-        return [_decode.usage_total(r, int(r["cost_pico"])) for r in rows]  # SUM(bigint) is an exact Decimal
-
     async def clear_client_ips(self, before: datetime) -> int:
         cutoff = common.aware_utc(before, "before")
         with _translated():
@@ -641,60 +522,15 @@ class PostgresStore(Store):
                     await _record_changes(conn, _credit_changes(applied))
         return bool(new)
 
-    async def get_balance(self, account_id: str) -> int:
-        with _translated():
-            balance = await self._pool.fetchval(q.GET_BALANCE.postgres, account_id)
-        return 0 if balance is None else balance
-
-    async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
-        # One statement, one snapshot: the balance and the feed position agree.
-        with _translated():
-            row = await self._pool.fetchrow(q.BALANCE_SNAPSHOT.postgres, account_id)
-        return (row["balance"] or 0), int(row["position"])
-
     async def ledger_sum(self, account_id: str) -> int:
         with _translated():
             total = await self._pool.fetchval(q.LEDGER_SUM.postgres, account_id)
         return int(total)  # SUM(bigint) is numeric: an exact Decimal
 
-    async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
-        with _translated():
-            row = await self._pool.fetchrow(q.GET_LEDGER_ENTRY.postgres, source, external_id)
-        return None if row is None else _decode.ledger_entry(row)
-
-    async def list_ledger(
-        self,
-        account_id: str,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[LedgerEntry]:
-        common.check_page(limit, offset)
-        where, params = _where([("account_id =", account_id), *common.time_filters("created_at", since, until)])
-        n = len(params)
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {LEDGER_COLUMNS} FROM ledger_entries {where}"
-                f" ORDER BY created_at DESC, id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
-                *params, limit, offset,
-            )
-        return [_decode.ledger_entry(r) for r in rows]
-
     # --- change feed -------------------------------------------------------
 
     def change_feed(self) -> ChangeFeed:
         return PostgresChangeFeed(self, self._url)
-
-    async def latest_change_id(self) -> int:
-        with _translated():
-            return int(await self._pool.fetchval(q.LATEST_CHANGE_ID.postgres))
-
-    async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
-        with _translated():
-            rows = await self._pool.fetch(q.CHANGES_SINCE.postgres, after, limit)
-        return [StoreChange(*row) for row in rows]
 
     async def prune_changes(self, older_than: timedelta) -> int:
         with _translated():

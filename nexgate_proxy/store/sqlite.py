@@ -25,33 +25,28 @@ from typing import Any, TypeVar
 from . import _common as common
 from . import _queries as q
 from ._common import (
-    API_KEY_COLUMNS,
-    LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     USAGE_COLUMNS,
     USAGE_FIELDS,
-    Filter,
     RowDecoder,
 )
 from ._migrations import check_version, load_migrations, refuse_newer
-from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed, StoreChange
+from ._queries import Sql
+from ._sqlstore import SqlStore
+from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed
 from .base import (
     MAX_PICO,
     MIN_PICO,
     AnonymizedUser,
     ApiKeyRow,
     Conflict,
-    GroupBy,
-    LedgerEntry,
     Membership,
     NewLedgerEntry,
     NotFound,
     Organization,
     SchemaError,
-    Store,
     StoreError,
     UsageRecord,
-    UsageTotal,
     User,
 )
 
@@ -98,15 +93,6 @@ def _opt_json(value: Any) -> str | None:
 
 
 _decode = RowDecoder(timestamp=_parse_ts, json_value=json.loads)
-
-
-def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
-    """`WHERE a = ? AND ts >= ?` and its parameters; datetimes as stored text."""
-    if not filters:
-        return "", []
-    clause = " AND ".join(f"{condition} ?" for condition, _ in filters)
-    params = [_ts(v) if isinstance(v, datetime) else v for _, v in filters]
-    return f"WHERE {clause}", params
 
 
 def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
@@ -300,8 +286,30 @@ def _owner_count(conn: sqlite3.Connection, org_id: str) -> int:
     return int(conn.execute(q.OWNER_COUNT.sqlite, (org_id,)).fetchone()[0])
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SqlStore):
     dialect = "sqlite"
+    _decode = _decode
+    _placeholder = "?"
+    _group_expressions = _GROUP_EXPRESSIONS
+    _cost_columns = (f"COALESCE(SUM(actual_cost_pico / {_COST_SPLIT}), 0) AS cost_high,"
+                     f" COALESCE(SUM(actual_cost_pico % {_COST_SPLIT}), 0) AS cost_low")
+
+    @staticmethod
+    def _cost(row: sqlite3.Row) -> int:
+        return row["cost_high"] * _COST_SPLIT + row["cost_low"]
+
+    @staticmethod
+    def _bind(value: Any) -> Any:
+        return _ts(value) if isinstance(value, datetime) else value  # datetimes as stored text
+
+    async def _row(self, query: Sql, *params: Any) -> sqlite3.Row | None:
+        return await self._run(self._fetch_one, query.sqlite, params)
+
+    async def _rows(self, query: Sql, *params: Any) -> list[sqlite3.Row]:
+        return await self._run(self._fetch_all, query.sqlite, params)
+
+    async def _select(self, sql: str, params: list[Any]) -> list[sqlite3.Row]:
+        return await self._run(self._fetch_all, sql, tuple(params))
 
     def __init__(self, path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
@@ -425,19 +433,6 @@ class SQLiteStore(Store):
         await self._run(work)
         return user
 
-    async def get_user(self, user_id: str) -> User | None:
-        row = await self._run(self._fetch_one, q.GET_USER.sqlite, (user_id,))
-        return None if row is None else _decode.user(row)
-
-    async def get_user_by_external_id(self, external_id: str) -> User | None:
-        row = await self._run(self._fetch_one, q.GET_USER_BY_EXTERNAL_ID.sqlite, (external_id,))
-        return None if row is None else _decode.user(row)
-
-    async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]:
-        common.check_page(limit, offset)
-        rows = await self._run(self._fetch_all, q.LIST_USERS[include_deleted].sqlite, (limit, offset))
-        return [_decode.user(r) for r in rows]
-
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
         return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
 
@@ -487,19 +482,6 @@ class SQLiteStore(Store):
 
         await self._run(work, missing=f"user {owner_user_id} does not exist")
         return org
-
-    async def get_org(self, org_id: str) -> Organization | None:
-        row = await self._run(self._fetch_one, q.GET_ORG.sqlite, (org_id,))
-        return None if row is None else _decode.org(row)
-
-    async def list_orgs(self, limit: int = 100, offset: int = 0) -> list[Organization]:
-        common.check_page(limit, offset)
-        rows = await self._run(self._fetch_all, q.LIST_ORGS.sqlite, (limit, offset))
-        return [_decode.org(r) for r in rows]
-
-    async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
-        rows = await self._run(self._fetch_all, q.LIST_ORGS_FOR_USER.sqlite, (user_id,))
-        return [(_decode.org(r), r["role"]) for r in rows]
 
     async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
         stored = _opt_json(common.limits_for_storage(limits))
@@ -555,14 +537,6 @@ class SQLiteStore(Store):
 
         return await self._run(work)
 
-    async def get_role(self, org_id: str, user_id: str) -> str | None:
-        row = await self._run(self._fetch_one, q.GET_ROLE.sqlite, (org_id, user_id))
-        return None if row is None else row["role"]
-
-    async def list_members(self, org_id: str) -> list[Membership]:
-        rows = await self._run(self._fetch_all, q.LIST_MEMBERS.sqlite, (org_id,))
-        return [_decode.membership(r) for r in rows]
-
     # --- API keys ----------------------------------------------------------
 
     async def create_api_key(
@@ -609,33 +583,6 @@ class SQLiteStore(Store):
 
         await self._run(work, missing="the key's user_id, org_id or created_by does not exist")
         return key
-
-    async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
-        row = await self._run(self._fetch_one, q.GET_API_KEY.sqlite, (key_id,))
-        return None if row is None else _decode.api_key(row)
-
-    async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
-        row = await self._run(self._fetch_one, q.GET_API_KEY_BY_PUBLIC_ID.sqlite, (public_id,))
-        return None if row is None else _decode.api_key(row)
-
-    async def list_api_keys(
-        self, *, user_id: str | None = None, org_id: str | None = None, include_revoked: bool = False
-    ) -> list[ApiKeyRow]:
-        conditions: list[str] = []
-        params: list[Any] = []
-        if user_id is not None:
-            conditions.append("user_id = ?")
-            params.append(user_id)
-        if org_id is not None:
-            conditions.append("org_id = ?")
-            params.append(org_id)
-        if not include_revoked:
-            conditions.append("revoked_at IS NULL")
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        rows = await self._run(
-            self._fetch_all, f"SELECT {API_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, id", tuple(params)
-        )
-        return [_decode.api_key(r) for r in rows]
 
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
         return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
@@ -696,61 +643,6 @@ class SQLiteStore(Store):
 
         return await self._run(work)
 
-    async def list_usage(
-        self,
-        *,
-        account_id: str | None = None,
-        org_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[UsageRecord]:
-        common.check_page(limit, offset)
-        where, params = _where(
-            common.usage_filters(
-                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
-                require_scope=True,
-            )
-        )
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {USAGE_COLUMNS} FROM usage_records {where} ORDER BY ts DESC, request_id DESC LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        )
-        return [_decode.usage(r) for r in rows]
-
-    async def usage_totals(
-        self,
-        *,
-        account_id: str | None = None,
-        org_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        group_by: GroupBy,
-    ) -> list[UsageTotal]:
-        group = _GROUP_EXPRESSIONS[common.check_group_by(group_by)]
-        where, params = _where(
-            common.usage_filters(
-                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
-                require_scope=False,
-            )
-        )
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {group} AS grp, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
-            " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
-            f" COALESCE(SUM(actual_cost_pico / {_COST_SPLIT}), 0) AS cost_high,"
-            f" COALESCE(SUM(actual_cost_pico % {_COST_SPLIT}), 0) AS cost_low"
-            f" FROM usage_records {where} GROUP BY grp ORDER BY grp",
-            tuple(params),
-        )
-        return [_decode.usage_total(r, r["cost_high"] * _COST_SPLIT + r["cost_low"]) for r in rows]
-
     async def clear_client_ips(self, before: datetime) -> int:
         cutoff = _ts(common.aware_utc(before, "before"))
 
@@ -787,52 +679,13 @@ class SQLiteStore(Store):
 
         return await self._run(work)
 
-    async def get_balance(self, account_id: str) -> int:
-        row = await self._run(self._fetch_one, q.GET_BALANCE.sqlite, (account_id,))
-        return 0 if row is None else row[0]
-
-    async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
-        # One statement reads one snapshot: the balance and the feed position agree.
-        row = await self._run(self._fetch_one, q.BALANCE_SNAPSHOT.sqlite, (account_id,))
-        return (row[0] or 0), row[1]
-
     async def ledger_sum(self, account_id: str) -> int:
         return await self._run(_ledger_sum, account_id)
-
-    async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
-        row = await self._run(self._fetch_one, q.GET_LEDGER_ENTRY.sqlite, (source, external_id))
-        return None if row is None else _decode.ledger_entry(row)
-
-    async def list_ledger(
-        self,
-        account_id: str,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[LedgerEntry]:
-        common.check_page(limit, offset)
-        where, params = _where([("account_id =", account_id), *common.time_filters("created_at", since, until)])
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {LEDGER_COLUMNS} FROM ledger_entries {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        )
-        return [_decode.ledger_entry(r) for r in rows]
 
     # --- change feed -------------------------------------------------------
 
     def change_feed(self) -> ChangeFeed:
         return SQLiteChangeFeed(self)
-
-    async def latest_change_id(self) -> int:
-        row = await self._run(self._fetch_one, q.LATEST_CHANGE_ID.sqlite, ())
-        return row[0]
-
-    async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
-        rows = await self._run(self._fetch_all, q.CHANGES_SINCE.sqlite, (after, limit))
-        return [StoreChange(*row) for row in rows]
 
     async def prune_changes(self, older_than: timedelta) -> int:
         cutoff = _ts(common.utcnow() - older_than)
