@@ -9,6 +9,7 @@ really differ (the day expression, the exact cost sum).
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +18,7 @@ from . import _queries as q
 from ._common import API_KEY_COLUMNS, LEDGER_COLUMNS, USAGE_COLUMNS, Filter, RowDecoder
 from ._queries import Sql
 from .base import ApiKeyRow, GroupBy, LedgerEntry, Membership, Organization, Store, UsageRecord, UsageTotal, User
-from .feed import StoreChange
+from .feed import API_KEY_CHANGE, StoreChange
 
 
 class SqlStore(Store):
@@ -40,6 +41,17 @@ class SqlStore(Store):
     @abc.abstractmethod
     async def _select(self, sql: str, params: list[Any]) -> list[Any]:
         """Run a statement built per call with `_where` (its placeholders already this dialect's)."""
+
+    @abc.abstractmethod
+    async def _insert_api_key(self, key: ApiKeyRow) -> ApiKeyRow:
+        """Store a checked new key; return it as stored."""
+
+    @abc.abstractmethod
+    async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
+                          change: str | None = None) -> bool:
+        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row.
+
+        When it set it, records the ``change`` kind (if any) for the row."""
 
     @staticmethod
     def _bind(value: Any) -> Any:
@@ -75,6 +87,9 @@ class SqlStore(Store):
         common.check_page(limit, offset)
         return [self._decode.user(r) for r in await self._rows(q.LIST_USERS[include_deleted], limit, offset)]
 
+    async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
+        return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
+
     # --- organizations and memberships ------------------------------------------
 
     async def get_org(self, org_id: str) -> Organization | None:
@@ -97,6 +112,37 @@ class SqlStore(Store):
 
     # --- API keys ----------------------------------------------------------------
 
+    async def create_api_key(
+        self,
+        *,
+        public_id: str,
+        prefix: str,
+        secret_hash: str,
+        name: str,
+        user_id: str | None = None,
+        org_id: str | None = None,
+        created_by: str | None = None,
+        expires_at: datetime | None = None,
+        allowed_models: list[str] | tuple[str, ...] | None = None,
+        limits: Mapping[str, Any] | None = None,
+    ) -> ApiKeyRow:
+        common.check_key_owner(user_id, org_id)
+        models = common.models_for_storage(allowed_models)
+        return await self._insert_api_key(ApiKeyRow(
+            id=common.new_id("key"),
+            public_id=public_id,
+            prefix=prefix,
+            secret_hash=secret_hash,
+            name=name,
+            user_id=user_id,
+            org_id=org_id,
+            created_by=created_by,
+            created_at=common.utcnow(),
+            expires_at=None if expires_at is None else common.aware_utc(expires_at, "expires_at"),
+            allowed_models=None if models is None else tuple(models),
+            limits=common.limits_for_storage(limits),
+        ))
+
     async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
         row = await self._row(q.GET_API_KEY, key_id)
         return None if row is None else self._decode.api_key(row)
@@ -104,6 +150,9 @@ class SqlStore(Store):
     async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
         row = await self._row(q.GET_API_KEY_BY_PUBLIC_ID, public_id)
         return None if row is None else self._decode.api_key(row)
+
+    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
+        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
 
     async def list_api_keys(
         self, *, user_id: str | None = None, org_id: str | None = None, include_revoked: bool = False

@@ -326,9 +326,6 @@ class PostgresStore(SqlStore):
             )
         return _decode.user(row)
 
-    async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
-
     async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
         when = common.aware_utc(at, "at") if at else common.utcnow()
         with _translated():
@@ -422,33 +419,15 @@ class PostgresStore(SqlStore):
 
     # --- API keys ----------------------------------------------------------
 
-    async def create_api_key(
-        self,
-        *,
-        public_id: str,
-        prefix: str,
-        secret_hash: str,
-        name: str,
-        user_id: str | None = None,
-        org_id: str | None = None,
-        created_by: str | None = None,
-        expires_at: datetime | None = None,
-        allowed_models: list[str] | tuple[str, ...] | None = None,
-        limits: Mapping[str, Any] | None = None,
-    ) -> ApiKeyRow:
-        common.check_key_owner(user_id, org_id)
-        expires = None if expires_at is None else common.aware_utc(expires_at, "expires_at")
+    async def _insert_api_key(self, key: ApiKeyRow) -> ApiKeyRow:
         with _translated(missing="the key's user_id, org_id or created_by does not exist"):
             row = await self._pool.fetchrow(
                 _INSERT_API_KEY,
-                common.new_id("key"), public_id, prefix, secret_hash, name, user_id, org_id, created_by,
-                common.utcnow(), expires,
-                common.models_for_storage(allowed_models), common.limits_for_storage(limits),
+                key.id, key.public_id, key.prefix, key.secret_hash, key.name, key.user_id, key.org_id, key.created_by,
+                key.created_at, key.expires_at,
+                None if key.allowed_models is None else list(key.allowed_models), key.limits,
             )
         return _decode.api_key(row)
-
-    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
 
     async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
                           change: str | None = None) -> bool:

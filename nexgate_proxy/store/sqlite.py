@@ -433,9 +433,6 @@ class SQLiteStore(SqlStore):
         await self._run(work)
         return user
 
-    async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
-
     async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
         when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
 
@@ -539,37 +536,8 @@ class SQLiteStore(SqlStore):
 
     # --- API keys ----------------------------------------------------------
 
-    async def create_api_key(
-        self,
-        *,
-        public_id: str,
-        prefix: str,
-        secret_hash: str,
-        name: str,
-        user_id: str | None = None,
-        org_id: str | None = None,
-        created_by: str | None = None,
-        expires_at: datetime | None = None,
-        allowed_models: list[str] | tuple[str, ...] | None = None,
-        limits: Mapping[str, Any] | None = None,
-    ) -> ApiKeyRow:
-        common.check_key_owner(user_id, org_id)
-        models = common.models_for_storage(allowed_models)
-        limits_dict = common.limits_for_storage(limits)
-        key = ApiKeyRow(
-            id=common.new_id("key"),
-            public_id=public_id,
-            prefix=prefix,
-            secret_hash=secret_hash,
-            name=name,
-            user_id=user_id,
-            org_id=org_id,
-            created_by=created_by,
-            created_at=common.utcnow(),
-            expires_at=None if expires_at is None else common.aware_utc(expires_at, "expires_at"),
-            allowed_models=None if models is None else tuple(models),
-            limits=limits_dict,
-        )
+    async def _insert_api_key(self, key: ApiKeyRow) -> ApiKeyRow:
+        models = None if key.allowed_models is None else list(key.allowed_models)
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -577,15 +545,12 @@ class SQLiteStore(SqlStore):
                 (
                     key.id, key.public_id, key.prefix, key.secret_hash, key.name, key.user_id, key.org_id,
                     key.created_by, _ts(key.created_at), _opt_ts(key.expires_at), _opt_json(models),
-                    _opt_json(limits_dict),
+                    _opt_json(key.limits),
                 ),
             )
 
         await self._run(work, missing="the key's user_id, org_id or created_by does not exist")
         return key
-
-    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
 
     async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
                           change: str | None = None) -> bool:
