@@ -1,9 +1,10 @@
-"""The reads both backends run alike, written once on top of three small dialect hooks.
+"""What both backends do alike, written once: the reads, and the checks in front of a few writes.
 
-A dialect supplies how one statement runs (`_row`, `_rows`), its placeholder prefix for the
-WHERE clauses built per call ("?" or "$": both number them, `?N` / `$N`), how a filter value is
-bound (SQLite stores datetimes as text), its row decoder, and the usage_totals fragments that
-really differ (the day expression, the exact cost sum).
+A dialect supplies how one statement runs (`_row`, `_rows`, `_select`), its placeholder prefix
+for the WHERE clauses built per call ("?" or "$": both numbered, `?N` / `$N`), how a filter value
+is bound (SQLite stores datetimes as text), its row decoder, the usage_totals fragments that
+really differ (the day expression, the exact cost sum), and the writes that differ in
+transactions and RETURNING (`_insert_api_key`, `_stamp_once`).
 """
 
 from __future__ import annotations

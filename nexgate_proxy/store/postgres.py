@@ -431,9 +431,6 @@ class PostgresStore(SqlStore):
 
     async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
                           change: str | None = None) -> bool:
-        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row.
-
-        When it set it, records the ``change`` kind (if any) for the row."""
         when = common.aware_utc(at, "at") if at else common.utcnow()
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():

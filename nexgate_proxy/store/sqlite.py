@@ -195,6 +195,7 @@ _INSERT_LEDGER = (
     f"INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (source, external_id) DO NOTHING"
 )
+_GET_BALANCE = q.GET_BALANCE.sqlite  # read once per account of every usage batch: a plain global
 
 
 def _insert_ledger_entries(conn: sqlite3.Connection, entries: Sequence[NewLedgerEntry], created: str) -> int:
@@ -257,7 +258,7 @@ def _add_to_balances(conn: sqlite3.Connection, changes: Mapping[str, int], updat
     The net change must fit a BIGINT too, as PostgreSQL needs it to.
     """
     for account_id, change in sorted(changes.items()):
-        row = conn.execute(q.GET_BALANCE.sqlite, (account_id,)).fetchone()
+        row = conn.execute(_GET_BALANCE, (account_id,)).fetchone()
         balance = (0 if row is None else row[0]) + change
         if not (MIN_PICO <= change <= MAX_PICO and MIN_PICO <= balance <= MAX_PICO):
             raise StoreError(common.OUT_OF_RANGE)
@@ -554,9 +555,6 @@ class SQLiteStore(SqlStore):
 
     async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
                           change: str | None = None) -> bool:
-        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row.
-
-        When it set it, records the ``change`` kind (if any) for the row."""
         when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
 
         def work(conn: sqlite3.Connection) -> bool:
