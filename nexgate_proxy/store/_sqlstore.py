@@ -17,6 +17,7 @@ from typing import Any
 from . import _common as common
 from . import _queries as q
 from ._common import API_KEY_COLUMNS, LEDGER_COLUMNS, USAGE_COLUMNS, Filter, RowDecoder
+from ._migrations import check_version
 from ._queries import Sql
 from .base import ApiKeyRow, GroupBy, LedgerEntry, Membership, Organization, Store, UsageRecord, UsageTotal, User
 from .feed import API_KEY_CHANGE, StoreChange
@@ -73,6 +74,11 @@ class SqlStore(Store):
     def _page(self, params: list[Any]) -> str:
         n, mark = len(params), self._placeholder
         return f"LIMIT {mark}{n + 1} OFFSET {mark}{n + 2}"
+
+    # --- schema ---------------------------------------------------------------
+
+    async def check_schema(self) -> int:
+        return check_version(await self.schema_version(), self.dialect)
 
     # --- users ---------------------------------------------------------------
 

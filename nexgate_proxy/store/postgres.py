@@ -30,7 +30,7 @@ from ._common import (
     USER_COLUMNS,
     RowDecoder,
 )
-from ._migrations import check_version, load_migrations, refuse_newer
+from ._migrations import load_migrations, refuse_newer
 from ._queries import Sql
 from ._sqlstore import SqlStore
 from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed
@@ -304,9 +304,6 @@ class PostgresStore(SqlStore):
         with _translated():
             async with self._pool.acquire() as conn:
                 return await _version(conn)
-
-    async def check_schema(self) -> int:
-        return check_version(await self.schema_version(), self.dialect)
 
     async def ping(self) -> None:
         with _translated():

@@ -30,7 +30,7 @@ from ._common import (
     USAGE_FIELDS,
     RowDecoder,
 )
-from ._migrations import check_version, load_migrations, refuse_newer
+from ._migrations import load_migrations, refuse_newer
 from ._queries import Sql
 from ._sqlstore import SqlStore
 from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed
@@ -400,9 +400,6 @@ class SQLiteStore(SqlStore):
 
     async def schema_version(self) -> int:
         return await self._run(_version)
-
-    async def check_schema(self) -> int:
-        return check_version(await self.schema_version(), self.dialect)
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
