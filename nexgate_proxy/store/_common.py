@@ -48,6 +48,12 @@ USER_KEYS_CONDITION = "(user_id = {user} OR (org_id IS NOT NULL AND created_by =
 """The user's personal keys and the organization keys they created (they saw the plaintext)."""
 
 
+def last_owner(org_id: str, user_id: str) -> LastOwnerError:
+    return LastOwnerError(
+        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
+    )
+
+
 def last_owner_of(user_id: str, org_ids: list[str]) -> LastOwnerError:
     return LastOwnerError(
         f"user {user_id} is the last owner of organization(s) {', '.join(org_ids)}: make another member "

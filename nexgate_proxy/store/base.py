@@ -1,8 +1,10 @@
 """The durable store: accounts, organizations, API keys, usage and money.
 
 `Store` is the one interface the gateway codes against; `sqlite.py` and
-`postgres.py` implement it. Rows come back as frozen dataclasses (usage rows as
-`UsageRecord` named tuples) with timezone-aware UTC datetimes, whatever the backend.
+`postgres.py` implement it on `_sqlstore.SqlStore` (what both do alike) and the
+statements of `_queries.py` (each written once, rendered per dialect at import).
+Rows come back as frozen dataclasses (usage rows as `UsageRecord` named tuples)
+with timezone-aware UTC datetimes, whatever the backend.
 
 Lookups (`get_*`) return None for a missing row; operations on something that
 must exist (adding a member to an unknown org, revoking an unknown key) raise

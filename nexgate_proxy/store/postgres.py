@@ -19,36 +19,32 @@ from typing import Any
 import asyncpg
 
 from . import _common as common
+from . import _queries as q
 from ._common import (
     API_KEY_COLUMNS,
-    LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
     MEMBERSHIP_COLUMNS,
     ORG_COLUMNS,
     USAGE_COLUMNS,
     USAGE_FIELDS,
     USER_COLUMNS,
-    Filter,
     RowDecoder,
 )
-from ._migrations import check_version, load_migrations, refuse_newer
-from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed, StoreChange
+from ._migrations import load_migrations, refuse_newer
+from ._queries import Sql
+from ._sqlstore import SqlStore
+from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed
 from .base import (
     AnonymizedUser,
     ApiKeyRow,
     Conflict,
-    GroupBy,
-    LastOwnerError,
-    LedgerEntry,
     Membership,
     NewLedgerEntry,
     NotFound,
     Organization,
     SchemaError,
-    Store,
     StoreError,
     UsageRecord,
-    UsageTotal,
     User,
 )
 
@@ -106,7 +102,7 @@ async def _version(conn: asyncpg.Connection) -> int:
     # to_regclass follows search_path, so this looks in the store's own schema.
     if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
         return 0
-    return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
+    return int(await conn.fetchval(q.SCHEMA_VERSION.postgres))
 
 
 async def _ensure_schema(conn: asyncpg.Connection) -> None:
@@ -146,7 +142,7 @@ def _credit_changes(rows: Sequence[asyncpg.Record]) -> list[tuple[str, str, int 
 
 
 async def _owner_count(conn: asyncpg.Connection, org_id: str) -> int:
-    return int(await conn.fetchval("SELECT COUNT(*) FROM memberships WHERE org_id = $1 AND role = 'owner'", org_id))
+    return int(await conn.fetchval(q.OWNER_COUNT.postgres, org_id))
 
 
 # --- usage and money: set-based statements, one round trip per batch ---------
@@ -217,6 +213,14 @@ WITH new_entries AS (
 SELECT id, account_id, amount_pico FROM new_entries ORDER BY id
 """
 
+# What PostgreSQL adds to the shared statements: the written row comes back in the same round trip.
+_INSERT_USER = f"{q.INSERT_USER.postgres} RETURNING {USER_COLUMNS}"
+_INSERT_ORG = f"{q.INSERT_ORG.postgres} RETURNING {ORG_COLUMNS}"
+_INSERT_MEMBER = f"{q.INSERT_MEMBER.postgres} RETURNING {MEMBERSHIP_COLUMNS}"
+_SET_ROLE = f"{q.SET_ROLE.postgres} RETURNING {MEMBERSHIP_COLUMNS}"
+_INSERT_API_KEY = f"{q.INSERT_API_KEY.postgres} RETURNING {API_KEY_COLUMNS}"
+_INSERT_WEBHOOK_EVENT = f"{q.INSERT_WEBHOOK_EVENT.postgres} RETURNING true"
+
 _GROUP_EXPRESSIONS = {
     "day": "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     "model": "COALESCE(model, '')",
@@ -232,22 +236,28 @@ def _columns(items: Sequence[Any], fields: Sequence[str]) -> list[list[Any]]:
 _ENTRY_FIELDS = ("account_id", "kind", "amount_pico", "source", "external_id", "request_id", "description")
 
 
-def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
-    """`WHERE a = $1 AND ts >= $2` and its parameters; more placeholders may follow from len(params) + 1."""
-    if not filters:
-        return "", []
-    clause = " AND ".join(f"{condition} ${i}" for i, (condition, _) in enumerate(filters, 1))
-    return f"WHERE {clause}", [value for _, value in filters]
-
-
-def _last_owner(org_id: str, user_id: str) -> LastOwnerError:
-    return LastOwnerError(
-        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
-    )
-
-
-class PostgresStore(Store):
+class PostgresStore(SqlStore):
     dialect = "postgres"
+    _decode = _decode
+    _placeholder = "$"
+    _group_expressions = _GROUP_EXPRESSIONS
+    _cost_columns = "COALESCE(SUM(actual_cost_pico), 0) AS cost_pico"
+
+    @staticmethod
+    def _cost(row: asyncpg.Record) -> int:
+        return int(row["cost_pico"])  # SUM(bigint) is an exact Decimal
+
+    async def _row(self, query: Sql, *params: Any) -> asyncpg.Record | None:
+        with _translated():
+            return await self._pool.fetchrow(query.postgres, *params)
+
+    async def _rows(self, query: Sql, *params: Any) -> list[asyncpg.Record]:
+        with _translated():
+            return await self._pool.fetch(query.postgres, *params)
+
+    async def _select(self, sql: str, params: list[Any]) -> list[asyncpg.Record]:
+        with _translated():
+            return await self._pool.fetch(sql, *params)
 
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self._pool = pool
@@ -286,11 +296,7 @@ class PostgresStore(Store):
                         if current >= migration.version:
                             continue
                         await conn.execute(migration.sql)
-                        await conn.execute(
-                            "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                            migration.version,
-                            common.utcnow(),
-                        )
+                        await conn.execute(q.RECORD_MIGRATION.postgres, migration.version, common.utcnow())
                     applied.append(migration.version)
         return applied
 
@@ -298,9 +304,6 @@ class PostgresStore(Store):
         with _translated():
             async with self._pool.acquire() as conn:
                 return await _version(conn)
-
-    async def check_schema(self) -> int:
-        return check_version(await self.schema_version(), self.dialect)
 
     async def ping(self) -> None:
         with _translated():
@@ -316,37 +319,12 @@ class PostgresStore(Store):
     ) -> User:
         with _translated():
             row = await self._pool.fetchrow(
-                f"INSERT INTO users (id, external_id, email, name, created_at) VALUES ($1, $2, $3, $4, $5)"
-                f" RETURNING {USER_COLUMNS}",
-                common.new_id("usr"), external_id, email, name, common.utcnow(),
+                _INSERT_USER, common.new_id("usr"), external_id, email, name, common.utcnow()
             )
         return _decode.user(row)
 
-    async def get_user(self, user_id: str) -> User | None:
-        with _translated():
-            row = await self._pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
-        return None if row is None else _decode.user(row)
-
-    async def get_user_by_external_id(self, external_id: str) -> User | None:
-        with _translated():
-            row = await self._pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE external_id = $1", external_id)
-        return None if row is None else _decode.user(row)
-
-    async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]:
-        common.check_page(limit, offset)
-        where = "" if include_deleted else "WHERE deleted_at IS NULL"
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {USER_COLUMNS} FROM users {where} ORDER BY created_at, id LIMIT $1 OFFSET $2", limit, offset
-            )
-        return [_decode.user(r) for r in rows]
-
-    async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
-
     async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
         when = common.aware_utc(at, "at") if at else common.utcnow()
-        keys = common.USER_KEYS_CONDITION.format(user="$1")
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 if await conn.fetchval("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id) is None:
@@ -357,33 +335,18 @@ class PostgresStore(Store):
                     "SELECT 1 FROM organizations WHERE id IN (SELECT org_id FROM memberships WHERE user_id = $1)"
                     " ORDER BY id FOR UPDATE", user_id,
                 )
-                sole = [r["org_id"] for r in await conn.fetch(
-                    "SELECT m.org_id FROM memberships m WHERE m.user_id = $1 AND m.role = 'owner' AND"
-                    " (SELECT COUNT(*) FROM memberships o WHERE o.org_id = m.org_id AND o.role = 'owner') <= 1"
-                    " ORDER BY m.org_id", user_id)]
+                sole = [r["org_id"] for r in await conn.fetch(q.SOLE_OWNED_ORGS.postgres, user_id)]
                 if sole:
                     raise common.last_owner_of(user_id, sole)
-                key_rows = await conn.fetch(
-                    f"SELECT id, revoked_at FROM api_keys WHERE {keys} ORDER BY created_at, id", user_id
-                )
-                await conn.execute(
-                    f"UPDATE api_keys SET revoked_at = $2 WHERE {keys} AND revoked_at IS NULL", user_id, when
-                )
-                renamed = _updated_count(await conn.execute(
-                    "UPDATE api_keys SET name = $2 WHERE user_id = $1 AND name <> $2", user_id, common.DELETED_KEY_NAME
-                ))
+                key_rows = await conn.fetch(q.USER_KEYS.postgres, user_id)
+                await conn.execute(q.REVOKE_USER_KEYS.postgres, when, user_id)
+                renamed = _updated_count(
+                    await conn.execute(q.RENAME_USER_KEYS.postgres, common.DELETED_KEY_NAME, user_id))
                 left = [r["org_id"] for r in await conn.fetch(
                     "DELETE FROM memberships WHERE user_id = $1 RETURNING org_id", user_id)]
-                cleared = _updated_count(await conn.execute(
-                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND"
-                    f" (account_id = $1 OR key_id IN (SELECT id FROM api_keys WHERE {keys}))", user_id,
-                ))
-                changed = _updated_count(await conn.execute(
-                    "UPDATE users SET email = NULL, name = NULL, external_id = NULL,"
-                    " deleted_at = COALESCE(deleted_at, $2) WHERE id = $1 AND (email IS NOT NULL"
-                    " OR name IS NOT NULL OR external_id IS NOT NULL OR deleted_at IS NULL)", user_id, when,
-                ))
-                row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+                cleared = _updated_count(await conn.execute(q.CLEAR_USER_IPS.postgres, user_id))
+                changed = _updated_count(await conn.execute(q.ERASE_USER.postgres, when, user_id))
+                row = await conn.fetchrow(q.GET_USER.postgres, user_id)
                 await _record_changes(conn, [
                     *((API_KEY_CHANGE, r["id"], None, None) for r in key_rows if r["revoked_at"] is None),
                     *((ORG_CHANGE, org_id, None, None) for org_id in sorted(left))])
@@ -400,38 +363,9 @@ class PostgresStore(Store):
         org_id, now = common.new_id("org"), common.utcnow()
         with _translated(missing=f"user {owner_user_id} does not exist"):
             async with self._pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    f"INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3) RETURNING {ORG_COLUMNS}",
-                    org_id, name, now,
-                )
-                await conn.execute(
-                    "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, 'owner', $3)",
-                    org_id, owner_user_id, now,
-                )
+                row = await conn.fetchrow(_INSERT_ORG, org_id, name, now)
+                await conn.execute(q.INSERT_MEMBER.postgres, org_id, owner_user_id, "owner", now)
         return _decode.org(row)
-
-    async def get_org(self, org_id: str) -> Organization | None:
-        with _translated():
-            row = await self._pool.fetchrow(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = $1", org_id)
-        return None if row is None else _decode.org(row)
-
-    async def list_orgs(self, limit: int = 100, offset: int = 0) -> list[Organization]:
-        common.check_page(limit, offset)
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {ORG_COLUMNS} FROM organizations ORDER BY created_at, id LIMIT $1 OFFSET $2", limit, offset
-            )
-        return [_decode.org(r) for r in rows]
-
-    async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
-        with _translated():
-            rows = await self._pool.fetch(
-                "SELECT o.id, o.name, o.created_at, o.limits, m.role FROM memberships m"
-                " JOIN organizations o ON o.id = m.org_id"
-                " WHERE m.user_id = $1 ORDER BY o.created_at, o.id",
-                user_id,
-            )
-        return [(_decode.org(r), r["role"]) for r in rows]
 
     async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
         with _translated():
@@ -451,11 +385,7 @@ class PostgresStore(Store):
     async def add_member(self, org_id: str, user_id: str, role: str) -> Membership:
         common.check_role(role)
         with _translated(missing=f"organization {org_id} or user {user_id} does not exist"):
-            row = await self._pool.fetchrow(
-                "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)"
-                f" RETURNING {MEMBERSHIP_COLUMNS}",
-                org_id, user_id, role, common.utcnow(),
-            )
+            row = await self._pool.fetchrow(_INSERT_MEMBER, org_id, user_id, role, common.utcnow())
         return _decode.membership(row)
 
     async def set_member_role(self, org_id: str, user_id: str, role: str) -> Membership:
@@ -463,116 +393,41 @@ class PostgresStore(Store):
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 await _lock_org(conn, org_id)
-                current = await conn.fetchval(
-                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
-                )
+                current = await conn.fetchval(q.GET_ROLE.postgres, org_id, user_id)
                 if current is None:
                     raise NotFound(f"user {user_id} is not a member of organization {org_id}")
                 if current == "owner" and role != "owner" and await _owner_count(conn, org_id) <= 1:
-                    raise _last_owner(org_id, user_id)
-                row = await conn.fetchrow(
-                    "UPDATE memberships SET role = $3 WHERE org_id = $1 AND user_id = $2"
-                    f" RETURNING {MEMBERSHIP_COLUMNS}",
-                    org_id, user_id, role,
-                )
+                    raise common.last_owner(org_id, user_id)
+                row = await conn.fetchrow(_SET_ROLE, role, org_id, user_id)
         return _decode.membership(row)
 
     async def remove_member(self, org_id: str, user_id: str) -> bool:
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 await _lock_org(conn, org_id)
-                current = await conn.fetchval(
-                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
-                )
+                current = await conn.fetchval(q.GET_ROLE.postgres, org_id, user_id)
                 if current is None:
                     return False
                 if current == "owner" and await _owner_count(conn, org_id) <= 1:
-                    raise _last_owner(org_id, user_id)
-                await conn.execute("DELETE FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id)
+                    raise common.last_owner(org_id, user_id)
+                await conn.execute(q.DELETE_MEMBER.postgres, org_id, user_id)
                 await _record_changes(conn, [(ORG_CHANGE, org_id, None, None)])
         return True
 
-    async def get_role(self, org_id: str, user_id: str) -> str | None:
-        with _translated():
-            return await self._pool.fetchval(
-                "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
-            )
-
-    async def list_members(self, org_id: str) -> list[Membership]:
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = $1 ORDER BY created_at, user_id", org_id
-            )
-        return [_decode.membership(r) for r in rows]
-
     # --- API keys ----------------------------------------------------------
 
-    async def create_api_key(
-        self,
-        *,
-        public_id: str,
-        prefix: str,
-        secret_hash: str,
-        name: str,
-        user_id: str | None = None,
-        org_id: str | None = None,
-        created_by: str | None = None,
-        expires_at: datetime | None = None,
-        allowed_models: list[str] | tuple[str, ...] | None = None,
-        limits: Mapping[str, Any] | None = None,
-    ) -> ApiKeyRow:
-        common.check_key_owner(user_id, org_id)
-        expires = None if expires_at is None else common.aware_utc(expires_at, "expires_at")
+    async def _insert_api_key(self, key: ApiKeyRow) -> ApiKeyRow:
         with _translated(missing="the key's user_id, org_id or created_by does not exist"):
             row = await self._pool.fetchrow(
-                "INSERT INTO api_keys (id, public_id, prefix, secret_hash, name, user_id, org_id, created_by,"
-                " created_at, expires_at, allowed_models, limits)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-                f" RETURNING {API_KEY_COLUMNS}",
-                common.new_id("key"), public_id, prefix, secret_hash, name, user_id, org_id, created_by,
-                common.utcnow(), expires,
-                common.models_for_storage(allowed_models), common.limits_for_storage(limits),
+                _INSERT_API_KEY,
+                key.id, key.public_id, key.prefix, key.secret_hash, key.name, key.user_id, key.org_id, key.created_by,
+                key.created_at, key.expires_at,
+                None if key.allowed_models is None else list(key.allowed_models), key.limits,
             )
         return _decode.api_key(row)
 
-    async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
-        with _translated():
-            row = await self._pool.fetchrow(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
-        return None if row is None else _decode.api_key(row)
-
-    async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
-        with _translated():
-            row = await self._pool.fetchrow(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE public_id = $1", public_id)
-        return None if row is None else _decode.api_key(row)
-
-    async def list_api_keys(
-        self, *, user_id: str | None = None, org_id: str | None = None, include_revoked: bool = False
-    ) -> list[ApiKeyRow]:
-        conditions: list[str] = []
-        params: list[Any] = []
-        if user_id is not None:
-            params.append(user_id)
-            conditions.append(f"user_id = ${len(params)}")
-        if org_id is not None:
-            params.append(org_id)
-            conditions.append(f"org_id = ${len(params)}")
-        if not include_revoked:
-            conditions.append("revoked_at IS NULL")
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {API_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, id", *params
-            )
-        return [_decode.api_key(r) for r in rows]
-
-    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
-
     async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
                           change: str | None = None) -> bool:
-        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row.
-
-        When it set it, records the ``change`` kind (if any) for the row."""
         when = common.aware_utc(at, "at") if at else common.utcnow()
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
@@ -610,68 +465,10 @@ class PostgresStore(Store):
             columns = [list(column) for column in zip(*checked)]  # a record is its row: transpose for unnest
             return int(await self._pool.fetchval(_RECORD_USAGE, *columns, common.utcnow()))
 
-    async def list_usage(
-        self,
-        *,
-        account_id: str | None = None,
-        org_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[UsageRecord]:
-        common.check_page(limit, offset)
-        where, params = _where(
-            common.usage_filters(
-                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
-                require_scope=True,
-            )
-        )
-        n = len(params)
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {USAGE_COLUMNS} FROM usage_records {where}"
-                f" ORDER BY ts DESC, request_id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
-                *params, limit, offset,
-            )
-        return [_decode.usage(r) for r in rows]
-
-    async def usage_totals(
-        self,
-        *,
-        account_id: str | None = None,
-        org_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        group_by: GroupBy,
-    ) -> list[UsageTotal]:
-        group = _GROUP_EXPRESSIONS[common.check_group_by(group_by)]
-        where, params = _where(
-            common.usage_filters(
-                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
-                require_scope=False,
-            )
-        )
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {group} AS grp, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
-                " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
-                " COALESCE(SUM(actual_cost_pico), 0) AS cost_pico"
-                f" FROM usage_records {where} GROUP BY grp ORDER BY grp",
-                *params,
-            )
-        return [_decode.usage_total(r, int(r["cost_pico"])) for r in rows]  # SUM(bigint) is an exact Decimal
-
     async def clear_client_ips(self, before: datetime) -> int:
         cutoff = common.aware_utc(before, "before")
         with _translated():
-            status = await self._pool.execute(
-                "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND ts < $1", cutoff
-            )
+            status = await self._pool.execute(q.CLEAR_CLIENT_IPS.postgres, cutoff)
         return _updated_count(status)
 
     # --- money -------------------------------------------------------------
@@ -692,79 +489,21 @@ class PostgresStore(Store):
         with _translated():
             async with self._pool.acquire() as conn, conn.transaction():
                 # A concurrent duplicate waits here on the primary key, then finds it taken.
-                new = await conn.fetchval(
-                    "INSERT INTO webhook_events (source, event_id, event_type, received_at) VALUES ($1, $2, $3, $4)"
-                    " ON CONFLICT (source, event_id) DO NOTHING RETURNING true",
-                    source, event_id, event_type, now,
-                )
+                new = await conn.fetchval(_INSERT_WEBHOOK_EVENT, source, event_id, event_type, now)
                 if new and checked:
                     applied = await conn.fetch(_APPLY_ENTRIES, *_columns(checked, _ENTRY_FIELDS), now)
                     await _record_changes(conn, _credit_changes(applied))
         return bool(new)
 
-    async def get_balance(self, account_id: str) -> int:
-        with _translated():
-            balance = await self._pool.fetchval("SELECT balance_pico FROM balances WHERE account_id = $1", account_id)
-        return 0 if balance is None else balance
-
-    async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
-        # One statement, one snapshot: the balance and the feed position agree.
-        with _translated():
-            row = await self._pool.fetchrow(
-                "SELECT (SELECT balance_pico FROM balances WHERE account_id = $1) AS balance,"
-                " (SELECT COALESCE(MAX(id), 0) FROM store_changes) AS position", account_id)
-        return (row["balance"] or 0), int(row["position"])
-
     async def ledger_sum(self, account_id: str) -> int:
         with _translated():
-            total = await self._pool.fetchval(
-                "SELECT COALESCE(SUM(amount_pico), 0) FROM ledger_entries WHERE account_id = $1", account_id
-            )
+            total = await self._pool.fetchval(q.LEDGER_SUM.postgres, account_id)
         return int(total)  # SUM(bigint) is numeric: an exact Decimal
-
-    async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
-        with _translated():
-            row = await self._pool.fetchrow(
-                f"SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE source = $1 AND external_id = $2",
-                source, external_id,
-            )
-        return None if row is None else _decode.ledger_entry(row)
-
-    async def list_ledger(
-        self,
-        account_id: str,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[LedgerEntry]:
-        common.check_page(limit, offset)
-        where, params = _where([("account_id =", account_id), *common.time_filters("created_at", since, until)])
-        n = len(params)
-        with _translated():
-            rows = await self._pool.fetch(
-                f"SELECT {LEDGER_COLUMNS} FROM ledger_entries {where}"
-                f" ORDER BY created_at DESC, id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
-                *params, limit, offset,
-            )
-        return [_decode.ledger_entry(r) for r in rows]
 
     # --- change feed -------------------------------------------------------
 
     def change_feed(self) -> ChangeFeed:
         return PostgresChangeFeed(self, self._url)
-
-    async def latest_change_id(self) -> int:
-        with _translated():
-            return int(await self._pool.fetchval("SELECT COALESCE(MAX(id), 0) FROM store_changes"))
-
-    async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
-        with _translated():
-            rows = await self._pool.fetch(
-                "SELECT id, kind, subject, amount_pico, ledger_id FROM store_changes WHERE id > $1 ORDER BY id"
-                " LIMIT $2", after, limit)
-        return [StoreChange(*row) for row in rows]
 
     async def prune_changes(self, older_than: timedelta) -> int:
         with _translated():

@@ -23,38 +23,30 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from . import _common as common
+from . import _queries as q
 from ._common import (
-    API_KEY_COLUMNS,
-    LEDGER_COLUMNS,
     LEDGER_INSERT_COLUMNS,
-    MEMBERSHIP_COLUMNS,
-    ORG_COLUMNS,
     USAGE_COLUMNS,
     USAGE_FIELDS,
-    USER_COLUMNS,
-    Filter,
     RowDecoder,
 )
-from ._migrations import check_version, load_migrations, refuse_newer
-from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed, StoreChange
+from ._migrations import load_migrations, refuse_newer
+from ._queries import Sql
+from ._sqlstore import SqlStore
+from .feed import API_KEY_CHANGE, CREDIT_CHANGE, ORG_CHANGE, ChangeFeed
 from .base import (
     MAX_PICO,
     MIN_PICO,
     AnonymizedUser,
     ApiKeyRow,
     Conflict,
-    GroupBy,
-    LastOwnerError,
-    LedgerEntry,
     Membership,
     NewLedgerEntry,
     NotFound,
     Organization,
     SchemaError,
-    Store,
     StoreError,
     UsageRecord,
-    UsageTotal,
     User,
 )
 
@@ -101,15 +93,6 @@ def _opt_json(value: Any) -> str | None:
 
 
 _decode = RowDecoder(timestamp=_parse_ts, json_value=json.loads)
-
-
-def _where(filters: list[Filter]) -> tuple[str, list[Any]]:
-    """`WHERE a = ? AND ts >= ?` and its parameters; datetimes as stored text."""
-    if not filters:
-        return "", []
-    clause = " AND ".join(f"{condition} ?" for condition, _ in filters)
-    params = [_ts(v) if isinstance(v, datetime) else v for _, v in filters]
-    return f"WHERE {clause}", params
 
 
 def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
@@ -184,7 +167,7 @@ def _version(conn: sqlite3.Connection) -> int:
     ).fetchone()
     if exists is None:
         return 0
-    return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
+    return int(conn.execute(q.SCHEMA_VERSION.sqlite).fetchone()[0])
 
 
 def _new_usage_rows(conn: sqlite3.Connection, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
@@ -212,6 +195,7 @@ _INSERT_LEDGER = (
     f"INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (source, external_id) DO NOTHING"
 )
+_GET_BALANCE = q.GET_BALANCE.sqlite  # read once per account of every usage batch: a plain global
 
 
 def _insert_ledger_entries(conn: sqlite3.Connection, entries: Sequence[NewLedgerEntry], created: str) -> int:
@@ -274,7 +258,7 @@ def _add_to_balances(conn: sqlite3.Connection, changes: Mapping[str, int], updat
     The net change must fit a BIGINT too, as PostgreSQL needs it to.
     """
     for account_id, change in sorted(changes.items()):
-        row = conn.execute("SELECT balance_pico FROM balances WHERE account_id = ?", (account_id,)).fetchone()
+        row = conn.execute(_GET_BALANCE, (account_id,)).fetchone()
         balance = (0 if row is None else row[0]) + change
         if not (MIN_PICO <= change <= MAX_PICO and MIN_PICO <= balance <= MAX_PICO):
             raise StoreError(common.OUT_OF_RANGE)
@@ -288,9 +272,7 @@ def _add_to_balances(conn: sqlite3.Connection, changes: Mapping[str, int], updat
 
 def _ledger_sum(conn: sqlite3.Connection, account_id: str) -> int:
     try:
-        row = conn.execute(
-            "SELECT COALESCE(SUM(amount_pico), 0) FROM ledger_entries WHERE account_id = ?", (account_id,)
-        ).fetchone()
+        row = conn.execute(q.LEDGER_SUM.sqlite, (account_id,)).fetchone()
         return int(row[0])
     except sqlite3.OperationalError as exc:
         # SQLite's SUM fails when a running total passes ±2**63 on the way, even if
@@ -302,14 +284,33 @@ def _ledger_sum(conn: sqlite3.Connection, account_id: str) -> int:
 
 
 def _owner_count(conn: sqlite3.Connection, org_id: str) -> int:
-    row = conn.execute(
-        "SELECT COUNT(*) FROM memberships WHERE org_id = ? AND role = 'owner'", (org_id,)
-    ).fetchone()
-    return int(row[0])
+    return int(conn.execute(q.OWNER_COUNT.sqlite, (org_id,)).fetchone()[0])
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SqlStore):
     dialect = "sqlite"
+    _decode = _decode
+    _placeholder = "?"
+    _group_expressions = _GROUP_EXPRESSIONS
+    _cost_columns = (f"COALESCE(SUM(actual_cost_pico / {_COST_SPLIT}), 0) AS cost_high,"
+                     f" COALESCE(SUM(actual_cost_pico % {_COST_SPLIT}), 0) AS cost_low")
+
+    @staticmethod
+    def _cost(row: sqlite3.Row) -> int:
+        return row["cost_high"] * _COST_SPLIT + row["cost_low"]
+
+    @staticmethod
+    def _bind(value: Any) -> Any:
+        return _ts(value) if isinstance(value, datetime) else value  # datetimes as stored text
+
+    async def _row(self, query: Sql, *params: Any) -> sqlite3.Row | None:
+        return await self._run(self._fetch_one, query.sqlite, params)
+
+    async def _rows(self, query: Sql, *params: Any) -> list[sqlite3.Row]:
+        return await self._run(self._fetch_all, query.sqlite, params)
+
+    async def _select(self, sql: str, params: list[Any]) -> list[sqlite3.Row]:
+        return await self._run(self._fetch_all, sql, tuple(params))
 
     def __init__(self, path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
@@ -391,10 +392,7 @@ class SQLiteStore(Store):
                         continue
                     for statement in _split_statements(migration.sql):
                         conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                        (migration.version, _ts(common.utcnow())),
-                    )
+                    conn.execute(q.RECORD_MIGRATION.sqlite, (migration.version, _ts(common.utcnow())))
                 applied.append(migration.version)
             return applied
 
@@ -402,9 +400,6 @@ class SQLiteStore(Store):
 
     async def schema_version(self) -> int:
         return await self._run(_version)
-
-    async def check_schema(self) -> int:
-        return check_version(await self.schema_version(), self.dialect)
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -430,76 +425,36 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO users (id, external_id, email, name, created_at) VALUES (?, ?, ?, ?, ?)",
-                (user.id, user.external_id, user.email, user.name, _ts(user.created_at)),
+                q.INSERT_USER.sqlite, (user.id, user.external_id, user.email, user.name, _ts(user.created_at))
             )
 
         await self._run(work)
         return user
 
-    async def get_user(self, user_id: str) -> User | None:
-        row = await self._run(self._fetch_one, f"SELECT {USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
-        return None if row is None else _decode.user(row)
-
-    async def get_user_by_external_id(self, external_id: str) -> User | None:
-        row = await self._run(
-            self._fetch_one, f"SELECT {USER_COLUMNS} FROM users WHERE external_id = ?", (external_id,)
-        )
-        return None if row is None else _decode.user(row)
-
-    async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]:
-        common.check_page(limit, offset)
-        where = "" if include_deleted else "WHERE deleted_at IS NULL"
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {USER_COLUMNS} FROM users {where} ORDER BY created_at, id LIMIT ? OFFSET ?",
-            (limit, offset),
-        )
-        return [_decode.user(r) for r in rows]
-
-    async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("users", "deleted_at", user_id, at, f"user {user_id}")
-
     async def anonymize_user(self, user_id: str, at: datetime | None = None) -> AnonymizedUser:
         when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
-        keys = common.USER_KEYS_CONDITION.format(user=":user")
 
         def work(conn: sqlite3.Connection) -> AnonymizedUser:
-            args = {"user": user_id, "when": when, "deleted": common.DELETED_KEY_NAME}
             with _write_transaction(conn):
-                if conn.execute("SELECT 1 FROM users WHERE id = :user", args).fetchone() is None:
+                if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                     raise NotFound(f"user {user_id} does not exist")
-                sole = [r[0] for r in conn.execute(
-                    "SELECT m.org_id FROM memberships m WHERE m.user_id = :user AND m.role = 'owner' AND"
-                    " (SELECT COUNT(*) FROM memberships o WHERE o.org_id = m.org_id AND o.role = 'owner') <= 1"
-                    " ORDER BY m.org_id", args)]
+                sole = [r[0] for r in conn.execute(q.SOLE_OWNED_ORGS.sqlite, (user_id,))]
                 if sole:
                     raise common.last_owner_of(user_id, sole)
-                key_rows = conn.execute(
-                    f"SELECT id, revoked_at FROM api_keys WHERE {keys} ORDER BY created_at, id", args
-                ).fetchall()
-                conn.execute(f"UPDATE api_keys SET revoked_at = :when WHERE {keys} AND revoked_at IS NULL", args)
+                key_rows = conn.execute(q.USER_KEYS.sqlite, (user_id,)).fetchall()
+                conn.execute(q.REVOKE_USER_KEYS.sqlite, (when, user_id))
                 for row in key_rows:
                     if row["revoked_at"] is None:
                         _record_change(conn, API_KEY_CHANGE, row["id"], when)
-                renamed = conn.execute(
-                    "UPDATE api_keys SET name = :deleted WHERE user_id = :user AND name <> :deleted", args
-                ).rowcount
+                renamed = conn.execute(q.RENAME_USER_KEYS.sqlite, (common.DELETED_KEY_NAME, user_id)).rowcount
                 left = [r[0] for r in conn.execute(
-                    "SELECT org_id FROM memberships WHERE user_id = :user ORDER BY org_id", args)]
-                conn.execute("DELETE FROM memberships WHERE user_id = :user", args)
+                    "SELECT org_id FROM memberships WHERE user_id = ? ORDER BY org_id", (user_id,))]
+                conn.execute("DELETE FROM memberships WHERE user_id = ?", (user_id,))
                 for org_id in left:
                     _record_change(conn, ORG_CHANGE, org_id, when)
-                cleared = conn.execute(
-                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND"
-                    f" (account_id = :user OR key_id IN (SELECT id FROM api_keys WHERE {keys}))", args
-                ).rowcount
-                changed = conn.execute(
-                    "UPDATE users SET email = NULL, name = NULL, external_id = NULL,"
-                    " deleted_at = COALESCE(deleted_at, :when) WHERE id = :user AND (email IS NOT NULL"
-                    " OR name IS NOT NULL OR external_id IS NOT NULL OR deleted_at IS NULL)", args
-                ).rowcount
-                user = _decode.user(conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE id = :user", args).fetchone())
+                cleared = conn.execute(q.CLEAR_USER_IPS.sqlite, (user_id,)).rowcount
+                changed = conn.execute(q.ERASE_USER.sqlite, (when, user_id)).rowcount
+                user = _decode.user(conn.execute(q.GET_USER.sqlite, (user_id,)).fetchone())
             revoked = tuple(r["id"] for r in key_rows if r["revoked_at"] is None)
             return AnonymizedUser(
                 user=user, revoked_key_ids=revoked, key_ids=tuple(r["id"] for r in key_rows),
@@ -517,39 +472,11 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> None:
             with _write_transaction(conn):
-                conn.execute(
-                    "INSERT INTO organizations (id, name, created_at) VALUES (?, ?, ?)", (org.id, name, created)
-                )
-                conn.execute(
-                    "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES (?, ?, 'owner', ?)",
-                    (org.id, owner_user_id, created),
-                )
+                conn.execute(q.INSERT_ORG.sqlite, (org.id, name, created))
+                conn.execute(q.INSERT_MEMBER.sqlite, (org.id, owner_user_id, "owner", created))
 
         await self._run(work, missing=f"user {owner_user_id} does not exist")
         return org
-
-    async def get_org(self, org_id: str) -> Organization | None:
-        row = await self._run(self._fetch_one, f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = ?", (org_id,))
-        return None if row is None else _decode.org(row)
-
-    async def list_orgs(self, limit: int = 100, offset: int = 0) -> list[Organization]:
-        common.check_page(limit, offset)
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {ORG_COLUMNS} FROM organizations ORDER BY created_at, id LIMIT ? OFFSET ?",
-            (limit, offset),
-        )
-        return [_decode.org(r) for r in rows]
-
-    async def list_orgs_for_user(self, user_id: str) -> list[tuple[Organization, str]]:
-        rows = await self._run(
-            self._fetch_all,
-            "SELECT o.id, o.name, o.created_at, o.limits, m.role FROM memberships m"
-            " JOIN organizations o ON o.id = m.org_id"
-            " WHERE m.user_id = ? ORDER BY o.created_at, o.id",
-            (user_id,),
-        )
-        return [(_decode.org(r), r["role"]) for r in rows]
 
     async def set_org_limits(self, org_id: str, limits: Mapping[str, Any] | None) -> Organization:
         stored = _opt_json(common.limits_for_storage(limits))
@@ -559,7 +486,7 @@ class SQLiteStore(Store):
                 if conn.execute("UPDATE organizations SET limits = ? WHERE id = ?", (stored, org_id)).rowcount == 0:
                     raise NotFound(f"organization {org_id} does not exist")
                 _record_change(conn, ORG_CHANGE, org_id, _ts(common.utcnow()))
-                return conn.execute(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = ?", (org_id,)).fetchone()
+                return conn.execute(q.GET_ORG.sqlite, (org_id,)).fetchone()
 
         return _decode.org(await self._run(work))
 
@@ -571,10 +498,7 @@ class SQLiteStore(Store):
         )
 
         def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES (?, ?, ?, ?)",
-                (org_id, user_id, role, _ts(membership.created_at)),
-            )
+            conn.execute(q.INSERT_MEMBER.sqlite, (org_id, user_id, role, _ts(membership.created_at)))
 
         await self._run(work, missing=f"organization {org_id} or user {user_id} does not exist")
         return membership
@@ -588,12 +512,8 @@ class SQLiteStore(Store):
                 if current is None:
                     raise NotFound(f"user {user_id} is not a member of organization {org_id}")
                 if current.role == "owner" and role != "owner" and _owner_count(conn, org_id) <= 1:
-                    raise LastOwnerError(
-                        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
-                    )
-                conn.execute(
-                    "UPDATE memberships SET role = ? WHERE org_id = ? AND user_id = ?", (role, org_id, user_id)
-                )
+                    raise common.last_owner(org_id, user_id)
+                conn.execute(q.SET_ROLE.sqlite, (role, org_id, user_id))
             return Membership(org_id=org_id, user_id=user_id, role=role, created_at=current.created_at)
 
         return await self._run(work)
@@ -605,114 +525,33 @@ class SQLiteStore(Store):
                 if current is None:
                     return False
                 if current.role == "owner" and _owner_count(conn, org_id) <= 1:
-                    raise LastOwnerError(
-                        f"user {user_id} is the last owner of organization {org_id}: make another member owner first"
-                    )
-                conn.execute("DELETE FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id))
+                    raise common.last_owner(org_id, user_id)
+                conn.execute(q.DELETE_MEMBER.sqlite, (org_id, user_id))
                 _record_change(conn, ORG_CHANGE, org_id, _ts(common.utcnow()))
             return True
 
         return await self._run(work)
 
-    async def get_role(self, org_id: str, user_id: str) -> str | None:
-        row = await self._run(
-            self._fetch_one, "SELECT role FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id)
-        )
-        return None if row is None else row["role"]
-
-    async def list_members(self, org_id: str) -> list[Membership]:
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = ? ORDER BY created_at, user_id",
-            (org_id,),
-        )
-        return [_decode.membership(r) for r in rows]
-
     # --- API keys ----------------------------------------------------------
 
-    async def create_api_key(
-        self,
-        *,
-        public_id: str,
-        prefix: str,
-        secret_hash: str,
-        name: str,
-        user_id: str | None = None,
-        org_id: str | None = None,
-        created_by: str | None = None,
-        expires_at: datetime | None = None,
-        allowed_models: list[str] | tuple[str, ...] | None = None,
-        limits: Mapping[str, Any] | None = None,
-    ) -> ApiKeyRow:
-        common.check_key_owner(user_id, org_id)
-        models = common.models_for_storage(allowed_models)
-        limits_dict = common.limits_for_storage(limits)
-        key = ApiKeyRow(
-            id=common.new_id("key"),
-            public_id=public_id,
-            prefix=prefix,
-            secret_hash=secret_hash,
-            name=name,
-            user_id=user_id,
-            org_id=org_id,
-            created_by=created_by,
-            created_at=common.utcnow(),
-            expires_at=None if expires_at is None else common.aware_utc(expires_at, "expires_at"),
-            allowed_models=None if models is None else tuple(models),
-            limits=limits_dict,
-        )
+    async def _insert_api_key(self, key: ApiKeyRow) -> ApiKeyRow:
+        models = None if key.allowed_models is None else list(key.allowed_models)
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO api_keys (id, public_id, prefix, secret_hash, name, user_id, org_id, created_by,"
-                " created_at, expires_at, allowed_models, limits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                q.INSERT_API_KEY.sqlite,
                 (
                     key.id, key.public_id, key.prefix, key.secret_hash, key.name, key.user_id, key.org_id,
                     key.created_by, _ts(key.created_at), _opt_ts(key.expires_at), _opt_json(models),
-                    _opt_json(limits_dict),
+                    _opt_json(key.limits),
                 ),
             )
 
         await self._run(work, missing="the key's user_id, org_id or created_by does not exist")
         return key
 
-    async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
-        row = await self._run(self._fetch_one, f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
-        return None if row is None else _decode.api_key(row)
-
-    async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
-        row = await self._run(
-            self._fetch_one, f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE public_id = ?", (public_id,)
-        )
-        return None if row is None else _decode.api_key(row)
-
-    async def list_api_keys(
-        self, *, user_id: str | None = None, org_id: str | None = None, include_revoked: bool = False
-    ) -> list[ApiKeyRow]:
-        conditions: list[str] = []
-        params: list[Any] = []
-        if user_id is not None:
-            conditions.append("user_id = ?")
-            params.append(user_id)
-        if org_id is not None:
-            conditions.append("org_id = ?")
-            params.append(org_id)
-        if not include_revoked:
-            conditions.append("revoked_at IS NULL")
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        rows = await self._run(
-            self._fetch_all, f"SELECT {API_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, id", tuple(params)
-        )
-        return [_decode.api_key(r) for r in rows]
-
-    async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
-        return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
-
     async def _stamp_once(self, table: str, column: str, row_id: str, at: datetime | None, what: str,
                           change: str | None = None) -> bool:
-        """Set a one-time timestamp (deleted, revoked): True if this call set it; NotFound for no such row.
-
-        When it set it, records the ``change`` kind (if any) for the row."""
         when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
 
         def work(conn: sqlite3.Connection) -> bool:
@@ -764,69 +603,12 @@ class SQLiteStore(Store):
 
         return await self._run(work)
 
-    async def list_usage(
-        self,
-        *,
-        account_id: str | None = None,
-        org_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[UsageRecord]:
-        common.check_page(limit, offset)
-        where, params = _where(
-            common.usage_filters(
-                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
-                require_scope=True,
-            )
-        )
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {USAGE_COLUMNS} FROM usage_records {where} ORDER BY ts DESC, request_id DESC LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        )
-        return [_decode.usage(r) for r in rows]
-
-    async def usage_totals(
-        self,
-        *,
-        account_id: str | None = None,
-        org_id: str | None = None,
-        key_id: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        group_by: GroupBy,
-    ) -> list[UsageTotal]:
-        group = _GROUP_EXPRESSIONS[common.check_group_by(group_by)]
-        where, params = _where(
-            common.usage_filters(
-                account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
-                require_scope=False,
-            )
-        )
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {group} AS grp, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
-            " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
-            f" COALESCE(SUM(actual_cost_pico / {_COST_SPLIT}), 0) AS cost_high,"
-            f" COALESCE(SUM(actual_cost_pico % {_COST_SPLIT}), 0) AS cost_low"
-            f" FROM usage_records {where} GROUP BY grp ORDER BY grp",
-            tuple(params),
-        )
-        return [_decode.usage_total(r, r["cost_high"] * _COST_SPLIT + r["cost_low"]) for r in rows]
-
     async def clear_client_ips(self, before: datetime) -> int:
         cutoff = _ts(common.aware_utc(before, "before"))
 
         def work(conn: sqlite3.Connection) -> int:
             with _write_transaction(conn):
-                return conn.execute(
-                    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND ts < ?", (cutoff,)
-                ).rowcount
+                return conn.execute(q.CLEAR_CLIENT_IPS.sqlite, (cutoff,)).rowcount
 
         return await self._run(work)
 
@@ -850,75 +632,20 @@ class SQLiteStore(Store):
 
         def work(conn: sqlite3.Connection) -> bool:
             with _write_transaction(conn):
-                new = conn.execute(
-                    "INSERT INTO webhook_events (source, event_id, event_type, received_at) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (source, event_id) DO NOTHING",
-                    (source, event_id, event_type, now),
-                ).rowcount
+                new = conn.execute(q.INSERT_WEBHOOK_EVENT.sqlite, (source, event_id, event_type, now)).rowcount
                 if new:
                     _insert_ledger_entries(conn, checked, now)
             return bool(new)
 
         return await self._run(work)
 
-    async def get_balance(self, account_id: str) -> int:
-        row = await self._run(
-            self._fetch_one, "SELECT balance_pico FROM balances WHERE account_id = ?", (account_id,)
-        )
-        return 0 if row is None else row[0]
-
-    async def balance_snapshot(self, account_id: str) -> tuple[int, int]:
-        # One statement reads one snapshot: the balance and the feed position agree.
-        row = await self._run(
-            self._fetch_one,
-            "SELECT (SELECT balance_pico FROM balances WHERE account_id = ?),"
-            " (SELECT COALESCE(MAX(id), 0) FROM store_changes)", (account_id,))
-        return (row[0] or 0), row[1]
-
     async def ledger_sum(self, account_id: str) -> int:
         return await self._run(_ledger_sum, account_id)
-
-    async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
-        row = await self._run(
-            self._fetch_one,
-            f"SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE source = ? AND external_id = ?",
-            (source, external_id),
-        )
-        return None if row is None else _decode.ledger_entry(row)
-
-    async def list_ledger(
-        self,
-        account_id: str,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[LedgerEntry]:
-        common.check_page(limit, offset)
-        where, params = _where([("account_id =", account_id), *common.time_filters("created_at", since, until)])
-        rows = await self._run(
-            self._fetch_all,
-            f"SELECT {LEDGER_COLUMNS} FROM ledger_entries {where} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        )
-        return [_decode.ledger_entry(r) for r in rows]
 
     # --- change feed -------------------------------------------------------
 
     def change_feed(self) -> ChangeFeed:
         return SQLiteChangeFeed(self)
-
-    async def latest_change_id(self) -> int:
-        row = await self._run(self._fetch_one, "SELECT COALESCE(MAX(id), 0) FROM store_changes", ())
-        return row[0]
-
-    async def changes_since(self, after: int, limit: int) -> list[StoreChange]:
-        rows = await self._run(
-            self._fetch_all,
-            "SELECT id, kind, subject, amount_pico, ledger_id FROM store_changes WHERE id > ? ORDER BY id LIMIT ?",
-            (after, limit))
-        return [StoreChange(*row) for row in rows]
 
     async def prune_changes(self, older_than: timedelta) -> int:
         cutoff = _ts(common.utcnow() - older_than)
@@ -943,9 +670,7 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _membership(conn: sqlite3.Connection, org_id: str, user_id: str) -> Membership | None:
-        row = conn.execute(
-            f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships WHERE org_id = ? AND user_id = ?", (org_id, user_id)
-        ).fetchone()
+        row = conn.execute(q.GET_MEMBERSHIP.sqlite, (org_id, user_id)).fetchone()
         return None if row is None else _decode.membership(row)
 
 
