@@ -138,6 +138,8 @@ class Target:
     weight: int = 1
     price: Price | None = None
     """What this target costs: its own ``price``, else its model's; None when unpriced or free."""
+    alias: str = ""
+    """The model alias whose route lists this target (a fallback's alias when reached through one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,9 @@ class ModelRoute:
     alias: str
     targets: tuple[Target, ...]
     fallbacks: tuple[str, ...] = ()
+    chain: tuple[str, ...] = ()
+    """This alias, then every model reached through fallbacks, transitively and breadth-first
+    (the model's own fallbacks in order, then theirs), each once: the order routing tries them in."""
     timeouts: Timeouts = field(default_factory=Timeouts)
     price: Price | None = None
     free: bool = False
@@ -567,14 +572,45 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
             price = Price(input=Decimal(0), output=Decimal(0), cached_input=Decimal(0))
         out[str(alias)] = ModelRoute(
             alias=str(alias),
-            targets=tuple(replace(t, price=t.price or price) for t in targets),
+            targets=tuple(replace(t, price=t.price or price, alias=str(alias)) for t in targets),
             fallbacks=tuple(str(f) for f in fallbacks),
             timeouts=_timeouts(r, s.get("timeouts"), f"{p}.timeouts", config.upstream.timeouts),
             price=price,
             free=free,
             max_output_tokens=r.value(s, "max_output_tokens", p, int, None, _positive),
         )
-    return out
+    _check_fallback_cycles(r, out)
+    return {alias: replace(route, chain=_fallback_chain(out, alias)) for alias, route in out.items()}
+
+
+def _fallback_chain(routes: Mapping[str, ModelRoute], alias: str) -> tuple[str, ...]:
+    """``alias`` and every model its fallbacks reach, breadth-first, each once (unknown names skipped)."""
+    chain = [alias]
+    for name in chain:  # grows while it is walked: a queue
+        chain += [f for f in routes[name].fallbacks if f in routes and f not in chain]
+    return tuple(chain)
+
+
+def _check_fallback_cycles(r: ConfigReader, routes: Mapping[str, ModelRoute]) -> None:
+    """Report each fallback cycle once, at the first model of the table on it."""
+    reported: set[frozenset[str]] = set()
+
+    def walk(path: list[str]) -> None:
+        for fb in routes[path[-1]].fallbacks:
+            if fb == path[-1] or fb not in routes:
+                continue  # falling back to itself and unknown names are reported where they are listed
+            if fb in path:
+                cycle = path[path.index(fb):] + [fb]
+                members = frozenset(cycle)
+                if members not in reported:
+                    reported.add(members)
+                    r.problem(f"models.{cycle[0]}.fallbacks", f"{' -> '.join(cycle)} is a cycle "
+                              "(a model must not fall back to itself through other models)")
+            else:
+                walk(path + [fb])
+
+    for alias in routes:
+        walk([alias])
 
 
 def _plugins(r: ConfigReader, s: dict[str, Any], config: Config) -> PluginsConfig:
