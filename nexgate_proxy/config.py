@@ -26,6 +26,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 import yaml
 
 from .clientip import IPNetwork, parse_networks
+from .cooldown import CooldownSettings
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 KNOWN_PROVIDER_TYPES_HINT = "openai, anthropic, azure, gemini, echo"
@@ -118,6 +119,8 @@ class ProviderConfig:
     api_key: str = field(default="", repr=False)
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     options: Mapping[str, Any] = field(default_factory=dict)
+    cooldown: CooldownSettings = field(default_factory=CooldownSettings)
+    """Its targets' circuit breaker (a model's own ``cooldown`` overrides it key by key)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,8 @@ class Target:
     """What this target costs: its own ``price``, else its model's; None when unpriced or free."""
     alias: str = ""
     """The model alias whose route lists this target (a fallback's alias when reached through one)."""
+    cooldown: CooldownSettings = field(default_factory=CooldownSettings)
+    """Its circuit breaker: the model's ``cooldown`` over its provider's over the defaults."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +394,22 @@ def _timeouts(r: ConfigReader, raw: Any, path: str, base: Timeouts) -> Timeouts:
     )
 
 
+_COOLDOWN_KEYS = ("failures", "cooldown", "max_cooldown", "max_retry_after")
+
+
+def _cooldown(r: ConfigReader, raw: Any, path: str, base: CooldownSettings) -> CooldownSettings:
+    s = r.mapping(raw, path, _COOLDOWN_KEYS)
+    settings = CooldownSettings(
+        failures=r.value(s, "failures", path, int, base.failures, _non_negative),
+        cooldown=r.value(s, "cooldown", path, float, base.cooldown, _positive),
+        max_cooldown=r.value(s, "max_cooldown", path, float, base.max_cooldown, _positive),
+        max_retry_after=r.value(s, "max_retry_after", path, float, base.max_retry_after, _non_negative),
+    )
+    if settings.max_cooldown < settings.cooldown:
+        r.problem(f"{path}.max_cooldown", f"must not be below cooldown ({settings.cooldown:g})")
+    return settings
+
+
 def _server(r: ConfigReader, s: dict[str, Any], config: Config) -> ServerConfig:
     p = "server"
     d = ServerConfig()
@@ -500,6 +521,7 @@ def _providers(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict
             api_key=r.value(s, "api_key", p, str, ""),
             headers={str(k): str(v) for k, v in headers.items()},
             options=r.mapping(s.get("options"), f"{p}.options"),
+            cooldown=_cooldown(r, s.get("cooldown"), f"{p}.cooldown", CooldownSettings()),
         )
     return out
 
@@ -556,6 +578,13 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
             weight = r.value(ts, "weight", tp, int, 1, _positive)
             targets.append(Target(provider=provider, model=r.value(ts, "model", tp, str, str(alias)), weight=weight,
                                   price=_price(r, ts.get("price"), f"{tp}.price")))
+        # The model's cooldown keys override its providers' key by key (checked once, here).
+        own = _cooldown(r, s.get("cooldown"), f"{p}.cooldown", CooldownSettings())
+        given = {k: getattr(own, k) for k in _COOLDOWN_KEYS if isinstance(s.get("cooldown"), dict)
+                 and s["cooldown"].get(k) is not None}
+        targets = [replace(t, cooldown=replace(
+            providers[t.provider].cooldown if t.provider in providers else CooldownSettings(), **given))
+            for t in targets]
         fallbacks = r.value(s, "fallbacks", p, list, [])
         for i, fb in enumerate(fallbacks):
             if isinstance(fb, (dict, list)):
@@ -634,10 +663,11 @@ STATE_SECTION = ConfigSection("state", _state, ("url",),
                               "The hot state shared by instances: memory:// or Redis.")
 UPSTREAM_SECTION = ConfigSection("upstream", _upstream, ("timeouts", "max_response_bytes", "max_connections"),
                                  "Timeouts and limits of the calls to providers.")
-PROVIDERS_SECTION = ConfigSection("providers", _providers, ("type", "base_url", "api_key", "headers", "options"),
+PROVIDERS_SECTION = ConfigSection("providers", _providers, ("type", "base_url", "api_key", "headers", "options",
+                                                          "cooldown"),
                                   "The upstream APIs, by a name of your choice.", entries=True)
 MODELS_SECTION = ConfigSection("models", _models, (
-    "route", "fallbacks", "timeouts", "price", "free", "max_output_tokens"),
+    "route", "fallbacks", "timeouts", "price", "free", "max_output_tokens", "cooldown"),
     "The routing table: the model names clients send, where they go and what they cost.", entries=True)
 PLUGINS_SECTION = ConfigSection("plugins", _plugins, ("modules", "directory", "disable", "entrypoints"),
                                 "Which plugins load besides the built-ins, and which built-ins are off.")

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import replace
@@ -25,6 +26,7 @@ from aiohttp import web
 
 from .clientip import client_ip
 from .context import RequestContext
+from .cooldown import Cooldowns, TargetHealth, retry_after_seconds
 from .endpoints import ENDPOINTS
 from .errors import GatewayError
 from .headers import request_headers, response_headers
@@ -71,6 +73,8 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         """Set at startup; cached because get_running_loop() costs a getpid() per call."""
+        self.health: TargetHealth = Cooldowns()
+        """The targets' circuit breakers (nexgate_proxy.cooldown): a target cooling down is skipped."""
         self.max_response_bytes = config.upstream.max_response_bytes
         self.max_body_bytes = config.server.max_body_bytes
         self.trusted_proxies = config.server.trusted_proxies
@@ -201,9 +205,16 @@ class Proxy:
         watchdog = Watchdog(loop, loop.time() + timeouts.total, min(timeouts.first_byte, timeouts.idle))
         forwarded = request_headers(ctx.headers)
         failure: GatewayError | None = None
+        health = self.health
+        cooling_until: float | None = None
         last = len(ctx.targets) - 1
         try:
             for index, target in enumerate(ctx.targets):
+                key = (target.provider, target.model)
+                if not health.available(key, loop.time()):
+                    until = health.reopens_at(key)
+                    cooling_until = until if cooling_until is None else min(cooling_until, until)
+                    continue
                 provider = self.providers[target.provider]
                 ctx.target = target
                 translation = None
@@ -224,16 +235,23 @@ class Proxy:
                         upstream = await provider.send(ctx, target, sent_to, payload, dict(forwarded),
                                                        self._session(), self._client_timeouts[route.alias])
                 except TimeoutError:
+                    health.failed(key, loop.time(), target.cooldown)
                     failure = GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
                                            code="upstream_timeout")
                     continue
                 except _UPSTREAM_TRANSPORT as exc:
+                    health.failed(key, loop.time(), target.cooldown)
                     failure = GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
                                            code="upstream_unreachable")
                     log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id,
                                 type(exc).__name__)
                     continue
                 status = upstream.status
+                if status >= 500 or status == 429:
+                    retry_after = retry_after_seconds(upstream.headers) if status in (429, 503) else None
+                    health.failed(key, loop.time(), target.cooldown, retry_after)
+                else:
+                    health.succeeded(key)
                 if status >= 500 or status in (401, 403) or (status == 429 and index < last):
                     upstream.close()
                     failure = _upstream_status_error(target, status)
@@ -241,6 +259,8 @@ class Proxy:
                 return await self._relay(ctx, endpoint, upstream, injected, watchdog, timeouts.idle, translation)
         finally:
             watchdog.close()
+        if ctx.attempts == 0 and cooling_until is not None:
+            raise _all_cooling_down(cooling_until - loop.time())
         assert failure is not None
         raise failure
 
@@ -403,6 +423,13 @@ def _upstream_status_error(target: Target, status: int) -> GatewayError:
                             code="upstream_auth_failed")
     return GatewayError(502, f"The upstream provider '{target.provider}' failed (HTTP {status}).",
                         code="upstream_error")
+
+
+def _all_cooling_down(seconds: float) -> GatewayError:
+    """Every target of the request is in its cooldown: no provider is called."""
+    wait = max(1, math.ceil(seconds))
+    return GatewayError(503, f"Every upstream of this model is cooling down after failures; retry in {wait} s.",
+                        code="all_targets_cooling_down", headers={"Retry-After": str(wait)})
 
 
 def _stream_broken() -> GatewayError:

@@ -46,6 +46,7 @@ class Behaviour:
     chunk_delay: float = 0.0
     words: list[str] = field(default_factory=lambda: ["Hello", "from", "upstream"])
     extra_headers: dict[str, str] = field(default_factory=dict)
+    """Sent with every answer, errors too (e.g. ``Retry-After`` on a 429)."""
     chat_message: dict[str, Any] | None = None
     """Chat completions: this assistant message (content, tool_calls, reasoning_content) instead of the words."""
     finish_reason: str = "stop"
@@ -123,7 +124,8 @@ class FakeUpstream:
                 default = {"error": {"message": "upstream says no", "type": "server_error", "param": None,
                                      "code": None}}
             payload = b.error_body or json.dumps(default).encode()
-            return body, web.Response(status=b.status, body=payload, content_type="application/json")
+            return body, web.Response(status=b.status, body=payload, content_type="application/json",
+                                      headers=b.extra_headers)
         return body, None
 
     async def _json(self, payload: dict[str, Any]) -> web.Response:

@@ -5,14 +5,19 @@ Real gateways on sockets, fake upstreams that fail, stall or throttle, the offic
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import textwrap
+import time
 from decimal import Decimal
 from pathlib import Path
 
+import openai
 import pytest
 
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
+from nexgate_proxy.cooldown import CooldownSettings, Cooldowns, retry_after_seconds
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.store import NewLedgerEntry
 from nexgate_proxy.testing import Behaviour, FakeUpstream, RecordingPlugin, gateway_config
@@ -90,3 +95,158 @@ def test_config_check_refuses_a_fallback_cycle(tmp_path: Path) -> None:
     result = nexgate("config", "check", "nexgate.yaml", cwd=tmp_path)
     assert result.returncode != 0
     assert "models.a.fallbacks: a -> b -> a is a cycle" in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------ cooldowns
+
+def _fallback_model(config: dict, alias: str, provider: str, **extra: object) -> None:
+    config["models"][alias] = {"route": [{"provider": provider, "model": f"{alias}-up"}],
+                               "fallbacks": ["gpt-test"], "free": True, **extra}
+
+
+async def _until_reached(fake: FakeUpstream, client, model: str, deadline: float) -> float:
+    """Send requests every 0.1 s until one reaches ``fake``; returns the loop time when it did."""
+    loop = asyncio.get_running_loop()
+    seen = len(fake.received)
+    while loop.time() < deadline:
+        await client.chat.completions.create(model=model, messages=HI)
+        if len(fake.received) > seen:
+            return loop.time()
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{model}'s target got no traffic again before the deadline")
+
+
+async def test_a_failing_target_is_skipped_until_its_cooldown_ends_then_probed_back(
+        upstream: FakeUpstream, start_gateway) -> None:
+    loop = asyncio.get_running_loop()
+    async with FakeUpstream() as flaky:
+        flaky.behaviour = Behaviour(status=500)
+        config = _with_upstreams(upstream, {"flaky": flaky})
+        _fallback_model(config, "m", "flaky", cooldown={"failures": 2, "cooldown": 2})
+        recorder = RecordingPlugin()
+        gw = await start_gateway(config, plugins=[recorder])
+        client = gw.openai_client()
+        for _ in range(2):  # two failures in a row open the breaker; the fallback serves both
+            assert (await client.chat.completions.create(model="m", messages=HI)).choices[0].message.content
+        opened = loop.time()
+        assert len(flaky.received) == 2
+        for _ in range(3):
+            await client.chat.completions.create(model="m", messages=HI)
+        if loop.time() - opened < 1.5:  # on a very slow machine the cooldown may already be over
+            assert len(flaky.received) == 2
+            assert recorder.records[-1].attempts == 1  # skipped, not tried: no time spent on it
+        flaky.behaviour = Behaviour()  # the provider recovers
+        back = await _until_reached(flaky, client, "m", opened + 20)
+        assert back - opened >= 1.9
+        assert recorder.records[-1].provider == "flaky"  # the probe served, which closes the breaker
+        for _ in range(3):
+            await client.chat.completions.create(model="m", messages=HI)
+        assert [r.provider for r in recorder.records[-3:]] == ["flaky"] * 3
+
+
+async def test_a_429_with_retry_after_keeps_the_target_out_that_long(upstream: FakeUpstream, start_gateway) -> None:
+    loop = asyncio.get_running_loop()
+    async with FakeUpstream() as throttled:
+        throttled.behaviour = Behaviour(status=429, extra_headers={"Retry-After": "2"})
+        config = _with_upstreams(upstream, {"throttled": throttled})
+        _fallback_model(config, "m", "throttled")  # default settings: 3 failures, but Retry-After opens at once
+        gw = await start_gateway(config)
+        client = gw.openai_client()
+        await client.chat.completions.create(model="m", messages=HI)
+        throttled_at = loop.time()
+        assert len(throttled.received) == 1
+        back = await _until_reached(throttled, client, "m", throttled_at + 20)
+        assert 1.9 <= back - throttled_at
+
+
+async def test_when_every_target_cools_down_the_client_gets_503_with_retry_after_and_no_call_is_made(
+        start_gateway) -> None:
+    async with FakeUpstream() as one, FakeUpstream() as two:
+        one.behaviour = Behaviour(status=503, extra_headers={"Retry-After": "30"})
+        two.behaviour = Behaviour(status=429, extra_headers={"Retry-After": "20"})
+        config = _with_upstreams(one, {"one": one, "two": two})
+        config["models"]["m"] = {"route": [{"provider": "one", "model": "x"}, {"provider": "two", "model": "y"}],
+                                 "free": True}
+        recorder = RecordingPlugin()
+        gw = await start_gateway(config, plugins=[recorder])
+        client = gw.openai_client()
+        with pytest.raises(openai.APIStatusError):  # both tried (in a weighted order), both failed
+            await client.chat.completions.create(model="m", messages=HI)
+        assert (len(one.received), len(two.received)) == (1, 1)
+        with pytest.raises(openai.APIStatusError) as err:
+            await client.chat.completions.create(model="m", messages=HI)
+        assert err.value.status_code == 503
+        assert err.value.body["code"] == "all_targets_cooling_down"
+        assert 10 <= int(err.value.response.headers["Retry-After"]) <= 20  # the soonest end
+        assert (len(one.received), len(two.received)) == (1, 1)
+        record = recorder.records[-1]
+        assert (record.status, record.error_code, record.attempts) == (503, "all_targets_cooling_down", 0)
+
+
+async def test_a_stalled_target_stops_costing_the_first_byte_timeout_once_its_breaker_opens(
+        upstream: FakeUpstream, start_gateway) -> None:
+    loop = asyncio.get_running_loop()
+    async with FakeUpstream() as stalled:
+        stalled.behaviour = Behaviour(delay_headers=30)
+        config = _with_upstreams(upstream, {"stalled": stalled})
+        _fallback_model(config, "m", "stalled", timeouts={"first_byte": 1.0}, cooldown={"failures": 2})
+        gw = await start_gateway(config)
+        client = gw.openai_client()
+        for _ in range(2):
+            start = loop.time()
+            await client.chat.completions.create(model="m", messages=HI)
+            assert loop.time() - start >= 0.9  # each waited for the timeout, then the fallback served
+        start = loop.time()
+        for _ in range(3):
+            await client.chat.completions.create(model="m", messages=HI)
+        assert loop.time() - start < 2.0  # three requests, not one first-byte timeout each (3 s)
+        assert len(stalled.received) == 2
+
+
+def test_cooldown_settings_merge_model_over_provider_over_defaults_and_bad_ones_are_reported() -> None:
+    config = parse_config({
+        "providers": {"p": {"type": "echo", "cooldown": {"failures": 5, "cooldown": 10}}, "q": {"type": "echo"}},
+        "models": {"m": {"route": [{"provider": "p"}, {"provider": "q"}], "cooldown": {"cooldown": 7},
+                         "free": True},
+                   "n": {"route": [{"provider": "p"}], "free": True}},
+    })
+    p_target, q_target = config.models["m"].targets
+    assert p_target.cooldown == CooldownSettings(failures=5, cooldown=7)
+    assert q_target.cooldown == CooldownSettings(cooldown=7)
+    assert config.models["n"].targets[0].cooldown == CooldownSettings(failures=5, cooldown=10)
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"providers": {"p": {"type": "echo", "cooldown": {"failures": -1, "colldown": 1}}},
+                      "models": {"m": {"route": [{"provider": "p"}, {"provider": "p", "model": "b"}],
+                                       "cooldown": {"cooldown": 600}, "free": True}}})
+    assert raised.value.problems == [
+        "providers.p.cooldown.colldown: unknown key; did you mean 'cooldown'?",
+        "providers.p.cooldown.failures: must not be negative",
+        "models.m.cooldown.max_cooldown: must not be below cooldown (600)",
+    ]
+
+
+def test_the_breaker_backs_off_probes_once_and_honours_retry_after_dates() -> None:
+    health = Cooldowns()
+    key, settings = ("p", "m"), CooldownSettings(failures=2, cooldown=10, max_cooldown=25)
+    health.failed(key, 0.0, settings)
+    assert health.available(key, 0.0)  # one failure is not enough
+    health.failed(key, 1.0, settings)
+    assert not health.available(key, 10.9) and health.reopens_at(key) == 11.0
+    assert health.available(key, 11.0)  # half-open: this caller probes...
+    assert not health.available(key, 11.5)  # ...and the others keep out while it does
+    health.failed(key, 12.0, settings)  # the probe failed: open again, twice as long
+    assert health.reopens_at(key) == 32.0
+    assert health.available(key, 32.0)
+    health.failed(key, 33.0, settings)
+    assert health.reopens_at(key) == 33.0 + 25  # capped
+    assert health.available(key, 58.0)
+    health.succeeded(key)  # the probe served: closed, and the count starts again
+    health.failed(key, 60.0, settings)
+    assert health.available(key, 60.0)
+    assert retry_after_seconds({"Retry-After": "2"}) == 2.0
+    assert retry_after_seconds({"Retry-After": "soon"}) is None
+    assert retry_after_seconds({}) is None
+    date = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= (retry_after_seconds({"Retry-After": date}) or 0) <= 61
+    health.failed(("p", "x"), 0.0, settings, retry_after=9999)
+    assert health.reopens_at(("p", "x")) == settings.max_retry_after
