@@ -289,6 +289,12 @@ class Proxy:
         ctx.status = upstream.status
         headers = response_headers(upstream.headers)
         headers["x-nexgate-request-id"] = ctx.request_id
+        target = ctx.target
+        assert target is not None
+        # Served by: the alias whose route held the target (a fallback's when one served); names only.
+        headers["x-nexgate-model"] = target.alias or (ctx.model or "")
+        headers["x-nexgate-provider"] = target.provider
+        headers["x-nexgate-attempts"] = str(ctx.attempts)
         content_type = upstream.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
             return await self._relay_body(ctx, upstream, headers, watchdog, idle, translation)

@@ -250,3 +250,27 @@ def test_the_breaker_backs_off_probes_once_and_honours_retry_after_dates() -> No
     assert 55 <= (retry_after_seconds({"Retry-After": date}) or 0) <= 61
     health.failed(("p", "x"), 0.0, settings, retry_after=9999)
     assert health.reopens_at(("p", "x")) == settings.max_retry_after
+
+
+# ------------------------------------------------------------ served-by headers
+
+async def test_every_relayed_answer_says_which_alias_provider_and_how_many_attempts_served_it(
+        upstream: FakeUpstream, start_gateway) -> None:
+    async with FakeUpstream() as down:
+        down.behaviour = Behaviour(status=502)
+        config = _with_upstreams(upstream, {"down": down})
+        _fallback_model(config, "m", "down", cooldown={"failures": 0})
+        gw = await start_gateway(config)
+        client = gw.openai_client()
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=HI)
+        served = {k: raw.headers.get(k) for k in ("x-nexgate-model", "x-nexgate-provider", "x-nexgate-attempts")}
+        assert served == {"x-nexgate-model": "gpt-test", "x-nexgate-provider": "fake", "x-nexgate-attempts": "2"}
+        async with client.chat.completions.with_streaming_response.create(
+                model="m", messages=HI, stream=True) as streamed:
+            assert {k: streamed.headers.get(k) for k in served} == served
+            assert "Hello" in "".join([line async for line in streamed.iter_lines()])
+        raw = await client.chat.completions.with_raw_response.create(model="gpt-test", messages=HI)
+        assert (raw.headers["x-nexgate-model"], raw.headers["x-nexgate-attempts"]) == ("gpt-test", "1")
+        everything = "\n".join(f"{k}: {v}" for k, v in raw.headers.items())
+        assert upstream.url not in everything and "127.0.0.1" not in everything
+        assert "sk-provider" not in everything
