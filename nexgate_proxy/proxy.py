@@ -33,7 +33,7 @@ from .headers import request_headers, response_headers
 from .providers.base import BodyTooLarge
 from .requestbody import read_body
 from .translate import translatable, translation_for
-from .usage import StreamMeter, usage_from_body
+from .usage import StreamMeter, estimate_output_tokens, usage_from_body
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -322,6 +322,8 @@ class Proxy:
         ctx.first_byte_at = loop.time()
         if upstream.status < 400:
             usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
+            if not ctx.usage.reported and ctx.endpoint != "embeddings":
+                ctx.usage.completion_tokens = estimate_output_tokens(body)  # marked estimated: not reported
         if translation is not None:
             body = translation.response(body) if upstream.status < 400 else translation.error(upstream.status, body)
             headers["Content-Type"] = "application/json"  # even when the upstream's error page was not JSON

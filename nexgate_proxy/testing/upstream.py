@@ -53,6 +53,8 @@ class Behaviour:
     anthropic_content: list[dict[str, Any]] | None = None
     """Messages: these content blocks (text, tool_use, thinking) instead of "Bonjour"."""
     stop_reason: str = "end_turn"
+    omit_usage: bool = False
+    """Non-streamed answers: leave out ``usage``, as some OpenAI-compatible servers do."""
     stream_error: dict[str, Any] | None = None
     """Streams: send this error event (the path's dialect) after the first content event, then end."""
 
@@ -129,6 +131,8 @@ class FakeUpstream:
         return body, None
 
     async def _json(self, payload: dict[str, Any]) -> web.Response:
+        if self.behaviour.omit_usage:
+            payload = {k: v for k, v in payload.items() if k != "usage"}
         raw = json.dumps(payload).encode()
         self.sent.append(raw)
         return web.Response(body=raw, content_type="application/json",

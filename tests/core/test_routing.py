@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import textwrap
 import time
 from decimal import Decimal
@@ -19,6 +20,8 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_proxy.cooldown import CooldownSettings, Cooldowns, retry_after_seconds
 from nexgate_proxy.money import usd_to_pico
+from nexgate_proxy.usage import estimate_output_tokens
+from nexgate_plugins.usage_log import OUTBOX
 from nexgate_proxy.store import NewLedgerEntry
 from nexgate_proxy.testing import Behaviour, FakeUpstream, RecordingPlugin, gateway_config
 
@@ -274,3 +277,42 @@ async def test_every_relayed_answer_says_which_alias_provider_and_how_many_attem
         everything = "\n".join(f"{k}: {v}" for k, v in raw.headers.items())
         assert upstream.url not in everything and "127.0.0.1" not in everything
         assert "sk-provider" not in everything
+
+
+# ------------------------------------------------------------ usage an upstream did not report
+
+async def test_a_non_streamed_answer_without_usage_is_charged_an_output_estimate_marked_estimated(
+        upstream: FakeUpstream, start_gateway) -> None:
+    content = "word " * 40  # 200 characters: about 50 tokens
+    arguments = json.dumps({"city": "Paris", "unit": "celsius"})
+    upstream.behaviour = Behaviour(omit_usage=True, chat_message={"content": content, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": arguments}}]})
+    config = gateway_config(upstream)
+    config["models"]["gpt-test"] = {"route": [{"provider": "fake", "model": "upstream-model"}],
+                                    "price": {"input": 1, "output": 2}}
+    gw = await start_gateway(config)
+    store = gw.app[STORE]
+    await store.apply_ledger_entry(NewLedgerEntry(
+        account_id=gw.user_id, kind="grant", amount_pico=usd_to_pico(Decimal("1")), source="test", external_id="g"))
+    reply = await gw.openai_client().chat.completions.create(model="gpt-test", messages=HI)
+    assert reply.usage is None and reply.choices[0].message.content == content
+    assert await gw.app[OUTBOX].flush()
+    [row] = await store.list_usage(account_id=gw.user_id)
+    expected = -(-(len(content) + len(arguments)) // 4)
+    assert row.usage_estimated and row.completion_tokens == expected > 0
+    assert row.actual_cost_pico == row.prompt_tokens * 1_000_000 + expected * 2_000_000
+    # Embeddings have no output to estimate.
+    await gw.openai_client().embeddings.create(model="gpt-test", input="x")
+    assert await gw.app[OUTBOX].flush()
+    assert (await store.list_usage(account_id=gw.user_id))[0].completion_tokens == 0
+
+
+def test_the_output_estimate_counts_generated_text_in_every_dialect() -> None:
+    anthropic = {"id": "msg_1", "model": "claude", "content": [
+        {"type": "thinking", "thinking": "abcd" * 3, "signature": "s" * 400},
+        {"type": "text", "text": "abcd"}, {"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}}]}
+    assert estimate_output_tokens(json.dumps(anthropic).encode()) == -(-(12 + 4 + len('{"a": 1}')) // 4)
+    responses = {"id": "resp_1", "output": [{"type": "message", "content": [{"type": "output_text", "text": "x" * 8}]},
+                                            {"type": "function_call", "arguments": "y" * 4}]}
+    assert estimate_output_tokens(json.dumps(responses).encode()) == 3
+    assert estimate_output_tokens(b"not json") == 0
