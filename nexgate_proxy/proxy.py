@@ -205,9 +205,17 @@ class Proxy:
         watchdog = Watchdog(loop, loop.time() + timeouts.total, min(timeouts.first_byte, timeouts.idle))
         forwarded = request_headers(ctx.headers)
         failure: GatewayError | None = None
+        failed_on = ""
         health = self.health
         cooling_until: float | None = None
         last = len(ctx.targets) - 1
+
+        def keep(error: GatewayError, target: Target) -> None:
+            # The most meaningful failure wins, whatever the (weighted, random) order of the targets.
+            nonlocal failure, failed_on
+            if failure is None or _more_meaningful(error, target.provider, failure, failed_on):
+                failure, failed_on = error, target.provider
+
         try:
             for index, target in enumerate(ctx.targets):
                 key = (target.provider, target.model)
@@ -225,7 +233,7 @@ class Proxy:
                     try:
                         translation, sent_to, payload = self._translated_body(ctx, endpoint, body, provider, target)
                     except GatewayError as exc:
-                        failure = exc  # this target cannot take the request; a later one may
+                        keep(exc, target)  # this target cannot take the request; a later one may
                         continue
                     injected = False
                 ctx.attempts += 1
@@ -236,13 +244,13 @@ class Proxy:
                                                        self._session(), self._client_timeouts[route.alias])
                 except TimeoutError:
                     health.failed(key, loop.time(), target.cooldown)
-                    failure = GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
-                                           code="upstream_timeout")
+                    keep(GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
+                                      code="upstream_timeout"), target)
                     continue
                 except _UPSTREAM_TRANSPORT as exc:
                     health.failed(key, loop.time(), target.cooldown)
-                    failure = GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
-                                           code="upstream_unreachable")
+                    keep(GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
+                                      code="upstream_unreachable"), target)
                     log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id,
                                 type(exc).__name__)
                     continue
@@ -250,13 +258,25 @@ class Proxy:
                 if status >= 500 or status == 429:
                     retry_after = retry_after_seconds(upstream.headers) if status in (429, 503) else None
                     health.failed(key, loop.time(), target.cooldown, retry_after)
-                else:
-                    health.succeeded(key)
                 if status >= 500 or status in (401, 403) or (status == 429 and index < last):
                     upstream.close()
-                    failure = _upstream_status_error(target, status)
+                    keep(_upstream_status_error(target, status), target)
                     continue
-                return await self._relay(ctx, endpoint, upstream, injected, watchdog, timeouts.idle, translation)
+                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    if status < 400:
+                        health.succeeded(key)
+                    return await self._relay_stream(ctx, upstream, injected, watchdog, timeouts.idle, translation)
+                # A non-streamed answer is read whole before anything reaches the client: one that
+                # breaks or stalls after its headers falls back like a refused connection.
+                try:
+                    answer = await self._read_answer(upstream, watchdog, timeouts.idle)
+                except _AnswerBroken as exc:
+                    health.failed(key, loop.time(), target.cooldown)
+                    keep(exc.error(target), target)
+                    continue
+                if status < 400:
+                    health.succeeded(key)
+                return await self._relay_body(ctx, upstream, answer, translation)
         finally:
             watchdog.close()
         if ctx.attempts == 0 and cooling_until is not None:
@@ -283,10 +303,7 @@ class Proxy:
 
     # ------------------------------------------------------------- relay
 
-    async def _relay(self, ctx: RequestContext, endpoint: Endpoint, upstream: UpstreamResponse,
-                     injected_usage: bool, watchdog: Watchdog, idle: float,
-                     translation: Translation | None = None) -> web.StreamResponse:
-        ctx.status = upstream.status
+    def _served_headers(self, ctx: RequestContext, upstream: UpstreamResponse) -> dict[str, str]:
         headers = response_headers(upstream.headers)
         headers["x-nexgate-request-id"] = ctx.request_id
         target = ctx.target
@@ -295,30 +312,28 @@ class Proxy:
         headers["x-nexgate-model"] = target.alias or (ctx.model or "")
         headers["x-nexgate-provider"] = target.provider
         headers["x-nexgate-attempts"] = str(ctx.attempts)
-        content_type = upstream.headers.get("Content-Type", "")
-        if not content_type.startswith("text/event-stream"):
-            return await self._relay_body(ctx, upstream, headers, watchdog, idle, translation)
-        headers.update(ctx.response_headers)
-        return await self._relay_stream(ctx, upstream, headers, injected_usage, watchdog, idle, translation)
+        return headers
 
-    async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
-                          watchdog: Watchdog, idle: float, translation: Translation | None) -> web.Response:
-        loop = self.loop or asyncio.get_running_loop()
+    async def _read_answer(self, upstream: UpstreamResponse, watchdog: Watchdog, idle: float) -> bytes:
         watchdog.expect(idle)
         try:
             with watchdog:
-                body = await upstream.read(self.max_response_bytes)
+                return await upstream.read(self.max_response_bytes)
         except TimeoutError:
-            raise GatewayError(504, "The upstream provider stopped sending its answer.",
-                               code="upstream_timeout") from None
+            raise _AnswerBroken("stalled") from None
         except BodyTooLarge:
             raise GatewayError(502, "The upstream answer exceeded the gateway's size limit.",
                                code="upstream_response_too_large") from None
         except _UPSTREAM_TRANSPORT:
-            raise GatewayError(502, "The upstream connection broke while sending the answer.",
-                               code="upstream_interrupted") from None
+            raise _AnswerBroken("cut") from None
         finally:
             upstream.close()
+
+    async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, body: bytes,
+                          translation: Translation | None) -> web.Response:
+        loop = self.loop or asyncio.get_running_loop()
+        ctx.status = upstream.status
+        headers = self._served_headers(ctx, upstream)
         ctx.first_byte_at = loop.time()
         if upstream.status < 400:
             usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
@@ -331,10 +346,12 @@ class Proxy:
         headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
         return web.Response(status=upstream.status, body=body, headers=headers)
 
-    async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
-                            injected_usage: bool, watchdog: Watchdog, idle: float,
-                            translation: Translation | None) -> web.StreamResponse:
+    async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, injected_usage: bool,
+                            watchdog: Watchdog, idle: float, translation: Translation | None) -> web.StreamResponse:
         loop = self.loop or asyncio.get_running_loop()
+        ctx.status = upstream.status
+        headers = self._served_headers(ctx, upstream)
+        headers.update(ctx.response_headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         meter: StreamMeter | StreamTranslator = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
         if translation is not None:  # reads usage from the upstream's events, hands on the client's dialect
@@ -431,6 +448,33 @@ def _upstream_status_error(target: Target, status: int) -> GatewayError:
                             code="upstream_auth_failed")
     return GatewayError(502, f"The upstream provider '{target.provider}' failed (HTTP {status}).",
                         code="upstream_error")
+
+
+class _AnswerBroken(Exception):
+    """A non-streamed answer broke ("cut") or went silent ("stalled") after its headers."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def error(self, target: Target) -> GatewayError:
+        if self.how == "stalled":
+            return GatewayError(504, f"The upstream provider '{target.provider}' stopped sending its answer.",
+                                code="upstream_timeout")
+        return GatewayError(502, f"The upstream connection to '{target.provider}' broke while sending the answer.",
+                            code="upstream_interrupted")
+
+
+# When every target failed, the client is told of the most meaningful failure: a provider that
+# timed out or failed (5xx, broken answers) over one that throttled (429), over 4xx-like ones
+# (the provider refusing NexGate's key, a target that cannot take the request); ties go to the
+# provider first in name order, so the answer does not depend on the random order of the targets.
+_FAILURE_RANK = {"upstream_timeout": 5, "upstream_error": 4, "upstream_interrupted": 4, "upstream_unreachable": 3,
+                 "upstream_rate_limited": 2, "upstream_auth_failed": 1}
+
+
+def _more_meaningful(error: GatewayError, provider: str, than: GatewayError, than_provider: str) -> bool:
+    rank, other = _FAILURE_RANK.get(error.code or "", 0), _FAILURE_RANK.get(than.code or "", 0)
+    return rank > other or (rank == other and provider < than_provider)
 
 
 def _all_cooling_down(seconds: float) -> GatewayError:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from aiohttp import web
 
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.config import ConfigError, parse_config
@@ -316,3 +317,85 @@ def test_the_output_estimate_counts_generated_text_in_every_dialect() -> None:
                                             {"type": "function_call", "arguments": "y" * 4}]}
     assert estimate_output_tokens(json.dumps(responses).encode()) == 3
     assert estimate_output_tokens(b"not json") == 0
+
+
+# ------------------------------------------------------------ failure paths
+
+class BrokenAnswers:
+    """An upstream whose non-streamed answers break after their headers: cut (reset) or stalled."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.calls = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> BrokenAnswers:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._answer)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.calls += 1
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "400"})
+        await response.prepare(request)
+        await response.write(b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [')
+        if self.how == "cut":
+            assert request.transport is not None
+            request.transport.abort()
+        else:
+            await asyncio.sleep(3600)
+        return response
+
+
+@pytest.mark.parametrize("how", ["cut", "stalled"])
+async def test_a_non_streamed_answer_that_breaks_after_its_headers_falls_back(
+        upstream: FakeUpstream, start_gateway, how: str) -> None:
+    async with BrokenAnswers(how) as broken:
+        config = gateway_config(upstream)
+        config["providers"]["broken"] = {"type": "openai", "base_url": broken.url, "api_key": "k"}
+        _fallback_model(config, "m", "broken", timeouts={"idle": 0.5})
+        recorder = RecordingPlugin()
+        gw = await start_gateway(config, plugins=[recorder])
+        raw = await gw.openai_client().chat.completions.with_raw_response.create(model="m", messages=HI)
+        assert raw.parse().choices[0].message.content == "Hello from upstream"
+        assert broken.calls == 1 and raw.headers["x-nexgate-attempts"] == "2"
+        record = recorder.records[-1]
+        assert (record.status, record.provider, record.attempts) == (200, "fake", 2)
+
+
+async def test_when_every_target_fails_the_most_meaningful_failure_is_reported_whatever_the_order(
+        start_gateway) -> None:
+    async with FakeUpstream() as failing, FakeUpstream() as stalled, FakeUpstream() as refusing:
+        failing.behaviour = Behaviour(status=500)
+        stalled.behaviour = Behaviour(delay_headers=30)
+        refusing.behaviour = Behaviour(status=401)
+        config = _with_upstreams(failing, {"p-failing": failing, "p-stalled": stalled, "p-refusing": refusing})
+        config["models"]["m"] = {"route": [{"provider": p, "model": "x"} for p in
+                                           ("p-failing", "p-stalled", "p-refusing")],
+                                 "timeouts": {"first_byte": 0.3}, "cooldown": {"failures": 0}, "free": True}
+        gw = await start_gateway(config)
+        errors = set()
+        for _ in range(5):  # the weighted order is random: the answer must not be
+            with pytest.raises(openai.APIStatusError) as err:
+                await gw.openai_client().chat.completions.create(model="m", messages=HI)
+            errors.add((err.value.status_code, err.value.body["code"], err.value.body["message"]))
+        assert errors == {(504, "upstream_timeout", "The upstream provider 'p-stalled' did not answer in time.")}
+        # Without the timeout: the 5xx, not the refused key.
+        config["models"]["m"]["route"] = [{"provider": "p-refusing", "model": "x"},
+                                          {"provider": "p-failing", "model": "x"}]
+        gw = await start_gateway(config)
+        for _ in range(3):
+            with pytest.raises(openai.APIStatusError) as err:
+                await gw.openai_client().chat.completions.create(model="m", messages=HI)
+            assert (err.value.status_code, err.value.body["code"]) == (502, "upstream_error")
