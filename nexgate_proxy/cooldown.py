@@ -9,6 +9,8 @@ opens again without a success in between, up to ``max_cooldown``. When the
 cooldown ends the breaker is *half-open*: the first request to look takes the
 target as a probe and the others keep skipping it for another cooldown; the
 probe's success closes the breaker, its failure opens it again (backed off).
+Any answer but a 5xx or 429 counts as a success (a 4xx is the request's fault:
+the provider is up) and resets the count of consecutive failures.
 
 Hot path: ``available`` is one dict lookup and one comparison (``_until`` holds
 only open breakers), ``succeeded`` one dict lookup while nothing failed; no lock

@@ -141,6 +141,8 @@ class Proxy:
             resp.body = json.dumps({"type": "error", **exc.body()}).encode()
         resp.headers.update(ctx.response_headers)
         resp.headers["x-nexgate-request-id"] = ctx.request_id
+        if ctx.attempts:  # every target failed: how many were called
+            resp.headers["x-nexgate-attempts"] = str(ctx.attempts)
         return resp
 
     # ----------------------------------------------------------- request
@@ -263,7 +265,7 @@ class Proxy:
                     keep(_upstream_status_error(target, status), target)
                     continue
                 if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    if status < 400:
+                    if status != 429:  # the provider answered: its breaker closes (a 4xx is the request's fault)
                         health.succeeded(key)
                     return await self._relay_stream(ctx, upstream, injected, watchdog, timeouts.idle, translation)
                 # A non-streamed answer is read whole before anything reaches the client: one that
@@ -274,7 +276,7 @@ class Proxy:
                     health.failed(key, loop.time(), target.cooldown)
                     keep(exc.error(target), target)
                     continue
-                if status < 400:
+                if status != 429:
                     health.succeeded(key)
                 return await self._relay_body(ctx, upstream, answer, translation)
         finally:

@@ -390,6 +390,7 @@ async def test_when_every_target_fails_the_most_meaningful_failure_is_reported_w
             with pytest.raises(openai.APIStatusError) as err:
                 await gw.openai_client().chat.completions.create(model="m", messages=HI)
             errors.add((err.value.status_code, err.value.body["code"], err.value.body["message"]))
+            assert err.value.response.headers["x-nexgate-attempts"] == "3"
         assert errors == {(504, "upstream_timeout", "The upstream provider 'p-stalled' did not answer in time.")}
         # Without the timeout: the 5xx, not the refused key.
         config["models"]["m"]["route"] = [{"provider": "p-refusing", "model": "x"},
