@@ -19,7 +19,7 @@ import math
 import os
 import re
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -264,20 +264,25 @@ class Proxy:
                     upstream.close()
                     keep(_upstream_status_error(target, status), target)
                     continue
-                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    if status != 429:  # the provider answered: its breaker closes (a 4xx is the request's fault)
-                        health.succeeded(key)
-                    return await self._relay_stream(ctx, upstream, injected, watchdog, timeouts.idle, translation)
-                # A non-streamed answer is read whole before anything reaches the client: one that
-                # breaks or stalls after its headers falls back like a refused connection.
+                streamed = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+                # Nothing reaches the client before the upstream's first bytes (a stream's) or its whole
+                # answer (a non-streamed one): one that breaks or stalls after its headers, before
+                # that, falls back like a refused connection.
+                chunks = upstream.iter_chunks().__aiter__() if streamed else None
                 try:
-                    answer = await self._read_answer(upstream, watchdog, timeouts.idle)
+                    if chunks is not None:
+                        answer = await self._first_chunk(upstream, chunks, watchdog, timeouts.idle)
+                    else:
+                        answer = await self._read_answer(upstream, watchdog, timeouts.idle)
                 except _AnswerBroken as exc:
                     health.failed(key, loop.time(), target.cooldown)
                     keep(exc.error(target), target)
                     continue
-                if status != 429:
+                if status != 429:  # the provider answered: its breaker closes (a 4xx is the request's fault)
                     health.succeeded(key)
+                if chunks is not None:
+                    return await self._relay_stream(ctx, upstream, answer, chunks, injected, watchdog,
+                                                    timeouts.idle, translation)
                 return await self._relay_body(ctx, upstream, answer, translation)
         finally:
             watchdog.close()
@@ -331,6 +336,21 @@ class Proxy:
         finally:
             upstream.close()
 
+    @staticmethod
+    async def _first_chunk(upstream: UpstreamResponse, chunks: AsyncIterator[bytes], watchdog: Watchdog,
+                           idle: float) -> bytes:
+        """A stream's first bytes (b"" if it ended at once); the client is not answered before them."""
+        watchdog.expect(idle)
+        try:
+            with watchdog:
+                return await anext(chunks, b"")
+        except TimeoutError:
+            upstream.close()
+            raise _AnswerBroken("stalled") from None
+        except _UPSTREAM_TRANSPORT:
+            upstream.close()
+            raise _AnswerBroken("cut") from None
+
     async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, body: bytes,
                           translation: Translation | None) -> web.Response:
         loop = self.loop or asyncio.get_running_loop()
@@ -348,9 +368,12 @@ class Proxy:
         headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
         return web.Response(status=upstream.status, body=body, headers=headers)
 
-    async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, injected_usage: bool,
-                            watchdog: Watchdog, idle: float, translation: Translation | None) -> web.StreamResponse:
+    async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, first: bytes,
+                            chunks: AsyncIterator[bytes], injected_usage: bool, watchdog: Watchdog, idle: float,
+                            translation: Translation | None) -> web.StreamResponse:
         loop = self.loop or asyncio.get_running_loop()
+        if first:
+            ctx.first_byte_at = loop.time()
         ctx.status = upstream.status
         headers = self._served_headers(ctx, upstream)
         headers.update(ctx.response_headers)
@@ -370,9 +393,8 @@ class Proxy:
         watchdog.expect(idle)
         try:
             with watchdog:
-                async for chunk in upstream.iter_chunks():
-                    if ctx.first_byte_at is None:
-                        ctx.first_byte_at = loop.time()
+                chunk = first
+                while chunk:  # iter_any never yields b"": that is the end
                     out = meter.feed(chunk)
                     if out:
                         try:
@@ -381,6 +403,7 @@ class Proxy:
                             client_gone = True
                             break
                     watchdog.expect(idle)
+                    chunk = await anext(chunks, b"")
         except TimeoutError:
             error = GatewayError(504, "The upstream provider stopped sending the stream.", code="upstream_timeout")
         except _UPSTREAM_TRANSPORT:

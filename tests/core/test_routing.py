@@ -322,10 +322,15 @@ def test_the_output_estimate_counts_generated_text_in_every_dialect() -> None:
 # ------------------------------------------------------------ failure paths
 
 class BrokenAnswers:
-    """An upstream whose non-streamed answers break after their headers: cut (reset) or stalled."""
+    """An upstream whose answers break after their headers: cut (reset) or stalled.
 
-    def __init__(self, how: str) -> None:
+    ``stream``: the headers of an SSE stream, flushed alone, then nothing (written by hand, so
+    that the headers surely went out before the first event would have).
+    """
+
+    def __init__(self, how: str, stream: bool = False) -> None:
         self.how = how
+        self.stream = stream
         self.calls = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -347,6 +352,14 @@ class BrokenAnswers:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         await request.read()
         self.calls += 1
+        if self.stream:
+            assert request.transport is not None
+            request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n")
+            if self.how == "cut":
+                await asyncio.sleep(0.05)
+                request.transport.abort()
+            await asyncio.sleep(3600)
         response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "400"})
         await response.prepare(request)
         await response.write(b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [')
@@ -370,6 +383,22 @@ async def test_a_non_streamed_answer_that_breaks_after_its_headers_falls_back(
         raw = await gw.openai_client().chat.completions.with_raw_response.create(model="m", messages=HI)
         assert raw.parse().choices[0].message.content == "Hello from upstream"
         assert broken.calls == 1 and raw.headers["x-nexgate-attempts"] == "2"
+        record = recorder.records[-1]
+        assert (record.status, record.provider, record.attempts) == (200, "fake", 2)
+
+
+@pytest.mark.parametrize("how", ["cut", "stalled"])
+async def test_a_stream_that_dies_before_its_first_event_falls_back(
+        upstream: FakeUpstream, start_gateway, how: str) -> None:
+    async with BrokenAnswers(how, stream=True) as broken:
+        config = gateway_config(upstream)
+        config["providers"]["broken"] = {"type": "openai", "base_url": broken.url, "api_key": "k"}
+        _fallback_model(config, "m", "broken", timeouts={"idle": 0.5})
+        recorder = RecordingPlugin()
+        gw = await start_gateway(config, plugins=[recorder])
+        stream = await gw.openai_client().chat.completions.create(model="m", messages=HI, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == "Hello from upstream" and broken.calls == 1
         record = recorder.records[-1]
         assert (record.status, record.provider, record.attempts) == (200, "fake", 2)
 
