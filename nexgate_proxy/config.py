@@ -26,6 +26,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 import yaml
 
 from .clientip import IPNetwork, parse_networks
+from .cooldown import CooldownSettings
 
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 KNOWN_PROVIDER_TYPES_HINT = "openai, anthropic, azure, gemini, echo"
@@ -120,6 +121,8 @@ class ProviderConfig:
     api_key: str = field(default="", repr=False)
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     options: Mapping[str, Any] = field(default_factory=dict)
+    cooldown: CooldownSettings = field(default_factory=CooldownSettings)
+    """Its targets' circuit breaker (a model's own ``cooldown`` overrides it key by key)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,10 @@ class Target:
     weight: int = 1
     price: Price | None = None
     """What this target costs: its own ``price``, else its model's; None when unpriced or free."""
+    alias: str = ""
+    """The model alias whose route lists this target (a fallback's alias when reached through one)."""
+    cooldown: CooldownSettings = field(default_factory=CooldownSettings)
+    """Its circuit breaker: the model's ``cooldown`` over its provider's over the defaults."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,9 @@ class ModelRoute:
     alias: str
     targets: tuple[Target, ...]
     fallbacks: tuple[str, ...] = ()
+    chain: tuple[str, ...] = ()
+    """This alias, then every model reached through fallbacks, transitively and breadth-first
+    (the model's own fallbacks in order, then theirs), each once: the order routing tries them in."""
     timeouts: Timeouts = field(default_factory=Timeouts)
     price: Price | None = None
     free: bool = False
@@ -398,6 +408,22 @@ def _timeouts(r: ConfigReader, raw: Any, path: str, base: Timeouts) -> Timeouts:
     )
 
 
+_COOLDOWN_KEYS = ("failures", "cooldown", "max_cooldown", "max_retry_after")
+
+
+def _cooldown(r: ConfigReader, raw: Any, path: str, base: CooldownSettings) -> CooldownSettings:
+    s = r.mapping(raw, path, _COOLDOWN_KEYS)
+    settings = CooldownSettings(
+        failures=r.value(s, "failures", path, int, base.failures, _non_negative),
+        cooldown=r.value(s, "cooldown", path, float, base.cooldown, _positive),
+        max_cooldown=r.value(s, "max_cooldown", path, float, base.max_cooldown, _positive),
+        max_retry_after=r.value(s, "max_retry_after", path, float, base.max_retry_after, _non_negative),
+    )
+    if settings.max_cooldown < settings.cooldown:
+        r.problem(f"{path}.max_cooldown", f"must not be below cooldown ({settings.cooldown:g})")
+    return settings
+
+
 def _server(r: ConfigReader, s: dict[str, Any], config: Config) -> ServerConfig:
     p = "server"
     d = ServerConfig()
@@ -509,6 +535,7 @@ def _providers(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict
             api_key=r.value(s, "api_key", p, str, ""),
             headers={str(k): str(v) for k, v in headers.items()},
             options=r.mapping(s.get("options"), f"{p}.options"),
+            cooldown=_cooldown(r, s.get("cooldown"), f"{p}.cooldown", CooldownSettings()),
         )
     return out
 
@@ -565,6 +592,13 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
             weight = r.value(ts, "weight", tp, int, 1, _positive)
             targets.append(Target(provider=provider, model=r.value(ts, "model", tp, str, str(alias)), weight=weight,
                                   price=_price(r, ts.get("price"), f"{tp}.price")))
+        # The model's cooldown keys override its providers' key by key (checked once, here).
+        own = _cooldown(r, s.get("cooldown"), f"{p}.cooldown", CooldownSettings())
+        given = {k: getattr(own, k) for k in _COOLDOWN_KEYS if isinstance(s.get("cooldown"), dict)
+                 and s["cooldown"].get(k) is not None}
+        targets = [replace(t, cooldown=replace(
+            providers[t.provider].cooldown if t.provider in providers else CooldownSettings(), **given))
+            for t in targets]
         fallbacks = r.value(s, "fallbacks", p, list, [])
         for i, fb in enumerate(fallbacks):
             if isinstance(fb, (dict, list)):
@@ -581,14 +615,45 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
             price = Price(input=Decimal(0), output=Decimal(0))
         out[str(alias)] = ModelRoute(
             alias=str(alias),
-            targets=tuple(replace(t, price=t.price or price) for t in targets),
+            targets=tuple(replace(t, price=t.price or price, alias=str(alias)) for t in targets),
             fallbacks=tuple(str(f) for f in fallbacks),
             timeouts=_timeouts(r, s.get("timeouts"), f"{p}.timeouts", config.upstream.timeouts),
             price=price,
             free=free,
             max_output_tokens=r.value(s, "max_output_tokens", p, int, None, _positive),
         )
-    return out
+    _check_fallback_cycles(r, out)
+    return {alias: replace(route, chain=_fallback_chain(out, alias)) for alias, route in out.items()}
+
+
+def _fallback_chain(routes: Mapping[str, ModelRoute], alias: str) -> tuple[str, ...]:
+    """``alias`` and every model its fallbacks reach, breadth-first, each once (unknown names skipped)."""
+    chain = [alias]
+    for name in chain:  # grows while it is walked: a queue
+        chain += [f for f in routes[name].fallbacks if f in routes and f not in chain]
+    return tuple(chain)
+
+
+def _check_fallback_cycles(r: ConfigReader, routes: Mapping[str, ModelRoute]) -> None:
+    """Report each fallback cycle once, at the first model of the table on it."""
+    reported: set[frozenset[str]] = set()
+
+    def walk(path: list[str]) -> None:
+        for fb in routes[path[-1]].fallbacks:
+            if fb == path[-1] or fb not in routes:
+                continue  # falling back to itself and unknown names are reported where they are listed
+            if fb in path:
+                cycle = path[path.index(fb):] + [fb]
+                members = frozenset(cycle)
+                if members not in reported:
+                    reported.add(members)
+                    r.problem(f"models.{cycle[0]}.fallbacks", f"{' -> '.join(cycle)} is a cycle "
+                              "(a model must not fall back to itself through other models)")
+            else:
+                walk(path + [fb])
+
+    for alias in routes:
+        walk([alias])
 
 
 def _plugins(r: ConfigReader, s: dict[str, Any], config: Config) -> PluginsConfig:
@@ -612,10 +677,11 @@ STATE_SECTION = ConfigSection("state", _state, ("url",),
                               "The hot state shared by instances: memory:// or Redis.")
 UPSTREAM_SECTION = ConfigSection("upstream", _upstream, ("timeouts", "max_response_bytes", "max_connections"),
                                  "Timeouts and limits of the calls to providers.")
-PROVIDERS_SECTION = ConfigSection("providers", _providers, ("type", "base_url", "api_key", "headers", "options"),
+PROVIDERS_SECTION = ConfigSection("providers", _providers, ("type", "base_url", "api_key", "headers", "options",
+                                                          "cooldown"),
                                   "The upstream APIs, by a name of your choice.", entries=True)
 MODELS_SECTION = ConfigSection("models", _models, (
-    "route", "fallbacks", "timeouts", "price", "free", "max_output_tokens"),
+    "route", "fallbacks", "timeouts", "price", "free", "max_output_tokens", "cooldown"),
     "The routing table: the model names clients send, where they go and what they cost.", entries=True)
 PLUGINS_SECTION = ConfigSection("plugins", _plugins, ("modules", "directory", "disable", "entrypoints"),
                                 "Which plugins load besides the built-ins, and which built-ins are off.")

@@ -15,23 +15,25 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from .clientip import client_ip
 from .context import RequestContext
+from .cooldown import Cooldowns, TargetHealth, retry_after_seconds
 from .endpoints import ENDPOINTS
 from .errors import GatewayError
 from .headers import request_headers, response_headers
 from .providers.base import BodyTooLarge
 from .requestbody import read_body
 from .translate import translatable, translation_for
-from .usage import StreamMeter, usage_from_body
+from .usage import StreamMeter, estimate_output_tokens, usage_from_body
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -71,6 +73,8 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         """Set at startup; cached because get_running_loop() costs a getpid() per call."""
+        self.health: TargetHealth = Cooldowns()
+        """The targets' circuit breakers (nexgate_proxy.cooldown): a target cooling down is skipped."""
         self.max_response_bytes = config.upstream.max_response_bytes
         self.max_body_bytes = config.server.max_body_bytes
         self.trusted_proxies = config.server.trusted_proxies
@@ -137,6 +141,8 @@ class Proxy:
             resp.body = json.dumps({"type": "error", **exc.body()}).encode()
         resp.headers.update(ctx.response_headers)
         resp.headers["x-nexgate-request-id"] = ctx.request_id
+        if ctx.attempts:  # every target failed: how many were called
+            resp.headers["x-nexgate-attempts"] = str(ctx.attempts)
         return resp
 
     # ----------------------------------------------------------- request
@@ -201,9 +207,24 @@ class Proxy:
         watchdog = Watchdog(loop, loop.time() + timeouts.total, min(timeouts.first_byte, timeouts.idle))
         forwarded = request_headers(ctx.headers)
         failure: GatewayError | None = None
+        failed_on = ""
+        health = self.health
+        cooling_until: float | None = None
         last = len(ctx.targets) - 1
+
+        def keep(error: GatewayError, target: Target) -> None:
+            # The most meaningful failure wins, whatever the (weighted, random) order of the targets.
+            nonlocal failure, failed_on
+            if failure is None or _more_meaningful(error, target.provider, failure, failed_on):
+                failure, failed_on = error, target.provider
+
         try:
             for index, target in enumerate(ctx.targets):
+                key = (target.provider, target.model)
+                if not health.available(key, loop.time()):
+                    until = health.reopens_at(key)
+                    cooling_until = until if cooling_until is None else min(cooling_until, until)
+                    continue
                 provider = self.providers[target.provider]
                 ctx.target = target
                 translation = None
@@ -214,7 +235,7 @@ class Proxy:
                     try:
                         translation, sent_to, payload = self._translated_body(ctx, endpoint, body, provider, target)
                     except GatewayError as exc:
-                        failure = exc  # this target cannot take the request; a later one may
+                        keep(exc, target)  # this target cannot take the request; a later one may
                         continue
                     injected = False
                 ctx.attempts += 1
@@ -224,23 +245,49 @@ class Proxy:
                         upstream = await provider.send(ctx, target, sent_to, payload, dict(forwarded),
                                                        self._session(), self._client_timeouts[route.alias])
                 except TimeoutError:
-                    failure = GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
-                                           code="upstream_timeout")
+                    health.failed(key, loop.time(), target.cooldown)
+                    keep(GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
+                                      code="upstream_timeout"), target)
                     continue
                 except _UPSTREAM_TRANSPORT as exc:
-                    failure = GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
-                                           code="upstream_unreachable")
+                    health.failed(key, loop.time(), target.cooldown)
+                    keep(GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
+                                      code="upstream_unreachable"), target)
                     log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id,
                                 type(exc).__name__)
                     continue
                 status = upstream.status
+                if status >= 500 or status == 429:
+                    retry_after = retry_after_seconds(upstream.headers) if status in (429, 503) else None
+                    health.failed(key, loop.time(), target.cooldown, retry_after)
                 if status >= 500 or status in (401, 403) or (status == 429 and index < last):
                     upstream.close()
-                    failure = _upstream_status_error(target, status)
+                    keep(_upstream_status_error(target, status), target)
                     continue
-                return await self._relay(ctx, endpoint, upstream, injected, watchdog, timeouts.idle, translation)
+                streamed = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+                # Nothing reaches the client before the upstream's first bytes (a stream's) or its whole
+                # answer (a non-streamed one): one that breaks or stalls after its headers, before
+                # that, falls back like a refused connection.
+                chunks = upstream.iter_chunks().__aiter__() if streamed else None
+                try:
+                    if chunks is not None:
+                        answer = await self._first_chunk(upstream, chunks, watchdog, timeouts.idle)
+                    else:
+                        answer = await self._read_answer(upstream, watchdog, timeouts.idle)
+                except _AnswerBroken as exc:
+                    health.failed(key, loop.time(), target.cooldown)
+                    keep(exc.error(target), target)
+                    continue
+                if status != 429:  # the provider answered: its breaker closes (a 4xx is the request's fault)
+                    health.succeeded(key)
+                if chunks is not None:
+                    return await self._relay_stream(ctx, upstream, answer, chunks, injected, watchdog,
+                                                    timeouts.idle, translation)
+                return await self._relay_body(ctx, upstream, answer, translation)
         finally:
             watchdog.close()
+        if ctx.attempts == 0 and cooling_until is not None:
+            raise _all_cooling_down(cooling_until - loop.time())
         assert failure is not None
         raise failure
 
@@ -263,39 +310,57 @@ class Proxy:
 
     # ------------------------------------------------------------- relay
 
-    async def _relay(self, ctx: RequestContext, endpoint: Endpoint, upstream: UpstreamResponse,
-                     injected_usage: bool, watchdog: Watchdog, idle: float,
-                     translation: Translation | None = None) -> web.StreamResponse:
-        ctx.status = upstream.status
+    def _served_headers(self, ctx: RequestContext, upstream: UpstreamResponse) -> dict[str, str]:
         headers = response_headers(upstream.headers)
         headers["x-nexgate-request-id"] = ctx.request_id
-        content_type = upstream.headers.get("Content-Type", "")
-        if not content_type.startswith("text/event-stream"):
-            return await self._relay_body(ctx, upstream, headers, watchdog, idle, translation)
-        headers.update(ctx.response_headers)
-        return await self._relay_stream(ctx, upstream, headers, injected_usage, watchdog, idle, translation)
+        target = ctx.target
+        assert target is not None
+        # Served by: the alias whose route held the target (a fallback's when one served); names only.
+        headers["x-nexgate-model"] = target.alias or (ctx.model or "")
+        headers["x-nexgate-provider"] = target.provider
+        headers["x-nexgate-attempts"] = str(ctx.attempts)
+        return headers
 
-    async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
-                          watchdog: Watchdog, idle: float, translation: Translation | None) -> web.Response:
-        loop = self.loop or asyncio.get_running_loop()
+    async def _read_answer(self, upstream: UpstreamResponse, watchdog: Watchdog, idle: float) -> bytes:
         watchdog.expect(idle)
         try:
             with watchdog:
-                body = await upstream.read(self.max_response_bytes)
+                return await upstream.read(self.max_response_bytes)
         except TimeoutError:
-            raise GatewayError(504, "The upstream provider stopped sending its answer.",
-                               code="upstream_timeout") from None
+            raise _AnswerBroken("stalled") from None
         except BodyTooLarge:
             raise GatewayError(502, "The upstream answer exceeded the gateway's size limit.",
                                code="upstream_response_too_large") from None
         except _UPSTREAM_TRANSPORT:
-            raise GatewayError(502, "The upstream connection broke while sending the answer.",
-                               code="upstream_interrupted") from None
+            raise _AnswerBroken("cut") from None
         finally:
             upstream.close()
+
+    @staticmethod
+    async def _first_chunk(upstream: UpstreamResponse, chunks: AsyncIterator[bytes], watchdog: Watchdog,
+                           idle: float) -> bytes:
+        """A stream's first bytes (b"" if it ended at once); the client is not answered before them."""
+        watchdog.expect(idle)
+        try:
+            with watchdog:
+                return await anext(chunks, b"")
+        except TimeoutError:
+            upstream.close()
+            raise _AnswerBroken("stalled") from None
+        except _UPSTREAM_TRANSPORT:
+            upstream.close()
+            raise _AnswerBroken("cut") from None
+
+    async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, body: bytes,
+                          translation: Translation | None) -> web.Response:
+        loop = self.loop or asyncio.get_running_loop()
+        ctx.status = upstream.status
+        headers = self._served_headers(ctx, upstream)
         ctx.first_byte_at = loop.time()
         if upstream.status < 400:
             usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
+            if not ctx.usage.reported and ctx.endpoint != "embeddings":
+                ctx.usage.completion_tokens = estimate_output_tokens(body)  # marked estimated: not reported
         if translation is not None:
             body = translation.response(body) if upstream.status < 400 else translation.error(upstream.status, body)
             headers["Content-Type"] = "application/json"  # even when the upstream's error page was not JSON
@@ -303,10 +368,15 @@ class Proxy:
         headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
         return web.Response(status=upstream.status, body=body, headers=headers)
 
-    async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, headers: dict[str, str],
-                            injected_usage: bool, watchdog: Watchdog, idle: float,
+    async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, first: bytes,
+                            chunks: AsyncIterator[bytes], injected_usage: bool, watchdog: Watchdog, idle: float,
                             translation: Translation | None) -> web.StreamResponse:
         loop = self.loop or asyncio.get_running_loop()
+        if first:
+            ctx.first_byte_at = loop.time()
+        ctx.status = upstream.status
+        headers = self._served_headers(ctx, upstream)
+        headers.update(ctx.response_headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         meter: StreamMeter | StreamTranslator = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
         if translation is not None:  # reads usage from the upstream's events, hands on the client's dialect
@@ -323,9 +393,8 @@ class Proxy:
         watchdog.expect(idle)
         try:
             with watchdog:
-                async for chunk in upstream.iter_chunks():
-                    if ctx.first_byte_at is None:
-                        ctx.first_byte_at = loop.time()
+                chunk = first
+                while chunk:  # iter_any never yields b"": that is the end
                     out = meter.feed(chunk)
                     if out:
                         try:
@@ -334,6 +403,7 @@ class Proxy:
                             client_gone = True
                             break
                     watchdog.expect(idle)
+                    chunk = await anext(chunks, b"")
         except TimeoutError:
             error = GatewayError(504, "The upstream provider stopped sending the stream.", code="upstream_timeout")
         except _UPSTREAM_TRANSPORT:
@@ -403,6 +473,40 @@ def _upstream_status_error(target: Target, status: int) -> GatewayError:
                             code="upstream_auth_failed")
     return GatewayError(502, f"The upstream provider '{target.provider}' failed (HTTP {status}).",
                         code="upstream_error")
+
+
+class _AnswerBroken(Exception):
+    """A non-streamed answer broke ("cut") or went silent ("stalled") after its headers."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def error(self, target: Target) -> GatewayError:
+        if self.how == "stalled":
+            return GatewayError(504, f"The upstream provider '{target.provider}' stopped sending its answer.",
+                                code="upstream_timeout")
+        return GatewayError(502, f"The upstream connection to '{target.provider}' broke while sending the answer.",
+                            code="upstream_interrupted")
+
+
+# When every target failed, the client is told of the most meaningful failure: a provider that
+# timed out or failed (5xx, broken answers) over one that throttled (429), over 4xx-like ones
+# (the provider refusing NexGate's key, a target that cannot take the request); ties go to the
+# provider first in name order, so the answer does not depend on the random order of the targets.
+_FAILURE_RANK = {"upstream_timeout": 5, "upstream_error": 4, "upstream_interrupted": 4, "upstream_unreachable": 3,
+                 "upstream_rate_limited": 2, "upstream_auth_failed": 1}
+
+
+def _more_meaningful(error: GatewayError, provider: str, than: GatewayError, than_provider: str) -> bool:
+    rank, other = _FAILURE_RANK.get(error.code or "", 0), _FAILURE_RANK.get(than.code or "", 0)
+    return rank > other or (rank == other and provider < than_provider)
+
+
+def _all_cooling_down(seconds: float) -> GatewayError:
+    """Every target of the request is in its cooldown: no provider is called."""
+    wait = max(1, math.ceil(seconds))
+    return GatewayError(503, f"Every upstream of this model is cooling down after failures; retry in {wait} s.",
+                        code="all_targets_cooling_down", headers={"Retry-After": str(wait)})
 
 
 def _stream_broken() -> GatewayError:

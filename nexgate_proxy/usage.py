@@ -115,6 +115,44 @@ def usage_from_body(usage: Usage, body: bytes) -> None:
         apply_usage(usage, data.get("usage"))
 
 
+# Keys holding generated text in every dialect's answer: chat content, tool-call arguments,
+# reasoning; completions' and Responses' text; Anthropic's text and thinking.
+_TEXT_KEYS = frozenset({"content", "text", "arguments", "reasoning_content", "reasoning", "refusal", "thinking"})
+
+
+def estimate_output_tokens(body: bytes) -> int:
+    """Output tokens of a non-streamed answer that reported no usage: about 4 characters a token.
+
+    Counts the generated text (message content, tool-call arguments and inputs, reasoning),
+    not ids or model names. Runs only when the answer has no usage; the text stays in memory.
+    """
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return 0
+    chars = _text_chars(data)
+    return -(-chars // 4)
+
+
+def _text_chars(value: Any) -> int:
+    chars = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, v in item.items():
+                if isinstance(v, str):
+                    if key in _TEXT_KEYS:
+                        chars += len(v)
+                elif key == "input" and isinstance(v, dict):  # an Anthropic tool_use's arguments
+                    chars += len(json.dumps(v))
+                elif isinstance(v, (dict, list)):
+                    stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
+    return chars
+
+
 # The event that ends a stream in each dialect; it is held back until the request is settled.
 _TERMINAL_MARKS = (b"[DONE]", b"message_stop", b"response.completed", b"response.incomplete", b"response.failed")
 

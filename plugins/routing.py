@@ -1,7 +1,9 @@
 """Routing: model alias -> ordered upstream targets, from the YAML routing table.
 
 Targets of a model are tried in a weighted random order (spreading load by
-weight), then the targets of each fallback model in turn. Only targets whose
+weight), then the targets of each model its fallbacks reach, transitively and
+breadth-first (``ModelRoute.chain``: its own fallbacks in order, then theirs),
+each target (provider + upstream model) at most once. Only targets whose
 provider serves the operation are kept (``Provider.supports``: in its own dialect,
 or through a translation, Chat Completions <-> Anthropic Messages), so a fallback
 may cross dialects.
@@ -35,11 +37,12 @@ def nexgate_route(ctx: RequestContext) -> list[Target] | None:
     providers = ctx.app[PROVIDERS]
     endpoint_format = ctx.api_format
     ordered: list[Target] = []
-    seen: set[Target] = set()
-    for alias in (route.alias, *route.fallbacks):
+    seen: set[tuple[str, str]] = set()
+    for alias in route.chain:
         for target in weighted_order(config.models[alias].targets):
-            if target not in seen and providers[target.provider].supports(ctx.endpoint, endpoint_format):
-                seen.add(target)
+            key = (target.provider, target.model)
+            if key not in seen and providers[target.provider].supports(ctx.endpoint, endpoint_format):
+                seen.add(key)
                 ordered.append(target)
     if not ordered:
         raise GatewayError(400, f"The model `{ctx.model}` cannot serve {ctx.request.path}.",

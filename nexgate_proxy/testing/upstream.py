@@ -46,12 +46,15 @@ class Behaviour:
     chunk_delay: float = 0.0
     words: list[str] = field(default_factory=lambda: ["Hello", "from", "upstream"])
     extra_headers: dict[str, str] = field(default_factory=dict)
+    """Sent with every answer, errors too (e.g. ``Retry-After`` on a 429)."""
     chat_message: dict[str, Any] | None = None
     """Chat completions: this assistant message (content, tool_calls, reasoning_content) instead of the words."""
     finish_reason: str = "stop"
     anthropic_content: list[dict[str, Any]] | None = None
     """Messages: these content blocks (text, tool_use, thinking) instead of "Bonjour"."""
     stop_reason: str = "end_turn"
+    omit_usage: bool = False
+    """Non-streamed answers: leave out ``usage``, as some OpenAI-compatible servers do."""
     stream_error: dict[str, Any] | None = None
     """Streams: send this error event (the path's dialect) after the first content event, then end."""
     usage: dict[str, Any] | None = None
@@ -125,10 +128,13 @@ class FakeUpstream:
                 default = {"error": {"message": "upstream says no", "type": "server_error", "param": None,
                                      "code": None}}
             payload = b.error_body or json.dumps(default).encode()
-            return body, web.Response(status=b.status, body=payload, content_type="application/json")
+            return body, web.Response(status=b.status, body=payload, content_type="application/json",
+                                      headers=b.extra_headers)
         return body, None
 
     async def _json(self, payload: dict[str, Any]) -> web.Response:
+        if self.behaviour.omit_usage:
+            payload = {k: v for k, v in payload.items() if k != "usage"}
         raw = json.dumps(payload).encode()
         self.sent.append(raw)
         return web.Response(body=raw, content_type="application/json",

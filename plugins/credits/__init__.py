@@ -200,9 +200,10 @@ def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> Usage:
     served = ctx.status and ctx.status < 400 or ctx.client_disconnected
     if not served and not usage.stream_events:
         return Usage()  # refused before or by the upstream: no work, no charge
-    # A stream cut short, or an upstream that did not report: input as estimated, output as relayed.
+    # A stream cut short, or an upstream that did not report: input as estimated, output as relayed
+    # (stream events, or the proxy's estimate from a non-streamed answer's text).
     prompt = hold.prompt_estimate if hold else (ctx.prompt_estimate() if ctx.body else 0)
-    return Usage(prompt_tokens=prompt, completion_tokens=usage.stream_events)
+    return Usage(prompt_tokens=prompt, completion_tokens=max(usage.completion_tokens, usage.stream_events))
 
 
 @hookimpl
