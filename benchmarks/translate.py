@@ -79,9 +79,10 @@ def _pieces(events: list[bytes], per_read: int = 3) -> list[bytes]:
     return [b"".join(events[i:i + per_read]) for i in range(0, len(events), per_read)]
 
 
-def chat_to_claude(stream: bool, pieces: list[bytes]) -> Callable[[], None]:
+def translated(kind: type, request: dict, answer: bytes, stream: bool, pieces: list[bytes]) -> Callable[[], None]:
+    """One request and its answer through a translation, streamed (``pieces``) or not."""
     def run() -> None:
-        t = ChatViaMessages(dict(OPENAI_REQUEST, stream=stream))
+        t = kind(dict(request, stream=stream))
         t.request(TARGET, ROUTE)
         usage = Usage()
         if stream:
@@ -90,25 +91,17 @@ def chat_to_claude(stream: bool, pieces: list[bytes]) -> Callable[[], None]:
                 meter.feed(piece)
             meter.finish()
         else:
-            usage_from_body(usage, ANTHROPIC_ANSWER)
-            t.response(ANTHROPIC_ANSWER)
+            usage_from_body(usage, answer)
+            t.response(answer)
     return run
+
+
+def chat_to_claude(stream: bool, pieces: list[bytes]) -> Callable[[], None]:
+    return translated(ChatViaMessages, OPENAI_REQUEST, ANTHROPIC_ANSWER, stream, pieces)
 
 
 def messages_to_gpt(stream: bool, pieces: list[bytes]) -> Callable[[], None]:
-    def run() -> None:
-        t = MessagesViaChat(dict(ANTHROPIC_REQUEST, stream=stream))
-        t.request(TARGET, ROUTE)
-        usage = Usage()
-        if stream:
-            meter = t.meter(StreamMeter(usage))
-            for piece in pieces:
-                meter.feed(piece)
-            meter.finish()
-        else:
-            usage_from_body(usage, OPENAI_ANSWER)
-            t.response(OPENAI_ANSWER)
-    return run
+    return translated(MessagesViaChat, ANTHROPIC_REQUEST, OPENAI_ANSWER, stream, pieces)
 
 
 def baseline(stream: bool, pieces: list[bytes], answer: bytes) -> Callable[[], None]:

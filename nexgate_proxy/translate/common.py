@@ -111,31 +111,25 @@ def anthropic_error_type(status: int) -> str:
     return ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
 
 
-def client_body(fn: F) -> F:
-    """A client's body of an unexpected shape is the client's 400, never the gateway's 500."""
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except GatewayError:
-            raise
-        except SHAPE_ERRORS:
-            raise GatewayError(400, "A field of the request has a type or shape this model's provider cannot take.",
-                               code="invalid_request") from None
-    return guarded  # type: ignore[return-value]
+def _shape_errors_as(error: Callable[[], GatewayError]) -> Callable[[F], F]:
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except GatewayError:
+                raise
+            except SHAPE_ERRORS:
+                raise error() from None
+        return guarded  # type: ignore[return-value]
+    return decorate
 
 
-def upstream_body(fn: F) -> F:
-    """An upstream answer of an unexpected shape is a 502, never a 500."""
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except GatewayError:
-            raise
-        except SHAPE_ERRORS:
-            raise upstream_malformed() from None
-    return guarded  # type: ignore[return-value]
+client_body = _shape_errors_as(lambda: GatewayError(
+    400, "A field of the request has a type or shape this model's provider cannot take.", code="invalid_request"))
+"""A client's body of an unexpected shape is the client's 400, never the gateway's 500."""
+upstream_body = _shape_errors_as(upstream_malformed)
+"""An upstream answer of an unexpected shape is a 502, never a 500."""
 
 
 def skipped(exc: Exception) -> None:
