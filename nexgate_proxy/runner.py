@@ -271,12 +271,13 @@ class _GatewayHandler(RequestHandler):
         response.force_close()
         return response
 
-    async def finish_response(self, request: Any, resp: web.StreamResponse,
-                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+    def finish_response(self, request: Any, resp: web.StreamResponse,
+                        start_time: float | None) -> Any:
         # Only aiohttp's own plain-text answers; a route's deliberate JSON or redirect stays as it is.
+        # A plain function handing on aiohttp's coroutine: no coroutine of our own per response.
         if isinstance(resp, web.HTTPException) and resp.status >= 400 and resp.content_type == "text/plain":
             resp = _json_for(request, resp)
-        return await super().finish_response(request, resp, start_time)
+        return super().finish_response(request, resp, start_time)
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         exc = kw.get("exc_info")
