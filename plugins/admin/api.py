@@ -225,6 +225,12 @@ class Caller:
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     auth: AuthSettings
+    signed_in: dict[tuple[str, str], None] = dataclasses.field(default_factory=dict)
+    """(Clerk user id, session id) pairs this process has seen: a new pair is a sign-in, when the profile
+    is refreshed from the token's claims (not on every call: a correction made during the session stays)."""
+
+
+MAX_SIGNED_IN = 100_000
 
 
 ADMIN: web.AppKey[AdminSettings] = web.AppKey("nexgate_plugins.admin_api", AdminSettings)
@@ -276,15 +282,24 @@ async def _caller(request: web.Request) -> Caller:
     except Exception:  # a verifier bug must not become a 500 that hints at the token
         log.exception("session token verification failed unexpectedly")
         raise _unauthorized("Invalid session token.") from None
-    user = await _clerk_user(request.app[STORE], identity, settings.clerk.profile_claims(identity))
+    admin = request.app[ADMIN]
+    session = (identity.user_id, identity.session_id or "")
+    sign_in = identity.session_id is None or session not in admin.signed_in
+    user = await _clerk_user(request.app[STORE], identity, settings.clerk.profile_claims(identity), refresh=sign_in)
+    if sign_in and identity.session_id is not None:
+        if len(admin.signed_in) >= MAX_SIGNED_IN:
+            admin.signed_in.pop(next(iter(admin.signed_in)))
+        admin.signed_in[session] = None
     if user.deleted_at is not None:
         raise GatewayError(403, "This account has been deleted.", code="account_deleted")
     return Caller(user=user, clerk=identity)
 
 
-async def _clerk_user(store: Store, identity: ClerkIdentity, claims: Mapping[str, Any]) -> User:
+async def _clerk_user(store: Store, identity: ClerkIdentity, claims: Mapping[str, Any], *,
+                      refresh: bool = True) -> User:
     """The local user of a Clerk session, created on first sight; ``claims`` are the profile claims the
-    verifier lets NexGate keep (``ClerkVerifier.profile_claims``: email, and name only when configured)."""
+    verifier lets NexGate keep (``ClerkVerifier.profile_claims``: email, and name only when configured),
+    written over the stored ones when ``refresh`` (a sign-in)."""
     external_id = identity.user_id
     if len(external_id) > MAX_EXTERNAL_ID_LENGTH or not clean_text(external_id):
         raise _unauthorized("Invalid session token (malformed).")
@@ -292,7 +307,7 @@ async def _clerk_user(store: Store, identity: ClerkIdentity, claims: Mapping[str
     name = _claim_text(claims.get("name"), MAX_NAME_LENGTH)
     user = await store.get_user_by_external_id(external_id)
     if user is not None:
-        return await _refresh_from_claims(store, user, email, name)
+        return await _refresh_from_claims(store, user, email, name) if refresh else user
     try:
         user = await store.create_user(external_id=external_id, email=email, name=name)
         log.info("created user %s on first sign-in", user.id)

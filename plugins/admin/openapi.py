@@ -266,6 +266,11 @@ _SCHEMAS: dict[str, Any] = {
         "email": _EMAIL,
         "name": _text(200),
     }),
+    "UpdateUser": {  # PATCH /users/{user_id}: the correction right (privacy_openapi.py)
+        "type": "object", "additionalProperties": False, "minProperties": 1,
+        "properties": {"email": {"anyOf": [_EMAIL, {"type": "null"}], "description": "null clears it."},
+                       "name": {"anyOf": [_text(200), {"type": "null"}], "description": "null clears it."}},
+    },
     "CreateOrganization": _object(["name"], {
         "name": _text(200),
         "owner_user_id": {**_ID, "description": "The owner; the caller by default (the superadmin, who owns "

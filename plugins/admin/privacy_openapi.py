@@ -76,15 +76,6 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
         "amount_pico": _PICO, "source": {"type": "string"}, "external_id": {"type": "string"},
         "request_id": _NULLABLE_STRING, "description": _NULLABLE_STRING, "created_at": _TIMESTAMP,
     }),
-    "UpdateUser": {
-        "type": "object", "additionalProperties": False, "minProperties": 1,
-        "properties": {
-            "email": {"type": ["string", "null"], "maxLength": 320, "pattern": "@",
-                      "description": "The corrected email; null clears it."},
-            "name": {"type": ["string", "null"], "maxLength": 200, "pattern": r"\S",
-                     "description": "The corrected name; null clears it."},
-        },
-    },
     "UserExport": _object({
         "object": {"const": "user.export"},
         "version": {"const": EXPORT_VERSION},
