@@ -23,7 +23,9 @@ Money (``/balance``, ``/transactions``, ``/usage``, ``/usage/totals``,
 ``/statements/{YYYY-MM}``) is per account, named by ``?account=``: a user sees
 their own (the default), an organization's admins and owners see the
 organization's, and the superadmin sees any. Nobody else's personal account
-is visible: asking for it answers 404. Amounts are exact decimal strings
+is visible: asking for it answers 404. An organization's admins get its usage as aggregates
+(``/usage/totals``); its request rows (``/usage``) answer them 403 ``aggregates_only`` unless
+``privacy.org_request_rows`` (see docs/privacy.md). Amounts are exact decimal strings
 (``*_usd``) with the integer pico-USD beside them (``*_pico``), never floats.
 
 Removing a member also revokes the organization keys that member created: they
