@@ -59,7 +59,6 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from nexgate_proxy import GatewayError
 from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.money import format_usd
 from nexgate_proxy.store import (
@@ -140,12 +139,6 @@ async def suspend_account(store: Store, feed: ChangeFeed | None, user_id: str, s
     if changed:
         log.info("account %s %s", user_id, "suspended" if suspended else "no longer suspended")
     return user, changed
-
-
-def account_suspended() -> GatewayError:
-    """A suspended user asking for something that processes more of their data (a new key)."""
-    return GatewayError(403, "This account is suspended: nothing new is processed for it until the operator "
-                        "lifts the suspension.", code="account_suspended")
 
 
 # -------------------------------------------------------------------- export
