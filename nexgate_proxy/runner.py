@@ -43,6 +43,7 @@ from aiohttp.web_protocol import RequestHandler
 from .appkeys import CONFIG
 from .config import ServerConfig
 from .errors import GatewayError
+from .iplog import ip_tag
 from .requestbody import BodyTimeout, body_error, unsupported_encoding
 
 log = logging.getLogger("nexgate.http")
@@ -262,7 +263,7 @@ class _GatewayHandler(RequestHandler):
             if status >= 500:
                 log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
             else:
-                log.info("rejected a malformed HTTP request from %s: %s", request.remote, type(exc).__name__)
+                log.info("rejected a malformed HTTP request from %s: %s", ip_tag(request.remote), type(exc).__name__)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; closing the connection")
         response = _ErrorResponse(status=error.status, body=json.dumps(error.body()).encode(),
@@ -295,8 +296,16 @@ class _GatewayServer(web.Server):
         return _GatewayHandler(self, loop=self._loop, **self._kwargs)
 
 
+ACCESS_LOG_FORMAT = '%t "%r" %s %b %Tf "%{Referer}i" "%{User-Agent}i"'
+"""aiohttp's default without ``%a``: no client IP in the access log (see ``nexgate_proxy.iplog``)."""
+
+
 class GatewayRunner(web.AppRunner):
     """Serves the app with the settings of its config's ``server`` section."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("access_log_format", ACCESS_LOG_FORMAT)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

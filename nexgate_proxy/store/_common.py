@@ -29,7 +29,7 @@ from .base import (
 )
 
 # Column lists, in the order the *_from_row functions read them.
-USER_COLUMNS = "id, external_id, email, name, created_at, deleted_at"
+USER_COLUMNS = "id, external_id, email, name, created_at, deleted_at, suspended_at"
 ORG_COLUMNS = "id, name, created_at, limits"
 MEMBERSHIP_COLUMNS = "org_id, user_id, role, created_at"
 API_KEY_COLUMNS = (
@@ -244,6 +244,7 @@ class RowDecoder:
             name=row["name"],
             created_at=self._ts(row["created_at"]),
             deleted_at=self._opt_ts(row["deleted_at"]),
+            suspended_at=self._opt_ts(row["suspended_at"]),
         )
 
     def org(self, row: Any) -> Organization:

@@ -72,6 +72,13 @@ LIST_USERS = {
     for include_deleted in (False, True)
 }
 
+# Correction and restriction (update_user, set_user_suspended).
+UPDATE_USER = sql("UPDATE users SET email = :email, name = :name WHERE id = :user AND deleted_at IS NULL",
+                  "email", "name", "user")
+SUSPEND_USER = sql("UPDATE users SET suspended_at = :when WHERE id = :user AND suspended_at IS NULL", "when", "user")
+UNSUSPEND_USER = sql("UPDATE users SET suspended_at = NULL WHERE id = :user AND suspended_at IS NOT NULL", "user")
+PERSONAL_KEYS = sql("SELECT id FROM api_keys WHERE user_id = :user AND revoked_at IS NULL ORDER BY id", "user")
+
 # anonymize_user, in the order it runs them.
 _USER_KEYS = USER_KEYS_CONDITION.format(user=":user")
 SOLE_OWNED_ORGS = sql(
@@ -129,8 +136,12 @@ INSERT_API_KEY = sql(
     f"INSERT INTO api_keys ({', '.join(_KEY_FIELDS)}) VALUES ({', '.join(':' + f for f in _KEY_FIELDS)})",
     *_KEY_FIELDS,
 )
-GET_API_KEY = sql(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = :id", "id")
-GET_API_KEY_BY_PUBLIC_ID = sql(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE public_id = :public_id", "public_id")
+# The two single-key reads say whether a personal key's user is suspended (the auth path's one query).
+_OWNER_SUSPENDED = ("EXISTS (SELECT 1 FROM users u WHERE u.id = api_keys.user_id AND u.suspended_at IS NOT NULL)"
+                    " AS owner_suspended")
+GET_API_KEY = sql(f"SELECT {API_KEY_COLUMNS}, {_OWNER_SUSPENDED} FROM api_keys WHERE id = :id", "id")
+GET_API_KEY_BY_PUBLIC_ID = sql(f"SELECT {API_KEY_COLUMNS}, {_OWNER_SUSPENDED} FROM api_keys"
+                               " WHERE public_id = :public_id", "public_id")
 
 # --- usage and money ---------------------------------------------------------
 

@@ -10,6 +10,7 @@ transactions and RETURNING (`_insert_api_key`, `_stamp_once`).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -151,12 +152,16 @@ class SqlStore(Store):
         ))
 
     async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
-        row = await self._row(q.GET_API_KEY, key_id)
-        return None if row is None else self._decode.api_key(row)
+        return self._key_with_owner(await self._row(q.GET_API_KEY, key_id))
 
     async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
-        row = await self._row(q.GET_API_KEY_BY_PUBLIC_ID, public_id)
-        return None if row is None else self._decode.api_key(row)
+        return self._key_with_owner(await self._row(q.GET_API_KEY_BY_PUBLIC_ID, public_id))
+
+    def _key_with_owner(self, row: Any) -> ApiKeyRow | None:
+        if row is None:
+            return None
+        key = self._decode.api_key(row)
+        return dataclasses.replace(key, owner_suspended=True) if row["owner_suspended"] else key
 
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
         return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)

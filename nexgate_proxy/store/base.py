@@ -82,6 +82,8 @@ class User:
     name: str | None
     created_at: datetime
     deleted_at: datetime | None = None
+    suspended_at: datetime | None = None
+    """Set while the account is suspended (restriction of processing): its personal keys are refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,8 @@ class ApiKeyRow:
     allowed_models: tuple[str, ...] | None = None
     """None means every model."""
     limits: Mapping[str, Any] | None = field(default=None, hash=False)
+    owner_suspended: bool = False
+    """A personal key whose user is suspended (read by get_api_key and get_api_key_by_public_id)."""
 
     @property
     def owner_id(self) -> str:
@@ -249,6 +253,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]: ...
+
+    @abc.abstractmethod
+    async def update_user(self, user_id: str, *, email: str | None, name: str | None) -> User:
+        """Correct the user's email and name (both written; None clears one); NotFound for an unknown or
+        deleted user. On SQLite the old values are overwritten in the file and the WAL is checkpointed."""
+
+    @abc.abstractmethod
+    async def set_user_suspended(self, user_id: str, suspended: bool, at: datetime | None = None) -> tuple[User, bool]:
+        """Suspend (restrict) or lift the suspension of an account; (the row after, whether this call changed it).
+
+        NotFound if unknown. Nothing else changes: keys, usage and money stay. When it changed, records an
+        ``api_key`` change per unrevoked personal key so every gateway re-reads them within a second.
+        """
 
     @abc.abstractmethod
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:

@@ -357,6 +357,29 @@ class PostgresStore(SqlStore):
             already_deleted=not (revoked or renamed or left or cleared or changed),
         )
 
+    async def update_user(self, user_id: str, *, email: str | None, name: str | None) -> User:
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                if not _updated_count(await conn.execute(q.UPDATE_USER.postgres, email, name, user_id)):
+                    raise NotFound(f"user {user_id} does not exist or is deleted")
+                row = await conn.fetchrow(q.GET_USER.postgres, user_id)
+        return _decode.user(row)
+
+    async def set_user_suspended(self, user_id: str, suspended: bool, at: datetime | None = None) -> tuple[User, bool]:
+        when = common.aware_utc(at, "at") if at else common.utcnow()
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                if await conn.fetchval("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id) is None:
+                    raise NotFound(f"user {user_id} does not exist")
+                status = (await conn.execute(q.SUSPEND_USER.postgres, when, user_id) if suspended
+                          else await conn.execute(q.UNSUSPEND_USER.postgres, user_id))
+                changed = bool(_updated_count(status))
+                if changed:
+                    keys = await conn.fetch(q.PERSONAL_KEYS.postgres, user_id)
+                    await _record_changes(conn, [(API_KEY_CHANGE, r["id"], None, None) for r in keys])
+                row = await conn.fetchrow(q.GET_USER.postgres, user_id)
+        return _decode.user(row), changed
+
     # --- organizations -----------------------------------------------------
 
     async def create_org(self, name: str, owner_user_id: str) -> Organization:

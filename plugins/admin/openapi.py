@@ -94,7 +94,7 @@ _SCHEMAS: dict[str, Any] = {
             "code": {**_NULLABLE_STRING, "description": "Machine-readable reason, e.g. `invalid_token`."},
         }),
     }, "The OpenAI error shape, used for every error."),
-    "User": _object(["object", "id", "external_id", "email", "name", "created_at", "deleted_at"], {
+    "User": _object(["object", "id", "external_id", "email", "name", "created_at", "deleted_at", "suspended_at"], {
         "object": {"const": "user"},
         "id": {"type": "string", "examples": ["usr_3k2j4h5g6f7d8s9a0q1w2e3r4t"]},
         "external_id": {**_NULLABLE_STRING, "description": "The identity provider's user id (Clerk `sub`)."},
@@ -102,6 +102,8 @@ _SCHEMAS: dict[str, Any] = {
         "name": _NULLABLE_STRING,
         "created_at": _TIMESTAMP,
         "deleted_at": _NULLABLE_TIMESTAMP,
+        "suspended_at": {**_NULLABLE_TIMESTAMP, "description": "Set while the account is suspended: its keys "
+                                                               "are refused 403 `account_suspended`."},
     }),
     "Organization": _object(["object", "id", "name", "created_at", "role"], {
         "object": {"const": "organization"},
@@ -264,6 +266,11 @@ _SCHEMAS: dict[str, Any] = {
         "email": _EMAIL,
         "name": _text(200),
     }),
+    "UpdateUser": {  # PATCH /users/{user_id}: the correction right (privacy_openapi.py)
+        "type": "object", "additionalProperties": False, "minProperties": 1,
+        "properties": {"email": {"anyOf": [_EMAIL, {"type": "null"}], "description": "null clears it."},
+                       "name": {"anyOf": [_text(200), {"type": "null"}], "description": "null clears it."}},
+    },
     "CreateOrganization": _object(["name"], {
         "name": _text(200),
         "owner_user_id": {**_ID, "description": "The owner; the caller by default (the superadmin, who owns "
