@@ -37,7 +37,7 @@ from .requestbody import read_body
 from .runner import watch_connection
 from .targetstats import TargetStats
 from .translate import translatable, translation_for
-from .usage import StreamMeter, add_cost, estimate_output_tokens, usage_from_body
+from .usage import StreamMeter, add_cost, estimate_output_tokens, usage_from_body, with_cost
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -448,8 +448,9 @@ class Proxy:
         ctx.status = upstream.status
         headers = self._served_headers(ctx, upstream)
         ctx.first_byte_at = loop.time()
+        usage_end = -1
         if upstream.status < 400:
-            usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
+            usage_end = usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
             if not ctx.usage.reported and ctx.endpoint != "embeddings":
                 ctx.usage.completion_tokens = estimate_output_tokens(body)  # marked estimated: not reported
         if translation is not None:
@@ -457,9 +458,8 @@ class Proxy:
             headers["Content-Type"] = "application/json"  # even when the upstream's error page was not JSON
         await self._finish(ctx)
         headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
-        if ctx.actual_cost_pico is not None and upstream.status < 400 and translation is None \
-                and ctx.api_format == "openai":
-            body = add_cost(body, format_usd(ctx.actual_cost_pico))  # OpenRouter's usage.cost
+        if usage_end >= 0 and ctx.actual_cost_pico is not None and translation is None and ctx.api_format == "openai":
+            body = with_cost(body, usage_end, format_usd(ctx.actual_cost_pico))  # OpenRouter's usage.cost
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, first: bytes,

@@ -88,31 +88,44 @@ def apply_usage(usage: Usage, u: Any) -> bool:
 _DECODER = json.JSONDecoder()
 
 
-def usage_from_body(usage: Usage, body: bytes) -> None:
+def usage_from_body(usage: Usage, body: bytes) -> int:
     """Read usage from a non-streamed JSON answer (all formats keep it at top-level "usage").
 
     Answers put usage last; decoding just that object from the last ``"usage":`` avoids
     parsing the whole answer (embeddings can be megabytes). Falls back to a full parse.
+    Returns where the usage object's closing brace is, for ``with_cost`` (-1: unknown, or
+    the object already has a ``cost``).
     """
     at = body.rfind(_USAGE_MARK)
     if at < 0:
-        return
+        return -1
     try:
-        text = body[at + len(_USAGE_MARK):].decode()
+        tail = body[at + len(_USAGE_MARK):]
+        text = tail.decode()
         start = text.index(":") + 1
         while text[start] in " \t\r\n":
             start += 1
-        value, _ = _DECODER.raw_decode(text, start)
+        value, end = _DECODER.raw_decode(text, start)
         if isinstance(value, dict) and apply_usage(usage, value):
-            return
+            if "cost" in value:
+                return -1
+            # The tail is ASCII in practice (keys and numbers): then characters are bytes.
+            offset = end if len(text) == len(tail) else len(text[:end].encode())
+            return at + len(_USAGE_MARK) + offset - 1
     except (ValueError, IndexError, UnicodeDecodeError):
         pass
     try:
         data = json.loads(body)
     except ValueError:
-        return
+        return -1
     if isinstance(data, dict):
         apply_usage(usage, data.get("usage"))
+    return -1
+
+
+def with_cost(body: bytes, closing: int, cost: str) -> bytes:
+    """``body`` with ``,"cost":<cost>`` before the usage object's closing brace (``usage_from_body``)."""
+    return body[:closing] + b',"cost":' + cost.encode() + body[closing:]
 
 
 def add_cost(body: bytes, cost: str) -> bytes:
