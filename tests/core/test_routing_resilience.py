@@ -363,3 +363,20 @@ async def test_priced_answers_carry_usage_cost_in_the_body_and_the_usage_chunk(
         (11 + 3 * 2) / 1_000_000)
     stream = await client.chat.completions.create(model="gpt-test", messages=HI, stream=True)
     assert all(c.usage is None for c in [c async for c in stream])  # not asked for: no usage chunk at all
+
+
+# ------------------------------------------------------------ metrics
+
+async def test_metrics_show_breakers_retries_and_fallbacks(upstream: FakeUpstream, start_gateway) -> None:
+    async with Scripted([500] * 10) as down:
+        config = gateway_config(upstream)
+        config["providers"]["down"] = {"type": "openai", "base_url": down.url, "api_key": "k"}
+        config["models"]["m"] = {"route": [{"provider": "down", "model": "x"}], "fallbacks": ["gpt-test"],
+                                 "free": True, "retry": {"retries": 1, "backoff": 0.01}, "cooldown": {"failures": 2}}
+        gw = await start_gateway(config)
+        assert (await gw.openai_client().chat.completions.create(model="m", messages=HI)).choices
+        async with aiohttp.ClientSession() as session, session.get(f"{gw.url}/metrics") as response:
+            text = await response.text()
+        assert 'nexgate_target_breaker_state{provider="down",upstream_model="x"} 2.0' in text
+        assert 'nexgate_upstream_retries_total{provider="down",upstream_model="x"} 1.0' in text
+        assert 'nexgate_fallbacks_total{model="gpt-test"} 1.0' in text
