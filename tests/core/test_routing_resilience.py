@@ -310,7 +310,8 @@ async def test_a_client_that_hangs_up_cancels_the_upstream_at_once_and_is_record
         config["providers"]["silent"] = {"type": "openai", "base_url": silent.url, "api_key": "k"}
         config["models"]["m"] = {"route": [{"provider": "silent", "model": "x"}],
                                  "price": {"input": 1, "output": 2}}
-        gw = await start_gateway(config)
+        recorder = RecordingPlugin()
+        gw = await start_gateway(config, plugins=[recorder])
         store = gw.app[STORE]
         await store.apply_ledger_entry(NewLedgerEntry(
             account_id=gw.user_id, kind="grant", amount_pico=usd_to_pico(Decimal("1")), source="t", external_id="g"))
@@ -337,6 +338,7 @@ async def test_a_client_that_hangs_up_cancels_the_upstream_at_once_and_is_record
         assert await gw.app[OUTBOX].flush()
         [row] = await store.list_usage(account_id=gw.user_id)
         assert (row.status, row.error_code) == (499, "client_disconnected")
+        assert recorder.settled == [row.request_id]  # settle ran once: the hold is released
         # Charged the estimated input, and the output relayed (one event of a stream; none otherwise).
         assert row.completion_tokens == (1 if stream else 0) and row.prompt_tokens > 0
         assert row.actual_cost_pico == row.prompt_tokens * 1_000_000 + row.completion_tokens * 2_000_000
