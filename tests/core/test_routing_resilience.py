@@ -138,6 +138,22 @@ def test_a_failure_ratio_over_a_window_opens_a_breaker_that_never_failed_three_i
     assert other not in health._breakers
 
 
+def test_a_breaker_announces_its_openings_and_closings_and_learns_the_others() -> None:
+    told: list[tuple[tuple[str, str], float]] = []
+    mine, theirs = Cooldowns(), Cooldowns()
+    mine.announce = lambda key, seconds: told.append((key, seconds))
+    key = ("p", "m")
+    mine.failed(key, 0.0, CooldownSettings(), retry_after=5)
+    assert told == [(key, 5.0)]
+    theirs.learned(key, 100.0, 5.0)  # another instance, another clock
+    assert theirs.is_open(key, 104.9) and theirs.available(key, 105.0)  # then probes on its own
+    mine.available(key, 5.0)  # mine probes, and the probe serves
+    mine.succeeded(key, 5.1)
+    assert told[-1] == (key, 0.0)
+    theirs.learned(key, 105.2, 0.0)
+    assert theirs.available(key, 105.3) and theirs.available(key, 105.4)  # closed: no probe hold
+
+
 async def test_two_instances_on_redis_share_a_breaker(upstream: FakeUpstream, start_gateway, redis_url: str) -> None:
     async with FakeUpstream() as down:
         down.behaviour = Behaviour(status=503, extra_headers={"Retry-After": "30"})
