@@ -21,6 +21,7 @@ from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_proxy.cooldown import CooldownSettings, Cooldowns
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.store import NewLedgerEntry
+from nexgate_proxy.testing.net import free_port
 from nexgate_proxy.testing import Behaviour, FakeUpstream, RecordingPlugin, gateway_config
 from nexgate_plugins.usage_log import OUTBOX
 from tests.wire import Wire
@@ -89,6 +90,24 @@ async def test_retries_back_off_on_the_same_target_and_are_bounded(upstream: Fak
         with pytest.raises(openai.APIStatusError) as err:
             await client.chat.completions.create(model="o", messages=HI)
         assert err.value.status_code == 502 and len(down.times) == 5 and len(upstream.received) == 1
+
+
+async def test_a_refused_connection_and_a_timeout_are_retried_too(upstream: FakeUpstream, start_gateway) -> None:
+    async with Scripted([], delay=2) as stalled:
+        config = gateway_config(upstream)
+        config["providers"]["gone"] = {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                                       "api_key": "k"}
+        config["providers"]["stalled"] = {"type": "openai", "base_url": stalled.url, "api_key": "k"}
+        retry = {"retries": 2, "backoff": 0.01}
+        for alias, provider in (("gone", "gone"), ("slow", "stalled")):
+            config["models"][alias] = {"route": [{"provider": provider, "model": "x"}], "fallbacks": ["gpt-test"],
+                                       "free": True, "retry": retry, "cooldown": {"failures": 0},
+                                       "timeouts": {"first_byte": 0.3}}
+        gw = await start_gateway(config)
+        for alias in ("gone", "slow"):
+            raw = await gw.openai_client().chat.completions.with_raw_response.create(model=alias, messages=HI)
+            assert raw.headers["x-nexgate-attempts"] == "4" and raw.headers["x-nexgate-model"] == "gpt-test"
+        assert len(stalled.times) == 3
 
 
 async def test_no_retry_once_a_byte_reached_the_client(upstream: FakeUpstream, start_gateway) -> None:
