@@ -458,8 +458,9 @@ class Proxy:
             headers["Content-Type"] = "application/json"  # even when the upstream's error page was not JSON
         await self._finish(ctx)
         headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
-        if usage_end >= 0 and ctx.actual_cost_pico is not None and translation is None and ctx.api_format == "openai":
-            body = with_cost(body, usage_end, format_usd(ctx.actual_cost_pico))  # OpenRouter's usage.cost
+        if usage_end != -1 and ctx.actual_cost_pico is not None and translation is None and ctx.api_format == "openai":
+            cost = format_usd(ctx.actual_cost_pico)  # OpenRouter's usage.cost: what the client was charged
+            body = with_cost(body, usage_end, cost) if usage_end >= 0 else add_cost(body, cost)
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, first: bytes,

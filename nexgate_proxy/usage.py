@@ -93,8 +93,8 @@ def usage_from_body(usage: Usage, body: bytes) -> int:
 
     Answers put usage last; decoding just that object from the last ``"usage":`` avoids
     parsing the whole answer (embeddings can be megabytes). Falls back to a full parse.
-    Returns where the usage object's closing brace is, for ``with_cost`` (-1: unknown, or
-    the object already has a ``cost``).
+    Returns where the usage object's closing brace is, for ``with_cost``: -1 when unknown,
+    -2 when the object has a ``cost`` of its own (the provider's price: ``add_cost`` replaces it).
     """
     at = body.rfind(_USAGE_MARK)
     if at < 0:
@@ -108,7 +108,7 @@ def usage_from_body(usage: Usage, body: bytes) -> int:
         value, end = _DECODER.raw_decode(text, start)
         if isinstance(value, dict) and apply_usage(usage, value):
             if "cost" in value:
-                return -1
+                return -2
             # The tail is ASCII in practice (keys and numbers): then characters are bytes.
             offset = end if len(text) == len(tail) else len(text[:end].encode())
             return at + len(_USAGE_MARK) + offset - 1

@@ -417,3 +417,17 @@ async def test_metrics_show_breakers_retries_and_fallbacks(upstream: FakeUpstrea
         assert 'nexgate_target_breaker_state{provider="down",upstream_model="x"} 2.0' in text
         assert 'nexgate_upstream_retries_total{provider="down",upstream_model="x"} 1.0' in text
         assert 'nexgate_fallbacks_total{model="gpt-test"} 1.0' in text
+
+
+def test_usage_cost_is_appended_to_the_usage_object_and_replaces_a_providers_own() -> None:
+    from nexgate_proxy.context import Usage
+    from nexgate_proxy.usage import add_cost, usage_from_body, with_cost
+
+    body = b'{"id": "x", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
+    end = usage_from_body(Usage(), body)
+    assert with_cost(body, end, "0.5") == body[:-2] + b',"cost":0.5}}'
+    assert add_cost(body, "0.5") == with_cost(body, end, "0.5")
+    theirs = b'{"usage": {"prompt_tokens": 1, "cost": 9.99}, "x": "\xc3\xa9"}'
+    assert usage_from_body(Usage(), theirs) == -2
+    assert json.loads(add_cost(theirs, "0.5")) == {"usage": {"prompt_tokens": 1, "cost": 0.5}, "x": "é"}
+    assert add_cost(b'{"no": "usage"}', "1") == b'{"no": "usage"}'
