@@ -487,6 +487,9 @@ class Proxy:
             ctx.client_disconnected = True
             ctx.status = 499
             return response
+        except asyncio.CancelledError:  # the client went away (see _watch_client)
+            upstream.close()
+            raise
         error: GatewayError | None = None
         client_gone = False
         watchdog.expect(idle)
