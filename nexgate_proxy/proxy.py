@@ -257,9 +257,9 @@ class Proxy:
                     cooling_until = until if cooling_until is None else min(cooling_until, until)
                     continue
                 if target.rpm is not None or target.tpm is not None:
-                    until = stats.capped_until(target, key, now)
-                    if until is not None:
-                        capped_until = until if capped_until is None else min(capped_until, until)
+                    free_at = stats.capped_until(target, key, now)
+                    if free_at is not None:
+                        capped_until = free_at if capped_until is None else min(capped_until, free_at)
                         continue
                 provider = self.providers[target.provider]
                 ctx.target = target

@@ -60,13 +60,12 @@ def ordered_targets(route: ModelRoute, stats: TargetStats, rand: random.Random |
     strategy = route.strategy
     if strategy == "priority" or len(targets) == 1:
         return list(targets)
-    r = rand or random
     if strategy == "lowest-cost":  # a stable sort: equal prices keep the weighted order
-        return sorted(weighted_order(targets, r), key=_price_of)
-    if strategy == "least-latency" and r.random() >= EXPLORE:
+        return sorted(weighted_order(targets, rand), key=_price_of)
+    if strategy == "least-latency" and (rand or random).random() >= EXPLORE:
         ttfb = stats.ttfb
-        return sorted(weighted_order(targets, r), key=lambda t: ttfb.get((t.provider, t.model), 0.0))
-    return weighted_order(targets, r)
+        return sorted(weighted_order(targets, rand), key=lambda t: ttfb.get((t.provider, t.model), 0.0))
+    return weighted_order(targets, rand)
 
 
 def _price_of(target: Target) -> Any:
