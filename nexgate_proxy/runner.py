@@ -35,7 +35,7 @@ import ipaddress
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
@@ -160,8 +160,25 @@ class _ErrorResponse(web.Response):
         apply_server_header(self.headers, self.server_header)
 
 
+def watch_connection(request: web.BaseRequest, on_lost: Callable[[], None] | None) -> bool:
+    """Call ``on_lost`` as soon as the client's connection drops (None: stop watching).
+
+    aiohttp cancels a handler on a hang-up only with ``handler_cancellation``, for every
+    route at any await; the proxy wants it only while it waits on an upstream. False when
+    the connection is already gone. Under another runner (no ``_GatewayHandler``) nothing is
+    watched and a hang-up shows when a write fails.
+    """
+    if request.transport is None:
+        return on_lost is None
+    protocol = request.protocol
+    if isinstance(protocol, _GatewayHandler):
+        protocol.on_lost = on_lost
+    return True
+
+
 class _GatewayHandler(RequestHandler):
-    __slots__ = ("_policy", "_peer_ip", "_header_timer", "_header_started", "_body", "_body_seen", "_body_timer")
+    __slots__ = ("_policy", "_peer_ip", "_header_timer", "_header_started", "_body", "_body_seen", "_body_timer",
+                 "on_lost")
 
     def __init__(self, manager: _GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -174,6 +191,8 @@ class _GatewayHandler(RequestHandler):
         """The payload still arriving (a StreamReader), if any."""
         self._body_seen = 0.0
         self._body_timer: Any = None
+        self.on_lost: Callable[[], None] | None = None
+        """Set by the proxy while a request waits on its upstream (``watch_connection``)."""
 
     # ------------------------------------------------------------ connection
 
@@ -198,6 +217,9 @@ class _GatewayHandler(RequestHandler):
                 timer.cancel()
         self._header_timer = self._body_timer = self._body = None
         super().connection_lost(exc)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
 
     def data_received(self, data: bytes) -> None:
         if self._manager is None:  # refused, or already lost
