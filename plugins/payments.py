@@ -95,7 +95,7 @@ MAX_QUANTITY = 1_000_000
 
 _HEADER_ID = re.compile(r"[\x21-\x7e]{1,255}")
 _ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_PAID = re.compile(r"; paid (\d{1,18}(?:\.\d{1,3})?) ([A-Z]{3})$")
+_PAID = re.compile(r"; paid (\d{1,18}(?:\.\d{1,3})?) ([A-Z]{3})(?:;|$)")
 
 
 # ------------------------------------------------------------------ settings

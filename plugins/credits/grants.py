@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from nexgate_proxy.money import format_usd, usd_to_pico
-from nexgate_proxy.store import MAX_PICO, LedgerEntry, NewLedgerEntry, Store
+from nexgate_proxy.store import MAX_PICO, MIN_PICO, LedgerEntry, NewLedgerEntry, Store
 
 from .holds import Booker, Credited, CreditState
 
@@ -108,6 +108,9 @@ async def grant(store: Store, state: CreditState | None, account_id: str, amount
     before = await store.get_ledger_entry(GRANT_SOURCE, external_id) if ref is not None else None
     applied, reached = False, True
     if before is None:
+        if not MIN_PICO <= await store.get_balance(account_id) + amount_pico <= MAX_PICO:
+            raise GrantError("amount", f"${format_usd(amount_pico)} would take the balance of {account_id} "
+                                       "beyond what a balance can hold")
         credited = await book(state, entry, lambda: store.apply_ledger_entry(entry))
         applied, reached = credited.booked, credited.reached_state
         if not applied:  # another call with this ref won the race
