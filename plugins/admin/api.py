@@ -69,6 +69,7 @@ from nexgate_plugins.credits.grants import GrantError, check_reason, check_ref, 
 from nexgate_plugins.payments import PAYMENT_STATS, UnappliedError, apply_unapplied, unapplied_json
 from nexgate_plugins.credits.statements import (
     Account,
+    FutureMonth,
     balance_json,
     build_statement,
     find_account,
@@ -886,7 +887,10 @@ async def get_statement(request: web.Request, caller: Caller) -> web.Response:
     if fmt not in ("json", "html"):
         raise bad("format", "'format' must be json or html.")
     account = await _account(request, caller)
-    statement = await build_statement(request.app[STORE], account, month)
+    try:
+        statement = await build_statement(request.app[STORE], account, month)
+    except FutureMonth as exc:  # 404, not 400: the month is well formed, its statement does not exist yet
+        raise GatewayError(404, f"No statement for {exc}.", code="month_not_started", param="month") from None
     if fmt == "json":
         return web.json_response(statement_json(statement))
     return web.Response(text=render_statement_html(statement), content_type="text/html", charset="utf-8",

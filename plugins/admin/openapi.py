@@ -419,7 +419,8 @@ def _statement_op() -> dict[str, Any]:
                          _query("format", {"type": "string", "enum": ["json", "html"]},
                                 "Default: html when the Accept header asks for text/html, else json.")],
              description="Opening balance, every transaction of the month (a day's request debits summed into "
-                         "one line), closing balance, and usage totals by model. " + _MONEY_ACCESS)
+                         "one line), closing balance, and usage totals by model. The month in progress is provisional; "
+                         "a month that has not begun answers 404 (`month_not_started`). " + _MONEY_ACCESS)
     op["responses"]["200"]["content"]["text/html"] = {"schema": {"type": "string"}}
     return op
 

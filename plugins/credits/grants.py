@@ -25,7 +25,7 @@ log = logging.getLogger("nexgate.credits")
 GRANT_SOURCE = "admin"
 MAX_REASON_LENGTH = 500
 MAX_REF_LENGTH = 200
-_PLAIN_DECIMAL = re.compile(r"(-?)\$?(\d{1,30})(?:\.(\d{1,30}))?")
+_PLAIN_DECIMAL = re.compile(r"(-?)\$?([0-9]{1,30})(?:\.([0-9]{1,30}))?")
 
 
 class GrantError(ValueError):

@@ -207,10 +207,18 @@ async def _snapshot(store: Store, account_id: str) -> tuple[int, int]:
     return balance, max(head, after[0].id if after else 0)
 
 
+class FutureMonth(ValueError):
+    """A statement of a month that has not begun: there is nothing to state yet."""
+
+
 async def build_statement(store: Store, account: Account, month: str, *, now: datetime | None = None) -> Statement:
-    """The account's statement for ``month`` (YYYY-MM). ValueError for a malformed month."""
+    """The account's statement for ``month`` (YYYY-MM). ValueError for a malformed month, FutureMonth for one
+    that has not begun (the month in progress is provisional)."""
     start, end = parse_month(month)
     now = now or datetime.now(UTC)
+    if start > now:
+        raise FutureMonth(f"{month} has not begun: statements cover the months up to the current one "
+                          f"({now.strftime('%Y-%m')}, provisional until it ends)")
     balance, head = await _snapshot(store, account.id)
     after_month = 0
     entries: list[LedgerEntry] = []

@@ -160,3 +160,39 @@ async def test_a_payment_for_a_deleted_account_is_held_visible_and_applied_once(
     assert {p.payment_id for p in await store.list_unapplied_payments()} == {"pay_unknown", "pay_none"}
     await gw.app[payments.PAYMENT_STATS].refresh(store)
     assert await metric(gw, "nexgate_payments_unapplied") == 2
+
+
+async def test_the_operator_sees_and_applies_held_payments_over_the_admin_api(upstream: FakeUpstream,
+                                                                              start_gateway) -> None:
+    import hashlib
+
+    from tests.plugins.admin.test_admin_api import ADMIN_TOKEN
+
+    gw = await start(start_gateway, upstream, auth={
+        "bcrypt_rounds": 4, "admin_token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()})
+    assert (await deliver(gw, payment("usr_gone", "pay_http")))[1]["status"] == "held"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession(base_url=gw.url) as session:
+        async with session.get("/admin/v1/payments/unapplied", headers=headers) as resp:
+            listed = await resp.json()
+        assert resp.status == 200 and [p["payment_id"] for p in listed["data"]] == ["pay_http"]
+        [held] = listed["data"]
+        assert (held["account_hint"], held["credit_usd"], held["applied_to"]) == ("usr_gone", "20", None)
+        assert held["description"].endswith("; paid 23.60 USD") and "does not exist" in held["reason"]
+        apply = "/admin/v1/payments/unapplied/pay_http/apply"
+        async with session.post(apply, json={"account_id": gw.user_id}, headers=headers) as resp:
+            applied = await resp.json()
+        assert resp.status == 200 and applied["applied"] is True and applied["balance_usd"] == "20"
+        async with session.post(apply, json={"account_id": gw.user_id}, headers=headers) as resp:
+            assert resp.status == 200 and (await resp.json())["applied"] is False
+        other = await gw.app[STORE].create_user(email="x@example.com")
+        async with session.post(apply, json={"account_id": other.id}, headers=headers) as resp:
+            error = (await resp.json())["error"]
+        assert resp.status == 409 and gw.user_id in error["message"]
+        async with session.post("/admin/v1/payments/unapplied/pay_nope/apply", json={"account_id": other.id},
+                                headers=headers) as resp:
+            assert resp.status == 404
+        async with session.get("/admin/v1/payments/unapplied", headers=headers) as resp:
+            assert (await resp.json())["data"] == []
+    assert await assert_consistent(gw) == usd("20")
+    assert await metric(gw, "nexgate_payments_unapplied") == 0
