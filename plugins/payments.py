@@ -52,9 +52,9 @@ import hashlib
 import hmac
 import json
 import logging
+import asyncio
 import re
 import time
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,7 +68,6 @@ from nexgate_proxy import GatewayError, hookimpl
 from nexgate_plugins.credits import CREDITS
 from nexgate_plugins.credits.grants import book
 from nexgate_plugins.credits.holds import CreditState
-from nexgate_plugins.credits.statements import find_account
 from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection
@@ -84,9 +83,10 @@ from nexgate_proxy.store import (
     UnappliedPayment,
 )
 
+from .payments_unapplied import PAYMENT_STATS, SOURCE, PaymentStats, register_cli, why_not_credited
+
 log = logging.getLogger("nexgate.payments")
 
-SOURCE = "dodopayments"
 WEBHOOK_PATH = "/webhooks/dodopayments"
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
 MAX_SIGNATURE_HEADER = 8 * 1024
@@ -393,19 +393,6 @@ def paid_minor_units(description: str | None) -> tuple[int, str] | None:
     return None if minor is None else (minor, currency)
 
 
-async def _why_not_credited(store: Store, account_id: str | None, key: str) -> str | None:
-    """Why a payment naming ``account_id`` cannot be credited to it, or None when it can."""
-    if account_id is None:
-        return f"the payment names no account (metadata.{key})"
-    if not account_id.startswith("org_"):
-        user = await store.get_user(account_id)
-        if user is not None:
-            return f"account {account_id} was deleted" if user.deleted_at is not None else None
-    if await find_account(store, account_id) is None:
-        return f"account {account_id} does not exist"
-    return None
-
-
 async def credit_payment(app: web.Application, settings: DodoSettings, store: Store,
                          data: Mapping[str, Any]) -> str:
     """Credit a payment to the account it names; hold it unapplied when that is none, unknown or deleted.
@@ -416,7 +403,7 @@ async def credit_payment(app: web.Application, settings: DodoSettings, store: St
     held = await store.get_unapplied_payment(SOURCE, paid.payment_id)
     if held is not None or await store.get_ledger_entry(SOURCE, external_id) is not None:
         return "duplicate"
-    why = await _why_not_credited(store, paid.account_hint, settings.account_metadata_key)
+    why = await why_not_credited(store, paid.account_hint, settings.account_metadata_key)
     if why is not None:
         new = await store.hold_payment(UnappliedPayment(
             source=SOURCE, payment_id=paid.payment_id, account_hint=paid.account_hint,
@@ -581,73 +568,6 @@ async def dodopayments_webhook(request: web.Request) -> web.Response:
                             code="webhook_failed").response()
 
 
-# ------------------------------------------------------- unapplied payments
-
-
-class UnappliedError(Exception):
-    """Applying a held payment failed: ``status`` 404 (no such payment or account) or 409 (applied elsewhere)."""
-
-    def __init__(self, status: int, message: str, param: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-def unapplied_json(payment: UnappliedPayment) -> dict[str, Any]:
-    return {"object": "unapplied_payment", "source": payment.source, "payment_id": payment.payment_id,
-            "account_hint": payment.account_hint, "credit_usd": format_usd(payment.amount_pico),
-            "credit_pico": payment.amount_pico, "description": payment.description, "reason": payment.reason,
-            "received_at": payment.received_at.isoformat().replace("+00:00", "Z"),
-            "applied_to": payment.applied_to,
-            "applied_at": payment.applied_at.isoformat().replace("+00:00", "Z") if payment.applied_at else None}
-
-
-async def apply_unapplied(store: Store, state: CreditState | None, payment_id: str,
-                          account_id: str) -> tuple[bool, UnappliedPayment]:
-    """Credit a held payment to ``account_id``, once: (True, it) when applied now, (False, it) when it was
-    applied to that account before. UnappliedError otherwise. The CLI and the admin API both use it."""
-    held = await store.get_unapplied_payment(SOURCE, payment_id)
-    if held is None:
-        raise UnappliedError(404, f"No unapplied payment {payment_id}.", "payment_id")
-    if held.applied_to is None:
-        why = await _why_not_credited(store, account_id, "account")
-        if why is not None:
-            raise UnappliedError(404, f"Cannot apply payment {payment_id}: {why}.", "account_id")
-        entry = NewLedgerEntry(account_id=account_id, kind="payment", amount_pico=held.amount_pico, source=SOURCE,
-                               external_id=f"payment:{payment_id}",
-                               description=f"{held.description}; applied by the operator")
-        try:
-            applied = (await book(state, entry,
-                                  lambda: store.apply_unapplied_payment(SOURCE, payment_id, entry))).booked
-        except Conflict:
-            raise UnappliedError(409, f"Payment {payment_id} is in the ledger already.", "payment_id") from None
-        held = await store.get_unapplied_payment(SOURCE, payment_id) or held
-        if applied:
-            log.info("DodoPayments payment %s: %s USD applied to %s by the operator", payment_id,
-                     format_usd(held.amount_pico), account_id)
-            return True, held
-    if held.applied_to != account_id:
-        raise UnappliedError(409, f"Payment {payment_id} was already applied to account {held.applied_to}.",
-                             "payment_id")
-    return False, held
-
-
-class PaymentStats:
-    """The open unapplied payments, as the ``/metrics`` scrape reads them (no query per scrape)."""
-
-    REFRESH_SECONDS = 60.0
-
-    def __init__(self) -> None:
-        self.open_count = 0
-        self.open_pico = 0
-
-    async def refresh(self, store: Store) -> None:
-        held = await store.list_unapplied_payments(limit=10_000)
-        self.open_count, self.open_pico = len(held), sum(p.amount_pico for p in held)
-
-
-PAYMENT_STATS: web.AppKey[PaymentStats] = web.AppKey("nexgate_plugins.payments.stats", PaymentStats)
-
-
 async def _method_not_allowed(request: web.Request) -> web.Response:
     return GatewayError(405, f"{request.method} is not supported on {request.path}; use POST.",
                         code="method_not_allowed", headers={"Allow": "POST"}).response()
@@ -701,6 +621,4 @@ def nexgate_metrics(app: web.Application) -> Iterator[Any]:
 
 @hookimpl
 def nexgate_cli_commands(subparsers: Any) -> None:
-    from . import payments_cli
-
-    payments_cli.register(subparsers)
+    register_cli(subparsers)

@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 
 import nexgate_plugins.payments as payments
+import nexgate_plugins.payments_unapplied as payments_unapplied
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.money import format_minor_units
 from nexgate_proxy.store import Conflict, NewLedgerEntry, open_store
@@ -158,7 +159,7 @@ async def test_a_payment_for_a_deleted_account_is_held_visible_and_applied_once(
     assert (await deliver(gw, refund("pay_deleted", "ref_heir", 1180)))[0] == 200
     assert await store.get_balance(heir.id) == usd("10")
     assert {p.payment_id for p in await store.list_unapplied_payments()} == {"pay_unknown", "pay_none"}
-    await gw.app[payments.PAYMENT_STATS].refresh(store)
+    await gw.app[payments_unapplied.PAYMENT_STATS].refresh(store)
     assert await metric(gw, "nexgate_payments_unapplied") == 2
 
 
