@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import aiohttp
 import pytest
 
 import nexgate_plugins.payments as payments
 import nexgate_plugins.payments_unapplied as payments_unapplied
+from nexgate_plugins.credits.statements import shown_description, transaction_json
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.money import format_minor_units
 from nexgate_proxy.store import Conflict, NewLedgerEntry, open_store
@@ -84,6 +86,12 @@ async def test_reversals_recorded_in_minor_units_before_are_still_read(upstream,
         external_id="payment:pay_old", description="DodoPayments payment pay_old: 2 x prod_small; paid 2360 USD"))
     assert (await deliver(gw, refund("pay_old", "ref_old", 590)))[0] == 200
     assert await assert_consistent(gw) == usd("15")
+    # A person reads the old entry in major units too (transactions, statements).
+    old = await gw.app[STORE].get_ledger_entry("dodopayments", "payment:pay_old")
+    assert transaction_json(old)["description"].endswith("; paid 23.60 USD")
+    legacy_refund = replace(old, kind="refund", description="DodoPayments refund r of payment pay_old: 590 of 2360 USD")
+    assert shown_description(legacy_refund).endswith(": 5.90 USD of 23.60 USD")
+    assert shown_description(replace(old, description="x; paid 500 JPY")) == "x; paid 500 JPY"
 
 
 async def test_concurrent_reversals_of_one_payment_compare_and_set(store_url: str) -> None:
