@@ -76,8 +76,9 @@ def per_token_pico(usd_per_mtok: Decimal) -> int:
     return int(value)
 
 
-def price_problem(price: Price) -> str | None:
-    """Why a price cannot be charged exactly, or None."""
+def price_problems(price: Price) -> list[str]:
+    """Why a price cannot be charged exactly: one line per token class that cannot (none: it can)."""
+    problems = []
     for name in PRICE_KEYS:
         value = getattr(price, name)
         if value is None:
@@ -86,8 +87,9 @@ def price_problem(price: Price) -> str | None:
             per_token_pico(value)
         except ValueError:
             # Plain notation, as the YAML has it: str() would show 0.0000001 as 1E-7.
-            return f"{name}: {value:f} has more than 6 decimals per million tokens, which NexGate cannot charge exactly"
-    return None
+            problems.append(f"{name}: {value:f} has more than 6 decimals per million tokens, which NexGate cannot "
+                            "charge exactly")
+    return problems
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from .holds import (
     StoreBalance,
     open_credit_state,
 )
-from nexgate_proxy.money import cost_pico, format_usd, price_problem, usd_to_pico, worst_cost_pico
+from nexgate_proxy.money import cost_pico, format_usd, price_problems, usd_to_pico, worst_cost_pico
 from nexgate_proxy.store import CREDIT_CHANGE, MISSED, Store, StoreChange, StoreError
 
 log = logging.getLogger("nexgate.credits")
@@ -71,8 +71,7 @@ def parse_credit_settings(r: ConfigReader, s: dict[str, Any], config: Config) ->
                 r.problem(f"models.{alias}.price", "required while credits are enabled "
                           "(USD per 1M tokens, e.g. {input: 0.15, output: 0.60}), or set free: true")
             for i, target in enumerate(route.targets):
-                problem = price_problem(target.price) if target.price else None
-                if problem:
+                for problem in price_problems(target.price) if target.price else ():
                     r.problems.append(f"models.{alias}.route[{i}].price.{problem}")
     return settings
 

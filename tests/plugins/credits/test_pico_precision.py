@@ -66,3 +66,23 @@ async def test_redis_holds_are_exact_beyond_what_a_lua_number_holds(redis_url: s
         assert await state.available("acct") == balance - 75
     finally:
         await state.close()
+
+
+def test_config_check_lists_unknown_keys_and_price_problems_together(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "nexgate.yaml"
+    path.write_text("providers: {echo: {type: echo}}\n"
+                    "credits: {overdraft: 1}\n"
+                    "colour: red\n"
+                    "models: {m: {route: [{provider: echo}], price: {input: \"0.00000010\", output: 1e-7}}}\n")
+    result = subprocess.run([sys.executable, "-m", "nexgate_proxy.cli", "config", "check", str(path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "credits.overdraft: unknown key; did you mean 'overdraft_usd'?" in result.stderr
+    assert "colour: unknown key" in result.stderr
+    # Both of the price's problems, in one pass, in plain notation (YAML reads an unquoted 1e-7 as text).
+    assert "price.input: 0.00000010 has more than 6 decimals" in result.stderr
+    assert "price.output: 0.0000001 has more than 6 decimals" in result.stderr
+    assert "E-7" not in result.stderr
