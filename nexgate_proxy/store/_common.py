@@ -23,6 +23,7 @@ from .base import (
     Membership,
     NewLedgerEntry,
     Organization,
+    UnappliedPayment,
     UsageRecord,
     UsageTotal,
     User,
@@ -298,6 +299,19 @@ class RowDecoder:
             request_id=row["request_id"],
             description=row["description"],
             created_at=self._ts(row["created_at"]),
+        )
+
+    def unapplied_payment(self, row: Any) -> UnappliedPayment:
+        return UnappliedPayment(
+            source=row["source"],
+            payment_id=row["payment_id"],
+            account_hint=row["account_hint"],
+            amount_pico=row["amount_pico"],
+            description=row["description"],
+            reason=row["reason"],
+            received_at=self._ts(row["received_at"]),
+            applied_to=row["applied_to"],
+            applied_at=self._opt_ts(row["applied_at"]),
         )
 
     @staticmethod

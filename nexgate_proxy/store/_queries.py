@@ -164,6 +164,48 @@ GET_LEDGER_ENTRY = sql(
     "source", "external_id",
 )
 
+# --- payments: reversals and unapplied payments ------------------------------
+
+GET_PAYMENT_REVERSED = sql(
+    "SELECT reversed_minor, reversed_pico FROM payment_reversals WHERE source = :source AND payment_id = :payment",
+    "source", "payment",
+)
+# Compare-and-set: a first reversal inserts; a later one moves the totals only from what it read.
+SET_PAYMENT_REVERSED = sql(
+    "INSERT INTO payment_reversals (source, payment_id, reversed_minor, reversed_pico, updated_at)"
+    " VALUES (:source, :payment, :minor, :pico, :at) ON CONFLICT (source, payment_id) DO UPDATE"
+    " SET reversed_minor = excluded.reversed_minor, reversed_pico = excluded.reversed_pico,"
+    " updated_at = excluded.updated_at"
+    " WHERE payment_reversals.reversed_minor = :old_minor AND payment_reversals.reversed_pico = :old_pico",
+    "source", "payment", "minor", "pico", "at", "old_minor", "old_pico",
+)
+UNAPPLIED_COLUMNS = ("source", "payment_id", "account_hint", "amount_pico", "description", "reason", "received_at",
+                     "applied_to", "applied_at")
+INSERT_UNAPPLIED = sql(
+    f"INSERT INTO unapplied_payments ({', '.join(UNAPPLIED_COLUMNS[:7])})"
+    " VALUES (:source, :payment, :hint, :amount, :description, :reason, :at)"
+    " ON CONFLICT (source, payment_id) DO NOTHING",
+    "source", "payment", "hint", "amount", "description", "reason", "at",
+)
+GET_UNAPPLIED = sql(
+    f"SELECT {', '.join(UNAPPLIED_COLUMNS)} FROM unapplied_payments WHERE source = :source AND payment_id = :payment",
+    "source", "payment",
+)
+LIST_UNAPPLIED = {
+    include_applied: sql(
+        f"SELECT {', '.join(UNAPPLIED_COLUMNS)} FROM unapplied_payments"
+        f"{'' if include_applied else ' WHERE applied_to IS NULL'}"
+        " ORDER BY received_at, source, payment_id LIMIT :limit OFFSET :offset",
+        "limit", "offset",
+    )
+    for include_applied in (False, True)
+}
+MARK_UNAPPLIED_APPLIED = sql(
+    "UPDATE unapplied_payments SET applied_to = :account, applied_at = :at"
+    " WHERE source = :source AND payment_id = :payment AND applied_to IS NULL",
+    "account", "at", "source", "payment",
+)
+
 # --- change feed -------------------------------------------------------------
 
 LATEST_CHANGE_ID = sql("SELECT COALESCE(MAX(id), 0) FROM store_changes")

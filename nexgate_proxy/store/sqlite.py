@@ -46,6 +46,7 @@ from .base import (
     Organization,
     SchemaError,
     StoreError,
+    UnappliedPayment,
     UsageRecord,
     User,
 )
@@ -685,6 +686,48 @@ class SQLiteStore(SqlStore):
 
     async def ledger_sum(self, account_id: str) -> int:
         return await self._run(_ledger_sum, account_id)
+
+    async def apply_reversal(self, entry: NewLedgerEntry, payment_id: str, before: tuple[int, int],
+                             after: tuple[int, int]) -> bool:
+        common.check_ledger_entry(entry)
+        now = _ts(common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                if not _insert_ledger_entries(conn, [entry], now):
+                    return False
+                if not conn.execute(q.SET_PAYMENT_REVERSED.sqlite,
+                                    (entry.source, payment_id, *after, now, *before)).rowcount:
+                    raise Conflict(f"payment {payment_id}: a concurrent reversal moved its total")  # rolls back
+                return True
+
+        return await self._run(work)
+
+    async def hold_payment(self, payment: UnappliedPayment) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                return bool(conn.execute(q.INSERT_UNAPPLIED.sqlite, (
+                    payment.source, payment.payment_id, payment.account_hint, payment.amount_pico,
+                    payment.description, payment.reason, _ts(payment.received_at))).rowcount)
+
+        return await self._run(work)
+
+    async def apply_unapplied_payment(self, source: str, payment_id: str, entry: NewLedgerEntry) -> bool:
+        common.check_ledger_entry(entry)
+        now = _ts(common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                if not conn.execute(q.MARK_UNAPPLIED_APPLIED.sqlite, (entry.account_id, now, source,
+                                                                       payment_id)).rowcount:
+                    if conn.execute(q.GET_UNAPPLIED.sqlite, (source, payment_id)).fetchone() is None:
+                        raise NotFound(f"no unapplied payment {payment_id}")
+                    return False
+                if not _insert_ledger_entries(conn, [entry], now):
+                    raise Conflict(f"payment {payment_id} is in the ledger already")  # rolls back
+                return True
+
+        return await self._run(work)
 
     # --- change feed -------------------------------------------------------
 

@@ -66,11 +66,16 @@ from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limit
 from nexgate_proxy.abuse import request_ip
 from nexgate_proxy.appkeys import ABUSE, CONFIG, FEED, STORE
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
+from nexgate_plugins.credits import CREDITS
+from nexgate_plugins.credits.grants import GrantError, check_reason, check_ref, grant, parse_usd
+from nexgate_plugins.payments_unapplied import PAYMENT_STATS, UnappliedError, apply_unapplied, unapplied_json
 from nexgate_plugins.credits.statements import (
     Account,
+    FutureMonth,
     balance_json,
     build_statement,
     find_account,
+    money,
     parse_month,
     parse_time,
     render_statement_html,
@@ -940,11 +945,100 @@ async def get_statement(request: web.Request, caller: Caller) -> web.Response:
     if fmt not in ("json", "html"):
         raise bad("format", "'format' must be json or html.")
     account = await _account(request, caller)
-    statement = await build_statement(request.app[STORE], account, month)
+    try:
+        statement = await build_statement(request.app[STORE], account, month)
+    except FutureMonth as exc:  # 404, not 400: the month is well formed, its statement does not exist yet
+        raise GatewayError(404, f"No statement for {exc}.", code="month_not_started", param="month") from None
     if fmt == "json":
         return web.json_response(statement_json(statement))
     return web.Response(text=render_statement_html(statement), content_type="text/html", charset="utf-8",
                         headers=_HTML_HEADERS)
+
+
+# ------------------------------------------- credits and unapplied payments (superadmin)
+# One implementation with the CLI: nexgate_plugins.credits.grants and nexgate_plugins.payments.
+
+
+async def _grant_or_adjust(request: web.Request, caller: Caller, kind: str) -> web.Response:
+    check_query(request, ())
+    _require_superadmin(caller)
+    data = await read_body(request, {"account_id": str, "amount_usd": str, "reason": str, "ref": str})
+    for field in ("account_id", "amount_usd", "reason"):
+        if field not in data:
+            raise bad(field, f"'{field}' is required.")
+    try:
+        amount = parse_usd(data["amount_usd"], signed=kind == "adjustment")
+        reason = check_reason(data["reason"])
+        ref = check_ref(data.get("ref"))
+    except GrantError as exc:
+        raise bad("amount_usd" if exc.field == "amount" else exc.field, f"{exc.message}.") from None
+    store = request.app[STORE]
+    account = await find_account(store, data["account_id"]) if is_id(data["account_id"]) else None
+    if account is None:
+        raise GatewayError(404, "No such account.", code="not_found", param="account_id")
+    credits = request.app.get(CREDITS)
+    try:
+        done = await grant(store, credits.state if credits else None, account.id, amount, reason, ref, kind=kind)
+    except GrantError as exc:  # a ref used for something else, or a balance out of range
+        raise GatewayError(409, f"{exc.message}.", code="conflict",
+                           param="amount_usd" if exc.field == "amount" else exc.field) from None
+    if done.applied:
+        await request.app[FEED].deliver_now()  # this instance's cached balance at once
+    return web.json_response({
+        "object": kind, "applied": done.applied, "account_id": account.id, "account_type": account.type,
+        "external_id": done.entry.external_id, "reason": reason, **money("amount", amount),
+        **money("balance", done.balance_pico)}, status=201 if done.applied else 200)
+
+
+async def create_grant(request: web.Request, caller: Caller) -> web.Response:
+    return await _grant_or_adjust(request, caller, "grant")
+
+
+async def create_adjustment(request: web.Request, caller: Caller) -> web.Response:
+    return await _grant_or_adjust(request, caller, "adjustment")
+
+
+async def list_unapplied_payments(request: web.Request, caller: Caller) -> web.Response:
+    check_query(request, ("include_applied", "limit", "offset"))
+    _require_superadmin(caller)
+    limit, offset = _page(request)
+    held = await request.app[STORE].list_unapplied_payments(include_applied=query_bool(request, "include_applied"),
+                                                            limit=limit + 1, offset=offset)
+    return _list([unapplied_json(p) for p in held[:limit]], len(held) > limit)
+
+
+async def apply_unapplied_payment(request: web.Request, caller: Caller) -> web.Response:
+    check_query(request, ())
+    _require_superadmin(caller)
+    payment_id = _path_id(request, "payment_id", "unapplied payment")
+    data = await read_body(request, {"account_id": str})
+    account_id = data.get("account_id")
+    if account_id is None:
+        raise bad("account_id", "'account_id' is required.")
+    if not is_id(account_id):
+        raise GatewayError(404, "No such account.", code="not_found", param="account_id")
+    store = request.app[STORE]
+    credits = request.app.get(CREDITS)
+    try:
+        applied, held = await apply_unapplied(store, credits.state if credits else None, payment_id, account_id)
+    except UnappliedError as exc:
+        raise GatewayError(exc.status, exc.message, code="not_found" if exc.status == 404 else "conflict",
+                           param=exc.param) from None
+    if applied:
+        await request.app[FEED].deliver_now()
+        stats = request.app.get(PAYMENT_STATS)
+        if stats is not None:
+            await stats.refresh(store)
+    return web.json_response({**unapplied_json(held), "applied": applied,
+                              **money("balance", await store.get_balance(account_id))})
+
+
+CREDIT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("POST", "/credits/grants", create_grant),
+    ("POST", "/credits/adjustments", create_adjustment),
+    ("GET", "/payments/unapplied", list_unapplied_payments),
+    ("POST", "/payments/unapplied/{payment_id}/apply", apply_unapplied_payment),
+)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -976,6 +1070,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/usage", list_usage),
     ("GET", "/usage/totals", get_usage_totals),
     ("GET", "/statements/{month}", get_statement),
+    *CREDIT_ROUTES,
 )
 """(method, path under /admin/v1, handler): the authenticated endpoints."""
 

@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from nexgate_plugins.credits import CREDITS
-from nexgate_plugins.credits.holds import nano_ceil, nano_floor
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.testing import FakeUpstream, Gateway, chat, fresh_postgres_schema, require_redis
 from tests.plugins.admin.test_cli_admin import nexgate
@@ -121,8 +120,8 @@ async def test_a_grant_lifts_a_402_within_a_second(ops: Ops) -> None:
     # Exactly once: the cached balance took the grant once (not again when the feed brings it
     # after a load that had it), less what the request cost.
     await asyncio.sleep(0.5)
-    cost = nano_ceil(usd_to_pico(Decimal(costs[0])))
-    assert await ops.gw.app[CREDITS].state.available(ops.gw.user_id) == nano_floor(usd_to_pico(Decimal(1))) - cost
+    cost = usd_to_pico(Decimal(costs[0]))
+    assert await ops.gw.app[CREDITS].state.available(ops.gw.user_id) == usd_to_pico(Decimal(1)) - cost
 
 
 # ------------------------------------------- restriction of processing (privacy)

@@ -273,9 +273,10 @@ async def test_a_statement_adds_up_and_its_html_is_escaped(admin: Admin) -> None
     previous = (await admin.call("GET", f"/statements/{add_months(month, -1)}", token)).body
     assert (previous["opening_balance_pico"], previous["closing_balance_pico"], previous["transactions"]) == (0, 0, [])
     assert previous["final"] is True
-    following = (await admin.call("GET", f"/statements/{add_months(month, 1)}", token)).body
-    assert following["opening_balance_pico"] == following["closing_balance_pico"] == balance
-    assert following["transactions"] == []
+    # A month that has not begun has no statement yet: a clear 404, not a 200 "provisional".
+    following = await admin.call("GET", f"/statements/{add_months(month, 1)}", token)
+    assert following.status == 404 and following.error["code"] == "month_not_started"
+    assert add_months(month, 1) in following.error["message"]
 
     url = f"{admin.gw.url}/admin/v1/statements/{month}"
     auth = {"Authorization": f"Bearer {token}"}
