@@ -30,7 +30,7 @@ from .cooldown import Cooldowns, TargetHealth, retry_after_seconds
 from .endpoints import ENDPOINTS
 from .errors import GatewayError
 from .headers import request_headers, response_headers
-from .providers.base import BodyTooLarge
+from .providers.base import BodyTooLarge, ProviderBusy
 from .requestbody import read_body
 from .translate import translatable, translation_for
 from .usage import StreamMeter, estimate_output_tokens, usage_from_body
@@ -244,6 +244,9 @@ class Proxy:
                     with watchdog:
                         upstream = await provider.send(ctx, target, sent_to, payload, dict(forwarded),
                                                        self._session(), self._client_timeouts[route.alias])
+                except ProviderBusy as exc:  # its max_concurrent is reached: another target may have room
+                    keep(exc, target)
+                    continue
                 except TimeoutError:
                     health.failed(key, loop.time(), target.cooldown)
                     keep(GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
