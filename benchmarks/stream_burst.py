@@ -54,6 +54,8 @@ async def burst(port: int, headers: dict[str, str], streams: int, rate: float, p
                                 headers={**headers, "Content-Type": "application/json"}) as resp:
             statuses[resp.status] = statuses.get(resp.status, 0) + 1
             await resp.content.readany()
+            if resp.status != 200:
+                return
             firsts.append(time.perf_counter() - started)
             open_now += 1
             await resp.read()
@@ -108,6 +110,7 @@ def main() -> None:
         bare = Server("bare proxy", [sys.executable, str(HERE / "bare_proxy.py"), "--port", str(bare_port),
                                      "--upstream", upstream.url], bare_port, sut, tmp / "bare.log")
         setup = gateway_setup(upstream.url, gw_port, tmp)
+        setup.config["server"]["max_connections_per_ip"] = 0  # every stream comes from 127.0.0.1
         setup.config.setdefault("limits", {})["ip"] = {"rpm": 0}
         setup.config["limits"]["key"] = {"rpm": 10**9, "tpm": 10**12, "concurrent": 10**6}
         config = write_gateway_config(setup, tmp / "nexgate-bench.yaml")
