@@ -94,6 +94,8 @@ class UpstreamProtocol(asyncio.Protocol):
 
     # Set from the command line: write each SSE event in its own loop tick (realistic) or all at once.
     tick_per_event = True
+    event_gap = 0.0
+    """Seconds between two SSE events (``--event-gap``): long-lived streams, as a model's are."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -156,7 +158,10 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         self.transport.write(STREAM_PARTS[index])
         if index + 1 < len(STREAM_PARTS):
-            self.loop.call_soon(self._stream, index + 1, close)
+            if self.event_gap:
+                self.loop.call_later(self.event_gap, self._stream, index + 1, close)
+            else:
+                self.loop.call_soon(self._stream, index + 1, close)
             return
         self.streaming = False
         if close:
@@ -189,8 +194,11 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600.0, help="exit after this long (default 600)")
     parser.add_argument("--stream-at-once", action="store_true",
                         help="write a whole SSE stream at once instead of one event per loop tick")
+    parser.add_argument("--event-gap", type=float, default=0.0,
+                        help="seconds between two events of a stream (default 0: one loop tick)")
     args = parser.parse_args()
     UpstreamProtocol.tick_per_event = not args.stream_at_once
+    UpstreamProtocol.event_gap = args.event_gap
     try:
         import uvloop
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)

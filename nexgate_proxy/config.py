@@ -123,6 +123,8 @@ class ProviderConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     cooldown: CooldownSettings = field(default_factory=CooldownSettings)
     """Its targets' circuit breaker (a model's own ``cooldown`` overrides it key by key)."""
+    max_concurrent: int = 0
+    """Requests in flight to it per process; past it 503 + Retry-After at once (0: no cap of its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,7 +584,14 @@ def _providers(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict
             headers={str(k): str(v) for k, v in headers.items()},
             options=r.mapping(s.get("options"), f"{p}.options"),
             cooldown=_cooldown(r, s.get("cooldown"), f"{p}.cooldown", CooldownSettings()),
+            max_concurrent=r.value(s, "max_concurrent", p, int, 0, _non_negative),
         )
+    capped = sum(provider.max_concurrent for provider in out.values())
+    pool = config.upstream.max_connections
+    if pool and capped > pool:
+        # Past the pool, requests would wait for a connection in silence instead of getting the cap's 503.
+        r.problem("providers", f"the providers' max_concurrent add up to {capped}, above upstream.max_connections "
+                  f"({pool}): raise upstream.max_connections or lower a cap")
     return out
 
 
@@ -731,7 +740,7 @@ STATE_SECTION = ConfigSection("state", _state, ("url",),
 UPSTREAM_SECTION = ConfigSection("upstream", _upstream, ("timeouts", "max_response_bytes", "max_connections"),
                                  "Timeouts and limits of the calls to providers.")
 PROVIDERS_SECTION = ConfigSection("providers", _providers, ("type", "base_url", "api_key", "headers", "options",
-                                                          "cooldown"),
+                                                          "cooldown", "max_concurrent"),
                                   "The upstream APIs, by a name of your choice.", entries=True)
 MODELS_SECTION = ConfigSection("models", _models, (
     "route", "fallbacks", "timeouts", "price", "free", "max_output_tokens", "cooldown", "strategy", "retry"),

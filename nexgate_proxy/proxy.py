@@ -32,7 +32,7 @@ from .endpoints import ENDPOINTS
 from .errors import GatewayError
 from .headers import request_headers, response_headers
 from .money import format_usd
-from .providers.base import BodyTooLarge
+from .providers.base import BodyTooLarge, ProviderBusy
 from .requestbody import read_body
 from .runner import watch_connection
 from .targetstats import TargetStats
@@ -323,6 +323,8 @@ class Proxy:
             with watchdog:
                 upstream = await provider.send(ctx, target, sent_to, payload, dict(forwarded),
                                                self._session(), self._client_timeouts[ctx.route.alias])
+        except ProviderBusy as exc:  # its max_concurrent is reached: another target may have room
+            raise _Failed(exc, retriable=False) from None
         except TimeoutError:
             health.failed(key, loop.time(), target.cooldown)
             raise _Failed(GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",

@@ -15,6 +15,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..endpoints import COUNT_TOKENS
+from ..errors import GatewayError
 from ..translate import translated_endpoint
 from ..estimate import typical_input_tokens
 
@@ -68,6 +69,45 @@ class HttpUpstreamResponse:
         self._resp.close()
 
 
+class ProviderBusy(GatewayError):
+    """The provider's ``max_concurrent`` requests are in flight in this process: 503 at once, not a queue."""
+
+    def __init__(self, provider: str, cap: int) -> None:
+        super().__init__(503, f"The upstream provider '{provider}' has its configured maximum of {cap} requests "
+                         "in flight; retry shortly.", code="provider_concurrency_limit", headers={"Retry-After": "1"})
+
+
+class _Slot:
+    """One of a provider's ``max_concurrent`` places, given back once."""
+
+    __slots__ = ("provider",)
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider: Provider | None = provider
+        provider.in_flight += 1
+
+    def release(self) -> None:
+        if self.provider is not None:
+            self.provider.in_flight -= 1
+            self.provider = None
+
+    __del__ = release  # an answer dropped without close() (a cancelled request) still gives its place back
+
+
+class CappedUpstreamResponse(HttpUpstreamResponse):
+    """An answer that holds its provider's place until it is closed (a stream: until its end)."""
+
+    __slots__ = ("_slot",)
+
+    def __init__(self, resp: aiohttp.ClientResponse, slot: _Slot) -> None:
+        super().__init__(resp)
+        self._slot = slot
+
+    def close(self) -> None:
+        super().close()
+        self._slot.release()
+
+
 _JSON = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
 
 ESTIMATED_HEADER = "x-nexgate-estimated"
@@ -110,6 +150,10 @@ class Provider:
         self.config = config
         self.base_url = config.base_url
         self.static_headers = {**config.headers, **self.auth_headers()}
+        self.max_concurrent = config.max_concurrent
+        """Requests in flight to it in this process, at most (0: no cap but ``upstream.max_connections``)."""
+        self.in_flight = 0
+        """Requests holding one of the ``max_concurrent`` places (counted only under a cap)."""
 
     def auth_headers(self) -> dict[str, str]:
         return {}
@@ -148,7 +192,19 @@ class Provider:
             return LocalResponse({"input_tokens": typical_input_tokens(ctx.body or {})})
         headers.update(self.static_headers)
         headers.update(self.extra_headers(ctx))
-        resp = await session.post(
-            self.url_for(endpoint, target), data=body, headers=headers, timeout=timeout, allow_redirects=False
-        )
-        return HttpUpstreamResponse(resp)
+        if not self.max_concurrent:
+            resp = await session.post(
+                self.url_for(endpoint, target), data=body, headers=headers, timeout=timeout, allow_redirects=False
+            )
+            return HttpUpstreamResponse(resp)
+        if self.in_flight >= self.max_concurrent:
+            raise ProviderBusy(self.name, self.max_concurrent)
+        slot = _Slot(self)
+        try:
+            resp = await session.post(
+                self.url_for(endpoint, target), data=body, headers=headers, timeout=timeout, allow_redirects=False
+            )
+        except BaseException:
+            slot.release()
+            raise
+        return CappedUpstreamResponse(resp, slot)

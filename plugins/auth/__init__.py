@@ -5,7 +5,9 @@ A request's key is checked in this order, cheapest first:
 1. the verified-key cache (SHA-256 of the full key -> identity): no I/O at all;
 2. the format and checksum (``nexgate_proxy.keys.parse_key``): garbage is refused
    without a database lookup or bcrypt;
-3. the store, by public id (one indexed query), then bcrypt off the event loop.
+3. the store, by public id (one indexed query), then the key id's fast verifier
+   (``verifiers``: an HMAC under the server's pepper, kept in the state store, so
+   restarts and cache evictions cost no bcrypt), else bcrypt off the event loop.
    Concurrent first uses of one key share one verification.
 
 A verified key of an organization also carries the organization's limit
@@ -31,7 +33,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
-from nexgate_proxy.appkeys import ABUSE, BUS, STORE
+from nexgate_proxy.appkeys import ABUSE, BUS, REDIS, STORE
 from nexgate_proxy.config import Config, ConfigSection
 from nexgate_proxy.keys import extract_key
 
@@ -57,7 +59,7 @@ async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     authenticator = app[AUTH]
     app[BUS].subscribe(authenticator.on_invalidation)
     authenticator.guard = app.get(ABUSE)  # bounds the bcrypt work per key id (the ratelimit plugin's)
-    authenticator.start(app[STORE])
+    await authenticator.start(app[STORE], app.get(REDIS))
     yield
     await authenticator.stop()
 

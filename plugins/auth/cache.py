@@ -14,13 +14,15 @@ from nexgate_proxy import GatewayError, Identity
 from nexgate_proxy.accounts import API_KEY_EVENT, ORG_EVENT
 from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.state.bus import EVICT_ALL
+from nexgate_proxy.state.redis import RedisClient
 
 from nexgate_proxy.abuse import AbuseGuard
-from nexgate_proxy.keys import VerifierBusy, cache_key, parse_key, verify_secret_async
+from nexgate_proxy.keys import KEY_PREFIX, VerifierBusy, cache_key, parse_key, verify_secret_async
 from nexgate_proxy.store import ApiKeyRow, Store, StoreError
 
 
 from .settings import AuthSettings
+from .verifiers import Verifiers, open_verifiers, random_pepper
 
 log = logging.getLogger("nexgate.auth")
 
@@ -38,9 +40,6 @@ class _Verified:
     """The key's own expiry (epoch seconds), checked on every hit."""
     fresh_until: float
     """When this cache entry must be verified again (monotonic)."""
-    secret_hash: str
-    """The stored bcrypt hash the key was verified against: while the row still holds it, checking
-    the row again (revoked? expired? new limits?) needs no new bcrypt."""
 
 
 class KeyCache:
@@ -53,36 +52,19 @@ class KeyCache:
         self._verified: dict[bytes, _Verified] = {}
         self._digest_by_key_id: dict[str, bytes] = {}
         self._refused: dict[bytes, float] = {}
-        self._due: dict[bytes, _Verified] = {}
-        """Retired entries, kept until their key is checked again (see verified_hash)."""
         self.generation = 0
         """Counts invalidations: a verification that overlapped one must not cache what it read before it."""
 
     def get(self, digest: bytes, now: float) -> _Verified | None:
         entry = self._verified.get(digest)
         if entry is not None and entry.fresh_until <= now:
-            self._retire(digest)
+            self._drop(digest)
             return None
         return entry
 
-    def verified_hash(self, digest: bytes) -> str | None:
-        """The stored hash this exact key (same SHA-256) was verified against before its entry was retired.
-
-        An entry is retired when it falls due (every ``ttl``) or is invalidated (revocation, an org's
-        new limits, a bus reconnect). Checking the key again reads its row (revoked? expired? new
-        limits?) but needs no bcrypt while the row holds that hash: a hot key's requests wait for the
-        check, and a bcrypt there is a quarter-second stall for all of them.
-        """
-        entry = self._due.pop(digest, None)
-        return None if entry is None else entry.secret_hash
-
-    def was_verified(self, digest: bytes) -> bool:
-        """This exact key was verified here and is due to be checked again (see ``verified_hash``)."""
-        return digest in self._due
-
     def put(self, digest: bytes, entry: _Verified) -> None:
         if len(self._verified) >= self.max_size:
-            # Drop the oldest insertion; a re-verification costs one bcrypt, not a failure.
+            # Drop the oldest insertion; its next use reads its row and checks its fast verifier (no bcrypt).
             oldest = next(iter(self._verified))
             self._drop(oldest)
         self._verified[digest] = entry
@@ -104,37 +86,37 @@ class KeyCache:
             self._refused.clear()
         self._refused[digest] = now + self.negative_ttl
 
+    def public_id_of(self, key_id: str) -> str | None:
+        """The public id of a cached key, by its row id."""
+        digest = self._digest_by_key_id.get(key_id)
+        entry = self._verified.get(digest) if digest is not None else None
+        prefix = entry.identity.key_prefix if entry is not None else None
+        return prefix[len(KEY_PREFIX):] if prefix else None
+
     def evict_key(self, key_id: str) -> None:
         self.generation += 1
         digest = self._digest_by_key_id.get(key_id)
         if digest is not None:
-            self._retire(digest)
+            self._drop(digest)
 
     def evict_org(self, org_id: str) -> int:
-        """Retire the identities of the organization's keys; returns how many. A scan: only admin actions call it."""
+        """Drop the identities of the organization's keys; returns how many. A scan: only admin actions call it."""
         self.generation += 1
         stale = [digest for digest, entry in self._verified.items() if entry.identity.org_id == org_id]
         for digest in stale:
-            self._retire(digest)
+            self._drop(digest)
         return len(stale)
 
     def clear(self) -> None:
         """Everything may have changed (the bus reconnected): every key is checked against its row again."""
         self.generation += 1
         for digest in list(self._verified):
-            self._retire(digest)
+            self._drop(digest)
         self._refused.clear()
 
-    def _retire(self, digest: bytes) -> None:
-        """Out of the cache, into ``_due``: the next use re-reads the key's row, without a bcrypt."""
-        entry = self._verified.get(digest)
-        self._drop(digest)
-        if entry is not None:
-            if len(self._due) >= self.max_size:
-                self._due.clear()
-            self._due[digest] = entry
-
     def _drop(self, digest: bytes) -> None:
+        """Out of the cache: the next use re-reads the key's row (revoked? new limits?); its fast verifier
+        spares the bcrypt."""
         entry = self._verified.pop(digest, None)
         if entry is not None and entry.identity.key_id:
             self._digest_by_key_id.pop(entry.identity.key_id, None)
@@ -174,7 +156,11 @@ class KeyAuthenticator:
         self.store: Store | None = None
         self.bcrypt_calls = 0
         self.bcrypt_skipped = 0
-        """Verifications refused without a bcrypt (key id locked, queue full)."""
+        """Verifications refused without a bcrypt (key id locked, queue full, a fast verifier's no)."""
+        self.fast_verifications = 0
+        """Keys admitted by their fast verifier instead of a bcrypt (after a restart, an eviction)."""
+        self.verifiers = Verifiers(1, random_pepper())
+        """Replaced at start, with the configured pepper and state store (``start``)."""
         self.guard: AbuseGuard | None = None
         """The ratelimit plugin's guard (``app[ABUSE]``), set at startup when that plugin runs."""
         self.store_lookups = 0
@@ -184,6 +170,7 @@ class KeyAuthenticator:
         """public key id -> bcrypts running for it (different secrets for one key id: likely forged)."""
         self._last_used: dict[str, float] = {}
         self._toucher: asyncio.Task[None] | None = None
+        self._droppers: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, plaintext: str) -> Identity:
         digest = cache_key(plaintext)
@@ -225,27 +212,45 @@ class KeyAuthenticator:
         if parsed is None:
             self.cache.refuse(digest, now)
             raise _invalid()
-        if not self.cache.was_verified(digest):
-            self._refuse_if_locked(parsed.public_id)  # no lookup either
+        public_id, verifiers = parsed.public_id, self.verifiers
+        known = verifiers.lookup(public_id)
+        if known is None or not verifiers.tag_matches(known, public_id, parsed.secret):
+            self._refuse_if_locked(public_id)  # no lookup either; a secret verified before is let through
         assert self.store is not None, "the auth plugin starts after the store"
         try:
             self.store_lookups += 1
-            row = await self.store.get_api_key_by_public_id(parsed.public_id)
+            row = await self.store.get_api_key_by_public_id(public_id)
         except StoreError:
             log.error("API key lookup failed: the store is unavailable")
             raise GatewayError(503, "The gateway cannot verify API keys right now; retry shortly.",
                                code="auth_unavailable") from None
-        if row is None:
+        if row is None or row.revoked_at is not None:
+            # No bcrypt: nothing this secret proves changes the answer (a key id's state is not a secret).
+            verifiers.drop(public_id)
             self.cache.refuse(digest, now)
-            raise _invalid()
-        if self.cache.verified_hash(digest) != row.secret_hash:
-            await self._bcrypt(parsed.public_id, parsed.secret, row.secret_hash, digest, now)
-        if row.revoked_at is not None:
-            self.cache.refuse(digest, now)
+            if row is None:
+                raise _invalid()
             raise GatewayError(401, "This API key has been revoked.", code="invalid_api_key")
+        if known is not None and verifiers.hash_matches(known, public_id, row.secret_hash):
+            if not verifiers.tag_matches(known, public_id, parsed.secret):
+                # Not the secret a bcrypt accepted for this row: a bcrypt would say no too.
+                self.bcrypt_skipped += 1
+                self.cache.refuse(digest, now)
+                raise _invalid()
+            self.fast_verifications += 1
+        else:
+            if known is not None:
+                verifiers.drop(public_id)  # made for another hash of this key id: stale
+            await self._bcrypt(public_id, parsed.secret, row.secret_hash, digest, now)
+            known = None
+        expires_at = _epoch(row.expires_at)
+        if expires_at is not None and time.time() >= expires_at:
+            verifiers.drop(public_id)  # refused by authenticate, from the cache too
+        elif known is None and self.cache.generation == generation:  # not if a revocation may have overlapped
+            verifiers.add(public_id, row.secret_hash, parsed.secret)
         org_limits = await self._org_limits(row.org_id) if row.org_id else {}
-        entry = _Verified(identity=_identity(row, org_limits), expires_at=_epoch(row.expires_at),
-                          fresh_until=now + self.settings.cache_ttl, secret_hash=row.secret_hash)
+        entry = _Verified(identity=_identity(row, org_limits), expires_at=expires_at,
+                          fresh_until=now + self.settings.cache_ttl)
         if self.cache.generation == generation:
             self.cache.put(digest, entry)
         return entry
@@ -297,20 +302,45 @@ class KeyAuthenticator:
         if kind == EVICT_ALL:
             self.cache.clear()
         elif kind == API_KEY_EVENT:
+            self._drop_verifier(value)
             self.cache.evict_key(value)
         elif kind == ORG_EVENT:
             # Only this org's keys: EVICT_ALL would cost a bcrypt for every cached key.
             self.cache.evict_org(value)
 
+    def _drop_verifier(self, key_id: str) -> None:
+        """A key changed (revoked): its fast verifier goes, here and in the state store (a key still usable
+        pays one bcrypt). Not cached here: its public id is read from its row, off the event."""
+        public_id = self.cache.public_id_of(key_id)
+        if public_id is not None:
+            self.verifiers.drop(public_id)
+        elif self.store is not None:
+            task = asyncio.create_task(self._drop_verifier_of_row(key_id))
+            self._droppers.add(task)
+            task.add_done_callback(self._droppers.discard)
+
+    async def _drop_verifier_of_row(self, key_id: str) -> None:
+        assert self.store is not None
+        try:
+            row = await self.store.get_api_key(key_id)
+        except StoreError:
+            return  # its next use reads the row and drops it then
+        if row is not None:
+            self.verifiers.drop(row.public_id)
+
     # -- last-used times, written in batches off the request path
 
-    def start(self, store: Store) -> None:
+    async def start(self, store: Store, redis: RedisClient | None = None) -> None:
+        """``redis``: the process's Redis client when ``state.url`` is Redis (the verifiers persist there)."""
         self.store = store
+        self.verifiers = open_verifiers(self.settings.verifiers, redis)
+        await self.verifiers.start()
         self._toucher = asyncio.create_task(self._touch_forever(), name="nexgate-auth-touch")
 
     async def stop(self) -> None:
-        await stop_tasks(self._toucher)
+        await stop_tasks(self._toucher, *self._droppers)
         await self.flush_last_used()
+        await self.verifiers.stop()
 
     async def _touch_forever(self) -> None:
         while True:

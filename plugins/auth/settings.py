@@ -12,9 +12,24 @@ from typing import Any
 from .clerk import ClerkVerifier
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from nexgate_proxy.keys import DEFAULT_BCRYPT_ROUNDS
+from nexgate_proxy.store.sqlite import MEMORY, parse_sqlite_url
 
 
 # ------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True, slots=True)
+class VerifierSettings:
+    """Fast re-admission of keys verified before (see ``verifiers``)."""
+
+    size: int = 1_000_000
+    """Key ids remembered per process, 32 bytes each."""
+    pepper: bytes | None = field(default=None, repr=False)
+    """The HMAC key, from ``pepper`` or ``pepper_file``; None: generated (see ``generated_pepper_file``)."""
+    generated_pepper_file: str | None = None
+    """Where a generated pepper is kept (next to the local verifier file); None: a random one per process."""
+    file: str | None = None
+    """The local verifier file (a ``memory://`` state); None: no persistence there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +43,7 @@ class AuthSettings:
     admin_token_sha256: str | None = field(default=None, repr=False)
     """SHA-256 (hex) of the bootstrap admin token, for self-hosters without Clerk."""
     clerk: ClerkVerifier | None = None
+    verifiers: VerifierSettings = field(default_factory=VerifierSettings)
 
     def is_admin_token(self, token: str) -> bool:
         if not self.admin_token_sha256:
@@ -55,17 +71,54 @@ def parse_auth_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> A
                               lambda v: None if 4 <= v <= 31 else "must be between 4 and 31"),
         admin_token_sha256=token_hash,
         clerk=_clerk(r, s.get("clerk"), f"{p}.clerk"),
+        verifiers=_verifiers(r, s.get("verifiers"), f"{p}.verifiers", config),
     )
 
 
 AUTH_SECTION = ConfigSection("auth", parse_auth_settings, (
-    "required", "cache_ttl", "negative_ttl", "cache_size", "bcrypt_rounds", "admin_token_sha256", "clerk"),
+    "required", "cache_ttl", "negative_ttl", "cache_size", "bcrypt_rounds", "admin_token_sha256", "clerk",
+    "verifiers"),
     "API keys: the verified-key cache, the bcrypt cost, the admin token and Clerk sign-in.")
 """The ``auth:`` section; other plugins (admin) read ``config.section(AUTH_SECTION)`` too."""
 
 
 def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must not be negative"
+
+
+MIN_PEPPER_BYTES = 32
+
+
+def _verifiers(r: ConfigReader, raw: Any, p: str, config: Config) -> VerifierSettings:
+    s = r.mapping(raw, p, ("size", "pepper", "pepper_file", "file"))
+    d = VerifierSettings()
+    size = r.value(s, "size", p, int, d.size, lambda v: None if v > 0 else "must be > 0")
+    pepper_text = r.value(s, "pepper", p, str, "") or None
+    pepper_file = r.value(s, "pepper_file", p, str, "") or None
+    if pepper_text is None and pepper_file:
+        try:
+            pepper_text = Path(pepper_file).read_text().strip()
+        except OSError as exc:
+            r.problem(f"{p}.pepper_file", f"cannot read {pepper_file!r}: {exc.strerror}")
+    pepper = pepper_text.encode() if pepper_text else None
+    if pepper is not None and len(pepper) < MIN_PEPPER_BYTES:
+        r.problem(f"{p}.pepper", f"must be at least {MIN_PEPPER_BYTES} characters (e.g. `openssl rand -hex 32`)")
+    file = r.value(s, "file", p, str, "") or _default_verifier_file(config)
+    memory_state = config.state_url.startswith("memory:")
+    return VerifierSettings(size=size, pepper=pepper, file=file if memory_state else None,
+                            generated_pepper_file=f"{file}.pepper" if file and memory_state else None)
+
+
+def _default_verifier_file(config: Config) -> str | None:
+    """Next to a SQLite file (its name + ``.verifiers``), else ``./nexgate-verifiers``; none for ``:memory:``."""
+    url = config.storage_url
+    if not url.startswith("sqlite:"):
+        return "./nexgate-verifiers"
+    try:
+        path = parse_sqlite_url(url)
+    except ValueError:  # the storage section reports it
+        return None
+    return None if path == MEMORY else path + ".verifiers"
 
 
 def _clerk(r: ConfigReader, raw: Any, p: str) -> ClerkVerifier | None:

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Bytes stored per request: the usage row and its ledger debit, with every index, on SQLite and PostgreSQL.
+
+    .venv/bin/python benchmarks/storage_bytes.py                                   # SQLite, 20,000 requests
+    .venv/bin/python benchmarks/storage_bytes.py --postgres postgresql://postgres@127.0.0.1:5432/test
+    .venv/bin/python benchmarks/storage_bytes.py --rev d75fa6c                     # a commit's schema
+
+Writes ``--requests`` priced requests of realistic shape (personal keys, 10% organization keys, a
+client IP, a model and provider name) through ``store.record_usage`` in batches of 500, as the usage
+log does, and reports the bytes of the usage table and the ledger, each with its indexes, per request.
+SQLite: ``dbstat`` (pages in use); PostgreSQL: ``pg_total_relation_size`` after ``VACUUM``, in a
+schema of its own that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import use_source  # noqa: E402
+
+TABLES = {"usage": "usage_records", "ledger": "ledger_entries"}
+
+
+def rows(count: int, start: datetime) -> list:
+    from nexgate_proxy.records import UsageRecord
+    from nexgate_proxy.store._common import new_id
+
+    users = [new_id("usr") for _ in range(50)]
+    orgs = [new_id("org") for _ in range(5)]
+    keys = {account: (new_id("key"), "ngk_" + secrets.token_hex(6)) for account in users + orgs}
+    out = []
+    for i in range(count):
+        org = orgs[i % 5] if i % 10 == 0 else None
+        account = org or users[i % 50]
+        key_id, prefix = keys[account]
+        out.append(UsageRecord(
+            request_id="req_" + secrets.token_hex(13), ts=start + timedelta(milliseconds=i * 10),
+            endpoint="chat.completions", model="gpt-4o-mini", provider="openai", upstream_model="gpt-4o-mini",
+            account_id=account, org_id=org, key_id=key_id, key_prefix=prefix, prompt_tokens=412,
+            completion_tokens=128, cached_tokens=0, usage_estimated=False, estimated_cost_pico=2_000_000_000,
+            actual_cost_pico=138_600_000 + i, latency_ms=840, status=200, error_code=None, stream=i % 2 == 0,
+            client_ip=f"203.0.113.{i % 250 + 1}", attempts=1))
+    return out
+
+
+async def measure(url: str, count: int, sqlite_path: str | None) -> dict[str, float]:
+    from nexgate_proxy.store import open_store
+
+    store = await open_store(url)
+    try:
+        await store.migrate()
+        batch = rows(count, datetime(2026, 1, 1, tzinfo=timezone.utc))
+        for i in range(0, count, 500):
+            await store.record_usage(batch[i:i + 500])
+    finally:
+        await store.close()
+    if sqlite_path is not None:
+        import sqlite3
+
+        with sqlite3.connect(sqlite_path) as conn:
+            sizes = {}
+            for label, table in TABLES.items():
+                names = [table] + [r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,))]
+                marks = ",".join("?" * len(names))
+                sizes[label] = conn.execute(f"SELECT SUM(pgsize - unused) FROM dbstat WHERE name IN ({marks})",
+                                            names).fetchone()[0] / count
+            return sizes
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        sizes = {}
+        for label, table in TABLES.items():
+            await conn.execute(f"VACUUM {table}")
+            sizes[label] = await conn.fetchval(f"SELECT pg_total_relation_size('{table}')") / count
+        return sizes
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--postgres", help="a PostgreSQL URL (a schema is created in it, then dropped)")
+    parser.add_argument("--rev", help="measure this git revision's schema instead of the work tree's")
+    args = parser.parse_args()
+    print(use_source(args.rev))
+    if args.postgres:
+        import asyncpg
+
+        schema = "bench_bytes_" + secrets.token_hex(4)
+
+        async def run() -> dict[str, float]:
+            admin = await asyncpg.connect(args.postgres)
+            await admin.execute(f"CREATE SCHEMA {schema}")
+            try:
+                sep = "&" if "?" in args.postgres else "?"
+                return await measure(f"{args.postgres}{sep}search_path={schema}", args.requests, None)
+            finally:
+                await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+                await admin.close()
+
+        sizes = asyncio.run(run())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/bytes.db"
+            sizes = asyncio.run(measure(f"sqlite:///{path}", args.requests, path))
+    total = sum(sizes.values())
+    print(" ".join(f"{k}={v:.0f} B" for k, v in sizes.items()) + f" total={total:.0f} B per request")
+
+
+if __name__ == "__main__":
+    main()
