@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +81,7 @@ async def running_gateways(directory: Path) -> AsyncIterator[StartGateway]:
 
     ``plugins`` are registered for that gateway only, after the built-ins. Without
     ``storage`` / ``usage`` sections each gateway gets its own SQLite file and
-    outbox directory under ``directory``. Each gateway has a test user with a
+    outbox directory under ``directory`` (and, on another store, a key verifiers file there too). Each gateway has a test user with a
     real API key (``Gateway.api_key``).
     """
     runners: list[web.AppRunner] = []
@@ -87,6 +89,13 @@ async def running_gateways(directory: Path) -> AsyncIterator[StartGateway]:
     async def start(config: dict[str, Any], plugins: Sequence[object] = ()) -> Gateway:
         config = {"storage": {"url": f"sqlite:///{directory}/gw{len(runners)}.db"},
                   "usage": {"outbox_dir": str(directory / f"outbox{len(runners)}")}, **config}
+        store = str(config["storage"].get("url", ""))
+        if not store.startswith("sqlite"):
+            # Fast key verifiers persist next to a SQLite store, else in the working directory: keep
+            # them under the test's directory, one file per store so a restarted gateway finds its own.
+            auth = config["auth"] = dict(config.get("auth") or {})
+            name = hashlib.sha256(store.encode()).hexdigest()[:12]
+            auth.setdefault("verifiers", {"file": str(directory / f"verifiers-{name}")})
         app = build_app(parse_config(config, "test-config"), extra_plugins=plugins)
         runner = GatewayRunner(app, shutdown_timeout=1.0)
         await runner.setup()
