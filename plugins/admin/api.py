@@ -60,7 +60,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from nexgate_proxy import GatewayError
-from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
+from nexgate_proxy.accounts import CreatedKey, create_api_key, revoke_api_key, set_org_limits
 from nexgate_proxy.abuse import request_ip
 from nexgate_proxy.appkeys import ABUSE, CONFIG, FEED, STORE
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
@@ -234,9 +234,12 @@ def _unauthorized(message: str) -> GatewayError:
     return GatewayError(401, message, code="invalid_token", headers=_BEARER)
 
 
-async def authenticate(request: web.Request) -> Caller:
+async def authenticate(request: web.Request, token: str | None = None) -> Caller:
     """The caller, after the abuse guard: a denied or banned IP is refused, and a wrong admin token
-    or an invalid session token counts toward the same bans as a wrong API key."""
+    or an invalid session token counts toward the same bans as a wrong API key.
+
+    ``token``: the admin or session token when it comes from elsewhere than the Authorization
+    header (the dashboard's sign-in form or Clerk's ``__session`` cookie); checked the same way."""
     guard = request.app.get(ABUSE)
     ip = request_ip(request) if guard is not None else ""
     if guard is not None:
@@ -244,7 +247,7 @@ async def authenticate(request: web.Request) -> Caller:
         if refusal is not None:
             raise refusal
     try:
-        return await _caller(request)
+        return await _caller(request, token)
     except GatewayError as exc:
         if guard is not None and exc.status == 401:
             pending = guard.count(ip, failed=True)
@@ -253,12 +256,14 @@ async def authenticate(request: web.Request) -> Caller:
         raise
 
 
-async def _caller(request: web.Request) -> Caller:
+async def _caller(request: web.Request, token: str | None = None) -> Caller:
     settings = request.app[ADMIN].auth
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    if token is None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            token = ""
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    if not token:
         raise _unauthorized("Send an admin token or a Clerk session token as 'Authorization: Bearer <token>'.")
     if len(token) > MAX_TOKEN_BYTES or not token.isascii():
         raise _unauthorized("Invalid admin token.")
@@ -672,10 +677,22 @@ async def delete_member(request: web.Request, caller: Caller) -> web.Response:
                               "deleted": True, "revoked_key_ids": revoked})
 
 
+KEY_FIELDS: dict[str, type] = {"name": str, "org_id": str, "user_id": str, "expires_at": str,
+                               "allowed_models": list, "limits": dict}
+
+
 async def create_key(request: web.Request, caller: Caller) -> web.Response:
     check_query(request, ())
-    data = await read_body(request, {"name": str, "org_id": str, "user_id": str, "expires_at": str,
-                                 "allowed_models": list, "limits": dict})
+    created = await create_key_for(request, caller, await read_body(request, KEY_FIELDS))
+    body = key_json(created.row)
+    body["key"] = created.plaintext
+    response = web.json_response(body, status=201)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def create_key_for(request: web.Request, caller: Caller, data: Mapping[str, Any]) -> CreatedKey:
+    """A new key as ``POST /keys`` makes it (its body's fields, checked): the dashboard's form uses it too."""
     name = _text(data, "name", MAX_NAME_LENGTH, required=True)
     assert name is not None
     org_id = _body_id(data, "org_id")
@@ -709,11 +726,7 @@ async def create_key(request: web.Request, caller: Caller) -> web.Response:
         store, name=name, **owner, created_by=caller.user.id if caller.user else None, expires_at=expires_at,
         allowed_models=allowed_models, limits=limits, bcrypt_rounds=request.app[ADMIN].auth.bcrypt_rounds)
     log.info("API key %s created (%s)", created.row.id, created.row.prefix)
-    body = key_json(created.row)
-    body["key"] = created.plaintext
-    response = web.json_response(body, status=201)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return created
 
 
 async def list_keys(request: web.Request, caller: Caller) -> web.Response:
