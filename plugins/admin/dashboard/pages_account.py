@@ -13,7 +13,7 @@ import base64
 import io
 import json
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -23,11 +23,10 @@ from nexgate_proxy.store import LedgerEntry, UsageRecord
 from nexgate_plugins.credits.statements import (
     USAGE_CSV_COLUMNS, build_statement, parse_month, render_statement_html, usage_csv_row, usage_json,
 )
-from nexgate_plugins.credits.statements import _STYLE as STATEMENT_STYLE
 
 from .. import api
 from .charts import days_back, stacked_bars
-from .common import DASHBOARD, Cursor, accounts_of, base, keyset, redirect, secure_headers
+from .common import DASHBOARD, DAY_TOTALS, Cursor, accounts_of, base, keyset, redirect, secure_headers
 from .markup import Safe, html, join
 from .session import Session
 from .views import day, page, table, url, usd, when
@@ -65,31 +64,35 @@ async def overview(request: web.Request, session: Session) -> web.Response:
     store = request.app[STORE]
     span = 90 if request.query.get("days") == "90" else 30
     now = datetime.now(UTC)
-    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    since = (now - timedelta(days=span - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    balance = await store.get_balance(account.id)
-    month = await store.usage_totals(account_id=account.id, since=month_start, group_by="model")
-    by_model = await store.usage_totals(account_id=account.id, since=since, group_by="model")
-    top = [t.group for t in sorted(by_model, key=lambda t: (-t.requests, t.group))[:TOP_MODELS]]
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).date().isoformat()
     days = days_back(now.date(), span)
-    series: dict[str, dict[str, dict[str, int]]] = {"requests": {}, "tokens": {}, "spend": {}}
-    all_days = await store.usage_totals(account_id=account.id, since=since, group_by="day")
-    remaining = {k: {t.group: v(t) for t in all_days} for k, v in _MEASURES.items()}
-    for model in top:
-        rows = await store.usage_totals(account_id=account.id, model=model or None, since=since, group_by="day") \
-            if model else []
+    first = days[0]
+    balance = await store.get_balance(account.id)
+    cells = await request.app[DAY_TOTALS].cells(store, account.id, now)
+    by_model: dict[str, list[int]] = {}
+    month: dict[str, list[int]] = {}
+    for (day_, model), cell in cells.items():
+        if day_ >= first:
+            _add(by_model, model, cell)
+        if day_ >= month_start:
+            _add(month, model, cell)
+    top = sorted(by_model, key=lambda m: (-by_model[m][0], m))[:TOP_MODELS]
+    series: dict[str, dict[str, dict[str, int]]] = {name: {} for name in _MEASURES}
+    for (day_, model), cell in cells.items():
+        if day_ < first:
+            continue
+        label = (model or "(none)") if model in top else "other"
         for name, measure in _MEASURES.items():
-            series[name][model or "(none)"] = {t.group: measure(t) for t in rows}
-            for t in rows:
-                remaining[name][t.group] = remaining[name].get(t.group, 0) - measure(t)
-    if len(by_model) > len(top) or "" in top:
-        for name in _MEASURES:
-            series[name]["other"] = {d: v for d, v in remaining[name].items() if v > 0}
-    sample = await store.list_usage(account_id=account.id, since=month_start, limit=LATENCY_SAMPLE)
+            line = series[name].setdefault(label, {})
+            line[day_] = line.get(day_, 0) + measure(cell)
+    for name in series:  # the legend in the order of the most used models, "other" last
+        series[name] = dict(sorted(series[name].items(), key=lambda kv: (kv[0] == "other", -sum(kv[1].values()))))
+    sample = await store.list_usage(account_id=account.id, since=datetime.fromisoformat(month_start).replace(
+        tzinfo=UTC), limit=LATENCY_SAMPLE)
     p50, p95 = _percentile(sample, 50), _percentile(sample, 95)
-    requests = sum(t.requests for t in month)
-    spend = sum(t.cost_pico for t in month)
-    tokens = sum(t.prompt_tokens + t.completion_tokens for t in month)
+    requests = sum(v[0] for v in month.values())
+    tokens = sum(v[1] + v[2] for v in month.values())
+    spend = sum(v[3] for v in month.values())
     acct = _acct_q(request, account)
     cards = html(
         '<section class="cards" aria-label="This month">'
@@ -100,13 +103,12 @@ async def overview(request: web.Request, session: Session) -> web.Response:
         '(latest {n:,} requests this month)</p></div></section>',
         bal=usd(balance), credits=url(f"{base(request)}/credits", account=acct), spend=usd(spend), req=requests,
         tok=tokens, p50=_ms(p50), p95=_ms(p95), n=len(sample))
-    if not all_days:
+    empty = Safe("")
+    if not by_model:
         empty = html('<section class="notice"><h2>No requests in the last {n} days</h2><p>Create an API key on the '
                      '<a href="{b}/keys">API keys</a> page and point any OpenAI SDK at this gateway\'s '
                      '<code>/v1</code>; your requests, tokens and spend appear here within seconds.</p></section>',
                      n=span, b=base(request))
-    else:
-        empty = Safe("")
     switch = html('<p class="tabs">Last <a href="{a}"{c30}>30 days</a> · <a href="{b}"{c90}>90 days</a></p>',
                   a=url(f"{base(request)}/overview", account=acct),
                   b=url(f"{base(request)}/overview", account=acct, days=90),
@@ -116,18 +118,24 @@ async def overview(request: web.Request, session: Session) -> web.Response:
                    stacked_bars("Tokens per day", days, series["tokens"], lambda v: f"{v:,}"),
                    stacked_bars("Spend per day", days, series["spend"], usd)])
     models = table(("Model", "Requests", "Input tokens", "Output tokens", "Spend"),
-                   [(t.group or "(none)", f"{t.requests:,}", f"{t.prompt_tokens:,}", f"{t.completion_tokens:,}",
-                     usd(t.cost_pico)) for t in month], "No usage this month yet.", numeric=(1, 2, 3, 4))
+                   [(m or "(none)", f"{v[0]:,}", f"{v[1]:,}", f"{v[2]:,}", usd(v[3]))
+                    for m, v in sorted(month.items())], "No usage this month yet.", numeric=(1, 2, 3, 4))
     body = html('{cards}{empty}{switch}<section class="charts">{charts}</section>'
                 '<h2>This month by model</h2>{models}', cards=cards, empty=empty, switch=switch, charts=charts,
                 models=models)
     return _frame(request, session, "Overview", body, "overview", await accounts_of(request, session), account)
 
 
+def _add(into: dict[str, list[int]], model: str, cell: tuple[int, int, int, int]) -> None:
+    total = into.setdefault(model, [0, 0, 0, 0])
+    for i, value in enumerate(cell):
+        total[i] += value
+
+
 _MEASURES = {
-    "requests": lambda t: t.requests,
-    "tokens": lambda t: t.prompt_tokens + t.completion_tokens,
-    "spend": lambda t: t.cost_pico,
+    "requests": lambda c: c[0],
+    "tokens": lambda c: c[1] + c[2],
+    "spend": lambda c: c[3],
 }
 
 
@@ -320,9 +328,15 @@ def _urlencode(values: dict[str, str]) -> str:
 
 # ------------------------------------------------------------------ statements and invoices
 
-STATEMENT_CSP = ("default-src 'none'; style-src 'sha256-{h}' 'self'; img-src 'self'; form-action 'none'; "
+STATEMENT_CSP = ("default-src 'none'; style-src {h} 'self'; img-src 'self'; form-action 'none'; "
                  "frame-ancestors 'none'; base-uri 'none'")
-_STYLE_HASH = base64.b64encode(hashlib.sha256(STATEMENT_STYLE.encode()).digest()).decode()
+_STYLE = re.compile(r"<style>(.*?)</style>", re.S)
+
+
+def _style_hashes(document: str) -> str:
+    """The statement page's own inline style, allowed by its hash (and nothing else inline)."""
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
+                    for m in _STYLE.findall(document))
 
 
 async def statements(request: web.Request, session: Session) -> web.Response:
@@ -368,8 +382,9 @@ async def statement(request: web.Request, session: Session) -> web.StreamRespons
         from nexgate_plugins.credits.statements import statement_json
         return web.json_response(statement_json(built), headers={
             "Content-Disposition": f'attachment; filename="statement-{account.id}-{month}.json"'})
-    response = web.Response(text=render_statement_html(built), content_type="text/html", charset="utf-8")
-    response.headers["Content-Security-Policy"] = STATEMENT_CSP.format(h=_STYLE_HASH)
+    document = render_statement_html(built)
+    response = web.Response(text=document, content_type="text/html", charset="utf-8")
+    response.headers["Content-Security-Policy"] = STATEMENT_CSP.format(h=_style_hashes(document))
     if request.query.get("download"):
         response.headers["Content-Disposition"] = f'attachment; filename="statement-{account.id}-{month}.html"'
     return response
