@@ -85,8 +85,9 @@ async def overview(request: web.Request, session: Session) -> web.Response:
         for name, measure in _MEASURES.items():
             line = series[name].setdefault(label, {})
             line[day_] = line.get(day_, 0) + measure(cell)
-    for name in series:  # the legend in the order of the most used models, "other" last
-        series[name] = dict(sorted(series[name].items(), key=lambda kv: (kv[0] == "other", -sum(kv[1].values()))))
+    order = [m or "(none)" for m in top] + ["other"]  # one colour per model in every chart: most used first
+    for name in series:
+        series[name] = {label: series[name][label] for label in order if label in series[name]}
     sample = await store.list_usage(account_id=account.id, since=datetime.fromisoformat(month_start).replace(
         tzinfo=UTC), limit=LATENCY_SAMPLE)
     p50, p95 = _percentile(sample, 50), _percentile(sample, 95)
@@ -420,7 +421,7 @@ async def invoice(request: web.Request, session: Session) -> web.Response:
         '<p class="noprint"><button type="button" data-print>Print or save as PDF</button> · '
         '<a href="{dl}" download>Download</a></p>',
         seller=seller, no=number, date=day(entry.created_at), ref=entry.external_id, who=account.name or "",
-        id=account.id, desc=entry.description or "", credit=usd(entry.amount_pico), paid=paid_text,
+        id=account.id, desc=_PAID.sub("", entry.description or ""), credit=usd(entry.amount_pico), paid=paid_text,
         dl=url(f"{base(request)}/invoice", account=request.query.get("account"), source=source, ref=ref, download=1))
     response = _frame(request, session, f"Invoice {number}", body, "statements", [], account)
     if request.query.get("download"):

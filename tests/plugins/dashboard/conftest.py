@@ -101,6 +101,28 @@ def _config(upstream: FakeUpstream, key: rsa.RSAPrivateKey) -> dict[str, Any]:
     )
 
 
+async def _org_history(store: Store, org_id: str) -> None:
+    """A month of the organization's traffic, so its overview has something to chart."""
+    from datetime import UTC, datetime, timedelta
+    from nexgate_proxy.store import NewLedgerEntry, UsageRecord
+    await store.apply_ledger_entry(NewLedgerEntry(account_id=org_id, kind="grant", amount_pico=50 * 10**12,
+                                                  source="admin", external_id="grant:seed", description="seed"))
+    now = datetime.now(UTC)
+    rows = []
+    for i in range(240):
+        model = ("gpt-4o", "gpt-4o-mini", "claude-sonnet")[(i // 30 + i // 90) % 3]
+        prompt, completion = 200 + (i * 37) % 900, 50 + (i * 53) % 400
+        cost = (prompt * 2 + completion * 8) * 10**6
+        rows.append(UsageRecord(
+            request_id=f"seed-{i}", ts=now - timedelta(days=i % 30, minutes=i), endpoint="chat.completions",
+            model=model, provider="openai", upstream_model=model, account_id=org_id, org_id=org_id, key_id=None,
+            key_prefix=None, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=0,
+            usage_estimated=False, estimated_cost_pico=cost, actual_cost_pico=cost, latency_ms=300 + (i * 91) % 1500,
+            status=200 if i % 17 else 429, error_code=None if i % 17 else "rate_limited", stream=False,
+            client_ip=None, attempts=1))
+    await store.record_usage(rows)
+
+
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     loop = asyncio.new_event_loop()
@@ -126,6 +148,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         await store.add_member(org.id, live.users["user_bob"], "member")
         await store.add_member(org.id, live.users["user_carol"], "member")
         live.org_id = org.id
+        await _org_history(store, org.id)
         return live
 
     result = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
@@ -156,6 +179,12 @@ class Pages:
     def __init__(self, live: Live, context: Any) -> None:
         self.live, self.context = live, context
         self.page = context.new_page()
+        self.console_errors: list[str] = []
+        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+
+    def assert_no_csp_violation(self) -> None:
+        """The pages' own script and styles all load under the strict Content-Security-Policy."""
+        assert [e for e in self.console_errors if "Content Security Policy" in e] == []
 
     def open(self, path: str, shot: str | None = None) -> Any:
         response = self.page.goto(self.live.url + "/dashboard" + path)
@@ -172,16 +201,20 @@ class Pages:
 def as_user(live: Live, browser: Any) -> Iterator[Any]:
     """``as_user("user_alice")``: a fresh context signed in through Clerk's ``__session`` cookie."""
     contexts = []
+    opened: list[Pages] = []
 
     def sign_in(sub: str) -> Pages:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         contexts.append(context)
         context.add_cookies([{"name": "__session", "value": live.jwt(sub), "url": live.url}])
         pages = Pages(live, context)
+        opened.append(pages)
         pages.open("/login")
         assert pages.page.url.endswith("/dashboard/overview"), pages.page.url
         return pages
 
     yield sign_in
+    for pages in opened:
+        pages.assert_no_csp_violation()
     for context in contexts:
         context.close()

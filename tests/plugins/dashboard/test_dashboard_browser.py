@@ -148,6 +148,11 @@ def test_org_owner_manages_members_and_org_keys(live: Live, as_user) -> None:
     assert reply.choices[0].message.content
     owner.open(f"/orgs/{live.org_id}")
     assert "acme-ci" in page.inner_text("main")
+    owner.open(f"/overview?account={live.org_id}&days=30", "overview-organization")
+    assert page.locator("svg[role=img]").count() == 3
+    assert "gpt-4o-mini" in page.inner_text(".legend >> nth=0")
+    owner.open(f"/usage?account={live.org_id}&status=429", "usage-organization")
+    assert page.locator("tbody tr").count() > 5 and "429" in page.inner_text("tbody")
 
 
 async def _personal_key(live: Live, sub: str, name: str) -> str:
@@ -184,9 +189,12 @@ def test_posts_without_the_csrf_token_are_refused(live: Live, as_user, browser) 
     assert me.page.request.post(live.url + "/dashboard/keys", form={"name": "bad", "csrf": "0" * 32}).status == 403
     assert me.page.request.post(live.url + "/dashboard/keys", form={"name": "evil", "csrf": token},
                                 headers={"Origin": "https://evil.example"}).status == 403
-    assert me.page.request.post(live.url + "/dashboard/keys", form={"name": "good", "csrf": token}).status == 201
+    sneaky = "<img src=x onerror=alert(1)>"
+    assert me.page.request.post(live.url + "/dashboard/keys", form={"name": sneaky, "csrf": token}).status == 201
     names = [k.name for k in live.run(live.store.list_api_keys(user_id=live.users["user_dave"]))]
-    assert names == ["good"]
+    assert names == [sneaky]
+    me.open("/keys")
+    assert sneaky in me.page.inner_text("table") and me.page.locator("table img").count() == 0  # escaped
     anonymous = browser.new_context()
     try:
         assert anonymous.request.post(live.url + "/dashboard/keys", form={"name": "x"}).status == 403
@@ -238,6 +246,7 @@ def test_operator_signs_in_with_the_admin_token(live: Live, browser) -> None:
         assert live.run(live.store.get_api_key(carol_key)).revoked_at is not None
         op.open(f"/credits?account={live.users['user_carol']}")
         assert "support credit" in page.inner_text("table")
+        op.assert_no_csp_violation()
     finally:
         context.close()
 
