@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/dashboard_pages.py                 # 1 M rows, 10 % in the measured account
     .venv/bin/python benchmarks/dashboard_pages.py --share 1.0     # the worst case: every row in one account
     .venv/bin/python benchmarks/dashboard_pages.py --rows 100000    # a quicker run
+    .venv/bin/python benchmarks/dashboard_pages.py --db /tmp/dash.db # build once, then reuse it
 
 The database is built with direct SQL (the store's migrations, then one transaction of
 ``executemany``): usage rows over the last 90 days across 1,000 accounts, 4 models, 3 % errors,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -86,10 +88,28 @@ async def build(path: Path, rows: int, share: float) -> tuple[str, str]:
     return heavy.id, org.id
 
 
+def reuse(path: Path) -> tuple[str, str]:
+    db = sqlite3.connect(path)
+    heavy = db.execute("SELECT id FROM users WHERE email = 'heavy@example.com'").fetchone()[0]
+    org_id = db.execute("SELECT id FROM organizations WHERE name = 'Big Org'").fetchone()[0]
+    db.close()
+    return heavy, org_id
+
+
 async def measure(args: argparse.Namespace) -> None:
     directory = Path(tempfile.mkdtemp(prefix="nexgate-dashboard-bench-"))
-    db_path = directory / "bench.db"
-    heavy, org_id = await build(db_path, args.rows, args.share)
+    db_path = Path(args.db) if args.db else directory / "bench.db"
+    try:
+        if db_path.exists():
+            heavy, org_id = reuse(db_path)
+        else:
+            heavy, org_id = await build(db_path, args.rows, args.share)
+        await serve(args, directory, db_path, heavy, org_id)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def serve(args: argparse.Namespace, directory: Path, db_path: Path, heavy: str, org_id: str) -> None:
     import hashlib
     async with FakeUpstream() as upstream, running_gateways(directory) as start:
         config = gateway_config(upstream, storage={"url": f"sqlite:///{db_path}"},
@@ -106,7 +126,7 @@ async def measure(args: argparse.Namespace) -> None:
             month = datetime.now(UTC).strftime("%Y-%m")
             a = f"account={heavy}"
             # a cursor deep in the log: the usage page's keyset pagination at depth
-            deep = (datetime.now(UTC) - timedelta(days=80)).isoformat() + "~req_f"
+            deep = (datetime.now(UTC) - timedelta(days=80)).isoformat() + "~1~req_f"
             pages = [
                 ("overview 30 days", f"/overview?{a}"), ("overview 90 days", f"/overview?{a}&days=90"),
                 ("usage, first page", f"/usage?{a}"), ("usage, 80 days deep", f"/usage?{a}&after={deep}"),
@@ -138,6 +158,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--share", type=float, default=0.1, help="fraction of the rows in the measured account")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--db", help="keep the database here and reuse it on the next run (it is ~700 MB)")
     asyncio.run(measure(parser.parse_args()))
 
 

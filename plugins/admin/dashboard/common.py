@@ -134,25 +134,27 @@ _TICK = timedelta(microseconds=1)
 
 @dataclass(frozen=True, slots=True)
 class Cursor:
-    """Where a newest-first page ended: the last row's time and id (ties on the time are broken by id)."""
+    """Where a newest-first page ended: the last row's time and id, and how many rows at that time were passed
+    (the next page skips just those: an OFFSET within one microsecond, never into the whole listing)."""
     at: datetime
     id: str
+    ties: int = 1
 
     def text(self) -> str:
-        return f"{self.at.isoformat()}~{self.id}"
+        return f"{self.at.isoformat()}~{self.ties}~{self.id}"
 
     @staticmethod
     def parse(text: str | None) -> Cursor | None:
-        if not text or "~" not in text or len(text) > 200:
+        parts = (text or "").split("~", 2)
+        if len(parts) != 3 or len(text or "") > 200 or not parts[1].isdigit() or not 0 < int(parts[1]) <= 10**6:
             return None
-        at, _, row_id = text.partition("~")
         try:
-            moment = datetime.fromisoformat(at)
+            moment = datetime.fromisoformat(parts[0])
         except ValueError:
             return None
         if moment.tzinfo is None:
             return None
-        return Cursor(moment, row_id)
+        return Cursor(moment, parts[2], int(parts[1]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,33 +163,32 @@ class Page(Generic[T]):
     next: Cursor | None
 
 
-async def keyset(fetch: Callable[[datetime | None, int], Awaitable[Sequence[T]]], key: Callable[[T], tuple[datetime, str]],
-                 until: datetime | None, cursor: Cursor | None, limit: int,
-                 keep: Callable[[T], bool] = lambda row: True, scan: int = 5000, batch: int = 200) -> Page[T]:
+Fetch = Callable[[datetime | None, int, int], Awaitable[Sequence[T]]]
+
+
+async def keyset(fetch: Fetch[T], key: Callable[[T], tuple[datetime, str]], until: datetime | None,
+                 cursor: Cursor | None, limit: int, keep: Callable[[T], bool] = lambda row: True,
+                 scan: int = 5000, batch: int = 200) -> Page[T]:
     """Up to ``limit`` rows after ``cursor`` that ``keep`` accepts, newest first, reading at most ``scan``.
 
-    ``fetch(until, n)`` lists the newest ``n`` rows before ``until`` (exclusive), ordered by
-    (time, id) descending: one indexed range read per batch, however deep the page, never an OFFSET.
+    ``fetch(until, n, offset)`` lists ``n`` rows before ``until`` (exclusive) ordered by (time, id)
+    descending, skipping ``offset``: one indexed range read per batch however deep the page.
     """
     rows: list[T] = []
     scanned = 0
     position = cursor
     while scanned < scan:
-        bound = position.at + _TICK if position is not None else until
-        if until is not None and bound is not None and bound > until:
-            bound = until
-        got = await fetch(bound, batch + 1)
-        fresh = [r for r in got if position is None or key(r) < (position.at, position.id)]
-        if not fresh:
-            return Page(rows, None)
-        for row in fresh[:batch]:
+        bound, skip = (until, 0) if position is None else (position.at + _TICK, position.ties)
+        got = await fetch(bound, batch + 1, skip)
+        for index, row in enumerate(got[:batch]):
             scanned += 1
-            position = Cursor(*key(row))
+            at, row_id = key(row)
+            ties = position.ties + 1 if position is not None and at == position.at else 1
+            position = Cursor(at, row_id, ties)
             if keep(row):
                 rows.append(row)
                 if len(rows) == limit:
-                    more = len(fresh) > fresh.index(row) + 1 or len(got) > batch
-                    return Page(rows, position if more else None)
-        if len(got) <= batch and len(fresh) == len(got):
+                    return Page(rows, position if index + 1 < len(got) else None)
+        if len(got) <= batch:
             return Page(rows, None)
     return Page(rows, position)

@@ -77,4 +77,6 @@ class DayTotals:
             while len(self._histories) > self._max:
                 self._histories.popitem(last=False)
         self._histories.move_to_end(account_id)
-        return {**history.cells, **await _days_by_model(store, account_id, midnight, None)}
+        today_text = today.isoformat()  # one day: its totals by model are its cells
+        latest = await store.usage_totals(account_id=account_id, since=midnight, group_by="model")
+        return {**history.cells, **{(today_text, t.group): _cell(t) for t in latest}}

@@ -1,5 +1,5 @@
 """One live gateway (fake upstream, Clerk, the admin token, DodoPayments) and one headless Chromium
-for the whole dashboard suite.
+for the browser tests (one of each per module; the suite has one browser module).
 
 The gateway runs on its own event loop in a thread, so the tests drive the browser with Playwright's
 sync API and call the gateway with the sync ``openai`` SDK. The browser is Debian's
@@ -123,7 +123,9 @@ async def _org_history(store: Store, org_id: str) -> None:
     await store.record_usage(rows)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in the main thread
+# while it is open, which the rest of the suite's asyncio tests could not run beside.
+@pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -160,7 +162,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         thread.join(5)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI") == "true":

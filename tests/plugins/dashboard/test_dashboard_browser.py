@@ -3,15 +3,12 @@ every page; keys work with the openai SDK and stop working when revoked; CSRF-le
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from datetime import UTC, datetime
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
 import openai
-import pytest
 
 from tests.plugins.dashboard.conftest import ADMIN_TOKEN, CHECKOUT, Live, Pages
 
@@ -130,10 +127,10 @@ def test_org_owner_manages_members_and_org_keys(live: Live, as_user) -> None:
     text = page.inner_text("main")
     assert "bob@example.com" in text and "organization balance" in text.lower()
     assert "bob-secret-personal" not in text  # never a member's personal keys
-    page.select_option(f"select[aria-label='Role of bob@example.com']", "admin")
+    page.select_option("select[aria-label='Role of bob@example.com']", "admin")
     page.click(f"form[action$='/members/{live.users['user_bob']}/role'] button")
     assert live.run(live.store.get_role(live.org_id, live.users["user_bob"])) == "admin"
-    page.select_option(f"select[aria-label='Role of bob@example.com']", "member")
+    page.select_option("select[aria-label='Role of bob@example.com']", "member")
     page.click(f"form[action$='/members/{live.users['user_bob']}/role'] button")
     page.fill("form[action$='/members'] input[name=user_id]", live.users["user_dave"])
     page.click("form[action$='/members'] button")
