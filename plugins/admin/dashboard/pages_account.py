@@ -32,6 +32,10 @@ from .session import Session
 from .views import day, page, table, url, usd, when
 
 PAGE_ROWS = 50
+USAGE_SCAN = 1000
+"""Rows a filtered usage page reads at most; when the filter is rare the page ends early with a link onwards."""
+INVOICE_SCAN = 1000
+"""Ledger entries the invoice list reads at most per page (request debits far outnumber payments)."""
 LATENCY_SAMPLE = 200
 """p50/p95 over the latest requests of the month: each row read costs, a sample this size is enough."""
 TOP_MODELS = 5
@@ -167,7 +171,7 @@ def _status_ok(kind: str) -> Any:
 
 
 async def _usage_page(request: web.Request, account: api.Account, cursor: Cursor | None, limit: int,
-                      scan: int = 5000) -> Any:
+                      scan: int = USAGE_SCAN) -> Any:
     filters = api._usage_filters(request)  # the admin API's own checks of since/until/model/key_id
     status = request.query.get("status", "")
     if status not in STATUSES:
@@ -362,10 +366,10 @@ async def statements(request: web.Request, session: Session) -> web.Response:
         return await store.list_ledger(account.id, until=until, limit=n, offset=offset)
 
     found = await keyset(fetch, _ledger_key, None, Cursor.parse(request.query.get("after")), PAGE_ROWS,
-                         keep=lambda e: e.kind == "payment", scan=20_000, batch=1000)
+                         keep=lambda e: e.kind == "payment", scan=INVOICE_SCAN, batch=500)
     payments = found.rows
     older = Safe("") if found.next is None else html(
-        '<p class="pager"><a href="{u}" rel="next">Older invoices →</a></p>',
+        '<p class="pager"><a href="{u}" rel="next">Look for older invoices →</a></p>',
         u=url(f"{base(request)}/statements", account=acct, after=found.next.text()))
     prefix = request.app[DASHBOARD].business.invoice_prefix
     invoices = [(html('<a href="{u}">{n}</a>', n=f"{prefix}{e.id:06d}",

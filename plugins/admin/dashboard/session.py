@@ -21,6 +21,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -116,7 +117,8 @@ async def current(request: web.Request, settings: DashboardSettings) -> Session:
 def check_origin(request: web.Request) -> None:
     """A POST from another site is refused, whatever it carries (defence in depth beside the token)."""
     origin = request.headers.get("Origin")
-    if origin is not None and origin != "null" and origin != f"{request.scheme}://{request.host}":
+    # the host only: behind a TLS-terminating proxy the browser's https origin reaches us as http
+    if origin is not None and origin != "null" and urlsplit(origin).netloc != request.host:
         raise GatewayError(403, "This form was posted from another site.", code="csrf_failed")
     if request.headers.get("Sec-Fetch-Site") == "cross-site":
         raise GatewayError(403, "This form was posted from another site.", code="csrf_failed")
