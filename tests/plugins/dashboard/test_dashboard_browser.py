@@ -34,6 +34,7 @@ def test_user_creates_uses_and_revokes_a_key(live: Live, as_user) -> None:
     me: Pages = as_user("user_alice")
     page = me.page
     assert "$10.00" in page.inner_text(".cards")
+    assert "No requests in the last 30 days" in page.inner_text("main")  # the empty state says what to do
     me.shot("overview-empty")
 
     me.open("/keys", "keys")
@@ -244,6 +245,11 @@ def test_operator_signs_in_with_the_admin_token(live: Live, browser) -> None:
         op.open(f"/credits?account={live.users['user_carol']}")
         assert "support credit" in page.inner_text("table")
         op.assert_no_csp_violation()
+        page.click("button:text('Sign out')")
+        assert page.url.endswith("/dashboard/login")
+        assert not [c for c in context.cookies(live.url + "/dashboard") if c["name"] == "nexgate_dashboard"]
+        op.open("/operator")
+        assert "/dashboard/login?next=" in page.url
     finally:
         context.close()
 
