@@ -665,20 +665,27 @@ async def update_member(request: web.Request, caller: Caller) -> web.Response:
 
 async def delete_member(request: web.Request, caller: Caller) -> web.Response:
     check_query(request, ())
-    org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
-    user_id = _path_id(request, "user_id", "member")
-    leaving = caller.user is not None and caller.user.id == user_id
-    if not leaving:
-        _require_owner(caller, role)
-    revoked = await remove_member(request.app[STORE], request.app[FEED], org.id, user_id)
-    if revoked is None:
-        raise not_found("member")
+    org_id, user_id = _path_id(request, "org_id", "organization"), _path_id(request, "user_id", "member")
+    org, revoked = await remove_member_as(request, caller, org_id, user_id)
     return web.json_response({"object": "organization.member.deleted", "org_id": org.id, "user_id": user_id,
                               "deleted": True, "revoked_key_ids": revoked})
 
 
 KEY_FIELDS: dict[str, type] = {"name": str, "org_id": str, "user_id": str, "expires_at": str,
                                "allowed_models": list, "limits": dict}
+
+
+async def remove_member_as(request: web.Request, caller: Caller, org_id: str,
+                           user_id: str) -> tuple[Organization, list[str]]:
+    """A member leaves, or an owner removes them (``DELETE .../members/{user_id}``, the dashboard's form too)."""
+    org, role = await _org_access(request, caller, org_id)
+    leaving = caller.user is not None and caller.user.id == user_id
+    if not leaving:
+        _require_owner(caller, role)
+    revoked = await remove_member(request.app[STORE], request.app[FEED], org.id, user_id)
+    if revoked is None:
+        raise not_found("member")
+    return org, revoked
 
 
 async def create_key(request: web.Request, caller: Caller) -> web.Response:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from nexgate_proxy.appkeys import FEED, STORE
+from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.store import ROLES
 
 from .. import api
@@ -125,11 +125,8 @@ async def set_role(request: web.Request, session: Session, form: Form) -> web.St
 
 async def remove(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
     caller = session.caller
-    organization, role = await api._org_access(request, caller, api._path_id(request, "org_id", "organization"))
     user_id = api._path_id(request, "user_id", "member")
+    organization, _ = await api.remove_member_as(request, caller, api._path_id(request, "org_id", "organization"),
+                                                 user_id)
     leaving = caller.user is not None and caller.user.id == user_id
-    if not leaving:
-        api._require_owner(caller, role)
-    if await api.remove_member(request.app[STORE], request.app[FEED], organization.id, user_id) is None:
-        raise api.not_found("member")
     raise redirect(f"{base(request)}/orgs" if leaving else f"{base(request)}/orgs/{organization.id}")

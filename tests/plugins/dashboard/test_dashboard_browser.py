@@ -177,6 +177,11 @@ def test_member_cannot_reach_other_peoples_pages(live: Live, as_user) -> None:
     forged = page.request.post(live.url + f"/dashboard/keys/{alice_key}/revoke", form={"csrf": "x"})
     assert forged.status == 403
     assert live.run(live.store.get_api_key(alice_key)).revoked_at is None
+    member.open(f"/orgs/{live.org_id}")
+    page.click("button:text('Leave organization')")
+    assert page.url.endswith("/dashboard/orgs")
+    assert live.run(live.store.get_role(live.org_id, live.users["user_bob"])) is None
+    assert member.open(f"/orgs/{live.org_id}").status == 404  # now an outsider: the organization is not shown
 
 
 def test_posts_without_the_csrf_token_are_refused(live: Live, as_user, browser) -> None:
