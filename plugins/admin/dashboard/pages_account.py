@@ -73,7 +73,8 @@ async def overview(request: web.Request, session: Session) -> web.Response:
     days = days_back(now.date(), span)
     first = days[0]
     balance = await store.get_balance(account.id)
-    cells = await request.app[DAY_TOTALS].cells(store, account.id, now)
+    # this month's totals need the month's days too, when they are more than the span's
+    cells = await request.app[DAY_TOTALS].cells(store, account.id, now, max(span, now.day))
     by_model: dict[str, list[int]] = {}
     month: dict[str, list[int]] = {}
     for (day_, model), cell in cells.items():

@@ -32,7 +32,8 @@ def _minus(a: Cell, b: Cell) -> Cell:
 
 @dataclass
 class History:
-    """Totals by (day 'YYYY-MM-DD', model) of the completed days from ``start`` to ``today`` (excluded)."""
+    """Totals by (day 'YYYY-MM-DD', model) of the completed days from ``start`` to ``today`` (excluded);
+    ``start == today`` until a view asks for some."""
     start: date
     today: date
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
@@ -64,19 +65,27 @@ class DayTotals:
         self._histories: OrderedDict[str, History] = OrderedDict()
         self._max = max_accounts
 
-    async def cells(self, store: Store, account_id: str, now: datetime) -> dict[tuple[str, str], Cell]:
-        """The last HISTORY_DAYS days (today included) of the account, by (day, model)."""
+    async def cells(self, store: Store, account_id: str, now: datetime,
+                    days: int = HISTORY_DAYS) -> dict[tuple[str, str], Cell]:
+        """The last ``days`` days (today included) of the account, by (day, model). Older days read
+        before (a 90-day view after a 30-day one) stay; only the days not read yet are read."""
         today = now.astimezone(UTC).date()
         midnight = datetime.combine(today, time(), UTC)
+        start = today - timedelta(days=min(days, HISTORY_DAYS) - 1)
         history = self._histories.get(account_id)
         if history is None or history.today != today:
-            start = today - timedelta(days=HISTORY_DAYS - 1)
-            history = History(start, today, await _days_by_model(
-                store, account_id, datetime.combine(start, time(), UTC), midnight))
+            history = History(today, today)
             self._histories[account_id] = history
-            while len(self._histories) > self._max:
-                self._histories.popitem(last=False)
+        if start < history.start:
+            history.cells.update(await _days_by_model(
+                store, account_id, datetime.combine(start, time(), UTC),
+                datetime.combine(history.start, time(), UTC)))
+            history.start = start
         self._histories.move_to_end(account_id)
+        while len(self._histories) > self._max:
+            self._histories.popitem(last=False)
         today_text = today.isoformat()  # one day: its totals by model are its cells
         latest = await store.usage_totals(account_id=account_id, since=midnight, group_by="model")
-        return {**history.cells, **{(today_text, t.group): _cell(t) for t in latest}}
+        first = start.isoformat()
+        return {**{k: v for k, v in history.cells.items() if k[0] >= first},
+                **{(today_text, t.group): _cell(t) for t in latest}}
