@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection
+from nexgate_proxy.plugins import disabled_builtins
 
 _PATH = re.compile(r"/[A-Za-z0-9_/-]{0,63}")
 _PRODUCT = re.compile(r"[A-Za-z0-9_-]{1,100}")
@@ -87,8 +88,12 @@ def parse_dashboard_settings(r: ConfigReader, s: dict[str, Any], config: Config)
         invoice_prefix=r.value(b, "invoice_prefix", f"{p}.business", str, "INV-",
                                lambda v: None if re.fullmatch(r"[A-Za-z0-9_-]{0,20}", v) else
                                "must be up to 20 letters, digits, _ or -"))
+    enabled = r.value(s, "enabled", p, bool, True)
+    if enabled and "nexgate_plugins.admin" in disabled_builtins(config):
+        r.problem(f"{p}.enabled", "the dashboard runs on the admin plugin, which plugins.disable turns off: "
+                  "disable dashboard too, or set dashboard.enabled: false")
     return DashboardSettings(
-        enabled=r.value(s, "enabled", p, bool, True),
+        enabled=enabled,
         path=path,
         session_secret=secret_text.encode() if secret_text else secrets.token_bytes(32),
         session_hours=r.value(s, "session_hours", p, int, d.session_hours,

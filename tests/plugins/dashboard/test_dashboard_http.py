@@ -80,10 +80,12 @@ async def test_the_dashboard_can_be_moved_or_turned_off(upstream: FakeUpstream, 
     ({"checkout": {"prod_1": {"url": "ftp://x"}}}, "dashboard.checkout.prod_1.url: required"),
     ({"cookie_samesite": "None"}, "dashboard.cookie_samesite: must be Strict or Lax"),
     ({"business": {"invoice_prefix": "bad prefix!"}}, "dashboard.business.invoice_prefix: must be up to 20"),
+    ({"enabled": True, "plugins": {"disable": ["admin"]}}, "dashboard.enabled: the dashboard runs on the admin"),
 ])
 def test_config_mistakes_are_named(section: dict, problem: str) -> None:
+    plugins = section.pop("plugins", {})
     raw = {"providers": {"e": {"type": "echo"}}, "models": {"m": {"route": [{"provider": "e"}], "free": True}},
-           "dashboard": section}
+           "dashboard": section, "plugins": plugins}
     with pytest.raises(ConfigError) as caught:
         resolve_config(parse_config(raw, "test"))
     assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
