@@ -50,6 +50,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_plugins.metrics",
     "nexgate_plugins.redaction",
     "nexgate_plugins.admin",
+    "nexgate_plugins.admin.dashboard",
 )
 """Built-in plugins, registered like any other. ``plugins.disable`` in the config removes one."""
 

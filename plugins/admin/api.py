@@ -62,7 +62,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from nexgate_proxy import GatewayError
-from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limits
+from nexgate_proxy.accounts import CreatedKey, create_api_key, revoke_api_key, set_org_limits
 from nexgate_proxy.abuse import request_ip
 from nexgate_proxy.appkeys import ABUSE, CONFIG, FEED, STORE
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
@@ -249,9 +249,12 @@ def _unauthorized(message: str) -> GatewayError:
     return GatewayError(401, message, code="invalid_token", headers=_BEARER)
 
 
-async def authenticate(request: web.Request) -> Caller:
+async def authenticate(request: web.Request, token: str | None = None) -> Caller:
     """The caller, after the abuse guard: a denied or banned IP is refused, and a wrong admin token
-    or an invalid session token counts toward the same bans as a wrong API key."""
+    or an invalid session token counts toward the same bans as a wrong API key.
+
+    ``token``: the admin or session token when it comes from elsewhere than the Authorization
+    header (the dashboard's sign-in form or Clerk's ``__session`` cookie); checked the same way."""
     guard = request.app.get(ABUSE)
     ip = request_ip(request) if guard is not None else ""
     if guard is not None:
@@ -259,7 +262,7 @@ async def authenticate(request: web.Request) -> Caller:
         if refusal is not None:
             raise refusal
     try:
-        return await _caller(request)
+        return await _caller(request, token)
     except GatewayError as exc:
         if guard is not None and exc.status == 401:
             pending = guard.count(ip, failed=True)
@@ -268,12 +271,14 @@ async def authenticate(request: web.Request) -> Caller:
         raise
 
 
-async def _caller(request: web.Request) -> Caller:
+async def _caller(request: web.Request, token: str | None = None) -> Caller:
     settings = request.app[ADMIN].auth
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    if token is None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            token = ""
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    if not token:
         raise _unauthorized("Send an admin token or a Clerk session token as 'Authorization: Bearer <token>'.")
     if len(token) > MAX_TOKEN_BYTES or not token.isascii():
         raise _unauthorized("Invalid admin token.")
@@ -701,25 +706,44 @@ async def update_member(request: web.Request, caller: Caller) -> web.Response:
 
 async def delete_member(request: web.Request, caller: Caller) -> web.Response:
     check_query(request, ())
-    org, role = await _org_access(request, caller, _path_id(request, "org_id", "organization"))
-    user_id = _path_id(request, "user_id", "member")
+    org_id, user_id = _path_id(request, "org_id", "organization"), _path_id(request, "user_id", "member")
+    org, revoked = await remove_member_as(request, caller, org_id, user_id)
+    return web.json_response({"object": "organization.member.deleted", "org_id": org.id, "user_id": user_id,
+                              "deleted": True, "revoked_key_ids": revoked})
+
+
+KEY_FIELDS: dict[str, type] = {"name": str, "org_id": str, "user_id": str, "expires_at": str,
+                               "allowed_models": list, "limits": dict}
+
+
+async def remove_member_as(request: web.Request, caller: Caller, org_id: str,
+                           user_id: str) -> tuple[Organization, list[str]]:
+    """A member leaves, or an owner removes them (``DELETE .../members/{user_id}``, the dashboard's form too)."""
+    org, role = await _org_access(request, caller, org_id)
     leaving = caller.user is not None and caller.user.id == user_id
     if not leaving:
         _require_owner(caller, role)
     revoked = await remove_member(request.app[STORE], request.app[FEED], org.id, user_id)
     if revoked is None:
         raise not_found("member")
-    return web.json_response({"object": "organization.member.deleted", "org_id": org.id, "user_id": user_id,
-                              "deleted": True, "revoked_key_ids": revoked})
+    return org, revoked
 
 
 async def create_key(request: web.Request, caller: Caller) -> web.Response:
     check_query(request, ())
+    created = await create_key_for(request, caller, await read_body(request, KEY_FIELDS))
+    body = key_json(created.row)
+    body["key"] = created.plaintext
+    response = web.json_response(body, status=201)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def create_key_for(request: web.Request, caller: Caller, data: Mapping[str, Any]) -> CreatedKey:
+    """A new key as ``POST /keys`` makes it (its body's fields, checked): the dashboard's form uses it too."""
     if caller.user is not None and caller.user.suspended_at is not None:  # restriction: see privacy.py
         raise GatewayError(403, "This account is suspended: it cannot create API keys until the operator lifts "
                            "the suspension.", code="account_suspended")
-    data = await read_body(request, {"name": str, "org_id": str, "user_id": str, "expires_at": str,
-                                 "allowed_models": list, "limits": dict})
     name = _text(data, "name", MAX_NAME_LENGTH, required=True)
     assert name is not None
     org_id = _body_id(data, "org_id")
@@ -753,11 +777,7 @@ async def create_key(request: web.Request, caller: Caller) -> web.Response:
         store, name=name, **owner, created_by=caller.user.id if caller.user else None, expires_at=expires_at,
         allowed_models=allowed_models, limits=limits, bcrypt_rounds=request.app[ADMIN].auth.bcrypt_rounds)
     log.info("API key %s created (%s)", created.row.id, created.row.prefix)
-    body = key_json(created.row)
-    body["key"] = created.plaintext
-    response = web.json_response(body, status=201)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return created
 
 
 async def list_keys(request: web.Request, caller: Caller) -> web.Response:

@@ -1,0 +1,91 @@
+"""The dashboard over plain HTTP (no browser): config, bearer access, keyset pages, disabling it."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import pytest
+
+from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.config import ConfigError, parse_config
+from nexgate_proxy.plugins import resolve_config
+from nexgate_proxy.store import UsageRecord
+from nexgate_proxy.testing import FakeUpstream, gateway_config
+
+TOKEN = "ngadmin-dashboard-http-test-token-00112233445566778899"
+AUTH = {"bcrypt_rounds": 4, "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _row(i: int, account: str, ts: datetime) -> UsageRecord:
+    return UsageRecord(request_id=f"req-{i:04d}", ts=ts, endpoint="chat.completions", model="m", provider="p",
+                       upstream_model="m", account_id=account, org_id=None, key_id=None, key_prefix=None,
+                       prompt_tokens=1, completion_tokens=1, cached_tokens=0, usage_estimated=False,
+                       estimated_cost_pico=None, actual_cost_pico=None, latency_ms=5,
+                       status=200 if i % 10 else 500, error_code=None, stream=False, client_ip=None, attempts=1)
+
+
+async def test_keyset_pages_list_every_row_once_even_when_times_tie(upstream: FakeUpstream, start_gateway) -> None:
+    gw = await start_gateway(gateway_config(upstream, auth=AUTH))
+    store = gw.app[STORE]
+    tied = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    # 130 rows on one microsecond and 70 on others: pages of 50 must still cut between equal times
+    await store.record_usage([_row(i, gw.user_id, tied if i < 130 else tied - timedelta(seconds=i))
+                              for i in range(200)])
+    seen: list[str] = []
+    path = f"/dashboard/usage?account={gw.user_id}"
+    async with aiohttp.ClientSession(headers=BEARER) as http:
+        while path:
+            async with http.get(gw.url + path) as response:
+                assert response.status == 200
+                assert response.headers["Cache-Control"] == "no-store"
+                page = await response.text()
+            seen += re.findall(r"<tr><td>(\d{4}-\d\d-\d\d \d\d:\d\d UTC)</td>", page)
+            more = re.search(r'href="([^"]+)" rel="next"', page)
+            path = more.group(1).replace("&amp;", "&") if more else ""
+        assert len(seen) == 200
+        async with http.get(gw.url + f"/dashboard/usage/export?format=json&account={gw.user_id}") as response:
+            exported = (await response.json())["data"]
+        assert sorted(r["request_id"] for r in exported) == [f"req-{i:04d}" for i in range(200)]
+        async with http.get(gw.url + f"/dashboard/usage/export?format=json&status=error&account={gw.user_id}") as r:
+            assert {x["status"] for x in (await r.json())["data"]} == {500}
+        # a bearer request needs no CSRF token: a browser never sends that header on its own
+        async with http.post(gw.url + "/dashboard/operator/grant",
+                             data={"account": gw.user_id, "usd": "2.5", "reason": "test"}, allow_redirects=False) as r:
+            assert r.status == 303
+    assert await store.get_balance(gw.user_id) == 2_500_000_000_000
+
+
+async def test_the_dashboard_can_be_moved_or_turned_off(upstream: FakeUpstream, start_gateway) -> None:
+    moved = await start_gateway(gateway_config(upstream, auth=AUTH, dashboard={"path": "/console"}))
+    off = await start_gateway(gateway_config(upstream, auth=AUTH, dashboard={"enabled": False}))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(moved.url + "/console/login") as response:
+            assert response.status == 200 and "Sign in" in await response.text()
+            assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        async with http.get(moved.url + "/console/static/dashboard.css") as response:
+            assert response.status == 200 and response.content_type == "text/css"
+        async with http.get(moved.url + "/dashboard/login") as response:
+            assert response.status == 404
+        async with http.get(off.url + "/dashboard/login") as response:
+            assert response.status == 404
+
+
+@pytest.mark.parametrize("section, problem", [
+    ({"path": "dashboard/"}, "dashboard.path: must be a path"),
+    ({"session_secret": "short"}, "dashboard.session_secret: must be at least 32 characters"),
+    ({"checkout": {"prod_1": {"url": "ftp://x"}}}, "dashboard.checkout.prod_1.url: required"),
+    ({"cookie_samesite": "None"}, "dashboard.cookie_samesite: must be Strict or Lax"),
+    ({"business": {"invoice_prefix": "bad prefix!"}}, "dashboard.business.invoice_prefix: must be up to 20"),
+    ({"enabled": True, "plugins": {"disable": ["admin"]}}, "dashboard.enabled: the dashboard runs on the admin"),
+])
+def test_config_mistakes_are_named(section: dict, problem: str) -> None:
+    plugins = section.pop("plugins", {})
+    raw = {"providers": {"e": {"type": "echo"}}, "models": {"m": {"route": [{"provider": "e"}], "free": True}},
+           "dashboard": section, "plugins": plugins}
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(parse_config(raw, "test"))
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
