@@ -1,24 +1,21 @@
 """The operator's pages (superadmin only): health, models and prices, users and organizations,
 credit grants, key revocation (``/keys/{id}/revoke``) and per-organization limits.
 
-Grants book a ``grant`` ledger entry (source ``admin``) as ``nexgate credits grant`` does; the store's
+Grants go through ``nexgate_plugins.credits.grants`` as ``nexgate credits grant`` does; the store's
 change feed brings it to every gateway's cached balance. Limits go through the admin API's own
 ``parse_org_limits`` and ``set_org_limits``.
 """
 
 from __future__ import annotations
 
-import uuid
-from decimal import Decimal, InvalidOperation
-
 from aiohttp import web
 
 from nexgate_proxy import GatewayError
 from nexgate_proxy.accounts import set_org_limits
 from nexgate_proxy.appkeys import CHAIN, CONFIG, FEED, STORE
-from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.services import readiness
-from nexgate_proxy.store import MAX_PICO, NewLedgerEntry
+from nexgate_plugins.credits import CREDITS, grants
+from nexgate_plugins.credits.grants import GrantError, check_reason, parse_usd
 from nexgate_plugins.credits.statements import find_account
 
 from .. import api
@@ -122,36 +119,23 @@ async def account(request: web.Request, session: Session) -> web.Response:
     return page(b, session, found.id, body, active="operator")
 
 
-def _grant_amount(text: str | None) -> int:
-    try:
-        value = Decimal((text or "").strip().removeprefix("$"))
-    except InvalidOperation:
-        raise api.bad("usd", "The amount must be in USD, e.g. 10 or 2.50.") from None
-    if not value.is_finite() or value <= 0:
-        raise api.bad("usd", "The amount must be greater than 0.")
-    try:
-        pico = usd_to_pico(value)
-    except ValueError:
-        raise api.bad("usd", "The amount is finer than a pico-dollar.") from None
-    if pico > MAX_PICO:
-        raise api.bad("usd", "The amount is more than a balance can hold.")
-    return pico
-
-
 async def grant(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
+    """The operator's grant: the one implementation the CLI and ``POST /admin/v1/credits/grants`` use."""
     _operator(session)
     store = request.app[STORE]
     account_id = text_field(form, "account") or ""
     found = await find_account(store, account_id) if api.is_id(account_id) else None
     if found is None:
         raise api.not_found("account")
-    amount = _grant_amount(text_field(form, "usd"))
-    reason = text_field(form, "reason") or ""
-    if not reason or len(reason) > MAX_REASON_LENGTH or not api.clean_text(reason):
-        raise api.bad("reason", f"Give a reason: one line of at most {MAX_REASON_LENGTH} characters.")
-    await store.apply_ledger_entry(NewLedgerEntry(account_id=found.id, kind="grant", amount_pico=amount,
-                                                  source="admin", external_id=f"grant:{uuid.uuid4().hex}",
-                                                  description=reason))
+    try:
+        amount = parse_usd(text_field(form, "usd") or "")
+        reason = check_reason(text_field(form, "reason") or "")
+        credits = request.app.get(CREDITS)
+        done = await grants.grant(store, credits.state if credits else None, found.id, amount, reason, None)
+    except GrantError as exc:
+        raise api.bad("usd" if exc.field == "amount" else exc.field, f"{exc.message}.") from None
+    if done.applied:
+        await request.app[FEED].deliver_now()  # this instance's cached balance at once
     raise redirect(f"{base(request)}/operator/accounts/{found.id}")
 
 
