@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import aiohttp
@@ -335,3 +337,38 @@ async def test_always_run_phases_log_and_count_and_the_answer_and_the_row_surviv
     text = await _metric(gw, "nexgate_plugin_failures_total")
     assert 'hook="nexgate_settle",plugin="Flaky@' in text and 'hook="nexgate_record",plugin="Flaky@' in text
     assert all(line.endswith(" 3.0") for line in text.splitlines())
+
+
+# ------------------------------------------------------------ example plugins
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "plugins"
+PACKAGES = sorted(path.parent for path in EXAMPLES.glob("*/pyproject.toml"))
+
+
+def test_every_example_is_linked_from_the_guide_and_every_link_resolves() -> None:
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    links = re.findall(r"\]\((\.\./[^)#\s]+)\)", docs)
+    for link in links:
+        assert (ROOT / "docs" / link).resolve().exists(), f"docs/plugins.md links to {link}, which does not exist"
+    linked = {(ROOT / "docs" / link).resolve() for link in links}
+    examples = [*PACKAGES, *EXAMPLES.glob("*.py")]
+    assert len(PACKAGES) >= 4
+    assert [path.relative_to(ROOT) for path in examples if path.resolve() not in linked] == []
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda path: path.name)
+def test_every_example_is_an_installable_plugin_package_with_tests(package: Path) -> None:
+    project = tomllib.loads((package / "pyproject.toml").read_text())
+    entry_points = project["project"]["entry-points"]["nexgate"]
+    assert list(entry_points) == [package.name]
+    module = entry_points[package.name]
+    assert (package / "src" / module / "__init__.py").is_file()
+    assert "nexgate" in project["project"]["dependencies"]
+    assert (package / "README.md").is_file()
+    assert list((package / "tests").glob("test_*.py")), f"{package.name} has no tests"
+
+
+def test_the_project_test_run_collects_the_examples_tests() -> None:
+    pytest_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "examples/plugins" in pytest_config["testpaths"]
