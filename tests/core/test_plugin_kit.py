@@ -71,21 +71,26 @@ def test_a_hook_without_hookimpl_is_refused_not_ignored(upstream: FakeUpstream) 
         _build(upstream, Unmarked())
 
 
-def test_config_check_fails_on_a_misspelt_hook_in_the_plugins_directory(tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("command", ["config check", "serve"])
+def test_config_check_and_serve_fail_on_a_misspelt_hook_in_the_plugins_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture, command: str) -> None:
     plugins = tmp_path / "my-plugins"
     plugins.mkdir()
     (plugins / "typo.py").write_text("from nexgate_proxy import hookimpl\n\n@hookimpl\n"
                                      "def nexgate_settel(ctx):\n    pass\n")
     config = tmp_path / "nexgate.yaml"
-    config.write_text(f"providers: {{echo: {{type: echo}}}}\nmodels: {{demo: {{route: [{{provider: echo, "
-                      f"model: echo}}], free: true}}}}\nplugins: {{directory: {plugins}}}\n")
+    config.write_text(f"storage: {{url: 'sqlite:///{tmp_path}/n.db'}}\nproviders: {{echo: {{type: echo}}}}\n"
+                      f"models: {{demo: {{route: [{{provider: echo, model: echo}}], free: true}}}}\n"
+                      f"plugins: {{directory: {plugins}}}\n")
     from nexgate_proxy import cli
 
-    assert cli.main(["config", "check", str(config)]) == 1
+    argv = ["config", "check", str(config)] if command == "config check" else ["serve", "--config", str(config),
+                                                                                "--port", "0"]
+    assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert err.strip() == (f"{config}: plugin problem: plugin 'my-plugins/typo.py' ({plugins / 'typo.py'}): "
-                           "nexgate_settel is not a NexGate hook: did you mean nexgate_settle?")
+    problem = (f"plugin problem: plugin 'my-plugins/typo.py' ({plugins / 'typo.py'}): "
+               "nexgate_settel is not a NexGate hook: did you mean nexgate_settle?")
+    assert err.strip() == (f"{config}: {problem}" if command == "config check" else problem)
 
 
 # ------------------------------------------------------------------ versions
