@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import functools
 import importlib
 import importlib.metadata
@@ -33,6 +32,7 @@ from . import config as config_module
 from .config import CORE_SECTION_NAMES, Config, ConfigError, ConfigReader, ConfigSection
 from .context import RequestContext, usage_record
 from .errors import GatewayError
+from .plugincheck import REQUIRES_HOOKS, SPEC_NAMES, check_hooks, check_version
 
 if TYPE_CHECKING:
     from .config import Target
@@ -72,9 +72,6 @@ class PluginError(Exception):
 
 # Its messages name plugins and hooks, from load and start time: never request data.
 logscrub.allow_exception_messages(PluginError)
-
-REQUIRES_HOOKS = "NEXGATE_HOOKS"
-"""A plugin may set ``NEXGATE_HOOKS = "1.2"``: the hook-spec version it was written against (see hookspecs)."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -
         _register(pm, plugin, PluginInfo(name, "code", getattr(plugin, "__name__", None) or type(plugin).__qualname__))
     try:
         pm.check_pending()
-    except pluggy.PluginValidationError as exc:  # _check_hooks found these first; kept as a safety net
+    except pluggy.PluginValidationError as exc:  # check_hooks found these first; kept as a safety net
         raise PluginError(f"{exc} (is the hook name misspelt? known hooks are in nexgate_proxy/hookspecs.py)") from exc
     return pm
 
@@ -161,7 +158,7 @@ def _register(pm: PluginManager, plugin: Any, info: PluginInfo) -> None:
         return  # the same plugin reached twice (an entry point also listed in plugins.modules)
     required = getattr(plugin, REQUIRES_HOOKS, None)
     info = replace(info, requires_hooks=None if required is None else str(required))
-    problems = _check_version(info.requires_hooks) + _check_hooks(pm, plugin)
+    problems = check_version(info.requires_hooks) + check_hooks(pm, plugin)
     if problems:
         where = info.origin if info.origin != info.name else info.source
         raise PluginError(f"plugin '{info.name}' ({where}): " + "; ".join(problems))
@@ -170,63 +167,6 @@ def _register(pm: PluginManager, plugin: Any, info: PluginInfo) -> None:
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin '{info.name}': {exc}") from exc
     pm.infos[info.name] = info
-
-
-def _check_version(required: str | None) -> list[str]:
-    """Semver-like: a plugin written against 1.2 runs on 1.2 and later 1.x, not on 1.1 or 2.0."""
-    if required is None:
-        return []
-    have = hookspecs.HOOKS_VERSION
-    try:
-        need_major, need_minor = (int(part) for part in required.split("."))
-    except ValueError:
-        return [f"{REQUIRES_HOOKS} = {required!r} is not a MAJOR.MINOR version such as '{have}'"]
-    major, minor = (int(part) for part in have.split("."))
-    if need_major != major or need_minor > minor:
-        return [f"it needs hooks version {required} ({REQUIRES_HOOKS}), this NexGate has {have}: install a "
-                f"release of the plugin made for hooks {major}.x, or a NexGate whose hooks are "
-                f"{need_major}.{need_minor} or a later {need_major}.x"]
-    return []
-
-
-_SPEC_NAMES = frozenset(name for name in dir(hookspecs) if name.startswith("nexgate_")
-                        and callable(getattr(hookspecs, name)))
-
-
-def _check_hooks(pm: PluginManager, plugin: Any) -> list[str]:
-    """What pluggy would refuse (or silently ignore), said with the fix."""
-    problems = []
-    for attr in dir(plugin):
-        if not attr.startswith("nexgate_"):
-            continue
-        opts = pm.parse_hookimpl_opts(plugin, attr)
-        if opts is None:
-            if attr in _SPEC_NAMES and callable(getattr(plugin, attr, None)):
-                problems.append(f"{attr} is not marked with @hookimpl, so it would never be called: "
-                                "decorate it with `@hookimpl` (from nexgate_proxy import hookimpl)")
-            continue
-        if attr not in _SPEC_NAMES:
-            close = difflib.get_close_matches(attr, _SPEC_NAMES, n=1)
-            hint = f"did you mean {close[0]}?" if close else "see the hook reference in docs/plugins.md"
-            problems.append(f"{attr} is not a NexGate hook: {hint}")
-            continue
-        spec_args = list(inspect.signature(getattr(hookspecs, attr)).parameters)
-        unknown = [name for name in _required_args(getattr(plugin, attr)) if name not in spec_args]
-        if unknown:
-            problems.append(f"{attr} takes {', '.join(repr(a) for a in unknown)}, which the hook does not pass: "
-                            f"it passes ({', '.join(spec_args)}); rename the argument or drop it "
-                            "(accept any subset, by these names)")
-    return problems
-
-
-def _required_args(fn: Any) -> list[str]:
-    """The arguments pluggy would pass by name: those without a default (``self`` excluded)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.default is p.empty
-            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _load_directory(directory: Path) -> list[tuple[Any, str]]:
@@ -260,7 +200,7 @@ def plugins_report(pm: PluginManager) -> dict[str, Any]:
         plugins.append({"order": order, "name": name, "source": info.source, "origin": info.origin,
                         "hooks": hooks, "requires_hooks": info.requires_hooks})
     call_order = {}
-    for hook in sorted(_SPEC_NAMES):
+    for hook in sorted(SPEC_NAMES):
         impls = getattr(pm.hook, hook).get_hookimpls()
         if impls:
             call_order[hook] = [impl.plugin_name for impl in reversed(impls)]  # pluggy calls the last first
