@@ -55,6 +55,29 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plugins_list(args: argparse.Namespace) -> int:
+    import json
+
+    path = find_config(args.config)
+    config = plugins.load_config(path) if path is not None else Config()
+    report = plugins.plugins_report(plugins.build_plugin_manager(config))
+    report["config"] = str(path) if path is not None else None
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from .clikit import table
+
+    rows = [{**p, "hooks": ", ".join(h.removeprefix("nexgate_") for h in p["hooks"]),
+             "requires_hooks": p["requires_hooks"] or "-"} for p in report["plugins"]]
+    print(f"hooks version {report['hooks_version']}; config: {report['config'] or '(none: defaults)'}")
+    print(table(rows, [("order", "#"), ("name", "PLUGIN"), ("source", "FROM"), ("origin", "ORIGIN"),
+                       ("requires_hooks", "NEEDS"), ("hooks", "HOOKS")]))
+    if not report["entrypoints_loaded"]:
+        print(f"entry points: skipped (plugins.entrypoints: false or {plugins.ENTRYPOINTS_ENV}=0)")
+    print("disabled: " + (", ".join(report["disabled"]) or "(none)"))
+    return 0
+
+
 def _int_or_none(text: str) -> int | None:
     try:
         return int(text)
@@ -98,6 +121,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     check.add_argument("path")
     check.set_defaults(func=_cmd_config_check)
 
+    plugins_parser = sub.add_parser("plugins", help="the plugins this gateway loads")
+    plugins_sub = plugins_parser.add_subparsers(dest="plugins_command", required=True)
+    listing = plugins_sub.add_parser("list", help="what is loaded, from where, in which order, with which hooks")
+    listing.add_argument("--config", help="YAML config (default: $NEXGATE_CONFIG, ./nexgate.yaml, "
+                                          "./config/nexgate.yaml; none: the defaults)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=_cmd_plugins_list)
+
     _plugin_commands(sub, argv)
     return parser
 
@@ -127,7 +158,10 @@ def _plugin_commands(sub: argparse._SubParsersAction, argv: Sequence[str] | None
     """Every plugin's commands (``nexgate_cli_commands``), built-ins and third-party alike."""
     from .plugins import HookChain, build_plugin_manager
 
-    HookChain(build_plugin_manager(_config_in(argv))).cli_commands(sub)
+    try:
+        HookChain(build_plugin_manager(_config_in(argv))).cli_commands(sub)
+    except PluginError:
+        pass  # a broken plugin must not break the parser: `serve`, `config check`, `plugins list` report it
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,10 +11,12 @@ Request phases run in this order for each proxied request::
 Any hook of the request phases (``authenticate``, ``admit``, ``route``,
 ``reserve``) may stop the request by raising
 :class:`nexgate_proxy.GatewayError`; the client then gets that status and an
-OpenAI-shaped error. ``settle``, ``guard_record`` and ``record`` always run,
-also after a rejection, an upstream failure or a client disconnect; an
-exception in one of their implementations is logged and does not stop the
-others.
+OpenAI-shaped error. Any other exception there is a plugin's bug: the client
+gets a 500 ``plugin_error`` naming the plugin, the log the traceback.
+``settle``, ``guard_record`` and ``record`` always run, also after a
+rejection, an upstream failure or a client disconnect; an exception in one of
+their implementations is logged, counted (``nexgate_plugin_failures_total``)
+and does not stop the others.
 
 Implementations may be ``async def`` or plain functions; NexGate awaits
 whatever is awaitable. ``hookwrapper``/``wrapper`` implementations are not
@@ -40,6 +42,16 @@ if TYPE_CHECKING:
     from .providers.base import Provider
 
 hookspec = pluggy.HookspecMarker("nexgate")
+
+HOOKS_VERSION = "1.0"
+"""The version of these specs, MAJOR.MINOR (docs/plugins.md, "Compatibility").
+
+MINOR grows when something is added that existing plugins can ignore: a hook, an
+argument passed to a hook, a ``RequestContext`` field. MAJOR grows when a plugin
+may break: a hook or argument removed or renamed, a phase moved, a return value
+read differently. A plugin may set ``NEXGATE_HOOKS = "1.0"`` (what it was written
+against); it then loads on 1.0 and every later 1.x, and fails at startup elsewhere.
+"""
 
 
 # ---------------------------------------------------------------- lifecycle

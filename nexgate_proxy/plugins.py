@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import logging
 import os
 import sys
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import pluggy
 
@@ -29,6 +32,7 @@ from . import config as config_module
 from .config import CORE_SECTION_NAMES, Config, ConfigError, ConfigReader, ConfigSection
 from .context import RequestContext, usage_record
 from .errors import GatewayError
+from .plugincheck import REQUIRES_HOOKS, SPEC_NAMES, check_hooks, check_version
 
 if TYPE_CHECKING:
     from .config import Target
@@ -71,35 +75,77 @@ class PluginError(Exception):
 logscrub.allow_exception_messages(PluginError)
 
 
-def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -> pluggy.PluginManager:
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a registered plugin came from, for ``nexgate plugins list`` and for messages."""
+
+    name: str
+    source: str
+    """"built-in", "entry point", "module", "directory" or "code" (passed in by the embedding program)."""
+    origin: str
+    """The module, the distribution and entry point, or the file."""
+    requires_hooks: str | None = None
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager that also remembers where each plugin came from and which built-ins are off."""
+
+    def __init__(self) -> None:
+        super().__init__("nexgate")
+        self.infos: dict[str, PluginInfo] = {}
+        self.disabled: tuple[str, ...] = ()
+        self.entrypoints_loaded = False
+
+
+def build_plugin_manager(config: Config, extra_plugins: Sequence[object] = ()) -> PluginManager:
     """Built-ins, entry points, the config's modules and directory, then ``extra_plugins`` (embedding, tests)."""
-    pm = pluggy.PluginManager("nexgate")
+    pm = PluginManager()
     pm.add_hookspecs(hookspecs)
-    disabled = set(disabled_builtins(config))
+    pm.disabled = tuple(disabled_builtins(config))
     for name in DEFAULT_PLUGINS:
-        if name not in disabled:
-            _register(pm, importlib.import_module(name), name)
+        if name not in pm.disabled:
+            _register(pm, importlib.import_module(name), PluginInfo(name, "built-in", name))
     if config.plugins.entrypoints and os.environ.get(ENTRYPOINTS_ENV, "1") != "0":
-        try:
-            pm.load_setuptools_entrypoints(ENTRYPOINT_GROUP)
-        except Exception as exc:  # a broken third-party package must name itself
-            raise PluginError(f"loading entry-point plugins of group '{ENTRYPOINT_GROUP}' failed: {exc!r}") from exc
+        pm.entrypoints_loaded = True
+        for plugin, info in _load_entrypoints():
+            _register(pm, plugin, info)
     for name in config.plugins.modules:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
             raise PluginError(f"plugins.modules: cannot import '{name}': {exc}") from exc
-        _register(pm, module, name)
+        _register(pm, module, PluginInfo(name, "module", getattr(module, "__file__", None) or name))
     if config.plugins.directory:
         for module, name in _load_directory(Path(config.plugins.directory)):
-            _register(pm, module, name)
+            _register(pm, module, PluginInfo(name, "directory", str(module.__file__)))
     for plugin in extra_plugins:
-        _register(pm, plugin, getattr(plugin, "__name__", None) or f"{type(plugin).__name__}@{id(plugin):x}")
+        name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}@{id(plugin):x}"
+        _register(pm, plugin, PluginInfo(name, "code", getattr(plugin, "__name__", None) or type(plugin).__qualname__))
     try:
         pm.check_pending()
-    except pluggy.PluginValidationError as exc:
+    except pluggy.PluginValidationError as exc:  # check_hooks found these first; kept as a safety net
         raise PluginError(f"{exc} (is the hook name misspelt? known hooks are in nexgate_proxy/hookspecs.py)") from exc
     return pm
+
+
+def _load_entrypoints() -> list[tuple[Any, PluginInfo]]:
+    """The installed ``nexgate`` entry points, each named by its distribution when it fails to load."""
+    found: list[tuple[Any, PluginInfo]] = []
+    seen: set[str] = set()
+    for ep in importlib.metadata.entry_points(group=ENTRYPOINT_GROUP):
+        if ep.name in seen:  # one distribution on the path twice
+            continue
+        seen.add(ep.name)
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name} {dist.version}: {ep.value}" if dist is not None else ep.value
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken third-party package must name itself
+            raise PluginError(f"entry point '{ep.name}' ({origin}) of group '{ENTRYPOINT_GROUP}' failed to "
+                              f"load: {exc!r}; fix or uninstall it, or set {ENTRYPOINTS_ENV}=0 to skip entry "
+                              "points") from exc
+        found.append((plugin, PluginInfo(ep.name, "entry point", origin)))
+    return found
 
 
 def disabled_builtins(config: Config) -> list[str]:
@@ -108,13 +154,20 @@ def disabled_builtins(config: Config) -> list[str]:
     return [name for name in DEFAULT_PLUGINS if name in disabled or name.rsplit(".", 1)[-1] in disabled]
 
 
-def _register(pm: pluggy.PluginManager, module: Any, name: str) -> None:
-    if pm.has_plugin(name):
-        return
+def _register(pm: PluginManager, plugin: Any, info: PluginInfo) -> None:
+    if pm.has_plugin(info.name) or pm.is_registered(plugin):
+        return  # the same plugin reached twice (an entry point also listed in plugins.modules)
+    required = getattr(plugin, REQUIRES_HOOKS, None)
+    info = replace(info, requires_hooks=None if required is None else str(required))
+    problems = check_version(info.requires_hooks) + check_hooks(pm, plugin)
+    if problems:
+        where = info.origin if info.origin != info.name else info.source
+        raise PluginError(f"plugin '{info.name}' ({where}): " + "; ".join(problems))
     try:
-        pm.register(module, name)
+        pm.register(plugin, info.name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin '{name}': {exc}") from exc
+        raise PluginError(f"plugin '{info.name}': {exc}") from exc
+    pm.infos[info.name] = info
 
 
 def _load_directory(directory: Path) -> list[tuple[Any, str]]:
@@ -137,6 +190,23 @@ def _load_directory(directory: Path) -> list[tuple[Any, str]]:
             raise PluginError(f"plugins.directory: '{path}' failed to import: {exc!r}") from exc
         loaded.append((module, f"{directory.name}/{path.name}"))
     return loaded
+
+
+def plugins_report(pm: PluginManager) -> dict[str, Any]:
+    """What ``nexgate plugins list`` shows: every plugin in registration order, its hooks, what is off."""
+    plugins = []
+    for order, (name, plugin) in enumerate(pm.list_name_plugin(), 1):
+        info = pm.infos.get(name) or PluginInfo(name, "code", name)
+        hooks = sorted(caller.name for caller in (pm.get_hookcallers(plugin) or ()))
+        plugins.append({"order": order, "name": name, "source": info.source, "origin": info.origin,
+                        "hooks": hooks, "requires_hooks": info.requires_hooks})
+    call_order = {}
+    for hook in sorted(SPEC_NAMES):
+        impls = getattr(pm.hook, hook).get_hookimpls()
+        if impls:
+            call_order[hook] = [impl.plugin_name for impl in reversed(impls)]  # pluggy calls the last first
+    return {"hooks_version": hookspecs.HOOKS_VERSION, "plugins": plugins,
+            "disabled": list(pm.disabled), "entrypoints_loaded": pm.entrypoints_loaded, "call_order": call_order}
 
 
 # ------------------------------------------------------ config sections
@@ -222,11 +292,11 @@ def section_problems(config: Config) -> list[str]:
 class _Impl:
     """One implementation, ready to call with the hook's arguments in the spec's order."""
 
-    __slots__ = ("call", "is_async", "plugin", "name")
+    __slots__ = ("call", "is_async", "plugin", "hook")
 
-    def __init__(self, call: Callable[..., Any], is_async: bool, plugin: str, name: str) -> None:
+    def __init__(self, call: Callable[..., Any], is_async: bool, plugin: str, hook: str) -> None:
         self.call = call
-        self.name = name
+        self.hook = hook
         self.is_async = is_async
         """Decided at startup; a plain function may still return an awaitable (checked when not None)."""
         self.plugin = plugin
@@ -252,8 +322,7 @@ def _compile(pm: pluggy.PluginManager, hook_name: str) -> tuple[_Impl, ...]:
                 "as coroutines, which wrappers cannot wrap. Use tryfirst/trylast instead."
             )
         impls.append(_Impl(_positional(impl.function, tuple(impl.argnames), spec),
-                           inspect.iscoroutinefunction(impl.function), impl.plugin_name,
-                           getattr(impl.function, "__name__", hook_name)))
+                           inspect.iscoroutinefunction(impl.function), impl.plugin_name, hook_name))
     return tuple(impls)
 
 
@@ -305,6 +374,10 @@ async def _call(impl: _Impl, *args: Any) -> Any:
     return result
 
 
+TRACEBACK_EVERY = 60.0
+"""Seconds between two logged tracebacks of one plugin's hook (every failure is still logged and counted)."""
+
+
 def _describe(exc: BaseException) -> str:
     """One line for the operator: the exception's type and message, secrets masked."""
     text = str(exc).strip().splitlines()
@@ -324,6 +397,9 @@ class HookChain:
         self._admit = _compile(pm, "nexgate_admit")
         self._route = _compile(pm, "nexgate_route")
         self._reserve = _compile(pm, "nexgate_reserve")
+        # Bound once: calling a partial makes the phase's coroutine directly, no wrapper coroutine per request.
+        self.admit: Callable[[RequestContext], Awaitable[None]] = functools.partial(self._every, self._admit)
+        self.reserve: Callable[[RequestContext], Awaitable[None]] = functools.partial(self._every, self._reserve)
         self._settle = _compile(pm, "nexgate_settle")
         self._guard_record = _compile(pm, "nexgate_guard_record")
         self._record = _compile(pm, "nexgate_record")
@@ -335,39 +411,61 @@ class HookChain:
                 raise PluginError(f"plugin '{impl.plugin}': nexgate_metrics must be a plain function "
                                   "(it runs inside a /metrics scrape, which does not await)")
         self.records_dropped = 0
-        self.hook_failures = 0
+        self.failures: dict[tuple[str, str], int] = {}
+        """(plugin, hook) -> failures in this process, exported as ``nexgate_plugin_failures_total``."""
+        self._last_traceback: dict[tuple[str, str], float] = {}
 
     # -- request phases; these raise GatewayError to reject
 
+    # A plugin's bug (anything but GatewayError) becomes a 500 naming the plugin: `_request_failed`.
+    # The try blocks cost nothing until something raises.
+
     async def authenticate(self, ctx: RequestContext) -> None:
         for impl in self._authenticate:
-            identity = impl.call(ctx)
-            if impl.is_async or (identity is not None and _isawaitable(identity)):
-                identity = await identity
+            try:
+                identity = impl.call(ctx)
+                if impl.is_async or (identity is not None and _isawaitable(identity)):
+                    identity = await identity
+            except GatewayError:
+                raise
+            except Exception as exc:
+                raise self._request_failed(impl, exc, ctx) from exc
             if identity is not None:
                 ctx.identity = identity
                 return
 
-    async def admit(self, ctx: RequestContext) -> None:
-        for impl in self._admit:
-            result = impl.call(ctx)
-            if impl.is_async or (result is not None and _isawaitable(result)):
-                await result
+    async def _every(self, impls: tuple[_Impl, ...], ctx: RequestContext) -> None:
+        """admit and reserve: every implementation, unless one raises."""
+        for impl in impls:
+            try:
+                result = impl.call(ctx)
+                if impl.is_async or (result is not None and _isawaitable(result)):
+                    await result
+            except GatewayError:
+                raise
+            except Exception as exc:
+                raise self._request_failed(impl, exc, ctx) from exc
 
     async def route(self, ctx: RequestContext) -> list[Target]:
         for impl in self._route:
-            targets = impl.call(ctx)
-            if impl.is_async or (targets is not None and _isawaitable(targets)):
-                targets = await targets
+            try:
+                targets = impl.call(ctx)
+                if impl.is_async or (targets is not None and _isawaitable(targets)):
+                    targets = await targets
+            except GatewayError:
+                raise
+            except Exception as exc:
+                raise self._request_failed(impl, exc, ctx) from exc
             if targets is not None:
                 return targets
         raise GatewayError(404, f"The model `{ctx.model}` does not exist.", code="model_not_found", param="model")
 
-    async def reserve(self, ctx: RequestContext) -> None:
-        for impl in self._reserve:
-            result = impl.call(ctx)
-            if impl.is_async or (result is not None and _isawaitable(result)):
-                await result
+
+    def _request_failed(self, impl: _Impl, exc: Exception, ctx: RequestContext) -> GatewayError:
+        self._failed(impl, exc, ctx.request_id)
+        return GatewayError(500, f"The gateway's plugin '{impl.plugin}' failed in {impl.hook}; the request was "
+                            "not sent upstream. The gateway's log has the details.",
+                            code="plugin_error", type="server_error")
 
     # -- final phases; these always run and never raise
 
@@ -382,7 +480,7 @@ class HookChain:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._failed(impl, exc)
+                self._failed(impl, exc, ctx.request_id)
         record = usage_record(ctx)
         app = ctx.app
         for impl in self._guard_record:
@@ -394,11 +492,10 @@ class HookChain:
                 self.records_dropped += 1
                 log.error("usage record %s dropped by guard '%s'", ctx.request_id, impl.plugin)
                 return
-            except Exception:
+            except Exception as exc:
                 # A guard that fails cannot vouch for the record: fail closed.
                 self.records_dropped += 1
-                self.hook_failures += 1
-                log.error("guard '%s' failed on record %s; record dropped", impl.plugin, ctx.request_id)
+                self._failed(impl, exc, ctx.request_id, "; record dropped")
                 return
         for impl in self._record:
             try:
@@ -408,12 +505,25 @@ class HookChain:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._failed(impl, exc)
+                self._failed(impl, exc, ctx.request_id)
 
-    def _failed(self, impl: _Impl, exc: Exception) -> None:
-        self.hook_failures += 1
-        # The exception type and plugin only: messages may quote request data.
-        log.error("hook %s of plugin '%s' failed: %s", impl.name, impl.plugin, type(exc).__name__)
+    def _failed(self, impl: _Impl, exc: Exception, request_id: str | None = None, outcome: str = "") -> None:
+        """Count a failure (``nexgate_plugin_failures_total``) and log it; the traceback at most once a minute
+        per plugin and hook, so a sink that fails on every request does not flood the log. The log scrubber
+        keeps the frames and withholds the exception's message, which may quote request data."""
+        key = (impl.plugin, impl.hook)
+        self.failures[key] = self.failures.get(key, 0) + 1
+        now = time.monotonic()
+        with_traceback = now - self._last_traceback.get(key, -TRACEBACK_EVERY) >= TRACEBACK_EVERY
+        if with_traceback:
+            self._last_traceback[key] = now
+        log.error("hook %s of plugin '%s' failed%s: %s%s", impl.hook, impl.plugin,
+                  f" on request {request_id}" if request_id else "", type(exc).__name__, outcome,
+                  exc_info=exc if with_traceback else None)
+
+    @property
+    def hook_failures(self) -> int:
+        return sum(self.failures.values())
 
     # -- lifecycle
 
@@ -456,12 +566,15 @@ class HookChain:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.hook_failures += 1
+                self._count(plugin, "nexgate_lifespan")
                 log.error("plugin '%s' failed to stop: %s", plugin, _describe(exc))
                 continue
-            self.hook_failures += 1
+            self._count(plugin, "nexgate_lifespan")
             log.error("plugin '%s': nexgate_lifespan yielded more than once", plugin)
             await unit.aclose()  # type: ignore[attr-defined]
+
+    def _count(self, plugin: str, hook: str) -> None:
+        self.failures[(plugin, hook)] = self.failures.get((plugin, hook), 0) + 1
 
     async def ready(self, app: Any) -> list[tuple[str, bool]]:
         checks = []
@@ -482,7 +595,17 @@ class HookChain:
                 families += list(impl.call(app) or ())  # all of a plugin's families, or none
             except Exception as exc:
                 self._failed(impl, exc)
-        return families
+        return [*families, self._failure_family()]
+
+    def _failure_family(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("nexgate_plugin_failures", "Exceptions raised by plugin hooks (this process); "
+                                     "a request phase's answers the client 500 plugin_error, the others are "
+                                     "logged and skipped.", labels=("plugin", "hook"))
+        for (plugin, hook), count in sorted(self.failures.items()):
+            family.add_metric((plugin, hook), count)
+        return family
 
     def provider_types(self) -> dict[str, type]:
         types: dict[str, type] = {}
