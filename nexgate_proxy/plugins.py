@@ -329,10 +329,12 @@ class HookChain:
         self._lifespans = _lifespans(pm)
         self._ready = _compile(pm, "nexgate_ready")
         self._metrics = _compile(pm, "nexgate_metrics")
-        for impl in self._metrics:
+        self._upstream_attempt = _compile(pm, "nexgate_upstream_attempt")
+        self._upstream_done = _compile(pm, "nexgate_upstream_done")
+        for impl in (*self._metrics, *self._upstream_attempt, *self._upstream_done):
             if impl.is_async:
-                raise PluginError(f"plugin '{impl.plugin}': nexgate_metrics must be a plain function "
-                                  "(it runs inside a /metrics scrape, which does not await)")
+                raise PluginError(f"plugin '{impl.plugin}': {impl.name} must be a plain function "
+                                  "(it runs where nothing is awaited)")
         self.records_dropped = 0
         self.hook_failures = 0
 
@@ -367,6 +369,22 @@ class HookChain:
             result = impl.call(ctx)
             if impl.is_async or (result is not None and _isawaitable(result)):
                 await result
+
+    # -- upstream attempts; plain functions, never raise
+
+    def upstream_attempt(self, ctx: RequestContext, target: Target, headers: dict[str, str]) -> None:
+        for impl in self._upstream_attempt:
+            try:
+                impl.call(ctx, target, headers)
+            except Exception as exc:
+                self._failed(impl, exc)
+
+    def upstream_done(self, ctx: RequestContext, target: Target, status: int, error_code: str | None) -> None:
+        for impl in self._upstream_done:
+            try:
+                impl.call(ctx, target, status, error_code)
+            except Exception as exc:
+                self._failed(impl, exc)
 
     # -- final phases; these always run and never raise
 

@@ -19,6 +19,7 @@ import math
 import os
 import re
 from dataclasses import replace
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
@@ -206,15 +207,18 @@ class Proxy:
         loop = self.loop or asyncio.get_running_loop()
         watchdog = Watchdog(loop, loop.time() + timeouts.total, min(timeouts.first_byte, timeouts.idle))
         forwarded = request_headers(ctx.headers)
+        forwarded["x-request-id"] = ctx.request_id
         failure: GatewayError | None = None
         failed_on = ""
         health = self.health
         cooling_until: float | None = None
         last = len(ctx.targets) - 1
 
-        def keep(error: GatewayError, target: Target) -> None:
+        def keep(error: GatewayError, target: Target, status: int = 0) -> None:
             # The most meaningful failure wins, whatever the (weighted, random) order of the targets.
             nonlocal failure, failed_on
+            if ctx.attempt_started:  # observability: the attempt's time and outcome
+                self._attempt_done(ctx, target, status, error.code)
             if failure is None or _more_meaningful(error, target.provider, failure, failed_on):
                 failure, failed_on = error, target.provider
 
@@ -239,10 +243,13 @@ class Proxy:
                         continue
                     injected = False
                 ctx.attempts += 1
+                headers = dict(forwarded)
+                self.chain.upstream_attempt(ctx, target, headers)  # observability: trace context
+                ctx.attempt_started = perf_counter()
                 watchdog.expect(timeouts.first_byte)
                 try:
                     with watchdog:
-                        upstream = await provider.send(ctx, target, sent_to, payload, dict(forwarded),
+                        upstream = await provider.send(ctx, target, sent_to, payload, headers,
                                                        self._session(), self._client_timeouts[route.alias])
                 except TimeoutError:
                     health.failed(key, loop.time(), target.cooldown)
@@ -262,7 +269,7 @@ class Proxy:
                     health.failed(key, loop.time(), target.cooldown, retry_after)
                 if status >= 500 or status in (401, 403) or (status == 429 and index < last):
                     upstream.close()
-                    keep(_upstream_status_error(target, status), target)
+                    keep(_upstream_status_error(target, status), target, status)
                     continue
                 streamed = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
                 # Nothing reaches the client before the upstream's first bytes (a stream's) or its whole
@@ -276,20 +283,33 @@ class Proxy:
                         answer = await self._read_answer(upstream, watchdog, timeouts.idle)
                 except _AnswerBroken as exc:
                     health.failed(key, loop.time(), target.cooldown)
-                    keep(exc.error(target), target)
+                    keep(exc.error(target), target, status)
                     continue
                 if status != 429:  # the provider answered: its breaker closes (a 4xx is the request's fault)
                     health.succeeded(key)
+                self._attempt_done(ctx, target, status, None, streamed=chunks is not None)
                 if chunks is not None:
                     return await self._relay_stream(ctx, upstream, answer, chunks, injected, watchdog,
                                                     timeouts.idle, translation)
                 return await self._relay_body(ctx, upstream, answer, translation)
         finally:
             watchdog.close()
+            if ctx.attempt_started and ctx.target is not None:  # an attempt that ended otherwise
+                self._attempt_done(ctx, ctx.target, 0, "upstream_error")
         if ctx.attempts == 0 and cooling_until is not None:
             raise _all_cooling_down(cooling_until - loop.time())
         assert failure is not None
         raise failure
+
+    def _attempt_done(self, ctx: RequestContext, target: Target, status: int, error_code: str | None,
+                      streamed: bool = False) -> None:
+        """Observability: the attempt's wait counts as upstream time; plugins hear how it ended."""
+        now = perf_counter()
+        ctx.upstream_wait += now - ctx.attempt_started
+        if streamed:
+            ctx.first_chunk_at = now
+        self.chain.upstream_done(ctx, target, status, error_code)
+        ctx.attempt_started = 0.0
 
     @staticmethod
     def _translated_body(ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], provider: Provider,
@@ -403,7 +423,9 @@ class Proxy:
                             client_gone = True
                             break
                     watchdog.expect(idle)
+                    waited = perf_counter()  # observability: time waiting on the upstream
                     chunk = await anext(chunks, b"")
+                    ctx.upstream_wait += perf_counter() - waited
         except TimeoutError:
             error = GatewayError(504, "The upstream provider stopped sending the stream.", code="upstream_timeout")
         except _UPSTREAM_TRANSPORT:

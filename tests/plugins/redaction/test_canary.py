@@ -167,7 +167,7 @@ async def test_the_canary_appears_nowhere(upstream: FakeUpstream, start_gateway,
         async with session.get(gw.url + "/metrics") as resp:
             metrics = await resp.text()
     assert_clean("/metrics", metrics)
-    assert 'nexgate_requests_total{endpoint="chat.completions",model="-",status="404"} 1.0' in metrics
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="-",provider="-",status="404",status_class="4xx"} 1.0' in metrics
     assert 'nexgate_redaction_dropped_total{sink="record"} 0.0' in metrics  # no false positive on any path
 
     logged = everything_logged(caplog)
