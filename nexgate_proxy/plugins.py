@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_proxy.providers.azure",
     "nexgate_proxy.providers.gemini",
     "nexgate_proxy.providers.echo",
+    "nexgate_proxy.logs",
     "nexgate_plugins.auth",
     "nexgate_plugins.ratelimit",
     "nexgate_plugins.routing",
