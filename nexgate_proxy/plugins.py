@@ -49,6 +49,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_plugins.payments",
     "nexgate_plugins.usage_log",
     "nexgate_plugins.metrics",
+    "nexgate_plugins.tracing",
     "nexgate_plugins.redaction",
     "nexgate_plugins.admin",
 )
