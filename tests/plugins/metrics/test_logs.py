@@ -68,6 +68,6 @@ async def test_a_client_hanging_up_mid_body_is_no_internal_error(upstream: FakeU
     await asyncio.sleep(0.5)
     ours = [r for r in caplog.records if r.name.startswith(("nexgate", "aiohttp"))]  # not an SDK's leftovers
     assert not [r for r in ours if r.levelno >= logging.ERROR], [r.getMessage() for r in ours]
-    assert not any("Traceback" in (r.exc_text or "") for r in caplog.records)
+    assert not any("Traceback" in (r.exc_text or "") for r in ours)
     requests = [r for r in caplog.records if r.name == "nexgate.request"]
     assert requests and requests[-1].status == 499
