@@ -98,6 +98,10 @@ async def test_a_known_mix_of_traffic_gives_exact_counters(upstream: FakeUpstrea
     assert value(found, "nexgate_gateway_overhead_seconds_count", endpoint="chat.completions",
                  provider="fake") == 3 + 2 + 1 + 1 + more
     assert value(found, "nexgate_in_flight_requests") == 0
+    assert value(found, "nexgate_credit_holds_in_flight") == 0  # every hold settled
+    assert value(found, "nexgate_auth_bcrypt_verifications_total") == 1  # the test key, once; then the cache
+    assert value(found, "nexgate_auth_cache_hits_total") >= 3 + 2 + more
+    assert ("nexgate_usage_outbox_pending", frozenset()) in found
     assert value(found, "nexgate_open_streams") == 0
 
     # Bounded cardinality: label names from a fixed set, no value a key, user, request id or IP.
