@@ -159,6 +159,28 @@ class Target:
     """The model alias whose route lists this target (a fallback's alias when reached through one)."""
     cooldown: CooldownSettings = field(default_factory=CooldownSettings)
     """Its circuit breaker: the model's ``cooldown`` over its provider's over the defaults."""
+    rpm: int | None = None
+    """Requests per minute the operator may send it (a provider's quota); skipped at the cap."""
+    tpm: int | None = None
+    """Tokens (prompt + completion) per minute it may take; skipped at the cap."""
+
+
+STRATEGIES = ("weighted", "priority", "least-latency", "lowest-cost")
+"""How a model orders its own targets (see nexgate_plugins.routing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    """Calling the same target again after a retriable failure, before any byte reached the client."""
+
+    retries: int = 0
+    """Extra calls to one target after a connect error, timeout, 429 or 5xx; 0 = straight to the next
+    (the default: falling back beats calling a failing target again, and each retry counts toward its breaker)."""
+    backoff: float = 0.2
+    """Seconds before the first retry, doubled for each further one (with jitter: 50-100% of it)."""
+    max_backoff: float = 2.0
+    max_attempts: int = 8
+    """Upstream calls per request, retries and fallbacks together."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +195,9 @@ class ModelRoute:
     price: Price | None = None
     free: bool = False
     max_output_tokens: int | None = None
+    strategy: str = "weighted"
+    """How its targets are ordered: one of ``STRATEGIES``."""
+    retry: RetrySettings = field(default_factory=RetrySettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +433,7 @@ def _timeouts(r: ConfigReader, raw: Any, path: str, base: Timeouts) -> Timeouts:
     )
 
 
-_COOLDOWN_KEYS = ("failures", "cooldown", "max_cooldown", "max_retry_after")
+_COOLDOWN_KEYS = ("failures", "cooldown", "max_cooldown", "max_retry_after", "failure_ratio", "window", "min_calls")
 
 
 def _cooldown(r: ConfigReader, raw: Any, path: str, base: CooldownSettings) -> CooldownSettings:
@@ -418,9 +443,30 @@ def _cooldown(r: ConfigReader, raw: Any, path: str, base: CooldownSettings) -> C
         cooldown=r.value(s, "cooldown", path, float, base.cooldown, _positive),
         max_cooldown=r.value(s, "max_cooldown", path, float, base.max_cooldown, _positive),
         max_retry_after=r.value(s, "max_retry_after", path, float, base.max_retry_after, _non_negative),
+        failure_ratio=r.value(s, "failure_ratio", path, float, base.failure_ratio, _ratio),
+        window=r.value(s, "window", path, float, base.window, _positive),
+        min_calls=r.value(s, "min_calls", path, int, base.min_calls, _positive),
     )
     if settings.max_cooldown < settings.cooldown:
         r.problem(f"{path}.max_cooldown", f"must not be below cooldown ({settings.cooldown:g})")
+    return settings
+
+
+def _ratio(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def _retry(r: ConfigReader, raw: Any, path: str) -> RetrySettings:
+    s = r.mapping(raw, path, ("retries", "backoff", "max_backoff", "max_attempts"))
+    d = RetrySettings()
+    settings = RetrySettings(
+        retries=r.value(s, "retries", path, int, d.retries, _non_negative),
+        backoff=r.value(s, "backoff", path, float, d.backoff, _positive),
+        max_backoff=r.value(s, "max_backoff", path, float, d.max_backoff, _positive),
+        max_attempts=r.value(s, "max_attempts", path, int, d.max_attempts, _positive),
+    )
+    if settings.max_backoff < settings.backoff:
+        r.problem(f"{path}.max_backoff", f"must not be below backoff ({settings.backoff:g})")
     return settings
 
 
@@ -581,7 +627,7 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
             route = []
         for i, t in enumerate(route):
             tp = f"{p}.route[{i}]"
-            ts = r.mapping(t, tp, ("provider", "model", "weight", "price"))
+            ts = r.mapping(t, tp, ("provider", "model", "weight", "price", "rpm", "tpm"))
             provider = r.value(ts, "provider", tp, str, "")
             if not provider:
                 r.problem(f"{tp}.provider", "required")
@@ -591,7 +637,9 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
                 r.problem(f"{tp}.provider", f"unknown provider '{provider}' ({known})")
             weight = r.value(ts, "weight", tp, int, 1, _positive)
             targets.append(Target(provider=provider, model=r.value(ts, "model", tp, str, str(alias)), weight=weight,
-                                  price=_price(r, ts.get("price"), f"{tp}.price")))
+                                  price=_price(r, ts.get("price"), f"{tp}.price"),
+                                  rpm=r.value(ts, "rpm", tp, int, None, _positive),
+                                  tpm=r.value(ts, "tpm", tp, int, None, _positive)))
         # The model's cooldown keys override its providers' key by key (checked once, here).
         own = _cooldown(r, s.get("cooldown"), f"{p}.cooldown", CooldownSettings())
         given = {k: getattr(own, k) for k in _COOLDOWN_KEYS if isinstance(s.get("cooldown"), dict)
@@ -608,6 +656,9 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
             elif fb == alias:
                 r.problem(f"{p}.fallbacks[{i}]", "a model cannot fall back to itself")
         price = _price(r, s.get("price"), f"{p}.price")
+        strategy = r.value(s, "strategy", p, str, "weighted")
+        if strategy not in STRATEGIES:
+            r.problem(f"{p}.strategy", f"unknown strategy '{strategy}' (one of: {', '.join(STRATEGIES)})")
         free = r.value(s, "free", p, bool, False)
         if free and price is not None:
             r.problem(f"{p}.free", "a model is either free or has a price, not both")
@@ -621,6 +672,8 @@ def _models(r: ConfigReader, entries: dict[str, Any], config: Config) -> dict[st
             price=price,
             free=free,
             max_output_tokens=r.value(s, "max_output_tokens", p, int, None, _positive),
+            strategy=strategy,
+            retry=_retry(r, s.get("retry"), f"{p}.retry"),
         )
     _check_fallback_cycles(r, out)
     return {alias: replace(route, chain=_fallback_chain(out, alias)) for alias, route in out.items()}
@@ -681,7 +734,7 @@ PROVIDERS_SECTION = ConfigSection("providers", _providers, ("type", "base_url", 
                                                           "cooldown"),
                                   "The upstream APIs, by a name of your choice.", entries=True)
 MODELS_SECTION = ConfigSection("models", _models, (
-    "route", "fallbacks", "timeouts", "price", "free", "max_output_tokens", "cooldown"),
+    "route", "fallbacks", "timeouts", "price", "free", "max_output_tokens", "cooldown", "strategy", "retry"),
     "The routing table: the model names clients send, where they go and what they cost.", entries=True)
 PLUGINS_SECTION = ConfigSection("plugins", _plugins, ("modules", "directory", "disable", "entrypoints"),
                                 "Which plugins load besides the built-ins, and which built-ins are off.")

@@ -82,6 +82,8 @@ class Identity:
     """Per-key limit overrides (rpm, tpm, concurrent, allow, deny), read by the rate limit plugin."""
     org_limits: dict[str, Any] = field(default_factory=dict)
     """Per-org limit overrides from the store, read by the rate limit plugin."""
+    suspended: bool = False
+    """The key's user is suspended (restriction of processing): the auth plugin refuses it, 403."""
 
 
 @dataclass(slots=True)

@@ -40,6 +40,34 @@ def format_usd(pico: int) -> str:
     return f"{sign}{whole}.{fraction:012d}".rstrip("0")
 
 
+# ISO 4217 currencies whose minor unit is not a hundredth (payment providers count in minor units).
+_ZERO_DECIMAL = frozenset("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split())
+_THREE_DECIMAL = frozenset("BHD IQD JOD KWD LYD OMR TND".split())
+
+
+def currency_exponent(currency: str) -> int:
+    """Decimals of the currency's major unit: 0 for JPY, 3 for KWD, 2 for USD and most."""
+    code = currency.upper()
+    return 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
+
+
+def format_minor_units(minor: int, currency: str) -> str:
+    """An amount in the currency's smallest unit, for a person: 1099 USD -> "10.99 USD", 500 JPY -> "500 JPY"."""
+    exponent = currency_exponent(currency)
+    sign = "-" if minor < 0 else ""
+    whole, fraction = divmod(abs(minor), 10**exponent)
+    text = f"{whole}.{fraction:0{exponent}d}" if exponent else str(whole)
+    return f"{sign}{text} {currency.upper()}"
+
+
+def major_to_minor_units(text: str, currency: str) -> int | None:
+    """"10.99" USD -> 1099; None when it is not a plain decimal or finer than the minor unit."""
+    if not text.isascii() or not text.replace(".", "", 1).isdigit():
+        return None
+    units = Decimal(text).scaleb(currency_exponent(currency))
+    return int(units) if units == units.to_integral_value() else None
+
+
 def per_token_pico(usd_per_mtok: Decimal) -> int:
     """pUSD per token for a price in USD per million tokens; exact or ValueError."""
     value = usd_per_mtok * _PICO_PER_TOKEN_PER_USD_PER_MTOK
@@ -48,8 +76,9 @@ def per_token_pico(usd_per_mtok: Decimal) -> int:
     return int(value)
 
 
-def price_problem(price: Price) -> str | None:
-    """Why a price cannot be charged exactly, or None."""
+def price_problems(price: Price) -> list[str]:
+    """Why a price cannot be charged exactly: one line per token class that cannot (none: it can)."""
+    problems = []
     for name in PRICE_KEYS:
         value = getattr(price, name)
         if value is None:
@@ -58,8 +87,9 @@ def price_problem(price: Price) -> str | None:
             per_token_pico(value)
         except ValueError:
             # Plain notation, as the YAML has it: str() would show 0.0000001 as 1E-7.
-            return f"{name}: {value:f} has more than 6 decimals per million tokens, which NexGate cannot charge exactly"
-    return None
+            problems.append(f"{name}: {value:f} has more than 6 decimals per million tokens, which NexGate cannot "
+                            "charge exactly")
+    return problems
 
 
 @dataclass(frozen=True, slots=True)

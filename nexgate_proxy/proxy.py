@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 from dataclasses import replace
 from time import perf_counter
@@ -31,10 +32,13 @@ from .cooldown import Cooldowns, TargetHealth, retry_after_seconds
 from .endpoints import ENDPOINTS
 from .errors import GatewayError
 from .headers import request_headers, response_headers
+from .money import format_usd
 from .providers.base import BodyTooLarge
 from .requestbody import read_body
+from .runner import watch_connection
+from .targetstats import TargetStats
 from .translate import translatable, translation_for
-from .usage import StreamMeter, estimate_output_tokens, usage_from_body
+from .usage import StreamMeter, add_cost, estimate_output_tokens, usage_from_body, with_cost
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -48,6 +52,8 @@ log = logging.getLogger("nexgate.proxy")
 
 # Body keys that would let a client pick the upstream; never forwarded, never used.
 CLIENT_ONLY_KEYS = frozenset({"api_base", "base_url", "api_key", "api_version", "organization"})
+# Never forwarded: those, and the gateway's own request fields (``models``: the client's fallbacks).
+NOT_FORWARDED = CLIENT_ONLY_KEYS | {"models"}
 
 # Write errors that mean the client went away.
 _CLIENT_GONE = (ConnectionResetError, ConnectionError, aiohttp.ClientConnectionResetError)
@@ -76,6 +82,8 @@ class Proxy:
         """Set at startup; cached because get_running_loop() costs a getpid() per call."""
         self.health: TargetHealth = Cooldowns()
         """The targets' circuit breakers (nexgate_proxy.cooldown): a target cooling down is skipped."""
+        self.stats = TargetStats()
+        """Latency, rpm/tpm counts, retries and fallbacks per target (nexgate_proxy.targetstats)."""
         self.max_response_bytes = config.upstream.max_response_bytes
         self.max_body_bytes = config.server.max_body_bytes
         self.trusted_proxies = config.server.trusted_proxies
@@ -112,6 +120,15 @@ class Proxy:
             ctx.status = exc.status
             ctx.error_code = exc.code
             return self._error_response(ctx, exc)
+        except asyncio.CancelledError:
+            if not ctx.client_disconnected:
+                raise  # a shutdown's, not ours
+            task = asyncio.current_task()
+            while task is not None and task.uncancel():
+                pass
+            ctx.status = 499
+            ctx.error_code = "client_disconnected"
+            return web.Response(status=499)  # nobody reads it
         except Exception:
             # A bug, not the client's fault. Log the type and where, never the request data.
             ctx.status = 500
@@ -133,7 +150,13 @@ class Proxy:
         """
         if not ctx.finished:
             ctx.finished = True
+            watch_connection(ctx.request, None)  # from here on a hang-up shows as a failed write
             await self.chain.finish(ctx)
+            target = ctx.target
+            if target is not None and target.tpm is not None and ctx.attempts and self.loop is not None:
+                usage = ctx.usage  # settle filled in estimates where the upstream reported none
+                self.stats.took((target.provider, target.model), self.loop.time(),
+                                usage.prompt_tokens + usage.completion_tokens)
 
     def _error_response(self, ctx: RequestContext, exc: GatewayError) -> web.Response:
         resp = exc.response()
@@ -183,14 +206,14 @@ class Proxy:
         if ctx.stream and endpoint.include_usage_option:
             options = body.get("stream_options")
             inject = not (isinstance(options, dict) and options.get("include_usage") is True)
-        stripped = not CLIENT_ONLY_KEYS.isdisjoint(body)
+        stripped = not NOT_FORWARDED.isdisjoint(body)
         if not (model_changed or inject or stripped):
             return raw, False
         if not stripped:
             patched = _patch_raw(raw, ctx.model or "", target.model if model_changed else None, inject)
             if patched is not None:
                 return patched, inject
-        body = {k: v for k, v in body.items() if k not in CLIENT_ONLY_KEYS}
+        body = {k: v for k, v in body.items() if k not in NOT_FORWARDED}
         body["model"] = target.model
         if inject:
             options = body.get("stream_options")
@@ -204,14 +227,18 @@ class Proxy:
         route = ctx.route
         assert route is not None, "the route hook must set ctx.route"
         timeouts = route.timeouts
+        retry = route.retry
         loop = self.loop or asyncio.get_running_loop()
-        watchdog = Watchdog(loop, loop.time() + timeouts.total, min(timeouts.first_byte, timeouts.idle))
+        deadline = loop.time() + timeouts.total
+        watchdog = Watchdog(loop, deadline, min(timeouts.first_byte, timeouts.idle))
         forwarded = request_headers(ctx.headers)
         forwarded["x-request-id"] = ctx.request_id
         failure: GatewayError | None = None
         failed_on = ""
         health = self.health
+        stats = self.stats
         cooling_until: float | None = None
+        capped_until: float | None = None
         last = len(ctx.targets) - 1
 
         def keep(error: GatewayError, target: Target, status: int = 0) -> None:
@@ -222,13 +249,22 @@ class Proxy:
             if failure is None or _more_meaningful(error, target.provider, failure, failed_on):
                 failure, failed_on = error, target.provider
 
+        self._watch_client(ctx)
         try:
             for index, target in enumerate(ctx.targets):
+                if ctx.attempts >= retry.max_attempts:
+                    break
                 key = (target.provider, target.model)
-                if not health.available(key, loop.time()):
+                now = loop.time()
+                if not health.available(key, now):
                     until = health.reopens_at(key)
                     cooling_until = until if cooling_until is None else min(cooling_until, until)
                     continue
+                if target.rpm is not None or target.tpm is not None:
+                    free_at = stats.capped_until(target, key, now)
+                    if free_at is not None:
+                        capped_until = free_at if capped_until is None else min(capped_until, free_at)
+                        continue
                 provider = self.providers[target.provider]
                 ctx.target = target
                 translation = None
@@ -242,64 +278,104 @@ class Proxy:
                         keep(exc, target)  # this target cannot take the request; a later one may
                         continue
                     injected = False
-                ctx.attempts += 1
-                headers = dict(forwarded)
-                self.chain.upstream_attempt(ctx, target, headers)  # observability: trace context
-                ctx.attempt_started = perf_counter()
-                watchdog.expect(timeouts.first_byte)
-                try:
-                    with watchdog:
-                        upstream = await provider.send(ctx, target, sent_to, payload, headers,
-                                                       self._session(), self._client_timeouts[route.alias])
-                except TimeoutError:
-                    health.failed(key, loop.time(), target.cooldown)
-                    keep(GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
-                                      code="upstream_timeout"), target)
-                    continue
-                except _UPSTREAM_TRANSPORT as exc:
-                    health.failed(key, loop.time(), target.cooldown)
-                    keep(GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
-                                      code="upstream_unreachable"), target)
-                    log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id,
-                                type(exc).__name__)
-                    continue
-                status = upstream.status
-                if status >= 500 or status == 429:
-                    retry_after = retry_after_seconds(upstream.headers) if status in (429, 503) else None
-                    health.failed(key, loop.time(), target.cooldown, retry_after)
-                if status >= 500 or status in (401, 403) or (status == 429 and index < last):
-                    upstream.close()
-                    keep(_upstream_status_error(target, status), target, status)
-                    continue
-                streamed = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-                # Nothing reaches the client before the upstream's first bytes (a stream's) or its whole
-                # answer (a non-streamed one): one that breaks or stalls after its headers, before
-                # that, falls back like a refused connection.
-                chunks = upstream.iter_chunks().__aiter__() if streamed else None
-                try:
-                    if chunks is not None:
-                        answer = await self._first_chunk(upstream, chunks, watchdog, timeouts.idle)
-                    else:
-                        answer = await self._read_answer(upstream, watchdog, timeouts.idle)
-                except _AnswerBroken as exc:
-                    health.failed(key, loop.time(), target.cooldown)
-                    keep(exc.error(target), target, status)
-                    continue
-                if status != 429:  # the provider answered: its breaker closes (a 4xx is the request's fault)
-                    health.succeeded(key)
-                self._attempt_done(ctx, target, status, None, streamed=chunks is not None)
-                if chunks is not None:
-                    return await self._relay_stream(ctx, upstream, answer, chunks, injected, watchdog,
-                                                    timeouts.idle, translation)
-                return await self._relay_body(ctx, upstream, answer, translation)
+                tries = 0
+                while True:
+                    ctx.attempts += 1
+                    if target.rpm is not None or target.tpm is not None:
+                        stats.called(key, loop.time())
+                    retry_left = tries < retry.retries and ctx.attempts < retry.max_attempts
+                    try:
+                        response = await self._attempt(ctx, target, provider, sent_to, payload, forwarded,
+                                                       watchdog, injected, translation, index == last, retry_left)
+                    except _Failed as failed:
+                        keep(failed.error, target, failed.status)
+                        if not (failed.retriable and retry_left):
+                            break
+                        # Capped exponential backoff with jitter, never past the request's deadline, and
+                        # not into a breaker the failure just opened.
+                        delay = min(retry.backoff * 2 ** tries, retry.max_backoff) * random.uniform(0.5, 1.0)
+                        now = loop.time()
+                        if now + delay >= deadline or health.is_open(key, now):
+                            break
+                        tries += 1
+                        stats.retries[key] = stats.retries.get(key, 0) + 1
+                        await asyncio.sleep(delay)
+                        continue
+                    if index:
+                        stats.fallbacks[target.alias] = stats.fallbacks.get(target.alias, 0) + 1
+                    return response
         finally:
             watchdog.close()
             if ctx.attempt_started and ctx.target is not None:  # an attempt that ended otherwise
-                self._attempt_done(ctx, ctx.target, 0, "upstream_error")
-        if ctx.attempts == 0 and cooling_until is not None:
-            raise _all_cooling_down(cooling_until - loop.time())
+                self._attempt_done(ctx, ctx.target, 0,
+                                   "client_disconnected" if ctx.client_disconnected else "upstream_error")
+        if ctx.attempts == 0 and (cooling_until is not None or capped_until is not None):
+            raise _all_skipped(cooling_until, capped_until, loop.time())
         assert failure is not None
         raise failure
+
+    async def _attempt(self, ctx: RequestContext, target: Target, provider: Provider, sent_to: Endpoint,
+                       payload: bytes, forwarded: dict[str, str], watchdog: Watchdog, injected: bool,
+                       translation: Translation | None, last_target: bool,
+                       retry_left: bool) -> web.StreamResponse:
+        """One call to one target: the relayed answer, or ``_Failed`` when nothing reached the client."""
+        assert ctx.route is not None
+        timeouts = ctx.route.timeouts
+        loop = self.loop or asyncio.get_running_loop()
+        health = self.health
+        key = (target.provider, target.model)
+        sent_at = loop.time()
+        headers = dict(forwarded)
+        self.chain.upstream_attempt(ctx, target, headers)  # observability: trace context
+        ctx.attempt_started = perf_counter()
+        watchdog.expect(timeouts.first_byte)
+        try:
+            with watchdog:
+                upstream = await provider.send(ctx, target, sent_to, payload, headers,
+                                               self._session(), self._client_timeouts[ctx.route.alias])
+        except TimeoutError:
+            health.failed(key, loop.time(), target.cooldown)
+            raise _Failed(GatewayError(504, f"The upstream provider '{target.provider}' did not answer in time.",
+                                       code="upstream_timeout")) from None
+        except _UPSTREAM_TRANSPORT as exc:
+            health.failed(key, loop.time(), target.cooldown)
+            log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id, type(exc).__name__)
+            raise _Failed(GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
+                                       code="upstream_unreachable")) from None
+        status = upstream.status
+        now = loop.time()
+        if status >= 500 or status == 429:
+            retry_after = retry_after_seconds(upstream.headers) if status in (429, 503) else None
+            health.failed(key, now, target.cooldown, retry_after)
+            # The last target's 429 is relayed as sent when it will not be called again.
+            if not (status == 429 and last_target and (not retry_left or health.is_open(key, now))):
+                upstream.close()
+                raise _Failed(_upstream_status_error(target, status), status=status)
+        elif status in (401, 403):
+            upstream.close()
+            raise _Failed(_upstream_status_error(target, status), retriable=False, status=status)
+        else:
+            self.stats.answered(key, now - sent_at)
+        streamed = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        # Nothing reaches the client before the upstream's first bytes (a stream's) or its whole
+        # answer (a non-streamed one): one that breaks or stalls after its headers, before
+        # that, falls back like a refused connection.
+        chunks = upstream.iter_chunks().__aiter__() if streamed else None
+        try:
+            if chunks is not None:
+                answer = await self._first_chunk(upstream, chunks, watchdog, timeouts.idle)
+            else:
+                answer = await self._read_answer(upstream, watchdog, timeouts.idle)
+        except _AnswerBroken as exc:
+            health.failed(key, loop.time(), target.cooldown)
+            raise _Failed(exc.error(target), status=status) from None
+        if status != 429:  # the provider answered: its breaker closes (a 4xx is the request's fault)
+            health.succeeded(key, loop.time())
+        self._attempt_done(ctx, target, status, None, streamed=chunks is not None)
+        if chunks is not None:
+            return await self._relay_stream(ctx, upstream, answer, chunks, injected, watchdog,
+                                            timeouts.idle, translation)
+        return await self._relay_body(ctx, upstream, answer, translation)
 
     def _attempt_done(self, ctx: RequestContext, target: Target, status: int, error_code: str | None,
                       streamed: bool = False) -> None:
@@ -311,11 +387,24 @@ class Proxy:
         self.chain.upstream_done(ctx, target, status, error_code)
         ctx.attempt_started = 0.0
 
+    def _watch_client(self, ctx: RequestContext) -> None:
+        """A client that hangs up while the upstream works cancels the request at once (see handle)."""
+        task = asyncio.current_task()
+
+        def lost() -> None:
+            ctx.client_disconnected = True
+            if task is not None:
+                task.cancel()
+
+        if not watch_connection(ctx.request, lost):
+            ctx.client_disconnected = True
+            raise GatewayError(499, "The client closed the connection.", code="client_disconnected")
+
     @staticmethod
     def _translated_body(ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], provider: Provider,
                          target: Target) -> tuple[Translation, Endpoint, bytes]:
         """The seam to nexgate_proxy.translate: the target's provider speaks the other dialect."""
-        clean = {k: v for k, v in body.items() if k not in CLIENT_ONLY_KEYS}
+        clean = {k: v for k, v in body.items() if k not in NOT_FORWARDED}
         translation = translation_for(endpoint.name, provider.api_formats, clean)
         if translation is None:
             raise GatewayError(400, f"The model `{ctx.model}` cannot serve {endpoint.path}.",
@@ -370,6 +459,9 @@ class Proxy:
         except _UPSTREAM_TRANSPORT:
             upstream.close()
             raise _AnswerBroken("cut") from None
+        except asyncio.CancelledError:  # the client went away
+            upstream.close()
+            raise
 
     async def _relay_body(self, ctx: RequestContext, upstream: UpstreamResponse, body: bytes,
                           translation: Translation | None) -> web.Response:
@@ -377,8 +469,9 @@ class Proxy:
         ctx.status = upstream.status
         headers = self._served_headers(ctx, upstream)
         ctx.first_byte_at = loop.time()
+        usage_end = -1
         if upstream.status < 400:
-            usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
+            usage_end = usage_from_body(ctx.usage, body)  # the served model's own usage, before any translation
             if not ctx.usage.reported and ctx.endpoint != "embeddings":
                 ctx.usage.completion_tokens = estimate_output_tokens(body)  # marked estimated: not reported
         if translation is not None:
@@ -386,6 +479,9 @@ class Proxy:
             headers["Content-Type"] = "application/json"  # even when the upstream's error page was not JSON
         await self._finish(ctx)
         headers.update(ctx.response_headers)  # settle may have added some (e.g. the charged cost)
+        if usage_end != -1 and ctx.actual_cost_pico is not None and translation is None and ctx.api_format == "openai":
+            cost = format_usd(ctx.actual_cost_pico)  # OpenRouter's usage.cost: what the client was charged
+            body = with_cost(body, usage_end, cost) if usage_end >= 0 else add_cost(body, cost)
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(self, ctx: RequestContext, upstream: UpstreamResponse, first: bytes,
@@ -398,7 +494,11 @@ class Proxy:
         headers = self._served_headers(ctx, upstream)
         headers.update(ctx.response_headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        meter: StreamMeter | StreamTranslator = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage)
+        # A client that asked for usage gets its chunk held back until settle, to carry usage.cost.
+        cost_chunk = (translation is None and not injected_usage and ctx.api_format == "openai"
+                      and _ENDPOINT_BY_NAME[ctx.endpoint].include_usage_option)
+        meter: StreamMeter | StreamTranslator = StreamMeter(ctx.usage, strip_usage_chunk=injected_usage,
+                                                            hold_usage_chunk=cost_chunk)
         if translation is not None:  # reads usage from the upstream's events, hands on the client's dialect
             meter = translation.meter(meter)
         try:
@@ -408,6 +508,9 @@ class Proxy:
             ctx.client_disconnected = True
             ctx.status = 499
             return response
+        except asyncio.CancelledError:  # the client went away (see _watch_client)
+            upstream.close()
+            raise
         error: GatewayError | None = None
         client_gone = False
         watchdog.expect(idle)
@@ -437,6 +540,8 @@ class Proxy:
             tail = meter.finish() if error is None else b""
             if error is None:
                 await self._finish(ctx)
+                if cost_chunk and ctx.actual_cost_pico is not None:
+                    tail = add_cost(tail, format_usd(ctx.actual_cost_pico))
             if error is not None:
                 ctx.error_code = error.code
                 tail += _stream_error_event(ctx, error)
@@ -497,6 +602,16 @@ def _upstream_status_error(target: Target, status: int) -> GatewayError:
                         code="upstream_error")
 
 
+class _Failed(Exception):
+    """A call that failed before anything reached the client; ``retriable`` on the same target."""
+
+    def __init__(self, error: GatewayError, retriable: bool = True, status: int = 0) -> None:
+        self.error = error
+        self.retriable = retriable
+        self.status = status
+        """The upstream's HTTP status, 0 when none came (observability)."""
+
+
 class _AnswerBroken(Exception):
     """A non-streamed answer broke ("cut") or went silent ("stalled") after its headers."""
 
@@ -524,11 +639,15 @@ def _more_meaningful(error: GatewayError, provider: str, than: GatewayError, tha
     return rank > other or (rank == other and provider < than_provider)
 
 
-def _all_cooling_down(seconds: float) -> GatewayError:
-    """Every target of the request is in its cooldown: no provider is called."""
-    wait = max(1, math.ceil(seconds))
+def _all_skipped(cooling_until: float | None, capped_until: float | None, now: float) -> GatewayError:
+    """Every target of the request is cooling down or at its rpm/tpm cap: no provider is called."""
+    soonest = min(t for t in (cooling_until, capped_until) if t is not None)
+    wait = str(max(1, math.ceil(soonest - now)))
+    if cooling_until is None:
+        return GatewayError(429, f"Every upstream of this model is at its request or token cap; retry in {wait} s.",
+                            code="all_targets_at_capacity", headers={"Retry-After": wait})
     return GatewayError(503, f"Every upstream of this model is cooling down after failures; retry in {wait} s.",
-                        code="all_targets_cooling_down", headers={"Retry-After": str(wait)})
+                        code="all_targets_cooling_down", headers={"Retry-After": wait})
 
 
 def _stream_broken() -> GatewayError:

@@ -35,7 +35,7 @@ import ipaddress
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
@@ -43,6 +43,7 @@ from aiohttp.web_protocol import RequestHandler
 from .appkeys import CONFIG
 from .config import ServerConfig
 from .errors import GatewayError
+from .iplog import ip_tag
 from .requestbody import BodyTimeout, body_error, unsupported_encoding
 
 log = logging.getLogger("nexgate.http")
@@ -159,8 +160,25 @@ class _ErrorResponse(web.Response):
         apply_server_header(self.headers, self.server_header)
 
 
+def watch_connection(request: web.BaseRequest, on_lost: Callable[[], None] | None) -> bool:
+    """Call ``on_lost`` as soon as the client's connection drops (None: stop watching).
+
+    aiohttp cancels a handler on a hang-up only with ``handler_cancellation``, for every
+    route at any await; the proxy wants it only while it waits on an upstream. False when
+    the connection is already gone. Under another runner (no ``_GatewayHandler``) nothing is
+    watched and a hang-up shows when a write fails.
+    """
+    if request.transport is None:
+        return on_lost is None
+    protocol = request.protocol
+    if isinstance(protocol, _GatewayHandler):
+        protocol.on_lost = on_lost
+    return True
+
+
 class _GatewayHandler(RequestHandler):
-    __slots__ = ("_policy", "_peer_ip", "_header_timer", "_header_started", "_body", "_body_seen", "_body_timer")
+    __slots__ = ("_policy", "_peer_ip", "_header_timer", "_header_started", "_body", "_body_seen", "_body_timer",
+                 "on_lost")
 
     def __init__(self, manager: _GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -173,6 +191,8 @@ class _GatewayHandler(RequestHandler):
         """The payload still arriving (a StreamReader), if any."""
         self._body_seen = 0.0
         self._body_timer: Any = None
+        self.on_lost: Callable[[], None] | None = None
+        """Set by the proxy while a request waits on its upstream (``watch_connection``)."""
 
     # ------------------------------------------------------------ connection
 
@@ -197,6 +217,9 @@ class _GatewayHandler(RequestHandler):
                 timer.cancel()
         self._header_timer = self._body_timer = self._body = None
         super().connection_lost(exc)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
 
     def data_received(self, data: bytes) -> None:
         if self._manager is None:  # refused, or already lost
@@ -262,7 +285,7 @@ class _GatewayHandler(RequestHandler):
             if status >= 500:
                 log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
             else:
-                log.info("rejected a malformed HTTP request from %s: %s", request.remote, type(exc).__name__)
+                log.info("rejected a malformed HTTP request from %s: %s", ip_tag(request.remote), type(exc).__name__)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; closing the connection")
         response = _ErrorResponse(status=error.status, body=json.dumps(error.body()).encode(),
@@ -295,8 +318,16 @@ class _GatewayServer(web.Server):
         return _GatewayHandler(self, loop=self._loop, **self._kwargs)
 
 
+ACCESS_LOG_FORMAT = '%t "%r" %s %b %Tf "%{Referer}i" "%{User-Agent}i"'
+"""aiohttp's default without ``%a``: no client IP in the access log (see ``nexgate_proxy.iplog``)."""
+
+
 class GatewayRunner(web.AppRunner):
     """Serves the app with the settings of its config's ``server`` section."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("access_log_format", ACCESS_LOG_FORMAT)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -88,31 +88,76 @@ def apply_usage(usage: Usage, u: Any) -> bool:
 _DECODER = json.JSONDecoder()
 
 
-def usage_from_body(usage: Usage, body: bytes) -> None:
+def usage_from_body(usage: Usage, body: bytes) -> int:
     """Read usage from a non-streamed JSON answer (all formats keep it at top-level "usage").
 
     Answers put usage last; decoding just that object from the last ``"usage":`` avoids
     parsing the whole answer (embeddings can be megabytes). Falls back to a full parse.
+    Returns where the usage object's closing brace is, for ``with_cost``: -1 when unknown,
+    -2 when the object has a ``cost`` of its own (the provider's price: ``add_cost`` replaces it).
     """
     at = body.rfind(_USAGE_MARK)
     if at < 0:
-        return
+        return -1
     try:
-        text = body[at + len(_USAGE_MARK):].decode()
+        tail = body[at + len(_USAGE_MARK):]
+        text = tail.decode()
         start = text.index(":") + 1
         while text[start] in " \t\r\n":
             start += 1
-        value, _ = _DECODER.raw_decode(text, start)
+        value, end = _DECODER.raw_decode(text, start)
         if isinstance(value, dict) and apply_usage(usage, value):
-            return
+            if "cost" in value:
+                return -2
+            # The tail is ASCII in practice (keys and numbers): then characters are bytes.
+            offset = end if len(text) == len(tail) else len(text[:end].encode())
+            return at + len(_USAGE_MARK) + offset - 1
     except (ValueError, IndexError, UnicodeDecodeError):
         pass
     try:
         data = json.loads(body)
     except ValueError:
-        return
+        return -1
     if isinstance(data, dict):
         apply_usage(usage, data.get("usage"))
+    return -1
+
+
+def with_cost(body: bytes, closing: int, cost: str) -> bytes:
+    """``body`` with ``,"cost":<cost>`` before the usage object's closing brace (``usage_from_body``)."""
+    return body[:closing] + b',"cost":' + cost.encode() + body[closing:]
+
+
+def add_cost(body: bytes, cost: str) -> bytes:
+    """``body`` with ``"cost": <cost>`` (USD, a JSON number) in its last usage object, OpenRouter's convention.
+
+    Only that object's bytes change: the key is appended before its closing brace (an upstream's own
+    ``cost``, the operator's price, is replaced). Unchanged when there is no usage object.
+    """
+    at = body.rfind(_USAGE_MARK)
+    if at < 0:
+        return body
+    start = at + len(_USAGE_MARK)
+    try:
+        text = body[start:].decode()
+        colon = text.index(":") + 1
+        value_at = colon
+        while text[value_at] in " \t\r\n":
+            value_at += 1
+        value, end = _DECODER.raw_decode(text, value_at)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return body
+    if not isinstance(value, dict):
+        return body
+    first = start + len(text[:value_at].encode())
+    last = start + len(text[:end].encode())
+    if "cost" in value:
+        value.pop("cost")
+        value["cost"] = cost
+        rendered = json.dumps(value).replace(f'"cost": "{cost}"', f'"cost": {cost}').encode()
+        return body[:first] + rendered + body[last:]
+    closing = last - 1  # the object's "}"
+    return body[:closing] + (b',"cost":' if value else b'"cost":') + cost.encode() + body[closing:]
 
 
 # Keys holding generated text in every dialect's answer: chat content, tool-call arguments,
@@ -166,16 +211,20 @@ class StreamMeter:
     is held back and returned by ``finish``, so the gateway can settle before
     the client sees the end. When ``strip_usage_chunk`` is set (NexGate asked
     upstream for usage the client did not ask for), the usage-only chunk is
-    removed from the output.
+    removed from the output. When ``hold_usage_chunk`` is set (the client asked for
+    usage), that chunk is held back too and ``finish`` returns it before the final
+    event, so the gateway can add the charged cost to it (``add_cost``).
     """
 
-    __slots__ = ("usage", "strip_usage_chunk", "_tail", "_held")
+    __slots__ = ("usage", "strip_usage_chunk", "hold_usage_chunk", "_tail", "_held", "_usage_chunk")
 
-    def __init__(self, usage: Usage, strip_usage_chunk: bool = False) -> None:
+    def __init__(self, usage: Usage, strip_usage_chunk: bool = False, hold_usage_chunk: bool = False) -> None:
         self.usage = usage
         self.strip_usage_chunk = strip_usage_chunk
+        self.hold_usage_chunk = hold_usage_chunk
         self._tail = b""
         self._held = b""
+        self._usage_chunk = b""
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._tail + chunk if self._tail else chunk
@@ -192,8 +241,10 @@ class StreamMeter:
     def finish(self) -> bytes:
         """The held final event and whatever is left when the upstream ended."""
         rest, self._tail = self._tail, b""
+        rest = self._scan(rest) if rest.strip() else rest
         held, self._held = self._held, b""
-        return held + (self._scan(rest) if rest.strip() else rest)
+        usage_chunk, self._usage_chunk = self._usage_chunk, b""
+        return usage_chunk + held + rest
 
     def _hold_terminal(self, out: bytes) -> bytes:
         if not out:
@@ -215,6 +266,8 @@ class StreamMeter:
             separator = _EVENT_SPLIT.search(whole, at)
             end, after = (separator.start(), separator.end()) if separator else (len(whole), len(whole))
             if self._read_event(whole[start:end]):
+                if self.hold_usage_chunk:
+                    self._usage_chunk += whole[start:after]
                 whole = whole[:start] + whole[after:]
                 at = _find_usage_object(whole, start)
             else:
@@ -235,7 +288,7 @@ class StreamMeter:
         for holder in (data, data.get("message"), data.get("response")):
             if isinstance(holder, dict) and apply_usage(self.usage, holder.get("usage")):
                 break
-        return self.strip_usage_chunk and data.get("choices") == []
+        return (self.strip_usage_chunk or self.hold_usage_chunk) and data.get("choices") == []
 
 
 def _find_usage_object(data: bytes, start: int) -> int:

@@ -11,18 +11,33 @@ is configured) accepts Standard Webhooks deliveries:
   now, either way;
 * ``payment.succeeded`` credits the account named in the payment's metadata
   (``account_metadata_key``) with the credit configured for each product of its
-  cart, times the quantity: what the product buys, not the taxed total paid;
-* ``refund.succeeded`` and ``dispute.lost`` debit that account the refunded
-  (disputed) share of what the payment credited, rounded up to the pico-dollar.
+  cart, times the quantity: what the product buys, not the taxed total paid. The
+  ledger description says what was paid in major units ("paid 10.99 USD").
+  A payment that names no account, or an unknown or deleted one, is credited to
+  nobody: it is *held unapplied* (200 "held"), logged as an error, counted in the
+  ``nexgate_payments_unapplied`` metric, listed by ``nexgate payments unapplied``
+  and ``GET /admin/v1/payments/unapplied``, and credited once to the account the
+  operator chooses (``nexgate payments apply``, ``POST .../{payment_id}/apply``);
+* ``refund.succeeded``, ``dispute.accepted`` and ``dispute.lost`` (the events
+  that send money back to the payer; a dispute's two share its id, so it counts
+  once) debit that account the refunded (disputed) share of what the payment
+  credited. The share is cumulative per payment: each reversal takes the share of
+  everything reversed so far, rounded up to the pico-dollar and at most what the
+  payment credited, minus what the earlier reversals took (``reversed_total``). So
+  partial refunds never drift, and refunds plus disputes never take back more than
+  was credited (a reversal with nothing left to take is a 202).
 
 Money moves exactly once: each entry carries (``dodopayments``,
 ``payment:<id>`` / ``refund:<id>`` / ``dispute:<id>``), which the ledger applies
 at most once whatever delivery carries it, and the delivery is recorded under
-its webhook id. After a new entry, the hot credit state is told (a failure
-there is only logged: the ledger is the truth).
+its webhook id. A reversal moves its payment's reversed total in the same
+transaction, compared-and-set: concurrent reversals of one payment never both
+count the same remainder. After a new entry, the hot credit state is told (a
+failure there is only logged: the ledger is the truth).
 
-Answers: 200 processed (or a duplicate); 202 acknowledged but nothing to do
-(an event type, product or account NexGate does not handle, with a warning in
+Answers: 200 processed ("applied", "held", or "duplicate"); 202 acknowledged but nothing to do
+(an event type or product NexGate does not handle, a reversal of a payment it did not
+credit or with nothing left to take back, with a warning in
 the log: retrying would not change anything); 400 malformed (missing headers,
 bad JSON, wrong field types); 401 bad signature or stale timestamp; 413 body
 too large; 503 the store is unavailable (the sender retries). Never a 500,
@@ -37,27 +52,41 @@ import hashlib
 import hmac
 import json
 import logging
+import asyncio
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
 
 from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily
 
 from nexgate_proxy import GatewayError, hookimpl
+from nexgate_plugins.credits import CREDITS
+from nexgate_plugins.credits.grants import book
+from nexgate_plugins.credits.holds import CreditState
 from nexgate_proxy.appkeys import FEED, STORE
+from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection
-from nexgate_plugins.credits.holds import nano_floor
-from nexgate_proxy.money import format_usd, usd_to_pico
+from nexgate_proxy.money import format_minor_units, format_usd, major_to_minor_units, usd_to_pico
 from nexgate_proxy.requestbody import read_body
-from nexgate_plugins.credits.statements import find_account
-from nexgate_proxy.store import MAX_PICO, LedgerEntry, NewLedgerEntry, Store, StoreError
+from nexgate_proxy.store import (
+    MAX_PICO,
+    Conflict,
+    LedgerEntry,
+    NewLedgerEntry,
+    Store,
+    StoreError,
+    UnappliedPayment,
+)
+
+from .payments_unapplied import PAYMENT_STATS, SOURCE, PaymentStats, register_cli, why_not_credited
 
 log = logging.getLogger("nexgate.payments")
 
-SOURCE = "dodopayments"
 WEBHOOK_PATH = "/webhooks/dodopayments"
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
 MAX_SIGNATURE_HEADER = 8 * 1024
@@ -66,7 +95,7 @@ MAX_QUANTITY = 1_000_000
 
 _HEADER_ID = re.compile(r"[\x21-\x7e]{1,255}")
 _ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_PAID = re.compile(r"; paid (\d{1,18}) ([A-Za-z]{3})$")
+_PAID = re.compile(r"; paid (\d{1,18}(?:\.\d{1,3})?) ([A-Z]{3})(?:;|$)")
 
 
 # ------------------------------------------------------------------ settings
@@ -261,10 +290,6 @@ def _text(data: Mapping[str, Any], name: str) -> str:
     return value
 
 
-_ZERO_DECIMAL = frozenset("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split())
-_THREE_DECIMAL = frozenset("BHD IQD JOD KWD LYD OMR TND".split())
-
-
 def _minor_units(value: Any, name: str, currency: Any = None) -> int:
     """A non-negative amount in the currency's smallest unit.
 
@@ -278,10 +303,7 @@ def _minor_units(value: Any, name: str, currency: Any = None) -> int:
         if text.isdigit():
             value = int(text)
         elif re.fullmatch(r"\d+\.\d+", text):
-            code = currency.upper() if isinstance(currency, str) else ""
-            exponent = 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
-            units = Decimal(text).scaleb(exponent)
-            value = int(units) if units == units.to_integral_value() else None
+            value = major_to_minor_units(text, currency if isinstance(currency, str) else "")
     if not isinstance(value, int) or value < 0 or value > 10**18:
         raise Rejected(400, "invalid_event", f"'data.{name}' must be a non-negative integer amount.",
                        f"data.{name}")
@@ -304,7 +326,17 @@ def _metadata_account(settings: DodoSettings, data: Mapping[str, Any]) -> str | 
     return None
 
 
-async def payment_entry(settings: DodoSettings, store: Store, data: Mapping[str, Any]) -> NewLedgerEntry:
+@dataclass(frozen=True, slots=True)
+class _Payment:
+    """What a ``payment.succeeded`` buys, and whom it names."""
+
+    payment_id: str
+    credit_pico: int
+    description: str
+    account_hint: str | None
+
+
+def _read_payment(settings: DodoSettings, data: Mapping[str, Any]) -> _Payment:
     payment_id = _text(data, "payment_id")
     _metadata(data)  # validated here: a malformed one is a 400 whatever the cart holds
     cart = data.get("product_cart")
@@ -337,24 +369,55 @@ async def payment_entry(settings: DodoSettings, store: Store, data: Mapping[str,
         log.error("DodoPayments payment %s: %s USD of credits is more than a balance can hold; grant it by hand",
                   payment_id, format_usd(credit))
         raise Ignored(f"payment {payment_id}: amount out of range")
-    account_id = _metadata_account(settings, data)
-    if account_id is None:
-        log.error("DodoPayments payment %s: no account in metadata.%s; %s USD of credits not granted (pass the "
-                  "NexGate account id in the checkout's metadata)", payment_id, settings.account_metadata_key,
-                  format_usd(credit))
-        raise Ignored(f"payment {payment_id} names no account")
-    if await find_account(store, account_id) is None:
-        log.error("DodoPayments payment %s: metadata names unknown account %s; %s USD of credits not granted",
-                  payment_id, account_id, format_usd(credit))
-        raise Ignored(f"payment {payment_id} names an unknown account")
     description = f"DodoPayments payment {payment_id}: {', '.join(bought)}"
     total = data.get("total_amount")
     currency = data.get("currency")
     if isinstance(total, int) and not isinstance(total, bool) and 0 <= total < 10**18 and \
             isinstance(currency, str) and re.fullmatch(r"[A-Za-z]{3}", currency):
-        description = f"{description[:400]}; paid {total} {currency.upper()}"
-    return NewLedgerEntry(account_id=account_id, kind="payment", amount_pico=credit, source=SOURCE,
-                          external_id=f"payment:{payment_id}", description=description)
+        # Major units, as a person reads them ("paid 10.99 USD"); reversals read it back (paid_minor_units).
+        description = f"{description[:400]}; paid {format_minor_units(total, currency)}"
+    return _Payment(payment_id, credit, description, _metadata_account(settings, data))
+
+
+def paid_minor_units(description: str | None) -> tuple[int, str] | None:
+    """(amount in minor units, currency) a payment's ledger description records, or None.
+
+    "paid 10.99 USD" is major units; digits alone ("paid 1099 USD", written before amounts were shown
+    in major units, or a currency without decimals such as JPY) are minor units.
+    """
+    match = _PAID.search(description or "")
+    if match is None:
+        return None
+    amount, currency = match.groups()
+    minor = int(amount) if "." not in amount else major_to_minor_units(amount, currency)
+    return None if minor is None else (minor, currency)
+
+
+async def credit_payment(app: web.Application, settings: DodoSettings, store: Store,
+                         data: Mapping[str, Any]) -> str:
+    """Credit a payment to the account it names; hold it unapplied when that is none, unknown or deleted.
+
+    "applied", "held" or "duplicate" (seen before: credited, or held, already)."""
+    paid = _read_payment(settings, data)
+    external_id = f"payment:{paid.payment_id}"
+    held = await store.get_unapplied_payment(SOURCE, paid.payment_id)
+    if held is not None or await store.get_ledger_entry(SOURCE, external_id) is not None:
+        return "duplicate"
+    why = await why_not_credited(store, paid.account_hint, settings.account_metadata_key)
+    if why is not None:
+        new = await store.hold_payment(UnappliedPayment(
+            source=SOURCE, payment_id=paid.payment_id, account_hint=paid.account_hint,
+            amount_pico=paid.credit_pico, description=paid.description, reason=why, received_at=datetime.now(UTC)))
+        if new:
+            log.error("DodoPayments payment %s: %s; %s USD of credits held unapplied (apply it with `nexgate "
+                      "payments apply %s ACCOUNT`)", paid.payment_id, why, format_usd(paid.credit_pico),
+                      paid.payment_id)
+            await app[PAYMENT_STATS].refresh(store)
+        return "held" if new else "duplicate"
+    entry = NewLedgerEntry(account_id=paid.account_hint or "", kind="payment", amount_pico=paid.credit_pico,
+                           source=SOURCE, external_id=external_id, description=paid.description)
+    credited = await book(_credit_state(app), entry, lambda: store.apply_ledger_entry(entry))
+    return "applied" if credited.booked else "duplicate"
 
 
 async def find_payment(store: Store, payment_id: str) -> LedgerEntry | None:
@@ -362,73 +425,99 @@ async def find_payment(store: Store, payment_id: str) -> LedgerEntry | None:
     return await store.get_ledger_entry(SOURCE, f"payment:{payment_id}")
 
 
-def share(credited: int, amount: int, paid: int) -> int:
-    """``credited * amount / paid``, rounded up, at most ``credited``: the part of a payment's credit to take back."""
-    if paid <= 0 or amount >= paid:
+def reversed_total(credited: int, reversed_minor: int, paid: int) -> int:
+    """What a payment's reversals take back in all once ``reversed_minor`` of the ``paid`` minor units
+    went back: ``credited * reversed_minor / paid`` rounded up to the pico-dollar, at most ``credited``.
+
+    Each reversal debits this total minus what the earlier ones debited, so the debits add up to
+    exactly the cumulative share, never drift with the number of partial refunds, and never take
+    back more than the payment credited, whatever mix of refunds and disputes arrives."""
+    if paid <= 0 or reversed_minor >= paid:
         return credited
-    return min(credited, -(-credited * amount // paid))
+    return min(credited, -(-credited * reversed_minor // paid))
 
 
-async def reversal_entry(settings: DodoSettings, store: Store, data: Mapping[str, Any], kind: str,
-                         id_field: str) -> NewLedgerEntry:
-    """The debit of a refund (kind "refund") or a lost dispute (kind "dispute")."""
+REVERSALS: Mapping[str, tuple[str, str]] = {
+    "refund.succeeded": ("refund", "refund_id"),
+    "dispute.lost": ("dispute", "dispute_id"),
+    "dispute.accepted": ("dispute", "dispute_id"),  # the merchant accepted it: the funds go back
+}
+"""Events that move money back to the payer: (ledger kind, the field of their id). A dispute's
+"accepted" and "lost" share its id: it is taken back once, whichever arrives."""
+MAX_REVERSAL_ATTEMPTS = 10
+
+
+async def reverse_payment(app: web.Application, store: Store, data: Mapping[str, Any], kind: str,
+                          id_field: str) -> str:
+    """Debit a refund's or dispute's share of what its payment credited: "applied" or "duplicate"."""
     reversal_id = _text(data, id_field)
     payment_id = _text(data, "payment_id")
     amount = _minor_units(data.get("amount"), "amount", data.get("currency"))
+    external_id = f"{kind}:{reversal_id}"
+    if await store.get_ledger_entry(SOURCE, external_id) is not None:
+        return "duplicate"
     payment = await find_payment(store, payment_id)
     if payment is None or payment.amount_pico <= 0:
-        log.warning("DodoPayments %s %s: payment %s credited nothing here; nothing debited", kind, reversal_id,
-                    payment_id)
+        held = await store.get_unapplied_payment(SOURCE, payment_id)
+        if held is not None:
+            log.error("DodoPayments %s %s: payment %s is held unapplied: nothing debited; do not apply it unless "
+                      "what was taken back is settled", kind, reversal_id, payment_id)
+        else:
+            log.warning("DodoPayments %s %s: payment %s credited nothing here; nothing debited", kind, reversal_id,
+                        payment_id)
         raise Ignored(f"{kind} {reversal_id}: unknown payment {payment_id}")
-    paid = _PAID.search(payment.description or "")
+    paid = paid_minor_units(payment.description)
     if paid is None:
         log.warning("DodoPayments %s %s: the amount paid for %s is unknown; nothing debited (debit by hand)",
                     kind, reversal_id, payment_id)
         raise Ignored(f"{kind} {reversal_id}: amount paid unknown")
-    currency = data.get("currency")
-    if isinstance(currency, str) and currency.upper() != paid.group(2).upper():
+    paid_amount, currency = paid
+    sent_currency = data.get("currency")
+    if isinstance(sent_currency, str) and sent_currency.upper() != currency:
         log.warning("DodoPayments %s %s is in %s, payment %s was in %s; taking the share as if the same",
-                    kind, reversal_id, currency[:8], payment_id, paid.group(2))
-    debit = share(payment.amount_pico, amount, int(paid.group(1)))
-    if debit == 0:
-        raise Ignored(f"{kind} {reversal_id}: zero amount")
-    noun = "refund" if kind == "refund" else "lost dispute"
-    return NewLedgerEntry(
-        account_id=payment.account_id, kind=kind, amount_pico=-debit, source=SOURCE,
-        external_id=f"{kind}:{reversal_id}",
-        description=f"DodoPayments {noun} {reversal_id} of payment {payment_id}: {amount} of {paid.group(1)} "
-                    f"{paid.group(2)}")
+                    kind, reversal_id, sent_currency[:8], payment_id, currency)
+    noun = "refund" if kind == "refund" else "dispute"
+    for _ in range(MAX_REVERSAL_ATTEMPTS):
+        before = await store.get_payment_reversed(SOURCE, payment_id)
+        after_minor = before[0] + amount
+        total = reversed_total(payment.amount_pico, after_minor, paid_amount)
+        debit = total - before[1]
+        if debit <= 0:
+            log.warning("DodoPayments %s %s: nothing left to take back of payment %s (%s USD credited, %s USD "
+                        "taken back already)", kind, reversal_id, payment_id, format_usd(payment.amount_pico),
+                        format_usd(before[1]))
+            raise Ignored(f"{kind} {reversal_id}: nothing left to take back of payment {payment_id}")
+        entry = NewLedgerEntry(
+            account_id=payment.account_id, kind=kind, amount_pico=-debit, source=SOURCE, external_id=external_id,
+            description=f"DodoPayments {noun} {reversal_id} of payment {payment_id}: "
+                        f"{format_minor_units(amount, currency)} of {format_minor_units(paid_amount, currency)}")
+        totals = (after_minor, total)
+        try:
+            credited = await book(_credit_state(app), entry,
+                                  lambda: store.apply_reversal(entry, payment_id, before, totals))
+        except Conflict:
+            continue  # a concurrent reversal of the same payment came first: compute from its total
+        return "applied" if credited.booked else "duplicate"
+    raise StoreError(f"payment {payment_id}: too many concurrent reversals")  # 503: the sender retries
 
 
-async def entries_for(settings: DodoSettings, store: Store, event_type: str,
-                      data: Mapping[str, Any]) -> list[NewLedgerEntry]:
+def _credit_state(app: web.Application) -> CreditState | None:
+    """With credits on, a credit is booked through their hot state (see credits.grants.book)."""
+    credits = app.get(CREDITS)
+    return credits.state if credits is not None else None
+
+
+async def handle_event(app: web.Application, settings: DodoSettings, store: Store, event_type: str,
+                       data: Mapping[str, Any]) -> str:
     if event_type == "payment.succeeded":
-        return [await payment_entry(settings, store, data)]
-    if event_type == "refund.succeeded":
-        return [await reversal_entry(settings, store, data, "refund", "refund_id")]
-    if event_type == "dispute.lost":
-        return [await reversal_entry(settings, store, data, "dispute", "dispute_id")]
+        return await credit_payment(app, settings, store, data)
+    if event_type in REVERSALS:
+        kind, id_field = REVERSALS[event_type]
+        return await reverse_payment(app, store, data, kind, id_field)
     raise Ignored(f"event type {event_type[:100]!r} is not handled")
 
 
 # ------------------------------------------------------------------ handler
-
-
-async def _book(app: web.Application, store: Store, entry: NewLedgerEntry) -> bool:
-    """Apply the entry to the ledger (True if it was new). With credits on shared state (Redis) it is
-    booked through that state, which moves a cached balance by it exactly once whatever loads race it;
-    in-process state on every instance gets it from the store feed."""
-    from nexgate_plugins.credits import CREDITS
-
-    credits = app.get(CREDITS)
-    state = credits.state if credits is not None else None
-    if state is None:
-        return await store.apply_ledger_entry(entry)
-    credited = await state.credit(entry.account_id, nano_floor(entry.amount_pico),
-                                  lambda: store.apply_ledger_entry(entry))
-    if credited.booked and not credited.reached_state:  # the ledger has it; a reload catches up
-        log.warning("could not update the cached balance of %s after %s", entry.account_id, entry.external_id)
-    return credited.booked
 
 
 async def process(app: web.Application, settings: DodoSettings, headers: Mapping[str, str],
@@ -438,24 +527,21 @@ async def process(app: web.Application, settings: DodoSettings, headers: Mapping
     event_type, data = parse_event(body)
     store = app[STORE]
     try:
-        entries = await entries_for(settings, store, event_type, data)
+        # The ledger applies each (source, external_id) once, whichever delivery carries it:
+        # so a crash before the delivery is recorded loses nothing, and the cached balance moves
+        # only by the one call that really applied the entry.
+        status = await handle_event(app, settings, store, event_type, data)
     except Ignored as why:
         # Not recorded as processed: once the config names the product or the
         # payment, a resend of the same delivery is applied.
         log.warning("DodoPayments webhook %s (%s) acknowledged, nothing done: %s", webhook_id, event_type,
                     str(why))
         return 202, {"received": True, "status": "ignored", "webhook_id": webhook_id}
-    # The ledger applies each (source, external_id) once, whichever delivery
-    # carries it: so a crash between the two calls loses nothing, and the
-    # cached balance moves only by the one call that really applied the entry.
-    applied = [entry for entry in entries if await _book(app, store, entry)]
-    await store.apply_webhook(SOURCE, webhook_id, event_type, entries)
-    for entry in applied:
-        log.info("DodoPayments %s: %s %s USD to %s", webhook_id, entry.kind, format_usd(entry.amount_pico),
-                 entry.account_id)
-    if applied:
+    await store.apply_webhook(SOURCE, webhook_id, event_type, [])
+    if status == "applied":
+        log.info("DodoPayments webhook %s (%s) applied", webhook_id, event_type)
         await app[FEED].deliver_now()  # this instance's cached balance at once; the others within a second
-    return 200, {"received": True, "status": "applied" if applied else "duplicate", "webhook_id": webhook_id}
+    return 200, {"received": True, "status": status, "webhook_id": webhook_id}
 
 
 async def dodopayments_webhook(request: web.Request) -> web.Response:
@@ -499,7 +585,40 @@ def nexgate_config_sections() -> list[ConfigSection[Any]]:
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
     settings = config.section(PAYMENTS_SECTION)
     app[PAYMENTS] = settings
+    app[PAYMENT_STATS] = PaymentStats()
     if settings.dodopayments is not None:
         resource = app.router.add_resource(WEBHOOK_PATH)
         resource.add_route("POST", dodopayments_webhook)
         resource.add_route("*", _method_not_allowed)
+
+
+async def _refresh_stats(app: web.Application) -> None:
+    """Other instances (and the operator's CLI) hold and apply payments too: read the count again now and then."""
+    while True:
+        try:
+            await app[PAYMENT_STATS].refresh(app[STORE])
+        except StoreError:
+            pass  # the next round tries again
+        await asyncio.sleep(PaymentStats.REFRESH_SECONDS)
+
+
+@hookimpl
+async def nexgate_lifespan(app: web.Application, config: Config) -> AsyncIterator[None]:
+    task = asyncio.get_running_loop().create_task(_refresh_stats(app), name="nexgate-payments-stats")
+    yield
+    await stop_tasks(task)
+
+
+@hookimpl
+def nexgate_metrics(app: web.Application) -> Iterator[Any]:
+    stats = app[PAYMENT_STATS]
+    yield GaugeMetricFamily("nexgate_payments_unapplied", "Payments held unapplied (they named no account, or "
+                            "an unknown or deleted one): apply them with `nexgate payments apply`.",
+                            value=stats.open_count)
+    yield GaugeMetricFamily("nexgate_payments_unapplied_credit_usd", "The credit the unapplied payments buy, USD.",
+                            value=stats.open_pico / 10**12)
+
+
+@hookimpl
+def nexgate_cli_commands(subparsers: Any) -> None:
+    register_cli(subparsers)

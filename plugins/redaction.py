@@ -50,7 +50,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, logscrub
+from nexgate_proxy import RecordRejected, UsageRecord, hookimpl, iplog, logscrub
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.clikit import Env, add_command, emit, non_negative, option_parents
@@ -76,6 +76,9 @@ class PrivacySettings:
     """Client IPs in usage records are nulled once older than this; 0 clears them at every run (hourly)."""
     allow_unguarded: bool = False
     """Consent to run with the redaction plugin disabled (``plugins.disable: [redaction]``)."""
+    org_request_rows: bool = False
+    """Let organization admins list an organization's request-level usage rows (``GET /admin/v1/usage``);
+    off: they see aggregates per key, model and day only (the privacy policy's promise)."""
 
 
 MAX_RETENTION_DAYS = 3650
@@ -89,11 +92,14 @@ def parse_privacy_settings(r: ConfigReader, s: dict[str, Any], config: Config) -
             s, "ip_retention_days", p, int, d.ip_retention_days,
             lambda v: None if 0 <= v <= MAX_RETENTION_DAYS else f"must be between 0 and {MAX_RETENTION_DAYS} days"),
         allow_unguarded=r.value(s, "allow_unguarded", p, bool, d.allow_unguarded),
+        org_request_rows=r.value(s, "org_request_rows", p, bool, d.org_request_rows),
     )
 
 
-PRIVACY_SECTION = ConfigSection("privacy", parse_privacy_settings, ("ip_retention_days", "allow_unguarded"),
-                                "How long client IPs are kept, and consent to run without the privacy guard.")
+PRIVACY_SECTION = ConfigSection("privacy", parse_privacy_settings,
+                                ("ip_retention_days", "allow_unguarded", "org_request_rows"),
+                                "How long client IPs are kept, consent to run without the privacy guard, and "
+                                "what organization admins see of usage.")
 
 
 def is_disabled(config: Config) -> bool:
@@ -417,6 +423,7 @@ def nexgate_config_sections() -> list[ConfigSection[Any]]:
 def nexgate_register_routes(app: web.Application, config: Config) -> None:
     secrets = _config_secrets(config)
     app[PRIVACY] = PrivacyState(settings=config.section(PRIVACY_SECTION), guard=Guard(config), secrets=secrets)
+    iplog.set_rotation(app[PRIVACY].settings.ip_retention_days)  # IP tags in logs rotate with the retention
     logscrub.install(secrets)
 
 

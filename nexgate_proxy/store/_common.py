@@ -23,13 +23,14 @@ from .base import (
     Membership,
     NewLedgerEntry,
     Organization,
+    UnappliedPayment,
     UsageRecord,
     UsageTotal,
     User,
 )
 
 # Column lists, in the order the *_from_row functions read them.
-USER_COLUMNS = "id, external_id, email, name, created_at, deleted_at"
+USER_COLUMNS = "id, external_id, email, name, created_at, deleted_at, suspended_at"
 ORG_COLUMNS = "id, name, created_at, limits"
 MEMBERSHIP_COLUMNS = "org_id, user_id, role, created_at"
 API_KEY_COLUMNS = (
@@ -244,6 +245,7 @@ class RowDecoder:
             name=row["name"],
             created_at=self._ts(row["created_at"]),
             deleted_at=self._opt_ts(row["deleted_at"]),
+            suspended_at=self._opt_ts(row["suspended_at"]),
         )
 
     def org(self, row: Any) -> Organization:
@@ -297,6 +299,19 @@ class RowDecoder:
             request_id=row["request_id"],
             description=row["description"],
             created_at=self._ts(row["created_at"]),
+        )
+
+    def unapplied_payment(self, row: Any) -> UnappliedPayment:
+        return UnappliedPayment(
+            source=row["source"],
+            payment_id=row["payment_id"],
+            account_hint=row["account_hint"],
+            amount_pico=row["amount_pico"],
+            description=row["description"],
+            reason=row["reason"],
+            received_at=self._ts(row["received_at"]),
+            applied_to=row["applied_to"],
+            applied_at=self._opt_ts(row["applied_at"]),
         )
 
     @staticmethod

@@ -72,6 +72,13 @@ LIST_USERS = {
     for include_deleted in (False, True)
 }
 
+# Correction and restriction (update_user, set_user_suspended).
+UPDATE_USER = sql("UPDATE users SET email = :email, name = :name WHERE id = :user AND deleted_at IS NULL",
+                  "email", "name", "user")
+SUSPEND_USER = sql("UPDATE users SET suspended_at = :when WHERE id = :user AND suspended_at IS NULL", "when", "user")
+UNSUSPEND_USER = sql("UPDATE users SET suspended_at = NULL WHERE id = :user AND suspended_at IS NOT NULL", "user")
+PERSONAL_KEYS = sql("SELECT id FROM api_keys WHERE user_id = :user AND revoked_at IS NULL ORDER BY id", "user")
+
 # anonymize_user, in the order it runs them.
 _USER_KEYS = USER_KEYS_CONDITION.format(user=":user")
 SOLE_OWNED_ORGS = sql(
@@ -129,8 +136,12 @@ INSERT_API_KEY = sql(
     f"INSERT INTO api_keys ({', '.join(_KEY_FIELDS)}) VALUES ({', '.join(':' + f for f in _KEY_FIELDS)})",
     *_KEY_FIELDS,
 )
-GET_API_KEY = sql(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = :id", "id")
-GET_API_KEY_BY_PUBLIC_ID = sql(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE public_id = :public_id", "public_id")
+# The two single-key reads say whether a personal key's user is suspended (the auth path's one query).
+_OWNER_SUSPENDED = ("EXISTS (SELECT 1 FROM users u WHERE u.id = api_keys.user_id AND u.suspended_at IS NOT NULL)"
+                    " AS owner_suspended")
+GET_API_KEY = sql(f"SELECT {API_KEY_COLUMNS}, {_OWNER_SUSPENDED} FROM api_keys WHERE id = :id", "id")
+GET_API_KEY_BY_PUBLIC_ID = sql(f"SELECT {API_KEY_COLUMNS}, {_OWNER_SUSPENDED} FROM api_keys"
+                               " WHERE public_id = :public_id", "public_id")
 
 # --- usage and money ---------------------------------------------------------
 
@@ -151,6 +162,48 @@ LEDGER_SUM = sql("SELECT COALESCE(SUM(amount_pico), 0) FROM ledger_entries WHERE
 GET_LEDGER_ENTRY = sql(
     f"SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE source = :source AND external_id = :external_id",
     "source", "external_id",
+)
+
+# --- payments: reversals and unapplied payments ------------------------------
+
+GET_PAYMENT_REVERSED = sql(
+    "SELECT reversed_minor, reversed_pico FROM payment_reversals WHERE source = :source AND payment_id = :payment",
+    "source", "payment",
+)
+# Compare-and-set: a first reversal inserts; a later one moves the totals only from what it read.
+SET_PAYMENT_REVERSED = sql(
+    "INSERT INTO payment_reversals (source, payment_id, reversed_minor, reversed_pico, updated_at)"
+    " VALUES (:source, :payment, :minor, :pico, :at) ON CONFLICT (source, payment_id) DO UPDATE"
+    " SET reversed_minor = excluded.reversed_minor, reversed_pico = excluded.reversed_pico,"
+    " updated_at = excluded.updated_at"
+    " WHERE payment_reversals.reversed_minor = :old_minor AND payment_reversals.reversed_pico = :old_pico",
+    "source", "payment", "minor", "pico", "at", "old_minor", "old_pico",
+)
+UNAPPLIED_COLUMNS = ("source", "payment_id", "account_hint", "amount_pico", "description", "reason", "received_at",
+                     "applied_to", "applied_at")
+INSERT_UNAPPLIED = sql(
+    f"INSERT INTO unapplied_payments ({', '.join(UNAPPLIED_COLUMNS[:7])})"
+    " VALUES (:source, :payment, :hint, :amount, :description, :reason, :at)"
+    " ON CONFLICT (source, payment_id) DO NOTHING",
+    "source", "payment", "hint", "amount", "description", "reason", "at",
+)
+GET_UNAPPLIED = sql(
+    f"SELECT {', '.join(UNAPPLIED_COLUMNS)} FROM unapplied_payments WHERE source = :source AND payment_id = :payment",
+    "source", "payment",
+)
+LIST_UNAPPLIED = {
+    include_applied: sql(
+        f"SELECT {', '.join(UNAPPLIED_COLUMNS)} FROM unapplied_payments"
+        f"{'' if include_applied else ' WHERE applied_to IS NULL'}"
+        " ORDER BY received_at, source, payment_id LIMIT :limit OFFSET :offset",
+        "limit", "offset",
+    )
+    for include_applied in (False, True)
+}
+MARK_UNAPPLIED_APPLIED = sql(
+    "UPDATE unapplied_payments SET applied_to = :account, applied_at = :at"
+    " WHERE source = :source AND payment_id = :payment AND applied_to IS NULL",
+    "account", "at", "source", "payment",
 )
 
 # --- change feed -------------------------------------------------------------

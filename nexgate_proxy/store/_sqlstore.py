@@ -10,6 +10,7 @@ transactions and RETURNING (`_insert_api_key`, `_stamp_once`).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -19,7 +20,8 @@ from . import _queries as q
 from ._common import API_KEY_COLUMNS, LEDGER_COLUMNS, USAGE_COLUMNS, Filter, RowDecoder
 from ._migrations import check_version
 from ._queries import Sql
-from .base import ApiKeyRow, GroupBy, LedgerEntry, Membership, Organization, Store, UsageRecord, UsageTotal, User
+from .base import (ApiKeyRow, GroupBy, LedgerEntry, Membership, Organization, Store, UnappliedPayment, UsageRecord,
+                   UsageTotal, User)
 from .feed import API_KEY_CHANGE, StoreChange
 
 
@@ -151,12 +153,16 @@ class SqlStore(Store):
         ))
 
     async def get_api_key(self, key_id: str) -> ApiKeyRow | None:
-        row = await self._row(q.GET_API_KEY, key_id)
-        return None if row is None else self._decode.api_key(row)
+        return self._key_with_owner(await self._row(q.GET_API_KEY, key_id))
 
     async def get_api_key_by_public_id(self, public_id: str) -> ApiKeyRow | None:
-        row = await self._row(q.GET_API_KEY_BY_PUBLIC_ID, public_id)
-        return None if row is None else self._decode.api_key(row)
+        return self._key_with_owner(await self._row(q.GET_API_KEY_BY_PUBLIC_ID, public_id))
+
+    def _key_with_owner(self, row: Any) -> ApiKeyRow | None:
+        if row is None:
+            return None
+        key = self._decode.api_key(row)
+        return dataclasses.replace(key, owner_suspended=True) if row["owner_suspended"] else key
 
     async def revoke_api_key(self, key_id: str, at: datetime | None = None) -> bool:
         return await self._stamp_once("api_keys", "revoked_at", key_id, at, f"API key {key_id}", API_KEY_CHANGE)
@@ -239,6 +245,20 @@ class SqlStore(Store):
     async def get_ledger_entry(self, source: str, external_id: str) -> LedgerEntry | None:
         row = await self._row(q.GET_LEDGER_ENTRY, source, external_id)
         return None if row is None else self._decode.ledger_entry(row)
+
+    async def get_payment_reversed(self, source: str, payment_id: str) -> tuple[int, int]:
+        row = await self._row(q.GET_PAYMENT_REVERSED, source, payment_id)
+        return (0, 0) if row is None else (int(row["reversed_minor"]), int(row["reversed_pico"]))
+
+    async def list_unapplied_payments(self, *, include_applied: bool = False, limit: int = 100,
+                                      offset: int = 0) -> list[UnappliedPayment]:
+        common.check_page(limit, offset)
+        rows = await self._rows(q.LIST_UNAPPLIED[include_applied], limit, offset)
+        return [self._decode.unapplied_payment(r) for r in rows]
+
+    async def get_unapplied_payment(self, source: str, payment_id: str) -> UnappliedPayment | None:
+        row = await self._row(q.GET_UNAPPLIED, source, payment_id)
+        return None if row is None else self._decode.unapplied_payment(row)
 
     async def list_ledger(
         self,

@@ -82,6 +82,8 @@ class User:
     name: str | None
     created_at: datetime
     deleted_at: datetime | None = None
+    suspended_at: datetime | None = None
+    """Set while the account is suspended (restriction of processing): its personal keys are refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,8 @@ class ApiKeyRow:
     allowed_models: tuple[str, ...] | None = None
     """None means every model."""
     limits: Mapping[str, Any] | None = field(default=None, hash=False)
+    owner_suspended: bool = False
+    """A personal key whose user is suspended (read by get_api_key and get_api_key_by_public_id)."""
 
     @property
     def owner_id(self) -> str:
@@ -197,6 +201,26 @@ class LedgerEntry:
     created_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class UnappliedPayment:
+    """A payment credited to nobody (it named no account, or an unknown or deleted one) until the
+    operator applies it to an account, once."""
+
+    source: str
+    payment_id: str
+    account_hint: str | None
+    """What the payment's metadata named, if anything."""
+    amount_pico: int
+    """The credit it buys."""
+    description: str
+    """The ledger description it gets when applied."""
+    reason: str
+    """Why it was not credited."""
+    received_at: datetime
+    applied_to: str | None = None
+    applied_at: datetime | None = None
+
+
 # --- interface ------------------------------------------------------------
 
 
@@ -249,6 +273,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_users(self, limit: int = 100, offset: int = 0, *, include_deleted: bool = False) -> list[User]: ...
+
+    @abc.abstractmethod
+    async def update_user(self, user_id: str, *, email: str | None, name: str | None) -> User:
+        """Correct the user's email and name (both written; None clears one); NotFound for an unknown or
+        deleted user. On SQLite the old values are overwritten in the file and the WAL is checkpointed."""
+
+    @abc.abstractmethod
+    async def set_user_suspended(self, user_id: str, suspended: bool, at: datetime | None = None) -> tuple[User, bool]:
+        """Suspend (restrict) or lift the suspension of an account; (the row after, whether this call changed it).
+
+        NotFound if unknown. Nothing else changes: keys, usage and money stay. When it changed, records an
+        ``api_key`` change per unrevoked personal key so every gateway re-reads them within a second.
+        """
 
     @abc.abstractmethod
     async def delete_user(self, user_id: str, at: datetime | None = None) -> bool:
@@ -470,6 +507,41 @@ class Store(abc.ABC):
         offset: int = 0,
     ) -> list[LedgerEntry]:
         """The account's entries, newest first; since is inclusive, until exclusive (on created_at)."""
+
+    # payments: reversals and unapplied payments
+
+    @abc.abstractmethod
+    async def get_payment_reversed(self, source: str, payment_id: str) -> tuple[int, int]:
+        """(minor units, pico-USD) the payment's refunds and disputes took back so far; (0, 0) for none."""
+
+    @abc.abstractmethod
+    async def apply_reversal(self, entry: NewLedgerEntry, payment_id: str, before: tuple[int, int],
+                             after: tuple[int, int]) -> bool:
+        """Apply a refund's or dispute's debit and move the payment's reversed total from ``before`` to
+        ``after`` (see get_payment_reversed), in ONE transaction; ``entry.source`` is the payment's.
+
+        False (and no change) when the entry was applied before. Conflict (and no change) when the
+        total is no longer ``before``: a concurrent reversal came first, compute again.
+        """
+
+    @abc.abstractmethod
+    async def hold_payment(self, payment: UnappliedPayment) -> bool:
+        """Record a payment credited to nobody; False when (source, payment_id) is held already."""
+
+    @abc.abstractmethod
+    async def list_unapplied_payments(self, *, include_applied: bool = False, limit: int = 100,
+                                      offset: int = 0) -> list[UnappliedPayment]:
+        """Held payments, oldest first: the open ones, or all with include_applied."""
+
+    @abc.abstractmethod
+    async def get_unapplied_payment(self, source: str, payment_id: str) -> UnappliedPayment | None: ...
+
+    @abc.abstractmethod
+    async def apply_unapplied_payment(self, source: str, payment_id: str, entry: NewLedgerEntry) -> bool:
+        """Credit a held payment with ``entry`` (to its account) and mark it applied, in ONE transaction.
+
+        False (and no change) when it was applied before; NotFound when no such payment is held.
+        """
 
     # change feed (see ``feed``)
 

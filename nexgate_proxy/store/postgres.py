@@ -44,6 +44,7 @@ from .base import (
     Organization,
     SchemaError,
     StoreError,
+    UnappliedPayment,
     UsageRecord,
     User,
 )
@@ -236,6 +237,10 @@ def _columns(items: Sequence[Any], fields: Sequence[str]) -> list[list[Any]]:
 _ENTRY_FIELDS = ("account_id", "kind", "amount_pico", "source", "external_id", "request_id", "description")
 
 
+class _AppliedBefore(Exception):
+    """Inside a transaction: the entry was applied before, roll back what was written with it."""
+
+
 class PostgresStore(SqlStore):
     dialect = "postgres"
     _decode = _decode
@@ -356,6 +361,29 @@ class PostgresStore(SqlStore):
             left_org_ids=tuple(sorted(left)), cleared_ips=cleared,
             already_deleted=not (revoked or renamed or left or cleared or changed),
         )
+
+    async def update_user(self, user_id: str, *, email: str | None, name: str | None) -> User:
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                if not _updated_count(await conn.execute(q.UPDATE_USER.postgres, email, name, user_id)):
+                    raise NotFound(f"user {user_id} does not exist or is deleted")
+                row = await conn.fetchrow(q.GET_USER.postgres, user_id)
+        return _decode.user(row)
+
+    async def set_user_suspended(self, user_id: str, suspended: bool, at: datetime | None = None) -> tuple[User, bool]:
+        when = common.aware_utc(at, "at") if at else common.utcnow()
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                if await conn.fetchval("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id) is None:
+                    raise NotFound(f"user {user_id} does not exist")
+                status = (await conn.execute(q.SUSPEND_USER.postgres, when, user_id) if suspended
+                          else await conn.execute(q.UNSUSPEND_USER.postgres, user_id))
+                changed = bool(_updated_count(status))
+                if changed:
+                    keys = await conn.fetch(q.PERSONAL_KEYS.postgres, user_id)
+                    await _record_changes(conn, [(API_KEY_CHANGE, r["id"], None, None) for r in keys])
+                row = await conn.fetchrow(q.GET_USER.postgres, user_id)
+        return _decode.user(row), changed
 
     # --- organizations -----------------------------------------------------
 
@@ -494,6 +522,50 @@ class PostgresStore(SqlStore):
                     applied = await conn.fetch(_APPLY_ENTRIES, *_columns(checked, _ENTRY_FIELDS), now)
                     await _record_changes(conn, _credit_changes(applied))
         return bool(new)
+
+    async def apply_reversal(self, entry: NewLedgerEntry, payment_id: str, before: tuple[int, int],
+                             after: tuple[int, int]) -> bool:
+        common.check_ledger_entry(entry)
+        now = common.utcnow()
+        try:
+            with _translated():
+                async with self._pool.acquire() as conn, conn.transaction():
+                    # The totals row first: a concurrent reversal of the same payment waits here.
+                    moved = await conn.execute(q.SET_PAYMENT_REVERSED.postgres, entry.source, payment_id, *after, now,
+                                               *before)
+                    if moved.endswith(" 0"):
+                        raise Conflict(f"payment {payment_id}: a concurrent reversal moved its total")
+                    applied = await conn.fetch(_APPLY_ENTRIES, *_columns([entry], _ENTRY_FIELDS), now)
+                    if not applied:
+                        raise _AppliedBefore  # rolls the totals back
+                    await _record_changes(conn, _credit_changes(applied))
+        except _AppliedBefore:
+            return False
+        return True
+
+    async def hold_payment(self, payment: UnappliedPayment) -> bool:
+        with _translated():
+            done = await self._pool.execute(q.INSERT_UNAPPLIED.postgres, payment.source, payment.payment_id,
+                                            payment.account_hint, payment.amount_pico, payment.description,
+                                            payment.reason, payment.received_at)
+        return not done.endswith(" 0")
+
+    async def apply_unapplied_payment(self, source: str, payment_id: str, entry: NewLedgerEntry) -> bool:
+        common.check_ledger_entry(entry)
+        now = common.utcnow()
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                marked = await conn.execute(q.MARK_UNAPPLIED_APPLIED.postgres, entry.account_id, now, source,
+                                            payment_id)
+                if marked.endswith(" 0"):
+                    if await conn.fetchrow(q.GET_UNAPPLIED.postgres, source, payment_id) is None:
+                        raise NotFound(f"no unapplied payment {payment_id}")
+                    return False
+                applied = await conn.fetch(_APPLY_ENTRIES, *_columns([entry], _ENTRY_FIELDS), now)
+                if not applied:
+                    raise Conflict(f"payment {payment_id} is in the ledger already")  # rolls back
+                await _record_changes(conn, _credit_changes(applied))
+        return True
 
     async def ledger_sum(self, account_id: str) -> int:
         with _translated():

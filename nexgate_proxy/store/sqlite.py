@@ -46,6 +46,7 @@ from .base import (
     Organization,
     SchemaError,
     StoreError,
+    UnappliedPayment,
     UsageRecord,
     User,
 )
@@ -283,6 +284,16 @@ def _ledger_sum(conn: sqlite3.Connection, account_id: str) -> int:
         return sum(r[0] for r in rows)
 
 
+def _erase_wal(conn: sqlite3.Connection) -> None:
+    """After erasing personal data: copy the WAL into the file and truncate it, so the old values are in
+    neither (secure_delete zeroed them in the pages). Readers still on an older snapshot (another
+    process) can keep it from completing; the next erasure or SQLite's own checkpoint finishes it."""
+    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy is not None and busy[0]:
+        log.warning("could not checkpoint the SQLite WAL after erasing personal data (a reader holds it); "
+                    "it is retried at the next erasure")
+
+
 def _owner_count(conn: sqlite3.Connection, org_id: str) -> int:
     return int(conn.execute(q.OWNER_COUNT.sqlite, (org_id,)).fetchone()[0])
 
@@ -338,6 +349,9 @@ class SQLiteStore(SqlStore):
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Deleted or overwritten content is zeroed, not left in free pages: an erased email is gone
+        # from the file once the WAL is checkpointed (see _erase_wal).
+        conn.execute("PRAGMA secure_delete = ON")
         if self.path != MEMORY:
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, much faster
@@ -455,12 +469,43 @@ class SQLiteStore(SqlStore):
                 cleared = conn.execute(q.CLEAR_USER_IPS.sqlite, (user_id,)).rowcount
                 changed = conn.execute(q.ERASE_USER.sqlite, (when, user_id)).rowcount
                 user = _decode.user(conn.execute(q.GET_USER.sqlite, (user_id,)).fetchone())
+            _erase_wal(conn)
             revoked = tuple(r["id"] for r in key_rows if r["revoked_at"] is None)
             return AnonymizedUser(
                 user=user, revoked_key_ids=revoked, key_ids=tuple(r["id"] for r in key_rows),
                 left_org_ids=tuple(left), cleared_ips=cleared,
                 already_deleted=not (revoked or renamed or left or cleared or changed),
             )
+
+        return await self._run(work)
+
+    async def update_user(self, user_id: str, *, email: str | None, name: str | None) -> User:
+        def work(conn: sqlite3.Connection) -> User:
+            with _write_transaction(conn):
+                if not conn.execute(q.UPDATE_USER.sqlite, (email, name, user_id)).rowcount:
+                    raise NotFound(f"user {user_id} does not exist or is deleted")
+                user = _decode.user(conn.execute(q.GET_USER.sqlite, (user_id,)).fetchone())
+            _erase_wal(conn)  # the old values leave the WAL too
+            return user
+
+        return await self._run(work)
+
+    async def set_user_suspended(self, user_id: str, suspended: bool, at: datetime | None = None) -> tuple[User, bool]:
+        when = _ts(common.aware_utc(at, "at") if at else common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> tuple[User, bool]:
+            with _write_transaction(conn):
+                row = conn.execute(q.GET_USER.sqlite, (user_id,)).fetchone()
+                if row is None:
+                    raise NotFound(f"user {user_id} does not exist")
+                cursor = (conn.execute(q.SUSPEND_USER.sqlite, (when, user_id)) if suspended
+                          else conn.execute(q.UNSUSPEND_USER.sqlite, (user_id,)))
+                changed = cursor.rowcount > 0
+                if changed:
+                    for key in conn.execute(q.PERSONAL_KEYS.sqlite, (user_id,)).fetchall():
+                        _record_change(conn, API_KEY_CHANGE, key["id"], when)
+                user = _decode.user(conn.execute(q.GET_USER.sqlite, (user_id,)).fetchone())
+            return user, changed
 
         return await self._run(work)
 
@@ -641,6 +686,48 @@ class SQLiteStore(SqlStore):
 
     async def ledger_sum(self, account_id: str) -> int:
         return await self._run(_ledger_sum, account_id)
+
+    async def apply_reversal(self, entry: NewLedgerEntry, payment_id: str, before: tuple[int, int],
+                             after: tuple[int, int]) -> bool:
+        common.check_ledger_entry(entry)
+        now = _ts(common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                if not _insert_ledger_entries(conn, [entry], now):
+                    return False
+                if not conn.execute(q.SET_PAYMENT_REVERSED.sqlite,
+                                    (entry.source, payment_id, *after, now, *before)).rowcount:
+                    raise Conflict(f"payment {payment_id}: a concurrent reversal moved its total")  # rolls back
+                return True
+
+        return await self._run(work)
+
+    async def hold_payment(self, payment: UnappliedPayment) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                return bool(conn.execute(q.INSERT_UNAPPLIED.sqlite, (
+                    payment.source, payment.payment_id, payment.account_hint, payment.amount_pico,
+                    payment.description, payment.reason, _ts(payment.received_at))).rowcount)
+
+        return await self._run(work)
+
+    async def apply_unapplied_payment(self, source: str, payment_id: str, entry: NewLedgerEntry) -> bool:
+        common.check_ledger_entry(entry)
+        now = _ts(common.utcnow())
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write_transaction(conn):
+                if not conn.execute(q.MARK_UNAPPLIED_APPLIED.sqlite, (entry.account_id, now, source,
+                                                                       payment_id)).rowcount:
+                    if conn.execute(q.GET_UNAPPLIED.sqlite, (source, payment_id)).fetchone() is None:
+                        raise NotFound(f"no unapplied payment {payment_id}")
+                    return False
+                if not _insert_ledger_entries(conn, [entry], now):
+                    raise Conflict(f"payment {payment_id} is in the ledger already")  # rolls back
+                return True
+
+        return await self._run(work)
 
     # --- change feed -------------------------------------------------------
 

@@ -23,7 +23,9 @@ Money (``/balance``, ``/transactions``, ``/usage``, ``/usage/totals``,
 ``/statements/{YYYY-MM}``) is per account, named by ``?account=``: a user sees
 their own (the default), an organization's admins and owners see the
 organization's, and the superadmin sees any. Nobody else's personal account
-is visible: asking for it answers 404. Amounts are exact decimal strings
+is visible: asking for it answers 404. An organization's admins get its usage as aggregates
+(``/usage/totals``); its request rows (``/usage``) answer them 403 ``aggregates_only`` unless
+``privacy.org_request_rows`` (see docs/privacy.md). Amounts are exact decimal strings
 (``*_usd``) with the integer pico-USD beside them (``*_pico``), never floats.
 
 Removing a member also revokes the organization keys that member created: they
@@ -64,11 +66,16 @@ from nexgate_proxy.accounts import create_api_key, revoke_api_key, set_org_limit
 from nexgate_proxy.abuse import request_ip
 from nexgate_proxy.appkeys import ABUSE, CONFIG, FEED, STORE
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
+from nexgate_plugins.credits import CREDITS
+from nexgate_plugins.credits.grants import GrantError, check_reason, check_ref, grant, parse_usd
+from nexgate_plugins.payments_unapplied import PAYMENT_STATS, UnappliedError, apply_unapplied, unapplied_json
 from nexgate_plugins.credits.statements import (
     Account,
+    FutureMonth,
     balance_json,
     build_statement,
     find_account,
+    money,
     parse_month,
     parse_time,
     render_statement_html,
@@ -105,6 +112,7 @@ from .http import (
 from .openapi import build_openapi
 from nexgate_plugins.auth.settings import AuthSettings
 from nexgate_plugins.ratelimit.settings import LIMITS_SECTION, Quota, raised_limit
+from nexgate_plugins.redaction import PRIVACY_SECTION
 
 log = logging.getLogger("nexgate.admin")
 
@@ -139,7 +147,8 @@ def iso(moment: datetime | None) -> str | None:
 
 def user_json(user: User) -> dict[str, Any]:
     return {"object": "user", "id": user.id, "external_id": user.external_id, "email": user.email,
-            "name": user.name, "created_at": iso(user.created_at), "deleted_at": iso(user.deleted_at)}
+            "name": user.name, "created_at": iso(user.created_at), "deleted_at": iso(user.deleted_at),
+            "suspended_at": iso(user.suspended_at)}
 
 
 def org_json(org: Organization, role: str | None = None) -> dict[str, Any]:
@@ -223,6 +232,12 @@ class Caller:
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     auth: AuthSettings
+    signed_in: dict[tuple[str, str], None] = dataclasses.field(default_factory=dict)
+    """(Clerk user id, session id) pairs this process has seen: a new pair is a sign-in, when the profile
+    is refreshed from the token's claims (not on every call: a correction made during the session stays)."""
+
+
+MAX_SIGNED_IN = 100_000
 
 
 ADMIN: web.AppKey[AdminSettings] = web.AppKey("nexgate_plugins.admin_api", AdminSettings)
@@ -274,21 +289,32 @@ async def _caller(request: web.Request) -> Caller:
     except Exception:  # a verifier bug must not become a 500 that hints at the token
         log.exception("session token verification failed unexpectedly")
         raise _unauthorized("Invalid session token.") from None
-    user = await _clerk_user(request.app[STORE], identity)
+    admin = request.app[ADMIN]
+    session = (identity.user_id, identity.session_id or "")
+    sign_in = identity.session_id is None or session not in admin.signed_in
+    user = await _clerk_user(request.app[STORE], identity, settings.clerk.profile_claims(identity), refresh=sign_in)
+    if sign_in and identity.session_id is not None:
+        if len(admin.signed_in) >= MAX_SIGNED_IN:
+            admin.signed_in.pop(next(iter(admin.signed_in)))
+        admin.signed_in[session] = None
     if user.deleted_at is not None:
         raise GatewayError(403, "This account has been deleted.", code="account_deleted")
     return Caller(user=user, clerk=identity)
 
 
-async def _clerk_user(store: Store, identity: ClerkIdentity) -> User:
+async def _clerk_user(store: Store, identity: ClerkIdentity, claims: Mapping[str, Any], *,
+                      refresh: bool = True) -> User:
+    """The local user of a Clerk session, created on first sight; ``claims`` are the profile claims the
+    verifier lets NexGate keep (``ClerkVerifier.profile_claims``: email, and name only when configured),
+    written over the stored ones when ``refresh`` (a sign-in)."""
     external_id = identity.user_id
     if len(external_id) > MAX_EXTERNAL_ID_LENGTH or not clean_text(external_id):
         raise _unauthorized("Invalid session token (malformed).")
+    email = _claim_text(claims.get("email"), MAX_EMAIL_LENGTH)
+    name = _claim_text(claims.get("name"), MAX_NAME_LENGTH)
     user = await store.get_user_by_external_id(external_id)
     if user is not None:
-        return user
-    email = _claim_text(identity.claims.get("email"), MAX_EMAIL_LENGTH)
-    name = _claim_text(identity.claims.get("name"), MAX_NAME_LENGTH)
+        return await _refresh_from_claims(store, user, email, name) if refresh else user
     try:
         user = await store.create_user(external_id=external_id, email=email, name=name)
         log.info("created user %s on first sign-in", user.id)
@@ -298,6 +324,21 @@ async def _clerk_user(store: Store, identity: ClerkIdentity) -> User:
         if user is None:
             raise
         return user
+
+
+async def _refresh_from_claims(store: Store, user: User, email: str | None, name: str | None) -> User:
+    """Correction at sign-in: a changed email (or name, when kept) in the token replaces the stored one.
+    A claim the token lacks clears nothing."""
+    new_email = email if email is not None and "@" in email else user.email
+    new_name = name if name is not None else user.name
+    if (new_email, new_name) == (user.email, user.name) or user.deleted_at is not None:
+        return user
+    try:
+        user = await store.update_user(user.id, email=new_email, name=new_name)
+    except NotFound:  # deleted meanwhile: the caller refuses it
+        return user
+    log.info("user %s: profile refreshed from the Clerk session", user.id)
+    return user
 
 
 def _claim_text(value: Any, max_length: int) -> str | None:
@@ -674,6 +715,9 @@ async def delete_member(request: web.Request, caller: Caller) -> web.Response:
 
 async def create_key(request: web.Request, caller: Caller) -> web.Response:
     check_query(request, ())
+    if caller.user is not None and caller.user.suspended_at is not None:  # restriction: see privacy.py
+        raise GatewayError(403, "This account is suspended: it cannot create API keys until the operator lifts "
+                           "the suspension.", code="account_suspended")
     data = await read_body(request, {"name": str, "org_id": str, "user_id": str, "expires_at": str,
                                  "allowed_models": list, "limits": dict})
     name = _text(data, "name", MAX_NAME_LENGTH, required=True)
@@ -844,10 +888,29 @@ async def list_transactions(request: web.Request, caller: Caller) -> web.Respons
 async def list_usage(request: web.Request, caller: Caller) -> web.Response:
     check_query(request, ("account", "since", "until", "model", "key_id", "limit", "offset"))
     account = await _account(request, caller)
+    _request_rows_allowed(request, caller, account)
     filters = _usage_filters(request)
     limit, offset = _page(request)
     rows = await request.app[STORE].list_usage(account_id=account.id, **filters, limit=limit + 1, offset=offset)
     return _list([usage_json(r) for r in rows[:limit]], len(rows) > limit)
+
+
+# -- privacy: organization admins see aggregates, not request rows (privacy.org_request_rows)
+
+
+def _request_rows_allowed(request: web.Request, caller: Caller, account: Account) -> None:
+    """An organization's request-level rows are for the superadmin; its admins get 403
+    ``aggregates_only`` unless the operator set ``privacy.org_request_rows: true`` (the privacy
+    policy promises them aggregate usage: ``/usage/totals`` per key, model or day)."""
+    if caller.superadmin or account.type != "organization":
+        return
+    try:
+        allowed = request.app[CONFIG].section(PRIVACY_SECTION).org_request_rows
+    except LookupError:
+        allowed = False
+    if not allowed:
+        raise GatewayError(403, "Organization admins see aggregate usage only: use /admin/v1/usage/totals "
+                           "(group_by=key, model or day).", code="aggregates_only")
 
 
 async def get_usage_totals(request: web.Request, caller: Caller) -> web.Response:
@@ -882,11 +945,100 @@ async def get_statement(request: web.Request, caller: Caller) -> web.Response:
     if fmt not in ("json", "html"):
         raise bad("format", "'format' must be json or html.")
     account = await _account(request, caller)
-    statement = await build_statement(request.app[STORE], account, month)
+    try:
+        statement = await build_statement(request.app[STORE], account, month)
+    except FutureMonth as exc:  # 404, not 400: the month is well formed, its statement does not exist yet
+        raise GatewayError(404, f"No statement for {exc}.", code="month_not_started", param="month") from None
     if fmt == "json":
         return web.json_response(statement_json(statement))
     return web.Response(text=render_statement_html(statement), content_type="text/html", charset="utf-8",
                         headers=_HTML_HEADERS)
+
+
+# ------------------------------------------- credits and unapplied payments (superadmin)
+# One implementation with the CLI: nexgate_plugins.credits.grants and nexgate_plugins.payments.
+
+
+async def _grant_or_adjust(request: web.Request, caller: Caller, kind: str) -> web.Response:
+    check_query(request, ())
+    _require_superadmin(caller)
+    data = await read_body(request, {"account_id": str, "amount_usd": str, "reason": str, "ref": str})
+    for field in ("account_id", "amount_usd", "reason"):
+        if field not in data:
+            raise bad(field, f"'{field}' is required.")
+    try:
+        amount = parse_usd(data["amount_usd"], signed=kind == "adjustment")
+        reason = check_reason(data["reason"])
+        ref = check_ref(data.get("ref"))
+    except GrantError as exc:
+        raise bad("amount_usd" if exc.field == "amount" else exc.field, f"{exc.message}.") from None
+    store = request.app[STORE]
+    account = await find_account(store, data["account_id"]) if is_id(data["account_id"]) else None
+    if account is None:
+        raise GatewayError(404, "No such account.", code="not_found", param="account_id")
+    credits = request.app.get(CREDITS)
+    try:
+        done = await grant(store, credits.state if credits else None, account.id, amount, reason, ref, kind=kind)
+    except GrantError as exc:  # a ref used for something else, or a balance out of range
+        raise GatewayError(409, f"{exc.message}.", code="conflict",
+                           param="amount_usd" if exc.field == "amount" else exc.field) from None
+    if done.applied:
+        await request.app[FEED].deliver_now()  # this instance's cached balance at once
+    return web.json_response({
+        "object": kind, "applied": done.applied, "account_id": account.id, "account_type": account.type,
+        "external_id": done.entry.external_id, "reason": reason, **money("amount", amount),
+        **money("balance", done.balance_pico)}, status=201 if done.applied else 200)
+
+
+async def create_grant(request: web.Request, caller: Caller) -> web.Response:
+    return await _grant_or_adjust(request, caller, "grant")
+
+
+async def create_adjustment(request: web.Request, caller: Caller) -> web.Response:
+    return await _grant_or_adjust(request, caller, "adjustment")
+
+
+async def list_unapplied_payments(request: web.Request, caller: Caller) -> web.Response:
+    check_query(request, ("include_applied", "limit", "offset"))
+    _require_superadmin(caller)
+    limit, offset = _page(request)
+    held = await request.app[STORE].list_unapplied_payments(include_applied=query_bool(request, "include_applied"),
+                                                            limit=limit + 1, offset=offset)
+    return _list([unapplied_json(p) for p in held[:limit]], len(held) > limit)
+
+
+async def apply_unapplied_payment(request: web.Request, caller: Caller) -> web.Response:
+    check_query(request, ())
+    _require_superadmin(caller)
+    payment_id = _path_id(request, "payment_id", "unapplied payment")
+    data = await read_body(request, {"account_id": str})
+    account_id = data.get("account_id")
+    if account_id is None:
+        raise bad("account_id", "'account_id' is required.")
+    if not is_id(account_id):
+        raise GatewayError(404, "No such account.", code="not_found", param="account_id")
+    store = request.app[STORE]
+    credits = request.app.get(CREDITS)
+    try:
+        applied, held = await apply_unapplied(store, credits.state if credits else None, payment_id, account_id)
+    except UnappliedError as exc:
+        raise GatewayError(exc.status, exc.message, code="not_found" if exc.status == 404 else "conflict",
+                           param=exc.param) from None
+    if applied:
+        await request.app[FEED].deliver_now()
+        stats = request.app.get(PAYMENT_STATS)
+        if stats is not None:
+            await stats.refresh(store)
+    return web.json_response({**unapplied_json(held), "applied": applied,
+                              **money("balance", await store.get_balance(account_id))})
+
+
+CREDIT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("POST", "/credits/grants", create_grant),
+    ("POST", "/credits/adjustments", create_adjustment),
+    ("GET", "/payments/unapplied", list_unapplied_payments),
+    ("POST", "/payments/unapplied/{payment_id}/apply", apply_unapplied_payment),
+)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -918,6 +1070,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/usage", list_usage),
     ("GET", "/usage/totals", get_usage_totals),
     ("GET", "/statements/{month}", get_statement),
+    *CREDIT_ROUTES,
 )
 """(method, path under /admin/v1, handler): the authenticated endpoints."""
 

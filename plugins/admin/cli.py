@@ -10,7 +10,9 @@ print one line and exit with 1; never a traceback. What ``keys revoke``,
 and ``orgs limits`` change is recorded in the store with the change itself:
 every running gateway learns of it from its change feed within a second, on
 every deployment.
-``users export`` writes a user's data as JSON or a zip of CSVs, and
+``users update`` corrects a user's email or name, ``users suspend`` / ``users unsuspend``
+restrict an account's processing (its keys are refused, nothing is deleted; running gateways
+learn of it from the feed like a revocation); ``users export`` writes a user's data as JSON or a zip of CSVs, and
 ``retention run`` clears client IPs older than ``privacy.ip_retention_days``.
 """
 
@@ -261,6 +263,45 @@ async def _users_delete(env: Env, store: Store) -> int:
     return 0
 
 
+async def _users_update(env: Env, store: Store) -> int:
+    from .privacy import correct_user, profile_value
+
+    args = env.args
+    changes: dict[str, str | None] = {}
+    for field, value, clear in (("email", args.email, args.clear_email), ("name", args.name, args.clear_name)):
+        if value is not None and clear:
+            raise CliError(f"give --{field} or --clear-{field}, not both")
+        if value is not None or clear:
+            try:
+                changes[field] = profile_value(field, value)
+            except ValueError as exc:
+                raise CliError(f"--{field}: {exc}") from None
+    if not changes:
+        raise CliError("nothing to change: give --email, --name, --clear-email or --clear-name")
+    user = await correct_user(store, await _existing_user(store, args.user_id), changes)
+    emit(env, _views().user_json(user), f"Updated user {user.id}: " + ", ".join(
+        f"{field} {'cleared' if getattr(user, field) is None else repr(getattr(user, field))}" for field in changes))
+    return 0
+
+
+async def _users_suspend(env: Env, store: Store) -> int:
+    from .privacy import suspend_account
+
+    suspended = env.args.users_command == "suspend"
+    user_id = env.args.user_id
+    if await store.get_user(user_id) is None:
+        raise CliError(f"no such user: {user_id}")
+    user, changed = await suspend_account(store, None, user_id, suspended)
+    if suspended:
+        message = (f"Suspended user {user_id}: their API keys are refused on every gateway within a second; "
+                   "nothing is deleted." if changed else f"User {user_id} was already suspended; nothing changed.")
+    else:
+        message = (f"Lifted the suspension of user {user_id}: their API keys work again." if changed
+                   else f"User {user_id} was not suspended; nothing changed.")
+    emit(env, {**_views().user_json(user), "changed": changed}, message)
+    return 0
+
+
 def _write_private(path: str, data: bytes) -> None:
     """Write personal data readable by the owner only; replace the file whole, never half-written."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -325,6 +366,17 @@ def register(subparsers: Any) -> None:
                     "personal data (usage and ledger stay, anonymous); idempotent", _users_delete, common)
     p.add_argument("user_id")
     p.add_argument("--yes", action="store_true", help="confirm: the deletion cannot be undone")
+    p = add_command(users_sub, "update", "correct a user's email or name", _users_update, common)
+    p.add_argument("user_id")
+    p.add_argument("--email")
+    p.add_argument("--name")
+    p.add_argument("--clear-email", action="store_true", help="remove the stored email")
+    p.add_argument("--clear-name", action="store_true", help="remove the stored name")
+    for command, text in (("suspend", "suspend an account (restriction of processing): its API keys are refused "
+                                      "on every gateway within a second; nothing is deleted; reversible"),
+                          ("unsuspend", "lift an account's suspension: its API keys work again")):
+        p = add_command(users_sub, command, text, _users_suspend, common)
+        p.add_argument("user_id")
     p = add_command(users_sub, "export", "write everything stored about a user's personal account", _users_export,
                     common)
     p.add_argument("user_id")

@@ -94,7 +94,7 @@ _SCHEMAS: dict[str, Any] = {
             "code": {**_NULLABLE_STRING, "description": "Machine-readable reason, e.g. `invalid_token`."},
         }),
     }, "The OpenAI error shape, used for every error."),
-    "User": _object(["object", "id", "external_id", "email", "name", "created_at", "deleted_at"], {
+    "User": _object(["object", "id", "external_id", "email", "name", "created_at", "deleted_at", "suspended_at"], {
         "object": {"const": "user"},
         "id": {"type": "string", "examples": ["usr_3k2j4h5g6f7d8s9a0q1w2e3r4t"]},
         "external_id": {**_NULLABLE_STRING, "description": "The identity provider's user id (Clerk `sub`)."},
@@ -102,6 +102,8 @@ _SCHEMAS: dict[str, Any] = {
         "name": _NULLABLE_STRING,
         "created_at": _TIMESTAMP,
         "deleted_at": _NULLABLE_TIMESTAMP,
+        "suspended_at": {**_NULLABLE_TIMESTAMP, "description": "Set while the account is suspended: its keys "
+                                                               "are refused 403 `account_suspended`."},
     }),
     "Organization": _object(["object", "id", "name", "created_at", "role"], {
         "object": {"const": "organization"},
@@ -264,6 +266,11 @@ _SCHEMAS: dict[str, Any] = {
         "email": _EMAIL,
         "name": _text(200),
     }),
+    "UpdateUser": {  # PATCH /users/{user_id}: the correction right (privacy_openapi.py)
+        "type": "object", "additionalProperties": False, "minProperties": 1,
+        "properties": {"email": {"anyOf": [_EMAIL, {"type": "null"}], "description": "null clears it."},
+                       "name": {"anyOf": [_text(200), {"type": "null"}], "description": "null clears it."}},
+    },
     "CreateOrganization": _object(["name"], {
         "name": _text(200),
         "owner_user_id": {**_ID, "description": "The owner; the caller by default (the superadmin, who owns "
@@ -300,6 +307,53 @@ _SCHEMAS["CreatedApiKey"] = {
         "type": "string", "description": "The plaintext key. Shown this once: store it now."}},
     "description": "The new key's metadata and, this once, its plaintext `key`.",
 }
+
+# Credits and unapplied payments (superadmin): nexgate_plugins.credits.grants and .payments.
+_GRANT_USD = {"type": "string", "pattern": r"^\d{1,6}(\.\d{1,12})?$", "not": {"pattern": r"^0+(\.0+)?$"},
+              "description": "A plain decimal amount of US dollars greater than 0 (no exponent), e.g. `10` or "
+                             "`2.50`; at most 12 decimals."}
+_ADJUST_USD = {"type": "string", "pattern": r"^-?\d{1,6}(\.\d{1,12})?$", "not": {"pattern": r"^-?0+(\.0+)?$"},
+               "description": "A plain signed decimal amount of US dollars, not 0, e.g. `-2.50` or `10`."}
+_SCHEMAS["CreateGrant"] = _object(["account_id", "amount_usd", "reason"], {
+    "account_id": {**_ID, "description": "A user or organization id."},
+    "amount_usd": _GRANT_USD,
+    "reason": {**_text(500), "description": "Why: shown on the account's statement."},
+    "ref": {**_text(200), "description": "Your idempotency reference: the same ref is applied once (again: 200, "
+                                         "`applied` false); used before for another account or amount: 409. "
+                                         "Grants and adjustments share refs."},
+})
+_SCHEMAS["CreateAdjustment"] = {**_SCHEMAS["CreateGrant"], "properties": {
+    **_SCHEMAS["CreateGrant"]["properties"], "amount_usd": _ADJUST_USD}}
+_SCHEMAS["CreditGrant"] = _object(
+    ["object", "applied", "account_id", "account_type", "external_id", "reason", "amount_usd", "amount_pico",
+     "balance_usd", "balance_pico"], {
+        "object": {"type": "string", "enum": ["grant", "adjustment"]},
+        "applied": {"type": "boolean", "description": "False: this ref was applied before; nothing changed."},
+        "account_id": {"type": "string"}, "account_type": _ACCOUNT_TYPE,
+        "external_id": {"type": "string", "description": "The ledger entry's id at source `admin`: `grant:<ref>`."},
+        "reason": {"type": "string"}, **_money("amount"), **_money("balance"),
+    }, "A grant or adjustment booked in the ledger (kind `grant` or `adjustment`, source `admin`).")
+_UNAPPLIED_PROPERTIES: dict[str, Any] = {
+    "object": {"const": "unapplied_payment"},
+    "source": {"type": "string", "description": "The payment provider, `dodopayments`."},
+    "payment_id": {"type": "string"},
+    "account_hint": {**_NULLABLE_STRING, "description": "The account the payment's metadata named, if any."},
+    **_money("credit"),
+    "description": {"type": "string", "description": "What was bought and paid, e.g. `...; paid 10.99 USD`."},
+    "reason": {"type": "string", "description": "Why it was not credited (no, unknown or deleted account)."},
+    "received_at": _TIMESTAMP,
+    "applied_to": {**_NULLABLE_STRING, "description": "The account the operator applied it to; null: still open."},
+    "applied_at": _NULLABLE_TIMESTAMP,
+}
+_SCHEMAS["UnappliedPayment"] = _object(list(_UNAPPLIED_PROPERTIES), _UNAPPLIED_PROPERTIES,
+                                       "A payment credited to nobody until the operator applies it.")
+_SCHEMAS["UnappliedPaymentList"] = _list_of("UnappliedPayment")
+_SCHEMAS["ApplyUnappliedPayment"] = _object(["account_id"], {
+    "account_id": {**_ID, "description": "The user or organization to credit (not a deleted one)."}})
+_SCHEMAS["AppliedPayment"] = _object([*_UNAPPLIED_PROPERTIES, "applied", "balance_usd", "balance_pico"], {
+    **_UNAPPLIED_PROPERTIES, "applied": {"type": "boolean", "description": "False: applied to this account before."},
+    **_money("balance")}, "The payment, applied; the account's balance after it.")
+
 
 _ERRORS = {
     "BadRequest": "Invalid JSON, unknown field, wrong type or value; `param` names the field.",
@@ -372,7 +426,8 @@ def _statement_op() -> dict[str, Any]:
                          _query("format", {"type": "string", "enum": ["json", "html"]},
                                 "Default: html when the Accept header asks for text/html, else json.")],
              description="Opening balance, every transaction of the month (a day's request debits summed into "
-                         "one line), closing balance, and usage totals by model. " + _MONEY_ACCESS)
+                         "one line), closing balance, and usage totals by model. The month in progress is provisional; "
+                         "a month that has not begun answers 404 (`month_not_started`). " + _MONEY_ACCESS)
     op["responses"]["200"]["content"]["text/html"] = {"schema": {"type": "string"}}
     return op
 
@@ -480,9 +535,40 @@ _PATHS: dict[str, Any] = {
 }
 
 
+def _grant_op(operation_id: str, summary: str, body: str, description: str) -> dict[str, Any]:
+    op = _op(operation_id, summary, ("201", "CreditGrant", "Booked."), "Forbidden", "NotFound", "Conflict",
+             body=body, description=description + " Superadmin only; the same as `nexgate credits grant|adjust`. "
+                                                   "404: no such account.", tag="credits")
+    op["responses"]["200"] = _json("CreditGrant", "This ref was applied before, to this account: nothing changed.")
+    return op
+
+
+_CREDIT_PATHS: dict[str, Any] = {
+    "/admin/v1/credits/grants": {"post": _grant_op(
+        "create_grants", "Grant credits to an account (superadmin)", "CreateGrant",
+        "Books a positive `grant`; every running gateway's cached balance takes it once.")},
+    "/admin/v1/credits/adjustments": {"post": _grant_op(
+        "create_adjustments", "Adjust an account's balance up or down (superadmin)", "CreateAdjustment",
+        "Books a signed `adjustment` (a correction).")},
+    "/admin/v1/payments/unapplied": {"get": _op(
+        "list_unapplied_payments", "Payments credited to nobody (superadmin)",
+        ("200", "UnappliedPaymentList", "Held payments, oldest first."), "Forbidden",
+        parameters=[_query("include_applied", {"type": "boolean", "default": False}, "Also the applied ones."),
+                    *_PAGE], tag="payments",
+        description="A DodoPayments payment that named no account, or an unknown or deleted one, is held here "
+                    "(and counted in the `nexgate_payments_unapplied` metric) until applied.")},
+    "/admin/v1/payments/unapplied/{payment_id}/apply": {"post": _op(
+        "apply_unapplied_payments", "Credit a held payment to an account, once (superadmin)",
+        ("200", "AppliedPayment", "Applied (or applied to this account before)."), "Forbidden", "NotFound",
+        "Conflict", body="ApplyUnappliedPayment", parameters=[_path("payment_id")], tag="payments",
+        description="404: no such held payment, or the account does not exist or was deleted. 409: applied to "
+                    "another account already. The same as `nexgate payments apply`.")},
+}
+
+
 @cache
 def _document() -> dict[str, Any]:
-    paths = copy.deepcopy(_PATHS)
+    paths = copy.deepcopy({**_PATHS, **_CREDIT_PATHS})
     for path, operations in OPENAPI_PATHS.items():
         paths.setdefault(path, {}).update(operations)
     return {

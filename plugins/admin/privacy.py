@@ -26,6 +26,18 @@
   free-text cells starting with ``= + - @`` get a leading ``'`` so spreadsheets
   do not run them as formulas.
 
+* ``PATCH /admin/v1/users/{user_id}`` (``nexgate users update ID --email E --name N``): correction.
+  The user themself or the superadmin sets ``email`` and/or ``name`` (null clears one); the old
+  values are overwritten in the store (on SQLite, zeroed and checkpointed out of the WAL). A Clerk
+  user's email is also refreshed from the session token's ``email`` claim at sign-in.
+* ``POST /admin/v1/users/{user_id}/suspend`` and ``/unsuspend`` (``nexgate users suspend|unsuspend
+  ID``): restriction of processing, superadmin only (a user asks for it through the operator, as
+  the privacy policy says). While suspended the user's personal keys are refused 403
+  ``account_suspended`` on every gateway within a second (an ``api_key`` change per key on the
+  store's feed), the user cannot create keys, and nothing is deleted: lifting it restores
+  everything. The user may still read, export and delete their data. ``suspended_at`` is part of
+  the user's profile and of the export.
+
 Anyone else's account answers 404 (as in the rest of the admin API, ids are not
 probed): organization owners and admins included, who see their
 organization's keys and members but never a member's personal data.
@@ -50,11 +62,11 @@ from aiohttp import web
 from nexgate_proxy.appkeys import FEED, STORE
 from nexgate_proxy.money import format_usd
 from nexgate_proxy.store import (
-    AnonymizedUser, ChangeFeed, LedgerEntry, NotFound, Store, UsageRecord,
+    AnonymizedUser, ChangeFeed, LedgerEntry, NotFound, Store, UsageRecord, User,
 )
 from .privacy_openapi import EXPORT_VERSION
-from .api import Caller, iso, key_json, user_json
-from .http import bad, check_query, is_id, not_found
+from .api import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, Caller, iso, key_json, user_json
+from .http import bad, check_query, clean_text, forbidden, is_id, not_found, read_body
 
 log = logging.getLogger("nexgate.privacy")
 
@@ -87,9 +99,51 @@ def deletion_json(result: AnonymizedUser) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------- correction, restriction
+
+
+def profile_value(field: str, value: str | None) -> str | None:
+    """A corrected email or name: trimmed, not blank, no control characters; None clears it.
+
+    Raises ValueError saying what is wrong (the API answers 400 naming the field, the CLI exits 1).
+    """
+    if value is None:
+        return None
+    limit = MAX_EMAIL_LENGTH if field == "email" else MAX_NAME_LENGTH
+    value = value.strip()
+    if not value:
+        raise ValueError(f"'{field}' must not be empty (null clears it)")
+    if len(value) > limit:
+        raise ValueError(f"'{field}' is longer than {limit} characters")
+    if not clean_text(value):
+        raise ValueError(f"'{field}' contains control characters or invalid Unicode")
+    if field == "email" and "@" not in value:
+        raise ValueError("'email' is not an email address")
+    return value
+
+
+async def correct_user(store: Store, user: User, changes: dict[str, str | None]) -> User:
+    """Write the corrected fields (``email``, ``name``), keeping the others as they are."""
+    email = changes["email"] if "email" in changes else user.email
+    name = changes["name"] if "name" in changes else user.name
+    updated = await store.update_user(user.id, email=email, name=name)
+    log.info("user %s corrected: %s", user.id, ", ".join(sorted(changes)))
+    return updated
+
+
+async def suspend_account(store: Store, feed: ChangeFeed | None, user_id: str, suspended: bool) -> tuple[User, bool]:
+    """Suspend or lift the suspension; the store's feed tells every gateway (this one at once)."""
+    user, changed = await store.set_user_suspended(user_id, suspended)
+    if feed is not None and changed:
+        await feed.deliver_now()
+    if changed:
+        log.info("account %s %s", user_id, "suspended" if suspended else "no longer suspended")
+    return user, changed
+
+
 # -------------------------------------------------------------------- export
 
-USER_COLUMNS = ("id", "external_id", "email", "name", "created_at", "deleted_at")
+USER_COLUMNS = ("id", "external_id", "email", "name", "created_at", "deleted_at", "suspended_at")
 BALANCE_COLUMNS = ("account_id", "balance_pico", "balance_usd")
 KEY_COLUMNS = ("id", "name", "prefix", "user_id", "org_id", "created_by", "created_at", "last_used_at",
                "expires_at", "revoked_at", "allowed_models", "limits")
@@ -255,8 +309,47 @@ async def export_user(request: web.Request, caller: Caller) -> web.Response:
         "Content-Disposition": f'attachment; filename="nexgate-export-{user_id}.zip"'})
 
 
+async def update_user(request: web.Request, caller: Caller) -> web.Response:
+    check_query(request, ())
+    user_id = await _own_account(request, caller)
+    data = await read_body(request, {"email": str, "name": str}, nullable=("email", "name"))
+    if not data:
+        raise bad(None, "Give 'email' and/or 'name' (null clears one).")
+    changes: dict[str, str | None] = {}
+    for field, value in data.items():
+        try:
+            changes[field] = profile_value(field, value)
+        except ValueError as exc:
+            raise bad(field, f"{exc}.") from None
+    store = request.app[STORE]
+    user = await store.get_user(user_id)
+    if user is None or user.deleted_at is not None:
+        raise not_found("user")
+    return web.json_response(user_json(await correct_user(store, user, changes)))
+
+
+async def _set_suspended(request: web.Request, caller: Caller, suspended: bool) -> web.Response:
+    check_query(request, ())
+    if not caller.superadmin:
+        raise forbidden("Only the superadmin may suspend an account or lift a suspension (ask the operator).")
+    user_id = await _own_account(request, caller)
+    user, changed = await suspend_account(request.app[STORE], request.app[FEED], user_id, suspended)
+    return web.json_response({**user_json(user), "changed": changed})
+
+
+async def suspend_user(request: web.Request, caller: Caller) -> web.Response:
+    return await _set_suspended(request, caller, True)
+
+
+async def unsuspend_user(request: web.Request, caller: Caller) -> web.Response:
+    return await _set_suspended(request, caller, False)
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/users/{user_id}", delete_user),
+    ("PATCH", "/users/{user_id}", update_user),
+    ("POST", "/users/{user_id}/suspend", suspend_user),
+    ("POST", "/users/{user_id}/unsuspend", unsuspend_user),
     ("GET", "/users/{user_id}/export", export_user),
 )
 """(method, path under /admin/v1, handler): routed with the admin API's own (``api.add_routes``)."""

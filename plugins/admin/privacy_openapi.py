@@ -31,7 +31,8 @@ def _object(properties: dict[str, Any], description: str | None = None) -> dict[
 
 
 def _responses(ok: dict[str, Any], *errors: str) -> dict[str, Any]:
-    status = {"BadRequest": "400", "Unauthorized": "401", "NotFound": "404", "Conflict": "409"}
+    status = {"BadRequest": "400", "Unauthorized": "401", "Forbidden": "403", "NotFound": "404", "Conflict": "409",
+              "TooLarge": "413"}
     responses = {"200": ok}
     for name in ("BadRequest", "Unauthorized", *errors):
         responses[status[name]] = {"$ref": f"#/components/responses/{name}"}
@@ -90,8 +91,22 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
 }
 """Schemas the paths below refer to, for ``components.schemas`` of the admin document."""
 
+_SUSPENSION = {"type": "object", "required": ["object", "id", "suspended_at", "changed"],
+               "properties": {"object": {"const": "user"}, "id": {"type": "string"},
+                              "suspended_at": _NULLABLE_TIMESTAMP, "changed": {"type": "boolean"}}}
+
 OPENAPI_PATHS: dict[str, Any] = {
     "/admin/v1/users/{user_id}": {
+        "patch": {
+            "operationId": "update_users", "summary": "Correct a user's email or name (the user themself or the "
+                                                      "superadmin)",
+            "tags": ["users"], "parameters": [_USER_ID],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("UpdateUser")}}},
+            "description": "Sets the fields given (null clears one); the old values are overwritten in the store. "
+                           "A Clerk user's email is refreshed from the session token at sign-in as well.",
+            "responses": _responses({"description": "The corrected user.", "content": {"application/json": {
+                "schema": _ref("User")}}}, "NotFound", "TooLarge"),
+        },
         "delete": {
             "operationId": "delete_users", "summary": "Delete an account (the user themself or the superadmin)",
             "tags": ["users"], "parameters": [_USER_ID],
@@ -102,6 +117,26 @@ OPENAPI_PATHS: dict[str, Any] = {
                            "user is the last owner of an organization; nothing is changed then.",
             "responses": _responses({"description": "Deleted.", "content": {"application/json": {
                 "schema": _ref("UserDeleted")}}}, "NotFound", "Conflict"),
+        },
+    },
+    "/admin/v1/users/{user_id}/suspend": {
+        "post": {
+            "operationId": "suspend_users", "summary": "Suspend an account: restriction of processing (superadmin)",
+            "tags": ["users"], "parameters": [_USER_ID],
+            "description": "The user's personal keys are refused 403 `account_suspended` on every gateway within a "
+                           "second and the user cannot create keys; nothing is deleted. Idempotent "
+                           "(`changed: false`). Lift it with `/unsuspend`.",
+            "responses": _responses({"description": "Suspended.", "content": {"application/json": {
+                "schema": _SUSPENSION}}}, "Forbidden", "NotFound"),
+        },
+    },
+    "/admin/v1/users/{user_id}/unsuspend": {
+        "post": {
+            "operationId": "unsuspend_users", "summary": "Lift an account's suspension (superadmin)",
+            "tags": ["users"], "parameters": [_USER_ID],
+            "description": "The user's keys work again at once, on every gateway. Idempotent (`changed: false`).",
+            "responses": _responses({"description": "Not suspended any more.", "content": {"application/json": {
+                "schema": _SUSPENSION}}}, "Forbidden", "NotFound"),
         },
     },
     "/admin/v1/users/{user_id}/export": {

@@ -12,6 +12,10 @@ A verified key of an organization also carries the organization's limit
 overrides from the store (``Identity.org_limits``), read once at verification
 time, never per request.
 
+A suspended user's personal keys (restriction of processing) are verified as usual and their
+cached identity carries ``suspended``: refused 403 ``account_suspended`` with no store round
+trip. Suspending and lifting it record an ``api_key`` change per key, as a revocation does.
+
 A revocation (also by account deletion) reaches the cache within a second,
 whichever process made it: the store records it with the change and every
 gateway's store feed hands it to the bus's local subscribers (``on_invalidation``);
@@ -69,7 +73,15 @@ async def nexgate_authenticate(ctx: RequestContext) -> Identity | None:
         raise GatewayError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
                            "or 'x-api-key: <key>'.", code="missing_api_key",
                            headers={"WWW-Authenticate": 'Bearer realm="nexgate"'})
-    return await authenticator.authenticate(plaintext)
+    identity = await authenticator.authenticate(plaintext)
+    if identity.suspended:
+        raise account_suspended()
+    return identity
+
+
+def account_suspended() -> GatewayError:
+    return GatewayError(403, "This account is suspended: its API keys are refused until the operator lifts the "
+                        "suspension. Nothing was deleted.", code="account_suspended")
 
 
 @hookimpl

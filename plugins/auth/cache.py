@@ -346,6 +346,7 @@ def _identity(row: ApiKeyRow, org_limits: dict[str, Any]) -> Identity:
         allowed_models=frozenset(row.allowed_models) if row.allowed_models is not None else None,
         limits=dict(row.limits or {}),
         org_limits=org_limits,
+        suspended=row.owner_suspended,  # refused by the auth hook; cached like the rest, evicted by the feed
     )
 
 

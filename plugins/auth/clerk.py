@@ -5,6 +5,11 @@ PEM ("JWT public key" in the dashboard) and as a JWKS. Verifying against a
 local copy means no network call per request and no dependency on Clerk being
 up. Only RS256 is accepted: the algorithm is fixed by configuration, never
 chosen by the token, so `none` and HS256-with-the-public-key tricks cannot work.
+
+What NexGate keeps of a verified token (``profile_claims``): the user id (``sub``) and the
+``email`` claim, as the privacy policy says Clerk gives it; the ``name`` claim only when the
+operator sets ``auth.clerk.store_name: true``. The admin API refreshes a changed email (and
+name, when kept) from the token at every sign-in.
 """
 
 from __future__ import annotations
@@ -193,6 +198,7 @@ class ClerkVerifier:
         issuer: str,
         authorized_parties: Iterable[str] = (),
         leeway: float = DEFAULT_LEEWAY_SECONDS,
+        store_name: bool = False,
     ) -> None:
         if not isinstance(issuer, str) or not issuer.strip():
             raise ValueError("Clerk issuer is required (e.g. https://clerk.example.com)")
@@ -209,6 +215,13 @@ class ClerkVerifier:
         self.issuer = issuer.strip().rstrip("/")
         self.authorized_parties = frozenset(p.strip().rstrip("/") for p in authorized_parties if p.strip())
         self.leeway = float(leeway)
+        self.store_name = bool(store_name)
+        """Keep the ``name`` claim too (``auth.clerk.store_name``); off: only the user id and email."""
+
+    def profile_claims(self, identity: ClerkIdentity) -> dict[str, Any]:
+        """The profile claims NexGate may store: ``email``, and ``name`` only with ``store_name``."""
+        wanted = ("email", "name") if self.store_name else ("email",)
+        return {claim: identity.claims[claim] for claim in wanted if claim in identity.claims}
 
     def _key_for(self, kid: Any) -> rsa.RSAPublicKey:
         if kid is not None and not isinstance(kid, str):

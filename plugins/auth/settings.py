@@ -71,7 +71,8 @@ def _non_negative(v: float) -> str | None:
 def _clerk(r: ConfigReader, raw: Any, p: str) -> ClerkVerifier | None:
     if raw is None:
         return None
-    s = r.mapping(raw, p, ("issuer", "public_key", "public_key_file", "jwks_file", "authorized_parties", "leeway"))
+    s = r.mapping(raw, p, ("issuer", "public_key", "public_key_file", "jwks_file", "authorized_parties", "leeway",
+                           "store_name"))
     issuer = r.value(s, "issuer", p, str, "")
     if not issuer:
         r.problem(f"{p}.issuer", "required: your Clerk Frontend API URL, e.g. https://clerk.example.com")
@@ -90,7 +91,8 @@ def _clerk(r: ConfigReader, raw: Any, p: str) -> ClerkVerifier | None:
     try:
         return ClerkVerifier(public_key_pem=pem, jwks_path=jwks_file, issuer=issuer,
                              authorized_parties=tuple(r.value(s, "authorized_parties", p, list, [])),
-                             leeway=r.value(s, "leeway", p, float, 5.0))
+                             leeway=r.value(s, "leeway", p, float, 5.0),
+                             store_name=r.value(s, "store_name", p, bool, False))
     except Exception as exc:  # a bad key file is a config problem, named here
         r.problem(p, f"cannot load the Clerk key: {exc}")
         return None

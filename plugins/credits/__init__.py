@@ -36,11 +36,9 @@ from .holds import (
     CreditState,
     CreditStateUnavailable,
     StoreBalance,
-    nano_ceil,
-    nano_floor,
     open_credit_state,
 )
-from nexgate_proxy.money import cost_pico, format_usd, price_problem, usd_to_pico, worst_cost_pico
+from nexgate_proxy.money import cost_pico, format_usd, price_problems, usd_to_pico, worst_cost_pico
 from nexgate_proxy.store import CREDIT_CHANGE, MISSED, Store, StoreChange, StoreError
 
 log = logging.getLogger("nexgate.credits")
@@ -74,8 +72,7 @@ def parse_credit_settings(r: ConfigReader, s: dict[str, Any], config: Config) ->
                 r.problem(f"models.{alias}.price", "required while credits are enabled "
                           "(USD per 1M tokens, e.g. {input: 0.15, output: 0.60}), or set free: true")
             for i, target in enumerate(route.targets):
-                problem = price_problem(target.price) if target.price else None
-                if problem:
+                for problem in price_problems(target.price) if target.price else ():
                     r.problems.append(f"models.{alias}.route[{i}].price.{problem}")
     return settings
 
@@ -88,7 +85,7 @@ CREDITS_SECTION = ConfigSection("credits", parse_credit_settings, (
 class Credits:
     def __init__(self, settings: CreditSettings) -> None:
         self.settings = settings
-        self.overdraft_nano = nano_ceil(usd_to_pico(settings.overdraft_usd))
+        self.overdraft_pico = usd_to_pico(settings.overdraft_usd)
         self.holds_open = 0
         """Requests holding credit now (this process): a metric."""
         self.state: CreditState | None = None
@@ -116,7 +113,7 @@ class Credits:
         if self.state is None:
             return
         if change.kind == CREDIT_CHANGE and change.amount_pico:
-            self.state.credit_from_store(change.subject, nano_floor(change.amount_pico), change.id)
+            self.state.credit_from_store(change.subject, change.amount_pico, change.id)
         elif change.kind == MISSED.kind:
             self.state.reload_balances()
 
@@ -127,7 +124,7 @@ CREDITS: web.AppKey[Credits] = web.AppKey("nexgate_plugins.credits", Credits)
 @dataclass(slots=True)
 class _Hold:
     account_id: str
-    held_nano: int
+    held_pico: int
     prompt_estimate: int
 
 
@@ -180,20 +177,24 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
     store = ctx.app[STORE]
     hold_seconds = (ctx.route.timeouts.total if ctx.route else 900) + credits.settings.hold_grace_seconds
     try:
-        reservation = await credits.state.reserve(account, ctx.request_id, nano_ceil(worst), credits.overdraft_nano,
+        reservation = await credits.state.reserve(account, ctx.request_id, worst, credits.overdraft_pico,
                                                   hold_seconds, lambda: credits.load_balance(store, account))
     except (CreditStateUnavailable, StoreError):
         log.error("cannot check the balance of %s: credit state or store unavailable", account)
         raise GatewayError(503, "The gateway cannot check your balance right now; retry shortly.",
                            code="credits_unavailable") from None
     if not reservation.ok:
-        available = max(reservation.available_nano, 0) * 1000
         raise GatewayError(
             402, f"Insufficient credits: this request may cost up to ${format_usd(worst)} and your available "
-                 f"balance is ${format_usd(available)}. Add credits, or lower max_tokens.",
+                 f"balance is {signed_usd(reservation.available_pico)}. Add credits, or lower max_tokens.",
             code="insufficient_credits")
-    ctx.stash[HOLD] = _Hold(account, nano_ceil(worst), prompt)
+    ctx.stash[HOLD] = _Hold(account, worst, prompt)
     credits.holds_open += 1
+
+
+def signed_usd(pico: int) -> str:
+    """"$0.000000000075", "-$1.5": exact, for a person."""
+    return f"-${format_usd(-pico)}" if pico < 0 else f"${format_usd(pico)}"
 
 
 def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> Usage:
@@ -234,7 +235,7 @@ def nexgate_settle(ctx: RequestContext) -> None:
         return
     # In process: on Redis, the hold came from this instance's lease (see credit_redis). The debit
     # itself is booked through the usage row.
-    credits.state.settle(ctx.identity.account_id, ctx.request_id, nano_ceil(cost))
+    credits.state.settle(ctx.identity.account_id, ctx.request_id, cost)
 
 
 @hookimpl

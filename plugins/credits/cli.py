@@ -5,8 +5,11 @@ conventions as ``nexgate_proxy.cli_admin``: ``--config PATH`` or
 ``--storage-url URL``, ``--json``, one-line errors with exit code 1.
 
 * ``credits grant ACCOUNT USD --reason TEXT [--ref ID]`` books a ``grant``
-  ledger entry (source ``admin``). With ``--ref`` it is idempotent: the same
-  ref is applied once, however often the command runs. Every running gateway
+  ledger entry (source ``admin``); ``credits adjust`` books a signed
+  ``adjustment``. USD is a plain decimal (``1e3`` is refused). With ``--ref``
+  it is idempotent: the same ref is applied once, however often the command
+  runs; a ref already used for another account (or amount) is an error naming
+  it. The admin API's ``POST /admin/v1/credits`` is the same (``grants``). Every running gateway
   applies it to the balance it caches within a second: through the store's
   change feed, or, with a Redis state store (``state.url``), at once in Redis.
 * ``credits balance ACCOUNT`` prints the balance, exact to the pico-dollar.
@@ -22,16 +25,15 @@ import json
 import os
 import sys
 import tempfile
-import uuid
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import IO, Any
 
 from nexgate_proxy.clikit import CliError, Env, add_command, emit, option_parents
-from nexgate_proxy.money import format_usd, usd_to_pico
-from nexgate_proxy.store import MAX_PICO, NewLedgerEntry, Store
+from nexgate_proxy.money import format_usd
+from nexgate_proxy.store import Store
 
-from .holds import nano_floor, open_credit_state
+from .grants import Granted, GrantError, check_reason, check_ref, grant, parse_usd
+from .holds import open_credit_state
 from .statements import (
     USAGE_CSV_COLUMNS,
     Account,
@@ -43,8 +45,6 @@ from .statements import (
     usage_json,
 )
 
-GRANT_SOURCE = "admin"
-MAX_REASON_LENGTH = 500
 EXPORT_PAGE = 1000
 
 
@@ -55,67 +55,53 @@ async def _account(store: Store, account_id: str) -> Account:
     return account
 
 
-def _usd(text: str) -> int:
+async def _book_grant(env: Env, store: Store, account: Account, amount: int, reason: str, ref: str | None,
+                      kind: str) -> Granted:
+    """Running gateways move a cached balance by it exactly once: with in-process state (memory://) their
+    store feed brings it; with shared state (Redis) it is booked here through that state."""
+    state = None
+    if not env.state_url.startswith("memory:"):
+        try:
+            state = open_credit_state(env.state_url)
+        except ValueError as exc:
+            raise CliError(f"bad state URL: {exc}") from None
     try:
-        usd = Decimal(text.strip().removeprefix("$"))
-    except InvalidOperation:
-        raise CliError(f"{text!r} is not an amount in USD, e.g. 10 or 2.50") from None
-    if not usd.is_finite() or usd <= 0:
-        raise CliError(f"the amount must be greater than 0, got {text}")
-    try:
-        pico = usd_to_pico(usd)
-    except ValueError:
-        raise CliError(f"{text} USD is finer than a pico-dollar (at most 12 decimals)") from None
-    if pico > MAX_PICO:
-        raise CliError(f"{text} USD is more than a balance can hold")
-    return pico
-
-
-async def _book(env: Env, store: Store, entry: NewLedgerEntry) -> bool:
-    """Apply the entry (True if it was new). Running gateways move a cached balance by it exactly once:
-    with in-process state (memory://) their store feed brings it; with shared state (Redis) it is
-    booked here through that state, whatever balance loads race it."""
-    if env.state_url.startswith("memory:"):
-        return await store.apply_ledger_entry(entry)
-    try:
-        state = open_credit_state(env.state_url)
-    except ValueError as exc:
-        raise CliError(f"bad state URL: {exc}") from None
-    try:
-        credited = await state.credit(entry.account_id, nano_floor(entry.amount_pico),
-                                      lambda: store.apply_ledger_entry(entry))
+        done = await grant(store, state, account.id, amount, reason, ref, kind=kind)
+    except GrantError as exc:
+        raise _cli_error(exc) from None
     finally:
-        await state.close()
-    if credited.booked and not credited.reached_state:  # the ledger has it; gateways catch up when they reload
+        if state is not None:
+            await state.close()
+    if not done.reached_state:  # the ledger has it; gateways catch up when they reload
         print("warning: the state store (state.url) did not answer: running gateways see the change when they "
               "next load this account's balance", file=sys.stderr)
-    return credited.booked
+    return done
+
+
+def _cli_error(exc: GrantError) -> CliError:
+    return CliError(exc.message if exc.field == "amount" else f"--{exc.field}: {exc.message}")
 
 
 async def _credits_grant(env: Env, store: Store) -> int:
     args = env.args
+    kind = "adjustment" if args.credits_command == "adjust" else "grant"
+    try:
+        amount = parse_usd(args.usd, signed=kind == "adjustment")
+        reason = check_reason(args.reason)
+        ref = check_ref(args.ref)
+    except GrantError as exc:
+        raise _cli_error(exc) from None
     account = await _account(store, args.account)
-    amount = _usd(args.usd)
-    reason = args.reason.strip()
-    if not reason:
-        raise CliError("--reason must not be empty")
-    if len(reason) > MAX_REASON_LENGTH or any(ord(c) < 0x20 for c in reason):
-        raise CliError(f"--reason must be one line of at most {MAX_REASON_LENGTH} characters")
-    ref = args.ref.strip() if args.ref is not None else None
-    if ref is not None and not 0 < len(ref) <= 200:
-        raise CliError("--ref must be 1 to 200 characters")
-    external_id = f"grant:{ref}" if ref is not None else f"grant:{uuid.uuid4().hex}"
-    applied = await _book(env, store, NewLedgerEntry(
-        account_id=account.id, kind="grant", amount_pico=amount, source=GRANT_SOURCE, external_id=external_id,
-        description=reason))
-    balance = await store.get_balance(account.id)
-    data = {"object": "grant", "applied": applied, "account_id": account.id, "account_type": account.type,
-            "external_id": external_id, "reason": reason, **money("amount", amount), **money("balance", balance)}
-    if applied:
-        human = f"Granted ${format_usd(amount)} to {account.id} ({reason}). Balance: ${format_usd(balance)}"
+    done = await _book_grant(env, store, account, amount, reason, ref, kind)
+    data = {"object": kind, "applied": done.applied, "account_id": account.id, "account_type": account.type,
+            "external_id": done.entry.external_id, "reason": reason, **money("amount", amount),
+            **money("balance", done.balance_pico)}
+    what = "Granted" if kind == "grant" else "Adjusted by"
+    if done.applied:
+        human = f"{what} ${format_usd(amount)} to {account.id} ({reason}). Balance: ${format_usd(done.balance_pico)}"
     else:
-        human = (f"A grant with ref {ref!r} was already applied: nothing changed. "
-                 f"Balance of {account.id}: ${format_usd(balance)}")
+        human = (f"The {kind} with ref {ref!r} to {account.id} was already applied: nothing changed. "
+                 f"Balance of {account.id}: ${format_usd(done.balance_pico)}")
     emit(env, data, human)
     return 0
 
@@ -208,14 +194,21 @@ def register(subparsers: Any) -> None:
     """Add the credits and usage commands to the `nexgate` argparse subparsers."""
     common, with_state = option_parents("whose cached balances to update")
 
-    credits = subparsers.add_parser("credits", help="prepaid credits: grant, balance")
+    credits = subparsers.add_parser("credits", help="prepaid credits: grant, adjust, balance")
     credits_sub = credits.add_subparsers(dest="credits_command", required=True, metavar="COMMAND")
     p = add_command(credits_sub, "grant", "grant credits to a user or organization (ledger kind 'grant')",
                     _credits_grant, with_state)
     p.add_argument("account", metavar="ACCOUNT", help="a user or organization id")
     p.add_argument("usd", metavar="USD", help="the amount in US dollars, e.g. 10 or 2.50")
     p.add_argument("--reason", required=True, help="why: shown on the account's statement")
-    p.add_argument("--ref", metavar="ID", help="your reference: the same ref is granted once (idempotent)")
+    p.add_argument("--ref", metavar="ID", help="your reference: the same ref is granted once (idempotent); "
+                                              "a ref already used for another account is an error")
+    p = add_command(credits_sub, "adjust", "correct an account's balance by a signed amount (ledger kind "
+                    "'adjustment')", _credits_grant, with_state)
+    p.add_argument("account", metavar="ACCOUNT", help="a user or organization id")
+    p.add_argument("usd", metavar="USD", help="the signed amount in US dollars, e.g. -2.50 or 10")
+    p.add_argument("--reason", required=True, help="why: shown on the account's statement")
+    p.add_argument("--ref", metavar="ID", help="your reference, shared with grants: applied once")
     p = add_command(credits_sub, "balance", "show an account's balance", _credits_balance, common)
     p.add_argument("account", metavar="ACCOUNT", help="a user or organization id")
 

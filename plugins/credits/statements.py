@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nexgate_proxy.money import format_usd
+from nexgate_proxy.money import currency_exponent, format_minor_units, format_usd
 from nexgate_proxy.store import LedgerEntry, Store, UsageRecord, UsageTotal
 
 log = logging.getLogger("nexgate.statements")
@@ -57,11 +57,29 @@ def balance_json(account_id: str, account_type: str, balance_pico: int) -> dict[
             **money("balance", balance_pico)}
 
 
+# Payment entries written before paid amounts were shown in major units: "...; paid 2360 USD",
+# "...: 590 of 2360 USD" (minor units). Shown as a person reads them: "23.60 USD".
+_MINOR_UNITS_SHOWN = re.compile(r"(?:(?<=; paid )|(?<=: ))(\d{1,18})(?: of (\d{1,18}))? ([A-Z]{3})$")
+
+
+def shown_description(entry: LedgerEntry) -> str | None:
+    """The entry's description for a person: amounts paid in major units with their currency."""
+    text = entry.description
+    match = _MINOR_UNITS_SHOWN.search(text) if text and entry.source == "dodopayments" else None
+    if match is None or currency_exponent(match.group(3)) == 0:
+        return text
+    amount, paid, currency = match.groups()
+    shown = format_minor_units(int(amount), currency)
+    if paid is not None:
+        shown = f"{shown} of {format_minor_units(int(paid), currency)}"
+    return f"{text[:match.start()]}{shown}"
+
+
 def transaction_json(entry: LedgerEntry) -> dict[str, Any]:
     return {
         "object": "transaction", "id": entry.id, "account_id": entry.account_id, "kind": entry.kind,
         **money("amount", entry.amount_pico), "source": entry.source, "external_id": entry.external_id,
-        "request_id": entry.request_id, "description": entry.description, "created_at": iso(entry.created_at),
+        "request_id": entry.request_id, "description": shown_description(entry), "created_at": iso(entry.created_at),
     }
 
 
@@ -207,10 +225,18 @@ async def _snapshot(store: Store, account_id: str) -> tuple[int, int]:
     return balance, max(head, after[0].id if after else 0)
 
 
+class FutureMonth(ValueError):
+    """A statement of a month that has not begun: there is nothing to state yet."""
+
+
 async def build_statement(store: Store, account: Account, month: str, *, now: datetime | None = None) -> Statement:
-    """The account's statement for ``month`` (YYYY-MM). ValueError for a malformed month."""
+    """The account's statement for ``month`` (YYYY-MM). ValueError for a malformed month, FutureMonth for one
+    that has not begun (the month in progress is provisional)."""
     start, end = parse_month(month)
     now = now or datetime.now(UTC)
+    if start > now:
+        raise FutureMonth(f"{month} has not begun: statements cover the months up to the current one "
+                          f"({now.strftime('%Y-%m')}, provisional until it ends)")
     balance, head = await _snapshot(store, account.id)
     after_month = 0
     entries: list[LedgerEntry] = []
@@ -240,7 +266,7 @@ async def build_statement(store: Store, account: Account, month: str, *, now: da
         if len(page) < PAGE:
             break
         offset += PAGE
-    lines = [StatementLine(e.created_at, e.kind, e.source, e.description, e.amount_pico, 1, e.id, e.external_id)
+    lines = [StatementLine(e.created_at, e.kind, e.source, shown_description(e), e.amount_pico, 1, e.id, e.external_id)
              for e in entries]
     lines += [StatementLine(at, "debit", REQUEST_SOURCE, f"Usage charges, {day} ({count} request{'s' * (count != 1)})",
                             amount, count) for day, (at, amount, count) in usage_days.items()]

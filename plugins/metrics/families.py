@@ -135,7 +135,7 @@ class GatewayMetrics:
         status_class = _STATUS_CLASS.get(status // 100, "none")
         key = (target.provider, target.model, status_class)
         self._attempts[key] = self._attempts.get(key, 0) + 1
-        if error_code is not None:
+        if error_code is not None and error_code != "client_disconnected":  # not the upstream's failure
             key = (target.provider, target.model, error_code)
             self._upstream_errors[key] = self._upstream_errors.get(key, 0) + 1
 
@@ -198,12 +198,12 @@ class GatewayMetrics:
         yield rejections
         attempts = CounterMetricFamily("nexgate_upstream_attempts", "Requests sent to upstream targets, by the "
                                        "status class of their answer (none: no answer).",
-                                       labels=("provider", "target", "status_class"))
+                                       labels=("provider", "upstream_model", "status_class"))
         for labels, n in list(self._attempts.items()):
             attempts.add_metric(labels, n)
         yield attempts
         errors = CounterMetricFamily("nexgate_upstream_errors", "Failed upstream attempts by target and error.",
-                                     labels=("provider", "target", "code"))
+                                     labels=("provider", "upstream_model", "code"))
         for labels, n in list(self._upstream_errors.items()):
             errors.add_metric(labels, n)
         yield errors

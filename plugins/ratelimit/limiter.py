@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Mapping, Sequence
 
 from nexgate_proxy import GatewayError, Identity, RequestContext, StashKey
 from nexgate_proxy.clientip import IPNetwork
+from nexgate_proxy.iplog import ip_tag
 from nexgate_proxy.state.redis import RedisClient, StateUnavailable
 
 from .counters import (
@@ -625,7 +626,7 @@ class RateLimiter:
         if noted.ban_ms > 0:
             self._ban_locally(ip_subject, noted.ban_ms)
             if noted.new_ban:
-                log.warning("banned %s for %ds after repeated failed authentications", ip_subject,
+                log.warning("banned %s for %ds after repeated failed authentications", ip_tag(ip_subject),
                             noted.ban_ms // 1000)
                 if self._bus is not None:
                     try:

@@ -22,7 +22,11 @@ async def test_chat_completion_bytes_and_usage(upstream: FakeUpstream, start_gat
         model="gpt-test", messages=[{"role": "user", "content": "hi"}])
     completion = raw.parse()
     assert completion.choices[0].message.content == "Hello from upstream"
-    assert raw.http_response.content == upstream.sent[-1]
+    # Byte for byte as the upstream sent it, but for OpenRouter's usage.cost (a free model: 0) at the
+    # end of the usage object.
+    sent_bytes = upstream.sent[-1]
+    assert sent_bytes.endswith(b"}}}") and raw.http_response.content == sent_bytes[:-2] + b',"cost":0}}'
+    assert completion.usage is not None and completion.usage.model_extra == {"cost": 0}
     # The alias is mapped to the upstream's model name; the client's key never travels.
     sent = upstream.received[-1]
     assert sent.body["model"] == "upstream-model"
@@ -49,7 +53,9 @@ async def test_streaming_relays_upstream_bytes(upstream: FakeUpstream, start_gat
         stream_options={"include_usage": True},
     ) as response:
         body = b"".join([chunk async for chunk in response.http_response.aiter_bytes()])
-    assert body == upstream.sent[-1]
+    # The upstream's bytes, but for usage.cost added to the usage chunk the client asked for.
+    usage_end = upstream.sent[-1].index(b"}}\n\ndata: [DONE]")
+    assert body == upstream.sent[-1][:usage_end] + b',"cost":0' + upstream.sent[-1][usage_end:]
     record = recorder.records[-1]
     assert (record.prompt_tokens, record.completion_tokens, record.stream) == (11, 3, True)
 

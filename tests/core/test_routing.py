@@ -244,7 +244,7 @@ def test_the_breaker_backs_off_probes_once_and_honours_retry_after_dates() -> No
     health.failed(key, 33.0, settings)
     assert health.reopens_at(key) == 33.0 + 25  # capped
     assert health.available(key, 58.0)
-    health.succeeded(key)  # the probe served: closed, and the count starts again
+    health.succeeded(key, 58.0)  # the probe served: closed, and the count starts again
     health.failed(key, 60.0, settings)
     assert health.available(key, 60.0)
     assert retry_after_seconds({"Retry-After": "2"}) == 2.0

@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from nexgate_plugins.credits import CREDITS
-from nexgate_plugins.credits.holds import nano_ceil, nano_floor
 from nexgate_proxy.money import usd_to_pico
 from nexgate_proxy.testing import FakeUpstream, Gateway, chat, fresh_postgres_schema, require_redis
 from tests.plugins.admin.test_cli_admin import nexgate
@@ -121,5 +120,35 @@ async def test_a_grant_lifts_a_402_within_a_second(ops: Ops) -> None:
     # Exactly once: the cached balance took the grant once (not again when the feed brings it
     # after a load that had it), less what the request cost.
     await asyncio.sleep(0.5)
-    cost = nano_ceil(usd_to_pico(Decimal(costs[0])))
-    assert await ops.gw.app[CREDITS].state.available(ops.gw.user_id) == nano_floor(usd_to_pico(Decimal(1))) - cost
+    cost = usd_to_pico(Decimal(costs[0]))
+    assert await ops.gw.app[CREDITS].state.available(ops.gw.user_id) == usd_to_pico(Decimal(1)) - cost
+
+
+# ------------------------------------------- restriction of processing (privacy)
+
+
+async def suspended(ops: Ops, key: str) -> bool:
+    try:
+        await chat(ops.gw, key)
+    except openai.PermissionDeniedError as exc:
+        assert exc.code == "account_suspended" and "suspended" in exc.message, exc.body
+        return True
+    return False
+
+
+async def served(ops: Ops, key: str) -> bool:
+    return not await suspended(ops, key)
+
+
+async def test_a_suspension_and_its_lifting_reach_the_gateway_within_a_second(ops: Ops) -> None:
+    user, key = await cached_key(ops)  # verified and cached for 60 s: only the feed can tell the gateway
+    shown = await ops.json("users", "suspend", user["id"])
+    assert shown["changed"] is True and shown["suspended_at"].endswith("Z")
+    await within_a_second(lambda: suspended(ops, key["key"]), "the gateway still serves a suspended user's key")
+    assert (await ops.json("users", "suspend", user["id"]))["changed"] is False  # idempotent
+    lifted = await ops.json("users", "unsuspend", user["id"])
+    assert lifted["changed"] is True and lifted["suspended_at"] is None
+    await within_a_second(lambda: served(ops, key["key"]), "a lifted suspension still refuses the key")
+    # Nothing was deleted: the same key, unrevoked.
+    listed = await ops.json("keys", "list", "--user", user["id"])
+    assert [k["id"] for k in listed] == [key["id"]] and listed[0]["revoked_at"] is None

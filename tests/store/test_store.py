@@ -511,8 +511,8 @@ async def test_postgres_tables_live_in_the_search_path_schema(store_url: str, st
             "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY table_name", schema
         )
         assert [t["table_name"] for t in tables] == [
-            "api_keys", "balances", "ledger_entries", "memberships", "organizations", "schema_migrations",
-            "store_changes", "usage_records", "users", "webhook_events",
+            "api_keys", "balances", "ledger_entries", "memberships", "organizations", "payment_reversals",
+            "schema_migrations", "store_changes", "unapplied_payments", "usage_records", "users", "webhook_events",
         ]
         assert await conn.fetchval("SELECT to_regclass($1)", f"{schema}.api_keys") is not None
     finally:

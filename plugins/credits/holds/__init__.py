@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 from .base import (
     KEY_TTL_SECONDS,
-    PICO_PER_NANO,
     BalanceLoader,
     Booker,
     Credited,
@@ -14,8 +13,6 @@ from .base import (
     CreditStateUnavailable,
     Reservation,
     StoreBalance,
-    nano_ceil,
-    nano_floor,
 )
 from .memory import MemoryCreditState
 
@@ -35,7 +32,7 @@ def open_credit_state(url: str, *, redis: RedisClient | None = None, **options: 
 
 
 __all__ = [
-    "KEY_TTL_SECONDS", "PICO_PER_NANO", "BalanceLoader", "Booker", "Credited", "CreditState",
-    "CreditStateUnavailable", "MemoryCreditState", "Reservation", "StoreBalance", "nano_ceil", "nano_floor",
+    "KEY_TTL_SECONDS", "BalanceLoader", "Booker", "Credited", "CreditState",
+    "CreditStateUnavailable", "MemoryCreditState", "Reservation", "StoreBalance",
     "open_credit_state",
 ]

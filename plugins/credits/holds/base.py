@@ -7,9 +7,11 @@ stays above ``-overdraft``. Holds expire, so a dead instance's holds free
 themselves. Without Redis, a dict does it (here); with Redis, per-instance leases
 on the shared state do (``credit_redis``).
 
-Amounts here are integer nano-USD, rounded up from the ledger's pico-USD: Lua
-numbers are doubles, exact to 2**53, which in nano-USD is about 9 million USD
-per account. Rounding up only ever makes the gateway more careful.
+Amounts here are integer pico-USD, the ledger's own unit, exact: a hold is the
+request's worst case to the pico-dollar and a charge its exact cost, so the
+cached balance ends where the ledger does and a request is refused only when
+the ledger does not cover it (on Redis, the scripts do exact 64-bit arithmetic:
+see ``redis``).
 
 A credit (payment, grant, refund) is booked in the ledger *through* the hot state
 (``credit(account, amount, book)``): the state hears of it before the ledger commits
@@ -31,16 +33,7 @@ from typing import Awaitable, Callable
 
 log = logging.getLogger("nexgate.credits")
 
-PICO_PER_NANO = 1000
 KEY_TTL_SECONDS = 24 * 3600
-
-
-def nano_ceil(pico: int) -> int:
-    return -(-pico // PICO_PER_NANO)
-
-
-def nano_floor(pico: int) -> int:
-    return pico // PICO_PER_NANO
 
 
 class CreditStateUnavailable(Exception):
@@ -55,7 +48,7 @@ class CreditStateUnavailable(Exception):
 @dataclass(frozen=True, slots=True)
 class Reservation:
     ok: bool
-    available_nano: int
+    available_pico: int
     """Balance minus holds after this reservation (before it, when refused)."""
 
 
@@ -92,27 +85,27 @@ BalanceLoader = Callable[[], Awaitable[int]]
 
 class CreditState(abc.ABC):
     @abc.abstractmethod
-    async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
+    async def reserve(self, account_id: str, request_id: str, amount_pico: int, overdraft_pico: int,
                       hold_seconds: float, load_balance: BalanceLoader) -> Reservation: ...
 
     @abc.abstractmethod
-    def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
+    def settle(self, account_id: str, request_id: str, cost_pico: int) -> None:
         """Release the request's hold and take its actual cost off the cached balance.
 
         In process, never waiting (the hot path); every later call on this instance sees it done.
         """
 
     @abc.abstractmethod
-    async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
+    async def credit(self, account_id: str, amount_pico: int, book: Booker) -> Credited:
         """Book a payment, grant or refund with ``book``, and see that cached balances get it once.
 
         Shared state (Redis): moves the shared cached balance (if one is cached) by exactly
-        ``amount_nano``, once, whatever loads race it. A state in process moves nothing here: it
+        ``amount_pico``, once, whatever loads race it. A state in process moves nothing here: it
         learns of every credit, its own process's too, from the store feed (``credit_from_store``).
         ``book``'s errors propagate; the hot state's own trouble does not (``reached_state``): the
         ledger is the truth."""
 
-    def credit_from_store(self, account_id: str, amount_nano: int, position: int) -> None:
+    def credit_from_store(self, account_id: str, amount_pico: int, position: int) -> None:
         """The store feed's credit change at ``position`` (signed): raise the cached balance, exactly once.
 
         Nothing for shared state (Redis): the process that booked it raised it there (``credit``).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .base import BalanceLoader, Booker, Credited, CreditState, Reservation, StoreBalance, nano_floor
+from .base import BalanceLoader, Booker, Credited, CreditState, Reservation, StoreBalance
 
 
 class _Account:
@@ -37,7 +37,7 @@ class MemoryCreditState(CreditState):
         self._credits_seen: dict[str, int] = {}
         """Per account, how many credits arrived: a load that saw a credit race by loads again."""
 
-    async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
+    async def reserve(self, account_id: str, request_id: str, amount_pico: int, overdraft_pico: int,
                       hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
         account = self._accounts.get(account_id)
         while account is None or account.stale:
@@ -50,23 +50,23 @@ class MemoryCreditState(CreditState):
                 # `loaded`. Read again, after it.
                 continue
             if account is None:
-                account = self._accounts[account_id] = _Account(nano_floor(loaded), position)
+                account = self._accounts[account_id] = _Account(int(loaded), position)
             elif account.stale:  # as after a restart: costs settled but not yet flushed are not in the read
-                account.balance, account.position, account.stale = nano_floor(loaded), position, False
+                account.balance, account.position, account.stale = int(loaded), position, False
         now = time.monotonic()
         if now >= account.next_sweep:
             self._sweep(account, now)
         available = account.balance - account.held
-        if available - amount_nano < -overdraft_nano and self._sweep(account, now):
+        if available - amount_pico < -overdraft_pico and self._sweep(account, now):
             available = account.balance - account.held
-        if available - amount_nano < -overdraft_nano:
+        if available - amount_pico < -overdraft_pico:
             return Reservation(False, available)
         previous = account.holds.get(request_id)
         if previous is not None:
             account.held -= previous[0]
-        account.holds[request_id] = (amount_nano, now + hold_seconds)
-        account.held += amount_nano
-        return Reservation(True, available - amount_nano)
+        account.holds[request_id] = (amount_pico, now + hold_seconds)
+        account.held += amount_pico
+        return Reservation(True, available - amount_pico)
 
     def _sweep(self, account: _Account, now: float) -> bool:
         """Drop expired holds; True when some were dropped."""
@@ -76,25 +76,25 @@ class MemoryCreditState(CreditState):
             account.held -= account.holds.pop(rid)[0]
         return bool(expired)
 
-    def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
+    def settle(self, account_id: str, request_id: str, cost_pico: int) -> None:
         account = self._accounts.get(account_id)
         if account is None:
             return
         hold = account.holds.pop(request_id, None)
         if hold is not None:
             account.held -= hold[0]
-        account.balance -= cost_nano
+        account.balance -= cost_pico
 
-    async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
+    async def credit(self, account_id: str, amount_pico: int, book: Booker) -> Credited:
         # Moves nothing here: the store feed brings the booked entry to every process, this one
         # too, in order and once (credit_from_store), so no load can count it twice or miss it.
         return Credited(await book(), reached_state=True)
 
-    def credit_from_store(self, account_id: str, amount_nano: int, position: int) -> None:
+    def credit_from_store(self, account_id: str, amount_pico: int, position: int) -> None:
         self._credits_seen[account_id] = self._credits_seen.get(account_id, 0) + 1
         account = self._accounts.get(account_id)
         if account is not None and position > account.position:  # else the loaded balance has it
-            account.balance += amount_nano
+            account.balance += amount_pico
             account.position = position
 
     def reload_balances(self) -> None:

@@ -29,7 +29,7 @@ the guarantees:
   that finds its mark gone (expired, Redis lost it) or whose booking has an unknown outcome cannot
   place its credit: it drops the cached balance, and the next request loads it from the ledger.
 
-Amounts are integer nano-USD (see ``credit_state``).
+Amounts are integer pico-USD, exact (see ``_LUA_EXACT``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ from .base import (
     CreditState,
     CreditStateUnavailable,
     Reservation,
-    nano_floor,
 )
 
 log = logging.getLogger("nexgate.credits")
@@ -76,21 +75,57 @@ CREDIT_WAIT = 2.0
 CREDIT_POLL = 0.01
 """How often a waiting load looks again."""
 
+# Amounts are pico-USD, beyond what a Lua number (a double, exact to 2**53: about 9,000 USD)
+# holds: Redis's INCRBY/DECRBY/HINCRBY are exact on 64-bit integers, and the scripts compare and
+# subtract in two base-10**9 limbs (`big`), so every amount is exact up to the ledger's bounds.
+_LUA_EXACT = """
+local B = 1000000000
+local function big(s)
+  s = tostring(s)
+  local negative = string.sub(s, 1, 1) == '-'
+  if negative then s = string.sub(s, 2) end
+  local n = #s
+  local hi, lo = 0, tonumber(s)
+  if n > 9 then hi, lo = tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8)) end
+  if negative then
+    hi, lo = -hi, -lo
+    if lo < 0 then lo, hi = lo + B, hi - 1 end
+  end
+  return {hi, lo}
+end
+local function add(a, b)
+  local hi, lo = a[1] + b[1], a[2] + b[2]
+  if lo >= B then lo, hi = lo - B, hi + 1 end
+  return {hi, lo}
+end
+local function neg(a)
+  if a[2] == 0 then return {-a[1], 0} end
+  return {-a[1] - 1, B - a[2]}
+end
+local function sub(a, b) return add(a, neg(b)) end
+local function lt(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+local function str(a)
+  if a[1] < 0 then return '-' .. str(neg(a)) end
+  if a[1] == 0 then return string.format('%d', a[2]) end
+  return string.format('%d%09d', a[1], a[2])
+end
+"""
+
 # Every script: KEYS bal, held, holds, exp (+ credits, crediting for grow) of one account.
 # The pending part of a flush: debit the cached balance, shrink the lease by `release`, renew it.
-_LUA_FLUSH_ONE = """
+# Amounts arrive as decimal strings and go to Redis as strings: never through a double.
+_LUA_FLUSH_ONE = _LUA_EXACT + """
 local function flush_one(bal, held, holds, exp, lease, debit, release, expiry)
-  if debit > 0 and redis.call('EXISTS', bal) == 1 then redis.call('DECRBY', bal, debit) end
+  if debit ~= '0' and redis.call('EXISTS', bal) == 1 then redis.call('DECRBY', bal, debit) end
   local old = redis.call('HGET', holds, lease)
   if not old then return 0 end
-  old = tonumber(old)
-  if release >= old then
+  if not lt(big(release), big(old)) then
     redis.call('HDEL', holds, lease)
     redis.call('ZREM', exp, lease)
     redis.call('DECRBY', held, old)
   else
-    if release > 0 then
-      redis.call('HSET', holds, lease, old - release)
+    if release ~= '0' then
+      redis.call('HINCRBY', holds, lease, '-' .. release)
       redis.call('DECRBY', held, release)
     end
     redis.call('ZADD', exp, expiry, lease)
@@ -100,13 +135,13 @@ end
 local function available(bal, held)
   local b = redis.call('GET', bal)
   if not b then return nil end
-  return tonumber(b) - tonumber(redis.call('GET', held) or '0')
+  return sub(big(b), big(redis.call('GET', held) or '0'))
 end
 """
 
 _GROW = _LUA_FLUSH_ONE + """
 -- ARGV: lease, need, extra, plenty, now, expiry, overdraft, loaded balance or '', version, key ttl, debit, release
-flush_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[6])
+flush_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[11], ARGV[12], ARGV[6])
 if not redis.call('GET', KEYS[1]) then
   local version = redis.call('GET', KEYS[5]) or '0'
   redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[5])
@@ -126,15 +161,16 @@ for _, id in ipairs(expired) do
   redis.call('ZREM', KEYS[4], id)
 end
 local avail = available(KEYS[1], KEYS[2])
-local need, extra = tonumber(ARGV[2]), tonumber(ARGV[3])
-if avail - need < -tonumber(ARGV[7]) then return {0, avail} end
-local grown = need
-if extra > 0 and avail - need - extra >= tonumber(ARGV[4]) then grown = need + extra end
+local need, extra = big(ARGV[2]), big(ARGV[3])
+local left = sub(avail, need)
+if lt(left, neg(big(ARGV[7]))) then return {0, str(avail)} end
+local grown = ARGV[2]
+if ARGV[3] ~= '0' and not lt(sub(left, extra), big(ARGV[4])) then grown = str(add(need, extra)) end
 redis.call('HINCRBY', KEYS[3], ARGV[1], grown)
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
 redis.call('INCRBY', KEYS[2], grown)
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[10]) end
-return {1, grown, avail - grown}
+return {1, grown, str(sub(avail, big(grown)))}
 """
 
 _FLUSH = _LUA_FLUSH_ONE + """
@@ -143,8 +179,8 @@ _FLUSH = _LUA_FLUSH_ONE + """
 local out = {}
 local a = 2
 for k = 1, #KEYS, 4 do
-  local found = flush_one(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], tonumber(ARGV[a + 1]),
-                          tonumber(ARGV[a + 2]), ARGV[a + 3])
+  local found = flush_one(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1], ARGV[a + 2],
+                         ARGV[a + 3])
   a = a + 4
   if found == 1 then
     for i = 0, 3 do redis.call('EXPIRE', KEYS[k + i], ARGV[1]) end
@@ -152,7 +188,7 @@ for k = 1, #KEYS, 4 do
   local avail = available(KEYS[k], KEYS[k + 1])
   out[#out + 1] = found
   out[#out + 1] = avail and 1 or 0
-  out[#out + 1] = avail or 0
+  out[#out + 1] = avail and str(avail) or '0'
 end
 return out
 """
@@ -283,7 +319,7 @@ class RedisCreditState(CreditState):
 
     # -- the hot path: in process while the lease has room
 
-    async def reserve(self, account_id: str, request_id: str, amount_nano: int, overdraft_nano: int,
+    async def reserve(self, account_id: str, request_id: str, amount_pico: int, overdraft_pico: int,
                       hold_seconds: float, load_balance: BalanceLoader) -> Reservation:
         now = time.monotonic()
         account = self._account(account_id)
@@ -292,13 +328,13 @@ class RedisCreditState(CreditState):
             self._release_hold(account, account_id, request_id, 0)
         if account.usable(now):
             free = account.free
-            if free >= amount_nano:
-                account.holds[request_id] = (amount_nano, now + hold_seconds, account.generation)
-                account.held += amount_nano
-                return Reservation(True, free - amount_nano)
+            if free >= amount_pico:
+                account.holds[request_id] = (amount_pico, now + hold_seconds, account.generation)
+                account.held += amount_pico
+                return Reservation(True, free - amount_pico)
         elif account.granted:
             account.give_up_lease(self._instance)
-        return await self._grow(account_id, account, request_id, amount_nano, overdraft_nano, now + hold_seconds,
+        return await self._grow(account_id, account, request_id, amount_pico, overdraft_pico, now + hold_seconds,
                                 load_balance)
 
     async def _grow(self, account_id: str, account: _Account, request_id: str, amount: int, overdraft: int,
@@ -338,7 +374,7 @@ class RedisCreditState(CreditState):
                     args[7] = ""
                 else:
                     args[8] = version
-                    args[7] = nano_floor(await load_balance())
+                    args[7] = int(await load_balance())
                 status, *rest = await self._call("grow", keys, args)  # type: ignore[misc]
         except BaseException:
             self._release_hold(account, account_id, request_id, 0)
@@ -353,22 +389,22 @@ class RedisCreditState(CreditState):
             account.plentiful = grown > need
         return Reservation(True, available + max(account.free, 0))
 
-    def _release_hold(self, account: _Account, account_id: str, request_id: str, cost_nano: int) -> None:
+    def _release_hold(self, account: _Account, account_id: str, request_id: str, cost_pico: int) -> None:
         hold = account.holds.pop(request_id, None)
         if hold is not None and hold[2] == account.generation:
             account.held -= hold[0]
-            account.spent += cost_nano
+            account.spent += cost_pico
         else:
-            account.unbacked += cost_nano
-        if cost_nano or not account.plentiful:
+            account.unbacked += cost_pico
+        if cost_pico or not account.plentiful:
             self._dirty.add(account_id)
 
-    def settle(self, account_id: str, request_id: str, cost_nano: int) -> None:
-        self._release_hold(self._account(account_id), account_id, request_id, cost_nano)
+    def settle(self, account_id: str, request_id: str, cost_pico: int) -> None:
+        self._release_hold(self._account(account_id), account_id, request_id, cost_pico)
 
     # -- off the hot path
 
-    async def credit(self, account_id: str, amount_nano: int, book: Booker) -> Credited:
+    async def credit(self, account_id: str, amount_pico: int, book: Booker) -> Credited:
         bal, _, _, _, version, crediting = self._keys(account_id)
         keys = [bal, version, crediting]
         mark = secrets.token_hex(8)
@@ -380,7 +416,7 @@ class RedisCreditState(CreditState):
             outcome = "1" if booked else "0"
         finally:
             try:
-                await self._call("credit_close", keys, [mark, amount_nano, outcome, KEY_TTL_SECONDS])
+                await self._call("credit_close", keys, [mark, amount_pico, outcome, KEY_TTL_SECONDS])
                 reached = True
             except CreditStateUnavailable:
                 reached = False
@@ -419,7 +455,8 @@ class RedisCreditState(CreditState):
                     account.unsend(generation, *carried)
                     self._dirty.add(account_id)
             raise
-        answers = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]  # type: ignore[index,arg-type]
+        answers = [(int(flat[i]), int(flat[i + 1]), int(flat[i + 2]))  # type: ignore[index]
+                   for i in range(0, len(flat), 3)]  # type: ignore[arg-type]
         for (account, generation, _), (found, cached, available) in zip(sent_for, answers):
             if account.generation != generation:
                 continue  # given up meanwhile

@@ -90,7 +90,7 @@ async def test_a_grant_raises_the_balance_running_gateways_cached(tmp_path: Path
         code, _, err = await cli("credits", "grant", user.id, "1.5", "--reason", "support", "--ref", "t-1")
         assert code == 0 and err == ""
         await cli("credits", "grant", user.id, "1.5", "--reason", "support", "--ref", "t-1")  # already applied
-        assert await state.available(user.id) == 1_500_000_000  # nano-USD, raised once
+        assert await state.available(user.id) == usd("1.5")  # pico-USD, raised once
         # A state store that does not answer is a warning: the ledger has the grant.
         cli = Cli(capsys, "--storage-url", url, "--state-url", "redis://127.0.0.1:1/0")
         code, out, err = await cli("credits", "grant", user.id, "1", "--reason", "support")

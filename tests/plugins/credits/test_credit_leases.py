@@ -28,9 +28,9 @@ def instances(redis_url: str, n: int = 2) -> list[RedisCreditState]:
     return [RedisCreditState(redis_url, prefix=prefix) for _ in range(n)]
 
 
-def balance_of(nano: int):
+def balance_of(pico: int):
     async def load() -> int:
-        return nano * 1000  # pico-USD
+        return pico
     return load
 
 
@@ -50,7 +50,7 @@ async def test_a_settle_is_seen_by_the_next_reserve(redis_url: str) -> None:
         assert not (await state.reserve("acct", "r2", 600, 0, 60, load)).ok  # r1's hold is in the way
         state.settle("acct", "r1", 150)  # in process, nothing waited for...
         reservation = await state.reserve("acct", "r2", 600, 0, 60, load)  # ...and the next call sees it
-        assert reservation.ok and reservation.available_nano == 1_000 - 150 - 600
+        assert reservation.ok and reservation.available_pico == 1_000 - 150 - 600
         state.settle("acct", "r2", 0)
         assert await state.available("acct") == 850
         assert state._redis.failures == 0
@@ -59,7 +59,7 @@ async def test_a_settle_is_seen_by_the_next_reserve(redis_url: str) -> None:
 
 
 def booking(ledger: dict[str, int], amount: int, applied: bool = True):
-    """A ledger commit (nano-USD here, as the cache counts)."""
+    """A ledger commit (pico-USD, as the cache counts)."""
     async def book() -> bool:
         if applied:
             ledger["balance"] += amount
@@ -79,7 +79,7 @@ async def test_a_credit_racing_the_first_balance_load_is_not_lost(redis_url: str
         value = ledger["balance"]
         if loads == 1:  # the payment is booked and announced while this read is in flight
             assert (await state.credit("acct", 100, booking(ledger, 100))).booked
-        return value * 1000
+        return value
 
     try:
         reservation = await state.reserve("acct", "r1", 0, 0, 60, load)
@@ -107,7 +107,7 @@ async def test_a_credit_racing_another_instances_first_load_is_counted_once(redi
     async def load() -> int:
         nonlocal loads
         loads += 1
-        return ledger["balance"] * 1000
+        return ledger["balance"]
 
     try:
         crediting = asyncio.create_task(b.credit("acct", 100, slow_book))
@@ -145,7 +145,7 @@ async def test_a_credit_whose_booking_fails_midway_drops_the_cached_balance(redi
     ledger = {"balance": 500}
 
     async def load() -> int:
-        return ledger["balance"] * 1000
+        return ledger["balance"]
 
     async def lost_answer() -> bool:
         ledger["balance"] += 100  # committed, but the connection dropped before the answer
@@ -178,7 +178,7 @@ async def test_a_credit_booked_past_its_mark_is_placed_by_a_reload(redis_url: st
         return True
 
     async def load() -> int:
-        return ledger["balance"] * 1000
+        return ledger["balance"]
 
     try:
         crediting = asyncio.create_task(b.credit("acct", 100, slow_book))
@@ -234,7 +234,7 @@ async def test_a_small_balance_is_shared_hold_by_hold_across_instances(redis_url
         assert (await a.reserve("acct", "a1", 400, 0, 60, load)).ok
         assert (await b.reserve("acct", "b1", 400, 0, 60, load)).ok
         refused = await a.reserve("acct", "a2", 400, 0, 60, load)
-        assert not refused.ok and refused.available_nano == 200
+        assert not refused.ok and refused.available_pico == 200
         a.settle("acct", "a1", 100)  # 300 of a's lease is spare now...
         await asyncio.sleep(credit_redis.FLUSH_INTERVAL * 4)  # ...and goes back with the next flush
         assert (await b.reserve("acct", "b2", 400, 0, 60, load)).ok  # 1000 - 100 - 400 held by b1 = 500
@@ -383,7 +383,7 @@ def test_two_instances_never_overdraw_and_end_at_the_ledger(initial: int, overdr
 
         async def load() -> int:
             await asyncio.sleep(0)  # let other operations interleave with the first load
-            return ledger["balance"] * 1000
+            return ledger["balance"]
 
         async def run(op: tuple) -> None:
             if op[0] == "reserve":

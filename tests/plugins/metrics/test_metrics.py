@@ -19,7 +19,7 @@ from .scrape import samples, scrape_text, total, value
 
 HI = [{"role": "user", "content": "hi"}]
 PRICE = {"input": "1.5", "output": "2"}  # USD per 1M tokens
-ALLOWED_LABELS = {"endpoint", "model", "provider", "status", "status_class", "kind", "reason", "target", "code",
+ALLOWED_LABELS = {"endpoint", "model", "provider", "status", "status_class", "kind", "reason", "upstream_model", "code",
                   "component", "le", "sink"}
 
 
@@ -81,12 +81,12 @@ async def test_a_known_mix_of_traffic_gives_exact_counters(upstream: FakeUpstrea
     for reason, n in {"auth": 1, "credits": 1, "rate_limit": 1, "ip": 0, "validation": 0, "other": 0}.items():
         assert value(found, "nexgate_rejections_total", reason=reason) == n, reason
     errors = "nexgate_upstream_errors_total"
-    assert value(found, errors, provider="bad", target="m-flaky", code="upstream_error") == 1
-    assert value(found, errors, provider="bad", target="m-broken", code="upstream_error") == 1
+    assert value(found, errors, provider="bad", upstream_model="m-flaky", code="upstream_error") == 1
+    assert value(found, errors, provider="bad", upstream_model="m-broken", code="upstream_error") == 1
     assert total(found, errors) == 2
     attempts = "nexgate_upstream_attempts_total"
-    assert value(found, attempts, provider="fake", target="upstream-model", status_class="2xx") == 3 + 2 + 1 + 1 + more
-    assert value(found, attempts, provider="bad", target="m-flaky", status_class="5xx") == 1
+    assert value(found, attempts, provider="fake", upstream_model="upstream-model", status_class="2xx") == 3 + 2 + 1 + 1 + more
+    assert value(found, attempts, provider="bad", upstream_model="m-flaky", status_class="5xx") == 1
     # The fake upstream reports 11 prompt tokens, and 7 completion tokens per answer, 3 per stream (its 3 words).
     answers = 3 + more
     assert value(found, "nexgate_tokens_total", model="gpt-test", provider="fake", kind="prompt") == 11 * (answers + 2)
