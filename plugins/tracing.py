@@ -68,7 +68,8 @@ def parse_tracing_settings(r: ConfigReader, s: dict[str, Any], config: Config) -
     d = TracingSettings()
     return TracingSettings(
         endpoint=r.value(s, "endpoint", p, str, d.endpoint,
-                         lambda v: None if not v or v.startswith(("http://", "https://")) else "must be an http(s) URL"),
+                         lambda v: None if not v or v.startswith(("http://", "https://"))
+                         else "must be an http(s) URL"),
         service_name=r.value(s, "service_name", p, str, d.service_name),
         sample_ratio=r.value(s, "sample_ratio", p, float, d.sample_ratio,
                              lambda v: None if 0 <= v <= 1 else "must be between 0 and 1"),

@@ -85,7 +85,8 @@ async def test_a_known_mix_of_traffic_gives_exact_counters(upstream: FakeUpstrea
     assert value(found, errors, provider="bad", upstream_model="m-broken", code="upstream_error") == 1
     assert total(found, errors) == 2
     attempts = "nexgate_upstream_attempts_total"
-    assert value(found, attempts, provider="fake", upstream_model="upstream-model", status_class="2xx") == 3 + 2 + 1 + 1 + more
+    assert value(found, attempts, provider="fake", upstream_model="upstream-model",
+                 status_class="2xx") == 3 + 2 + 1 + 1 + more
     assert value(found, attempts, provider="bad", upstream_model="m-flaky", status_class="5xx") == 1
     # The fake upstream reports 11 prompt tokens, and 7 completion tokens per answer, 3 per stream (its 3 words).
     answers = 3 + more

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from nexgate_proxy.testing import require_redis
-from tests.core.test_server import (Launch, chat_over_new_connection, echo_config, launch,  # noqa: F401 (fixture)
-                                    wait_for_workers)
+from tests.core import test_server
+from tests.core.test_server import Launch, chat_over_new_connection, echo_config, wait_for_workers
 
 from .scrape import samples, total
 
@@ -37,7 +37,10 @@ def eventually(port: int, expected: float, scrapes: int = 8) -> list[float]:
     pytest.fail(f"scrapes saw {seen}, not {expected} each")
 
 
-def test_every_scrape_sums_the_workers_and_a_dead_workers_counts_stay(launch: Launch, tmp_path: Path) -> None:  # noqa: F811
+launch = test_server.launch  # the fixture: `nexgate serve` processes, killed at the end
+
+
+def test_every_scrape_sums_the_workers_and_a_dead_workers_counts_stay(launch: Launch, tmp_path: Path) -> None:
     extra = "metrics: {share_interval: 0.2}\n        logging: {format: json}"
     gateway = launch("--config", str(echo_config(tmp_path, state=require_redis(), extra=extra)), "--workers", "2")
     gateway.wait_healthy()
