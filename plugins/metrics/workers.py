@@ -17,6 +17,9 @@ Why not prometheus_client's multiprocess mode: it writes an mmap'd value, under 
 lock, on every increment (a dozen per request), and cannot aggregate the custom
 collectors plugins export through ``nexgate_metrics``.
 
+A dead worker's file stays (its counts keep adding up) until the supervisor exits and removes
+the directory: one file per worker ever started, a few KiB each.
+
 The directory: ``metrics.multiprocess_dir`` when set, else ``$NEXGATE_MULTIPROC_DIR``,
 which the supervisor of ``--workers N`` creates for its workers (and removes at
 exit). A snapshot holds sample names, label values and numbers: nothing more

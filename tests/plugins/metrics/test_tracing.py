@@ -5,11 +5,11 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from nexgate_plugins.tracing import ALLOWED_ATTRIBUTES, EXPORTER, TRACING, span_is_clean
 from nexgate_proxy import hookimpl
+from nexgate_proxy.appkeys import CHAIN
 from nexgate_proxy.testing import Behaviour, FakeUpstream, gateway_config
 
 
@@ -90,8 +90,10 @@ async def test_a_span_with_content_is_not_exported(upstream: FakeUpstream, start
     assert gw.app[TRACING].dropped == 1
 
 
-def test_tracing_is_off_without_an_endpoint() -> None:
-    from nexgate_plugins.tracing import TracingSettings
-
-    assert TracingSettings().endpoint == ""
-    pytest.importorskip("opentelemetry.sdk")
+async def test_without_an_endpoint_nothing_is_traced(upstream: FakeUpstream, start_gateway) -> None:
+    gw = await start_gateway(gateway_config(upstream))
+    await gw.openai_client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    sent = {k.lower() for k in upstream.received[-1].headers}
+    assert "traceparent" not in sent and "x-request-id" in sent
+    assert gw.app[TRACING].tracer is None
+    assert "authenticate" not in vars(gw.app[CHAIN])  # the phases are not wrapped: no cost when off
