@@ -145,6 +145,12 @@ class RequestContext:
     error_code: str | None = None
     client_disconnected: bool = False
     first_byte_at: float | None = None
+    attempt_started: float = 0.0
+    """perf_counter() when the upstream attempt under way was sent; 0 when none is (observability)."""
+    upstream_wait: float = 0.0
+    """Seconds spent waiting on upstreams (every attempt, a stream's chunks): the gateway's overhead is the rest."""
+    first_chunk_at: float = 0.0
+    """perf_counter() when a stream's first bytes came from the upstream (0: not a stream, or none came)."""
     estimated_cost_pico: int | None = None
     """The worst case the reserve phase held, in pico-USD (see nexgate_proxy.money)."""
     actual_cost_pico: int | None = None

@@ -15,6 +15,7 @@ _REQUEST_DROP = HOP_BY_HOP | frozenset({
     "host", "content-length", "content-encoding", "accept-encoding", "expect",
     "authorization", "x-api-key", "api-key", "cookie", "openai-organization", "openai-project",
     "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+    "x-request-id",  # NexGate sends its own request id upstream instead
 })
 
 # The provider's account details and cookies stay with NexGate; body framing is NexGate's own.

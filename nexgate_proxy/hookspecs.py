@@ -243,3 +243,28 @@ async def nexgate_record(record: UsageRecord, app: web.Application) -> None:
     gives access to the plugin's per-app state. Keep it fast: write to a
     buffer and flush in the background.
     """
+
+
+# ------------------------------------------------------- upstream attempts
+
+
+@hookspec
+def nexgate_upstream_attempt(ctx: RequestContext, target: Target, headers: dict[str, str]) -> None:
+    """An attempt is about to be sent to ``target`` (once per attempt: a fallback makes more).
+
+    ``headers`` are the headers this attempt will carry: a plugin may add trace
+    context (``traceparent``), never content. A plain function, not async: it
+    runs on the request path; keep it to a few attribute reads.
+    """
+
+
+@hookspec
+def nexgate_upstream_done(ctx: RequestContext, target: Target, status: int, error_code: str | None) -> None:
+    """The attempt at ``target`` ended: its answer is being relayed, or it failed.
+
+    ``status`` is the upstream's HTTP status (0 when none came: timeout, connection
+    failure); ``error_code`` is the failure's code (``upstream_timeout``,
+    ``upstream_error``, ...), None for the attempt whose answer is relayed. The
+    attempt took ``time.perf_counter() - ctx.attempt_started`` seconds (to the
+    first bytes of a stream, to the whole body otherwise). A plain function, not async.
+    """

@@ -45,6 +45,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_proxy.providers.azure",
     "nexgate_proxy.providers.gemini",
     "nexgate_proxy.providers.echo",
+    "nexgate_proxy.logs",
     "nexgate_plugins.auth",
     "nexgate_plugins.ratelimit",
     "nexgate_plugins.routing",
@@ -52,6 +53,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "nexgate_plugins.payments",
     "nexgate_plugins.usage_log",
     "nexgate_plugins.metrics",
+    "nexgate_plugins.tracing",
     "nexgate_plugins.redaction",
     "nexgate_plugins.admin",
     "nexgate_plugins.admin.dashboard",
@@ -406,10 +408,12 @@ class HookChain:
         self._lifespans = _lifespans(pm)
         self._ready = _compile(pm, "nexgate_ready")
         self._metrics = _compile(pm, "nexgate_metrics")
-        for impl in self._metrics:
+        self._upstream_attempt = _compile(pm, "nexgate_upstream_attempt")
+        self._upstream_done = _compile(pm, "nexgate_upstream_done")
+        for impl in (*self._metrics, *self._upstream_attempt, *self._upstream_done):
             if impl.is_async:
-                raise PluginError(f"plugin '{impl.plugin}': nexgate_metrics must be a plain function "
-                                  "(it runs inside a /metrics scrape, which does not await)")
+                raise PluginError(f"plugin '{impl.plugin}': {impl.name} must be a plain function "
+                                  "(it runs where nothing is awaited)")
         self.records_dropped = 0
         self.failures: dict[tuple[str, str], int] = {}
         """(plugin, hook) -> failures in this process, exported as ``nexgate_plugin_failures_total``."""
@@ -466,6 +470,22 @@ class HookChain:
         return GatewayError(500, f"The gateway's plugin '{impl.plugin}' failed in {impl.hook}; the request was "
                             "not sent upstream. The gateway's log has the details.",
                             code="plugin_error", type="server_error")
+
+    # -- upstream attempts; plain functions, never raise
+
+    def upstream_attempt(self, ctx: RequestContext, target: Target, headers: dict[str, str]) -> None:
+        for impl in self._upstream_attempt:
+            try:
+                impl.call(ctx, target, headers)
+            except Exception as exc:
+                self._failed(impl, exc)
+
+    def upstream_done(self, ctx: RequestContext, target: Target, status: int, error_code: str | None) -> None:
+        for impl in self._upstream_done:
+            try:
+                impl.call(ctx, target, status, error_code)
+            except Exception as exc:
+                self._failed(impl, exc)
 
     # -- final phases; these always run and never raise
 

@@ -20,6 +20,7 @@ import os
 import random
 import re
 from dataclasses import replace
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
@@ -231,6 +232,7 @@ class Proxy:
         deadline = loop.time() + timeouts.total
         watchdog = Watchdog(loop, deadline, min(timeouts.first_byte, timeouts.idle))
         forwarded = request_headers(ctx.headers)
+        forwarded["x-request-id"] = ctx.request_id
         failure: GatewayError | None = None
         failed_on = ""
         health = self.health
@@ -239,9 +241,11 @@ class Proxy:
         capped_until: float | None = None
         last = len(ctx.targets) - 1
 
-        def keep(error: GatewayError, target: Target) -> None:
+        def keep(error: GatewayError, target: Target, status: int = 0) -> None:
             # The most meaningful failure wins, whatever the (weighted, random) order of the targets.
             nonlocal failure, failed_on
+            if ctx.attempt_started:  # observability: the attempt's time and outcome
+                self._attempt_done(ctx, target, status, error.code)
             if failure is None or _more_meaningful(error, target.provider, failure, failed_on):
                 failure, failed_on = error, target.provider
 
@@ -284,7 +288,7 @@ class Proxy:
                         response = await self._attempt(ctx, target, provider, sent_to, payload, forwarded,
                                                        watchdog, injected, translation, index == last, retry_left)
                     except _Failed as failed:
-                        keep(failed.error, target)
+                        keep(failed.error, target, failed.status)
                         if not (failed.retriable and retry_left):
                             break
                         # Capped exponential backoff with jitter, never past the request's deadline, and
@@ -302,6 +306,9 @@ class Proxy:
                     return response
         finally:
             watchdog.close()
+            if ctx.attempt_started and ctx.target is not None:  # an attempt that ended otherwise
+                self._attempt_done(ctx, ctx.target, 0,
+                                   "client_disconnected" if ctx.client_disconnected else "upstream_error")
         if ctx.attempts == 0 and (cooling_until is not None or capped_until is not None):
             raise _all_skipped(cooling_until, capped_until, loop.time())
         assert failure is not None
@@ -318,10 +325,13 @@ class Proxy:
         health = self.health
         key = (target.provider, target.model)
         sent_at = loop.time()
+        headers = dict(forwarded)
+        self.chain.upstream_attempt(ctx, target, headers)  # observability: trace context
+        ctx.attempt_started = perf_counter()
         watchdog.expect(timeouts.first_byte)
         try:
             with watchdog:
-                upstream = await provider.send(ctx, target, sent_to, payload, dict(forwarded),
+                upstream = await provider.send(ctx, target, sent_to, payload, headers,
                                                self._session(), self._client_timeouts[ctx.route.alias])
         except ProviderBusy as exc:  # its max_concurrent is reached: another target may have room
             raise _Failed(exc, retriable=False) from None
@@ -342,10 +352,10 @@ class Proxy:
             # The last target's 429 is relayed as sent when it will not be called again.
             if not (status == 429 and last_target and (not retry_left or health.is_open(key, now))):
                 upstream.close()
-                raise _Failed(_upstream_status_error(target, status))
+                raise _Failed(_upstream_status_error(target, status), status=status)
         elif status in (401, 403):
             upstream.close()
-            raise _Failed(_upstream_status_error(target, status), retriable=False)
+            raise _Failed(_upstream_status_error(target, status), retriable=False, status=status)
         else:
             self.stats.answered(key, now - sent_at)
         streamed = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
@@ -360,13 +370,24 @@ class Proxy:
                 answer = await self._read_answer(upstream, watchdog, timeouts.idle)
         except _AnswerBroken as exc:
             health.failed(key, loop.time(), target.cooldown)
-            raise _Failed(exc.error(target)) from None
+            raise _Failed(exc.error(target), status=status) from None
         if status != 429:  # the provider answered: its breaker closes (a 4xx is the request's fault)
             health.succeeded(key, loop.time())
+        self._attempt_done(ctx, target, status, None, streamed=chunks is not None)
         if chunks is not None:
             return await self._relay_stream(ctx, upstream, answer, chunks, injected, watchdog,
                                             timeouts.idle, translation)
         return await self._relay_body(ctx, upstream, answer, translation)
+
+    def _attempt_done(self, ctx: RequestContext, target: Target, status: int, error_code: str | None,
+                      streamed: bool = False) -> None:
+        """Observability: the attempt's wait counts as upstream time; plugins hear how it ended."""
+        now = perf_counter()
+        ctx.upstream_wait += now - ctx.attempt_started
+        if streamed:
+            ctx.first_chunk_at = now
+        self.chain.upstream_done(ctx, target, status, error_code)
+        ctx.attempt_started = 0.0
 
     def _watch_client(self, ctx: RequestContext) -> None:
         """A client that hangs up while the upstream works cancels the request at once (see handle)."""
@@ -507,7 +528,9 @@ class Proxy:
                             client_gone = True
                             break
                     watchdog.expect(idle)
+                    waited = perf_counter()  # observability: time waiting on the upstream
                     chunk = await anext(chunks, b"")
+                    ctx.upstream_wait += perf_counter() - waited
         except TimeoutError:
             error = GatewayError(504, "The upstream provider stopped sending the stream.", code="upstream_timeout")
         except _UPSTREAM_TRANSPORT:
@@ -584,9 +607,11 @@ def _upstream_status_error(target: Target, status: int) -> GatewayError:
 class _Failed(Exception):
     """A call that failed before anything reached the client; ``retriable`` on the same target."""
 
-    def __init__(self, error: GatewayError, retriable: bool = True) -> None:
+    def __init__(self, error: GatewayError, retriable: bool = True, status: int = 0) -> None:
         self.error = error
         self.retriable = retriable
+        self.status = status
+        """The upstream's HTTP status, 0 when none came (observability)."""
 
 
 class _AnswerBroken(Exception):

@@ -14,15 +14,19 @@ import logging
 import multiprocessing
 import os
 import signal
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from typing import Sequence
 
 from aiohttp import web
 
 from .app import build_app
+from .appkeys import CONFIG
 from .config import Config
+from .logs import LOGGING_SECTION, SafeAccessLogger, configure as configure_logging
 from .plugins import PluginError
 from .runner import GatewayRunner
 
@@ -46,7 +50,8 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
     runner = GatewayRunner(
         app,
         handle_signals=False,
-        access_log=logging.getLogger("aiohttp.access") if config.server.access_log else None,
+        access_log=logging.getLogger("nexgate.access") if config.server.access_log else None,
+        access_log_class=SafeAccessLogger,  # method, path, status, size, time: no IP, query, Referer, UA
         shutdown_timeout=config.server.grace_period,
     )
     try:
@@ -110,7 +115,9 @@ def _run_forked_worker(config: Config, host: str, port: int) -> None:
 
 def serve(config: Config, host: str, port: int, workers: int, extra_plugins: Sequence[object] = ()) -> int:
     """Blocking entry point of ``nexgate serve``. Returns the exit code."""
-    build_app(config, extra_plugins)  # fail here, once, on a bad config or plugin: never half-start workers
+    app = build_app(config, extra_plugins)  # fail here, once, on a bad config or plugin: never half-start workers
+    if LOGGING_SECTION.name in app[CONFIG].settings:
+        configure_logging(app[CONFIG].section(LOGGING_SECTION))
     if workers <= 1:
         run_worker(config, host, port, reuse_port=False, extra_plugins=extra_plugins)
         return 0
@@ -124,7 +131,17 @@ def serve(config: Config, host: str, port: int, workers: int, extra_plugins: Seq
     if not hasattr(socket, "SO_REUSEPORT"):
         log.error("--workers > 1 needs SO_REUSEPORT, which this platform lacks")
         return 2
-    return _supervise(config, host, port, workers)
+    # The workers share their metrics through files here (nexgate_plugins.metrics.workers): any worker's
+    # scrape shows the sum over all of them, a restarted one's counts included. Gone when the supervisor exits.
+    shared = None
+    if "NEXGATE_MULTIPROC_DIR" not in os.environ:
+        shared = os.environ["NEXGATE_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="nexgate-workers-")
+    try:
+        return _supervise(config, host, port, workers)
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
+            del os.environ["NEXGATE_MULTIPROC_DIR"]
 
 
 def _supervise(config: Config, host: str, port: int, workers: int) -> int:

@@ -28,9 +28,10 @@ have missed changes delivers EVICT_ALL, and every cached key is checked again.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily
 
 from nexgate_proxy import GatewayError, Identity, RequestContext, hookimpl
 from nexgate_proxy.appkeys import ABUSE, BUS, REDIS, STORE
@@ -83,6 +84,17 @@ async def nexgate_authenticate(ctx: RequestContext) -> Identity | None:
 def account_suspended() -> GatewayError:
     return GatewayError(403, "This account is suspended: its API keys are refused until the operator lifts the "
                         "suspension. Nothing was deleted.", code="account_suspended")
+
+
+@hookimpl
+def nexgate_metrics(app: web.Application) -> Iterator[Any]:
+    authenticator = app[AUTH]
+    yield CounterMetricFamily("nexgate_auth_cache_hits", "API keys found in the verified-key cache.",
+                              value=authenticator.cache_lookups - authenticator.cache_misses)
+    yield CounterMetricFamily("nexgate_auth_cache_misses", "API keys not in the cache (looked up in the store).",
+                              value=authenticator.cache_misses)
+    yield CounterMetricFamily("nexgate_auth_bcrypt_verifications", "bcrypt checks of API key secrets.",
+                              value=authenticator.bcrypt_calls)
 
 
 @hookimpl

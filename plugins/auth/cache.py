@@ -155,6 +155,9 @@ class KeyAuthenticator:
         self.cache = KeyCache(settings.cache_ttl, settings.negative_ttl, settings.cache_size)
         self.store: Store | None = None
         self.bcrypt_calls = 0
+        self.cache_misses = 0
+        """Keys not in the cache (a store lookup, maybe a bcrypt); every other key is a hit."""
+        self.cache_lookups = 0
         self.bcrypt_skipped = 0
         """Verifications refused without a bcrypt (key id locked, queue full, a fast verifier's no)."""
         self.fast_verifications = 0
@@ -173,10 +176,12 @@ class KeyAuthenticator:
         self._droppers: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, plaintext: str) -> Identity:
+        self.cache_lookups += 1
         digest = cache_key(plaintext)
         now = time.monotonic()
         entry = self.cache.get(digest, now)
         if entry is None:
+            self.cache_misses += 1
             if self.cache.refused_recently(digest, now):
                 raise _invalid()
             entry = await self._verify_once(plaintext, digest)

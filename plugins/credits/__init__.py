@@ -24,9 +24,10 @@ import logging
 from dataclasses import dataclass
 from decimal import Decimal
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily
 
 from nexgate_proxy import GatewayError, RequestContext, StashKey, Usage, hookimpl
 from nexgate_proxy.appkeys import FEED, REDIS, STORE
@@ -85,6 +86,8 @@ class Credits:
     def __init__(self, settings: CreditSettings) -> None:
         self.settings = settings
         self.overdraft_pico = usd_to_pico(settings.overdraft_usd)
+        self.holds_open = 0
+        """Requests holding credit now (this process): a metric."""
         self.state: CreditState | None = None
         self._loading: dict[str, asyncio.Future[StoreBalance]] = {}
 
@@ -186,6 +189,7 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
                  f"balance is {signed_usd(reservation.available_pico)}. Add credits, or lower max_tokens.",
             code="insufficient_credits")
     ctx.stash[HOLD] = _Hold(account, worst, prompt)
+    credits.holds_open += 1
 
 
 def signed_usd(pico: int) -> str:
@@ -211,6 +215,8 @@ def _billable_usage(ctx: RequestContext, hold: _Hold | None) -> Usage:
 def nexgate_settle(ctx: RequestContext) -> None:
     credits = ctx.app[CREDITS]
     hold = ctx.stash.get(HOLD)
+    if hold is not None:
+        credits.holds_open -= 1
     if credits.state is None or ctx.identity is None:
         return
     target = ctx.target
@@ -230,6 +236,12 @@ def nexgate_settle(ctx: RequestContext) -> None:
     # In process: on Redis, the hold came from this instance's lease (see credit_redis). The debit
     # itself is booked through the usage row.
     credits.state.settle(ctx.identity.account_id, ctx.request_id, cost)
+
+
+@hookimpl
+def nexgate_metrics(app: web.Application) -> Iterator[Any]:
+    yield GaugeMetricFamily("nexgate_credit_holds_in_flight", "Requests holding credit until they settle.",
+                            value=app[CREDITS].holds_open)
 
 
 @hookimpl

@@ -11,9 +11,10 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nexgate_proxy import UsageRecord, hookimpl
 from nexgate_proxy.appkeys import STORE
@@ -68,6 +69,21 @@ async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     app[OUTBOX] = outbox
     yield
     await outbox.stop()
+
+
+@hookimpl
+def nexgate_metrics(app: web.Application) -> Iterator[Any]:
+    outbox = app.get(OUTBOX)
+    if outbox is None:
+        return
+    yield GaugeMetricFamily("nexgate_usage_outbox_pending", "Usage rows written locally, not yet in the store.",
+                            value=outbox.pending)
+    yield GaugeMetricFamily("nexgate_usage_outbox_lag_seconds",
+                            "Seconds since the outbox was last flushed empty (0 while nothing waits).",
+                            value=outbox.lag())
+    yield CounterMetricFamily("nexgate_usage_outbox_flushed", "Usage rows flushed to the store.", value=outbox.flushed)
+    yield CounterMetricFamily("nexgate_usage_outbox_flush_failures", "Flushes the store refused or did not answer.",
+                              value=outbox.failures)
 
 
 @hookimpl

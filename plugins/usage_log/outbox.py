@@ -100,6 +100,8 @@ class Outbox:
         self.flush_interval = flush_interval
         self.flushed = 0
         self.failures = 0
+        self.flushed_at = time.monotonic()
+        """When the last flush left nothing behind (metrics: the flush lag)."""
         self.rejected = 0
         self._active: _Segment | None = None
         self._sealed: list[_Segment] = []
@@ -130,6 +132,10 @@ class Outbox:
     @property
     def pending(self) -> int:
         return sum(len(s.rows) for s in self._sealed) + (len(self._active.rows) if self._active else 0)
+
+    def lag(self) -> float:
+        """Seconds since the outbox was last empty in the store; 0 while nothing waits."""
+        return time.monotonic() - self.flushed_at if self.pending else 0.0
 
     @property
     def healthy(self) -> bool:
@@ -172,6 +178,7 @@ class Outbox:
             if not self._healthy:
                 log.info("usage flush recovered")
             self._healthy = True
+            self.flushed_at = time.monotonic()
             return True
 
     async def replay_orphans(self) -> int:

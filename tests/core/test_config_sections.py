@@ -137,8 +137,8 @@ def test_a_file_with_core_and_section_problems_reports_them_all_in_one_pass(tmp_
         "which NexGate cannot charge exactly",
         "quota.daily_requests: expected an integer, got 'lots'",
         "usage.batch_size: must be between 1 and 10000",
-        "admin: unknown key (known: server, storage, state, upstream, providers, models, plugins, auth, limits, "
-        "credits, payments, usage, privacy, dashboard, quota)",
+        "admin: unknown key (known: server, storage, state, upstream, providers, models, plugins, logging, auth, "
+        "limits, credits, payments, usage, metrics, tracing, privacy, dashboard, quota)",
     ])
 
 
@@ -171,8 +171,8 @@ def test_every_token_class_price_is_checked_and_hinted(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key, hint", [
     ("limts", "unknown key; did you mean 'limits'?"),
     ("servr", "unknown key; did you mean 'server'?"),
-    ("admin", "unknown key (known: server, storage, state, upstream, providers, models, plugins, auth, limits, "
-              "credits, payments, usage, privacy, dashboard)"),   # nothing ever read `admin:`
+    ("admin", "unknown key (known: server, storage, state, upstream, providers, models, plugins, logging, auth, "
+              "limits, credits, payments, usage, metrics, tracing, privacy, dashboard)"),   # nothing ever read `admin:`
     ("plugin_config", "unknown key; did you mean 'plugins'?"),   # gone: plugins declare sections
 ])
 def test_an_unknown_top_level_key_is_an_error_with_a_hint(key: str, hint: str) -> None:

@@ -209,10 +209,12 @@ async def test_metrics_count_requests_tokens_and_latency_from_records(start_gate
         async with session.get(gw.url + "/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
-    assert 'nexgate_requests_total{endpoint="chat.completions",model="gpt-test",status="200"} 3.0' in text
-    assert 'nexgate_requests_total{endpoint="chat.completions",model="-",status="404"} 1.0' in text
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="gpt-test",provider="fake",status="200",status_class="2xx"} 3.0' in text
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="-",provider="-",status="404",status_class="4xx"} 1.0' in text
     # The fake upstream reports 11 prompt and 7 completion tokens per answer.
-    assert 'nexgate_tokens_total{kind="prompt",model="gpt-test"} 33.0' in text
-    assert 'nexgate_tokens_total{kind="completion",model="gpt-test"} 21.0' in text
-    assert 'nexgate_request_duration_seconds_count{endpoint="chat.completions"} 4.0' in text
-    assert 'nexgate_request_duration_seconds_bucket{endpoint="chat.completions",le="+Inf"} 4.0' in text
+    assert 'nexgate_tokens_total{kind="prompt",model="gpt-test",provider="fake"} 33.0' in text
+    assert 'nexgate_tokens_total{kind="completion",model="gpt-test",provider="fake"} 21.0' in text
+    assert ('nexgate_request_duration_seconds_count{endpoint="chat.completions",model="gpt-test",provider="fake"} 3.0'
+            in text)
+    assert ('nexgate_request_duration_seconds_bucket{endpoint="chat.completions",le="+Inf",model="-",provider="-"} 1.0'
+            in text)

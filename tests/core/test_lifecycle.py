@@ -286,7 +286,7 @@ async def test_a_third_party_plugin_exports_metrics_through_the_hook(
     text = await scrape(gw.url)
     assert "acme_widgets_made_total 2.0" in text
     # The built-ins export theirs the same way: the request counts, the limiter, the redaction guard.
-    assert 'nexgate_requests_total{endpoint="chat.completions",model="gpt-test",status="200"} 2.0' in text
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="gpt-test",provider="fake",status="200",status_class="2xx"} 2.0' in text
     assert "nexgate_ratelimit_fallback_total 0.0" in text
     assert 'nexgate_redaction_dropped_total{sink="record"} 0.0' in text
     # A plugin that fails loses its own families for this scrape, nothing else.

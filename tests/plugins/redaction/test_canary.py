@@ -4,7 +4,8 @@ A unique string rides in prompts, in the upstream's completions, in streamed
 chunks and in upstream error bodies, through every endpoint and the error
 paths, on SQLite and on PostgreSQL. Afterwards it is not in a full dump of the
 database, not in the outbox spool files (before and after the flush), not in
-anything logged at DEBUG (aiohttp's loggers included), and not in /metrics.
+anything logged at DEBUG (aiohttp's loggers included), nor in those log lines
+formatted as JSON, not in /metrics and not in the traces (an in-memory exporter).
 The same holds for the client's full API key and the provider's key.
 """
 
@@ -23,7 +24,9 @@ import pytest
 
 from nexgate_plugins.usage_log import OUTBOX
 from nexgate_proxy import hookimpl
+from nexgate_proxy.logs import JsonFormatter
 from nexgate_proxy.testing import PROVIDER_KEY, Behaviour, FakeUpstream, Gateway, gateway_config
+from tests.plugins.metrics.test_tracing import InMemoryTraces
 from tests.privacy_helpers import PLUGINS, dump_database
 
 plugin_log = logging.getLogger("thirdparty.plugin")
@@ -68,7 +71,8 @@ async def test_the_canary_appears_nowhere(upstream: FakeUpstream, start_gateway,
     outbox = tmp_path / "canary-outbox"
     config = gateway_config(upstream, storage={"url": store_url},
                             usage={"outbox_dir": str(outbox), "flush_interval": 60})
-    gw: Gateway = await start_gateway(config, plugins=[*PLUGINS, CarelessPlugin()])
+    traces = InMemoryTraces()
+    gw: Gateway = await start_gateway(config, plugins=[*PLUGINS, CarelessPlugin(), traces])
     client = openai.AsyncOpenAI(base_url=gw.openai_base, api_key=gw.api_key, max_retries=0)
     claude = anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.api_key, max_retries=0)
     prompt = [{"role": "user", "content": f"please repeat {canary} back"}]
@@ -168,7 +172,7 @@ async def test_the_canary_appears_nowhere(upstream: FakeUpstream, start_gateway,
         async with session.get(gw.url + "/metrics") as resp:
             metrics = await resp.text()
     assert_clean("/metrics", metrics)
-    assert 'nexgate_requests_total{endpoint="chat.completions",model="-",status="404"} 1.0' in metrics
+    assert 'nexgate_requests_total{endpoint="chat.completions",model="-",provider="-",status="404",status_class="4xx"} 1.0' in metrics
     assert 'nexgate_redaction_dropped_total{sink="record"} 0.0' in metrics  # no false positive on any path
 
     logged = everything_logged(caplog)
@@ -177,3 +181,10 @@ async def test_the_canary_appears_nowhere(upstream: FakeUpstream, start_gateway,
     assert "ValueError: [message withheld" in logged  # the bug's traceback: frames and type only
     assert "api_key=[REDACTED]" in logged
     assert_clean("the logs", logged)
+    json_logs = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+    assert '"request_id": "req_' in json_logs  # the request lines, as JSON
+    assert_clean("the JSON logs", json_logs)
+
+    spans = traces.spans()
+    assert len([s for s in spans if s.name.startswith("chat ")]) >= 10
+    assert_clean("the traces", "\n".join(span.to_json() for span in spans))
