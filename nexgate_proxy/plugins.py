@@ -412,7 +412,7 @@ class HookChain:
         self._upstream_done = _compile(pm, "nexgate_upstream_done")
         for impl in (*self._metrics, *self._upstream_attempt, *self._upstream_done):
             if impl.is_async:
-                raise PluginError(f"plugin '{impl.plugin}': {impl.name} must be a plain function "
+                raise PluginError(f"plugin '{impl.plugin}': {impl.hook} must be a plain function "
                                   "(it runs where nothing is awaited)")
         self.records_dropped = 0
         self.failures: dict[tuple[str, str], int] = {}
