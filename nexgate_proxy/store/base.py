@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..records import UsageRecord
@@ -165,6 +165,21 @@ class UsageTotal:
     completion_tokens: int
     cost_pico: int
     """Sum of actual_cost_pico, what was charged (rows without a cost count as 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerDay:
+    """The ledger entries of one account on one UTC day (of created_at), summed."""
+    day: str
+    """'YYYY-MM-DD'."""
+    last_at: datetime
+    """created_at of the day's latest entry."""
+    amount_pico: int
+    count: int
+
+
+StatusFilter = int | range
+"""A status code (402), or a range of them (range(200, 300): every 2xx; step 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +436,7 @@ class Store(abc.ABC):
         model: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        status: StatusFilter | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[UsageRecord]:
@@ -443,8 +459,17 @@ class Store(abc.ABC):
     ) -> list[UsageTotal]:
         """Totals per UTC day, model or key, ordered by group; filters as in list_usage.
 
-        Without account_id / org_id / key_id it totals every account (admin use).
+        Without account_id / org_id / key_id it totals every account (admin use). Whole UTC days
+        are read from the daily totals record_usage keeps (usage_daily), only the partial days
+        at the edges of since/until from the rows themselves.
         """
+
+    @abc.abstractmethod
+    async def usage_by_day_and_model(
+        self, *, account_id: str, since: date, until: date | None = None
+    ) -> list[tuple[str, UsageTotal]]:
+        """The account's totals per (UTC day 'YYYY-MM-DD', model) of the days since..until (excluded),
+        from the daily totals: (day, total whose group is the model, '' for none), ordered."""
 
     @abc.abstractmethod
     async def clear_client_ips(self, before: datetime) -> int:
@@ -503,10 +528,29 @@ class Store(abc.ABC):
         *,
         since: datetime | None = None,
         until: datetime | None = None,
+        without_request_debits: bool = False,
         limit: int = 100,
         offset: int = 0,
     ) -> list[LedgerEntry]:
-        """The account's entries, newest first; since is inclusive, until exclusive (on created_at)."""
+        """The account's entries, newest first; since is inclusive, until exclusive (on created_at).
+
+        ``without_request_debits``: leave out record_usage's own debits (source "request"), one per
+        request, to list the few other entries (an index holds only those)."""
+
+    @abc.abstractmethod
+    async def ledger_days(
+        self,
+        account_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        up_to_id: int | None = None,
+        request_debits: bool | None = None,
+    ) -> list[LedgerDay]:
+        """The account's entries summed per UTC day of created_at (exact, in SQL), oldest first.
+
+        ``up_to_id``: only entries with ids up to it; ``request_debits``: True for only record_usage's
+        debits, False for only the other entries, None for all."""
 
     # payments: reversals and unapplied payments
 

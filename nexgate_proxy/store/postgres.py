@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -188,7 +188,23 @@ WITH input AS (
 ), new_usage AS (
     INSERT INTO usage_records ({USAGE_COLUMNS}) SELECT {USAGE_COLUMNS} FROM input ORDER BY request_id, n
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id, account_id, actual_cost_pico
+    RETURNING request_id, ts, model, account_id, org_id, key_id, prompt_tokens, completion_tokens, cached_tokens,
+        actual_cost_pico, latency_ms, status
+), daily AS (
+    INSERT INTO usage_daily (account_id, day, model, key_id, status, org_id, requests, prompt_tokens,
+                             completion_tokens, cached_tokens, cost_pico, latency_ms_sum, latency_ms_max)
+    SELECT COALESCE(account_id, ''), (ts AT TIME ZONE 'UTC')::date, COALESCE(model, ''), COALESCE(key_id, ''),
+           status, COALESCE(org_id, ''), COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+           COALESCE(SUM(actual_cost_pico), 0), SUM(latency_ms), MAX(latency_ms)
+    FROM new_usage GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (account_id, day, model, key_id, status, org_id) DO UPDATE SET
+        requests = usage_daily.requests + EXCLUDED.requests,
+        prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens,
+        cached_tokens = usage_daily.cached_tokens + EXCLUDED.cached_tokens,
+        cost_pico = usage_daily.cost_pico + EXCLUDED.cost_pico,
+        latency_ms_sum = usage_daily.latency_ms_sum + EXCLUDED.latency_ms_sum,
+        latency_ms_max = GREATEST(usage_daily.latency_ms_max, EXCLUDED.latency_ms_max)
 ), new_entries AS (
     INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})
     SELECT account_id, 'debit', -actual_cost_pico, '{common.REQUEST_SOURCE}', request_id, request_id, NULL, $23
@@ -248,9 +264,22 @@ class PostgresStore(SqlStore):
     _group_expressions = _GROUP_EXPRESSIONS
     _cost_columns = "COALESCE(SUM(actual_cost_pico), 0) AS cost_pico"
 
+    _daily_group_expressions = {"day": "to_char(day, 'YYYY-MM-DD')", "model": "model", "key": "key_id"}
+    _daily_cost_columns = "COALESCE(SUM(cost_pico), 0) AS cost_pico"
+    _amount_columns = "SUM(amount_pico) AS amount_pico"
+    _day_of = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
     @staticmethod
     def _cost(row: asyncpg.Record) -> int:
-        return int(row["cost_pico"])  # SUM(bigint) is an exact Decimal
+        return int(row["cost_pico"])  # SUM(bigint) and SUM(numeric) are exact Decimals
+
+    @staticmethod
+    def _amount(row: asyncpg.Record) -> int:
+        return int(row["amount_pico"])
+
+    @staticmethod
+    def _bind_day(day: date) -> date:
+        return day
 
     async def _row(self, query: Sql, *params: Any) -> asyncpg.Record | None:
         with _translated():

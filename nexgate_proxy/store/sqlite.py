@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 from . import _common as common
@@ -105,6 +105,42 @@ _INSERT_USAGE = (
     f"INSERT INTO usage_records ({USAGE_COLUMNS}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})"
     " ON CONFLICT (request_id) DO NOTHING"
 )
+
+_ADD_USAGE_DAILY = (
+    "INSERT INTO usage_daily (account_id, day, model, key_id, status, org_id, requests, prompt_tokens,"
+    " completion_tokens, cached_tokens, cost_high, cost_low, latency_ms_sum, latency_ms_max)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (account_id, day, model, key_id, status, org_id) DO UPDATE SET"
+    " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+    " completion_tokens = completion_tokens + excluded.completion_tokens,"
+    " cached_tokens = cached_tokens + excluded.cached_tokens, cost_high = cost_high + excluded.cost_high,"
+    " cost_low = cost_low + excluded.cost_low, latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,"
+    " latency_ms_max = MAX(latency_ms_max, excluded.latency_ms_max)"
+)
+
+
+def _daily_cells(rows: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
+    """The usage_daily additions of newly stored rows: one per (account, UTC day, model, key, status, org)."""
+    cells: dict[tuple[Any, ...], list[int]] = {}
+    for r in rows:
+        key = (r.account_id or "", r.ts.astimezone(UTC).date().isoformat(), r.model or "", r.key_id or "",
+               r.status, r.org_id or "")
+        cost = r.actual_cost_pico or 0
+        cell = cells.get(key)
+        if cell is None:
+            cells[key] = [1, r.prompt_tokens, r.completion_tokens, r.cached_tokens, cost // _COST_SPLIT,
+                          cost % _COST_SPLIT, r.latency_ms, r.latency_ms]
+        else:
+            cell[0] += 1
+            cell[1] += r.prompt_tokens
+            cell[2] += r.completion_tokens
+            cell[3] += r.cached_tokens
+            cell[4] += cost // _COST_SPLIT
+            cell[5] += cost % _COST_SPLIT
+            cell[6] += r.latency_ms
+            cell[7] = max(cell[7], r.latency_ms)
+    return [(*key, *cell) for key, cell in cells.items()]
+
 
 _COST_SPLIT = 10**6
 """SQLite's SUM fails past 2**63 pUSD, which a busy gateway's all-time cost per model
@@ -306,9 +342,24 @@ class SQLiteStore(SqlStore):
     _cost_columns = (f"COALESCE(SUM(actual_cost_pico / {_COST_SPLIT}), 0) AS cost_high,"
                      f" COALESCE(SUM(actual_cost_pico % {_COST_SPLIT}), 0) AS cost_low")
 
+    _daily_group_expressions = {"day": "day", "model": "model", "key": "key_id"}
+    _daily_cost_columns = "COALESCE(SUM(cost_high), 0) AS cost_high, COALESCE(SUM(cost_low), 0) AS cost_low"
+    # amounts are signed: SQLite's / truncates and % keeps the sign, so high * split + low is still the amount
+    _amount_columns = (f"SUM(amount_pico / {_COST_SPLIT}) AS amount_high,"
+                       f" SUM(amount_pico % {_COST_SPLIT}) AS amount_low")
+    _day_of = "substr({}, 1, 10)"
+
     @staticmethod
     def _cost(row: sqlite3.Row) -> int:
         return row["cost_high"] * _COST_SPLIT + row["cost_low"]
+
+    @staticmethod
+    def _amount(row: sqlite3.Row) -> int:
+        return row["amount_high"] * _COST_SPLIT + row["amount_low"]
+
+    @staticmethod
+    def _bind_day(day: date) -> str:
+        return day.isoformat()
 
     @staticmethod
     def _bind(value: Any) -> Any:
@@ -643,6 +694,7 @@ class SQLiteStore(SqlStore):
             with _write_transaction(conn):
                 new = _new_usage_rows(conn, checked)
                 conn.executemany(_INSERT_USAGE, map(_usage_params, new))
+                conn.executemany(_ADD_USAGE_DAILY, _daily_cells(new))
                 _insert_ledger_params(conn, _request_debits(new, now))
             return len(new)
 
