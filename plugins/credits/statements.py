@@ -238,38 +238,32 @@ async def build_statement(store: Store, account: Account, month: str, *, now: da
         raise FutureMonth(f"{month} has not begun: statements cover the months up to the current one "
                           f"({now.strftime('%Y-%m')}, provisional until it ends)")
     balance, head = await _snapshot(store, account.id)
-    after_month = 0
+    # Entries booked meanwhile (ids above `head`) are not in `balance`: every read leaves them out.
+    after_month = sum(d.amount_pico for d in await store.ledger_days(account.id, since=end, up_to_id=head))
+    # Request debits (one per request) are summed per day in SQL; the few other entries are listed.
+    usage_days = await store.ledger_days(account.id, since=start, until=end, up_to_id=head, request_debits=True)
     entries: list[LedgerEntry] = []
-    usage_days: dict[str, list[Any]] = {}
     last: tuple[datetime, int] | None = None
     offset = 0
-    # Newest first, from the start of the month to now. Entries booked meanwhile
-    # (ids above `head`) are not in `balance` and are skipped; they can shift the
-    # pages, so rows already seen (not older than the last one) are skipped too.
+    # Newest first. Entries booked meanwhile can shift the pages, so rows already seen (not
+    # older than the last one) are skipped.
     while True:
-        page = await store.list_ledger(account.id, since=start, limit=PAGE, offset=offset)
+        page = await store.list_ledger(account.id, since=start, until=end, without_request_debits=True, limit=PAGE,
+                                       offset=offset)
         for entry in page:
             key = (entry.created_at, entry.id)
             if entry.id > head or (last is not None and key >= last):
                 continue
             last = key
-            if entry.created_at >= end:
-                after_month += entry.amount_pico
-            elif entry.source == REQUEST_SOURCE:
-                day = entry.created_at.astimezone(UTC).strftime("%Y-%m-%d")
-                summed = usage_days.setdefault(day, [entry.created_at, 0, 0])
-                summed[0] = max(summed[0], entry.created_at)
-                summed[1] += entry.amount_pico
-                summed[2] += 1
-            else:
-                entries.append(entry)
+            entries.append(entry)
         if len(page) < PAGE:
             break
         offset += PAGE
     lines = [StatementLine(e.created_at, e.kind, e.source, shown_description(e), e.amount_pico, 1, e.id, e.external_id)
              for e in entries]
-    lines += [StatementLine(at, "debit", REQUEST_SOURCE, f"Usage charges, {day} ({count} request{'s' * (count != 1)})",
-                            amount, count) for day, (at, amount, count) in usage_days.items()]
+    lines += [StatementLine(d.last_at, "debit", REQUEST_SOURCE,
+                            f"Usage charges, {d.day} ({d.count} request{'s' * (d.count != 1)})", d.amount_pico, d.count)
+              for d in usage_days]
     lines.sort(key=lambda line: (line.date, line.entry_id or 0))
     closing = balance - after_month
     opening = closing - sum(line.amount_pico for line in lines)
