@@ -120,11 +120,12 @@ _ADD_USAGE_DAILY = (
 
 
 def _daily_cells(rows: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
-    """The usage_daily additions of newly stored rows: one per (account, UTC day, model, key, status, org)."""
+    """The usage_daily additions of newly stored rows: one per (account, UTC day, model, key, status, org).
+
+    Their ts is in UTC (check_usage_row), so its date is the UTC day; ~1 µs a row."""
     cells: dict[tuple[Any, ...], list[int]] = {}
     for r in rows:
-        key = (r.account_id or "", r.ts.astimezone(UTC).date().isoformat(), r.model or "", r.key_id or "",
-               r.status, r.org_id or "")
+        key = (r.account_id or "", r.ts.date(), r.model or "", r.key_id or "", r.status, r.org_id or "")
         cost = r.actual_cost_pico or 0
         cell = cells.get(key)
         if cell is None:
@@ -138,8 +139,9 @@ def _daily_cells(rows: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
             cell[4] += cost // _COST_SPLIT
             cell[5] += cost % _COST_SPLIT
             cell[6] += r.latency_ms
-            cell[7] = max(cell[7], r.latency_ms)
-    return [(*key, *cell) for key, cell in cells.items()]
+            if r.latency_ms > cell[7]:
+                cell[7] = r.latency_ms
+    return [(account, day.isoformat(), *rest, *cell) for (account, day, *rest), cell in cells.items()]
 
 
 _COST_SPLIT = 10**6
