@@ -83,6 +83,7 @@ async def build(path: Path, rows: int, share: float) -> tuple[str, str]:
     # The rows went in behind the store's back: undo migration 7 and apply it again, so its
     # backfill builds the daily totals from them (as upgrading an existing database does).
     db.execute("DROP TABLE usage_daily")
+    db.execute("DROP TABLE request_debits_daily")
     db.execute("DROP INDEX ledger_entries_account_other_idx")
     db.execute("DELETE FROM schema_migrations WHERE version = 7")
     db.commit()

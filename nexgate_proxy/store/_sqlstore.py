@@ -26,7 +26,6 @@ from .feed import API_KEY_CHANGE, StoreChange
 
 
 # Literal, not bound: the partial index on the other entries serves only a query that says so.
-_REQUEST_DEBITS = f" AND source = '{common.REQUEST_SOURCE}'"
 _OTHER_ENTRIES = f" AND source <> '{common.REQUEST_SOURCE}'"
 
 
@@ -358,14 +357,14 @@ class SqlStore(Store):
         since: datetime | None = None,
         until: datetime | None = None,
         up_to_id: int | None = None,
-        request_debits: bool | None = None,
+        without_request_debits: bool = False,
     ) -> list[LedgerDay]:
         filters = [("account_id =", account_id), *common.time_filters("created_at", since, until)]
         if up_to_id is not None:
             filters.append(("id <=", up_to_id))
         where, params = self._where(filters)
-        if request_debits is not None:
-            where += _REQUEST_DEBITS if request_debits else _OTHER_ENTRIES
+        if without_request_debits:
+            where += _OTHER_ENTRIES
         day = self._day_of.format("created_at")
         rows = await self._select(
             f"SELECT {day} AS day, MAX(created_at) AS last_at, COUNT(*) AS n, {self._amount_columns}"

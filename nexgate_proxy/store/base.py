@@ -538,6 +538,12 @@ class Store(abc.ABC):
         request, to list the few other entries (an index holds only those)."""
 
     @abc.abstractmethod
+    async def ledger_snapshot(self, account_id: str, *, since: datetime) -> tuple[int, int, list[LedgerDay]]:
+        """In one snapshot: the account's balance, the id of the entry list_ledger shows first (0 for
+        none) and record_usage's debits summed per UTC day of created_at, from since's day on
+        (request_debits_daily, kept in record_usage's transaction), oldest first."""
+
+    @abc.abstractmethod
     async def ledger_days(
         self,
         account_id: str,
@@ -545,12 +551,11 @@ class Store(abc.ABC):
         since: datetime | None = None,
         until: datetime | None = None,
         up_to_id: int | None = None,
-        request_debits: bool | None = None,
+        without_request_debits: bool = False,
     ) -> list[LedgerDay]:
         """The account's entries summed per UTC day of created_at (exact, in SQL), oldest first.
 
-        ``up_to_id``: only entries with ids up to it; ``request_debits``: True for only record_usage's
-        debits, False for only the other entries, None for all."""
+        ``up_to_id``: only entries with ids up to it; ``without_request_debits`` as in list_ledger."""
 
     # payments: reversals and unapplied payments
 

@@ -39,6 +39,7 @@ from .base import (
     ApiKeyRow,
     Conflict,
     Membership,
+    LedgerDay,
     NewLedgerEntry,
     NotFound,
     Organization,
@@ -213,6 +214,14 @@ WITH input AS (
     RETURNING account_id, amount_pico
 ), moved AS (
     {_move_balances("new_entries", "$23")}
+), debit_days AS (
+    INSERT INTO request_debits_daily (account_id, day, amount_pico, entries, last_at)
+    SELECT account_id, ($23 AT TIME ZONE 'UTC')::date, SUM(amount_pico), COUNT(*), $23
+    FROM new_entries GROUP BY account_id ORDER BY account_id
+    ON CONFLICT (account_id, day) DO UPDATE SET
+        amount_pico = request_debits_daily.amount_pico + EXCLUDED.amount_pico,
+        entries = request_debits_daily.entries + EXCLUDED.entries,
+        last_at = GREATEST(request_debits_daily.last_at, EXCLUDED.last_at)
 )
 SELECT COUNT(*) FROM new_usage
 """
@@ -521,6 +530,17 @@ class PostgresStore(SqlStore):
             # One statement, so one transaction: usage rows, their debits and the balances.
             columns = [list(column) for column in zip(*checked)]  # a record is its row: transpose for unnest
             return int(await self._pool.fetchval(_RECORD_USAGE, *columns, common.utcnow()))
+
+    async def ledger_snapshot(self, account_id: str, *, since: datetime) -> tuple[int, int, list[LedgerDay]]:
+        first = common.aware_utc(since, "since").date()
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                balance = await conn.fetchval(q.GET_BALANCE.postgres, account_id)
+                head = await conn.fetchval(q.NEWEST_ENTRY.postgres, account_id)
+                days = await conn.fetch(
+                    "SELECT to_char(day, 'YYYY-MM-DD') AS day, last_at, amount_pico, entries FROM request_debits_daily"
+                    " WHERE account_id = $1 AND day >= $2 ORDER BY day", account_id, first)
+        return (balance or 0), (head or 0), [LedgerDay(d[0], d[1], int(d[2]), int(d[3])) for d in days]
 
     async def clear_client_ips(self, before: datetime) -> int:
         cutoff = common.aware_utc(before, "before")

@@ -41,6 +41,7 @@ from .base import (
     ApiKeyRow,
     Conflict,
     Membership,
+    LedgerDay,
     NewLedgerEntry,
     NotFound,
     Organization,
@@ -144,6 +145,24 @@ def _daily_cells(rows: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
     return [(account, day.isoformat(), *rest, *cell) for (account, day, *rest), cell in cells.items()]
 
 
+def _add_debit_days(conn: sqlite3.Connection, debits: Sequence[tuple[Any, ...]], created: str) -> None:
+    """Add the batch's new request debits (LEDGER_INSERT_COLUMNS rows, all booked at ``created``) to
+    request_debits_daily: one row per account."""
+    sums: dict[str, list[int]] = {}
+    for account_id, _, amount, *_rest in debits:
+        day = sums.setdefault(account_id, [0, 0, 0])
+        high, low = divmod(amount, _COST_SPLIT)  # any split whose parts add up: only the sum is read
+        day[0] += high
+        day[1] += low
+        day[2] += 1
+    conn.executemany(
+        "INSERT INTO request_debits_daily (account_id, day, amount_high, amount_low, entries, last_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, day) DO UPDATE SET"
+        " amount_high = amount_high + excluded.amount_high, amount_low = amount_low + excluded.amount_low,"
+        " entries = entries + excluded.entries, last_at = MAX(last_at, excluded.last_at)",
+        [(account_id, created[:10], high, low, n, created) for account_id, (high, low, n) in sums.items()])
+
+
 _COST_SPLIT = 10**6
 """SQLite's SUM fails past 2**63 pUSD, which a busy gateway's all-time cost per model
 can reach: sum the millions and the remainders apart (costs are never negative), add in Python."""
@@ -235,6 +254,7 @@ _INSERT_LEDGER = (
     " ON CONFLICT (source, external_id) DO NOTHING"
 )
 _GET_BALANCE = q.GET_BALANCE.sqlite  # read once per account of every usage batch: a plain global
+_NEWEST_ENTRY = q.NEWEST_ENTRY.sqlite
 
 
 def _insert_ledger_entries(conn: sqlite3.Connection, entries: Sequence[NewLedgerEntry], created: str) -> int:
@@ -697,8 +717,26 @@ class SQLiteStore(SqlStore):
                 new = _new_usage_rows(conn, checked)
                 conn.executemany(_INSERT_USAGE, map(_usage_params, new))
                 conn.executemany(_ADD_USAGE_DAILY, _daily_cells(new))
-                _insert_ledger_params(conn, _request_debits(new, now))
+                _add_debit_days(conn, _insert_ledger_params(conn, _request_debits(new, now)), now)
             return len(new)
+
+        return await self._run(work)
+
+    async def ledger_snapshot(self, account_id: str, *, since: datetime) -> tuple[int, int, list[LedgerDay]]:
+        first = common.aware_utc(since, "since").date().isoformat()
+
+        def work(conn: sqlite3.Connection) -> tuple[int, int, list[LedgerDay]]:
+            conn.execute("BEGIN")  # one read transaction: one snapshot of the three
+            try:
+                balance = conn.execute(_GET_BALANCE, (account_id,)).fetchone()
+                head = conn.execute(_NEWEST_ENTRY, (account_id,)).fetchone()
+                days = conn.execute(
+                    "SELECT day, last_at, amount_high, amount_low, entries FROM request_debits_daily"
+                    " WHERE account_id = ? AND day >= ? ORDER BY day", (account_id, first)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return ((0 if balance is None else balance[0]), (0 if head is None else head[0]),
+                    [LedgerDay(d[0], _parse_ts(d[1]), d[2] * _COST_SPLIT + d[3], d[4]) for d in days])
 
         return await self._run(work)
 

@@ -17,7 +17,6 @@ on the next month's statement).
 from __future__ import annotations
 
 import html
-import logging
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,11 +25,8 @@ from typing import Any
 from nexgate_proxy.money import currency_exponent, format_minor_units, format_usd
 from nexgate_proxy.store import LedgerEntry, Store, UsageRecord, UsageTotal
 
-log = logging.getLogger("nexgate.statements")
-
 PAGE = 1000
 """Ledger rows read per store call while building a statement."""
-SNAPSHOT_ATTEMPTS = 5
 REQUEST_SOURCE = "request"
 """The ledger source of per-request debits (the store's record_usage)."""
 
@@ -207,24 +203,6 @@ class Statement:
         return self.generated_at >= self.end
 
 
-async def _snapshot(store: Store, account_id: str) -> tuple[int, int]:
-    """(balance, id of the newest entry it includes), read without a concurrent entry in between.
-
-    The ledger is append-only and an account's entries commit in id order, so a
-    balance read between two identical "newest entry" reads is the sum of
-    exactly the entries with ids up to that one.
-    """
-    for _ in range(SNAPSHOT_ATTEMPTS):
-        before = await store.list_ledger(account_id, limit=1)
-        balance = await store.get_balance(account_id)
-        after = await store.list_ledger(account_id, limit=1)
-        head = before[0].id if before else 0
-        if head == (after[0].id if after else 0):
-            return balance, head
-    log.warning("statement of %s: the ledger kept moving; the balance may include a just-booked entry", account_id)
-    return balance, max(head, after[0].id if after else 0)
-
-
 class FutureMonth(ValueError):
     """A statement of a month that has not begun: there is nothing to state yet."""
 
@@ -237,11 +215,13 @@ async def build_statement(store: Store, account: Account, month: str, *, now: da
     if start > now:
         raise FutureMonth(f"{month} has not begun: statements cover the months up to the current one "
                           f"({now.strftime('%Y-%m')}, provisional until it ends)")
-    balance, head = await _snapshot(store, account.id)
-    # Entries booked meanwhile (ids above `head`) are not in `balance`: every read leaves them out.
-    after_month = sum(d.amount_pico for d in await store.ledger_days(account.id, since=end, up_to_id=head))
-    # Request debits (one per request) are summed per day in SQL; the few other entries are listed.
-    usage_days = await store.ledger_days(account.id, since=start, until=end, up_to_id=head, request_debits=True)
+    # One snapshot: the balance, the newest entry it includes (`head`: entries booked later are
+    # left out of every read below) and the request debits (one per request) summed per day.
+    balance, head, debit_days = await store.ledger_snapshot(account.id, since=start)
+    last_day = end.date().isoformat()
+    usage_days = [d for d in debit_days if d.day < last_day]
+    after_month = sum(d.amount_pico for d in debit_days if d.day >= last_day) + sum(
+        d.amount_pico for d in await store.ledger_days(account.id, since=end, up_to_id=head, without_request_debits=True))
     entries: list[LedgerEntry] = []
     last: tuple[datetime, int] | None = None
     offset = 0

@@ -146,8 +146,8 @@ async def test_migration_backfills_the_daily_totals_from_existing_rows(store_url
         await store.record_usage(rows)
         maintained = await daily_cells(store)
         # Back to version 6 with the rows kept, then migrate: 0007 rebuilds the totals from the rows.
-        for statement in ("DROP TABLE usage_daily", "DROP INDEX ledger_entries_account_other_idx",
-                          "DELETE FROM schema_migrations WHERE version = 7"):
+        for statement in ("DROP TABLE usage_daily", "DROP TABLE request_debits_daily",
+                          "DROP INDEX ledger_entries_account_other_idx", "DELETE FROM schema_migrations WHERE version = 7"):
             await store._select(statement, [])  # type: ignore[attr-defined]
         assert await store.migrate() == [7]
         assert await daily_cells(store) == maintained == cells_of(rows)
@@ -170,24 +170,51 @@ async def test_list_usage_filters_by_status(store: Store) -> None:
             await store.list_usage(account_id="usr_a", status=bad)  # type: ignore[arg-type]
 
 
-async def test_ledger_days_sum_exactly(store: Store) -> None:
-    day1, day2 = T0, T0 + timedelta(days=1, hours=5)
-    await store.record_usage([usage(f"d{i}", ts=day1, actual_cost_pico=MAX_PICO // 4 + i) for i in range(3)])
+async def test_ledger_days_and_snapshot_sum_exactly(store: Store) -> None:
+    big = [usage(f"d{i}", ts=T0, actual_cost_pico=MAX_PICO // 4 + i) for i in range(3)]
+    await store.record_usage(big)
+    assert await store.record_usage(big) == 0  # replayed: the day's debits stay as they are
     assert await store.apply_ledger_entry(NewLedgerEntry("usr_a", "grant", MAX_PICO, "admin", "g1"))
     entries = await store.list_ledger("usr_a", limit=100)
-    head = max(e.id for e in entries)
-    await store.record_usage([usage("late", ts=day2, actual_cost_pico=7)])
+    head = entries[0].id
+    await store.record_usage([usage("late", ts=T0, actual_cost_pico=7), usage("free", ts=T0)])
     all_days = await store.ledger_days("usr_a")
     assert sum(d.amount_pico for d in all_days) == await store.ledger_sum("usr_a")
     assert sum(d.count for d in all_days) == 5
-    debits = await store.ledger_days("usr_a", up_to_id=head, request_debits=True)
-    assert [(d.amount_pico, d.count) for d in debits] == [(-sum(MAX_PICO // 4 + i for i in range(3)), 3)]
-    assert debits[0].last_at == max(e.created_at for e in entries if e.source == "request")
-    others = await store.ledger_days("usr_a", request_debits=False)
+    assert [(d.amount_pico, d.count) for d in await store.ledger_days("usr_a", up_to_id=head)] == [
+        (MAX_PICO - sum(MAX_PICO // 4 + i for i in range(3)), 4)]
+    others = await store.ledger_days("usr_a", without_request_debits=True)
     assert [(d.amount_pico, d.count) for d in others] == [(MAX_PICO, 1)]
     listed = await store.list_ledger("usr_a", without_request_debits=True)
     assert [(e.source, e.external_id) for e in listed] == [("admin", "g1")]
     assert await store.ledger_days("usr_a", since=datetime.now(UTC) + timedelta(days=1)) == []
+    # The snapshot: balance, newest entry, and the request debits per day, from the daily sums.
+    balance, newest, days = await store.ledger_snapshot("usr_a", since=datetime.now(UTC) - timedelta(days=1))
+    ledger = await store.list_ledger("usr_a", limit=100)
+    assert (balance, newest) == (await store.ledger_sum("usr_a"), ledger[0].id)
+    debits = [e for e in ledger if e.source == "request"]
+    assert [(d.amount_pico, d.count, d.last_at) for d in days] == [
+        (sum(e.amount_pico for e in debits), 4, max(e.created_at for e in debits))]
+    assert (await store.ledger_snapshot("usr_a", since=datetime.now(UTC) + timedelta(days=1)))[2] == []
+    assert await store.ledger_snapshot("usr_nobody", since=T0) == (0, 0, [])
+
+
+async def test_migration_backfills_the_request_debit_days(store_url: str) -> None:
+    store = await open_store(store_url)
+    try:
+        await store.migrate()
+        await store.record_usage([usage(f"b{i}", account_id=("usr_a", "usr_b")[i % 2], actual_cost_pico=MAX_PICO // 8)
+                                  for i in range(6)])
+        since = datetime.now(UTC) - timedelta(days=1)
+        kept = {a: await store.ledger_snapshot(a, since=since) for a in ("usr_a", "usr_b")}
+        for statement in ("DROP TABLE usage_daily", "DROP TABLE request_debits_daily",
+                          "DROP INDEX ledger_entries_account_other_idx", "DELETE FROM schema_migrations WHERE version = 7"):
+            await store._select(statement, [])  # type: ignore[attr-defined]
+        assert await store.migrate() == [7]
+        assert {a: await store.ledger_snapshot(a, since=since) for a in ("usr_a", "usr_b")} == kept
+        assert kept["usr_a"][2][0].amount_pico == -3 * (MAX_PICO // 8)
+    finally:
+        await store.close()
 
 
 def test_whole_days_split_a_range_into_days_and_edges() -> None:

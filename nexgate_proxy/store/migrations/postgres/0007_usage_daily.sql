@@ -34,3 +34,20 @@ GROUP BY 1, 2, 3, 4, 5, 6;
 -- The statement lists a month's ledger entries other than request debits one by one (those it
 -- sums per day in SQL): this index holds only them, a few per account.
 CREATE INDEX ledger_entries_account_other_idx ON ledger_entries (account_id, created_at) WHERE source <> 'request';
+
+-- record_usage's debits (one per request) summed per account and UTC day of created_at, kept in
+-- the same statement (one row per account and batch): a statement reads a month's debits from
+-- here in one snapshot with the balance.
+CREATE TABLE request_debits_daily (
+    account_id  text NOT NULL,
+    day         date NOT NULL,          -- the UTC date of created_at
+    amount_pico numeric NOT NULL,
+    entries     bigint NOT NULL,
+    last_at     timestamptz NOT NULL,   -- created_at of the day's latest debit
+    PRIMARY KEY (account_id, day)
+);
+
+INSERT INTO request_debits_daily (account_id, day, amount_pico, entries, last_at)
+SELECT account_id, (created_at AT TIME ZONE 'UTC')::date, SUM(amount_pico), COUNT(*), MAX(created_at)
+FROM ledger_entries WHERE source = 'request'
+GROUP BY 1, 2;

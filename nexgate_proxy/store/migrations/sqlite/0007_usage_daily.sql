@@ -37,3 +37,23 @@ GROUP BY 1, 2, 3, 4, 5, 6;
 -- The statement lists a month's ledger entries other than request debits one by one (those it
 -- sums per day in SQL): this index holds only them, a few per account.
 CREATE INDEX ledger_entries_account_other_idx ON ledger_entries (account_id, created_at) WHERE source <> 'request';
+
+-- record_usage's debits (one per request) summed per account and UTC day of created_at, kept in
+-- the same transaction (one row per account and batch): a statement reads a month's debits
+-- from here in one snapshot with the balance. Amounts split as above (they are negative:
+-- SQLite's / truncates and % keeps the sign, so high * 10**6 + low is still the sum).
+CREATE TABLE request_debits_daily (
+    account_id  TEXT NOT NULL,
+    day         TEXT NOT NULL,          -- 'YYYY-MM-DD', the UTC date of created_at
+    amount_high INTEGER NOT NULL,       -- SUM(amount_pico / 1000000)
+    amount_low  INTEGER NOT NULL,       -- SUM(amount_pico % 1000000)
+    entries     INTEGER NOT NULL,
+    last_at     TEXT NOT NULL,          -- created_at of the day's latest debit
+    PRIMARY KEY (account_id, day)
+) WITHOUT ROWID;
+
+INSERT INTO request_debits_daily (account_id, day, amount_high, amount_low, entries, last_at)
+SELECT account_id, substr(created_at, 1, 10), SUM(amount_pico / 1000000), SUM(amount_pico % 1000000), COUNT(*),
+       MAX(created_at)
+FROM ledger_entries WHERE source = 'request'
+GROUP BY 1, 2;
