@@ -7,9 +7,10 @@ A monthly statement covers one UTC calendar month of one account's ledger:
 the opening balance (the balance at the first instant of the month), every
 transaction of the month, and the closing balance; ``opening + sum(amounts)
 == closing`` exactly. Request debits (one per request) are summed per UTC day
-so a statement stays printable; payments, grants, refunds and disputes are
-listed one by one. Usage totals by model come from the usage records of the
-month (by request time; the debits are booked when the usage log flushes, a
+so a statement stays printable (the store keeps those sums as it books the
+debits); payments, grants, refunds and disputes are listed one by one. Usage
+totals by model come from the store's daily usage totals of the month (by
+request time; the debits are booked when the usage log flushes, a
 second or so later, so a request at 23:59:59.9 on the last day can be charged
 on the next month's statement).
 """
