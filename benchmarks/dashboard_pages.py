@@ -7,7 +7,8 @@
 
 The database is built with direct SQL (the store's migrations, then one transaction of
 ``executemany``): usage rows over the last 90 days across 1,000 accounts, 4 models, 3 % errors,
-each with its ledger debit, so the credits and statement pages read a real ledger too. A gateway
+each with its ledger debit, so the credits and statement pages read a real ledger too; then
+migration 0007 runs again, its backfill building the daily totals from those rows. A gateway
 then serves it in this process; each page is fetched ``--repeat`` times (after one warm-up) with
 a signed-in session cookie, and the median, p95 and max wall time per page are printed (loopback
 HTTP included, so slightly above the server's own time).

@@ -422,7 +422,9 @@ class Store(abc.ABC):
         (account_id, "debit", -actual_cost_pico, source "request", external_id =
         request_id). Replaying a batch, even concurrently from two processes, changes
         nothing. Returns how many rows were new; the first of two rows with the same
-        request_id wins. A bad row (naive ts, a cost that is not a non-negative int,
+        request_id wins. In the same transaction, the newly stored rows are added to the daily
+        totals (usage_daily) and their debits to the per-day debit sums (request_debits_daily).
+        A bad row (naive ts, a cost that is not a non-negative int,
         a count outside 0..2**31-1) raises ValueError/TypeError before anything is written.
         """
 
@@ -440,7 +442,8 @@ class Store(abc.ABC):
         limit: int = 100,
         offset: int = 0,
     ) -> list[UsageRecord]:
-        """Newest first. Filters combine with AND; since is inclusive, until exclusive.
+        """Newest first. Filters combine with AND; since is inclusive, until exclusive; ``status``
+        one code or a range of codes (StatusFilter; ValueError for anything else).
 
         At least one of account_id / org_id / key_id is required (ValueError otherwise).
         """
