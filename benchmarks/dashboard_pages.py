@@ -7,7 +7,8 @@
 
 The database is built with direct SQL (the store's migrations, then one transaction of
 ``executemany``): usage rows over the last 90 days across 1,000 accounts, 4 models, 3 % errors,
-each with its ledger debit, so the credits and statement pages read a real ledger too. A gateway
+each with its ledger debit, so the credits and statement pages read a real ledger too; then
+migration 0007 runs again, its backfill building the daily totals from those rows. A gateway
 then serves it in this process; each page is fetched ``--repeat`` times (after one warm-up) with
 a signed-in session cookie, and the median, p95 and max wall time per page are printed (loopback
 HTTP included, so slightly above the server's own time).
@@ -80,11 +81,24 @@ async def build(path: Path, rows: int, share: float) -> tuple[str, str]:
     db.executemany("INSERT INTO ledger_entries (account_id, kind, amount_pico, source, external_id, request_id,"
                    " description, created_at) VALUES (?,?,?,?,?,?,?,?)", ledger)
     db.executemany("INSERT INTO balances VALUES (?, ?, ?)", [(a, b, _ts(now)) for a, b in balances.items()])
+    # The rows went in behind the store's back: undo migration 7 and apply it again, so its
+    # backfill builds the daily totals from them (as upgrading an existing database does).
+    db.execute("DROP TABLE usage_daily")
+    db.execute("DROP TABLE request_debits_daily")
+    db.execute("DROP INDEX ledger_entries_account_other_idx")
+    db.execute("DELETE FROM schema_migrations WHERE version = 7")
     db.commit()
-    db.execute("ANALYZE")
     db.close()
     print(f"built {rows:,} usage rows and {len(ledger):,} ledger entries in {time.perf_counter() - started:.1f} s; "
           f"{sum(1 for u in usage if u[6] == heavy.id):,} in the measured account")
+    started = time.perf_counter()
+    store = await open_store(url)
+    assert await store.migrate() == [7]
+    await store.close()
+    print(f"migration 0007 (daily totals backfill) took {time.perf_counter() - started:.1f} s")
+    db = sqlite3.connect(path)
+    db.execute("ANALYZE")
+    db.close()
     return heavy.id, org.id
 
 
@@ -131,6 +145,7 @@ async def serve(args: argparse.Namespace, directory: Path, db_path: Path, heavy:
                 ("overview 30 days", f"/overview?{a}"), ("overview 90 days", f"/overview?{a}&days=90"),
                 ("usage, first page", f"/usage?{a}"), ("usage, 80 days deep", f"/usage?{a}&after={deep}"),
                 ("usage, one model", f"/usage?{a}&model=gpt-4o"), ("usage, errors only", f"/usage?{a}&status=error"),
+                ("usage, 402 only", f"/usage?{a}&status=402"),
                 ("usage, a date range", f"/usage?{a}&since=2020-01-01&until=2100-01-01"),
                 ("credits", f"/credits?{a}"), ("statements", f"/statements?{a}"),
                 (f"statement {month}", f"/statements/{month}?{a}"),

@@ -6,7 +6,7 @@ import base64
 import json
 import secrets
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from ..records import USAGE_FIELDS
@@ -25,7 +25,6 @@ from .base import (
     Organization,
     UnappliedPayment,
     UsageRecord,
-    UsageTotal,
     User,
 )
 
@@ -218,6 +217,41 @@ def time_filters(column: str, since: datetime | None, until: datetime | None) ->
     return filters
 
 
+def status_filters(status: Any) -> list[Filter]:
+    """list_usage's status: one code, or a range of codes (step 1)."""
+    if status is None:
+        return []
+    if isinstance(status, range) and status.step == 1:
+        return [("status >=", status.start), ("status <", status.stop)]
+    if isinstance(status, int) and not isinstance(status, bool):
+        return [("status =", status)]
+    raise ValueError(f"status must be an int or a range of ints with step 1, got {status!r}")
+
+
+def whole_days(since: datetime | None, until: datetime | None
+               ) -> tuple[tuple[date | None, date | None] | None, list[tuple[datetime | None, datetime | None]]]:
+    """Split [since, until) into whole UTC days [first, last) (None: open; None for no whole day)
+    and the partial days at its edges, as time ranges to read from the rows themselves."""
+    since = None if since is None else aware_utc(since, "since")
+    until = None if until is None else aware_utc(until, "until")
+    if since is not None and since.date() == date.max:
+        return None, [(since, until)]
+    first = None if since is None else since.date() + timedelta(days=since != _midnight(since.date()))
+    last = None if until is None else until.date()
+    if first is not None and last is not None and first >= last:
+        return None, [(since, until)]
+    edges: list[tuple[datetime | None, datetime | None]] = []
+    if since is not None and first is not None and _midnight(first) != since:
+        edges.append((since, _midnight(first)))
+    if until is not None and last is not None and _midnight(last) != until:
+        edges.append((_midnight(last), until))
+    return (first, last), edges
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), UTC)
+
+
 # --- rows -> dataclasses ---------------------------------------------------
 # Backends hand over rows addressable by column name (sqlite3.Row, asyncpg.Record)
 # plus two decoders: SQLite stores timestamps and JSON as text, PostgreSQL does not.
@@ -233,6 +267,9 @@ class RowDecoder:
     def __init__(self, timestamp: Decode = _same, json_value: Decode = _same) -> None:
         self._ts = timestamp
         self._json = json_value
+
+    def timestamp(self, value: Any) -> datetime:
+        return self._ts(value)
 
     def _opt_ts(self, value: Any) -> datetime | None:
         return None if value is None else self._ts(value)
@@ -312,17 +349,6 @@ class RowDecoder:
             received_at=self._ts(row["received_at"]),
             applied_to=row["applied_to"],
             applied_at=self._opt_ts(row["applied_at"]),
-        )
-
-    @staticmethod
-    def usage_total(row: Any, cost_pico: int) -> UsageTotal:
-        """The cost comes apart: each backend sums it its own exact way."""
-        return UsageTotal(
-            group=row["grp"],
-            requests=int(row["requests"]),
-            prompt_tokens=int(row["prompt_tokens"]),
-            completion_tokens=int(row["completion_tokens"]),
-            cost_pico=cost_pico,
         )
 
 

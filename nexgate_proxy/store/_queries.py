@@ -158,6 +158,9 @@ BALANCE_SNAPSHOT = sql(
     " (SELECT COALESCE(MAX(id), 0) FROM store_changes) AS position",
     "account",
 )
+NEWEST_ENTRY = sql("SELECT id FROM ledger_entries WHERE account_id = :account ORDER BY created_at DESC, id DESC LIMIT 1",
+                   "account")
+"""ledger_snapshot's head: the entry list_ledger shows first."""
 LEDGER_SUM = sql("SELECT COALESCE(SUM(amount_pico), 0) FROM ledger_entries WHERE account_id = :account", "account")
 GET_LEDGER_ENTRY = sql(
     f"SELECT {LEDGER_COLUMNS} FROM ledger_entries WHERE source = :source AND external_id = :external_id",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from . import _common as common
@@ -20,9 +20,21 @@ from . import _queries as q
 from ._common import API_KEY_COLUMNS, LEDGER_COLUMNS, USAGE_COLUMNS, Filter, RowDecoder
 from ._migrations import check_version
 from ._queries import Sql
-from .base import (ApiKeyRow, GroupBy, LedgerEntry, Membership, Organization, Store, UnappliedPayment, UsageRecord,
-                   UsageTotal, User)
+from .base import (ApiKeyRow, GroupBy, LedgerDay, LedgerEntry, Membership, Organization, StatusFilter, Store,
+                   UnappliedPayment, UsageRecord, UsageTotal, User)
 from .feed import API_KEY_CHANGE, StoreChange
+
+
+# Literal, not bound: the partial index on the other entries serves only a query that says so.
+_OTHER_ENTRIES = f" AND source <> '{common.REQUEST_SOURCE}'"
+
+
+def _add_total(totals: dict[str, list[int]], group: str, row: Any, cost: int) -> None:
+    total = totals.setdefault(group, [0, 0, 0, 0])
+    total[0] += int(row["requests"])
+    total[1] += int(row["prompt_tokens"])
+    total[2] += int(row["completion_tokens"])
+    total[3] += cost
 
 
 class SqlStore(Store):
@@ -31,6 +43,13 @@ class SqlStore(Store):
     _group_expressions: dict[str, str]
     _cost_columns: str
     """The select-list part of usage_totals that sums the cost; `_cost(row)` reads it back."""
+    _daily_group_expressions: dict[str, str]
+    _daily_cost_columns: str
+    """As `_cost_columns`, over usage_daily."""
+    _amount_columns: str
+    """The select-list part of ledger_days that sums amount_pico; `_amount(row)` reads it back."""
+    _day_of: str
+    """The UTC date 'YYYY-MM-DD' of a timestamp column, `{}` standing for the column."""
 
     # --- dialect hooks --------------------------------------------------------
 
@@ -64,6 +83,14 @@ class SqlStore(Store):
     @staticmethod
     @abc.abstractmethod
     def _cost(row: Any) -> int: ...
+
+    @staticmethod
+    @abc.abstractmethod
+    def _amount(row: Any) -> int: ...
+
+    @staticmethod
+    @abc.abstractmethod
+    def _bind_day(day: date) -> Any: ...
 
     def _where(self, filters: list[Filter]) -> tuple[str, list[Any]]:
         """`WHERE a = $1 AND ts >= $2` and its parameters; more placeholders may follow from len(params) + 1."""
@@ -189,6 +216,7 @@ class SqlStore(Store):
         model: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        status: StatusFilter | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[UsageRecord]:
@@ -197,7 +225,7 @@ class SqlStore(Store):
             common.usage_filters(
                 account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
                 require_scope=True,
-            )
+            ) + common.status_filters(status)
         )
         rows = await self._select(
             f"SELECT {USAGE_COLUMNS} FROM usage_records {where} ORDER BY ts DESC, request_id DESC {self._page(params)}",
@@ -216,20 +244,62 @@ class SqlStore(Store):
         until: datetime | None = None,
         group_by: GroupBy,
     ) -> list[UsageTotal]:
-        group = self._group_expressions[common.check_group_by(group_by)]
+        check = common.check_group_by(group_by)
+        scope = {"account_id": account_id, "org_id": org_id, "key_id": key_id, "model": model}
+        days, edges = common.whole_days(since, until)
+        if "" in scope.values():  # '' stands for NULL in usage_daily: only the rows can tell them apart
+            days, edges = None, [(since, until)]
+        totals: dict[str, list[int]] = {}
+        if days is not None:
+            filters = [(f"{column} =", value) for column, value in scope.items() if value is not None]
+            filters += [(op, self._bind_day(day)) for op, day in (("day >=", days[0]), ("day <", days[1]))
+                        if day is not None]
+            where, params = self._where(filters)
+            rows = await self._select(
+                f"SELECT {self._daily_group_expressions[check]} AS grp, SUM(requests) AS requests,"
+                f" SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,"
+                f" {self._daily_cost_columns} FROM usage_daily {where} GROUP BY grp",
+                params,
+            )
+            for r in rows:
+                _add_total(totals, r["grp"], r, self._cost(r))
+        for lo, hi in edges:
+            for r in await self._row_totals(check, account_id, org_id, key_id, model, lo, hi):
+                _add_total(totals, r["grp"], r, self._cost(r))
+        return [UsageTotal(group, *values) for group, values in sorted(totals.items())]
+
+    async def _row_totals(self, group_by: str, account_id: str | None, org_id: str | None, key_id: str | None,
+                          model: str | None, since: datetime | None, until: datetime | None) -> list[Any]:
         where, params = self._where(
             common.usage_filters(
                 account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
                 require_scope=False,
             )
         )
-        rows = await self._select(
-            f"SELECT {group} AS grp, COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
+        return await self._select(
+            f"SELECT {self._group_expressions[group_by]} AS grp, COUNT(*) AS requests,"
+            f" COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
             f" COALESCE(SUM(completion_tokens), 0) AS completion_tokens, {self._cost_columns}"
-            f" FROM usage_records {where} GROUP BY grp ORDER BY grp",
+            f" FROM usage_records {where} GROUP BY grp",
             params,
         )
-        return [self._decode.usage_total(r, self._cost(r)) for r in rows]
+
+    async def usage_by_day_and_model(
+        self, *, account_id: str, since: date, until: date | None = None
+    ) -> list[tuple[str, UsageTotal]]:
+        filters: list[Filter] = [("account_id =", account_id), ("day >=", self._bind_day(since))]
+        if until is not None:
+            filters.append(("day <", self._bind_day(until)))
+        where, params = self._where(filters)
+        day = self._daily_group_expressions["day"]
+        rows = await self._select(
+            f"SELECT {day} AS day, model, SUM(requests) AS requests, SUM(prompt_tokens) AS prompt_tokens,"
+            f" SUM(completion_tokens) AS completion_tokens, {self._daily_cost_columns}"
+            f" FROM usage_daily {where} GROUP BY day, model ORDER BY day, model",
+            params,
+        )
+        return [(r["day"], UsageTotal(r["model"], int(r["requests"]), int(r["prompt_tokens"]),
+                                      int(r["completion_tokens"]), self._cost(r))) for r in rows]
 
     # --- money -----------------------------------------------------------------------
 
@@ -266,16 +336,43 @@ class SqlStore(Store):
         *,
         since: datetime | None = None,
         until: datetime | None = None,
+        without_request_debits: bool = False,
         limit: int = 100,
         offset: int = 0,
     ) -> list[LedgerEntry]:
         common.check_page(limit, offset)
         where, params = self._where([("account_id =", account_id), *common.time_filters("created_at", since, until)])
+        if without_request_debits:
+            where += _OTHER_ENTRIES
         rows = await self._select(
             f"SELECT {LEDGER_COLUMNS} FROM ledger_entries {where} ORDER BY created_at DESC, id DESC {self._page(params)}",
             [*params, limit, offset],
         )
         return [self._decode.ledger_entry(r) for r in rows]
+
+    async def ledger_days(
+        self,
+        account_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        up_to_id: int | None = None,
+        without_request_debits: bool = False,
+    ) -> list[LedgerDay]:
+        filters = [("account_id =", account_id), *common.time_filters("created_at", since, until)]
+        if up_to_id is not None:
+            filters.append(("id <=", up_to_id))
+        where, params = self._where(filters)
+        if without_request_debits:
+            where += _OTHER_ENTRIES
+        day = self._day_of.format("created_at")
+        rows = await self._select(
+            f"SELECT {day} AS day, MAX(created_at) AS last_at, COUNT(*) AS n, {self._amount_columns}"
+            f" FROM ledger_entries {where} GROUP BY day ORDER BY day",
+            params,
+        )
+        return [LedgerDay(r["day"], self._decode.timestamp(r["last_at"]), self._amount(r), int(r["n"]))
+                for r in rows]
 
     # --- change feed -------------------------------------------------------------------
 

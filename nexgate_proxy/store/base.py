@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..records import UsageRecord
@@ -165,6 +165,21 @@ class UsageTotal:
     completion_tokens: int
     cost_pico: int
     """Sum of actual_cost_pico, what was charged (rows without a cost count as 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerDay:
+    """The ledger entries of one account on one UTC day (of created_at), summed."""
+    day: str
+    """'YYYY-MM-DD'."""
+    last_at: datetime
+    """created_at of the day's latest entry."""
+    amount_pico: int
+    count: int
+
+
+StatusFilter = int | range
+"""A status code (402), or a range of them (range(200, 300): every 2xx; step 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +422,9 @@ class Store(abc.ABC):
         (account_id, "debit", -actual_cost_pico, source "request", external_id =
         request_id). Replaying a batch, even concurrently from two processes, changes
         nothing. Returns how many rows were new; the first of two rows with the same
-        request_id wins. A bad row (naive ts, a cost that is not a non-negative int,
+        request_id wins. In the same transaction, the newly stored rows are added to the daily
+        totals (usage_daily) and their debits to the per-day debit sums (request_debits_daily).
+        A bad row (naive ts, a cost that is not a non-negative int,
         a count outside 0..2**31-1) raises ValueError/TypeError before anything is written.
         """
 
@@ -421,10 +438,12 @@ class Store(abc.ABC):
         model: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        status: StatusFilter | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[UsageRecord]:
-        """Newest first. Filters combine with AND; since is inclusive, until exclusive.
+        """Newest first. Filters combine with AND; since is inclusive, until exclusive; ``status``
+        one code or a range of codes (StatusFilter; ValueError for anything else).
 
         At least one of account_id / org_id / key_id is required (ValueError otherwise).
         """
@@ -443,8 +462,17 @@ class Store(abc.ABC):
     ) -> list[UsageTotal]:
         """Totals per UTC day, model or key, ordered by group; filters as in list_usage.
 
-        Without account_id / org_id / key_id it totals every account (admin use).
+        Without account_id / org_id / key_id it totals every account (admin use). Whole UTC days
+        are read from the daily totals record_usage keeps (usage_daily), only the partial days
+        at the edges of since/until from the rows themselves.
         """
+
+    @abc.abstractmethod
+    async def usage_by_day_and_model(
+        self, *, account_id: str, since: date, until: date | None = None
+    ) -> list[tuple[str, UsageTotal]]:
+        """The account's totals per (UTC day 'YYYY-MM-DD', model) of the days since..until (excluded),
+        from the daily totals: (day, total whose group is the model, '' for none), ordered."""
 
     @abc.abstractmethod
     async def clear_client_ips(self, before: datetime) -> int:
@@ -503,10 +531,34 @@ class Store(abc.ABC):
         *,
         since: datetime | None = None,
         until: datetime | None = None,
+        without_request_debits: bool = False,
         limit: int = 100,
         offset: int = 0,
     ) -> list[LedgerEntry]:
-        """The account's entries, newest first; since is inclusive, until exclusive (on created_at)."""
+        """The account's entries, newest first; since is inclusive, until exclusive (on created_at).
+
+        ``without_request_debits``: leave out record_usage's own debits (source "request"), one per
+        request, to list the few other entries (an index holds only those)."""
+
+    @abc.abstractmethod
+    async def ledger_snapshot(self, account_id: str, *, since: datetime) -> tuple[int, int, list[LedgerDay]]:
+        """In one snapshot: the account's balance, the id of the entry list_ledger shows first (0 for
+        none) and record_usage's debits summed per UTC day of created_at, from since's day on
+        (request_debits_daily, kept in record_usage's transaction), oldest first."""
+
+    @abc.abstractmethod
+    async def ledger_days(
+        self,
+        account_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        up_to_id: int | None = None,
+        without_request_debits: bool = False,
+    ) -> list[LedgerDay]:
+        """The account's entries summed per UTC day of created_at (exact, in SQL), oldest first.
+
+        ``up_to_id``: only entries with ids up to it; ``without_request_debits`` as in list_ledger."""
 
     # payments: reversals and unapplied payments
 

@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -39,6 +39,7 @@ from .base import (
     ApiKeyRow,
     Conflict,
     Membership,
+    LedgerDay,
     NewLedgerEntry,
     NotFound,
     Organization,
@@ -188,7 +189,23 @@ WITH input AS (
 ), new_usage AS (
     INSERT INTO usage_records ({USAGE_COLUMNS}) SELECT {USAGE_COLUMNS} FROM input ORDER BY request_id, n
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id, account_id, actual_cost_pico
+    RETURNING request_id, ts, model, account_id, org_id, key_id, prompt_tokens, completion_tokens, cached_tokens,
+        actual_cost_pico, latency_ms, status
+), daily AS (
+    INSERT INTO usage_daily (account_id, day, model, key_id, status, org_id, requests, prompt_tokens,
+                             completion_tokens, cached_tokens, cost_pico, latency_ms_sum, latency_ms_max)
+    SELECT COALESCE(account_id, ''), (ts AT TIME ZONE 'UTC')::date, COALESCE(model, ''), COALESCE(key_id, ''),
+           status, COALESCE(org_id, ''), COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+           COALESCE(SUM(actual_cost_pico), 0), SUM(latency_ms), MAX(latency_ms)
+    FROM new_usage GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (account_id, day, model, key_id, status, org_id) DO UPDATE SET
+        requests = usage_daily.requests + EXCLUDED.requests,
+        prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens,
+        cached_tokens = usage_daily.cached_tokens + EXCLUDED.cached_tokens,
+        cost_pico = usage_daily.cost_pico + EXCLUDED.cost_pico,
+        latency_ms_sum = usage_daily.latency_ms_sum + EXCLUDED.latency_ms_sum,
+        latency_ms_max = GREATEST(usage_daily.latency_ms_max, EXCLUDED.latency_ms_max)
 ), new_entries AS (
     INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})
     SELECT account_id, 'debit', -actual_cost_pico, '{common.REQUEST_SOURCE}', request_id, request_id, NULL, $23
@@ -197,6 +214,14 @@ WITH input AS (
     RETURNING account_id, amount_pico
 ), moved AS (
     {_move_balances("new_entries", "$23")}
+), debit_days AS (
+    INSERT INTO request_debits_daily (account_id, day, amount_pico, entries, last_at)
+    SELECT account_id, ($23 AT TIME ZONE 'UTC')::date, SUM(amount_pico), COUNT(*), $23
+    FROM new_entries GROUP BY account_id ORDER BY account_id
+    ON CONFLICT (account_id, day) DO UPDATE SET
+        amount_pico = request_debits_daily.amount_pico + EXCLUDED.amount_pico,
+        entries = request_debits_daily.entries + EXCLUDED.entries,
+        last_at = GREATEST(request_debits_daily.last_at, EXCLUDED.last_at)
 )
 SELECT COUNT(*) FROM new_usage
 """
@@ -248,9 +273,22 @@ class PostgresStore(SqlStore):
     _group_expressions = _GROUP_EXPRESSIONS
     _cost_columns = "COALESCE(SUM(actual_cost_pico), 0) AS cost_pico"
 
+    _daily_group_expressions = {"day": "to_char(day, 'YYYY-MM-DD')", "model": "model", "key": "key_id"}
+    _daily_cost_columns = "COALESCE(SUM(cost_pico), 0) AS cost_pico"
+    _amount_columns = "SUM(amount_pico) AS amount_pico"
+    _day_of = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
     @staticmethod
     def _cost(row: asyncpg.Record) -> int:
-        return int(row["cost_pico"])  # SUM(bigint) is an exact Decimal
+        return int(row["cost_pico"])  # SUM(bigint) and SUM(numeric) are exact Decimals
+
+    @staticmethod
+    def _amount(row: asyncpg.Record) -> int:
+        return int(row["amount_pico"])
+
+    @staticmethod
+    def _bind_day(day: date) -> date:
+        return day
 
     async def _row(self, query: Sql, *params: Any) -> asyncpg.Record | None:
         with _translated():
@@ -492,6 +530,17 @@ class PostgresStore(SqlStore):
             # One statement, so one transaction: usage rows, their debits and the balances.
             columns = [list(column) for column in zip(*checked)]  # a record is its row: transpose for unnest
             return int(await self._pool.fetchval(_RECORD_USAGE, *columns, common.utcnow()))
+
+    async def ledger_snapshot(self, account_id: str, *, since: datetime) -> tuple[int, int, list[LedgerDay]]:
+        first = common.aware_utc(since, "since").date()
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                balance = await conn.fetchval(q.GET_BALANCE.postgres, account_id)
+                head = await conn.fetchval(q.NEWEST_ENTRY.postgres, account_id)
+                days = await conn.fetch(
+                    "SELECT to_char(day, 'YYYY-MM-DD') AS day, last_at, amount_pico, entries FROM request_debits_daily"
+                    " WHERE account_id = $1 AND day >= $2 ORDER BY day", account_id, first)
+        return (balance or 0), (head or 0), [LedgerDay(d[0], d[1], int(d[2]), int(d[3])) for d in days]
 
     async def clear_client_ips(self, before: datetime) -> int:
         cutoff = common.aware_utc(before, "before")

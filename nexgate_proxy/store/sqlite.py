@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 from . import _common as common
@@ -41,6 +41,7 @@ from .base import (
     ApiKeyRow,
     Conflict,
     Membership,
+    LedgerDay,
     NewLedgerEntry,
     NotFound,
     Organization,
@@ -105,6 +106,62 @@ _INSERT_USAGE = (
     f"INSERT INTO usage_records ({USAGE_COLUMNS}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})"
     " ON CONFLICT (request_id) DO NOTHING"
 )
+
+_ADD_USAGE_DAILY = (
+    "INSERT INTO usage_daily (account_id, day, model, key_id, status, org_id, requests, prompt_tokens,"
+    " completion_tokens, cached_tokens, cost_high, cost_low, latency_ms_sum, latency_ms_max)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (account_id, day, model, key_id, status, org_id) DO UPDATE SET"
+    " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+    " completion_tokens = completion_tokens + excluded.completion_tokens,"
+    " cached_tokens = cached_tokens + excluded.cached_tokens, cost_high = cost_high + excluded.cost_high,"
+    " cost_low = cost_low + excluded.cost_low, latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,"
+    " latency_ms_max = MAX(latency_ms_max, excluded.latency_ms_max)"
+)
+
+
+def _daily_cells(rows: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
+    """The usage_daily additions of newly stored rows: one per (account, UTC day, model, key, status, org).
+
+    Their ts is in UTC (check_usage_row), so its date is the UTC day; ~1 µs a row."""
+    cells: dict[tuple[Any, ...], list[int]] = {}
+    for r in rows:
+        key = (r.account_id or "", r.ts.date(), r.model or "", r.key_id or "", r.status, r.org_id or "")
+        cost = r.actual_cost_pico or 0
+        cell = cells.get(key)
+        if cell is None:
+            cells[key] = [1, r.prompt_tokens, r.completion_tokens, r.cached_tokens, cost // _COST_SPLIT,
+                          cost % _COST_SPLIT, r.latency_ms, r.latency_ms]
+        else:
+            cell[0] += 1
+            cell[1] += r.prompt_tokens
+            cell[2] += r.completion_tokens
+            cell[3] += r.cached_tokens
+            cell[4] += cost // _COST_SPLIT
+            cell[5] += cost % _COST_SPLIT
+            cell[6] += r.latency_ms
+            if r.latency_ms > cell[7]:
+                cell[7] = r.latency_ms
+    return [(account, day.isoformat(), *rest, *cell) for (account, day, *rest), cell in cells.items()]
+
+
+def _add_debit_days(conn: sqlite3.Connection, debits: Sequence[tuple[Any, ...]], created: str) -> None:
+    """Add the batch's new request debits (LEDGER_INSERT_COLUMNS rows, all booked at ``created``) to
+    request_debits_daily: one row per account."""
+    sums: dict[str, list[int]] = {}
+    for account_id, _, amount, *_rest in debits:
+        day = sums.setdefault(account_id, [0, 0, 0])
+        high, low = divmod(amount, _COST_SPLIT)  # any split whose parts add up: only the sum is read
+        day[0] += high
+        day[1] += low
+        day[2] += 1
+    conn.executemany(
+        "INSERT INTO request_debits_daily (account_id, day, amount_high, amount_low, entries, last_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, day) DO UPDATE SET"
+        " amount_high = amount_high + excluded.amount_high, amount_low = amount_low + excluded.amount_low,"
+        " entries = entries + excluded.entries, last_at = MAX(last_at, excluded.last_at)",
+        [(account_id, created[:10], high, low, n, created) for account_id, (high, low, n) in sums.items()])
+
 
 _COST_SPLIT = 10**6
 """SQLite's SUM fails past 2**63 pUSD, which a busy gateway's all-time cost per model
@@ -197,6 +254,7 @@ _INSERT_LEDGER = (
     " ON CONFLICT (source, external_id) DO NOTHING"
 )
 _GET_BALANCE = q.GET_BALANCE.sqlite  # read once per account of every usage batch: a plain global
+_NEWEST_ENTRY = q.NEWEST_ENTRY.sqlite
 
 
 def _insert_ledger_entries(conn: sqlite3.Connection, entries: Sequence[NewLedgerEntry], created: str) -> int:
@@ -306,9 +364,24 @@ class SQLiteStore(SqlStore):
     _cost_columns = (f"COALESCE(SUM(actual_cost_pico / {_COST_SPLIT}), 0) AS cost_high,"
                      f" COALESCE(SUM(actual_cost_pico % {_COST_SPLIT}), 0) AS cost_low")
 
+    _daily_group_expressions = {"day": "day", "model": "model", "key": "key_id"}
+    _daily_cost_columns = "COALESCE(SUM(cost_high), 0) AS cost_high, COALESCE(SUM(cost_low), 0) AS cost_low"
+    # amounts are signed: SQLite's / truncates and % keeps the sign, so high * split + low is still the amount
+    _amount_columns = (f"SUM(amount_pico / {_COST_SPLIT}) AS amount_high,"
+                       f" SUM(amount_pico % {_COST_SPLIT}) AS amount_low")
+    _day_of = "substr({}, 1, 10)"
+
     @staticmethod
     def _cost(row: sqlite3.Row) -> int:
         return row["cost_high"] * _COST_SPLIT + row["cost_low"]
+
+    @staticmethod
+    def _amount(row: sqlite3.Row) -> int:
+        return row["amount_high"] * _COST_SPLIT + row["amount_low"]
+
+    @staticmethod
+    def _bind_day(day: date) -> str:
+        return day.isoformat()
 
     @staticmethod
     def _bind(value: Any) -> Any:
@@ -643,8 +716,27 @@ class SQLiteStore(SqlStore):
             with _write_transaction(conn):
                 new = _new_usage_rows(conn, checked)
                 conn.executemany(_INSERT_USAGE, map(_usage_params, new))
-                _insert_ledger_params(conn, _request_debits(new, now))
+                conn.executemany(_ADD_USAGE_DAILY, _daily_cells(new))
+                _add_debit_days(conn, _insert_ledger_params(conn, _request_debits(new, now)), now)
             return len(new)
+
+        return await self._run(work)
+
+    async def ledger_snapshot(self, account_id: str, *, since: datetime) -> tuple[int, int, list[LedgerDay]]:
+        first = common.aware_utc(since, "since").date().isoformat()
+
+        def work(conn: sqlite3.Connection) -> tuple[int, int, list[LedgerDay]]:
+            conn.execute("BEGIN")  # one read transaction: one snapshot of the three
+            try:
+                balance = conn.execute(_GET_BALANCE, (account_id,)).fetchone()
+                head = conn.execute(_NEWEST_ENTRY, (account_id,)).fetchone()
+                days = conn.execute(
+                    "SELECT day, last_at, amount_high, amount_low, entries FROM request_debits_daily"
+                    " WHERE account_id = ? AND day >= ? ORDER BY day", (account_id, first)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return ((0 if balance is None else balance[0]), (0 if head is None else head[0]),
+                    [LedgerDay(d[0], _parse_ts(d[1]), d[2] * _COST_SPLIT + d[3], d[4]) for d in days])
 
         return await self._run(work)
 

@@ -7,9 +7,10 @@ A monthly statement covers one UTC calendar month of one account's ledger:
 the opening balance (the balance at the first instant of the month), every
 transaction of the month, and the closing balance; ``opening + sum(amounts)
 == closing`` exactly. Request debits (one per request) are summed per UTC day
-so a statement stays printable; payments, grants, refunds and disputes are
-listed one by one. Usage totals by model come from the usage records of the
-month (by request time; the debits are booked when the usage log flushes, a
+so a statement stays printable (the store keeps those sums as it books the
+debits); payments, grants, refunds and disputes are listed one by one. Usage
+totals by model come from the store's daily usage totals of the month (by
+request time; the debits are booked when the usage log flushes, a
 second or so later, so a request at 23:59:59.9 on the last day can be charged
 on the next month's statement).
 """
@@ -17,7 +18,6 @@ on the next month's statement).
 from __future__ import annotations
 
 import html
-import logging
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,11 +26,8 @@ from typing import Any
 from nexgate_proxy.money import currency_exponent, format_minor_units, format_usd
 from nexgate_proxy.store import LedgerEntry, Store, UsageRecord, UsageTotal
 
-log = logging.getLogger("nexgate.statements")
-
 PAGE = 1000
 """Ledger rows read per store call while building a statement."""
-SNAPSHOT_ATTEMPTS = 5
 REQUEST_SOURCE = "request"
 """The ledger source of per-request debits (the store's record_usage)."""
 
@@ -207,24 +204,6 @@ class Statement:
         return self.generated_at >= self.end
 
 
-async def _snapshot(store: Store, account_id: str) -> tuple[int, int]:
-    """(balance, id of the newest entry it includes), read without a concurrent entry in between.
-
-    The ledger is append-only and an account's entries commit in id order, so a
-    balance read between two identical "newest entry" reads is the sum of
-    exactly the entries with ids up to that one.
-    """
-    for _ in range(SNAPSHOT_ATTEMPTS):
-        before = await store.list_ledger(account_id, limit=1)
-        balance = await store.get_balance(account_id)
-        after = await store.list_ledger(account_id, limit=1)
-        head = before[0].id if before else 0
-        if head == (after[0].id if after else 0):
-            return balance, head
-    log.warning("statement of %s: the ledger kept moving; the balance may include a just-booked entry", account_id)
-    return balance, max(head, after[0].id if after else 0)
-
-
 class FutureMonth(ValueError):
     """A statement of a month that has not begun: there is nothing to state yet."""
 
@@ -237,39 +216,35 @@ async def build_statement(store: Store, account: Account, month: str, *, now: da
     if start > now:
         raise FutureMonth(f"{month} has not begun: statements cover the months up to the current one "
                           f"({now.strftime('%Y-%m')}, provisional until it ends)")
-    balance, head = await _snapshot(store, account.id)
-    after_month = 0
+    # One snapshot: the balance, the newest entry it includes (`head`: entries booked later are
+    # left out of every read below) and the request debits (one per request) summed per day.
+    balance, head, debit_days = await store.ledger_snapshot(account.id, since=start)
+    last_day = end.date().isoformat()
+    usage_days = [d for d in debit_days if d.day < last_day]
+    after_month = sum(d.amount_pico for d in debit_days if d.day >= last_day) + sum(
+        d.amount_pico for d in await store.ledger_days(account.id, since=end, up_to_id=head, without_request_debits=True))
     entries: list[LedgerEntry] = []
-    usage_days: dict[str, list[Any]] = {}
     last: tuple[datetime, int] | None = None
     offset = 0
-    # Newest first, from the start of the month to now. Entries booked meanwhile
-    # (ids above `head`) are not in `balance` and are skipped; they can shift the
-    # pages, so rows already seen (not older than the last one) are skipped too.
+    # Newest first. Entries booked meanwhile can shift the pages, so rows already seen (not
+    # older than the last one) are skipped.
     while True:
-        page = await store.list_ledger(account.id, since=start, limit=PAGE, offset=offset)
+        page = await store.list_ledger(account.id, since=start, until=end, without_request_debits=True, limit=PAGE,
+                                       offset=offset)
         for entry in page:
             key = (entry.created_at, entry.id)
             if entry.id > head or (last is not None and key >= last):
                 continue
             last = key
-            if entry.created_at >= end:
-                after_month += entry.amount_pico
-            elif entry.source == REQUEST_SOURCE:
-                day = entry.created_at.astimezone(UTC).strftime("%Y-%m-%d")
-                summed = usage_days.setdefault(day, [entry.created_at, 0, 0])
-                summed[0] = max(summed[0], entry.created_at)
-                summed[1] += entry.amount_pico
-                summed[2] += 1
-            else:
-                entries.append(entry)
+            entries.append(entry)
         if len(page) < PAGE:
             break
         offset += PAGE
     lines = [StatementLine(e.created_at, e.kind, e.source, shown_description(e), e.amount_pico, 1, e.id, e.external_id)
              for e in entries]
-    lines += [StatementLine(at, "debit", REQUEST_SOURCE, f"Usage charges, {day} ({count} request{'s' * (count != 1)})",
-                            amount, count) for day, (at, amount, count) in usage_days.items()]
+    lines += [StatementLine(d.last_at, "debit", REQUEST_SOURCE,
+                            f"Usage charges, {d.day} ({d.count} request{'s' * (d.count != 1)})", d.amount_pico, d.count)
+              for d in usage_days]
     lines.sort(key=lambda line: (line.date, line.entry_id or 0))
     closing = balance - after_month
     opening = closing - sum(line.amount_pico for line in lines)

@@ -512,7 +512,8 @@ async def test_postgres_tables_live_in_the_search_path_schema(store_url: str, st
         )
         assert [t["table_name"] for t in tables] == [
             "api_keys", "balances", "ledger_entries", "memberships", "organizations", "payment_reversals",
-            "schema_migrations", "store_changes", "unapplied_payments", "usage_records", "users", "webhook_events",
+            "request_debits_daily", "schema_migrations", "store_changes", "unapplied_payments", "usage_daily",
+            "usage_records", "users", "webhook_events",
         ]
         assert await conn.fetchval("SELECT to_regclass($1)", f"{schema}.api_keys") is not None
     finally:

@@ -27,8 +27,7 @@ from . import pages_account as account
 from . import pages_me as me
 from . import pages_operator as operator
 from . import pages_org as org
-from .common import DASHBOARD, DAY_TOTALS, endpoint, secure_headers
-from .rollup import DayTotals
+from .common import DASHBOARD, endpoint, secure_headers
 from .settings import DASHBOARD_SECTION
 
 STATIC = Path(__file__).parent / "static"
@@ -64,7 +63,6 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
     if not settings.enabled:
         return
     app[DASHBOARD] = settings
-    app[DAY_TOTALS] = DayTotals()
     prefix = settings.path
     router = app.router
     async def to_root(request: web.Request) -> web.StreamResponse:

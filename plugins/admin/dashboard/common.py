@@ -16,7 +16,6 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.store import Conflict, LastOwnerError, NotFound, StoreError
 
 from .. import api
-from .rollup import DayTotals
 from .session import Session, SignInRequired, check_csrf, current
 from .settings import DashboardSettings
 from .views import error_page
@@ -24,7 +23,6 @@ from .views import error_page
 log = logging.getLogger("nexgate.dashboard")
 
 DASHBOARD: web.AppKey[DashboardSettings] = web.AppKey("nexgate_plugins.dashboard", DashboardSettings)
-DAY_TOTALS: web.AppKey[DayTotals] = web.AppKey("nexgate_plugins.dashboard.day_totals", DayTotals)
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")

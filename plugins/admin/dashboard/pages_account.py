@@ -13,34 +13,35 @@ import base64
 import io
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from aiohttp import web
 
 from nexgate_proxy.appkeys import STORE
-from nexgate_proxy.store import LedgerEntry, UsageRecord
+from nexgate_proxy.store import LedgerEntry, StatusFilter, UsageRecord
 from nexgate_plugins.credits.statements import (
     USAGE_CSV_COLUMNS, build_statement, parse_month, render_statement_html, usage_csv_row, usage_json,
 )
 
 from .. import api
 from .charts import days_back, stacked_bars
-from .common import DASHBOARD, DAY_TOTALS, Cursor, accounts_of, base, keyset, redirect, secure_headers
+from .common import DASHBOARD, Cursor, accounts_of, base, keyset, redirect, secure_headers
 from .markup import Safe, html, join
 from .session import Session
 from .views import day, page, table, url, usd, when
 
 PAGE_ROWS = 50
-USAGE_SCAN = 1000
-"""Rows a filtered usage page reads at most; when the filter is rare the page ends early with a link onwards."""
 INVOICE_SCAN = 1000
-"""Ledger entries the invoice list reads at most per page (request debits far outnumber payments)."""
+"""Ledger entries other than request debits the invoice list reads at most per page."""
 LATENCY_SAMPLE = 200
 """p50/p95 over the latest requests of the month: each row read costs, a sample this size is enough."""
 TOP_MODELS = 5
 STATUSES = {"": "any status", "ok": "succeeded (2xx)", "error": "failed (4xx/5xx)", "402": "402 out of credits",
             "429": "429 rate limited"}
+_STATUS_FILTERS: dict[str, StatusFilter | None] = {"": None, "ok": range(200, 300), "error": range(400, 1000),
+                                                   "402": 402, "429": 429}
+"""What each choice asks list_usage for: the store filters in SQL."""
 
 
 async def _account(request: web.Request, session: Session) -> api.Account:
@@ -74,7 +75,9 @@ async def overview(request: web.Request, session: Session) -> web.Response:
     first = days[0]
     balance = await store.get_balance(account.id)
     # this month's totals need the month's days too, when they are more than the span's
-    cells = await request.app[DAY_TOTALS].cells(store, account.id, now, max(span, now.day))
+    cells = {(day_, t.group): (t.requests, t.prompt_tokens, t.completion_tokens, t.cost_pico)
+             for day_, t in await store.usage_by_day_and_model(
+                 account_id=account.id, since=date.fromisoformat(min(first, month_start)))}
     by_model: dict[str, list[int]] = {}
     month: dict[str, list[int]] = {}
     for (day_, model), cell in cells.items():
@@ -160,19 +163,7 @@ def _ms(value: int | None) -> str:
 # ------------------------------------------------------------------ usage
 
 
-def _status_ok(kind: str) -> Any:
-    if kind == "ok":
-        return lambda r: 200 <= r.status < 300
-    if kind == "error":
-        return lambda r: r.status >= 400
-    if kind.isdigit():
-        code = int(kind)
-        return lambda r: r.status == code
-    return lambda r: True
-
-
-async def _usage_page(request: web.Request, account: api.Account, cursor: Cursor | None, limit: int,
-                      scan: int = USAGE_SCAN) -> Any:
+async def _usage_page(request: web.Request, account: api.Account, cursor: Cursor | None, limit: int) -> Any:
     filters = api._usage_filters(request)  # the admin API's own checks of since/until/model/key_id
     status = request.query.get("status", "")
     if status not in STATUSES:
@@ -181,10 +172,10 @@ async def _usage_page(request: web.Request, account: api.Account, cursor: Cursor
 
     async def fetch(until: datetime | None, n: int, offset: int) -> list[UsageRecord]:
         return await store.list_usage(account_id=account.id, since=filters["since"], until=until,
-                                      model=filters["model"], key_id=filters["key_id"], limit=n, offset=offset)
+                                      model=filters["model"], key_id=filters["key_id"],
+                                      status=_STATUS_FILTERS[status], limit=n, offset=offset)
 
-    return await keyset(fetch, lambda r: (r.ts, r.request_id), filters["until"], cursor, limit,
-                        keep=_status_ok(status), scan=scan, batch=200 if status else limit)
+    return await keyset(fetch, lambda r: (r.ts, r.request_id), filters["until"], cursor, limit, batch=limit)
 
 
 async def usage(request: web.Request, session: Session) -> web.Response:
@@ -235,7 +226,7 @@ async def usage_export(request: web.Request, session: Session) -> web.StreamResp
     fmt = request.query.get("format", "csv")
     if fmt not in ("csv", "json"):
         raise api.bad("format", "'format' must be csv or json.")
-    first = await _usage_page(request, account, None, 1000, scan=1_000_000)
+    first = await _usage_page(request, account, None, 1000)
     response = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/json",
         "Content-Disposition": f'attachment; filename="nexgate-usage-{account.id}.{fmt}"'})
@@ -260,7 +251,7 @@ async def usage_export(request: web.Request, session: Session) -> web.StreamResp
         await response.write(out.getvalue().encode("utf-8"))
         if page_.next is None:
             break
-        page_ = await _usage_page(request, account, page_.next, 1000, scan=1_000_000)
+        page_ = await _usage_page(request, account, page_.next, 1000)
     if fmt == "json":
         await response.write(b"\n]}\n")
     await response.write_eof()
@@ -364,7 +355,7 @@ async def statements(request: web.Request, session: Session) -> web.Response:
     store = request.app[STORE]
 
     async def fetch(until: datetime | None, n: int, offset: int) -> list[LedgerEntry]:
-        return await store.list_ledger(account.id, until=until, limit=n, offset=offset)
+        return await store.list_ledger(account.id, until=until, without_request_debits=True, limit=n, offset=offset)
 
     found = await keyset(fetch, _ledger_key, None, Cursor.parse(request.query.get("after")), PAGE_ROWS,
                          keep=lambda e: e.kind == "payment", scan=INVOICE_SCAN, batch=500)

@@ -18,7 +18,7 @@ from nexgate_plugins.credits import statements
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.money import format_usd, usd_to_pico
 from nexgate_plugins.credits.statements import Account, build_statement, statement_json
-from nexgate_proxy.store import LedgerEntry, NewLedgerEntry
+from nexgate_proxy.store import LedgerDay, LedgerEntry, NewLedgerEntry
 from nexgate_proxy.testing import FakeUpstream, gateway_config
 from tests.plugins.admin.test_admin_api import ADMIN_TOKEN, Admin, admin_auth, org_with
 
@@ -294,6 +294,14 @@ async def test_a_statement_adds_up_and_its_html_is_escaped(admin: Admin) -> None
         assert resp.content_type == "application/json" and json.loads(await resp.text())["month"] == month
 
 
+def _by_day(entries: Any) -> list[LedgerDay]:
+    days: dict[str, list[Any]] = {}
+    for e in entries:
+        day = days.setdefault(e.created_at.date().isoformat(), [e.created_at, 0, 0])
+        day[0], day[1], day[2] = max(day[0], e.created_at), day[1] + e.amount_pico, day[2] + 1
+    return [LedgerDay(d, at, amount, n) for d, (at, amount, n) in sorted(days.items())]
+
+
 class FakeLedger:
     """A ledger in memory that books new entries while a statement is being read."""
 
@@ -301,14 +309,28 @@ class FakeLedger:
         self.entries = list(entries)
         self.booked_meanwhile: list[LedgerEntry] = []
 
-    async def list_ledger(self, account_id: str, *, since: datetime | None = None, until: datetime | None = None,
-                          limit: int = 100, offset: int = 0) -> list[LedgerEntry]:
+    def _scan(self, account_id: str, since: datetime | None, until: datetime | None) -> list[LedgerEntry]:
         if since is not None and self.booked_meanwhile:  # the statement's scan, not its snapshot
             self.entries.append(self.booked_meanwhile.pop(0))
-        rows = [e for e in self.entries if e.account_id == account_id and (since is None or e.created_at >= since)
+        return [e for e in self.entries if e.account_id == account_id and (since is None or e.created_at >= since)
                 and (until is None or e.created_at < until)]
+
+    async def list_ledger(self, account_id: str, *, since: datetime | None = None, until: datetime | None = None,
+                          without_request_debits: bool = False, limit: int = 100, offset: int = 0) -> list[LedgerEntry]:
+        rows = [e for e in self._scan(account_id, since, until)
+                if not (without_request_debits and e.source == "request")]
         rows.sort(key=lambda e: (e.created_at, e.id), reverse=True)
         return rows[offset:offset + limit]
+
+    async def ledger_days(self, account_id: str, *, since: datetime | None = None, until: datetime | None = None,
+                          up_to_id: int | None = None, without_request_debits: bool = False) -> list[LedgerDay]:
+        return _by_day(e for e in self._scan(account_id, since, until) if (up_to_id is None or e.id <= up_to_id)
+                       and not (without_request_debits and e.source == "request"))
+
+    async def ledger_snapshot(self, account_id: str, *, since: datetime) -> tuple[int, int, list[LedgerDay]]:
+        mine = sorted((e for e in self.entries if e.account_id == account_id), key=lambda e: (e.created_at, e.id))
+        return (sum(e.amount_pico for e in mine), mine[-1].id if mine else 0,
+                _by_day(e for e in mine if e.source == "request" and e.created_at.date() >= since.date()))
 
     async def get_balance(self, account_id: str) -> int:
         return sum(e.amount_pico for e in self.entries if e.account_id == account_id)

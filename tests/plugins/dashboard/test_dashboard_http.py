@@ -89,3 +89,57 @@ def test_config_mistakes_are_named(section: dict, problem: str) -> None:
     with pytest.raises(ConfigError) as caught:
         resolve_config(parse_config(raw, "test"))
     assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+async def test_overview_figures_match_the_store_totals(upstream: FakeUpstream, start_gateway) -> None:
+    gw = await start_gateway(gateway_config(upstream, auth=AUTH))
+    store = gw.app[STORE]
+    now = datetime.now(UTC)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    models = ("m-one", "m-two", None)
+    # Rows today, earlier this month, last month and before the 90 days shown, over three models.
+    rows = [_row(i, gw.user_id, now - timedelta(hours=i * 7)) for i in range(400)]
+    rows = [r._replace(model=models[i % 3], prompt_tokens=i, completion_tokens=2 * i, actual_cost_pico=1_000_003 * i)
+            for i, r in enumerate(rows)]
+    await store.record_usage(rows)
+    assert await store.record_usage(rows[:50]) == 0  # a replayed batch moves no figure
+    month = await store.usage_totals(account_id=gw.user_id, since=month_start, group_by="model")
+    async with aiohttp.ClientSession(headers=BEARER) as http:
+        async with http.get(gw.url + f"/dashboard/overview?account={gw.user_id}&days=90") as response:
+            assert response.status == 200
+            page = await response.text()
+    requests = int(re.search(r"<h2>Requests this month</h2><p class=\"big\">([\d,]+)</p>", page).group(1)
+                   .replace(",", ""))
+    assert requests == sum(t.requests for t in month) == sum(r.ts >= month_start for r in rows)
+    tokens = re.search(r"<p class=\"muted\">([\d,]+) tokens</p>", page).group(1).replace(",", "")
+    assert int(tokens) == sum(t.prompt_tokens + t.completion_tokens for t in month)
+    by_model = re.findall(r"<tr><td>([^<]+)</td><td class=\"num\">([\d,]+)</td><td class=\"num\">([\d,]+)</td>"
+                          r"<td class=\"num\">([\d,]+)</td>", page)
+    assert [(m, int(n.replace(",", "")), int(p.replace(",", "")), int(c.replace(",", "")))
+            for m, n, p, c in by_model] == [(t.group or "(none)", t.requests, t.prompt_tokens, t.completion_tokens)
+                                            for t in sorted(month, key=lambda t: t.group)]
+    # The 90 days' charts: the requests per day add up to the store's totals of those days.
+    shown = (now - timedelta(days=89)).replace(hour=0, minute=0, second=0, microsecond=0)
+    days = await store.usage_totals(account_id=gw.user_id, since=shown, group_by="day")
+    assert sum(t.requests for t in days) == sum(r.ts >= shown for r in rows) > requests
+
+
+async def test_usage_page_filters_by_status_in_the_store(upstream: FakeUpstream, start_gateway) -> None:
+    gw = await start_gateway(gateway_config(upstream, auth=AUTH))
+    store = gw.app[STORE]
+    now = datetime.now(UTC)
+    # 2,000 successes, then three 402s deep in the log: the page finds them all at once.
+    rows = [_row(i, gw.user_id, now - timedelta(minutes=i)) for i in range(2000)]
+    rows = [r._replace(status=402 if i in (1500, 1700, 1999) else 200) for i, r in enumerate(rows)]
+    await store.record_usage(rows)
+    async with aiohttp.ClientSession(headers=BEARER) as http:
+        async with http.get(gw.url + f"/dashboard/usage?account={gw.user_id}&status=402") as response:
+            assert response.status == 200
+            page = await response.text()
+        assert len(re.findall(r"<td>402</td>", page)) == 3 and "<td>200</td>" not in page
+        assert 'rel="next"' not in page
+        async with http.get(gw.url + f"/dashboard/usage?account={gw.user_id}&status=ok") as response:
+            page = await response.text()
+        assert len(re.findall(r"<td>200</td>", page)) == 50 and 'rel="next"' in page
+        async with http.get(gw.url + f"/dashboard/usage?account={gw.user_id}&status=302") as response:
+            assert response.status == 400
