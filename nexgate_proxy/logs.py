@@ -33,7 +33,6 @@ from .money import PICO_PER_USD
 from .records import UsageRecord
 
 request_log = logging.getLogger("nexgate.request")
-access_log = logging.getLogger("nexgate.access")
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -142,7 +141,7 @@ class SafeAccessLogger(AbstractAccessLogger):
     """aiohttp's access log without the personal parts: no IP, query string, Referer or User-Agent."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        access_log.info("%s %s %d %d bytes %.1f ms", request.method, request.path, response.status,
+        self.logger.info("%s %s %d %d bytes %.1f ms", request.method, request.path, response.status,
                         response.body_length, time * 1000,
                         extra={"method": request.method, "path": request.path, "status": response.status,
                                "bytes": response.body_length, "duration_ms": round(time * 1000, 3)})

@@ -44,6 +44,7 @@ from .appkeys import CONFIG
 from .config import ServerConfig
 from .errors import GatewayError
 from .iplog import ip_tag
+from .logs import SafeAccessLogger
 from .requestbody import BodyTimeout, body_error, unsupported_encoding
 
 log = logging.getLogger("nexgate.http")
@@ -318,15 +319,12 @@ class _GatewayServer(web.Server):
         return _GatewayHandler(self, loop=self._loop, **self._kwargs)
 
 
-ACCESS_LOG_FORMAT = '%t "%r" %s %b %Tf "%{Referer}i" "%{User-Agent}i"'
-"""aiohttp's default without ``%a``: no client IP in the access log (see ``nexgate_proxy.iplog``)."""
-
-
 class GatewayRunner(web.AppRunner):
     """Serves the app with the settings of its config's ``server`` section."""
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
-        kwargs.setdefault("access_log_format", ACCESS_LOG_FORMAT)
+        # Whoever serves the app (the CLI, the test kit): access lines without IP, query, Referer, UA.
+        kwargs.setdefault("access_log_class", SafeAccessLogger)
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:

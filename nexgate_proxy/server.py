@@ -26,7 +26,7 @@ from aiohttp import web
 from .app import build_app
 from .appkeys import CONFIG
 from .config import Config
-from .logs import LOGGING_SECTION, SafeAccessLogger, configure as configure_logging
+from .logs import LOGGING_SECTION, configure as configure_logging
 from .plugins import PluginError
 from .runner import GatewayRunner
 
@@ -50,8 +50,7 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
     runner = GatewayRunner(
         app,
         handle_signals=False,
-        access_log=logging.getLogger("nexgate.access") if config.server.access_log else None,
-        access_log_class=SafeAccessLogger,  # method, path, status, size, time: no IP, query, Referer, UA
+        access_log=logging.getLogger("nexgate.access") if config.server.access_log else None,  # see logs.SafeAccessLogger
         shutdown_timeout=config.server.grace_period,
     )
     try:
