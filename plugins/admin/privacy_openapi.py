@@ -155,8 +155,8 @@ OPENAPI_PATHS: dict[str, Any] = {
                                       "description": "json: one document; csv: a zip of one CSV per section."}],
             "description": "Profile, balance, personal keys (metadata only), memberships, usage records and ledger "
                            "entries of the user's personal account, oldest first. The CSV zip holds user.csv, "
-                           "balance.csv, api_keys.csv, memberships.csv, usage.csv, usage_daily.csv and ledger.csv with the JSON's "
-                           "columns.",
+                           "balance.csv, api_keys.csv, memberships.csv, usage.csv, usage_daily.csv and ledger.csv "
+                           "with the JSON's columns.",
             "responses": _responses({"description": "The export, as an attachment.", "content": {
                 "application/json": {"schema": _ref("UserExport")},
                 "application/zip": {"schema": {"type": "string", "contentMediaType": "application/zip"}},
