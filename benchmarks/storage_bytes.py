@@ -4,12 +4,17 @@
     .venv/bin/python benchmarks/storage_bytes.py                                   # SQLite, 20,000 requests
     .venv/bin/python benchmarks/storage_bytes.py --postgres postgresql://postgres@127.0.0.1:5432/test
     .venv/bin/python benchmarks/storage_bytes.py --rev d75fa6c                     # a commit's schema
+    .venv/bin/python benchmarks/storage_bytes.py --days 30 --rollup-after-days 7   # with the usage roll-up
 
 Writes ``--requests`` priced requests of realistic shape (personal keys, 10% organization keys, a
 client IP, a model and provider name) through ``store.record_usage`` in batches of 500, as the usage
 log does, and reports the bytes of the usage table and the ledger, each with its indexes, per request.
 SQLite: ``dbstat`` (pages in use); PostgreSQL: ``pg_total_relation_size`` after ``VACUUM``, in a
-schema of its own that is dropped afterwards.
+schema of its own that is dropped afterwards. ``--days D`` spreads the requests evenly over the last
+D days (default: all within minutes); ``--rollup-after-days N`` then deletes the rows older than N
+days as ``usage.rollup_after_days`` does. The daily totals (usage_daily, request_debits_daily) are
+reported as ``daily``. After a roll-up PostgreSQL is measured after ``VACUUM FULL`` (live size: a
+plain VACUUM keeps the freed pages in the files, for the next rows), SQLite counts pages in use.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import use_source  # noqa: E402
 
-TABLES = {"usage": "usage_records", "ledger": "ledger_entries"}
+TABLES = {"usage": ("usage_records",), "ledger": ("ledger_entries",), "daily": ("usage_daily", "request_debits_daily")}
 
 
-def rows(count: int, start: datetime) -> list:
+def rows(count: int, start: datetime, step: timedelta = timedelta(milliseconds=10)) -> list:
     from nexgate_proxy.records import UsageRecord
     from nexgate_proxy.store._common import new_id
 
@@ -42,7 +47,7 @@ def rows(count: int, start: datetime) -> list:
         account = org or users[i % 50]
         key_id, prefix = keys[account]
         out.append(UsageRecord(
-            request_id="req_" + secrets.token_hex(13), ts=start + timedelta(milliseconds=i * 10),
+            request_id="req_" + secrets.token_hex(13), ts=start + i * step,
             endpoint="chat.completions", model="gpt-4o-mini", provider="openai", upstream_model="gpt-4o-mini",
             account_id=account, org_id=org, key_id=key_id, key_prefix=prefix, prompt_tokens=412,
             completion_tokens=128, cached_tokens=0, usage_estimated=False, estimated_cost_pico=2_000_000_000,
@@ -51,15 +56,24 @@ def rows(count: int, start: datetime) -> list:
     return out
 
 
-async def measure(url: str, count: int, sqlite_path: str | None) -> dict[str, float]:
+async def measure(url: str, count: int, sqlite_path: str | None, days: int = 0,
+                  rollup_after_days: int = 0) -> dict[str, float]:
     from nexgate_proxy.store import open_store
 
     store = await open_store(url)
     try:
         await store.migrate()
-        batch = rows(count, datetime(2026, 1, 1, tzinfo=timezone.utc))
+        if days:
+            now = datetime.now(timezone.utc)
+            batch = rows(count, now - timedelta(days=days), timedelta(days=days) / count)
+        else:
+            batch = rows(count, datetime(2026, 1, 1, tzinfo=timezone.utc))
         for i in range(0, count, 500):
             await store.record_usage(batch[i:i + 500])
+        if rollup_after_days:
+            before = datetime.now(timezone.utc).date() - timedelta(days=rollup_after_days)
+            while await store.delete_rolled_up_usage(before, 5000) == 5000:
+                pass
     finally:
         await store.close()
     if sqlite_path is not None:
@@ -67,8 +81,8 @@ async def measure(url: str, count: int, sqlite_path: str | None) -> dict[str, fl
 
         with sqlite3.connect(sqlite_path) as conn:
             sizes = {}
-            for label, table in TABLES.items():
-                names = [table] + [r[0] for r in conn.execute(
+            for label, tables in TABLES.items():
+                names = list(tables) + [r[0] for table in tables for r in conn.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,))]
                 marks = ",".join("?" * len(names))
                 sizes[label] = conn.execute(f"SELECT SUM(pgsize - unused) FROM dbstat WHERE name IN ({marks})",
@@ -79,9 +93,12 @@ async def measure(url: str, count: int, sqlite_path: str | None) -> dict[str, fl
     conn = await asyncpg.connect(url)
     try:
         sizes = {}
-        for label, table in TABLES.items():
-            await conn.execute(f"VACUUM {table}")
-            sizes[label] = await conn.fetchval(f"SELECT pg_total_relation_size('{table}')") / count
+        for label, tables in TABLES.items():
+            sizes[label] = 0
+            for table in tables:
+                # after a roll-up, FULL: the live size (a plain VACUUM keeps the freed pages for reuse)
+                await conn.execute(f"VACUUM {'FULL ' if rollup_after_days else ''}{table}")
+                sizes[label] += await conn.fetchval(f"SELECT pg_total_relation_size('{table}')") / count
         return sizes
     finally:
         await conn.close()
@@ -91,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--postgres", help="a PostgreSQL URL (a schema is created in it, then dropped)")
+    parser.add_argument("--days", type=int, default=0, help="spread the requests over the last DAYS days")
+    parser.add_argument("--rollup-after-days", type=int, default=0, help="then roll up rows older than this")
     parser.add_argument("--rev", help="measure this git revision's schema instead of the work tree's")
     args = parser.parse_args()
     print(use_source(args.rev))
@@ -104,7 +123,8 @@ def main() -> None:
             await admin.execute(f"CREATE SCHEMA {schema}")
             try:
                 sep = "&" if "?" in args.postgres else "?"
-                return await measure(f"{args.postgres}{sep}search_path={schema}", args.requests, None)
+                return await measure(f"{args.postgres}{sep}search_path={schema}", args.requests, None,
+                                     args.days, args.rollup_after_days)
             finally:
                 await admin.execute(f"DROP SCHEMA {schema} CASCADE")
                 await admin.close()
@@ -113,7 +133,8 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             path = f"{tmp}/bytes.db"
-            sizes = asyncio.run(measure(f"sqlite:///{path}", args.requests, path))
+            sizes = asyncio.run(measure(f"sqlite:///{path}", args.requests, path, args.days,
+                                       args.rollup_after_days))
     total = sum(sizes.values())
     print(" ".join(f"{k}={v:.0f} B" for k, v in sizes.items()) + f" total={total:.0f} B per request")
 

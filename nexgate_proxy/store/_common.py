@@ -248,6 +248,15 @@ def whole_days(since: datetime | None, until: datetime | None
     return (first, last), edges
 
 
+def rollup_cutoff(before: date, limit: int) -> datetime:
+    """delete_rolled_up_usage's arguments checked: the midnight (UTC) rows older than are deleted."""
+    if type(before) is not date:
+        raise TypeError("before must be a date")
+    if type(limit) is not int or limit < 1:
+        raise ValueError("limit must be a positive integer")
+    return _midnight(before)
+
+
 def _midnight(day: date) -> datetime:
     return datetime.combine(day, time(), UTC)
 

@@ -481,6 +481,15 @@ class Store(abc.ABC):
         The data-retention job: no other column is touched.
         """
 
+    @abc.abstractmethod
+    async def delete_rolled_up_usage(self, before: date, limit: int) -> int:
+        """Delete at most ``limit`` usage records of UTC days before ``before`` whose day is in
+        usage_daily (record_usage keeps it in the same transaction, so it always is); return how many.
+
+        The usage roll-up job (usage.rollup_after_days): usage_daily, request_debits_daily and the
+        ledger are not touched. Idempotent: concurrent runs delete each row once.
+        """
+
     # money
 
     @abc.abstractmethod

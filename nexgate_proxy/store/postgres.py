@@ -226,6 +226,16 @@ WITH input AS (
 SELECT COUNT(*) FROM new_usage
 """
 
+_DELETE_ROLLED_UP = (
+    "DELETE FROM usage_records WHERE request_id IN (SELECT r.request_id FROM usage_records r WHERE r.ts < $1"
+    " AND EXISTS (SELECT 1 FROM usage_daily d WHERE d.account_id = COALESCE(r.account_id, '')"
+    " AND d.day = (r.ts AT TIME ZONE 'UTC')::date AND d.model = COALESCE(r.model, '')"
+    " AND d.key_id = COALESCE(r.key_id, '') AND d.status = r.status AND d.org_id = COALESCE(r.org_id, '')"
+    " AND d.requests > 0) LIMIT $2 FOR UPDATE SKIP LOCKED)"
+)
+"""The roll-up job's batch: old rows whose day's totals are in usage_daily; SKIP LOCKED lets two
+gateways' runs share the work instead of waiting on each other (each row is deleted once)."""
+
 _APPLY_ENTRIES = f"""
 WITH new_entries AS (
     INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})
@@ -546,6 +556,12 @@ class PostgresStore(SqlStore):
         cutoff = common.aware_utc(before, "before")
         with _translated():
             status = await self._pool.execute(q.CLEAR_CLIENT_IPS.postgres, cutoff)
+        return _updated_count(status)
+
+    async def delete_rolled_up_usage(self, before: date, limit: int) -> int:
+        cutoff = common.rollup_cutoff(before, limit)
+        with _translated():
+            status = await self._pool.execute(_DELETE_ROLLED_UP, cutoff, limit)
         return _updated_count(status)
 
     # --- money -------------------------------------------------------------

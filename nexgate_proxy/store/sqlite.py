@@ -97,6 +97,15 @@ def _opt_json(value: Any) -> str | None:
 _decode = RowDecoder(timestamp=_parse_ts, json_value=json.loads)
 
 
+_DELETE_ROLLED_UP = (
+    "DELETE FROM usage_records WHERE request_id IN (SELECT r.request_id FROM usage_records r WHERE r.ts < ?"
+    " AND EXISTS (SELECT 1 FROM usage_daily d WHERE d.account_id = COALESCE(r.account_id, '')"
+    " AND d.day = substr(r.ts, 1, 10) AND d.model = COALESCE(r.model, '') AND d.key_id = COALESCE(r.key_id, '')"
+    " AND d.status = r.status AND d.org_id = COALESCE(r.org_id, '') AND d.requests > 0) LIMIT ?)"
+)
+"""The roll-up job's batch: old rows whose day's totals are in usage_daily (usage_records_ts_idx)."""
+
+
 def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
     # The record's fields are the columns, in order; only ts needs its stored text form.
     return (row[0], _ts(row[1]), *row[2:])
@@ -746,6 +755,15 @@ class SQLiteStore(SqlStore):
         def work(conn: sqlite3.Connection) -> int:
             with _write_transaction(conn):
                 return conn.execute(q.CLEAR_CLIENT_IPS.sqlite, (cutoff,)).rowcount
+
+        return await self._run(work)
+
+    async def delete_rolled_up_usage(self, before: date, limit: int) -> int:
+        cutoff = _ts(common.rollup_cutoff(before, limit))
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _write_transaction(conn):
+                return conn.execute(_DELETE_ROLLED_UP, (cutoff, limit)).rowcount
 
         return await self._run(work)
 

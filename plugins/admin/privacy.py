@@ -17,10 +17,12 @@
 * ``GET /admin/v1/users/{user_id}/export?format=json|csv``
   (``nexgate users export ID --format json|csv --output FILE``): the user's
   profile, balance, personal keys (metadata only), memberships, every usage
-  record of their personal account and every ledger entry, oldest first.
+  record of their personal account and every ledger entry, oldest first; for the days whose
+  request rows were rolled up (``usage.rollup_after_days``), ``usage_daily``: their daily
+  totals per model, each marked ``"object": "usage.daily_rollup"``.
   ``json``: one document (:func:`build_export`). ``csv``: a zip with one CSV
   per section (``user.csv``, ``balance.csv``, ``api_keys.csv``,
-  ``memberships.csv``, ``usage.csv``, ``ledger.csv``), UTF-8, a header row
+  ``memberships.csv``, ``usage.csv``, ``usage_daily.csv``, ``ledger.csv``), UTF-8, a header row
   each, the JSON's columns in the same order; empty cell = null, booleans
   ``true``/``false``, lists and objects as JSON, amounts in integer pico-USD;
   free-text cells starting with ``= + - @`` get a leading ``'`` so spreadsheets
@@ -54,7 +56,7 @@ import json
 import logging
 import zipfile
 from dataclasses import fields
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -150,9 +152,11 @@ KEY_COLUMNS = ("id", "name", "prefix", "user_id", "org_id", "created_by", "creat
 MEMBERSHIP_COLUMNS = ("org_id", "org_name", "role", "created_at")
 USAGE_COLUMNS = UsageRecord._fields
 LEDGER_COLUMNS = tuple(f.name for f in fields(LedgerEntry))
+USAGE_DAILY_COLUMNS = ("object", "day", "model", "requests", "prompt_tokens", "completion_tokens", "cost_pico")
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("user", USER_COLUMNS), ("balance", BALANCE_COLUMNS), ("api_keys", KEY_COLUMNS),
-    ("memberships", MEMBERSHIP_COLUMNS), ("usage", USAGE_COLUMNS), ("ledger", LEDGER_COLUMNS),
+    ("memberships", MEMBERSHIP_COLUMNS), ("usage", USAGE_COLUMNS), ("usage_daily", USAGE_DAILY_COLUMNS),
+    ("ledger", LEDGER_COLUMNS),
 )
 """(section, columns): the JSON document's sections and each CSV file's header, in order."""
 TEXT_COLUMNS = frozenset({"external_id", "email", "name", "org_name", "description"})
@@ -184,6 +188,21 @@ async def _all_usage(store: Store, account_id: str, until: datetime) -> list[Usa
     return sorted(rows.values(), key=lambda r: (r.ts, r.request_id))
 
 
+async def _rolled_up_days(store: Store, account_id: str, usage: list[UsageRecord], until: datetime
+                          ) -> list[dict[str, Any]]:
+    """Daily totals (per UTC day and model) of the days whose request rows usage.rollup_after_days
+    deleted, wholly or partly: those the rows no longer add up to. Marked ``usage.daily_rollup``."""
+    counted: dict[tuple[str, str], int] = {}
+    for row in usage:
+        cell = (row.ts.astimezone(UTC).date().isoformat(), row.model or "")
+        counted[cell] = counted.get(cell, 0) + 1
+    days = await store.usage_by_day_and_model(account_id=account_id, since=date(1970, 1, 1), until=until.date())
+    return [{"object": "usage.daily_rollup", "day": day, "model": total.group or None, "requests": total.requests,
+             "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
+             "cost_pico": total.cost_pico}
+            for day, total in days if counted.get((day, total.group), 0) < total.requests]
+
+
 async def _all_ledger(store: Store, account_id: str, until: datetime) -> list[LedgerEntry]:
     entries: dict[int, LedgerEntry] = {}
     offset = 0
@@ -213,6 +232,7 @@ async def build_export(store: Store, user_id: str, now: datetime | None = None) 
         memberships.append({"org_id": org.id, "org_name": org.name, "role": role, "created_at": iso(joined)})
     balance = await store.get_balance(user_id)
     usage = await _all_usage(store, user_id, moment)
+    rolled_up = await _rolled_up_days(store, user_id, usage, moment)
     ledger = await _all_ledger(store, user_id, moment)
     profile = user_json(user)
     return {
@@ -224,6 +244,7 @@ async def build_export(store: Store, user_id: str, now: datetime | None = None) 
         "api_keys": [key_json(k) for k in keys],
         "memberships": memberships,
         "usage": [usage_json(r) for r in usage],
+        "usage_daily": rolled_up,
         "ledger": [ledger_json(e) for e in ledger],
     }
 

@@ -76,6 +76,11 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
         "amount_pico": _PICO, "source": {"type": "string"}, "external_id": {"type": "string"},
         "request_id": _NULLABLE_STRING, "description": _NULLABLE_STRING, "created_at": _TIMESTAMP,
     }),
+    "ExportUsageDay": _object({
+        "object": {"const": "usage.daily_rollup"}, "day": {"type": "string", "format": "date"},
+        "model": _NULLABLE_STRING, "requests": {"type": "integer"}, "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"}, "cost_pico": _PICO,
+    }, "A UTC day's totals per model whose request rows usage.rollup_after_days deleted."),
     "UserExport": _object({
         "object": {"const": "user.export"},
         "version": {"const": EXPORT_VERSION},
@@ -86,6 +91,8 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
         "api_keys": {"type": "array", "items": _ref("ApiKey"), "description": "Personal keys, revoked ones too."},
         "memberships": {"type": "array", "items": _ref("ExportMembership")},
         "usage": {"type": "array", "items": _ref("ExportUsageRecord"), "description": "Oldest first."},
+        "usage_daily": {"type": "array", "items": _ref("ExportUsageDay"),
+                        "description": "Rolled-up days (no request rows any more), oldest first."},
         "ledger": {"type": "array", "items": _ref("ExportLedgerEntry"), "description": "Oldest first."},
     }, "Everything stored about a user's personal account."),
 }
@@ -148,8 +155,8 @@ OPENAPI_PATHS: dict[str, Any] = {
                                       "description": "json: one document; csv: a zip of one CSV per section."}],
             "description": "Profile, balance, personal keys (metadata only), memberships, usage records and ledger "
                            "entries of the user's personal account, oldest first. The CSV zip holds user.csv, "
-                           "balance.csv, api_keys.csv, memberships.csv, usage.csv and ledger.csv with the JSON's "
-                           "columns.",
+                           "balance.csv, api_keys.csv, memberships.csv, usage.csv, usage_daily.csv and ledger.csv "
+                           "with the JSON's columns.",
             "responses": _responses({"description": "The export, as an attachment.", "content": {
                 "application/json": {"schema": _ref("UserExport")},
                 "application/zip": {"schema": {"type": "string", "contentMediaType": "application/zip"}},

@@ -2,12 +2,15 @@
 
 Rows go to a local outbox (``nexgate_proxy.outbox``) synchronously and on to
 the store in batches, where each row also books its request's debit, once.
+Optionally, rows older than ``usage.rollup_after_days`` are rolled up into the
+daily totals the store keeps (``rollup.py``).
 Failed authentications are not logged here (they have no account, and a flood
 of them must not become a flood of rows); the rate limiter counts them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +21,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nexgate_proxy import UsageRecord, hookimpl
 from nexgate_proxy.appkeys import STORE
+from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from .outbox import Outbox
+from .rollup import MAX_ROLLUP_DAYS, RollupState, rollup_loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,8 @@ class UsageSettings:
     outbox_dir: str = "./nexgate-outbox"
     flush_interval: float = 1.0
     batch_size: int = 500
+    rollup_after_days: int = 0
+    """Request rows older than this many days are rolled up into the daily totals; 0: kept (default)."""
 
 
 def parse_usage_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> UsageSettings:
@@ -41,13 +48,18 @@ def parse_usage_settings(r: ConfigReader, s: dict[str, Any], config: Config) -> 
                                lambda v: None if 0 < v <= 60 else "must be between 0 and 60 seconds"),
         batch_size=r.value(s, "batch_size", "usage", int, d.batch_size,
                            lambda v: None if 1 <= v <= 10_000 else "must be between 1 and 10000"),
+        rollup_after_days=r.value(s, "rollup_after_days", "usage", int, d.rollup_after_days,
+                                  lambda v: None if 0 <= v <= MAX_ROLLUP_DAYS
+                                  else f"must be between 0 (off) and {MAX_ROLLUP_DAYS} days"),
     )
 
 
-USAGE_SECTION = ConfigSection("usage", parse_usage_settings, ("outbox_dir", "flush_interval", "batch_size"),
+USAGE_SECTION = ConfigSection("usage", parse_usage_settings, ("outbox_dir", "flush_interval", "batch_size",
+                                                                   "rollup_after_days"),
                               "The usage log's local outbox and how it flushes into the store.")
 SETTINGS: web.AppKey[UsageSettings] = web.AppKey("nexgate_plugins.usage_log.settings", UsageSettings)
 OUTBOX: web.AppKey[Outbox] = web.AppKey("nexgate_plugins.usage_log.outbox", Outbox)
+ROLLUP: web.AppKey[RollupState] = web.AppKey("nexgate_plugins.usage_log.rollup", RollupState)
 
 
 @hookimpl
@@ -67,7 +79,12 @@ async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
                     flush_interval=settings.flush_interval)
     await outbox.start()
     app[OUTBOX] = outbox
+    task = None
+    if settings.rollup_after_days:
+        app[ROLLUP] = state = RollupState(settings.rollup_after_days)
+        task = asyncio.create_task(rollup_loop(app[STORE], state), name="nexgate-usage-rollup")
     yield
+    await stop_tasks(task)
     await outbox.stop()
 
 
@@ -84,6 +101,12 @@ def nexgate_metrics(app: web.Application) -> Iterator[Any]:
     yield CounterMetricFamily("nexgate_usage_outbox_flushed", "Usage rows flushed to the store.", value=outbox.flushed)
     yield CounterMetricFamily("nexgate_usage_outbox_flush_failures", "Flushes the store refused or did not answer.",
                               value=outbox.failures)
+    rollup = app.get(ROLLUP)
+    if rollup is not None:
+        yield CounterMetricFamily("nexgate_usage_rollup_rows_deleted", "Request rows the usage roll-up deleted "
+                                  "(their daily totals stay; this process).", value=rollup.rows_deleted)
+        yield CounterMetricFamily("nexgate_usage_rollup_failures", "Failed usage roll-up runs (this process).",
+                                  value=rollup.failures)
 
 
 @hookimpl

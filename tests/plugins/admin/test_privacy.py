@@ -243,7 +243,8 @@ async def test_the_export_matches_the_users_activity_exactly(privacy: AdminClien
     assert reply.headers["Cache-Control"] == "no-store"
     document = reply.body
     assert list(document) == ["object", "version", "exported_at", "user", "balance", "api_keys", "memberships",
-                              "usage", "ledger"]
+                              "usage", "usage_daily", "ledger"]
+    assert document["usage_daily"] == []  # no day rolled up (usage.rollup_after_days is off)
     assert (document["object"], document["version"]) == ("user.export", 1)
     assert document["user"] == (await a.call("GET", f"/users/{erin}", erin_token)).body
     assert document["user"]["email"] == "erin@example.com"
@@ -288,7 +289,8 @@ async def test_the_export_matches_the_users_activity_exactly(privacy: AdminClien
     assert zipped.status == 200 and zipped.headers["Content-Type"] == "application/zip"
     assert zipped.headers["Content-Disposition"] == f'attachment; filename="nexgate-export-{erin}.zip"'
     files = read_zip(zipped.raw)
-    assert list(files) == ["user.csv", "balance.csv", "api_keys.csv", "memberships.csv", "usage.csv", "ledger.csv"]
+    assert list(files) == ["user.csv", "balance.csv", "api_keys.csv", "memberships.csv", "usage.csv", "usage_daily.csv",
+                           "ledger.csv"]
     for section, columns in privacy_api.SECTIONS:
         header, *rows = files[f"{section}.csv"]
         assert header == list(columns)
@@ -319,9 +321,10 @@ async def test_csv_cells_that_spreadsheets_would_run_are_escaped() -> None:
         "balance": {"account_id": "usr_a", "balance_pico": -5, "balance_usd": "-0.000000000005"},
         "api_keys": [], "memberships": [{"org_id": "org_a", "org_name": "+1 Corp", "role": "member",
                                          "created_at": None}],
-        "usage": [], "ledger": [{"id": 1, "account_id": "usr_a", "kind": "adjustment", "amount_pico": -5,
-                                 "source": "admin", "external_id": "x", "request_id": None,
-                                 "description": "-refund", "created_at": now.isoformat()}],
+        "usage": [], "usage_daily": [],
+        "ledger": [{"id": 1, "account_id": "usr_a", "kind": "adjustment", "amount_pico": -5,
+                    "source": "admin", "external_id": "x", "request_id": None,
+                    "description": "-refund", "created_at": now.isoformat()}],
     }
     files = read_zip(privacy_api.export_csv_zip(document))
     assert files["user.csv"][1][2:4] == ["'@evil.example", "'=HYPERLINK(\"http://x\")"]
