@@ -21,7 +21,7 @@ from .keys import extract_key, parse_key
 from .plugins import HookChain, build_plugin_manager, configure
 from .providers.base import Provider
 from .proxy import Proxy, new_request_id
-from .runner import apply_server_header
+from .runner import ServerHeaderHook
 from .services import readiness, services_context
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -65,7 +65,7 @@ def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Appli
             "keepalive_timeout": config.server.keepalive_timeout,
         },
     )
-    app.on_response_prepare.append(_server_header(config.server.server_header))
+    app.on_response_prepare.append(ServerHeaderHook(config.server.server_header))
     app[CONFIG] = config
     app[CHAIN] = chain
     app[PROVIDERS] = providers
@@ -92,13 +92,6 @@ def build_app(config: Config, extra_plugins: Sequence[object] = ()) -> web.Appli
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_plugin_lifecycle)
     return app
-
-
-def _server_header(value: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
-        apply_server_header(response.headers, value)
-
-    return set_server_header
 
 
 def _endpoint_handler(proxy: Proxy, endpoint: Endpoint) -> Handler:

@@ -15,8 +15,8 @@ again (backed off). Any answer but a 5xx or 429 counts as a success (a 4xx is
 the request's fault: the provider is up) and resets the count of consecutive
 failures.
 
-Hot path: ``available`` is one dict lookup and one comparison (``_until`` holds
-only open breakers), ``succeeded`` one dict lookup while nothing failed; no lock
+Hot path: while no breaker is open (``cooling`` empty) the proxy asks nothing per
+target; else ``available`` is one dict lookup and one comparison, ``succeeded`` one dict lookup while nothing failed; no lock
 (one event loop per process), no I/O. Shared across instances (``state.url`` on
 Redis): openings and closings go out on the invalidation bus (``announce``) and
 come in through ``learned`` into the same in-memory tables, so the hot path
@@ -58,6 +58,9 @@ class CooldownSettings:
 class TargetHealth(Protocol):
     """What the proxy asks of a breaker store; every method runs on the hot path, in memory."""
 
+    cooling: Mapping[TargetKey, float]
+    """The open (or probing) breakers; while it is empty every target is available (no clock read, no call)."""
+
     def available(self, key: TargetKey, now: float) -> bool: ...
     def reopens_at(self, key: TargetKey) -> float: ...
     def is_open(self, key: TargetKey, now: float) -> bool: ...
@@ -97,6 +100,7 @@ class Cooldowns:
     def __init__(self) -> None:
         self._until: dict[TargetKey, float] = {}
         """Open (or probing) breakers: until when the target is skipped."""
+        self.cooling: Mapping[TargetKey, float] = self._until
         self._breakers: dict[TargetKey, _Breaker] = {}
         """Targets with a failure since their last success, or in an unfinished ratio window."""
         self.announce: Announce | None = None

@@ -255,13 +255,12 @@ class Proxy:
                 if ctx.attempts >= retry.max_attempts:
                     break
                 key = (target.provider, target.model)
-                now = loop.time()
-                if not health.available(key, now):
+                if health.cooling and not health.available(key, loop.time()):  # a breaker is open somewhere
                     until = health.reopens_at(key)
                     cooling_until = until if cooling_until is None else min(cooling_until, until)
                     continue
                 if target.rpm is not None or target.tpm is not None:
-                    free_at = stats.capped_until(target, key, now)
+                    free_at = stats.capped_until(target, key, loop.time())
                     if free_at is not None:
                         capped_until = free_at if capped_until is None else min(capped_until, free_at)
                         continue

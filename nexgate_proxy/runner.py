@@ -26,11 +26,14 @@ on ``RequestHandler``: ``connection_made``, ``connection_lost``,
 ``force_close``, ``_messages`` (the parsed-request queue), ``_waiter`` (set while
 waiting for a request), ``_manager``, ``_loop``, ``transport``;
 ``StreamReader.is_eof/exception/set_exception``; ``Response._prepare_headers``
-(where aiohttp sets its own ``Server`` header).
+(where aiohttp sets its own ``Server`` header); ``Application._make_request``'s ``_cls``,
+``web.Server.request_factory`` and ``Request._prepare_hook`` (the ``Server`` header of the
+app's answers, set per request instead of by an ``on_response_prepare`` coroutine).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -56,6 +59,35 @@ def apply_server_header(headers: Any, value: str) -> None:
         headers["Server"] = value
     else:
         headers.popall("Server", None)
+
+
+class ServerHeaderHook:
+    """The app's ``Server`` header as an ``on_response_prepare`` hook: for runners other than ours.
+
+    ``GatewayRunner`` takes it out of the signal and sets the header in ``_GatewayRequest``
+    instead: no signal send and no hook coroutine per response (an empty signal is skipped).
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    async def __call__(self, request: web.Request, response: web.StreamResponse) -> None:
+        apply_server_header(response.headers, self.value)
+
+
+class _GatewayRequest(web.Request):
+    """A request whose answer gets the ``Server`` header (its handler's ``_GatewayHandler`` policy's)."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        apply_server_header(response._headers, self._protocol._policy.server_header)  # type: ignore[union-attr]
+        match_info = self._match_info  # aiohttp's own hook from here: the app's remaining signals
+        if match_info is None:
+            return
+        for app in match_info._apps:
+            if on_response_prepare := app.on_response_prepare:
+                await on_response_prepare.send(self, response)
 
 
 def _canned(status: int, reason: str, error: GatewayError, server_header: str) -> bytes:
@@ -328,8 +360,15 @@ class GatewayRunner(web.AppRunner):
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
+        prepare = self.app.on_response_prepare  # still mutable: super() freezes the app
+        hooks = [hook for hook in prepare if isinstance(hook, ServerHeaderHook)]
+        for hook in hooks:
+            prepare.remove(hook)
         server = await super()._make_server()
         server.__class__ = _GatewayServer
         config = self.app.get(CONFIG)
         server.policy = ConnectionPolicy(config.server if config is not None else ServerConfig())  # type: ignore[attr-defined]
+        if hooks:
+            server.policy.server_header = hooks[-1].value  # type: ignore[attr-defined]
+            server.request_factory = functools.partial(self.app._make_request, _cls=_GatewayRequest)
         return server

@@ -490,5 +490,10 @@ def test_the_aiohttp_internals_the_runner_relies_on_are_still_there() -> None:
         assert callable(getattr(StreamReader, name)), name
     assert inspect.iscoroutinefunction(Response._prepare_headers)
     assert "headers.setdefault(hdrs.SERVER" in inspect.getsource(web.StreamResponse._prepare_headers)
+    # The Server header per request (GatewayRunner's request class): the factory, its class and the hook.
+    assert "_cls" in inspect.signature(web.Application._make_request).parameters
+    assert "self.request_factory" in server_init
+    source = inspect.getsource(web.Request._prepare_hook)
+    assert "match_info._apps" in source and "on_response_prepare.send(self, response)" in source
     # How a spoiled body reaches the handler (RequestPayloadError caused by ContentEncodingError) is
     # checked by test_a_body_that_does_not_match_its_encoding_is_400.
