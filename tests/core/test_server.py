@@ -293,8 +293,12 @@ def children_of(pid: int) -> set[int]:
 
 
 def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
+    inodes: set[str] = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # the process ended (a replaced worker, a short-lived child) while we looked
+        return inodes
+    for fd in fds:
         try:
             target = os.readlink(fd)
         except OSError:
