@@ -68,7 +68,7 @@ from nexgate_proxy.appkeys import ABUSE, CONFIG, FEED, STORE
 from nexgate_plugins.auth.clerk import MAX_TOKEN_BYTES, ClerkIdentity, JWTError
 from nexgate_plugins.credits import CREDITS
 from nexgate_plugins.credits.grants import GrantError, check_reason, check_ref, grant, parse_usd
-from nexgate_plugins.payments_unapplied import PAYMENT_STATS, UnappliedError, apply_unapplied, unapplied_json
+from nexgate_plugins.payments.unapplied import PAYMENT_STATS, UnappliedError, apply_unapplied, unapplied_json
 from nexgate_plugins.credits.statements import (
     Account,
     FutureMonth,

@@ -26,7 +26,6 @@ from .session import Session
 from .views import csrf_field, day, page, table, url, usd
 
 SEARCH_LIMIT = 5000
-MAX_REASON_LENGTH = 500
 
 
 def _operator(session: Session) -> None:

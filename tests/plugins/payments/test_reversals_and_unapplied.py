@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 import nexgate_plugins.payments as payments
-import nexgate_plugins.payments_unapplied as payments_unapplied
+import nexgate_plugins.payments.unapplied as payments_unapplied
 from nexgate_plugins.credits.statements import shown_description, transaction_json
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.money import format_minor_units

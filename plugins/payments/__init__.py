@@ -83,7 +83,7 @@ from nexgate_proxy.store import (
     UnappliedPayment,
 )
 
-from .payments_unapplied import PAYMENT_STATS, SOURCE, PaymentStats, register_cli, why_not_credited
+from .unapplied import PAYMENT_STATS, SOURCE, PaymentStats, register_cli, why_not_credited
 
 log = logging.getLogger("nexgate.payments")
 
