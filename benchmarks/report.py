@@ -226,6 +226,8 @@ def describe(name: str, data: dict[str, Any]) -> str:
                  f"{st.get('duration_s'):g} s")
         if meta.get("litellm"):
             extra += f", LiteLLM {meta['litellm']}"
+        if meta.get("foreign_cpu_util_max", 0) > 0.10:  # run.py's FOREIGN_WARN: the rps figures are disturbed
+            extra += f", **disturbed**: other processes used up to {meta['foreign_cpu_util_max']:.0%} of a core"
     elif name == "stream_burst":
         extra = f", {data.get('rounds')} round(s)"
     elif name.startswith("auth_"):
