@@ -38,7 +38,7 @@ SOURCES = {
     "run_sqlite": "run.py --litellm PATH --json results/run_sqlite.json",
     "run_scaleout": "NEXGATE_BENCH_STORAGE_URL=postgresql://... NEXGATE_BENCH_STATE_URL=redis://... "
                     "run.py --workers 2 --json results/run_scaleout.json",
-    "stream_burst": "stream_burst.py --streams 10000 --rate 500 --gap 4",
+    "stream_burst": "stream_burst.py --streams 9900 --rate 500 --gap 4 (10000 where the open-file limit allows)",
     "auth_restart": "auth_keys.py restart --keys 10000",
     "auth_eviction": "auth_keys.py eviction --keys 100 --cache-size 50",
     "storage_sqlite": "storage_bytes.py --requests 10000",
