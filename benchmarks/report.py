@@ -8,7 +8,8 @@
 
 Each figure is the median over a run's rounds (run.py, stream_burst.py) or runs (auth_keys.py),
 with the spread (min-max) in brackets; storage bytes and instruction counts do not move between
-runs and have one figure. A file that is missing leaves its cells "pending". Which command writes
+runs and have one figure. A file that is missing leaves its cells "pending"; with ``--save``, a
+reference file that was not measured again stays as it was (its date and commit are in the footer). Which command writes
 which file: ``SOURCES`` (and benchmarks/README.md, "The performance table").
 tests/core/test_performance_table.py checks that the README holds the table this prints from
 ``benchmarks/reference/``.
@@ -176,9 +177,11 @@ def burst_row(results: dict[str, dict[str, Any]], pick: Callable[[dict[str, Any]
     burst = results.get("stream_burst")
     if burst is None:
         return [PENDING, NA, PENDING, NA]
-    runs = burst["runs"]
-    return [spread([pick(r) for r in runs["NexGate"]], digits), NA,
-            spread([pick(r) for r in runs["bare proxy"]], digits), NA]
+    def cell(runs: list[dict[str, Any]]) -> str:
+        values = [pick(r) for r in runs]
+        return spread(values, digits) if any(v is not None for v in values) else PENDING  # an older file
+
+    return [cell(burst["runs"]["NexGate"]), NA, cell(burst["runs"]["bare proxy"]), NA]
 
 
 def other_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
@@ -189,6 +192,7 @@ def other_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]
     rows.append((f"{scale}: first chunk p50 (ms)", burst_row(results, lambda r: r["first_chunk_ms"]["p50"], 1)))
     rows.append(("memory per open stream (KB of RSS)", burst_row(results, lambda r: r["kb_per_open_stream"], 1)))
     rows.append(("RSS after every stream closed (MB)", burst_row(results, lambda r: r["rss_after_mb"], 0)))
+    rows.append(("server CPU ms per stream in the burst", burst_row(results, lambda r: r.get("cpu_ms_per_stream"), 2)))
     restart = results.get("auth_restart")
     if restart:
         label = f"restart with {restart['keys']:,} keys: CPU s until every key is served again"

@@ -33,7 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    HERE, Server, check_chat, cores_available, free_port, nexgate_command, raise_open_files, request_body, use_source)
+    HERE, Server, check_chat, cores_available, free_port, nexgate_command, raise_open_files, request_body,
+    tree_cpu_seconds, use_source)
 from results_file import RESULTS, save  # noqa: E402
 
 
@@ -123,7 +124,7 @@ async def burst(port: int, headers: dict[str, str], streams: int, rate: float, p
             if state.finished == state.total:
                 state.done.set_result(None)
 
-    before = rss_kb(pid)
+    before, cpu_before = rss_kb(pid), tree_cpu_seconds(pid)
     tasks = []
     start = time.perf_counter()
     peak, peak_open = before, 0
@@ -141,13 +142,15 @@ async def burst(port: int, headers: dict[str, str], streams: int, rate: float, p
             peak, peak_open = rss_kb(pid), state.open_now
         await asyncio.wait([state.done], timeout=0.2)
     await asyncio.gather(*tasks)
+    cpu = tree_cpu_seconds(pid) - cpu_before
     await asyncio.sleep(1.0)
     firsts = sorted(state.firsts) or [0.0]
     return {"first_chunk_ms": {"p50": round(statistics.median(firsts) * 1000, 1),
                                "p99": round(firsts[max(0, int(len(firsts) * 0.99) - 1)] * 1000, 1)},
             "open_at_peak": peak_open, "kb_per_open_stream": round((peak - before) / max(1, peak_open), 1),
             "rss_before_mb": round(before / 1024, 1), "rss_peak_mb": round(peak / 1024, 1),
-            "rss_after_mb": round(rss_kb(pid) / 1024, 1), "statuses": state.statuses}
+            "rss_after_mb": round(rss_kb(pid) / 1024, 1), "statuses": state.statuses,
+            "cpu_ms_per_stream": round(cpu * 1000 / streams, 2)}  # the server's, opening to end
 
 
 def run_loop(coro: Any) -> Any:
