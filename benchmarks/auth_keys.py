@@ -42,6 +42,7 @@ from harness import (  # noqa: E402
     request_body,
     use_source,
 )
+from results_file import RESULTS, save  # noqa: E402
 
 CONCURRENCY = 32
 
@@ -175,6 +176,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rev", help="benchmark this git revision instead of the work tree")
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--json", type=Path, help="where to write results (default results/auth_<scenario>.json)")
     args = parser.parse_args()
     if args.scenario == "eviction" and not args.cache_size:
         args.cache_size = max(1, args.keys // 2)
@@ -189,10 +191,12 @@ def main() -> None:
         runs.append(result)
     figure = "restart_cpu_s" if args.scenario == "restart" else "rps"
     values = [r[figure] for r in runs]
-    print(json.dumps({"source": source, "scenario": args.scenario, "keys": args.keys, "rounds": args.rounds,
-                      "cache_size": args.cache_size or None, figure: {"median": statistics.median(values),
-                                                                      "min": min(values), "max": max(values)},
-                      "runs": runs}, indent=1))
+    payload = {"scenario": args.scenario, "keys": args.keys, "rounds": args.rounds,
+               "cache_size": args.cache_size or None, figure: {"median": statistics.median(values),
+                                                               "min": min(values), "max": max(values)},
+               "runs": runs}
+    print(json.dumps({"source": source, **payload}, indent=1))
+    save(args.json or RESULTS / f"auth_{args.scenario}.json", payload, source)
 
 
 if __name__ == "__main__":

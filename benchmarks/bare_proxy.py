@@ -23,6 +23,7 @@ from aiohttp import web
 
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM: web.AppKey[str] = web.AppKey("upstream", str)
+POOL: web.AppKey[int] = web.AppKey("pool", int)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -43,16 +44,17 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 async def session_ctx(app: web.Application):
-    connector = aiohttp.TCPConnector(limit=1000, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=app[POOL], ttl_dns_cache=300)
     # The same session settings as NexGate's (no cookie jar), so the ceiling is a fair one.
     app[SESSION] = aiohttp.ClientSession(connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
     yield
     await app[SESSION].close()
 
 
-async def serve(host: str, port: int, upstream: str, max_seconds: float) -> None:
+async def serve(host: str, port: int, upstream: str, max_seconds: float, pool: int = 1000) -> None:
     app = web.Application()
     app[UPSTREAM] = upstream.rstrip("/")
+    app[POOL] = pool
     app.router.add_post("/v1/chat/completions", chat)
     app.cleanup_ctx.append(session_ctx)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -82,6 +84,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9002)
     parser.add_argument("--upstream", default="http://127.0.0.1:9001")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="exit after this long (default 600)")
+    parser.add_argument("--pool", type=int, default=1000,
+                        help="upstream connections at most, as NexGate's upstream.max_connections (1000)")
     args = parser.parse_args()
     try:
         import uvloop
@@ -89,7 +93,7 @@ def main() -> None:
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(serve(args.host, args.port, args.upstream, args.max_seconds))
+        runner.run(serve(args.host, args.port, args.upstream, args.max_seconds, args.pool))
 
 
 if __name__ == "__main__":

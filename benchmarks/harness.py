@@ -88,6 +88,47 @@ def proc_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Every live descendant of a process (forked workers, their helpers), from /proc/PID/task/*/children."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live descendants: a supervisor and its workers count as one server."""
+    return proc_cpu_seconds(pid) + sum(proc_cpu_seconds(child) for child in descendant_pids(pid))
+
+
+def raise_open_files(wanted: int) -> int:
+    """Raise this process's RLIMIT_NOFILE (inherited by every server it starts) to ``wanted``; the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            try:  # root may raise the hard limit too (up to /proc/sys/fs/nr_open)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+                return wanted
+            except (ValueError, OSError):
+                wanted = hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
+    return soft
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
     """CPU seconds of each thread of a process: {tid: (thread name, seconds)}."""
     out: dict[int, tuple[str, float]] = {}
@@ -198,7 +239,7 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {timeout}s ({last!r}); see {self.log}")
 
     def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid)  # with --workers N: the supervisor and every worker
 
     def stop(self) -> None:
         if self.popen is None:
@@ -236,7 +277,9 @@ def check_chat(port: int, stream: bool, headers: dict[str, str] | None = None) -
     if status != 200:
         raise RuntimeError(f"port {port}: HTTP {status}: {data[:500]!r}")
     if stream:
-        if b"data: [DONE]" not in data or b'"usage":{"prompt_tokens":21' not in data:
+        events = [line[6:] for line in data.split(b"\n") if line.startswith(b"data: ")]
+        usage = [json.loads(e).get("usage") for e in events[:-1]] if events else []
+        if not events or events[-1] != b"[DONE]" or not any(u and u.get("prompt_tokens") == 21 for u in usage):
             raise RuntimeError(f"port {port}: unexpected stream: {data[:500]!r}")
     else:
         answer = json.loads(data)
@@ -289,7 +332,8 @@ class Stack:
     """The fake upstream, the bare proxy and NexGate, each pinned, in one temp dir."""
 
     def __init__(self, *, pin: bool, spin: bool = True, with_bare: bool = True, with_gateway: bool = True,
-                 variants: Sequence[tuple[str, list[str]]] = (), services: Sequence[str] = ()) -> None:
+                 variants: Sequence[tuple[str, list[str]]] = (), services: Sequence[str] = (),
+                 litellm: str | None = None, workers: Sequence[int] = (), workers_spread: bool = False) -> None:
         cores = cores_available()
         self.pinned = pin and len(cores) >= 2
         self.spin = spin
@@ -311,6 +355,9 @@ class Stack:
         self.service_pids: list[int] = []
         self.variants: list[tuple[str, Server]] = []
         """(label, NexGate with some built-ins disabled): measured beside the full chain."""
+        self.workers: list[tuple[int, Server]] = []
+        """(N, NexGate serving with --workers N): measured beside the full chain."""
+        self.litellm: Server | None = None
         self._headers: dict[str, dict[str, str]] = {}
         if with_bare:
             port = free_port()
@@ -339,23 +386,38 @@ class Stack:
             for index, (label, disable) in enumerate(variants):
                 self.variants.append((label, self._variant(index, label, disable, gateway_setup,
                                                            write_gateway_config)))
+            for count in workers:
+                # Spread: the workers may run on every core (wrk and the upstream stay on the load core).
+                core = None if workers_spread else self.sut_core
+                self.workers.append((count, self._variant(f"w{count}", f"workers={count}", [], gateway_setup,
+                                                          write_gateway_config, workers=count, core=core)))
+        if litellm:
+            from litellm_target import litellm_setup
+
+            port = free_port()
+            cmd, headers, env = litellm_setup(litellm, self.upstream.url, port, self.tmp)
+            self.litellm = Server("LiteLLM", cmd, port, self.sut_core, self.tmp / "litellm.log", env=env, cwd=self.tmp)
+            self.servers.append(self.litellm)
+            self._headers[self.litellm.name] = headers
         self.body_files = {}
         for stream in (False, True):
             f = self.tmp / f"body-{'stream' if stream else 'json'}.json"
             f.write_bytes(request_body(stream))
             self.body_files[stream] = f
 
-    def _variant(self, index: int, label: str, disable: list[str], gateway_setup: Any,
-                 write_gateway_config: Any) -> Server:
+    def _variant(self, index: int | str, label: str, disable: list[str], gateway_setup: Any,
+                 write_gateway_config: Any, workers: int = 1, core: int | None | str = "sut") -> Server:
         """Another NexGate, in a directory of its own (its own SQLite file, outbox and account)."""
         workdir = self.tmp / f"variant-{index}"
         workdir.mkdir()
         port = free_port()
         setup = gateway_setup(self.upstream.url, port, workdir, disable=disable)
+        setup.config["server"]["workers"] = workers
         config_path = write_gateway_config(setup, workdir / "nexgate-bench.yaml")
         server = Server(f"NexGate {label}", [*nexgate_command(), "--log-level", "WARNING", "serve",
-                                             "--config", str(config_path)],
-                        port, self.sut_core, workdir / "nexgate.log", env=setup.env, cwd=workdir)
+                                             "--config", str(config_path), "--workers", str(workers)],
+                        port, self.sut_core if core == "sut" else core, workdir / "nexgate.log", env=setup.env,
+                        cwd=workdir)
         self.servers.append(server)
         self._headers[server.name] = dict(setup.headers)
         return server
@@ -395,20 +457,31 @@ class Stack:
         if self.bare:
             # No GET route on the bare proxy: wait for its port, then check a real request below.
             _wait_port(self.bare.port, 15, self.bare)
-        for gateway in [self.gateway, *(server for _, server in self.variants)]:
-            if gateway:
-                gateway.wait_ready("/healthz", timeout=30)
+        for gateway in self.gateways():
+            gateway.wait_ready("/healthz", timeout=30)
+        if self.litellm:
+            self.litellm.wait_ready("/health/liveliness", timeout=120)  # it imports for ~10-20 s
         # Correctness first: every path returns the fake upstream's answer, streamed or not.
         for stream in (False, True):
             check_chat(self.upstream.port, stream)
             if self.bare:
                 check_chat(self.bare.port, stream)
-            for gateway in [self.gateway, *(server for _, server in self.variants)]:
-                if gateway:
-                    hdrs = check_chat(gateway.port, stream, self.headers_for(gateway))
-                    if "x-nexgate-request-id" not in hdrs:
-                        raise RuntimeError(f"{gateway.name}'s answer lacks x-nexgate-request-id: is it NexGate?")
+            for gateway in self.gateways():
+                hdrs = check_chat(gateway.port, stream, self.headers_for(gateway))
+                if "x-nexgate-request-id" not in hdrs:
+                    raise RuntimeError(f"{gateway.name}'s answer lacks x-nexgate-request-id: is it NexGate?")
+            if self.litellm:
+                try:
+                    check_chat(self.litellm.port, stream, self.headers_for(self.litellm))
+                except (RuntimeError, OSError) as exc:
+                    raise RuntimeError(f"LiteLLM does not answer a {'stream' if stream else 'json'} chat "
+                                       f"completion correctly: {exc}\n(log: {self.litellm.log})\n"
+                                       f"{self.litellm.log.read_text(errors='replace')[-2000:]}") from None
         self._pin_services()  # after the gateways connected: their PostgreSQL backends exist now
+
+    def gateways(self) -> list[Server]:
+        """Every NexGate of the run: the full chain, its variants, its --workers rows."""
+        return [s for s in [self.gateway, *(v for _, v in self.variants), *(w for _, w in self.workers)] if s]
 
     def own_cpu_seconds(self) -> float:
         """CPU time of every long-running process of this benchmark (servers, spinners, local services)."""

@@ -121,8 +121,10 @@ def main() -> int:
                         help="also count NexGate with these built-ins disabled, e.g. 'no limits=ratelimit'")
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps (their directory is printed)")
     parser.add_argument("--rev", help="count NexGate as committed at this git revision instead of the work tree")
+    parser.add_argument("--json", type=Path, help="where to write results (default results/instructions_<mode>.json)")
     args = parser.parse_args()
-    print(f"NexGate source: {use_source(args.rev)}")
+    source = use_source(args.rev)
+    print(f"NexGate source: {source}")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is not installed: sudo apt-get install -y valgrind")
     configs: list[tuple[str, list[str]]] = [("full chain", [])]
@@ -146,6 +148,11 @@ def main() -> int:
             results.append((label, per_request))
             print(f"{label:24s} {per_request / 1000:9.1f} kIr/request", flush=True)
         base = results[0][1]
+        from results_file import RESULTS, save
+
+        save(args.json or RESULTS / f"instructions_{args.mode}.json",
+             {"mode": args.mode, "requests": args.requests, "concurrency": args.concurrency,
+              "instructions_per_request": {label: round(n) for label, n in results}}, source)
         print(f"\n{args.mode}, {args.requests} requests at concurrency {args.concurrency}; vs the full chain:")
         for label, per_request in results[1:]:
             print(f"  {label:22s} {(per_request - base) / 1000:+8.1f} kIr/request "

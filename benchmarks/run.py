@@ -37,6 +37,7 @@ from harness import (  # noqa: E402
     wrk_path,
     wrk_version,
 )
+from litellm_target import litellm_executable, litellm_version  # noqa: E402
 
 TARGET_RPS_RATIO = 0.80
 TARGET_ADDED_MEDIAN_MS = 1.0
@@ -99,7 +100,8 @@ def phase(stack: Stack, rows: list[Row], *, stream: bool, connections: int, warm
     per_round = max(1, round(duration / rounds))
     acc: dict[str, dict[str, Any]] = {
         key: {"requests": 0, "duration_us": 0, "errors": Counter(), "hist": Counter(), "cpu_sut": 0.0,
-              "cpu_up": 0.0, "cpu_wrk": 0.0, "wall": 0.0, "round_rps": [], "foreign": [], "retried": 0}
+              "cpu_up": 0.0, "cpu_wrk": 0.0, "wall": 0.0, "round_rps": [], "round_cpu": [], "round_p50": [],
+              "round_p99": [], "foreign": [], "retried": 0}
         for key, _ in rows
     }
     for key, server in rows:
@@ -139,6 +141,11 @@ def phase(stack: Stack, rows: list[Row], *, stream: bool, connections: int, warm
             a["errors"].update(res["errors"])
             a["hist"].update({v: c for v, c in res["hist"]})
             a["round_rps"].append(round(res["requests"] / (res["duration_us"] / 1e6), 1))
+            # Per-round figures: the report gives each figure's median and spread over the rounds.
+            a["round_cpu"].append(round(cpu_sut * 1e6 / max(1, res["requests"]), 1))
+            one = _latency(Counter({v: c for v, c in res["hist"]}))
+            a["round_p50"].append(one.get("p50", 0))
+            a["round_p99"].append(one.get("p99", 0))
     out: dict[str, Any] = {}
     for key, server in rows:
         a = acc[key]
@@ -150,6 +157,9 @@ def phase(stack: Stack, rows: list[Row], *, stream: bool, connections: int, warm
             "errors": dict(a["errors"]),
             "rps": round(a["requests"] / (a["duration_us"] / 1e6), 1),
             "round_rps": a["round_rps"],
+            "round_cpu_us_per_req": a["round_cpu"],
+            "round_p50_us": a["round_p50"],
+            "round_p99_us": a["round_p99"],
             "latency_us": _latency(a["hist"]),
             "server_cpu_util": round(a["cpu_sut"] / a["wall"], 3),
             "server_cpu_us_per_req": round(a["cpu_sut"] * 1e6 / max(1, a["requests"]), 1),
@@ -176,9 +186,12 @@ def phase(stack: Stack, rows: list[Row], *, stream: bool, connections: int, warm
 def run_all(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     assert stack.bare and stack.gateway
     rows: list[Row] = [("upstream", stack.upstream), ("bare", stack.bare), ("nexgate", stack.gateway)]
+    if stack.litellm:
+        rows.append(("litellm", stack.litellm))
     # Variants (--variant) are throughput rows only: interleaved with the full chain, so "with X vs
     # without X" shares any drift of the machine, like NexGate vs the bare proxy does.
-    throughput_rows = rows + [(variant_key(label), server) for label, server in stack.variants]
+    throughput_rows = (rows + [(variant_key(label), server) for label, server in stack.variants]
+                       + [(f"workers:{count}", server) for count, server in stack.workers])
     results: dict[str, Any] = {"throughput": {}, "latency": {}}
     for mode, stream in (("json", False), ("stream", True)):
         results["throughput"][mode] = phase(
@@ -263,7 +276,7 @@ def gateway_metrics_total(stack: Stack) -> float | None:
 
 
 def print_report(results: dict[str, Any], chk: dict[str, Any], meta: dict[str, Any]) -> None:
-    names = {"upstream": "upstream direct", "bare": "bare aiohttp proxy", "nexgate": "NexGate"}
+    names = {"upstream": "upstream direct", "bare": "bare aiohttp proxy", "nexgate": "NexGate", "litellm": "LiteLLM"}
     tp, lat = results["throughput"], results["latency"]
     c = meta["settings"]["connections"]
     print()
@@ -281,7 +294,7 @@ def print_report(results: dict[str, Any], chk: dict[str, Any], meta: dict[str, A
     for mode in ("json", "stream"):
         bare_rps = tp[mode]["bare"]["rps"]
         up_p50 = lat[mode]["upstream"]["latency_us"]["p50"]
-        for key in ("upstream", "bare", "nexgate"):
+        for key in [k for k in names if k in lat[mode]]:
             t, l = tp[mode][key], lat[mode][key]
             vs = f"{t['rps'] / bare_rps:.0%}" if key != "upstream" else "-"
             load = f"{t['load_core_util']:.0%}" if "load_core_util" in t else "-"
@@ -290,8 +303,8 @@ def print_report(results: dict[str, Any], chk: dict[str, Any], meta: dict[str, A
                   f"{load:>11}{t['latency_us']['p99'] / 1000:>9.1f}"
                   f"{l['latency_us']['p50'] / 1000:>9.3f}{l['latency_us']['p99'] / 1000:>9.3f}{added:>9}")
         for key, t in tp[mode].items():
-            if key.startswith("variant:"):
-                name = "NexGate " + key.removeprefix("variant:")
+            if key.startswith(("variant:", "workers:")):
+                name = "NexGate " + key.replace("variant:", "").replace("workers:", "workers=")
                 print(f"{name[:19]:<20}{mode:<8}{t['rps']:>11.0f}{t['rps'] / bare_rps:>9.0%}"
                       f"{t['server_cpu_us_per_req']:>12.1f}{t['load_core_util']:>11.0%}"
                       f"{t['latency_us']['p99'] / 1000:>9.1f}{'-':>9}{'-':>9}{'-':>9}")
@@ -354,6 +367,10 @@ def metadata_block(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
                    f"{stack.sut_core}"
                    + (f"; local PostgreSQL/Redis ({len(stack.service_pids)} processes) on core {stack.load_core}"
                       if stack.service_pids else ""))
+        if stack.workers:
+            pinning += ("; NexGate --workers rows: " + (f"every worker on every core (--workers-spread), wrk and the "
+                        f"fake upstream still on core {stack.load_core}" if stack.workers[0][1].core is None
+                        else f"every worker on core {stack.sut_core}"))
     else:
         pinning = "none (--no-pin or fewer than 2 cores)"
     return {
@@ -364,6 +381,9 @@ def metadata_block(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {d: version(d) for d in ("nexgate", "aiohttp", "uvloop", "pluggy", "multidict", "yarl")},
         "wrk": wrk_version(),
+        "litellm": litellm_version(stack.litellm.cmd[0]) if stack.litellm else None,
+        "storage": "postgresql" if os.environ.get("NEXGATE_BENCH_STORAGE_URL", "").startswith("postgres") else "sqlite",
+        "state": "redis" if os.environ.get("NEXGATE_BENCH_STATE_URL", "").startswith("redis") else "memory",
         "nexgate_plugins": list(DEFAULT_PLUGINS),
         "pinning": pinning,
         "settings": {"connections": args.connections, "duration_s": args.duration, "warmup_s": args.warmup,
@@ -394,7 +414,20 @@ def main() -> int:
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="LABEL=PLUGINS",
                         help="also run NexGate with these built-ins disabled and report what they cost, e.g. "
                              "--variant 'without credits=credits' (repeatable)")
+    parser.add_argument("--litellm", metavar="PATH",
+                        help="also measure LiteLLM's proxy, this `litellm` executable (its own venv; or set "
+                             "NEXGATE_BENCH_LITELLM); see benchmarks/litellm_target.py for its settings")
+    parser.add_argument("--workers", type=int, action="append", default=[], metavar="N",
+                        help="also measure NexGate serving with --workers N (repeatable; N > 1 needs "
+                             "NEXGATE_BENCH_STATE_URL=redis://...); CPU per request sums every worker")
+    parser.add_argument("--workers-spread", action="store_true",
+                        help="let the --workers rows use every core (default: the server core only, so wrk and "
+                             "the fake upstream keep a core of their own)")
     args = parser.parse_args()
+    litellm = litellm_executable(args.litellm)
+    if any(n > 1 for n in args.workers) and not os.environ.get("NEXGATE_BENCH_STATE_URL", "").startswith("redis"):
+        parser.error("--workers N > 1 needs shared state: set NEXGATE_BENCH_STATE_URL=redis://127.0.0.1:6379/<db> "
+                     "(nexgate serve refuses memory:// with several workers)")
     RETRY_BUDGET.seconds = args.retry_budget
     if args.quick:
         args.duration, args.warmup, args.latency_duration, args.latency_warmup, args.rounds = 3, 1, 3, 1, 3
@@ -403,7 +436,8 @@ def main() -> int:
 
     started = time.perf_counter()
     services = [os.environ.get(name, "") for name in ("NEXGATE_BENCH_STORAGE_URL", "NEXGATE_BENCH_STATE_URL")]
-    stack = Stack(pin=not args.no_pin, spin=not args.no_spin, variants=args.variant, services=services)
+    stack = Stack(pin=not args.no_pin, spin=not args.no_spin, variants=args.variant, services=services,
+                  litellm=litellm, workers=args.workers, workers_spread=args.workers_spread)
     print(f"Starting fake upstream, bare proxy and NexGate in {stack.tmp} ...", flush=True)
     with stack:
         meta = metadata_block(stack, args)

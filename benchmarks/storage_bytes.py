@@ -111,8 +111,11 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=0, help="spread the requests over the last DAYS days")
     parser.add_argument("--rollup-after-days", type=int, default=0, help="then roll up rows older than this")
     parser.add_argument("--rev", help="measure this git revision's schema instead of the work tree's")
+    parser.add_argument("--json", type=Path,
+                        help="where to write results (default results/storage_sqlite.json or storage_postgres.json)")
     args = parser.parse_args()
-    print(use_source(args.rev))
+    source = use_source(args.rev)
+    print(source)
     if args.postgres:
         import asyncpg
 
@@ -137,6 +140,13 @@ def main() -> None:
                                        args.rollup_after_days))
     total = sum(sizes.values())
     print(" ".join(f"{k}={v:.0f} B" for k, v in sizes.items()) + f" total={total:.0f} B per request")
+    from results_file import RESULTS, save
+
+    store = "postgres" if args.postgres else "sqlite"
+    save(args.json or RESULTS / f"storage_{store}.json",
+         {"store": store, "requests": args.requests, "days": args.days, "rollup_after_days": args.rollup_after_days,
+          "bytes_per_request": {k: round(v, 1) for k, v in sizes.items()}, "total_bytes_per_request": round(total, 1)},
+         source)
 
 
 if __name__ == "__main__":
