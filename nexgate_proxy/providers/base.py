@@ -205,6 +205,9 @@ class Provider:
         headers.update(self.static_headers)
         headers.update(self.extra_headers(ctx))
         if not self.max_concurrent:
+            pool = self.pool
+            if pool is not None:
+                return await pool.request(self.url_for(endpoint, target), body, headers, timeout.sock_connect)
             return await self._post(self.url_for(endpoint, target), body, headers, session, timeout)
         if self.in_flight >= self.max_concurrent:
             raise ProviderBusy(self.name, self.max_concurrent)

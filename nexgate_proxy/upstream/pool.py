@@ -66,14 +66,27 @@ class UpstreamPool:
         origin = route.origin
         head = route.head(headers, len(body))
         data = head + body if len(body) <= _WRITE_JOINED else None
-        await self._take_slot()
+        # The common case inline (a free place, an idle connection): no coroutine per step.
+        if self._in_use < self._limit and not self._waiters:
+            self._in_use += 1
+        else:
+            await self._wait_for_slot()
         retried = False
         while True:
-            try:
-                connection = await self._connection(origin, connect_timeout)
-            except BaseException:
-                self._give_slot()
-                raise
+            connection = None
+            idle = origin.idle
+            while idle:
+                candidate = idle.pop()  # the most recently used: the least likely to be stale
+                if candidate.is_connected() and not candidate.should_close:
+                    connection = candidate
+                    break
+                self._drop(candidate)
+            if connection is None:
+                try:
+                    connection = await self._open_connection(origin, connect_timeout)
+                except BaseException:
+                    self._give_slot()
+                    raise
             reused = connection.idle_since != 0.0
             connection.answered = False
             try:
@@ -83,7 +96,9 @@ class UpstreamPool:
                     transport.write(data)
                 else:
                     transport.writelines((head, body))
-                message, payload = await _read_head(connection, url)
+                message, payload = await connection.read()
+                if 100 <= message.code < 200:
+                    message, payload = await _past_interim(connection, message, payload)
             except (ServerDisconnectedError, ClientOSError):
                 self._drop(connection)
                 # A kept-alive connection the upstream closed as we reused it: it closes idle ones
@@ -94,21 +109,17 @@ class UpstreamPool:
                     continue
                 self._give_slot()
                 raise
-            except BaseException:
+            except BaseException as exc:
                 self._drop(connection)
                 self._give_slot()
+                if isinstance(exc, (EofStream, HttpProcessingError)):
+                    raise _client_error(exc, url) from exc
                 raise
             return UpstreamAnswer(self, connection, message.code, message.headers, payload)
 
     # ------------------------------------------------------------ connections
 
-    async def _connection(self, origin: Origin, timeout: float | None) -> UpstreamConnection:
-        idle = origin.idle
-        while idle:
-            connection = idle.pop()  # the most recently used: the least likely to be stale
-            if connection.is_connected() and not connection.should_close:
-                return connection
-            self._drop(connection)
+    async def _open_connection(self, origin: Origin, timeout: float | None) -> UpstreamConnection:
         if self._closed:
             raise ClientConnectionError("the upstream pool is closed")
         connection = await open_connection(self._loop, self._resolver, origin, timeout)
@@ -144,10 +155,7 @@ class UpstreamPool:
 
     # ------------------------------------------------------------ the cap
 
-    async def _take_slot(self) -> None:
-        if self._in_use < self._limit and not self._waiters:
-            self._in_use += 1
-            return
+    async def _wait_for_slot(self) -> None:
         waiter = self._loop.create_future()
         self._waiters.append(waiter)
         try:
@@ -244,20 +252,22 @@ class UpstreamAnswer:
                 pass
 
 
-async def _read_head(connection: UpstreamConnection, url: str) -> tuple[RawResponseMessage, StreamReader]:
-    """The answer's status line and headers, as aiohttp's client errors when they cannot be read."""
-    try:
+async def _past_interim(connection: UpstreamConnection, message: RawResponseMessage,
+                        payload: StreamReader) -> tuple[RawResponseMessage, StreamReader]:
+    """The final answer after interim ones (103 Early Hints; the pool never sends Expect)."""
+    while 100 <= message.code < 200 and message.code != 101:
         message, payload = await connection.read()
-        while 100 <= message.code < 200 and message.code != 101:  # an interim answer (103 Early Hints)
-            message, payload = await connection.read()
-    except EofStream:
-        raise ServerDisconnectedError() from None
-    except HttpProcessingError as exc:  # not HTTP: aiohttp's session raises the same
+    return message, payload
+
+
+def _client_error(exc: BaseException, url: str) -> Exception:
+    """What aiohttp's session raises for an answer that is not HTTP, or none at all."""
+    if isinstance(exc, HttpProcessingError):
         from yarl import URL
 
         info = RequestInfo(URL(url), "POST", CIMultiDictProxy(CIMultiDict()), URL(url))
-        raise ClientResponseError(info, (), status=exc.code, message=exc.message, headers=exc.headers) from exc
-    return message, payload
+        return ClientResponseError(info, (), status=exc.code, message=exc.message, headers=exc.headers)
+    return ServerDisconnectedError()
 
 
 def default_tls() -> ssl.SSLContext:

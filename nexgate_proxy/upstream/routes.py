@@ -78,12 +78,10 @@ class Route:
     def head(self, headers: Mapping[str, str], length: int) -> bytes:
         """The request line and headers for a body of ``length`` bytes. Raises UnsafeHeader."""
         names = _NAMES
-        present = set()
-        for name in headers:
-            lower = names.get(name)
-            if lower is None:
-                lower = _checked_name(name)
-            present.add(lower)
+        try:
+            present = {names[name] for name in headers}
+        except KeyError:  # a name not seen before: checked once
+            present = {names.get(name) or _checked_name(name) for name in headers}
         out = {} if "host" in present else {"Host": self.origin.host_header}
         if present & _FRAMING:
             out.update((k, v) for k, v in headers.items() if k.lower() not in _FRAMING)

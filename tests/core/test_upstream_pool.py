@@ -9,13 +9,18 @@ import inspect
 import socket
 import zlib
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.client_proto import ResponseHandler
 
+from nexgate_proxy import hookimpl
 from nexgate_proxy.appkeys import PROVIDERS
-from nexgate_proxy.testing import FakeUpstream, StartGateway, gateway_config
+from nexgate_proxy.providers import Provider, UpstreamResponse
+from nexgate_proxy.providers.base import HttpUpstreamResponse
+from nexgate_proxy.providers.openai import OpenAIProvider
+from nexgate_proxy.testing import PROVIDER_KEY, FakeUpstream, StartGateway, gateway_config
 from nexgate_proxy.upstream import BodyTooLarge, UnsafeHeader, UpstreamPool
 from tests.scripted_upstream import Request, ScriptedUpstream, make_ca, response
 
@@ -212,6 +217,33 @@ async def test_an_answer_not_read_to_its_end_costs_its_connection() -> None:
         assert pool.open_connections == 0 and pool.in_use == 0
 
 
+async def test_a_reader_that_falls_behind_pauses_reading_from_the_upstream_then_resumes() -> None:
+    block = b"z" * (1 << 20)
+
+    async def huge(request: Request) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (8 * len(block)) + block * 8
+
+    async with ScriptedUpstream(huge) as upstream:
+        pool = UpstreamPool(10)
+        answer = await pool.request(upstream.url(), b"{}", {}, 5.0)
+        chunks = answer.iter_chunks()
+        received = len(await chunks.__anext__())
+        transport = answer._connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        for _ in range(200):  # the payload fills up to its high-water mark, then the socket is paused
+            if not transport.is_reading():
+                break
+            await asyncio.sleep(0.01)
+        assert not transport.is_reading()
+        async for chunk in chunks:
+            received += len(chunk)
+        assert received == 8 * len(block)
+        answer.close()
+        assert await post(pool, upstream.url(), limit=1 << 24) == (200, block * 8)
+        assert upstream.connections == 1  # read to its end: the connection carried the next one
+        await pool.close()
+
+
 # ------------------------------------------------------------ through the gateway
 
 
@@ -270,6 +302,38 @@ async def test_an_unreachable_upstream_is_502_through_the_pool(start_gateway: St
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gw.api_key}"}) as session:
         async with session.post(gw.openai_base + "/chat/completions", json=HI) as resp:
             assert resp.status == 502 and (await resp.json())["error"]["code"] == "upstream_unreachable"
+
+
+class SessionProvider(OpenAIProvider):
+    """A plugin provider written against the documented send(..., session, timeout)."""
+
+    type_name = "session-test"
+
+    async def send(self, ctx: Any, target: Any, endpoint: Any, body: bytes, headers: dict[str, str],
+                   session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> UpstreamResponse:
+        headers.update(self.static_headers)
+        resp = await session.post(self.url_for(endpoint, target), data=body, headers=headers, timeout=timeout)
+        return HttpUpstreamResponse(resp)
+
+
+class SessionProviders:
+    @hookimpl
+    def nexgate_register_providers(self) -> dict[str, type[Provider]]:
+        return {SessionProvider.type_name: SessionProvider}
+
+
+async def test_a_plugin_provider_that_uses_the_session_it_is_handed_still_works(
+        upstream: FakeUpstream, start_gateway: StartGateway) -> None:
+    config = gateway_config(upstream)
+    config["providers"]["fake"]["type"] = "session-test"
+    gw = await start_gateway(config, plugins=[SessionProviders()])
+    provider = gw.app[PROVIDERS]["fake"]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {gw.api_key}"}) as session:
+        async with session.post(gw.openai_base + "/chat/completions", json=HI) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["choices"][0]["message"]["content"]
+    assert upstream.received[-1].headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert provider.pool is not None and provider.pool.open_connections == 0  # the session carried it
 
 
 def test_the_aiohttp_internals_the_upstream_pool_relies_on_are_still_there() -> None:
