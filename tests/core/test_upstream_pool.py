@@ -121,6 +121,21 @@ async def test_chunked_gzip_deflate_and_read_until_close_bodies() -> None:
         await pool.close()
 
 
+async def test_interim_answers_are_skipped_and_an_answer_that_is_not_http_is_a_client_error() -> None:
+    async def odd(request: Request) -> bytes:
+        if request.header("X-Kind") == "early-hints":
+            return b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n" + response(b"final")
+        return b"SSH-2.0-OpenSSH_9.6\r\n\r\n"
+
+    async with ScriptedUpstream(odd) as upstream:
+        pool = UpstreamPool(10)
+        assert await post(pool, upstream.url(), headers={"X-Kind": "early-hints"}) == (200, b"final")
+        with pytest.raises(aiohttp.ClientResponseError):
+            await post(pool, upstream.url())
+        assert pool.in_use == 0
+        await pool.close()
+
+
 async def test_an_answer_past_the_limit_is_refused_with_or_without_a_length() -> None:
     big = b"y" * 3000
 
