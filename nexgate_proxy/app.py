@@ -23,6 +23,7 @@ from .providers.base import Provider
 from .proxy import Proxy, new_request_id
 from .runner import ServerHeaderHook
 from .services import readiness, services_context
+from .upstream import UpstreamPool
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -104,6 +105,11 @@ def _endpoint_handler(proxy: Proxy, endpoint: Endpoint) -> Handler:
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    # The built-in HTTP providers send through the pool (nexgate_proxy.upstream); the session stays
+    # for plugin providers whose own send() uses the session they are handed.
+    pool = UpstreamPool(config.upstream.max_connections)
+    for provider in app[PROVIDERS].values():
+        provider.pool = pool
     connector = aiohttp.TCPConnector(
         limit=config.upstream.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
     )
@@ -114,6 +120,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[PROXY].session = session
     app[PROXY].loop = asyncio.get_running_loop()
     yield
+    await pool.close()
     await session.close()
 
 

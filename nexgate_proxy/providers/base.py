@@ -2,8 +2,10 @@
 
 An adapter turns the client's request into the upstream's (URL, headers,
 credentials) and hands back an :class:`UpstreamResponse`. HTTP providers share
-one implementation; a provider that is not HTTP (the demo echo) returns its own
-response object with the same four members.
+one implementation, which sends through the gateway's upstream pool
+(nexgate_proxy.upstream) once the app set ``Provider.pool`` at startup, and
+through the ``session`` argument otherwise; a provider that is not HTTP (the
+demo echo) returns its own response object with the same four members.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from ..endpoints import COUNT_TOKENS
 from ..errors import GatewayError
 from ..translate import translated_endpoint
 from ..estimate import typical_input_tokens
+from ..upstream import BodyTooLarge
 
 if TYPE_CHECKING:
     from ..config import ProviderConfig, Target
     from ..context import RequestContext
     from ..endpoints import Endpoint
+    from ..upstream import UpstreamPool
 
 
 class UpstreamResponse(Protocol):
@@ -36,11 +40,9 @@ class UpstreamResponse(Protocol):
     def close(self) -> None: ...
 
 
-class BodyTooLarge(Exception):
-    """The upstream's answer exceeded ``upstream.max_response_bytes``."""
-
-
 class HttpUpstreamResponse:
+    """An ``aiohttp.ClientResponse`` (the session's path) with the members of an upstream response."""
+
     __slots__ = ("_resp", "status", "headers")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
@@ -94,17 +96,25 @@ class _Slot:
     __del__ = release  # an answer dropped without close() (a cancelled request) still gives its place back
 
 
-class CappedUpstreamResponse(HttpUpstreamResponse):
+class CappedUpstreamResponse:
     """An answer that holds its provider's place until it is closed (a stream: until its end)."""
 
-    __slots__ = ("_slot",)
+    __slots__ = ("_upstream", "_slot", "status", "headers")
 
-    def __init__(self, resp: aiohttp.ClientResponse, slot: _Slot) -> None:
-        super().__init__(resp)
+    def __init__(self, upstream: UpstreamResponse, slot: _Slot) -> None:
+        self._upstream = upstream
         self._slot = slot
+        self.status = upstream.status
+        self.headers = upstream.headers
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        return self._upstream.iter_chunks()
+
+    async def read(self, limit: int) -> bytes:
+        return await self._upstream.read(limit)
 
     def close(self) -> None:
-        super().close()
+        self._upstream.close()
         self._slot.release()
 
 
@@ -144,6 +154,8 @@ class Provider:
     """Request dialects this provider speaks (see ``Endpoint.api_format``)."""
     endpoints: ClassVar[frozenset[str] | None] = None
     """The operations (``Endpoint.name``) it serves; None: every one of its dialects."""
+    pool: UpstreamPool | None = None
+    """Set by the app at startup: ``send`` goes through it rather than the session it is given."""
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
@@ -193,18 +205,24 @@ class Provider:
         headers.update(self.static_headers)
         headers.update(self.extra_headers(ctx))
         if not self.max_concurrent:
-            resp = await session.post(
-                self.url_for(endpoint, target), data=body, headers=headers, timeout=timeout, allow_redirects=False
-            )
-            return HttpUpstreamResponse(resp)
+            pool = self.pool
+            if pool is not None:
+                return await pool.request(self.url_for(endpoint, target), body, headers, timeout.sock_connect)
+            return await self._post(self.url_for(endpoint, target), body, headers, session, timeout)
         if self.in_flight >= self.max_concurrent:
             raise ProviderBusy(self.name, self.max_concurrent)
         slot = _Slot(self)
         try:
-            resp = await session.post(
-                self.url_for(endpoint, target), data=body, headers=headers, timeout=timeout, allow_redirects=False
-            )
+            upstream = await self._post(self.url_for(endpoint, target), body, headers, session, timeout)
         except BaseException:
             slot.release()
             raise
-        return CappedUpstreamResponse(resp, slot)
+        return CappedUpstreamResponse(upstream, slot)
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str], session: aiohttp.ClientSession,
+                    timeout: aiohttp.ClientTimeout) -> UpstreamResponse:
+        pool = self.pool
+        if pool is not None:
+            return await pool.request(url, body, headers, timeout.sock_connect)
+        resp = await session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+        return HttpUpstreamResponse(resp)
