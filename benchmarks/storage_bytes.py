@@ -7,7 +7,7 @@
     .venv/bin/python benchmarks/storage_bytes.py --days 30 --rollup-after-days 7   # with the usage roll-up
 
 Writes ``--requests`` priced requests of realistic shape (personal keys, 10% organization keys, a
-client IP, a model and provider name) through ``store.record_usage`` in batches of 500, as the usage
+client IP, a model and provider name, request ids as one gateway process makes them) through ``store.record_usage`` in batches of 500, as the usage
 log does, and reports the bytes of the usage table and the ledger, each with its indexes, per request.
 SQLite: ``dbstat`` (pages in use); PostgreSQL: ``pg_total_relation_size`` after ``VACUUM``, in a
 schema of its own that is dropped afterwards. ``--days D`` spreads the requests evenly over the last
@@ -41,13 +41,14 @@ def rows(count: int, start: datetime, step: timedelta = timedelta(milliseconds=1
     users = [new_id("usr") for _ in range(50)]
     orgs = [new_id("org") for _ in range(5)]
     keys = {account: (new_id("key"), "ngk_" + secrets.token_hex(6)) for account in users + orgs}
+    process = secrets.token_hex(8)  # request ids as the gateway makes them (proxy.new_request_id)
     out = []
     for i in range(count):
         org = orgs[i % 5] if i % 10 == 0 else None
         account = org or users[i % 50]
         key_id, prefix = keys[account]
         out.append(UsageRecord(
-            request_id="req_" + secrets.token_hex(13), ts=start + i * step,
+            request_id=f"req_{process}{i + 1:08x}", ts=start + i * step,
             endpoint="chat.completions", model="gpt-4o-mini", provider="openai", upstream_model="gpt-4o-mini",
             account_id=account, org_id=org, key_id=key_id, key_prefix=prefix, prompt_tokens=412,
             completion_tokens=128, cached_tokens=0, usage_estimated=False, estimated_cost_pico=2_000_000_000,
