@@ -37,6 +37,10 @@ API_KEY_COLUMNS = (
     " last_used_at, expires_at, revoked_at, allowed_models, limits"
 )
 USAGE_COLUMNS = ", ".join(USAGE_FIELDS)
+USAGE_SELECT = ", ".join(
+    "NULLIF(COALESCE(key_prefix, (SELECT k.prefix FROM api_keys k WHERE k.id = usage_records.key_id)), '')"
+    " AS key_prefix" if name == "key_prefix" else name for name in USAGE_FIELDS)
+"""USAGE_COLUMNS as list_usage reads them: a key prefix stored as NULL is its key's (keys are never deleted)."""
 LEDGER_COLUMNS = "id, account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
 LEDGER_INSERT_COLUMNS = "account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
 
@@ -69,6 +73,8 @@ request (external_id: its request id)."""
 # Lean usage rows: what most rows hold is stored as NULL and read back (see usage_for_storage).
 COMMON_ENDPOINT = "chat.completions"
 """Stored as NULL in usage_records.endpoint."""
+NO_KEY_PREFIX = ""
+"""Stored in usage_records.key_prefix for None when the row's key exists (NULL there: its prefix)."""
 NO_UPSTREAM_MODEL = ""
 """Stored in usage_records.upstream_model for None (NULL there means "the same as model")."""
 
@@ -76,6 +82,15 @@ NO_UPSTREAM_MODEL = ""
 def debit_description(requests: int) -> str:
     """A batch debit's description: how many requests it charges."""
     return f"{requests} request{'s' * (requests != 1)}"
+
+
+def stored_key_prefix(key_prefix: str | None, key_has: str | None) -> str | None:
+    """NULL for the prefix of the row's key (``key_has``: api_keys.prefix, None when there is no such key)."""
+    if key_has is None:
+        return key_prefix
+    if key_prefix == key_has:
+        return None
+    return NO_KEY_PREFIX if key_prefix is None else key_prefix
 
 
 def stored_endpoint(endpoint: str) -> str | None:

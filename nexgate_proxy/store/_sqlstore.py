@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _common as common
 from . import _queries as q
-from ._common import API_KEY_COLUMNS, LEDGER_COLUMNS, USAGE_COLUMNS, Filter, RowDecoder
+from ._common import API_KEY_COLUMNS, LEDGER_COLUMNS, USAGE_SELECT, Filter, RowDecoder
 from ._migrations import check_version
 from ._queries import Sql
 from .base import (ApiKeyRow, GroupBy, LedgerDay, LedgerEntry, Membership, Organization, StatusFilter, Store,
@@ -232,7 +232,7 @@ class SqlStore(Store):
             ) + common.status_filters(status)
         )
         rows = await self._select(
-            f"SELECT {USAGE_COLUMNS} FROM usage_records {where} ORDER BY ts DESC, request_id DESC {self._page(params)}",
+            f"SELECT {USAGE_SELECT} FROM usage_records {where} ORDER BY ts DESC, request_id DESC {self._page(params)}",
             [*params, limit, offset],
         )
         return [self._decode.usage(r) for r in rows]

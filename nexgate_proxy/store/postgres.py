@@ -191,6 +191,8 @@ _DEBITED_REQUESTS = (f"SELECT request_id, actual_cost_pico FROM usage_records WH
 
 _STORED_USAGE = ", ".join({
     "endpoint": f"NULLIF(i.endpoint, '{common.COMMON_ENDPOINT}')",
+    "key_prefix": ("CASE WHEN k.prefix IS NULL THEN i.key_prefix WHEN i.key_prefix IS NOT DISTINCT FROM k.prefix"
+                   f" THEN NULL ELSE COALESCE(i.key_prefix, '{common.NO_KEY_PREFIX}') END"),
     "upstream_model": ("CASE WHEN i.upstream_model IS NOT DISTINCT FROM i.model THEN NULL"
                        f" WHEN i.upstream_model IS NULL THEN '{common.NO_UPSTREAM_MODEL}' ELSE i.upstream_model END"),
 }.get(name, f"i.{name}") for name in USAGE_FIELDS)
@@ -211,7 +213,8 @@ WITH input AS (
     SELECT {_STORED_USAGE}, CASE WHEN i.actual_cost_pico > 0 THEN COALESCE(
         (SELECT l.id FROM ledger_entries l WHERE l.source = '{common.REQUEST_SOURCE}' AND l.external_id = i.request_id),
         d.debit_id) END
-    FROM input i LEFT JOIN debits d ON d.account_id = i.account_id ORDER BY i.request_id, i.n
+    FROM input i LEFT JOIN debits d ON d.account_id = i.account_id LEFT JOIN api_keys k ON k.id = i.key_id
+    ORDER BY i.request_id, i.n
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, ts, model, account_id, org_id, key_id, prompt_tokens, completion_tokens, cached_tokens,
         actual_cost_pico, latency_ms, status, debit_id

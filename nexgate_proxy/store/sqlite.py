@@ -123,10 +123,11 @@ _DELETE_ROLLED_UP = (
 """The roll-up job's batch: old rows whose day's totals are in usage_daily (usage_records_ts_idx)."""
 
 
-def _usage_params(row: UsageRecord, debit_id: int | None) -> tuple[Any, ...]:
+def _usage_params(row: UsageRecord, debit_id: int | None, key_has: str | None) -> tuple[Any, ...]:
     # The record's fields are the columns, in order, in their stored form (see migration 0008).
     return (row[0], _usage_ts(row[1]), common.stored_endpoint(row[2]), row[3], row[4],
-            common.stored_upstream_model(row[3], row[5]), *row[6:], debit_id)
+            common.stored_upstream_model(row[3], row[5]), *row[6:9], common.stored_key_prefix(row[9], key_has),
+            *row[10:], debit_id)
 
 
 _INSERT_USAGE = (
@@ -326,12 +327,24 @@ def _insert_usage_and_debits(conn: sqlite3.Connection, new: Sequence[UsageRecord
         debit_ids[account_id] = conn.execute(_INSERT_DEBIT, (
             account_id, amount, first, first, common.debit_description(len(rows)), created)).lastrowid
         totals[account_id] = (amount, len(rows))
+    prefixes = _key_prefixes(conn, {r.key_id for r in new if r.key_id is not None})
     conn.executemany(_INSERT_USAGE, [
         _usage_params(r, booked.get(r.request_id) or (debit_ids.get(r.account_id)  # type: ignore[arg-type]
-                                                      if r.actual_cost_pico else None))
+                                                      if r.actual_cost_pico else None), prefixes.get(r.key_id))
         for r in new])
     _add_to_balances(conn, {account: amount for account, (amount, _) in totals.items()}, created)
     _add_debit_days(conn, totals, created)
+
+
+def _key_prefixes(conn: sqlite3.Connection, key_ids: set[str]) -> dict[str, str]:
+    """{key id: prefix} of the batch's keys (a few): a row stores NULL for its key's prefix."""
+    ids = sorted(key_ids)
+    found: dict[str, str] = {}
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        chunk = ids[start:start + _IDS_PER_QUERY]
+        found.update(conn.execute(f"SELECT id, prefix FROM api_keys WHERE id IN ({', '.join('?' * len(chunk))})",
+                                  chunk).fetchall())
+    return found
 
 
 def _debits_booked_before(conn: sqlite3.Connection, request_ids: Sequence[str]) -> dict[str, int]:

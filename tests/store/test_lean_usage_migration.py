@@ -40,6 +40,12 @@ async def test_migration_converts_old_rows_without_loss(store_url: str, monkeypa
     store = await open_store(store_url)
     try:
         await migrate_up_to(store, 6, monkeypatch)
+        # a real key (its prefix is read back from it): rows with its prefix, none, another one
+        user = await store.create_user(email="a@example.com")
+        key = await store.create_api_key(public_id="pub1", prefix="ngk_pub1", secret_hash="x", name="k",
+                                         user_id=user.id)
+        rows = [r._replace(key_id=key.id, key_prefix=("ngk_pub1", None, "ngk_other")[i % 3]) if i % 2 else r
+                for i, r in enumerate(rows)]
         await write_old_rows(store, rows)
         assert await migrate_up_to(store, 7, monkeypatch) == [7]
         before = await _ledger(store)
@@ -63,8 +69,8 @@ async def test_migration_converts_old_rows_without_loss(store_url: str, monkeypa
         assert await store.record_usage(rows) == 0
         assert await _ledger(store) == before
         # new rows: one debit per account, which lists them
-        new = [usage(f"new{i}", ts=datetime.now(UTC), account_id=("usr_a", "usr_b")[i % 2], actual_cost_pico=i + 1)
-               for i in range(6)]
+        new = [usage(f"new{i}", ts=datetime.now(UTC), account_id=("usr_a", "usr_b")[i % 2], actual_cost_pico=i + 1,
+                     key_id=key.id, key_prefix=(None, "ngk_pub1", "ngk_other")[i % 3]) for i in range(6)]
         assert await store.record_usage(new) == 6
         for n, account in enumerate(("usr_a", "usr_b")):
             [debit] = [e for e in await store.list_ledger(account, limit=1000) if e.external_id.startswith("new")]

@@ -1,6 +1,7 @@
 -- Lean usage rows (issue #20): columns ordered widest first (no alignment padding between them);
 -- what most rows hold stored as NULL (the endpoint "chat.completions", an upstream model equal to
--- the model: see _common.usage_from_storage); the indexes the queries use and no others. Every
+-- the model, the key prefix of the row's key, read back from api_keys: keys are never deleted; see
+-- _common.usage_from_storage and USAGE_SELECT); the indexes the queries use and no others. Every
 -- reader scopes by account: the organization and key indexes went (an org_id or key_id filter
 -- alone scans; none of the gateway's queries has one). The time index is a BRIN: rows arrive in
 -- time order, and the roll-up job and the unscoped part-day totals read ranges of it.
@@ -32,7 +33,7 @@ CREATE TABLE usage_records (
     request_id          text NOT NULL CONSTRAINT usage_records_pkey PRIMARY KEY,
     account_id          text,
     key_id              text,
-    key_prefix          text,
+    key_prefix          text,     -- NULL: its key's api_keys.prefix; '': none
     model               text,
     provider            text,
     client_ip           text,     -- personal data: nulled by clear_client_ips after retention
@@ -48,12 +49,15 @@ INSERT INTO usage_records (ts, estimated_cost_pico, actual_cost_pico, debit_id, 
                            upstream_model, error_code)
 SELECT u.ts, u.estimated_cost_pico, u.actual_cost_pico, l.id, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
        u.latency_ms, u.status, u.attempts, u.usage_estimated, u.stream, u.request_id, u.account_id, u.key_id,
-       u.key_prefix, u.model, u.provider, u.client_ip, u.org_id, NULLIF(u.endpoint, 'chat.completions'),
+       CASE WHEN k.prefix IS NULL THEN u.key_prefix WHEN u.key_prefix IS NOT DISTINCT FROM k.prefix THEN NULL
+            ELSE COALESCE(u.key_prefix, '') END,
+       u.model, u.provider, u.client_ip, u.org_id, NULLIF(u.endpoint, 'chat.completions'),
        CASE WHEN u.upstream_model IS NOT DISTINCT FROM u.model THEN NULL
             WHEN u.upstream_model IS NULL THEN '' ELSE u.upstream_model END,
        u.error_code
 FROM usage_records_old u
 LEFT JOIN ledger_entries l ON l.source = 'request' AND l.external_id = u.request_id
+LEFT JOIN api_keys k ON k.id = u.key_id
 ORDER BY u.ts;
 
 DROP TABLE usage_records_old;

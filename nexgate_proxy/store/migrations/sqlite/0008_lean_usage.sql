@@ -1,6 +1,7 @@
 -- Lean usage rows (issue #20): ts as integer microseconds since 1970-01-01 UTC (8 bytes instead of
 -- 32 characters, in the row and in every index); what most rows hold stored as NULL (the endpoint
--- "chat.completions", an upstream model equal to the model: see _common.usage_from_storage); the
+-- "chat.completions", an upstream model equal to the model, the key prefix of the row's key, read
+-- back from api_keys: keys are never deleted; see _common.usage_from_storage and USAGE_SELECT); the
 -- indexes the queries use and no others. Every reader scopes by account: the organization and key
 -- indexes went (an org_id or key_id filter alone scans; none of the gateway's queries has one).
 -- debit_id: the ledger entry that charged the row's cost. record_usage now books one debit per
@@ -24,7 +25,7 @@ CREATE TABLE usage_records_lean (
     request_id          TEXT NOT NULL PRIMARY KEY,
     account_id          TEXT,
     key_id              TEXT,
-    key_prefix          TEXT,
+    key_prefix          TEXT,              -- NULL: its key's api_keys.prefix; '': none
     model               TEXT,
     provider            TEXT,
     client_ip           TEXT,              -- personal data: nulled by clear_client_ips after retention
@@ -43,11 +44,14 @@ SELECT CAST(strftime('%s', substr(u.ts, 1, 19)) AS INTEGER) * 1000000 + CAST(sub
        u.estimated_cost_pico, u.actual_cost_pico,
        (SELECT l.id FROM ledger_entries l WHERE l.source = 'request' AND l.external_id = u.request_id),
        u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.latency_ms, u.status, u.attempts, u.usage_estimated,
-       u.stream, u.request_id, u.account_id, u.key_id, u.key_prefix, u.model, u.provider, u.client_ip, u.org_id,
+       u.stream, u.request_id, u.account_id, u.key_id,
+       CASE WHEN k.prefix IS NULL THEN u.key_prefix WHEN u.key_prefix IS k.prefix THEN NULL
+            ELSE COALESCE(u.key_prefix, '') END,
+       u.model, u.provider, u.client_ip, u.org_id,
        NULLIF(u.endpoint, 'chat.completions'),
        CASE WHEN u.upstream_model IS u.model THEN NULL WHEN u.upstream_model IS NULL THEN '' ELSE u.upstream_model END,
        u.error_code
-FROM usage_records u ORDER BY u.ts;
+FROM usage_records u LEFT JOIN api_keys k ON k.id = u.key_id ORDER BY u.ts;
 
 DROP TABLE usage_records;
 ALTER TABLE usage_records_lean RENAME TO usage_records;
