@@ -37,10 +37,16 @@ API_KEY_COLUMNS = (
     " last_used_at, expires_at, revoked_at, allowed_models, limits"
 )
 USAGE_COLUMNS = ", ".join(USAGE_FIELDS)
-USAGE_SELECT = ", ".join(
-    "NULLIF(COALESCE(key_prefix, (SELECT k.prefix FROM api_keys k WHERE k.id = usage_records.key_id)), '')"
-    " AS key_prefix" if name == "key_prefix" else name for name in USAGE_FIELDS)
-"""USAGE_COLUMNS as list_usage reads them: a key prefix stored as NULL is its key's (keys are never deleted)."""
+_STORED_AS_NULL = {
+    "key_prefix": "NULLIF(COALESCE(key_prefix, (SELECT k.prefix FROM api_keys k WHERE k.id = usage_records.key_id)),"
+                  " '')",
+    "cached_tokens": "COALESCE(cached_tokens, 0)",  # PostgreSQL stores NULL for 0
+    "attempts": "COALESCE(attempts, 1)",  # and for 1
+}
+USAGE_SELECT = ", ".join(f"{_STORED_AS_NULL[name]} AS {name}" if name in _STORED_AS_NULL else name
+                         for name in USAGE_FIELDS)
+"""USAGE_COLUMNS as list_usage reads them: a key prefix stored as NULL is its key's (keys are never
+deleted); on PostgreSQL, NULL cached_tokens are 0 and NULL attempts 1."""
 LEDGER_COLUMNS = "id, account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
 LEDGER_INSERT_COLUMNS = "account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
 

@@ -191,6 +191,9 @@ _DEBITED_REQUESTS = (f"SELECT request_id, actual_cost_pico FROM usage_records WH
 
 _STORED_USAGE = ", ".join({
     "endpoint": f"NULLIF(i.endpoint, '{common.COMMON_ENDPOINT}')",
+    # NULL for the usual 0 cached tokens and 1 attempt: 8 bytes less, a whole MAXALIGN step of the row
+    "cached_tokens": "NULLIF(i.cached_tokens, 0)",
+    "attempts": "NULLIF(i.attempts, 1)",
     "key_prefix": ("CASE WHEN k.prefix IS NULL THEN i.key_prefix WHEN i.key_prefix IS NOT DISTINCT FROM k.prefix"
                    f" THEN NULL ELSE COALESCE(i.key_prefix, '{common.NO_KEY_PREFIX}') END"),
     "upstream_model": ("CASE WHEN i.upstream_model IS NOT DISTINCT FROM i.model THEN NULL"
@@ -222,7 +225,7 @@ WITH input AS (
     INSERT INTO usage_daily (account_id, day, model, key_id, status, org_id, requests, prompt_tokens,
                              completion_tokens, cached_tokens, cost_pico, latency_ms_sum, latency_ms_max)
     SELECT COALESCE(account_id, ''), (ts AT TIME ZONE 'UTC')::date, COALESCE(model, ''), COALESCE(key_id, ''),
-           status, COALESCE(org_id, ''), COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+           status, COALESCE(org_id, ''), COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), COALESCE(SUM(cached_tokens), 0),
            COALESCE(SUM(actual_cost_pico), 0), SUM(latency_ms), MAX(latency_ms)
     FROM new_usage GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
     ON CONFLICT (account_id, day, model, key_id, status, org_id) DO UPDATE SET

@@ -1,6 +1,7 @@
 -- Lean usage rows (issue #20): columns ordered widest first (no alignment padding between them);
--- what most rows hold stored as NULL (the endpoint "chat.completions", an upstream model equal to
--- the model, the key prefix of the row's key, read back from api_keys: keys are never deleted; see
+-- what most rows hold stored as NULL (0 cached tokens, 1 attempt, the endpoint "chat.completions",
+-- an upstream model equal to the model, the key prefix of the row's key, read back from api_keys:
+-- keys are never deleted; see
 -- _common.usage_from_storage and USAGE_SELECT); the indexes the queries use and no others. Every
 -- reader scopes by account: the organization and key indexes went (an org_id or key_id filter
 -- alone scans; none of the gateway's queries has one). The time index is a BRIN: rows arrive in
@@ -24,10 +25,10 @@ CREATE TABLE usage_records (
     debit_id            bigint,   -- ledger_entries.id of the debit that charged actual_cost_pico
     prompt_tokens       integer NOT NULL,
     completion_tokens   integer NOT NULL,
-    cached_tokens       integer NOT NULL,
+    cached_tokens       integer,  -- NULL: 0 (then the row is 8 bytes shorter, a MAXALIGN step)
     latency_ms          integer NOT NULL,
     status              integer NOT NULL,
-    attempts            integer NOT NULL,
+    attempts            integer,  -- NULL: 1
     usage_estimated     boolean NOT NULL,
     stream              boolean NOT NULL,
     request_id          text NOT NULL CONSTRAINT usage_records_pkey PRIMARY KEY,
@@ -47,8 +48,9 @@ INSERT INTO usage_records (ts, estimated_cost_pico, actual_cost_pico, debit_id, 
                            cached_tokens, latency_ms, status, attempts, usage_estimated, stream, request_id,
                            account_id, key_id, key_prefix, model, provider, client_ip, org_id, endpoint,
                            upstream_model, error_code)
-SELECT u.ts, u.estimated_cost_pico, u.actual_cost_pico, l.id, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
-       u.latency_ms, u.status, u.attempts, u.usage_estimated, u.stream, u.request_id, u.account_id, u.key_id,
+SELECT u.ts, u.estimated_cost_pico, u.actual_cost_pico, l.id, u.prompt_tokens, u.completion_tokens,
+       NULLIF(u.cached_tokens, 0), u.latency_ms, u.status, NULLIF(u.attempts, 1), u.usage_estimated, u.stream,
+       u.request_id, u.account_id, u.key_id,
        CASE WHEN k.prefix IS NULL THEN u.key_prefix WHEN u.key_prefix IS NOT DISTINCT FROM k.prefix THEN NULL
             ELSE COALESCE(u.key_prefix, '') END,
        u.model, u.provider, u.client_ip, u.org_id, NULLIF(u.endpoint, 'chat.completions'),
