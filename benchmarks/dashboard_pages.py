@@ -35,6 +35,7 @@ from yarl import URL
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nexgate_proxy.store import open_store  # noqa: E402
+from nexgate_proxy.store import sqlite as sqlite_store  # noqa: E402
 from nexgate_proxy.testing import FakeUpstream, gateway_config  # noqa: E402
 from nexgate_proxy.testing.gateway import running_gateways  # noqa: E402
 
@@ -49,7 +50,14 @@ def _ts(moment: datetime) -> str:
 async def build(path: Path, rows: int, share: float) -> tuple[str, str]:
     url = f"sqlite:///{path}"
     store = await open_store(url)
-    await store.migrate()
+    # Version 6: the rows go in as the store wrote them then (ISO text ts, a debit per request);
+    # migrations 0007 and 0008 then convert them, as upgrading an existing database does.
+    every = sqlite_store.load_migrations
+    sqlite_store.load_migrations = lambda dialect: tuple(m for m in every(dialect) if m.version <= 6)
+    try:
+        await store.migrate()
+    finally:
+        sqlite_store.load_migrations = every
     heavy = await store.create_user(email="heavy@example.com", name="Heavy User")
     org = await store.create_org("Big Org", heavy.id)
     await store.close()
@@ -81,21 +89,16 @@ async def build(path: Path, rows: int, share: float) -> tuple[str, str]:
     db.executemany("INSERT INTO ledger_entries (account_id, kind, amount_pico, source, external_id, request_id,"
                    " description, created_at) VALUES (?,?,?,?,?,?,?,?)", ledger)
     db.executemany("INSERT INTO balances VALUES (?, ?, ?)", [(a, b, _ts(now)) for a, b in balances.items()])
-    # The rows went in behind the store's back: undo migration 7 and apply it again, so its
-    # backfill builds the daily totals from them (as upgrading an existing database does).
-    db.execute("DROP TABLE usage_daily")
-    db.execute("DROP TABLE request_debits_daily")
-    db.execute("DROP INDEX ledger_entries_account_other_idx")
-    db.execute("DELETE FROM schema_migrations WHERE version = 7")
     db.commit()
     db.close()
     print(f"built {rows:,} usage rows and {len(ledger):,} ledger entries in {time.perf_counter() - started:.1f} s; "
           f"{sum(1 for u in usage if u[6] == heavy.id):,} in the measured account")
     started = time.perf_counter()
     store = await open_store(url)
-    assert await store.migrate() == [7]
+    assert await store.migrate() == [7, 8]
     await store.close()
-    print(f"migration 0007 (daily totals backfill) took {time.perf_counter() - started:.1f} s")
+    print(f"migrations 0007 (daily totals backfill) and 0008 (lean usage rows) took"
+          f" {time.perf_counter() - started:.1f} s")
     db = sqlite3.connect(path)
     db.execute("ANALYZE")
     db.close()

@@ -7,7 +7,8 @@
     .venv/bin/python benchmarks/storage_bytes.py --days 30 --rollup-after-days 7   # with the usage roll-up
 
 Writes ``--requests`` priced requests of realistic shape (personal keys, 10% organization keys, a
-client IP, a model and provider name) through ``store.record_usage`` in batches of 500, as the usage
+client IP, a model and provider name, request ids as one gateway process makes them, the accounts
+and keys in the store as the gateway's are) through ``store.record_usage`` in batches of 500, as the usage
 log does, and reports the bytes of the usage table and the ledger, each with its indexes, per request.
 SQLite: ``dbstat`` (pages in use); PostgreSQL: ``pg_total_relation_size`` after ``VACUUM``, in a
 schema of its own that is dropped afterwards. ``--days D`` spreads the requests evenly over the last
@@ -34,20 +35,32 @@ from harness import use_source  # noqa: E402
 TABLES = {"usage": ("usage_records",), "ledger": ("ledger_entries",), "daily": ("usage_daily", "request_debits_daily")}
 
 
-def rows(count: int, start: datetime, step: timedelta = timedelta(milliseconds=10)) -> list:
-    from nexgate_proxy.records import UsageRecord
-    from nexgate_proxy.store._common import new_id
+async def accounts(store) -> tuple[list[str], list[str], dict[str, tuple[str, str]]]:
+    """50 users and 5 organizations, each with an API key, as the gateway's rows have them."""
+    users = [(await store.create_user(email=f"u{i}@example.com")).id for i in range(50)]
+    orgs = [(await store.create_org(f"org {i}", users[i])).id for i in range(5)]
+    keys = {}
+    for account in users + orgs:
+        public_id = secrets.token_hex(6)
+        owner = {"org_id": account} if account in orgs else {"user_id": account}
+        key = await store.create_api_key(public_id=public_id, prefix="ngk_" + public_id, secret_hash="x",
+                                         name="bench", **owner)
+        keys[account] = (key.id, key.prefix)
+    return users, orgs, keys
 
-    users = [new_id("usr") for _ in range(50)]
-    orgs = [new_id("org") for _ in range(5)]
-    keys = {account: (new_id("key"), "ngk_" + secrets.token_hex(6)) for account in users + orgs}
+
+def rows(count: int, start: datetime, step: timedelta, users: list[str], orgs: list[str],
+         keys: dict[str, tuple[str, str]]) -> list:
+    from nexgate_proxy.records import UsageRecord
+
+    process = secrets.token_hex(8)  # request ids as the gateway makes them (proxy.new_request_id)
     out = []
     for i in range(count):
         org = orgs[i % 5] if i % 10 == 0 else None
         account = org or users[i % 50]
         key_id, prefix = keys[account]
         out.append(UsageRecord(
-            request_id="req_" + secrets.token_hex(13), ts=start + i * step,
+            request_id=f"req_{process}{i + 1:08x}", ts=start + i * step,
             endpoint="chat.completions", model="gpt-4o-mini", provider="openai", upstream_model="gpt-4o-mini",
             account_id=account, org_id=org, key_id=key_id, key_prefix=prefix, prompt_tokens=412,
             completion_tokens=128, cached_tokens=0, usage_estimated=False, estimated_cost_pico=2_000_000_000,
@@ -63,11 +76,12 @@ async def measure(url: str, count: int, sqlite_path: str | None, days: int = 0,
     store = await open_store(url)
     try:
         await store.migrate()
+        who = await accounts(store)
         if days:
             now = datetime.now(timezone.utc)
-            batch = rows(count, now - timedelta(days=days), timedelta(days=days) / count)
+            batch = rows(count, now - timedelta(days=days), timedelta(days=days) / count, *who)
         else:
-            batch = rows(count, datetime(2026, 1, 1, tzinfo=timezone.utc))
+            batch = rows(count, datetime(2026, 1, 1, tzinfo=timezone.utc), timedelta(milliseconds=10), *who)
         for i in range(0, count, 500):
             await store.record_usage(batch[i:i + 500])
         if rollup_after_days:

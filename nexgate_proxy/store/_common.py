@@ -37,6 +37,16 @@ API_KEY_COLUMNS = (
     " last_used_at, expires_at, revoked_at, allowed_models, limits"
 )
 USAGE_COLUMNS = ", ".join(USAGE_FIELDS)
+_STORED_AS_NULL = {
+    "key_prefix": "NULLIF(COALESCE(key_prefix, (SELECT k.prefix FROM api_keys k WHERE k.id = usage_records.key_id)),"
+                  " '')",
+    "cached_tokens": "COALESCE(cached_tokens, 0)",  # PostgreSQL stores NULL for 0
+    "attempts": "COALESCE(attempts, 1)",  # and for 1
+}
+USAGE_SELECT = ", ".join(f"{_STORED_AS_NULL[name]} AS {name}" if name in _STORED_AS_NULL else name
+                         for name in USAGE_FIELDS)
+"""USAGE_COLUMNS as list_usage reads them: a key prefix stored as NULL is its key's (keys are never
+deleted); on PostgreSQL, NULL cached_tokens are 0 and NULL attempts 1."""
 LEDGER_COLUMNS = "id, account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
 LEDGER_INSERT_COLUMNS = "account_id, kind, amount_pico, source, external_id, request_id, description, created_at"
 
@@ -62,7 +72,50 @@ def last_owner_of(user_id: str, org_ids: list[str]) -> LastOwnerError:
 
 
 REQUEST_SOURCE = "request"
-"""The ledger source of the debits record_usage applies; their external_id is the request id."""
+"""The ledger source of the debits record_usage applies: one per account and batch (external_id: the
+first of the batch's request ids, the usage rows name it in debit_id). Before migration 0008, one per
+request (external_id: its request id)."""
+
+# Lean usage rows: what most rows hold is stored as NULL and read back (see usage_for_storage).
+COMMON_ENDPOINT = "chat.completions"
+"""Stored as NULL in usage_records.endpoint."""
+NO_KEY_PREFIX = ""
+"""Stored in usage_records.key_prefix for None when the row's key exists (NULL there: its prefix)."""
+NO_UPSTREAM_MODEL = ""
+"""Stored in usage_records.upstream_model for None (NULL there means "the same as model")."""
+
+
+def debit_description(requests: int) -> str:
+    """A batch debit's description: how many requests it charges."""
+    return f"{requests} request{'s' * (requests != 1)}"
+
+
+def stored_key_prefix(key_prefix: str | None, key_has: str | None) -> str | None:
+    """NULL for the prefix of the row's key (``key_has``: api_keys.prefix, None when there is no such key)."""
+    if key_has is None:
+        return key_prefix
+    if key_prefix == key_has:
+        return None
+    return NO_KEY_PREFIX if key_prefix is None else key_prefix
+
+
+def stored_endpoint(endpoint: str) -> str | None:
+    return None if endpoint == COMMON_ENDPOINT else endpoint
+
+
+def stored_upstream_model(model: str | None, upstream_model: str | None) -> str | None:
+    if upstream_model == model:
+        return None
+    return NO_UPSTREAM_MODEL if upstream_model is None else upstream_model
+
+
+def usage_from_storage(record: UsageRecord) -> UsageRecord:
+    """The record as written, from a row read with USAGE_COLUMNS (endpoint and upstream_model as stored)."""
+    upstream = record.upstream_model
+    return record._replace(
+        endpoint=COMMON_ENDPOINT if record.endpoint is None else record.endpoint,
+        upstream_model=record.model if upstream is None else (None if upstream == NO_UPSTREAM_MODEL else upstream),
+        usage_estimated=bool(record.usage_estimated), stream=bool(record.stream))
 
 
 def new_id(kind: str) -> str:
@@ -273,9 +326,10 @@ def _same(value: Any) -> Any:
 
 
 class RowDecoder:
-    def __init__(self, timestamp: Decode = _same, json_value: Decode = _same) -> None:
+    def __init__(self, timestamp: Decode = _same, json_value: Decode = _same, usage_ts: Decode = _same) -> None:
         self._ts = timestamp
         self._json = json_value
+        self._usage_ts = usage_ts
 
     def timestamp(self, value: Any) -> datetime:
         return self._ts(value)
@@ -331,8 +385,7 @@ class RowDecoder:
     def usage(self, row: Any) -> UsageRecord:
         """Read with USAGE_COLUMNS: the columns are the record's fields. SQLite keeps booleans as 0/1."""
         record = UsageRecord._make(row[name] for name in USAGE_FIELDS)
-        return record._replace(ts=self._ts(record.ts), usage_estimated=bool(record.usage_estimated),
-                               stream=bool(record.stream))
+        return usage_from_storage(record._replace(ts=self._usage_ts(record.ts)))
 
     def ledger_entry(self, row: Any) -> LedgerEntry:
         return LedgerEntry(

@@ -91,11 +91,16 @@ USER_KEYS = sql(f"SELECT id, revoked_at FROM api_keys WHERE {_USER_KEYS} ORDER B
 REVOKE_USER_KEYS = sql(f"UPDATE api_keys SET revoked_at = :when WHERE {_USER_KEYS} AND revoked_at IS NULL",
                        "when", "user")
 RENAME_USER_KEYS = sql("UPDATE api_keys SET name = :name WHERE user_id = :user AND name <> :name", "name", "user")
-CLEAR_USER_IPS = sql(
-    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND"
-    f" (account_id = :user OR key_id IN (SELECT id FROM api_keys WHERE {_USER_KEYS}))",
-    "user",
+# By account, through the account index (PostgreSQL's holds hashtext(account_id)): a key's rows are
+# billed to its owner, so the user's rows are in the user's account and the accounts of their keys.
+_CLEAR_USER_IPS = (
+    "UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL"
+    " AND {f}(account_id) IN (SELECT {f}(:user) UNION"
+    f" SELECT {{f}}(COALESCE(user_id, org_id)) FROM api_keys WHERE {_USER_KEYS})"
+    f" AND (account_id = :user OR key_id IN (SELECT id FROM api_keys WHERE {_USER_KEYS}))"
 )
+CLEAR_USER_IPS = Sql(sqlite=sql(_CLEAR_USER_IPS.format(f=""), "user").sqlite,
+                     postgres=sql(_CLEAR_USER_IPS.format(f="hashtext"), "user").postgres)
 ERASE_USER = sql(
     "UPDATE users SET email = NULL, name = NULL, external_id = NULL,"
     " deleted_at = COALESCE(deleted_at, :when) WHERE id = :user AND (email IS NOT NULL"
@@ -147,6 +152,11 @@ GET_API_KEY_BY_PUBLIC_ID = sql(f"SELECT {API_KEY_COLUMNS}, {_OWNER_SUSPENDED} FR
 
 CLEAR_CLIENT_IPS = sql("UPDATE usage_records SET client_ip = NULL WHERE client_ip IS NOT NULL AND ts < :before",
                        "before")
+DEBITED_REQUESTS = sql(  # by account (its index), then the debit's own rows
+    "SELECT request_id, actual_cost_pico FROM usage_records WHERE account_id = :account AND debit_id = :debit"
+    " ORDER BY request_id",
+    "account", "debit",
+)
 INSERT_WEBHOOK_EVENT = sql(
     "INSERT INTO webhook_events (source, event_id, event_type, received_at) VALUES (:source, :event_id, :type, :at)"
     " ON CONFLICT (source, event_id) DO NOTHING",

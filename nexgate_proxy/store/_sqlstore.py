@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _common as common
 from . import _queries as q
-from ._common import API_KEY_COLUMNS, LEDGER_COLUMNS, USAGE_COLUMNS, Filter, RowDecoder
+from ._common import API_KEY_COLUMNS, LEDGER_COLUMNS, USAGE_SELECT, Filter, RowDecoder
 from ._migrations import check_version
 from ._queries import Sql
 from .base import (ApiKeyRow, GroupBy, LedgerDay, LedgerEntry, Membership, Organization, StatusFilter, Store,
@@ -99,6 +99,10 @@ class SqlStore(Store):
         mark = self._placeholder
         clause = " AND ".join(f"{condition} {mark}{i}" for i, (condition, _) in enumerate(filters, 1))
         return f"WHERE {clause}", [self._bind(value) for _, value in filters]
+
+    def _usage_where(self, filters: list[Filter]) -> tuple[str, list[Any]]:
+        """`_where` over usage_records (common.usage_filters: the account first, when there is one)."""
+        return self._where(filters)
 
     def _page(self, params: list[Any]) -> str:
         n, mark = len(params), self._placeholder
@@ -221,17 +225,21 @@ class SqlStore(Store):
         offset: int = 0,
     ) -> list[UsageRecord]:
         common.check_page(limit, offset)
-        where, params = self._where(
+        where, params = self._usage_where(
             common.usage_filters(
                 account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
                 require_scope=True,
             ) + common.status_filters(status)
         )
         rows = await self._select(
-            f"SELECT {USAGE_COLUMNS} FROM usage_records {where} ORDER BY ts DESC, request_id DESC {self._page(params)}",
+            f"SELECT {USAGE_SELECT} FROM usage_records {where} ORDER BY ts DESC, request_id DESC {self._page(params)}",
             [*params, limit, offset],
         )
         return [self._decode.usage(r) for r in rows]
+
+    async def debited_requests(self, account_id: str, ledger_id: int) -> list[tuple[str, int]]:
+        rows = await self._rows(q.DEBITED_REQUESTS, account_id, ledger_id)
+        return [(r["request_id"], int(r["actual_cost_pico"])) for r in rows]
 
     async def usage_totals(
         self,
@@ -270,7 +278,7 @@ class SqlStore(Store):
 
     async def _row_totals(self, group_by: str, account_id: str | None, org_id: str | None, key_id: str | None,
                           model: str | None, since: datetime | None, until: datetime | None) -> list[Any]:
-        where, params = self._where(
+        where, params = self._usage_where(
             common.usage_filters(
                 account_id=account_id, org_id=org_id, key_id=key_id, model=model, since=since, until=until,
                 require_scope=False,

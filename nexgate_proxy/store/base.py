@@ -417,16 +417,26 @@ class Store(abc.ABC):
     async def record_usage(self, rows: Sequence[UsageRecord]) -> int:
         """Store a batch of usage records and debit their cost, all in ONE transaction.
 
-        A row whose request_id is already stored is skipped. A newly stored row with
-        an account_id and a positive actual_cost_pico also applies the ledger entry
-        (account_id, "debit", -actual_cost_pico, source "request", external_id =
-        request_id). Replaying a batch, even concurrently from two processes, changes
-        nothing. Returns how many rows were new; the first of two rows with the same
-        request_id wins. In the same transaction, the newly stored rows are added to the daily
-        totals (usage_daily) and their debits to the per-day debit sums (request_debits_daily).
+        A row whose request_id is already stored is skipped. The newly stored rows with an
+        account_id and a positive actual_cost_pico are charged with ONE ledger entry per account
+        (account_id, "debit", minus the sum of their costs, source "request", external_id and
+        request_id = the first of their request ids, description "N requests"); each row names
+        it (``debited_requests`` lists a debit's rows). A row whose request id has a "request"
+        entry already (a per-request debit from before migration 0008) is not charged again.
+        Replaying a batch, even concurrently from two processes, changes nothing: replayed rows
+        are not stored, so not charged. Returns how many rows were new; the first of two rows
+        with the same request_id wins. In the same transaction, the newly stored rows are added
+        to the daily totals (usage_daily) and their costs to the per-day debit sums
+        (request_debits_daily, whose ``entries`` counts requests).
         A bad row (naive ts, a cost that is not a non-negative int,
         a count outside 0..2**31-1) raises ValueError/TypeError before anything is written.
         """
+
+    @abc.abstractmethod
+    async def debited_requests(self, account_id: str, ledger_id: int) -> list[tuple[str, int]]:
+        """The (request_id, actual_cost_pico) of the stored usage rows the account's "request" debit
+        ``ledger_id`` charged, by request id (an audit: their costs sum to minus its amount, until the
+        roll-up deletes rows)."""
 
     @abc.abstractmethod
     async def list_usage(

@@ -28,6 +28,7 @@ from ._common import (
     USAGE_COLUMNS,
     USAGE_FIELDS,
     USER_COLUMNS,
+    Filter,
     RowDecoder,
 )
 from ._migrations import load_migrations, refuse_newer
@@ -182,20 +183,49 @@ def _move_balances(entries: str, now: str) -> str:
     )
 
 
+_BY_ACCOUNT = "hashtext(account_id) = hashtext({0}) AND account_id = {0}"
+"""usage_records of one account, through usage_records_account_ts_idx (on hashtext(account_id), ts)."""
+
+_DEBITED_REQUESTS = (f"SELECT request_id, actual_cost_pico FROM usage_records WHERE {_BY_ACCOUNT.format('$1')}"
+                     " AND debit_id = $2 ORDER BY request_id")
+
+_STORED_USAGE = ", ".join({
+    "endpoint": f"NULLIF(i.endpoint, '{common.COMMON_ENDPOINT}')",
+    # NULL for the usual 0 cached tokens and 1 attempt: 8 bytes less, a whole MAXALIGN step of the row
+    "cached_tokens": "NULLIF(i.cached_tokens, 0)",
+    "attempts": "NULLIF(i.attempts, 1)",
+    "key_prefix": ("CASE WHEN k.prefix IS NULL THEN i.key_prefix WHEN i.key_prefix IS NOT DISTINCT FROM k.prefix"
+                   f" THEN NULL ELSE COALESCE(i.key_prefix, '{common.NO_KEY_PREFIX}') END"),
+    "upstream_model": ("CASE WHEN i.upstream_model IS NOT DISTINCT FROM i.model THEN NULL"
+                       f" WHEN i.upstream_model IS NULL THEN '{common.NO_UPSTREAM_MODEL}' ELSE i.upstream_model END"),
+}.get(name, f"i.{name}") for name in USAGE_FIELDS)
+"""The input's columns in their stored form (see migration 0008 and _common.usage_from_storage)."""
+
 _RECORD_USAGE = f"""
 WITH input AS (
     SELECT * FROM unnest({", ".join(f"${i}::{_USAGE_TYPES[f]}[]" for i, f in enumerate(USAGE_FIELDS, 1))})
         WITH ORDINALITY AS t({USAGE_COLUMNS}, n)
+), debits AS (
+    -- the id of each account's debit, taken before the rows that name it are stored (unused if none is)
+    SELECT account_id, nextval(pg_get_serial_sequence('ledger_entries', 'id')) AS debit_id
+    FROM (SELECT DISTINCT account_id FROM input WHERE account_id IS NOT NULL AND actual_cost_pico > 0) a
 ), new_usage AS (
-    INSERT INTO usage_records ({USAGE_COLUMNS}) SELECT {USAGE_COLUMNS} FROM input ORDER BY request_id, n
+    -- a row whose cost is in the ledger already (a per-request debit from before migration 0008, or
+    -- booked by hand) names that debit and is not charged again
+    INSERT INTO usage_records ({USAGE_COLUMNS}, debit_id)
+    SELECT {_STORED_USAGE}, CASE WHEN i.actual_cost_pico > 0 THEN COALESCE(
+        (SELECT l.id FROM ledger_entries l WHERE l.source = '{common.REQUEST_SOURCE}' AND l.external_id = i.request_id),
+        d.debit_id) END
+    FROM input i LEFT JOIN debits d ON d.account_id = i.account_id LEFT JOIN api_keys k ON k.id = i.key_id
+    ORDER BY i.request_id, i.n
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, ts, model, account_id, org_id, key_id, prompt_tokens, completion_tokens, cached_tokens,
-        actual_cost_pico, latency_ms, status
+        actual_cost_pico, latency_ms, status, debit_id
 ), daily AS (
     INSERT INTO usage_daily (account_id, day, model, key_id, status, org_id, requests, prompt_tokens,
                              completion_tokens, cached_tokens, cost_pico, latency_ms_sum, latency_ms_max)
     SELECT COALESCE(account_id, ''), (ts AT TIME ZONE 'UTC')::date, COALESCE(model, ''), COALESCE(key_id, ''),
-           status, COALESCE(org_id, ''), COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+           status, COALESCE(org_id, ''), COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), COALESCE(SUM(cached_tokens), 0),
            COALESCE(SUM(actual_cost_pico), 0), SUM(latency_ms), MAX(latency_ms)
     FROM new_usage GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
     ON CONFLICT (account_id, day, model, key_id, status, org_id) DO UPDATE SET
@@ -207,17 +237,20 @@ WITH input AS (
         latency_ms_sum = usage_daily.latency_ms_sum + EXCLUDED.latency_ms_sum,
         latency_ms_max = GREATEST(usage_daily.latency_ms_max, EXCLUDED.latency_ms_max)
 ), new_entries AS (
-    INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})
-    SELECT account_id, 'debit', -actual_cost_pico, '{common.REQUEST_SOURCE}', request_id, request_id, NULL, $23
-    FROM new_usage WHERE account_id IS NOT NULL AND actual_cost_pico > 0 ORDER BY request_id
-    ON CONFLICT (source, external_id) DO NOTHING
+    -- one debit per account for the rows this statement stored (a replayed row stores nothing, so
+    -- charges nothing); external_id: the first of its request ids (byte order, as in SQLite)
+    INSERT INTO ledger_entries (id, {LEDGER_INSERT_COLUMNS})
+    SELECT debit_id, account_id, 'debit', -SUM(actual_cost_pico), '{common.REQUEST_SOURCE}',
+           MIN(request_id COLLATE "C"), MIN(request_id COLLATE "C"),
+           COUNT(*) || ' request' || CASE WHEN COUNT(*) = 1 THEN '' ELSE 's' END, $23
+    FROM new_usage WHERE debit_id IN (SELECT debit_id FROM debits) GROUP BY debit_id, account_id ORDER BY account_id
     RETURNING account_id, amount_pico
 ), moved AS (
     {_move_balances("new_entries", "$23")}
 ), debit_days AS (
     INSERT INTO request_debits_daily (account_id, day, amount_pico, entries, last_at)
-    SELECT account_id, ($23 AT TIME ZONE 'UTC')::date, SUM(amount_pico), COUNT(*), $23
-    FROM new_entries GROUP BY account_id ORDER BY account_id
+    SELECT account_id, ($23 AT TIME ZONE 'UTC')::date, -SUM(actual_cost_pico), COUNT(*), $23
+    FROM new_usage WHERE debit_id IN (SELECT debit_id FROM debits) GROUP BY account_id ORDER BY account_id
     ON CONFLICT (account_id, day) DO UPDATE SET
         amount_pico = request_debits_daily.amount_pico + EXCLUDED.amount_pico,
         entries = request_debits_daily.entries + EXCLUDED.entries,
@@ -299,6 +332,18 @@ class PostgresStore(SqlStore):
     @staticmethod
     def _bind_day(day: date) -> date:
         return day
+
+    def _usage_where(self, filters: list[Filter]) -> tuple[str, list[Any]]:
+        # The account index holds hashtext(account_id) (4 bytes, not the id's 31): say it, then the id.
+        where, params = self._where(filters)
+        if filters and filters[0][0] == "account_id =":
+            where = where.replace("WHERE account_id = $1", f"WHERE {_BY_ACCOUNT.format('$1')}", 1)
+        return where, params
+
+    async def debited_requests(self, account_id: str, ledger_id: int) -> list[tuple[str, int]]:
+        with _translated():
+            rows = await self._pool.fetch(_DEBITED_REQUESTS, account_id, ledger_id)
+        return [(r["request_id"], int(r["actual_cost_pico"])) for r in rows]
 
     async def _row(self, query: Sql, *params: Any) -> asyncpg.Record | None:
         with _translated():

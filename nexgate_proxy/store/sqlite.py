@@ -28,6 +28,7 @@ from ._common import (
     LEDGER_INSERT_COLUMNS,
     USAGE_COLUMNS,
     USAGE_FIELDS,
+    Filter,
     RowDecoder,
 )
 from ._migrations import load_migrations, refuse_newer
@@ -82,6 +83,19 @@ def _ts(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _usage_ts(value: datetime) -> int:
+    """usage_records.ts: integer microseconds since the epoch (UTC), exact both ways."""
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _parse_usage_ts(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
 def _opt_ts(value: datetime | None) -> str | None:
     return None if value is None else _ts(value)
 
@@ -94,26 +108,30 @@ def _opt_json(value: Any) -> str | None:
     return None if value is None else common.dump_json(value)
 
 
-_decode = RowDecoder(timestamp=_parse_ts, json_value=json.loads)
+_decode = RowDecoder(timestamp=_parse_ts, json_value=json.loads, usage_ts=_parse_usage_ts)
 
+
+_USAGE_DAY = "strftime('%Y-%m-%d', {} / 1000000, 'unixepoch')"
+"""The UTC date 'YYYY-MM-DD' of a usage_records.ts (integer microseconds)."""
 
 _DELETE_ROLLED_UP = (
     "DELETE FROM usage_records WHERE request_id IN (SELECT r.request_id FROM usage_records r WHERE r.ts < ?"
     " AND EXISTS (SELECT 1 FROM usage_daily d WHERE d.account_id = COALESCE(r.account_id, '')"
-    " AND d.day = substr(r.ts, 1, 10) AND d.model = COALESCE(r.model, '') AND d.key_id = COALESCE(r.key_id, '')"
+    f" AND d.day = {_USAGE_DAY.format('r.ts')} AND d.model = COALESCE(r.model, '') AND d.key_id = COALESCE(r.key_id, '')"
     " AND d.status = r.status AND d.org_id = COALESCE(r.org_id, '') AND d.requests > 0) LIMIT ?)"
 )
 """The roll-up job's batch: old rows whose day's totals are in usage_daily (usage_records_ts_idx)."""
 
 
-def _usage_params(row: UsageRecord) -> tuple[Any, ...]:
-    # The record's fields are the columns, in order; only ts needs its stored text form.
-    return (row[0], _ts(row[1]), *row[2:])
+def _usage_params(row: UsageRecord, debit_id: int | None, key_has: str | None) -> tuple[Any, ...]:
+    # The record's fields are the columns, in order, in their stored form (see migration 0008).
+    return (row[0], _usage_ts(row[1]), common.stored_endpoint(row[2]), row[3], row[4],
+            common.stored_upstream_model(row[3], row[5]), *row[6:9], common.stored_key_prefix(row[9], key_has),
+            *row[10:], debit_id)
 
 
 _INSERT_USAGE = (
-    f"INSERT INTO usage_records ({USAGE_COLUMNS}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})"
-    " ON CONFLICT (request_id) DO NOTHING"
+    f"INSERT INTO usage_records ({USAGE_COLUMNS}, debit_id) VALUES ({', '.join('?' * (len(USAGE_FIELDS) + 1))})"
 )
 
 _ADD_USAGE_DAILY = (
@@ -154,16 +172,13 @@ def _daily_cells(rows: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
     return [(account, day.isoformat(), *rest, *cell) for (account, day, *rest), cell in cells.items()]
 
 
-def _add_debit_days(conn: sqlite3.Connection, debits: Sequence[tuple[Any, ...]], created: str) -> None:
-    """Add the batch's new request debits (LEDGER_INSERT_COLUMNS rows, all booked at ``created``) to
-    request_debits_daily: one row per account."""
+def _add_debit_days(conn: sqlite3.Connection, debits: Mapping[str, tuple[int, int]], created: str) -> None:
+    """Add the batch's debits ({account: (amount, requests)}, all booked at ``created``) to
+    request_debits_daily: one row per account; entries counts the requests."""
     sums: dict[str, list[int]] = {}
-    for account_id, _, amount, *_rest in debits:
-        day = sums.setdefault(account_id, [0, 0, 0])
+    for account_id, (amount, requests) in debits.items():
         high, low = divmod(amount, _COST_SPLIT)  # any split whose parts add up: only the sum is read
-        day[0] += high
-        day[1] += low
-        day[2] += 1
+        sums[account_id] = [high, low, requests]
     conn.executemany(
         "INSERT INTO request_debits_daily (account_id, day, amount_high, amount_low, entries, last_at)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, day) DO UPDATE SET"
@@ -177,7 +192,7 @@ _COST_SPLIT = 10**6
 can reach: sum the millions and the remainders apart (costs are never negative), add in Python."""
 
 _GROUP_EXPRESSIONS = {
-    "day": "substr(ts, 1, 10)",  # stored as UTC ISO text: the first 10 characters are the UTC date
+    "day": _USAGE_DAY.format("ts"),
     "model": "COALESCE(model, '')",
     "key": "COALESCE(key_id, '')",
 }
@@ -289,16 +304,69 @@ def _record_change(conn: sqlite3.Connection, kind: str, subject: str, created: s
                  " VALUES (?, ?, ?, ?, ?)", (kind, subject, amount_pico, ledger_id, created))
 
 
-def _request_debits(rows: Sequence[UsageRecord], created: str) -> list[tuple[Any, ...]]:
-    """The debits (LEDGER_INSERT_COLUMNS rows) newly stored usage rows book: their cost, when they have one."""
-    return [(row.account_id, "debit", -row.actual_cost_pico, common.REQUEST_SOURCE, row.request_id, row.request_id,
-             None, created) for row in rows if row.account_id is not None and row.actual_cost_pico]
+def _insert_usage_and_debits(conn: sqlite3.Connection, new: Sequence[UsageRecord], created: str) -> None:
+    """Store the new rows and book one debit per account for the cost of its rows (inside the transaction).
+
+    A debit's external_id is the first of its rows' request ids (new rows: never booked before), its
+    description counts them, and every row it charges names it in debit_id. A conflict (that id
+    booked by hand) fails the batch rather than store rows nobody paid for.
+    """
+    booked = _debits_booked_before(conn, [r.request_id for r in new if r.actual_cost_pico])
+    charged: dict[str, list[UsageRecord]] = {}
+    for row in new:
+        if row.account_id is not None and row.actual_cost_pico and row.request_id not in booked:
+            charged.setdefault(row.account_id, []).append(row)
+    debit_ids: dict[str, int] = {}
+    totals: dict[str, tuple[int, int]] = {}
+    for account_id in sorted(charged):
+        rows = charged[account_id]
+        amount = -sum(r.actual_cost_pico for r in rows)  # type: ignore[misc]
+        first = min(r.request_id for r in rows)
+        if not MIN_PICO <= amount:
+            raise StoreError(common.OUT_OF_RANGE)
+        debit_ids[account_id] = conn.execute(_INSERT_DEBIT, (
+            account_id, amount, first, first, common.debit_description(len(rows)), created)).lastrowid
+        totals[account_id] = (amount, len(rows))
+    prefixes = _key_prefixes(conn, {r.key_id for r in new if r.key_id is not None})
+    conn.executemany(_INSERT_USAGE, [
+        _usage_params(r, booked.get(r.request_id) or (debit_ids.get(r.account_id)  # type: ignore[arg-type]
+                                                      if r.actual_cost_pico else None), prefixes.get(r.key_id))
+        for r in new])
+    _add_to_balances(conn, {account: amount for account, (amount, _) in totals.items()}, created)
+    _add_debit_days(conn, totals, created)
+
+
+def _key_prefixes(conn: sqlite3.Connection, key_ids: set[str]) -> dict[str, str]:
+    """{key id: prefix} of the batch's keys (a few): a row stores NULL for its key's prefix."""
+    ids = sorted(key_ids)
+    found: dict[str, str] = {}
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        chunk = ids[start:start + _IDS_PER_QUERY]
+        found.update(conn.execute(f"SELECT id, prefix FROM api_keys WHERE id IN ({', '.join('?' * len(chunk))})",
+                                  chunk).fetchall())
+    return found
+
+
+def _debits_booked_before(conn: sqlite3.Connection, request_ids: Sequence[str]) -> dict[str, int]:
+    """{request id: ledger id} of the per-request debits (before migration 0008, or by hand) of these ids:
+    a row whose cost is in the ledger already is not charged again."""
+    booked: dict[str, int] = {}
+    for start in range(0, len(request_ids), _IDS_PER_QUERY):
+        chunk = request_ids[start:start + _IDS_PER_QUERY]
+        marks = ", ".join("?" * len(chunk))
+        booked.update(conn.execute(f"SELECT external_id, id FROM ledger_entries WHERE source = '{common.REQUEST_SOURCE}'"
+                                   f" AND external_id IN ({marks})", chunk).fetchall())
+    return booked
+
+
+_INSERT_DEBIT = (f"INSERT INTO ledger_entries ({LEDGER_INSERT_COLUMNS})"
+                 f" VALUES (?, 'debit', ?, '{common.REQUEST_SOURCE}', ?, ?, ?, ?)")
 
 
 def _insert_ledger_params(conn: sqlite3.Connection, params: Sequence[tuple[Any, ...]]) -> Sequence[tuple[Any, ...]]:
     """Insert ledger rows, skipping those applied before, and move the balances; return the new ones.
 
-    The usual case (every row is new: a batch of request debits) is one executemany; when
+    The usual case (every row is new) is one executemany; when
     some were applied before, that is undone and each row is inserted on its own to learn which.
     """
     if not params:
@@ -395,6 +463,12 @@ class SQLiteStore(SqlStore):
     @staticmethod
     def _bind(value: Any) -> Any:
         return _ts(value) if isinstance(value, datetime) else value  # datetimes as stored text
+
+    def _usage_where(self, filters: list[Filter]) -> tuple[str, list[Any]]:
+        # usage_records.ts is integer microseconds (every other timestamp is text)
+        where, params = self._where(filters)
+        return where, [_usage_ts(value) if condition.startswith("ts ") else param
+                       for (condition, value), param in zip(filters, params)]
 
     async def _row(self, query: Sql, *params: Any) -> sqlite3.Row | None:
         return await self._run(self._fetch_one, query.sqlite, params)
@@ -724,9 +798,8 @@ class SQLiteStore(SqlStore):
         def work(conn: sqlite3.Connection) -> int:
             with _write_transaction(conn):
                 new = _new_usage_rows(conn, checked)
-                conn.executemany(_INSERT_USAGE, map(_usage_params, new))
+                _insert_usage_and_debits(conn, new, now)
                 conn.executemany(_ADD_USAGE_DAILY, _daily_cells(new))
-                _add_debit_days(conn, _insert_ledger_params(conn, _request_debits(new, now)), now)
             return len(new)
 
         return await self._run(work)
@@ -750,7 +823,7 @@ class SQLiteStore(SqlStore):
         return await self._run(work)
 
     async def clear_client_ips(self, before: datetime) -> int:
-        cutoff = _ts(common.aware_utc(before, "before"))
+        cutoff = _usage_ts(common.aware_utc(before, "before"))
 
         def work(conn: sqlite3.Connection) -> int:
             with _write_transaction(conn):
@@ -759,7 +832,7 @@ class SQLiteStore(SqlStore):
         return await self._run(work)
 
     async def delete_rolled_up_usage(self, before: date, limit: int) -> int:
-        cutoff = _ts(common.rollup_cutoff(before, limit))
+        cutoff = _usage_ts(common.rollup_cutoff(before, limit))
 
         def work(conn: sqlite3.Connection) -> int:
             with _write_transaction(conn):

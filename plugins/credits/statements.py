@@ -6,7 +6,8 @@ float), and ``<name>_pico``, the integer pico-USD the ledger holds.
 A monthly statement covers one UTC calendar month of one account's ledger:
 the opening balance (the balance at the first instant of the month), every
 transaction of the month, and the closing balance; ``opening + sum(amounts)
-== closing`` exactly. Request debits (one per request) are summed per UTC day
+== closing`` exactly. Request debits (one per account and usage batch, each
+listing its requests) are summed per UTC day
 so a statement stays printable (the store keeps those sums as it books the
 debits); payments, grants, refunds and disputes are listed one by one. Usage
 totals by model come from the store's daily usage totals of the month (by
@@ -29,7 +30,7 @@ from nexgate_proxy.store import LedgerEntry, Store, UsageRecord, UsageTotal
 PAGE = 1000
 """Ledger rows read per store call while building a statement."""
 REQUEST_SOURCE = "request"
-"""The ledger source of per-request debits (the store's record_usage)."""
+"""The ledger source of the request debits (the store's record_usage: one per account and batch)."""
 
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
 
@@ -174,7 +175,7 @@ class StatementLine:
     description: str | None
     amount_pico: int
     count: int = 1
-    """How many ledger entries this line sums (request debits of one day); 1 otherwise."""
+    """How many requests (a day's request debits) or ledger entries (1) this line sums."""
     entry_id: int | None = None
     external_id: str | None = None
 
@@ -217,7 +218,7 @@ async def build_statement(store: Store, account: Account, month: str, *, now: da
         raise FutureMonth(f"{month} has not begun: statements cover the months up to the current one "
                           f"({now.strftime('%Y-%m')}, provisional until it ends)")
     # One snapshot: the balance, the newest entry it includes (`head`: entries booked later are
-    # left out of every read below) and the request debits (one per request) summed per day.
+    # left out of every read below) and the request debits summed per day (count: requests).
     balance, head, debit_days = await store.ledger_snapshot(account.id, since=start)
     last_day = end.date().isoformat()
     usage_days = [d for d in debit_days if d.day < last_day]

@@ -4,7 +4,8 @@ Each row is appended (one ``write`` on an ``O_APPEND`` file) before the client
 receives the last byte of its answer, so a gateway killed right afterwards
 loses nothing: at the next start, and whenever the store comes back after an
 outage, leftover segments are replayed. Replays are harmless: the store inserts
-each request id once (and its debit once).
+each request id once and charges only the rows it inserts (one debit per account
+and batch).
 
 Segments: each worker appends to its own file, locked with ``flock`` while in
 use. A flush rotates to a new segment, sends the old one's rows, then deletes

@@ -87,12 +87,12 @@ async def test_record_usage_stores_rows_and_debits_their_cost(store: Store) -> N
     ]
     assert await store.record_usage(rows) == 5
     assert await store.get_balance("usr_a") == -1_502
-    debits = sorted(await store.list_ledger("usr_a"), key=lambda e: e.external_id)
-    assert [(e.kind, e.amount_pico, e.source, e.external_id, e.request_id) for e in debits] == [
-        ("debit", -1_500, "request", "r1", "r1"),
-        ("debit", -2, "request", "r5", "r5"),
-    ]
-    assert all(e.account_id == "usr_a" and e.description is None for e in debits)
+    # One debit for the account's charged rows of the batch, named after the first; it lists them.
+    [debit] = await store.list_ledger("usr_a")
+    assert (debit.kind, debit.amount_pico, debit.source, debit.external_id, debit.request_id, debit.description) == (
+        "debit", -1_502, "request", "r1", "r1", "2 requests")
+    assert await store.debited_requests("usr_a", debit.id) == [("r1", 1_500), ("r5", 2)]
+    assert await store.debited_requests("usr_b", debit.id) == []
     assert await store.list_usage(account_id="usr_a") == [rows[4], rows[3], rows[1], rows[0]]
     await assert_consistent(store, "usr_a")
 
@@ -180,8 +180,11 @@ async def test_concurrent_record_usage_from_two_stores_applies_once(store_url: s
             account = f"acc{n}"
             charged = [r for r in batch + more if r.account_id == account]
             assert await store.get_balance(account) == -sum(r.actual_cost_pico for r in charged)
+            # one debit per account and storing call; together they list every charged row once
             debits = await other.list_ledger(account, limit=1000)
-            assert len(debits) == sum(1 for r in charged if r.actual_cost_pico > 0)
+            listed = [pair for d in debits for pair in await store.debited_requests(account, d.id)]
+            assert sorted(listed) == sorted((r.request_id, r.actual_cost_pico) for r in charged if r.actual_cost_pico)
+            assert len(debits) <= 3
             assert len(await store.list_usage(account_id=account, limit=1000)) == len(charged)
             await assert_consistent(store, account)
     finally:
@@ -246,7 +249,11 @@ async def test_record_usage_skips_a_debit_booked_before_its_row(store: Store) ->
             usage("req-new-2", actual_cost_pico=11)]
     assert await store.record_usage(rows) == 3
     assert await store.get_balance("usr_a") == -23
-    assert sorted(e.external_id for e in await store.list_ledger("usr_a")) == ["req-early", "req-new", "req-new-2"]
+    ledger = await store.list_ledger("usr_a")
+    assert sorted((e.external_id, e.amount_pico) for e in ledger) == [("req-early", -7), ("req-new", -16)]
+    # the early row names the debit booked before it
+    assert {e.external_id: await store.debited_requests("usr_a", e.id) for e in ledger} == {
+        "req-early": [("req-early", 7)], "req-new": [("req-new", 5), ("req-new-2", 11)]}
     await assert_consistent(store, "usr_a")
 
 
@@ -640,8 +647,8 @@ async def table_columns(url: str, table: str) -> list[str]:
 
 
 async def test_usage_records_hold_metadata_only(store_url: str, store: Store) -> None:
-    # Guard against a content column sneaking in: the table is exactly UsageRecord.
-    assert await table_columns(store_url, "usage_records") == list(UsageRecord._fields)
+    # Guard against a content column sneaking in: the table is exactly UsageRecord and the debit it names.
+    assert sorted(await table_columns(store_url, "usage_records")) == sorted([*UsageRecord._fields, "debit_id"])
 
 
 async def test_ledger_is_append_only_in_the_database(store_url: str, store: Store) -> None:
@@ -746,11 +753,13 @@ async def run_operations(ops: list[tuple]) -> None:
                 for row in op[1]:
                     if row.request_id not in model.requests:
                         new.setdefault(row.request_id, row)
-                debits = [
-                    entry(r.account_id, -r.actual_cost_pico, r.request_id, kind="debit", source="request")
-                    for r in new.values()
-                    if r.account_id is not None and r.actual_cost_pico
-                ]
+                # one debit per account, named after its first row; a row whose id is booked already is not charged
+                charged: dict[str, list[UsageRecord]] = {}
+                for r in new.values():
+                    if r.account_id is not None and r.actual_cost_pico and ("request", r.request_id) not in model.applied:
+                        charged.setdefault(r.account_id, []).append(r)
+                debits = [entry(account, -sum(r.actual_cost_pico for r in rs), min(r.request_id for r in rs),
+                                kind="debit", source="request") for account, rs in charged.items()]
                 plan = model.plan(debits)
                 call = store.record_usage(op[1])
                 expected = len(new)

@@ -17,6 +17,8 @@ import pytest
 from nexgate_proxy.store import MAX_PICO, NewLedgerEntry, Store, UsageRecord, UsageTotal, open_store
 from nexgate_proxy.store._common import whole_days
 
+from .old_schema import migrate_up_to, write_old_rows
+
 T0 = datetime(2030, 3, 1, tzinfo=UTC)
 MODELS = ("gpt-a", "gpt-b", None)
 STATUSES = (200, 200, 200, 201, 402, 429, 500)
@@ -138,19 +140,18 @@ async def test_usage_by_day_and_model(store: Store) -> None:
     assert await store.usage_by_day_and_model(account_id="usr_b", since=date(2030, 4, 1)) == []
 
 
-async def test_migration_backfills_the_daily_totals_from_existing_rows(store_url: str) -> None:
+async def test_migration_backfills_the_daily_totals_from_existing_rows(store_url: str, monkeypatch) -> None:
     rows = mixed_rows(200, seed=9)
     store = await open_store(store_url)
     try:
-        await store.migrate()
-        await store.record_usage(rows)
-        maintained = await daily_cells(store)
-        # Back to version 6 with the rows kept, then migrate: 0007 rebuilds the totals from the rows.
-        for statement in ("DROP TABLE usage_daily", "DROP TABLE request_debits_daily",
-                          "DROP INDEX ledger_entries_account_other_idx", "DELETE FROM schema_migrations WHERE version = 7"):
-            await store._select(statement, [])  # type: ignore[attr-defined]
-        assert await store.migrate() == [7]
-        assert await daily_cells(store) == maintained == cells_of(rows)
+        # Version 6 with rows as it wrote them, then migrate: 0007 builds the totals from the rows.
+        await migrate_up_to(store, 6, monkeypatch)
+        await write_old_rows(store, rows)
+        assert await migrate_up_to(store, 7, monkeypatch) == [7]
+        assert await daily_cells(store) == cells_of(rows)
+        assert await store.migrate() == [8]
+        assert await store.record_usage(rows) == 0  # stored already: the totals stay
+        assert await daily_cells(store) == cells_of(rows)
     finally:
         await store.close()
 
@@ -180,9 +181,9 @@ async def test_ledger_days_and_snapshot_sum_exactly(store: Store) -> None:
     await store.record_usage([usage("late", ts=T0, actual_cost_pico=7), usage("free", ts=T0)])
     all_days = await store.ledger_days("usr_a")
     assert sum(d.amount_pico for d in all_days) == await store.ledger_sum("usr_a")
-    assert sum(d.count for d in all_days) == 5
+    assert sum(d.count for d in all_days) == 3  # entries: a debit per batch, the grant
     assert [(d.amount_pico, d.count) for d in await store.ledger_days("usr_a", up_to_id=head)] == [
-        (MAX_PICO - sum(MAX_PICO // 4 + i for i in range(3)), 4)]
+        (MAX_PICO - sum(MAX_PICO // 4 + i for i in range(3)), 2)]
     others = await store.ledger_days("usr_a", without_request_debits=True)
     assert [(d.amount_pico, d.count) for d in others] == [(MAX_PICO, 1)]
     listed = await store.list_ledger("usr_a", without_request_debits=True)
@@ -199,20 +200,18 @@ async def test_ledger_days_and_snapshot_sum_exactly(store: Store) -> None:
     assert await store.ledger_snapshot("usr_nobody", since=T0) == (0, 0, [])
 
 
-async def test_migration_backfills_the_request_debit_days(store_url: str) -> None:
+async def test_migration_backfills_the_request_debit_days(store_url: str, monkeypatch) -> None:
     store = await open_store(store_url)
     try:
-        await store.migrate()
-        await store.record_usage([usage(f"b{i}", account_id=("usr_a", "usr_b")[i % 2], actual_cost_pico=MAX_PICO // 8)
-                                  for i in range(6)])
+        await migrate_up_to(store, 6, monkeypatch)
+        await write_old_rows(store, [usage(f"b{i}", account_id=("usr_a", "usr_b")[i % 2],
+                                           actual_cost_pico=MAX_PICO // 8) for i in range(6)])
         since = datetime.now(UTC) - timedelta(days=1)
+        assert await migrate_up_to(store, 7, monkeypatch) == [7]
         kept = {a: await store.ledger_snapshot(a, since=since) for a in ("usr_a", "usr_b")}
-        for statement in ("DROP TABLE usage_daily", "DROP TABLE request_debits_daily",
-                          "DROP INDEX ledger_entries_account_other_idx", "DELETE FROM schema_migrations WHERE version = 7"):
-            await store._select(statement, [])  # type: ignore[attr-defined]
-        assert await store.migrate() == [7]
+        assert [(d.amount_pico, d.count) for d in kept["usr_a"][2]] == [(-3 * (MAX_PICO // 8), 3)]
+        assert await store.migrate() == [8]
         assert {a: await store.ledger_snapshot(a, since=since) for a in ("usr_a", "usr_b")} == kept
-        assert kept["usr_a"][2][0].amount_pico == -3 * (MAX_PICO // 8)
     finally:
         await store.close()
 

@@ -55,7 +55,9 @@ async def charged(gw: Gateway, n: int) -> list[tuple[str, int, int, int | None]]
     store = gw.app[STORE]
     rows = await store.list_usage(account_id=gw.user_id)
     assert len(rows) == n
-    debits = {e.request_id: -e.amount_pico for e in await store.list_ledger(gw.user_id) if e.kind == "debit"}
+    # each request's cost as the debit that charged it lists it (one debit per account and batch)
+    debits = {request_id: cost for e in await store.list_ledger(gw.user_id) if e.kind == "debit"
+              for request_id, cost in await store.debited_requests(gw.user_id, e.id)}
     assert await store.ledger_sum(gw.user_id) == await store.get_balance(gw.user_id)
     return sorted((r.model, r.prompt_tokens, r.actual_cost_pico, debits.get(r.request_id)) for r in rows)
 
