@@ -24,7 +24,7 @@ from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.background import stop_tasks
 from nexgate_proxy.config import Config, ConfigReader, ConfigSection
 from .outbox import Outbox
-from .rollup import MAX_ROLLUP_DAYS, RollupState, rollup_loop
+from .rollup import MAX_ROLLUP_DAYS, RollupState, refuse_late_rows, rollup_loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +75,17 @@ def nexgate_register_routes(app: web.Application, config: Config) -> None:
 @hookimpl
 async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    outbox = Outbox(settings.outbox_dir, app[STORE].record_usage, batch_size=settings.batch_size,
+    sink = app[STORE].record_usage
+    state = None
+    if settings.rollup_after_days:
+        app[ROLLUP] = state = RollupState(settings.rollup_after_days)
+        sink = refuse_late_rows(sink, state)
+    outbox = Outbox(settings.outbox_dir, sink, batch_size=settings.batch_size,
                     flush_interval=settings.flush_interval)
     await outbox.start()
     app[OUTBOX] = outbox
     task = None
-    if settings.rollup_after_days:
-        app[ROLLUP] = state = RollupState(settings.rollup_after_days)
+    if state is not None:
         task = asyncio.create_task(rollup_loop(app[STORE], state), name="nexgate-usage-rollup")
     yield
     await stop_tasks(task)
@@ -107,6 +111,9 @@ def nexgate_metrics(app: web.Application) -> Iterator[Any]:
                                   "(their daily totals stay; this process).", value=rollup.rows_deleted)
         yield CounterMetricFamily("nexgate_usage_rollup_failures", "Failed usage roll-up runs (this process).",
                                   value=rollup.failures)
+        yield CounterMetricFamily("nexgate_usage_rollup_rows_refused", "Outbox rows older than the roll-up "
+                                  "window, dropped rather than risk charging them twice (this process).",
+                                  value=rollup.rows_refused)
 
 
 @hookimpl

@@ -8,6 +8,11 @@ only the request-level rows of those days are gone (the data export gives their 
 totals instead). The ledger is never touched. Runs at start and hourly, in batches;
 several instances need no leader (a row is deleted once, PostgreSQL's SKIP LOCKED lets
 them share the work).
+
+A deleted row's request id is no longer known to the store, and the store books one debit per
+batch, so a replayed outbox row of a rolled-up day would be charged again. ``refuse_late_rows``
+keeps such rows out of the store: rows of days the job may already have rolled up (with a day's
+margin for a run at midnight) are dropped and counted, never charged twice.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from typing import Awaitable, Callable, Sequence
 
-from nexgate_proxy.store import Store, StoreError
+from nexgate_proxy.store import Store, StoreError, UsageRecord
+
+Sink = Callable[[Sequence[UsageRecord]], Awaitable[int]]
 
 log = logging.getLogger("nexgate.usage")
 
@@ -57,6 +65,30 @@ class RollupState:
     runs: int = 0
     failures: int = 0
     rows_deleted: int = 0
+    rows_refused: int = 0
+    """Outbox rows too old to be told apart from rolled-up ones: dropped, never charged twice."""
+
+
+def refuse_late_rows(sink: Sink, state: RollupState) -> Sink:
+    """``sink`` (the store's record_usage) without the rows of days the roll-up may have removed.
+
+    Their request ids may be gone from the store, so it cannot tell a replay from a first write:
+    charging them could charge twice; dropping them charges at most once (a spool that waited
+    N days was most likely written already). A row passes if its day is at least one day inside
+    the kept window: the job cannot reach it within the seconds a flush takes.
+    """
+
+    async def record(rows: Sequence[UsageRecord]) -> int:
+        first_safe = rollup_before(state.days) + timedelta(days=1)
+        kept = [r for r in rows if r.ts.astimezone(timezone.utc).date() >= first_safe]
+        if len(kept) < len(rows):
+            refused = len(rows) - len(kept)
+            state.rows_refused += refused
+            log.warning("usage: %d outbox rows are older than the roll-up window (%d days): not stored or "
+                        "charged, since their day may already be rolled up", refused, state.days)
+        return await sink(kept) if kept else 0
+
+    return record
 
 
 async def rollup_loop(store: Store, state: RollupState) -> None:

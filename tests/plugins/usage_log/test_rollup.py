@@ -14,7 +14,7 @@ import pytest
 
 from nexgate_plugins.admin.privacy import build_export
 from nexgate_plugins.credits.statements import build_statement, find_account, statement_json
-from nexgate_plugins.usage_log import ROLLUP
+from nexgate_plugins.usage_log import OUTBOX, ROLLUP
 from nexgate_plugins.usage_log.rollup import rollup_before, run_rollup
 from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_proxy.plugins import resolve_config
@@ -118,3 +118,37 @@ def test_bad_values_are_refused(value: Any) -> None:
 def test_run_rollup_refuses_off() -> None:
     with pytest.raises(ValueError):
         asyncio.run(run_rollup(None, 0))  # type: ignore[arg-type]
+
+
+async def test_an_outbox_row_of_a_rolled_up_day_is_never_charged_twice(
+        upstream: FakeUpstream, start_gateway, store_url: str, tmp_path) -> None:
+    """A spool replayed after its day was rolled up: the store no longer knows the request id, so
+    the gateway keeps the row out instead of charging it a second time; rows inside the window pass."""
+    store, account_id, rows = await seeded(store_url)
+    days = 2
+    try:
+        gw = await start_gateway(gateway_config(upstream, storage={"url": store_url},
+                                                usage={"rollup_after_days": days}))
+        kept_from = rollup_before(days).isoformat()
+        for _ in range(200):
+            if all(r.ts.date().isoformat() >= kept_from for r in await store.list_usage(account_id=account_id,
+                                                                                         limit=10_000)):
+                break
+            await asyncio.sleep(0.05)
+        balance = await store.get_balance(account_id)
+        safe_from = rollup_before(days) + timedelta(days=1)
+        old = [r for r in rows if r.ts.date() < rollup_before(days)]  # rolled up: ids gone from the store
+        edge = [r for r in rows if rollup_before(days) <= r.ts.date() < safe_from]  # still stored, but at the edge
+        fresh = row(9999, account_id, NOW - timedelta(minutes=5))
+        assert old and edge
+
+        sink = gw.app[OUTBOX].sink
+        await sink([*old, *edge, fresh])  # what a late replay of a spool hands the store
+
+        assert gw.app[ROLLUP].rows_refused == len(old) + len(edge)
+        stored = await stored_ids(store, account_id)
+        assert fresh.request_id in stored and not {r.request_id for r in old} & stored
+        assert await store.get_balance(account_id) == balance - fresh.actual_cost_pico  # only the new row
+        assert await store.ledger_sum(account_id) == await store.get_balance(account_id)
+    finally:
+        await store.close()
