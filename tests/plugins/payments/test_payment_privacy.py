@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import nexgate_plugins.payments as payments
 from nexgate_proxy.testing import FakeUpstream
 from tests.dbdump import dump_database
@@ -22,6 +24,7 @@ async def test_a_payment_keeps_no_card_or_payer_data(upstream: FakeUpstream, sta
     assert [(e.kind, e.amount_pico) for e in await ledger(gw)] == [("payment", usd("20"))]
     dump = await dump_database(store_url, backend)
     assert "pay_private_1" in dump  # the reference, as the policy says
-    for value in ("4242", "VISA", "payer.person@example.com", "Payer Q. Person", "cus_payer_77", "Wellington",
-                  "Kelburn", "6012"):
+    for value in ("VISA", "payer.person@example.com", "Payer Q. Person", "cus_payer_77", "Wellington", "Kelburn"):
         assert value not in dump, value
+    for digits in ("4242", "6012"):  # as a number of its own: timestamps' microseconds may hold the same digits
+        assert not re.search(rf"(?<!\d){digits}(?!\d)", dump), digits
