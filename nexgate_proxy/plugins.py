@@ -419,6 +419,29 @@ class HookChain:
         """(plugin, hook) -> failures in this process, exported as ``nexgate_plugin_failures_total``."""
         self._last_traceback: dict[tuple[str, str], float] = {}
 
+    _REQUEST_HOOKS = {"nexgate_authenticate": "_authenticate", "nexgate_admit": "_admit", "nexgate_route": "_route",
+                      "nexgate_reserve": "_reserve", "nexgate_settle": "_settle", "nexgate_record": "_record",
+                      "nexgate_upstream_attempt": "_upstream_attempt", "nexgate_upstream_done": "_upstream_done"}
+
+    def unplug(self, plugin: str, *hooks: str) -> None:
+        """Take ``plugin``'s implementations of these per-request hooks out of the chain.
+
+        For a plugin that finds at startup that it has nothing to do on requests (tracing without
+        an endpoint): its hooks then cost nothing, not even a call per request.
+        """
+        for hook in hooks:
+            name = self._REQUEST_HOOKS[hook]
+            setattr(self, name, tuple(impl for impl in getattr(self, name) if impl.plugin != plugin))
+        for phase, impls in (("admit", self._admit), ("reserve", self._reserve)):
+            current = getattr(self, phase)
+            if isinstance(current, functools.partial) and current.func == self._every:  # not wrapped (tracing)
+                setattr(self, phase, functools.partial(self._every, impls))
+
+    @property
+    def attempt_hooks(self) -> bool:
+        """Some plugin implements ``nexgate_upstream_attempt`` (else the proxy skips the call)."""
+        return bool(self._upstream_attempt)
+
     # -- request phases; these raise GatewayError to reject
 
     # A plugin's bug (anything but GatewayError) becomes a 500 naming the plugin: `_request_failed`.

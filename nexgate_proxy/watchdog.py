@@ -14,7 +14,16 @@ a cancellation from elsewhere (shutdown) passes through unchanged.
 from __future__ import annotations
 
 import asyncio
+import sys
 from types import TracebackType
+from typing import Any, Callable
+
+current_task: Callable[[asyncio.AbstractEventLoop], Any] = asyncio.current_task
+"""``asyncio.current_task(loop)``, the loop given: on 3.11 that is Python code around this dict lookup (C since 3.12)."""
+if sys.version_info < (3, 12):
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    current_task = _current_tasks.get
 
 
 class Watchdog:
@@ -47,7 +56,7 @@ class Watchdog:
             self._handle = self._loop.call_at(due, self._fire)
 
     def __enter__(self) -> Watchdog:
-        task = asyncio.current_task(self._loop)
+        task = current_task(self._loop)
         assert task is not None, "a watchdog guards a task"
         self._task = task
         self._cancelling = task.cancelling()
