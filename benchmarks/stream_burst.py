@@ -18,11 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -84,6 +88,18 @@ async def burst(port: int, headers: dict[str, str], streams: int, rate: float, p
             "rss_after_mb": round(rss_kb(pid) / 1024, 1), "statuses": statuses}
 
 
+def gc_stats(pid: int, out: Path) -> dict[str, Any]:
+    """gc_probe.py's collections since the last call (SIGUSR1 makes it write them)."""
+    out.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    for _ in range(100):
+        time.sleep(0.05)
+        if out.exists() and out.stat().st_size:
+            time.sleep(0.05)
+            return json.loads(out.read_text())
+    raise RuntimeError("gc_probe.py wrote no stats")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=900)
@@ -91,9 +107,12 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=2.0, help="seconds between a stream's events")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rev", help="benchmark this git revision instead of the work tree")
+    parser.add_argument("--gc-probe", action="store_true",
+                        help="run NexGate under gc_probe.py and print its collections per burst")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted config key for NexGate (YAML value), e.g. server.gc_full_every=0")
     args = parser.parse_args()
     source = use_source(args.rev)
-    import os
     import tempfile
 
     from gateway_config import gateway_setup, write_gateway_config
@@ -113,8 +132,17 @@ def main() -> None:
         setup.config["server"]["max_connections_per_ip"] = 0  # every stream comes from 127.0.0.1
         setup.config.setdefault("limits", {})["ip"] = {"rpm": 0}
         setup.config["limits"]["key"] = {"rpm": 10**9, "tpm": 10**12, "concurrent": 10**6}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            *path, last = key.split(".")
+            section = setup.config
+            for name in path:
+                section = section.setdefault(name, {})
+            section[last] = yaml.safe_load(value)
         config = write_gateway_config(setup, tmp / "nexgate-bench.yaml")
-        gateway = Server("NexGate", [*nexgate_command(), "--log-level", "WARNING", "serve", "--config", str(config)],
+        gc_out = tmp / "gc.json"
+        command = [sys.executable, str(HERE / "gc_probe.py"), str(gc_out)] if args.gc_probe else nexgate_command()
+        gateway = Server("NexGate", [*command, "--log-level", "WARNING", "serve", "--config", str(config)],
                          gw_port, sut, tmp / "nexgate.log", env=setup.env, cwd=tmp)
         servers = [upstream, bare, gateway]
         try:
@@ -132,7 +160,11 @@ def main() -> None:
                 if round_index % 2:
                     order.reverse()
                 for label, server, headers in order:
+                    if args.gc_probe and server is gateway:
+                        gc_stats(gateway.pid, gc_out)  # counts from here
                     result = asyncio.run(burst(server.port, headers, args.streams, args.rate, server.pid, hold))
+                    if args.gc_probe and server is gateway:
+                        result["gc"] = gc_stats(gateway.pid, gc_out)["generations"]
                     print(f"round {round_index + 1} {label}: {json.dumps(result)}", flush=True)
                     results[label].append(result)
         finally:
