@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import MappingProxyType
+from types import GeneratorType, MappingProxyType
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import pluggy
@@ -366,7 +366,22 @@ def _paired(startup: _Impl | None, shutdown: _Impl | None) -> Lifespan:
     return unit
 
 
-_isawaitable = inspect.isawaitable
+_plain_results: set[type] = {list, tuple, dict, str, int, bool}
+"""Types a plain hook returned that are not awaitable. ``inspect.isawaitable`` ends in an ABC
+check for anything but a coroutine (an Identity, a list of targets): once per type is enough."""
+
+
+def _isawaitable(result: Any) -> bool:
+    kind = type(result)
+    if kind in _plain_results:
+        return False
+    if inspect.isawaitable(result):
+        return True
+    # A generator's awaitability is per object (types.coroutine): never remembered. Bounded: hooks
+    # return few types.
+    if kind is not GeneratorType and len(_plain_results) < 256:
+        _plain_results.add(kind)
+    return False
 
 
 async def _call(impl: _Impl, *args: Any) -> Any:

@@ -104,7 +104,8 @@ class Proxy:
             api_format=endpoint.api_format,
             request=request,
             app=request.app,
-            client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For"), self.trusted_proxies),
+            client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For") if self.trusted_proxies else None,
+                                self.trusted_proxies),
         )
         try:
             await self.chain.authenticate(ctx)
