@@ -4,8 +4,10 @@
 Starts the fake upstream (core 1, with wrk) and one NexGate per configuration (core 0, full
 chain as ``run.py`` configures it) under ``gc_probe.py``, which times every collection by
 generation. Rounds alternate: the upstream direct, then each NexGate, ``--duration`` seconds
-of wrk at ``--connections`` each. Prints p50/p99 per round and the collections per 10,000
-requests with their total, p99 and longest pause.
+of wrk at ``--connections`` each. Prints p50/p99 per round, the time the server waited for its
+core (run queue, from /proc: other processes on a shared machine, the usual cause of a
+milliseconds p99 here) and the collections per 10,000 requests with their total, p99 and
+longest pause.
 
     .venv/bin/python benchmarks/jitter.py                              # the config as is
     .venv/bin/python benchmarks/jitter.py --config "old gc=server.gc_freeze=false"
@@ -44,6 +46,17 @@ def _set(config: dict[str, Any], dotted: str, value: Any) -> None:
     for key in path:
         config = config.setdefault(key, {})
     config[last] = value
+
+
+def _run_queue_wait(pid: int) -> float:
+    """Seconds this process's threads were runnable but waiting for a CPU (/proc/PID/schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
 
 
 def _gc_stats(server: Server, out: Path) -> dict[str, Any]:
@@ -128,12 +141,17 @@ def main() -> int:
                 order.reverse()
             for label, gateway, out, headers in order:
                 port = up_port if gateway is None else gateway.port
+                pid = upstream.pid if gateway is None else gateway.pid
                 if gateway is not None:
                     _gc_stats(gateway, out)  # reset
+                waited = _run_queue_wait(pid)
                 result = run_wrk(port, args.connections, args.duration, body_file, headers, load)
+                waited = _run_queue_wait(pid) - waited
                 row = {"requests": result["requests"], "p50_ms": result["latency_us"]["p50"] / 1000,
                        "p99_ms": result["latency_us"]["p99"] / 1000, "max_ms": result["latency_us"]["max"] / 1000,
-                       "errors": sum(result["errors"].values())}
+                       "errors": sum(result["errors"].values()),
+                       # Other processes on the server's core: time it was ready to run and could not.
+                       "run_queue_ms_per_s": waited * 1000 / args.duration}
                 if gateway is not None:
                     row["gc"] = _gc_stats(gateway, out)
                 rows.setdefault(label, []).append(row)
@@ -146,7 +164,8 @@ def main() -> int:
                         f"max {gen['max_ms']:.2f})" for g, gen in enumerate(gens))
                     gc_text += f"  tracked {row['gc']['tracked']}"
                 print(f"round {round_no + 1} {label:18s} {row['requests'] / args.duration:7.0f} rps  "
-                      f"p50 {row['p50_ms']:.3f}  p99 {row['p99_ms']:.3f}  max {row['max_ms']:.1f} ms{gc_text}",
+                      f"p50 {row['p50_ms']:.3f}  p99 {row['p99_ms']:.3f}  max {row['max_ms']:.1f} ms  "
+                      f"run queue {row['run_queue_ms_per_s']:.0f} ms/s{gc_text}",
                       flush=True)
         print(f"\n{args.mode}, c={args.connections}, {args.rounds} rounds of {args.duration:.0f} s: "
               "median (min-max) of the rounds")
@@ -154,8 +173,9 @@ def main() -> int:
         for label, runs in rows.items():
             p99s = [r["p99_ms"] for r in runs]
             p50s = [r["p50_ms"] for r in runs]
+            waits = [r["run_queue_ms_per_s"] for r in runs]
             text = (f"  {label:18s} p50 {statistics.median(p50s):.3f}  p99 {statistics.median(p99s):.3f} "
-                    f"({min(p99s):.3f}-{max(p99s):.3f})")
+                    f"({min(p99s):.3f}-{max(p99s):.3f})  run queue {min(waits):.0f}-{max(waits):.0f} ms/s")
             if label != "upstream direct":
                 text += f"  p99 added {statistics.median(p99s) - base:+.3f} ms"
                 g2 = [r["gc"]["generations"][2] for r in runs]
