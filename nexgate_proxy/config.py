@@ -106,7 +106,7 @@ class ServerConfig:
     """The `Server` response header; empty = none."""
     gc_thresholds: tuple[int, int, int] = (700, 10, 1000)
     """The cyclic collector's ``gc.set_threshold``, applied at startup. Python's default third value
-    is 10; a full pass scans every object the open requests hold (~80 ms with 900 streams open)
+    is 10; a full pass scans every object the open requests hold (80-206 ms with 900 streams open, benchmarks/README.md)
     and finds next to nothing, so it runs 100 times less often."""
 
 
