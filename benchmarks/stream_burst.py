@@ -24,11 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -162,6 +166,18 @@ def run_loop(coro: Any) -> Any:
         return runner.run(coro)
 
 
+def gc_stats(pid: int, out: Path) -> dict[str, Any]:
+    """gc_probe.py's collections since the last call (SIGUSR1 makes it write them)."""
+    out.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    for _ in range(100):
+        time.sleep(0.05)
+        if out.exists() and out.stat().st_size:
+            time.sleep(0.05)
+            return json.loads(out.read_text())
+    raise RuntimeError("gc_probe.py wrote no stats")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=900)
@@ -172,6 +188,10 @@ def main() -> None:
                         help="upstream connections at most, for both servers (default: streams + 1000)")
     parser.add_argument("--rev", help="benchmark this git revision instead of the work tree")
     parser.add_argument("--json", type=Path, default=RESULTS / "stream_burst.json", help="where to write results")
+    parser.add_argument("--gc-probe", action="store_true",
+                        help="run NexGate under gc_probe.py and print its collections per burst")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted config key for NexGate (YAML value), e.g. server.gc_full_every=0")
     args = parser.parse_args()
     pool = args.pool or args.streams + 1000
     # Each stream holds two sockets in the proxy (its client's and its upstream's), one here and one in
@@ -183,7 +203,6 @@ def main() -> None:
                          f"open files a proxy needs for {args.streams} streams: at most {(got - 100) // 2} streams "
                          "(raise `ulimit -Hn` as root, or in the container's limits)")
     source = use_source(args.rev)
-    import os
     import tempfile
 
     from gateway_config import gateway_setup, write_gateway_config
@@ -206,8 +225,17 @@ def main() -> None:
         setup.config["upstream"] = {"max_connections": pool}  # the bare proxy's connector limit
         setup.config.setdefault("limits", {})["ip"] = {"rpm": 0}
         setup.config["limits"]["key"] = {"rpm": 10**9, "tpm": 10**12, "concurrent": 10**6}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            *path, last = key.split(".")
+            section = setup.config
+            for name in path:
+                section = section.setdefault(name, {})
+            section[last] = yaml.safe_load(value)
         config = write_gateway_config(setup, tmp / "nexgate-bench.yaml")
-        gateway = Server("NexGate", [*nexgate_command(), "--log-level", "WARNING", "serve", "--config", str(config)],
+        gc_out = tmp / "gc.json"
+        command = [sys.executable, str(HERE / "gc_probe.py"), str(gc_out)] if args.gc_probe else nexgate_command()
+        gateway = Server("NexGate", [*command, "--log-level", "WARNING", "serve", "--config", str(config)],
                          gw_port, sut, tmp / "nexgate.log", env=setup.env, cwd=tmp)
         servers = [upstream, bare, gateway]
         try:
@@ -224,7 +252,11 @@ def main() -> None:
                 if round_index % 2:
                     order.reverse()
                 for label, server, headers in order:
+                    if args.gc_probe and server is gateway:
+                        gc_stats(gateway.pid, gc_out)  # counts from here
                     result = run_loop(burst(server.port, headers, args.streams, args.rate, server.pid))
+                    if args.gc_probe and server is gateway:
+                        result["gc"] = gc_stats(gateway.pid, gc_out)["generations"]
                     print(f"round {round_index + 1} {label}: {json.dumps(result)}", flush=True)
                     results[label].append(result)
         finally:

@@ -31,6 +31,7 @@ def pico_to_usd(pico: int) -> Decimal:
     return Decimal(pico).scaleb(-12)
 
 
+@functools.lru_cache(maxsize=1024)  # twice per request (the cost header, usage.cost), and prices repeat
 def format_usd(pico: int) -> str:
     """Plain decimal string without exponent or trailing zeros, e.g. "0.000123" (integer maths: per request)."""
     whole, fraction = divmod(abs(pico), PICO_PER_USD)

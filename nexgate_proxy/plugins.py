@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import MappingProxyType
+from types import GeneratorType, MappingProxyType
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import pluggy
@@ -366,7 +366,22 @@ def _paired(startup: _Impl | None, shutdown: _Impl | None) -> Lifespan:
     return unit
 
 
-_isawaitable = inspect.isawaitable
+_plain_results: set[type] = {list, tuple, dict, str, int, bool}
+"""Types a plain hook returned that are not awaitable. ``inspect.isawaitable`` ends in an ABC
+check for anything but a coroutine (an Identity, a list of targets): once per type is enough."""
+
+
+def _isawaitable(result: Any) -> bool:
+    kind = type(result)
+    if kind in _plain_results:
+        return False
+    if inspect.isawaitable(result):
+        return True
+    # A generator's awaitability is per object (types.coroutine): never remembered. Bounded: hooks
+    # return few types.
+    if kind is not GeneratorType and len(_plain_results) < 256:
+        _plain_results.add(kind)
+    return False
 
 
 async def _call(impl: _Impl, *args: Any) -> Any:
@@ -418,6 +433,29 @@ class HookChain:
         self.failures: dict[tuple[str, str], int] = {}
         """(plugin, hook) -> failures in this process, exported as ``nexgate_plugin_failures_total``."""
         self._last_traceback: dict[tuple[str, str], float] = {}
+
+    _REQUEST_HOOKS = {"nexgate_authenticate": "_authenticate", "nexgate_admit": "_admit", "nexgate_route": "_route",
+                      "nexgate_reserve": "_reserve", "nexgate_settle": "_settle", "nexgate_record": "_record",
+                      "nexgate_upstream_attempt": "_upstream_attempt", "nexgate_upstream_done": "_upstream_done"}
+
+    def unplug(self, plugin: str, *hooks: str) -> None:
+        """Take ``plugin``'s implementations of these per-request hooks out of the chain.
+
+        For a plugin that finds at startup that it has nothing to do on requests (tracing without
+        an endpoint): its hooks then cost nothing, not even a call per request.
+        """
+        for hook in hooks:
+            name = self._REQUEST_HOOKS[hook]
+            setattr(self, name, tuple(impl for impl in getattr(self, name) if impl.plugin != plugin))
+        for phase, impls in (("admit", self._admit), ("reserve", self._reserve)):
+            current = getattr(self, phase)
+            if isinstance(current, functools.partial) and current.func == self._every:  # not wrapped (tracing)
+                setattr(self, phase, functools.partial(self._every, impls))
+
+    @property
+    def attempt_hooks(self) -> bool:
+        """Some plugin implements ``nexgate_upstream_attempt`` (else the proxy skips the call)."""
+        return bool(self._upstream_attempt)
 
     # -- request phases; these raise GatewayError to reject
 

@@ -39,7 +39,7 @@ from .runner import watch_connection
 from .targetstats import TargetStats
 from .translate import translatable, translation_for
 from .usage import StreamMeter, add_cost, estimate_output_tokens, usage_from_body, with_cost
-from .watchdog import Watchdog
+from .watchdog import Watchdog, current_task
 
 if TYPE_CHECKING:
     from .config import Config, Target
@@ -104,7 +104,8 @@ class Proxy:
             api_format=endpoint.api_format,
             request=request,
             app=request.app,
-            client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For"), self.trusted_proxies),
+            client_ip=client_ip(request.remote, request.headers.get("X-Forwarded-For") if self.trusted_proxies else None,
+                                self.trusted_proxies),
         )
         try:
             await self.chain.authenticate(ctx)
@@ -241,14 +242,6 @@ class Proxy:
         capped_until: float | None = None
         last = len(ctx.targets) - 1
 
-        def keep(error: GatewayError, target: Target, status: int = 0) -> None:
-            # The most meaningful failure wins, whatever the (weighted, random) order of the targets.
-            nonlocal failure, failed_on
-            if ctx.attempt_started:  # observability: the attempt's time and outcome
-                self._attempt_done(ctx, target, status, error.code)
-            if failure is None or _more_meaningful(error, target.provider, failure, failed_on):
-                failure, failed_on = error, target.provider
-
         self._watch_client(ctx)
         try:
             for index, target in enumerate(ctx.targets):
@@ -273,8 +266,8 @@ class Proxy:
                 else:
                     try:
                         translation, sent_to, payload = self._translated_body(ctx, endpoint, body, provider, target)
-                    except GatewayError as exc:
-                        keep(exc, target)  # this target cannot take the request; a later one may
+                    except GatewayError as exc:  # this target cannot take the request; a later one may
+                        failure, failed_on = self._kept(ctx, failure, failed_on, exc, target)
                         continue
                     injected = False
                 tries = 0
@@ -287,7 +280,7 @@ class Proxy:
                         response = await self._attempt(ctx, target, provider, sent_to, payload, forwarded,
                                                        watchdog, injected, translation, index == last, retry_left)
                     except _Failed as failed:
-                        keep(failed.error, target, failed.status)
+                        failure, failed_on = self._kept(ctx, failure, failed_on, failed.error, target, failed.status)
                         if not (failed.retriable and retry_left):
                             break
                         # Capped exponential backoff with jitter, never past the request's deadline, and
@@ -313,6 +306,16 @@ class Proxy:
         assert failure is not None
         raise failure
 
+    def _kept(self, ctx: RequestContext, failure: GatewayError | None, failed_on: str, error: GatewayError,
+              target: Target, status: int = 0) -> tuple[GatewayError, str]:
+        """The failure to report so far: the most meaningful wins, whatever the (weighted, random)
+        order of the targets. (A method, not a closure: no cells per request.)"""
+        if ctx.attempt_started:  # observability: the attempt's time and outcome
+            self._attempt_done(ctx, target, status, error.code)
+        if failure is None or _more_meaningful(error, target.provider, failure, failed_on):
+            return error, target.provider
+        return failure, failed_on
+
     async def _attempt(self, ctx: RequestContext, target: Target, provider: Provider, sent_to: Endpoint,
                        payload: bytes, forwarded: dict[str, str], watchdog: Watchdog, injected: bool,
                        translation: Translation | None, last_target: bool,
@@ -325,7 +328,8 @@ class Proxy:
         key = (target.provider, target.model)
         sent_at = loop.time()
         headers = dict(forwarded)
-        self.chain.upstream_attempt(ctx, target, headers)  # observability: trace context
+        if self.chain.attempt_hooks:
+            self.chain.upstream_attempt(ctx, target, headers)  # observability: trace context
         ctx.attempt_started = perf_counter()
         watchdog.expect(timeouts.first_byte)
         try:
@@ -390,7 +394,7 @@ class Proxy:
 
     def _watch_client(self, ctx: RequestContext) -> None:
         """A client that hangs up while the upstream works cancels the request at once (see handle)."""
-        task = asyncio.current_task()
+        task = current_task(self.loop) if self.loop is not None else asyncio.current_task()
 
         def lost() -> None:
             ctx.client_disconnected = True

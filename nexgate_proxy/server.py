@@ -58,10 +58,7 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
         # the core opened before it (the plugins started before it are stopped by the chain).
         await runner.setup()
         _warn_if_open_files_too_few(config)
-        # Everything built so far (config, plugins, modules) lives as long as the process: keep it out
-        # of the collector's full passes, which otherwise pause the loop for tens of ms under load.
-        gc.collect()
-        gc.freeze()
+        settle_collector(config.server.gc_thresholds)
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
         try:
             await site.start()
@@ -78,6 +75,19 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int, 
         log.info("NexGate %s shutting down (grace period %ss)", os.getpid(), config.server.grace_period)
     finally:
         await runner.cleanup()
+
+
+def settle_collector(thresholds: tuple[int, int, int]) -> None:
+    """The cyclic collector for a long-running gateway, once everything is built.
+
+    Everything built so far (config, plugins, modules) lives as long as the process: frozen, it
+    is out of every pass. Requests make next to no cyclic garbage (refcounting frees it), so the
+    full passes, which scan every object the open requests and streams hold and pause the loop
+    for tens of milliseconds in a burst, run rarely (``server.gc_thresholds``).
+    """
+    gc.set_threshold(*thresholds)
+    gc.collect()
+    gc.freeze()
 
 
 def _warn_if_open_files_too_few(config: Config) -> None:

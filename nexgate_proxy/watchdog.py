@@ -14,11 +14,20 @@ a cancellation from elsewhere (shutdown) passes through unchanged.
 from __future__ import annotations
 
 import asyncio
+import sys
 from types import TracebackType
+from typing import Any, Callable
+
+current_task: Callable[[asyncio.AbstractEventLoop], Any] = asyncio.current_task
+"""``asyncio.current_task(loop)``, the loop given: on 3.11 that is Python code around this dict lookup (C since 3.12)."""
+if sys.version_info < (3, 12):
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    current_task = _current_tasks.get
 
 
 class Watchdog:
-    __slots__ = ("_loop", "_deadline", "_shortest", "_due", "_handle", "_task", "_cancelling", "_active",
+    __slots__ = ("_loop", "_deadline", "_shortest", "_due", "_handle", "_armed", "_task", "_cancelling", "_active",
                  "expired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float, shortest: float) -> None:
@@ -30,6 +39,8 @@ class Watchdog:
         later, shorter limit never needs it re-armed earlier; a longer one re-arms it when it fires."""
         self._due = deadline
         self._handle: asyncio.TimerHandle | None = None
+        self._armed = 0.0
+        """When the timer fires (``_handle.when()`` without a method call per stream event)."""
         self._task: asyncio.Task | None = None
         self._cancelling = 0
         self._active = False
@@ -42,12 +53,12 @@ class Watchdog:
             due = self._deadline
         self._due = due
         handle = self._handle
-        if handle is not None and due < handle.when():
+        if handle is not None and due < self._armed:
             handle.cancel()
-            self._handle = self._loop.call_at(due, self._fire)
+            self._arm(due)
 
     def __enter__(self) -> Watchdog:
-        task = asyncio.current_task(self._loop)
+        task = current_task(self._loop)
         assert task is not None, "a watchdog guards a task"
         self._task = task
         self._cancelling = task.cancelling()
@@ -55,7 +66,7 @@ class Watchdog:
         self.expired = False
         if self._handle is None:  # one timer for the whole request: blocks after the first reuse it
             first = self._loop.time() + self._shortest
-            self._handle = self._loop.call_at(first if first < self._due else self._due, self._fire)
+            self._arm(first if first < self._due else self._due)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -66,6 +77,10 @@ class Watchdog:
             # As asyncio.timeout does: only our own cancellation becomes a TimeoutError.
             if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
+
+    def _arm(self, when: float) -> None:
+        self._armed = when
+        self._handle = self._loop.call_at(when, self._fire)
 
     def close(self) -> None:
         """The request is over: disarm."""
@@ -80,7 +95,7 @@ class Watchdog:
         # Progress moved the limit since this was armed. (Timers may fire up to the clock's
         # resolution early: a millisecond of slack keeps that from re-arming in a loop.)
         if self._loop.time() + 0.001 < self._due:
-            self._handle = self._loop.call_at(self._due, self._fire)
+            self._arm(self._due)
             return
         self.expired = True
         assert self._task is not None

@@ -28,7 +28,7 @@ have missed changes delivers EVICT_ALL, and every cached key is checked again.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Awaitable, Iterator
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
@@ -66,7 +66,9 @@ async def nexgate_lifespan(app: web.Application) -> AsyncIterator[None]:
 
 
 @hookimpl
-async def nexgate_authenticate(ctx: RequestContext) -> Identity | None:
+def nexgate_authenticate(ctx: RequestContext) -> Identity | Awaitable[Identity] | None:
+    """A plain function: a cached key is answered without a coroutine; a key to verify returns the
+    verification, which the chain awaits."""
     authenticator = ctx.app[AUTH]
     plaintext = extract_key(ctx.headers)
     if plaintext is None:
@@ -75,7 +77,16 @@ async def nexgate_authenticate(ctx: RequestContext) -> Identity | None:
         raise GatewayError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
                            "or 'x-api-key: <key>'.", code="missing_api_key",
                            headers={"WWW-Authenticate": 'Bearer realm="nexgate"'})
-    identity = await authenticator.authenticate(plaintext)
+    identity = authenticator.authenticate_now(plaintext)
+    if type(identity) is not Identity:
+        return _not_suspended(identity)  # type: ignore[arg-type]
+    if identity.suspended:
+        raise account_suspended()
+    return identity
+
+
+async def _not_suspended(verifying: Awaitable[Identity]) -> Identity:
+    identity = await verifying
     if identity.suspended:
         raise account_suspended()
     return identity

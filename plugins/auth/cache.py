@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable
 
 
 from nexgate_proxy import GatewayError, Identity
@@ -176,19 +176,32 @@ class KeyAuthenticator:
         self._droppers: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, plaintext: str) -> Identity:
+        found = self.authenticate_now(plaintext)
+        return found if type(found) is Identity else await found  # type: ignore[misc]
+
+    def authenticate_now(self, plaintext: str) -> Identity | Awaitable[Identity]:
+        """A cached key's identity at once (no coroutine: the common case, on every request);
+        otherwise the verification to await."""
         self.cache_lookups += 1
         digest = cache_key(plaintext)
         now = time.monotonic()
         entry = self.cache.get(digest, now)
         if entry is None:
-            self.cache_misses += 1
-            if self.cache.refused_recently(digest, now):
-                raise _invalid()
-            entry = await self._verify_once(plaintext, digest)
-        if entry.expires_at is not None and time.time() >= entry.expires_at:
+            return self._authenticate_uncached(plaintext, digest, now)
+        return self._identity(entry)
+
+    async def _authenticate_uncached(self, plaintext: str, digest: bytes, now: float) -> Identity:
+        self.cache_misses += 1
+        if self.cache.refused_recently(digest, now):
+            raise _invalid()
+        return self._identity(await self._verify_once(plaintext, digest))
+
+    def _identity(self, entry: _Verified) -> Identity:
+        wall = time.time()
+        if entry.expires_at is not None and wall >= entry.expires_at:
             raise GatewayError(401, "This API key has expired.", code="invalid_api_key")
         identity = entry.identity
-        self._last_used[identity.key_id or ""] = time.time()
+        self._last_used[identity.key_id or ""] = wall
         return identity
 
     async def _verify_once(self, plaintext: str, digest: bytes) -> _Verified:

@@ -169,7 +169,8 @@ async def nexgate_reserve(ctx: RequestContext) -> None:
         route_cap = ctx.route.max_output_tokens if ctx.route else None
         output = ctx.output_cap() or route_cap or credits.settings.default_max_output_tokens
     # The request may end on any of its targets, each token in its priciest class there.
-    worst = max(worst_cost_pico(price, prompt, output) for price in prices)
+    worst = (worst_cost_pico(prices[0], prompt, output) if len(prices) == 1
+             else max(worst_cost_pico(price, prompt, output) for price in prices))
     ctx.estimated_cost_pico = worst
     if worst == 0:
         return

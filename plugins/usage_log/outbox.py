@@ -39,9 +39,35 @@ _FIELD_COUNT = len(UsageRecord._fields)
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
+_quote = json.encoder.encode_basestring_ascii  # what the encoder does to a str, in C
+_INT_OR_NONE = (int, type(None))
+
+
 def encode_row(row: UsageRecord) -> bytes:
-    """One line: the record's values in field order, ts as epoch seconds (this runs on every request)."""
+    """One line: the record's values in field order, ts as epoch seconds (this runs on every request).
+
+    Written field by field, the same bytes as the JSON encoder's in a third less time, for the
+    types the redaction guard lets through; anything else goes to the encoder."""
+    (request_id, ts, endpoint, model, provider, upstream_model, account_id, org_id, key_id, key_prefix, prompt,
+     completion, cached, estimated, estimated_cost, cost, latency, status, error_code, stream, ip, attempts) = row
+    if (type(prompt) is int and type(completion) is int and type(cached) is int and type(latency) is int
+            and type(status) is int and type(attempts) is int and type(estimated) is bool and type(stream) is bool
+            and type(estimated_cost) in _INT_OR_NONE and type(cost) in _INT_OR_NONE):
+        try:
+            return (
+                f'[{_quote(request_id)},{ts.timestamp()!r},{_quote(endpoint)},{_text(model)},{_text(provider)},'
+                f'{_text(upstream_model)},{_text(account_id)},{_text(org_id)},{_text(key_id)},{_text(key_prefix)},'
+                f'{prompt},{completion},{cached},{"true" if estimated else "false"},'
+                f'{"null" if estimated_cost is None else estimated_cost},{"null" if cost is None else cost},'
+                f'{latency},{status},{_text(error_code)},{"true" if stream else "false"},{_text(ip)},{attempts}]\n'
+            ).encode()
+        except (TypeError, AttributeError):  # a field that is not a str (or ts not a datetime)
+            pass
     return _encode((row[0], row[1].timestamp(), *row[2:])).encode() + b"\n"
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
 
 
 def decode_row(line: bytes) -> UsageRecord:

@@ -218,3 +218,37 @@ async def test_metrics_count_requests_tokens_and_latency_from_records(start_gate
             in text)
     assert ('nexgate_request_duration_seconds_bucket{endpoint="chat.completions",le="+Inf",model="-",provider="-"} 1.0'
             in text)
+
+
+async def test_a_plugin_can_unplug_its_request_hooks_at_startup(upstream: FakeUpstream, start_gateway) -> None:
+    """What tracing does without an endpoint: its hooks leave the chain and cost nothing per request."""
+    from nexgate_proxy.appkeys import CHAIN
+
+    calls: list[str] = []
+
+    class Idle:
+        __name__ = "idle-plugin"
+
+        @hookimpl
+        def nexgate_admit(self, ctx):
+            calls.append("admit")
+
+        @hookimpl
+        def nexgate_upstream_attempt(self, ctx, target, headers):
+            calls.append("attempt")
+
+        @hookimpl
+        def nexgate_upstream_done(self, ctx, target, status, error_code):
+            calls.append("done")
+
+        @hookimpl
+        async def nexgate_lifespan(self, app):
+            app[CHAIN].unplug("idle-plugin", "nexgate_admit", "nexgate_upstream_attempt")
+            yield
+
+    recorder = RecordingPlugin()
+    gw = await start_gateway(gateway_config(upstream), plugins=[Idle(), recorder])
+    await gw.openai_client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    assert calls == ["done"]  # the hook it kept still runs
+    assert recorder.records[-1].status == 200
+    assert gw.app[CHAIN].attempt_hooks is False  # tracing (off by default) unplugged its own too

@@ -423,3 +423,48 @@ def test_workers_need_a_fixed_port_and_shared_state(tmp_path: Path, state: str, 
     assert result.returncode == 2
     assert message in result.stderr
     assert "listening" not in result.stderr
+
+
+def test_the_collector_is_tuned_and_frozen_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """server.gc_thresholds reaches gc.set_threshold, and what startup built is frozen out of every pass."""
+    import gc
+
+    from nexgate_proxy.config import ServerConfig, parse_config
+    from nexgate_proxy.server import settle_collector
+
+    assert ServerConfig().gc_thresholds == (700, 10, 1000)
+    config = parse_config({"server": {"gc_thresholds": [5000, 20, 50]}}, "test")
+    assert config.server.gc_thresholds == (5000, 20, 50)
+    with pytest.raises(Exception, match="server.gc_thresholds"):
+        parse_config({"server": {"gc_thresholds": [700, -1]}}, "test")
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        settle_collector(config.server.gc_thresholds)
+        assert gc.get_threshold() == (5000, 20, 50)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_serve_applies_the_collector_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from nexgate_proxy import server
+    from nexgate_proxy.app import build_app
+    from nexgate_proxy.config import parse_config
+
+    applied: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(server, "settle_collector", applied.append)
+    config = parse_config({"server": {"gc_thresholds": [800, 10, 400]},
+                           "storage": {"url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+                           "usage": {"outbox_dir": str(tmp_path / "outbox")}}, "test")
+
+    async def serve_briefly() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        await server.serve_app(build_app(config), config, "127.0.0.1", free_port(), reuse_port=False, stop=stop)
+
+    asyncio.run(serve_briefly())
+    assert applied == [(800, 10, 400)]
