@@ -124,10 +124,12 @@ _DELETE_ROLLED_UP = (
 
 
 def _usage_params(row: UsageRecord, debit_id: int | None, key_has: str | None) -> tuple[Any, ...]:
-    # The record's fields are the columns, in order, in their stored form (see migration 0008).
+    # The record's fields are the columns, in order, in their stored form (see migration 0008). The
+    # flags go as ints: sqlite3 adapts a bool (an int subclass) on a slow path that raises and
+    # catches several AttributeErrors per value.
     return (row[0], _usage_ts(row[1]), common.stored_endpoint(row[2]), row[3], row[4],
             common.stored_upstream_model(row[3], row[5]), *row[6:9], common.stored_key_prefix(row[9], key_has),
-            *row[10:], debit_id)
+            *row[10:13], int(row[13]), *row[14:19], int(row[19]), *row[20:], debit_id)
 
 
 _INSERT_USAGE = (
