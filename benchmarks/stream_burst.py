@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--gc-probe", action="store_true",
                         help="run NexGate under gc_probe.py and print its collections per burst")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a dotted config key for NexGate (YAML value), e.g. "server.gc_thresholds=[700, 10, 10]")
+                        help="a dotted config key for NexGate (YAML value), e.g. 'server.gc_thresholds=[700, 10, 10]'")
     args = parser.parse_args()
     pool = args.pool or args.streams + 1000
     # Each stream holds two sockets in the proxy (its client's and its upstream's), one here and one in
