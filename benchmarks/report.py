@@ -118,6 +118,11 @@ def added_p50(mode: str) -> Callable[[dict[str, Any], str], str]:
     return paired("latency", mode, "round_p50_us", "upstream", lambda a, b: (a - b) / 1000, 3)
 
 
+def added_p99(mode: str) -> Callable[[dict[str, Any], str], str]:
+    """p99 at 1 connection minus calling the fake upstream directly, round by round, in ms (issue #20's target)."""
+    return paired("latency", mode, "round_p99_us", "upstream", lambda a, b: (a - b) / 1000, 2)
+
+
 def cpu(mode: str) -> Callable[[dict[str, Any], str], str]:
     def cell(run: dict[str, Any], key: str) -> str:
         row = _rows_of(run, "throughput", mode).get(key)
@@ -160,6 +165,8 @@ RUN_FIGURES: list[tuple[str, Callable[[dict[str, Any], str], str]]] = [
     ("median added at 1 connection, stream (ms)", added_p50("stream")),
     ("p99 at 1 connection, json (ms)", p99_c1("json")),
     ("p99 at 1 connection, stream (ms)", p99_c1("stream")),
+    ("p99 added at 1 connection, json (ms)", added_p99("json")),
+    ("p99 added at 1 connection, stream (ms)", added_p99("stream")),
     ("`--workers N`, json: rps at 32 connections, CPU µs per request (all workers)", workers("json")),
 ]
 
@@ -184,13 +191,22 @@ def burst_row(results: dict[str, dict[str, Any]], pick: Callable[[dict[str, Any]
     return [cell(burst["runs"]["NexGate"]), NA, cell(burst["runs"]["bare proxy"]), NA]
 
 
+def first_burst_row(results: dict[str, dict[str, Any]]) -> list[str]:
+    """RSS growth per open stream in each server's first burst: later bursts reuse the memory it took."""
+    burst = results.get("stream_burst")
+    if burst is None:
+        return [PENDING, NA, PENDING, NA]
+    first = {label: num(runs[0]["kb_per_open_stream"], 1) for label, runs in burst["runs"].items()}
+    return [first["NexGate"], NA, first["bare proxy"], NA]
+
+
 def other_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = []
     burst = results.get("stream_burst")
     scale = f"{burst['streams']:,} streams at {burst['rate']:g}/s" if burst else "the burst"
     rows.append((f"{scale}: first chunk p99 (ms)", burst_row(results, lambda r: r["first_chunk_ms"]["p99"], 0)))
     rows.append((f"{scale}: first chunk p50 (ms)", burst_row(results, lambda r: r["first_chunk_ms"]["p50"], 1)))
-    rows.append(("memory per open stream (KB of RSS)", burst_row(results, lambda r: r["kb_per_open_stream"], 1)))
+    rows.append(("memory per open stream (KB of RSS, a fresh process's first burst)", first_burst_row(results)))
     rows.append(("RSS after every stream closed (MB)", burst_row(results, lambda r: r["rss_after_mb"], 0)))
     rows.append(("server CPU ms per stream in the burst", burst_row(results, lambda r: r.get("cpu_ms_per_stream"), 2)))
     restart = results.get("auth_restart")
@@ -210,8 +226,13 @@ def other_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]
     stored = []
     for name in ("storage_sqlite", "storage_postgres"):
         data = results.get(name)
-        stored.append(num(data["total_bytes_per_request"], 0) if data else PENDING)
-    rows.append(("bytes stored per request (usage row + ledger debit, indexes included)", [*stored, NA, NA]))
+        if data:
+            part = data["bytes_per_request"]
+            stored.append(f"{num(part['usage'] + part['ledger'], 0)} (+{num(part['daily'], 0)} daily totals)")
+        else:
+            stored.append(PENDING)
+    rows.append(("bytes stored per request: usage row + its share of the ledger, indexes included (+ the daily "
+                 "totals' share)", [*stored, NA, NA]))
     for mode in ("json", "stream"):
         data = results.get(f"instructions_{mode}")
         cell = num(data["instructions_per_request"]["full chain"] / 1000, 1) if data else PENDING
