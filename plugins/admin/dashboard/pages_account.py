@@ -20,6 +20,8 @@ from aiohttp import web
 
 from nexgate_proxy.appkeys import STORE
 from nexgate_proxy.store import LedgerEntry, StatusFilter, UsageRecord
+from nexgate_plugins.usage_log import ROLLUP
+from nexgate_plugins.usage_log.rollup import rollup_before
 from nexgate_plugins.credits.statements import (
     USAGE_CSV_COLUMNS, build_statement, parse_month, render_statement_html, usage_csv_row, usage_json,
 )
@@ -217,8 +219,19 @@ async def usage(request: web.Request, session: Session) -> web.Response:
                      '<a href="{j}" download>JSON</a> (metadata only: there is no prompt or completion content).</p>',
                      c=url(f"{base(request)}/usage/export", **keep, format="csv"),
                      j=url(f"{base(request)}/usage/export", **keep, format="json"))
-    body = html("{f}{d}{g}{n}", f=filters, d=downloads, g=grid, n=nav)
+    body = html("{f}{d}{r}{g}{n}", f=filters, d=downloads, r=_rolled_up_note(request), g=grid, n=nav)
     return _frame(request, session, "Usage", body, "usage", await accounts_of(request, session), account)
+
+
+def _rolled_up_note(request: web.Request) -> Safe:
+    """With usage.rollup_after_days on, older days have totals but no request rows: say so, or the
+    list would look like those requests never happened."""
+    rollup = request.app.get(ROLLUP)
+    if rollup is None:
+        return Safe("")
+    return html('<p class="muted">Requests before {d} are kept as daily totals only (this gateway keeps '
+                'request rows for {n} days): the overview, statements and the data export still count them; '
+                'this list starts on {d}.</p>', d=rollup_before(rollup.days).isoformat(), n=rollup.days)
 
 
 async def usage_export(request: web.Request, session: Session) -> web.StreamResponse:

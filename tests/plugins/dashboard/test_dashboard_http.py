@@ -143,3 +143,22 @@ async def test_usage_page_filters_by_status_in_the_store(upstream: FakeUpstream,
         assert len(re.findall(r"<td>200</td>", page)) == 50 and 'rel="next"' in page
         async with http.get(gw.url + f"/dashboard/usage?account={gw.user_id}&status=302") as response:
             assert response.status == 400
+
+
+async def test_the_usage_page_says_where_the_rolled_up_days_went(upstream: FakeUpstream, start_gateway) -> None:
+    """usage.rollup_after_days: the list stops at the first kept day, and the page says why."""
+    gw = await start_gateway(gateway_config(upstream, auth=AUTH, usage={"rollup_after_days": 3}))
+    now = datetime.now(UTC)
+    await gw.app[STORE].record_usage([_row(1, gw.user_id, now - timedelta(minutes=5))])
+    first_kept = (now.date() - timedelta(days=3)).isoformat()
+    async with aiohttp.ClientSession(headers=BEARER) as http:
+        async with http.get(gw.url + f"/dashboard/usage?account={gw.user_id}") as response:
+            assert response.status == 200
+            page = await response.text()
+    assert f"Requests before {first_kept} are kept as daily totals only" in page
+    assert "request rows for 3 days" in page and len(re.findall(r"<tr><td>\d{4}-", page)) == 1
+
+    plain = await start_gateway(gateway_config(upstream, auth=AUTH))
+    async with aiohttp.ClientSession(headers=BEARER) as http:
+        async with http.get(plain.url + f"/dashboard/usage?account={plain.user_id}") as response:
+            assert "daily totals only" not in await response.text()
