@@ -347,6 +347,7 @@ class Proxy:
             log.warning("upstream %s unreachable for %s: %s", target.provider, ctx.request_id, type(exc).__name__)
             raise _Failed(GatewayError(502, f"The upstream provider '{target.provider}' could not be reached.",
                                        code="upstream_unreachable")) from None
+        del headers  # sent: not kept while the answer streams
         status = upstream.status
         now = loop.time()
         if status >= 500 or status == 429:
@@ -499,6 +500,7 @@ class Proxy:
         headers = self._served_headers(ctx, upstream)
         headers.update(ctx.response_headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
+        del headers  # copied into the response; the frame lives as long as the stream (~0.5 KB each)
         # A client that asked for usage gets its chunk held back until settle, to carry usage.cost.
         cost_chunk = (translation is None and not injected_usage and ctx.api_format == "openai"
                       and _ENDPOINT_BY_NAME[ctx.endpoint].include_usage_option)
