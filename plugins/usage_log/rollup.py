@@ -11,8 +11,8 @@ them share the work).
 
 A deleted row's request id is no longer known to the store, and the store books one debit per
 batch, so a replayed outbox row of a rolled-up day would be charged again. ``refuse_late_rows``
-keeps such rows out of the store: rows of days the job may already have rolled up (with a day's
-margin for a run at midnight) are dropped and counted, never charged twice.
+keeps such rows out of the store: rows of days the job may already have rolled up (or will within
+``ROLLUP_RACE_MARGIN``, for a flush that straddles midnight) are dropped and counted, never charged twice.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ ROLLUP_BATCH = 5000
 ROLLUP_PAUSE = 0.05
 """Seconds between two batches, so a large first run leaves the store to the traffic."""
 MAX_ROLLUP_DAYS = 36_500
+ROLLUP_RACE_MARGIN = timedelta(minutes=5)
+"""How far ahead refuse_late_rows looks: a flush that started before midnight may still be writing
+when a run after it rolls up one more day (a flush takes seconds)."""
 
 
 def rollup_before(days: int, now: datetime | None = None) -> date:
@@ -69,17 +72,21 @@ class RollupState:
     """Outbox rows too old to be told apart from rolled-up ones: dropped, never charged twice."""
 
 
-def refuse_late_rows(sink: Sink, state: RollupState) -> Sink:
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def refuse_late_rows(sink: Sink, state: RollupState, now: Callable[[], datetime] = _utcnow) -> Sink:
     """``sink`` (the store's record_usage) without the rows of days the roll-up may have removed.
 
     Their request ids may be gone from the store, so it cannot tell a replay from a first write:
     charging them could charge twice; dropping them charges at most once (a spool that waited
-    N days was most likely written already). A row passes if its day is at least one day inside
-    the kept window: the job cannot reach it within the seconds a flush takes.
+    N days was most likely written already). A row passes if its day is still kept as rows
+    ``ROLLUP_RACE_MARGIN`` from now: the job cannot reach it while this flush writes.
     """
 
     async def record(rows: Sequence[UsageRecord]) -> int:
-        first_safe = rollup_before(state.days) + timedelta(days=1)
+        first_safe = rollup_before(state.days, now() + ROLLUP_RACE_MARGIN)
         kept = [r for r in rows if r.ts.astimezone(timezone.utc).date() >= first_safe]
         if len(kept) < len(rows):
             refused = len(rows) - len(kept)

@@ -15,7 +15,7 @@ import pytest
 from nexgate_plugins.admin.privacy import build_export
 from nexgate_plugins.credits.statements import build_statement, find_account, statement_json
 from nexgate_plugins.usage_log import OUTBOX, ROLLUP
-from nexgate_plugins.usage_log.rollup import rollup_before, run_rollup
+from nexgate_plugins.usage_log.rollup import ROLLUP_RACE_MARGIN, rollup_before, run_rollup
 from nexgate_proxy.config import ConfigError, parse_config
 from nexgate_proxy.plugins import resolve_config
 from nexgate_proxy.store import Store, UsageRecord, open_store
@@ -123,7 +123,8 @@ def test_run_rollup_refuses_off() -> None:
 async def test_an_outbox_row_of_a_rolled_up_day_is_never_charged_twice(
         upstream: FakeUpstream, start_gateway, store_url: str, tmp_path) -> None:
     """A spool replayed after its day was rolled up: the store no longer knows the request id, so
-    the gateway keeps the row out instead of charging it a second time; rows inside the window pass."""
+    the gateway keeps the row out instead of charging it a second time; rows of kept days pass (and,
+    being stored already, are not charged again), a new row is charged once."""
     store, account_id, rows = await seeded(store_url)
     days = 2
     try:
@@ -136,19 +137,43 @@ async def test_an_outbox_row_of_a_rolled_up_day_is_never_charged_twice(
                 break
             await asyncio.sleep(0.05)
         balance = await store.get_balance(account_id)
-        safe_from = rollup_before(days) + timedelta(days=1)
         old = [r for r in rows if r.ts.date() < rollup_before(days)]  # rolled up: ids gone from the store
-        edge = [r for r in rows if rollup_before(days) <= r.ts.date() < safe_from]  # still stored, but at the edge
+        kept = [r for r in rows if r.ts.date() >= rollup_before(days)]  # still stored: a replay inserts nothing
         fresh = row(9999, account_id, NOW - timedelta(minutes=5))
-        assert old and edge
+        assert old and kept
+        # Within ROLLUP_RACE_MARGIN of midnight the oldest kept day is refused too (the next run takes it).
+        first_safe = rollup_before(days, datetime.now(UTC) + ROLLUP_RACE_MARGIN)
+        refused = [r for r in [*old, *kept] if r.ts.date() < first_safe]
 
         sink = gw.app[OUTBOX].sink
-        await sink([*old, *edge, fresh])  # what a late replay of a spool hands the store
+        await sink([*old, *kept, fresh])  # what a late replay of a spool hands the store
 
-        assert gw.app[ROLLUP].rows_refused == len(old) + len(edge)
+        assert gw.app[ROLLUP].rows_refused == len(refused) >= len(old)
         stored = await stored_ids(store, account_id)
         assert fresh.request_id in stored and not {r.request_id for r in old} & stored
         assert await store.get_balance(account_id) == balance - fresh.actual_cost_pico  # only the new row
         assert await store.ledger_sum(account_id) == await store.get_balance(account_id)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(("clock", "passes"), [
+    ("00:00:01", True),   # one day of rows kept: yesterday's last requests, flushed after midnight
+    ("12:00:00", True),
+    ("23:56:00", False),  # the run after midnight rolls yesterday up: not stored, not charged twice
+])
+def test_with_one_day_kept_yesterdays_rows_pass_until_the_race_margin(clock: str, passes: bool) -> None:
+    from nexgate_plugins.usage_log.rollup import RollupState, refuse_late_rows
+
+    today = datetime(2026, 3, 10, tzinfo=UTC)
+    now = datetime.combine(today.date(), datetime.strptime(clock, "%H:%M:%S").time(), UTC)
+    yesterday_late = row(1, "acct", today - timedelta(seconds=1))
+    stored: list[UsageRecord] = []
+
+    async def sink(rows):  # type: ignore[no-untyped-def]
+        stored.extend(rows)
+        return len(rows)
+
+    state = RollupState(days=1)
+    asyncio.run(refuse_late_rows(sink, state, now=lambda: now)([yesterday_late]))
+    assert (stored == [yesterday_late]) is passes and state.rows_refused == (0 if passes else 1)
