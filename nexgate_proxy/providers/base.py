@@ -206,7 +206,7 @@ class Provider:
         headers.update(self.extra_headers(ctx))
         if not self.max_concurrent:
             pool = self.pool
-            if pool is not None:
+            if pool is not None:  # what _post does, inline: no coroutine of its own on the common path
                 return await pool.request(self.url_for(endpoint, target), body, headers, timeout.sock_connect)
             return await self._post(self.url_for(endpoint, target), body, headers, session, timeout)
         if self.in_flight >= self.max_concurrent:

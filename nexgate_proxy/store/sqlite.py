@@ -177,16 +177,14 @@ def _daily_cells(rows: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
 def _add_debit_days(conn: sqlite3.Connection, debits: Mapping[str, tuple[int, int]], created: str) -> None:
     """Add the batch's debits ({account: (amount, requests)}, all booked at ``created``) to
     request_debits_daily: one row per account; entries counts the requests."""
-    sums: dict[str, list[int]] = {}
-    for account_id, (amount, requests) in debits.items():
-        high, low = divmod(amount, _COST_SPLIT)  # any split whose parts add up: only the sum is read
-        sums[account_id] = [high, low, requests]
+    # divmod: any split whose parts add up will do, only the sum is read
     conn.executemany(
         "INSERT INTO request_debits_daily (account_id, day, amount_high, amount_low, entries, last_at)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, day) DO UPDATE SET"
         " amount_high = amount_high + excluded.amount_high, amount_low = amount_low + excluded.amount_low,"
         " entries = entries + excluded.entries, last_at = MAX(last_at, excluded.last_at)",
-        [(account_id, created[:10], high, low, n, created) for account_id, (high, low, n) in sums.items()])
+        [(account_id, created[:10], *divmod(amount, _COST_SPLIT), requests, created)
+         for account_id, (amount, requests) in debits.items()])
 
 
 _COST_SPLIT = 10**6
